@@ -1,0 +1,86 @@
+"""A small test backend with a deep listen backlog (busybox httpd's is 9).
+
+Modes:
+  http    answers every request head with a small 200 response (keep-alive)
+  echo    echoes bytes back; on EOF it finishes its writes and half-closes
+  source  sends --size pseudo-random bytes (seeded by --seed), then closes
+  sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
+Runs standalone (``python3 server.py --port P --mode echo``) so the process runtime
+and containers can start it; stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import random
+
+
+def payload(seed: int, size: int, chunk: int = 1 << 20):
+    """Deterministic bytes: the test computes the same stream to compare."""
+    rng = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(chunk, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+async def handle(reader, writer, args) -> None:
+    try:
+        if args.mode == "http":
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = args.body.encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                if b"connection: close" in head.lower():
+                    break
+        elif args.mode == "echo":
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        elif args.mode == "source":
+            for block in payload(args.seed, args.size):
+                writer.write(block)
+                await writer.drain()
+        elif args.mode == "sink":
+            digest = hashlib.sha256()
+            while data := await reader.read(65536):
+                digest.update(data)
+                if args.delay:
+                    await asyncio.sleep(args.delay)
+            writer.write(digest.hexdigest().encode())
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", choices=["http", "echo", "source", "sink"], default="http")
+    parser.add_argument("--body", default="hello from the backend\n")
+    parser.add_argument("--size", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    server = await asyncio.start_server(
+        lambda r, w: handle(r, w, args), args.host, args.port, backlog=4096, reuse_address=True
+    )
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

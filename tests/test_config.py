@@ -1,0 +1,219 @@
+"""Config loading: every fault names file, line and key; the seed's form loads unchanged."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wakeproxy.config import Address, build_config, load_config, parse_yaml
+from wakeproxy.errors import ConfigError
+
+SEED = Path(__file__).parent / "data" / "seed-services.yml"
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(textwrap.dedent(text), "c.yaml")
+    return info.value.problems
+
+
+def test_full_example_from_the_issue_loads():
+    config = parse_yaml(
+        textwrap.dedent(
+            """
+            admin:
+              listen: 127.0.0.1:9000
+            services:
+              web:
+                listen: 127.0.0.1:18500
+                backend: 127.0.0.1:18501
+                container: wp-web
+                mode: tcp
+                wake_on: connect
+                backlog: 4096
+                connect_timeout: 5
+                idle_connection_timeout: 3600
+                connect_concurrency: 64
+                sleep_policy:
+                  enabled: true
+                  idle_timeout: 300
+                  min_sleep_time: 60
+                  priority: normal
+                  action: pause
+                  stop_after: 3600
+                  memory_reservation: 256MB
+                wake_timeout: 30
+                max_held_connections: 1024
+                readiness: {tcp: true}
+            """
+        ),
+        "c.yaml",
+    )
+    web = config.services["web"]
+    assert web.runtime == "docker" and web.container == "wp-web"
+    assert web.listen == Address("127.0.0.1", 18500)
+    assert web.backend == Address("127.0.0.1", 18501)
+    assert web.sleep_policy.memory_reservation == 256_000_000
+    assert web.sleep_policy.idle_delay == 300.0
+    assert web.sleep_policy.stop_after == 3600.0
+    assert config.admin.listen == Address("127.0.0.1", 9000)
+
+
+def test_process_runtime_and_sizes():
+    config = parse_yaml(
+        textwrap.dedent(
+            """
+            services:
+              api:
+                listen: "[::1]:8080"
+                backend: 127.0.0.1:8081
+                command: python3 -m http.server 8081 --bind 127.0.0.1
+                sleep_policy: {memory_reservation: 256MiB, min_sleep_time: 90, idle_timeout: 30}
+            """
+        ),
+        "c.yaml",
+    )
+    api = config.services["api"]
+    assert api.runtime == "process"
+    assert api.command == ("python3", "-m", "http.server", "8081", "--bind", "127.0.0.1")
+    assert api.listen == Address("::1", 8080) and str(api.listen) == "[::1]:8080"
+    assert api.sleep_policy.memory_reservation == 256 * 2**20
+    # min_sleep_time is a floor under the idle timeout.
+    assert api.sleep_policy.idle_delay == 90.0
+
+
+def test_unknown_key_names_file_line_and_path_with_a_hint():
+    found = problems(
+        """
+        services:
+          web:
+            listen: 127.0.0.1:1
+            backend: 127.0.0.1:2
+            container: c
+            sleep_policy:
+              idle_timout: 5
+        """
+    )
+    assert len(found) == 1
+    assert found[0].startswith("c.yaml:8: services.web.sleep_policy.idle_timout: unknown key")
+    assert "did you mean 'idle_timeout'?" in found[0]
+
+
+def test_every_fault_is_reported_at_once():
+    found = problems(
+        """
+        services:
+          web:
+            listen: 127.0.0.1:99999
+            backend: nowhere
+            container: c
+            backlog: lots
+            wake_timeout: -1
+            sleep_policy: {action: freeze, priority: urgent, enabled: "yes"}
+        """
+    )
+    text = "\n".join(found)
+    assert "c.yaml:4: services.web.listen: port must be from 1 to 65535, got 99999" in text
+    assert "c.yaml:5: services.web.backend: expected host:port" in text
+    assert "c.yaml:7: services.web.backlog: expected a whole number, got 'lots'" in text
+    assert "c.yaml:8: services.web.wake_timeout: expected a duration of 0 seconds or more" in text
+    assert "services.web.sleep_policy.action: expected one of pause, stop, got 'freeze'" in text
+    assert "services.web.sleep_policy.priority: expected one of low, normal, high" in text
+    assert "services.web.sleep_policy.enabled: expected true or false, got 'yes'" in text
+    assert len(found) == 7
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2",
+            "needs 'container' (docker runtime) or 'command'",
+        ),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\ncommand: [x]",
+            "set either 'container' (docker runtime) or 'command' (process runtime), not both",
+        ),
+        ("backend: 127.0.0.1:2\ncontainer: c", "needs 'listen'"),
+        ("listen: 127.0.0.1:1\ncommand: [x]", "needs 'backend'"),
+        ("listen: 127.0.0.1:1\nbackend: 127.0.0.1:1\ncontainer: c", "cannot be the proxy's own"),
+        ("port: 80\ncommand: [x]\nbackend: 127.0.0.1:2", "'port' is the seed form's shorthand"),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nmode: http",
+            "mode 'http' is not",
+        ),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\n"
+            "sleep_policy: {action: stop, stop_after: 5}",
+            "stop_after turns a paused backend into a stopped one",
+        ),
+        ("listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncommand: []", "the command is empty"),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nreadiness: {http: healthz}",
+            "expected a path starting with /",
+        ),
+    ],
+)
+def test_cross_field_rules(entry, message):
+    body = textwrap.indent(entry, "    ")
+    found = problems(f"services:\n  web:\n{body}\n")
+    assert any(message in p for p in found), found
+
+
+def test_duplicate_listen_and_duplicate_keys():
+    found = problems(
+        """
+        services:
+          a: {listen: 127.0.0.1:7000, backend: 127.0.0.1:7001, container: a}
+          b: {listen: 127.0.0.1:7003, backend: 127.0.0.1:7002, container: b}
+          a: {listen: 127.0.0.1:7003, backend: 127.0.0.1:7004, container: a}
+        """
+    )
+    assert any(p.startswith("c.yaml:5: services.a: given twice") for p in found), found
+    assert (
+        "c.yaml:4: services.b.listen: 127.0.0.1:7003 is already used by services.a.listen" in found
+    )
+
+
+def test_bad_names_and_shapes():
+    assert problems("services: [a, b]")[0] == (
+        "c.yaml:1: services: expected a mapping of service names, got ['a', 'b']"
+    )
+    assert "a service name is 1-63 letters" in problems("services:\n  'bad name': {}\n")[0]
+    assert "unknown key 'servics'" in problems("servics: {}\n")[0]
+    assert problems("services:\n  a: [\n")[0].startswith("c.yaml:3: not valid YAML")
+    assert (
+        problems("")[0] == "c.yaml: services: missing: list the services to proxy under 'services:'"
+    )
+
+
+def test_api_style_errors_use_the_key_path_alone():
+    with pytest.raises(ConfigError) as info:
+        build_config({"services": {"web": {"listen": 5}}})
+    assert info.value.problems[0] == (
+        "services.web.listen: expected host:port such as 127.0.0.1:8080, got 5"
+    )
+
+
+def test_seed_services_yml_loads_unchanged():
+    config = load_config(SEED)
+    fs = config.services["filesystem"]
+    assert fs.runtime == "docker" and fs.container == "filesystem"
+    assert fs.listen == Address("0.0.0.0", 8021)
+    assert fs.backend is None and fs.backend_port == 8021  # address read from Docker
+    assert fs.auto_start is True
+    assert fs.sleep_policy.priority == "high" and not fs.sleep_policy.sleeps
+    assert fs.sleep_policy.idle_delay == 600.0
+    assert fs.resources.memory == 256_000_000 and fs.resources.cpu == 0.25
+    chrome = config.services["chrome-devtools"]
+    assert chrome.sleep_policy.sleeps and chrome.sleep_policy.idle_delay == 180.0
+    assert chrome.sleep_policy.memory_reservation == 256_000_000
+    assert chrome.auto_start is False
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml: cannot read the config file: No such file or directory" in str(info.value)

@@ -1,0 +1,218 @@
+"""The service glue driven through real loopback sockets, with the in-memory runtime.
+
+The fake runtime only stands in for pause/unpause (the backend server keeps running),
+so these tests check decisions: single flight, overflow, timeouts, back-off, the idle
+timer and races. The real runtimes are tested in test_process.py and test_docker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import config_from, free_port, wait_until
+from wakeproxy.lifecycle import BACKOFF_FIRST, State
+from wakeproxy.runtimes.fake import FakeRuntime
+from wakeproxy.service import Service
+
+pytestmark = pytest.mark.asyncio
+
+
+async def echo_server(port: int) -> asyncio.Server:
+    async def handle(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+
+
+class Harness:
+    def __init__(self, runtime: FakeRuntime, extra: str = "") -> None:
+        self.runtime = runtime
+        self.port = free_port()
+        self.backend_port = free_port()
+        self.extra = extra
+        self.service: Service
+        self.server: asyncio.Server
+
+    async def __aenter__(self) -> Harness:
+        # Config first: if it fails, no server is left open (uvloop's close would hang).
+        cfg = config_from(
+            "services:\n"
+            "  web:\n"
+            f"    listen: 127.0.0.1:{self.port}\n"
+            f"    backend: 127.0.0.1:{self.backend_port}\n"
+            "    container: fake\n" + self.extra
+        ).services["web"]
+        self.server = await echo_server(self.backend_port)
+        self.service = Service(cfg, self.runtime, initial=self.runtime.state, reason="test")
+        await self.service.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.service.close()
+        self.server.close()
+
+    async def roundtrip(self, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
+        """Send, half-close, read to EOF: b'' means the proxy closed without forwarding."""
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                writer.write(payload)
+                writer.write_eof()
+                return await reader.read(-1)
+            except ConnectionResetError:
+                # Closing a socket with unread client bytes sends a reset: same meaning.
+                return b""
+            finally:
+                writer.close()
+
+
+def settings(**values: object) -> str:
+    """Extra service keys, indented to sit under `web:` in the harness YAML."""
+    return "".join(f"    {key}: {value}\n" for key, value in values.items())
+
+
+async def test_single_flight_one_unpause_for_a_burst():
+    runtime = FakeRuntime(State.PAUSED, delay=0.05)
+    async with Harness(runtime) as h:
+        replies = await asyncio.gather(*(h.roundtrip(b"n%d" % i) for i in range(100)))
+        assert replies == [b"n%d" % i for i in range(100)]
+        assert runtime.calls["unpause"] == 1
+        assert h.service.state is State.RUNNING
+        assert h.service.stats.wakes["ok"] == 1
+        assert h.service.stats.connections["forwarded"] == 100
+
+
+async def test_overflow_is_closed_at_once_and_counted():
+    runtime = FakeRuntime(State.PAUSED, delay=0.3)
+    async with Harness(runtime, settings(max_held_connections=3)) as h:
+        replies = await asyncio.gather(*(h.roundtrip(b"x") for _ in range(5)))
+        assert sorted(replies) == [b"", b"", b"x", b"x", b"x"]
+        assert h.service.stats.connections["rejected_overflow"] == 2
+
+
+async def test_wake_timeout_closes_held_connections():
+    runtime = FakeRuntime(State.PAUSED, delay=2.0)
+    async with Harness(runtime, settings(wake_timeout=0.2)) as h:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replies = await asyncio.gather(*(h.roundtrip() for _ in range(3)))
+        assert replies == [b"", b"", b""]
+        assert loop.time() - started < 1.5
+        assert h.service.stats.connections["wake_timeout"] == 3
+        assert h.service.stats.wakes["timeout"] == 1
+        assert h.service.state is State.FAILED
+        assert "wake_timeout (0.2s)" in h.service.lifecycle.reason
+
+
+async def test_failed_wake_backs_off_then_recovers():
+    runtime = FakeRuntime(State.PAUSED)
+    runtime.fail.add("unpause")
+    async with Harness(runtime) as h:
+        assert await h.roundtrip() == b""
+        assert h.service.state is State.FAILED
+        assert "fake unpause failed" in h.service.lifecycle.reason
+        # Inside the back-off: refused at once, the runtime is not called again.
+        assert await h.roundtrip() == b""
+        assert runtime.calls["unpause"] == 1
+        runtime.fail.clear()
+        # The back-off timer re-reads the state by itself.
+        await wait_until(lambda: h.service.state is State.PAUSED, timeout=BACKOFF_FIRST + 2)
+        assert await h.roundtrip(b"again") == b"again"
+        assert runtime.calls["unpause"] == 2
+        assert h.service.stats.connections["backend_error"] == 2
+
+
+async def test_idle_timer_pauses_only_with_no_open_connection():
+    runtime = FakeRuntime(State.RUNNING)
+    async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.2}")) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(b"hold")
+        assert await reader.readexactly(4) == b"hold"
+        await asyncio.sleep(0.5)
+        assert runtime.calls["pause"] == 0, "paused under an open connection"
+        assert h.service.sleeps_in() is None
+        writer.close()
+        await wait_until(lambda: h.service.state is State.PAUSED, timeout=2)
+        assert runtime.calls["pause"] == 1
+        assert h.service.stats.sleeps[("pause", "idle")] == 1
+
+
+async def test_connection_during_pause_waits_then_wakes():
+    runtime = FakeRuntime(State.RUNNING, delay=0.3)
+    async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.1}")) as h:
+        await wait_until(lambda: h.service.state is State.PAUSING, timeout=2)
+        assert await h.roundtrip(b"race") == b"race"
+        assert runtime.calls["pause"] == 1 and runtime.calls["unpause"] == 1
+        assert h.service.state is State.RUNNING
+
+
+async def test_stop_after_stops_a_paused_backend():
+    runtime = FakeRuntime(State.RUNNING)
+    policy = "{idle_timeout: 0.1, stop_after: 0.2}"
+    async with Harness(runtime, settings(sleep_policy=policy)) as h:
+        await wait_until(lambda: h.service.state is State.STOPPED, timeout=3)
+        assert runtime.calls["pause"] == 1 and runtime.calls["stop"] == 1
+        assert await h.roundtrip(b"up") == b"up"
+        assert runtime.calls["start"] == 1
+
+
+async def test_high_priority_never_sleeps():
+    runtime = FakeRuntime(State.RUNNING)
+    async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.05, priority: high}")) as h:
+        await asyncio.sleep(0.4)
+        assert runtime.calls["pause"] == 0 and h.service.state is State.RUNNING
+
+
+async def test_external_pause_is_followed():
+    runtime = FakeRuntime(State.RUNNING)
+    async with Harness(runtime) as h:
+        runtime.external(State.PAUSED, "paused by hand")
+        assert h.service.state is State.PAUSED
+        assert h.service.lifecycle.reason == "paused by hand"
+        assert await h.roundtrip(b"wake") == b"wake"
+        assert runtime.calls["unpause"] == 1
+
+
+async def test_wake_on_data_ignores_silent_connections():
+    runtime = FakeRuntime(State.PAUSED)
+    async with Harness(runtime, settings(wake_on="data")) as h:
+        _, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        await asyncio.sleep(0.2)
+        assert runtime.calls["unpause"] == 0 and h.service.open == 0
+        writer.close()
+        assert await h.roundtrip(b"data") == b"data"
+        assert runtime.calls["unpause"] == 1
+
+
+async def test_idle_connection_timeout_closes_silent_connections():
+    runtime = FakeRuntime(State.RUNNING)
+    async with Harness(runtime, settings(idle_connection_timeout=0.3)) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(b"a")
+        assert await reader.readexactly(1) == b"a"
+        async with asyncio.timeout(3):
+            assert await reader.read(-1) == b""
+        writer.close()
+        assert h.service.stats.connections["idle_timeout"] == 1
+        await wait_until(lambda: h.service.open == 0, timeout=1)
+
+
+async def test_api_wake_and_repr():
+    runtime = FakeRuntime(State.STOPPED)
+    async with Harness(runtime) as h:
+        assert repr(h.service).startswith(
+            f"<Service web :{h.port} state=stopped held=0 conns=0 idle_for="
+        )
+        await h.service.wake()
+        assert runtime.calls["start"] == 1 and h.service.state is State.RUNNING
+        await h.service.wake()
+        assert runtime.calls["start"] == 1

@@ -1,0 +1,117 @@
+"""The proxy process: builds every service from the config, runs them, ends them.
+
+Start-up reads each backend's real state before a listener opens (docker: one
+bulk listing for all containers, never one inspect each): paused stays paused until
+needed, running gets a fresh idle timer, a missing container or an unreachable
+engine marks that service failed (retried with back-off) while the others work.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from pathlib import Path
+
+from .config import Config, ServiceConfig
+from .errors import EngineUnavailable, WakeproxyError
+from .lifecycle import State
+from .runtimes.base import Runtime
+from .runtimes.docker import DockerEngine, DockerRuntime
+from .runtimes.process import ProcessRuntime
+from .service import Service
+
+log = logging.getLogger("wakeproxy")
+
+
+class ListenError(WakeproxyError):
+    """A service's listen address cannot be bound."""
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one: two descriptors per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit above %d: %s", soft, exc)
+    return soft
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.services: dict[str, Service] = {}
+        self.engine: DockerEngine | None = None
+
+    async def start(self) -> None:
+        limit = raise_open_file_limit()
+        log.debug("open-file limit: %d", limit)
+        configs = list(self.config.services.values())
+        engine_error: str | None = None
+        if any(cfg.runtime == "docker" for cfg in configs):
+            self.engine = DockerEngine()
+            try:
+                await self.engine.refresh_snapshot()
+            except EngineUnavailable as exc:
+                engine_error = str(exc)
+                log.error(
+                    "the Docker engine does not answer: %s; docker services are failed "
+                    "until it does",
+                    exc,
+                )
+        try:
+            for cfg in configs:
+                runtime = self._runtime(cfg)
+                initial, reason = self._initial_state(runtime, engine_error)
+                service = Service(cfg, runtime, initial=initial, reason=reason)
+                self.services[cfg.name] = service
+                try:
+                    await service.start()
+                except OSError as exc:
+                    raise ListenError(
+                        f"service {cfg.name}: cannot listen on {cfg.listen}: {exc.strerror or exc}"
+                    ) from None
+        except BaseException:
+            await self.close()
+            raise
+        if self.engine is not None:
+            self.engine.start_events()
+
+    def _runtime(self, cfg: ServiceConfig) -> Runtime:
+        if cfg.runtime == "process":
+            assert cfg.command is not None
+            cwd = cfg.cwd
+            if cwd is not None and self.config.source is not None:
+                # A relative cwd is relative to the config file, not to wherever we run.
+                cwd = str(Path(self.config.source).parent / cwd)
+            return ProcessRuntime(cfg.command, cwd=cwd, env=cfg.env, stop_timeout=cfg.stop_timeout)
+        assert self.engine is not None and cfg.container is not None
+        return DockerRuntime(self.engine, cfg.container, stop_timeout=cfg.stop_timeout)
+
+    @staticmethod
+    def _initial_state(runtime: Runtime, engine_error: str | None) -> tuple[State, str]:
+        if isinstance(runtime, DockerRuntime):
+            if engine_error is not None:
+                return State.FAILED, engine_error
+            state = runtime.initial_state()
+            if state is None:
+                return State.FAILED, f"container {runtime.ref} not found"
+            return state, "found at start-up"
+        # Commands belong to the proxy: none runs before it starts them.
+        return State.STOPPED, "not started yet"
+
+    async def close(self) -> None:
+        """Close listeners and connections, end commands; containers stay as they are."""
+        for service in self.services.values():
+            await service.close()
+        for service in self.services.values():
+            try:
+                await service.runtime.close()
+            except WakeproxyError as exc:
+                log.warning("%s: %s", service.name, exc)
+        if self.engine is not None:
+            await self.engine.close()
+            self.engine = None

@@ -1,0 +1,87 @@
+"""Command line: ``wakeproxy run|check -c FILE`` and ``wakeproxy --version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from . import __version__
+from .app import ListenError, Proxy
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import ConfigError
+from .logs import setup_logging
+
+log = logging.getLogger("wakeproxy")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wakeproxy",
+        description="A wake-on-demand proxy: idle backends sleep, connections wake them.",
+    )
+    parser.add_argument("--version", action="version", version=f"wakeproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default = os.environ.get("WAKEPROXY_CONFIG", DEFAULT_CONFIG_PATH)
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    check = commands.add_parser("check", help="validate a config file and exit")
+    for sub in (run, check):
+        sub.add_argument(
+            "-c",
+            "--config",
+            default=default,
+            help=f"config file (default: $WAKEPROXY_CONFIG or {DEFAULT_CONFIG_PATH})",
+        )
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["text", "json"])
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+async def _serve(config: Config) -> int:
+    proxy = Proxy(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await proxy.start()
+    except ListenError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await proxy.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(f"{args.config}: ok, {len(config.services)} service(s)")
+        return 0
+    setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(config))

@@ -1,0 +1,646 @@
+"""Configuration: YAML in, frozen dataclasses out.
+
+Every key is checked: an unknown key, a wrong type or a bad value is reported with the
+file, the line and the dotted key path (``config.yaml:14: services.web.backlog: ...``),
+and all faults of a file are reported together rather than the first one alone.
+
+The validators work on plain Python values plus an optional map of key path -> line,
+so the same code (and the same error texts) can later check a JSON body that has no
+lines: the location then is the key path alone.
+
+Two shapes of service entry load:
+
+* the full form (``listen``/``backend`` plus ``container`` or ``command``), and
+* the seed's ``services.yml`` form (``image``, ``port``, ``resources``, ``auto_start``,
+  ``sleep_policy``): ``port`` is both the listen port and the backend's port, the
+  container is the one named after the service and its address is read from Docker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+KeyPath = tuple[str | int, ...]
+_T = TypeVar("_T")
+
+DEFAULT_CONFIG_PATH = "/etc/wakeproxy/config.yaml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SleepPolicy:
+    enabled: bool = True
+    idle_timeout: float = 300.0
+    min_sleep_time: float = 0.0
+    priority: str = "normal"
+    action: str = "pause"
+    stop_after: float | None = None
+    memory_reservation: int | None = None
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the policy ever puts the backend to sleep (high priority never does)."""
+        return self.enabled and self.priority != "high"
+
+    @property
+    def idle_delay(self) -> float:
+        """Seconds from the last activity to the sleep deadline."""
+        return max(self.idle_timeout, self.min_sleep_time)
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """How to tell that a freshly started backend serves (an unpaused one is ready at once)."""
+
+    tcp: bool = True
+    http: str | None = None
+    interval: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu: float | None = None
+    memory: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    listen: Address
+    # None in the seed form: the host is read from Docker after every start.
+    backend: Address | None
+    backend_port: int
+    runtime: str
+    container: str | None = None
+    command: tuple[str, ...] | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mode: str = "tcp"
+    wake_on: str = "connect"
+    backlog: int = 4096
+    connect_timeout: float = 5.0
+    idle_connection_timeout: float = 3600.0
+    connect_concurrency: int = 64
+    sleep_policy: SleepPolicy = SleepPolicy()
+    wake_timeout: float = 30.0
+    max_held_connections: int = 1024
+    readiness: Readiness = Readiness()
+    auto_start: bool = False
+    stop_timeout: float = 10.0
+    image: str | None = None
+    resources: Resources = Resources()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 9000)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    services: Mapping[str, ServiceConfig]
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    source: str | None = None
+
+
+class _Bad(ValueError):
+    """A value that fails its check; the message says what was expected."""
+
+
+class _Problems:
+    """Collects faults with their location; raised together as one ConfigError."""
+
+    def __init__(self, source: str | None, lines: Mapping[KeyPath, int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        line = self._line_of(path)
+        if self.source is not None and line is not None:
+            self.items.append(f"{self.source}:{line}: {dotted}: {message}")
+        elif self.source is not None:
+            self.items.append(f"{self.source}: {dotted}: {message}")
+        else:
+            self.items.append(f"{dotted}: {message}")
+
+    def _line_of(self, path: KeyPath) -> int | None:
+        # An error inside a value that has no line of its own (a flow list, a merged
+        # key) points at the nearest enclosing key that has one.
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+
+# ---- scalar checks: each takes the raw value and returns the typed one or raises _Bad
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Bad(f"expected true or false, got {_describe(value)}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"expected a number, got {_describe(value)}")
+    return float(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"expected a duration in seconds (a number), got {_describe(value)}")
+    if value < 0 or value != value or value == float("inf"):
+        raise _Bad(f"expected a duration of 0 seconds or more, got {_describe(value)}")
+    return float(value)
+
+
+def _positive_seconds(value: Any) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise _Bad(f"expected a duration above 0 seconds, got {_describe(value)}")
+    return seconds
+
+
+def _int_between(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"expected a whole number, got {_describe(value)}")
+        if not low <= value <= high:
+            raise _Bad(f"expected a whole number from {low} to {high}, got {value}")
+        return value
+
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            listed = ", ".join(options)
+            raise _Bad(f"expected one of {listed}, got {_describe(value)}")
+        return str(value)
+
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _size(value: Any) -> int:
+    """Bytes from ``256MB`` (10^6), ``256MiB`` (2^20), ``1.5G`` or a plain number."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise _Bad(f"expected a size such as 256MB or 256MiB, got {_describe(value)}")
+
+
+def _port(value: Any) -> int:
+    return _int_between(1, 65535)(value)
+
+
+def _address(value: Any) -> Address:
+    """``host:port``, ``[v6]:port``; the host must be an IP address or ``localhost``."""
+    if not isinstance(value, str):
+        raise _Bad(f"expected host:port such as 127.0.0.1:8080, got {_describe(value)}")
+    text = value.strip()
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise _Bad(f"expected host:port such as 127.0.0.1:8080, got {_describe(value)}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+                raise _Bad(f"{host!r} is not an IP address or host name") from None
+    if not 1 <= port <= 65535:
+        raise _Bad(f"port must be from 1 to 65535, got {port}")
+    return Address(host, port)
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    """A list of arguments, or one string split like a shell would (no shell runs it)."""
+    if isinstance(value, str):
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise _Bad(f"cannot split the command: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(p, str) for p in value):
+        parts = list(value)
+    else:
+        raise _Bad(f"expected a list of strings or a command line, got {_describe(value)}")
+    if not parts or not parts[0]:
+        raise _Bad("the command is empty")
+    return tuple(parts)
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a mapping of names to strings, got {_describe(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, dict | list) or item is None:
+            raise _Bad(f"expected NAME: value pairs, got {_describe(key)}: {_describe(item)}")
+        # YAML turns `DEBUG: true` into a bool; the process sees the text it would in a shell.
+        out[key] = str(item).lower() if isinstance(item, bool) else str(item)
+    return out
+
+
+# ---- sections: a mapping checked key by key against a table of validators
+
+Check = Callable[[Any], Any]
+
+
+def _nested(value: Any) -> Any:
+    """A sub-section: passed through here and checked by its own parser."""
+    return value
+
+
+def _section(
+    data: Any, path: KeyPath, fields: Mapping[str, Check], problems: _Problems
+) -> dict[str, Any] | None:
+    """Check each key of ``data`` with its validator; None when ``data`` is no mapping."""
+    if not isinstance(data, dict):
+        problems.add(path, f"expected a mapping of settings, got {_describe(data)}")
+        return None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        check = fields.get(key) if isinstance(key, str) else None
+        if check is None:
+            problems.add((*path, str(key)), _unknown_key(key, fields))
+            continue
+        try:
+            out[key] = check(value)
+        except _Bad as exc:
+            problems.add((*path, key), str(exc))
+    return out
+
+
+def _unknown_key(key: Any, fields: Mapping[str, Check]) -> str:
+    close = difflib.get_close_matches(str(key), list(fields), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = ", ".join(sorted(fields))
+    return f"unknown key {key!r}{hint}; known keys: {known}"
+
+
+_SLEEP_FIELDS: dict[str, Check] = {
+    "enabled": _bool,
+    "idle_timeout": _positive_seconds,
+    "min_sleep_time": _seconds,
+    "priority": _choice("low", "normal", "high"),
+    "action": _choice("pause", "stop"),
+    "stop_after": _positive_seconds,
+    "memory_reservation": _size,
+}
+
+_READINESS_FIELDS: dict[str, Check] = {
+    "tcp": _bool,
+    "http": _text,
+    "interval": _positive_seconds,
+}
+
+_RESOURCE_FIELDS: dict[str, Check] = {
+    # The seed writes cpu as a string ("0.25"); accept both.
+    "cpu": lambda v: _number(float(v) if isinstance(v, str) and _is_float(v) else v),
+    "memory": _size,
+}
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+_SERVICE_FIELDS: dict[str, Check] = {
+    "listen": _address,
+    "backend": _address,
+    "port": _port,
+    "container": _text,
+    "command": _command,
+    "cwd": _text,
+    "env": _env,
+    "mode": _choice("tcp", "http"),
+    "wake_on": _choice("connect", "data"),
+    "backlog": _int_between(1, 65535),
+    "connect_timeout": _positive_seconds,
+    "idle_connection_timeout": _seconds,
+    "connect_concurrency": _int_between(1, 65535),
+    "sleep_policy": _nested,
+    "wake_timeout": _positive_seconds,
+    "max_held_connections": _int_between(0, 1_000_000),
+    "readiness": _nested,
+    "auto_start": _bool,
+    "stop_timeout": _seconds,
+    "image": _text,
+    "resources": _nested,
+}
+
+_ADMIN_FIELDS: dict[str, Check] = {"listen": _address}
+_LOG_FIELDS: dict[str, Check] = {
+    "level": _choice("debug", "info", "warning", "error"),
+    "format": _choice("text", "json"),
+}
+_TOP_FIELDS: dict[str, Check] = {
+    "admin": _nested,
+    "log": _nested,
+    "services": _nested,
+}
+
+
+def parse_sleep_policy(
+    data: Any, path: KeyPath, problems: _Problems, base: SleepPolicy = SleepPolicy()
+) -> SleepPolicy:
+    values = _section(data, path, _SLEEP_FIELDS, problems) or {}
+    return _replace(base, values)
+
+
+def _replace(base: _T, values: Mapping[str, Any]) -> _T:
+    return dataclasses.replace(base, **values)  # type: ignore[type-var]
+
+
+def _parse_readiness(data: Any, path: KeyPath, problems: _Problems) -> Readiness:
+    values = _section(data, path, _READINESS_FIELDS, problems) or {}
+    if values.get("http") is not None:
+        if not str(values["http"]).startswith("/"):
+            problems.add(
+                (*path, "http"), f"expected a path starting with /, got {values['http']!r}"
+            )
+        if values.get("tcp") is False:
+            problems.add(path, "http readiness also needs the tcp connect: drop 'tcp: false'")
+    return _replace(Readiness(), values)
+
+
+def _parse_service(name: Any, data: Any, problems: _Problems) -> ServiceConfig | None:
+    path: KeyPath = ("services", str(name))
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.add(
+            path,
+            "a service name is 1-63 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, got {_describe(name)}",
+        )
+        return None
+    values = _section(data, path, _SERVICE_FIELDS, problems)
+    if values is None:
+        return None
+    # A key given with a bad value was reported already: do not also call it missing.
+    given = set(data)
+    before = len(problems.items)
+
+    sleep = parse_sleep_policy(values.pop("sleep_policy", {}), (*path, "sleep_policy"), problems)
+    readiness = _parse_readiness(values.pop("readiness", {}), (*path, "readiness"), problems)
+    res_values = _section(
+        values.pop("resources", {}), (*path, "resources"), _RESOURCE_FIELDS, problems
+    )
+    resources = _replace(Resources(), res_values or {})
+
+    container = values.pop("container", None)
+    command = values.pop("command", None)
+    port = values.pop("port", None)
+    listen = values.pop("listen", None)
+    backend = values.pop("backend", None)
+    seed_form = container is None and command is None and port is not None
+
+    if container is not None and command is not None:
+        problems.add(
+            path, "set either 'container' (docker runtime) or 'command' (process runtime), not both"
+        )
+    elif not given & {"container", "command", "port"}:
+        problems.add(path, "needs 'container' (docker runtime) or 'command' (process runtime)")
+    runtime = "process" if command is not None else "docker"
+    if seed_form:
+        container = name
+    if runtime == "process" and port is not None:
+        problems.add(
+            (*path, "port"),
+            "'port' is the seed form's shorthand for a container on its own address; "
+            "a command needs 'listen' and 'backend'",
+        )
+
+    if listen is None:
+        if port is None and not given & {"listen", "port"}:
+            problems.add(path, "needs 'listen' (the proxy's address for this service)")
+        elif port is not None:
+            # The seed form serves other containers on a compose network: listen on all
+            # addresses, on the port the gateway was told.
+            listen = Address("0.0.0.0", port)
+    if backend is None and "backend" not in given and (runtime == "process" or port is None):
+        problems.add(path, "needs 'backend' (where the service's own server listens)")
+    backend_port = backend.port if backend is not None else (port or 0)
+
+    if values.get("mode") == "http":
+        problems.add((*path, "mode"), "mode 'http' is not available in this version; use 'tcp'")
+    if sleep.stop_after is not None and sleep.action == "stop":
+        problems.add(
+            (*path, "sleep_policy", "stop_after"),
+            "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
+        )
+    if len(problems.items) > before or listen is None:
+        return None
+    return ServiceConfig(
+        name=name,
+        listen=listen,
+        backend=backend,
+        backend_port=backend_port,
+        runtime=runtime,
+        container=container,
+        command=command,
+        sleep_policy=sleep,
+        readiness=readiness,
+        resources=resources,
+        **values,
+    )
+
+
+def build_config(
+    data: Any, *, source: str | None = None, lines: Mapping[KeyPath, int] | None = None
+) -> Config:
+    """Validate already-parsed data; raise ConfigError listing every fault."""
+    problems = _Problems(source, lines or {})
+    if data is None:
+        data = {}
+    top = _section(data, (), _TOP_FIELDS, problems)
+    if top is None:
+        raise ConfigError(problems.items)
+
+    admin_values = _section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
+    log_values = _section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
+
+    services: dict[str, ServiceConfig] = {}
+    raw_services = top.get("services")
+    if raw_services is None:
+        problems.add(("services",), "missing: list the services to proxy under 'services:'")
+    elif not isinstance(raw_services, dict):
+        problems.add(
+            ("services",), f"expected a mapping of service names, got {_describe(raw_services)}"
+        )
+    else:
+        for name, entry in raw_services.items():
+            service = _parse_service(name, entry, problems)
+            if service is not None:
+                services[service.name] = service
+
+    admin = _replace(AdminConfig(), admin_values)
+    _check_listeners(services, admin, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(
+        services=services, admin=admin, log=_replace(LogConfig(), log_values), source=source
+    )
+
+
+def _check_listeners(
+    services: Mapping[str, ServiceConfig], admin: AdminConfig, problems: _Problems
+) -> None:
+    taken: dict[tuple[str, int], str] = {(admin.listen.host, admin.listen.port): "admin.listen"}
+    for service in services.values():
+        key = (service.listen.host, service.listen.port)
+        owner = taken.get(key)
+        if owner is not None:
+            problems.add(
+                ("services", service.name, "listen"),
+                f"{service.listen} is already used by {owner}",
+            )
+        taken[key] = f"services.{service.name}.listen"
+        if service.backend is not None and service.backend == service.listen:
+            problems.add(
+                ("services", service.name, "backend"),
+                "the backend cannot be the proxy's own listen address",
+            )
+
+
+# ---- YAML with lines
+
+
+def _key_lines(
+    node: yaml.Node, path: KeyPath, out: dict[KeyPath, int], problems: _Problems
+) -> None:
+    """Record the line of every key; report keys given twice (PyYAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                continue
+            key = key_node.value
+            child = (*path, key)
+            # The last occurrence wins, as it does for PyYAML's value.
+            out[child] = key_node.start_mark.line + 1
+            if key in seen:
+                problems.add(child, "given twice; keep one")
+            seen.add(key)
+            _key_lines(value_node, child, out, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out.setdefault((*path, index), item.start_mark.line + 1)
+            _key_lines(item, (*path, index), out, problems)
+
+
+def parse_yaml(text: str, source: str) -> Config:
+    """Parse YAML text and validate it; errors name ``source`` and the line."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise ConfigError([f"{where}: not valid YAML: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    lines: dict[KeyPath, int] = {}
+    duplicates = _Problems(source, lines)
+    if node is not None:
+        _key_lines(node, (), lines, duplicates)
+    try:
+        config = build_config(data, source=source, lines=lines)
+    except ConfigError as exc:
+        raise ConfigError(duplicates.items + exc.problems) from None
+    if duplicates.items:
+        raise ConfigError(duplicates.items)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [f"{source}: cannot read the config file: {exc.strerror or exc}"]
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: the config file is not UTF-8 text"]) from None
+    return parse_yaml(text, source)

@@ -1,0 +1,287 @@
+"""The byte path: one asyncio Protocol per side of a forwarded connection.
+
+``ClientSide`` is the accepted connection; ``UpstreamSide`` the connection to the
+backend. ``data_received`` writes straight into the peer's transport (the fast path:
+FACTS.md measured a bare Protocol pair at 0.85-1.07x HAProxy, streams far slower).
+Flow control follows uvicorn's: when one side's write buffer passes the high-water
+mark, reading on the other side pauses, so memory per connection stays bounded by
+the two write buffers plus the hold buffer. Half-close passes through: EOF from one
+side becomes ``write_eof`` on the other, and both close once both have seen EOF.
+
+Before the backend is connected (held during a wake, or waiting for the first byte
+with ``wake_on: data``) client bytes are buffered up to ``HOLD_LIMIT``, then reading
+pauses. The pause happens in ``data_received``, never ``connection_made``: uvloop
+ignores ``pause_reading()`` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from .service import Service
+
+# Per-direction write buffer: big enough for bulk throughput, small enough that a
+# thousand stalled connections stay within a few hundred MiB.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+HOLD_LIMIT = 64 * 1024
+
+# TCP keepalive: a peer that vanished without a FIN/RST is found in about 2 minutes
+# (60 s idle, then 6 probes 10 s apart), so it cannot keep a backend awake for ever.
+_KEEPALIVE = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6),
+)
+
+
+def _tune(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        for level, option, value in _KEEPALIVE:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+    cast(asyncio.WriteTransport, transport).set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+
+class ClientSide(asyncio.Protocol):
+    """The accepted connection. Owned by its Service from ``connection_made`` on."""
+
+    __slots__ = (
+        "_backend_eof",
+        "_client_eof",
+        "_idle_handle",
+        "_idle_mark",
+        "_pending",
+        "_pending_size",
+        "_settle",
+        "_settle_handle",
+        "attached",
+        "bytes_down",
+        "bytes_up",
+        "closed",
+        "service",
+        "transport",
+        "upstream",
+    )
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._client_eof = False
+        self._backend_eof = False
+        # Attached: counted by the service as needing the backend (held or connected).
+        self.attached = False
+        self.closed = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_mark = -1
+        # Release slot (see Service._pump): given back once the backend has answered.
+        self._settle: Callable[[], None] | None = None
+        self._settle_handle: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        phase = "closed" if self.closed else "forwarding" if self.upstream else "waiting"
+        return f"<ClientSide {peer} {phase} up={self.bytes_up} down={self.bytes_down}>"
+
+    # ---- asyncio callbacks, client socket
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        _tune(transport)
+        self.service.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            self.bytes_up += len(data)
+            upstream.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if not self.attached:
+            # wake_on: data -- the first byte is what makes this connection count.
+            self.service.attach(self)
+        if self._pending_size >= HOLD_LIMIT and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            if upstream.can_write_eof():
+                upstream.write_eof()
+            self._close_if_done()
+        elif not self.attached:
+            # wake_on: data and the client left without a byte: nothing to forward.
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timers()
+        upstream = self.upstream
+        if upstream is not None:
+            # A reset passes through as a reset; a clean close lets buffered bytes drain.
+            if exc is not None:
+                upstream.abort()
+            else:
+                upstream.close()
+        self.settle()
+        self.service.detached(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend writes: stop reading the backend.
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.resume_reading()
+
+    # ---- called by UpstreamSide and the Service
+
+    def connected(self, upstream: asyncio.Transport) -> None:
+        """The backend connection is up: flush what was held and start forwarding."""
+        self.upstream = upstream
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            self.bytes_up += len(data)
+            upstream.write(data)
+        if self._client_eof and upstream.can_write_eof():
+            upstream.write_eof()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def backend_eof(self) -> None:
+        self._backend_eof = True
+        transport = self.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+        self._close_if_done()
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        self.settle()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if exc is not None:
+            transport.abort()
+        else:
+            transport.close()
+
+    def reject(self) -> None:
+        """Close a connection the backend will not serve (overflow, failed wake)."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
+
+    def _close_if_done(self) -> None:
+        if self._client_eof and self._backend_eof:
+            if self.transport is not None:
+                self.transport.close()
+            if self.upstream is not None:
+                self.upstream.close()
+
+    # ---- timers
+
+    def arm_settle(self, callback: Callable[[], None], after: float) -> None:
+        self._settle = callback
+        loop = asyncio.get_running_loop()
+        self._settle_handle = loop.call_later(after, self.settle)
+
+    def settle(self) -> None:
+        """Give back the release slot (once): the backend answered, or it is time."""
+        callback = self._settle
+        if callback is not None:
+            self._settle = None
+            if self._settle_handle is not None:
+                self._settle_handle.cancel()
+                self._settle_handle = None
+            callback()
+
+    def arm_idle_timeout(self, timeout: float) -> None:
+        """Close the connection after ``timeout`` seconds with no byte either way."""
+        if timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_handle = loop.call_later(timeout, self._idle_check, timeout)
+
+    def _idle_check(self, timeout: float) -> None:
+        # Byte counters, not a per-chunk timestamp: the hot path only adds integers.
+        moved = self.bytes_up + self.bytes_down + self._pending_size
+        if moved == self._idle_mark:
+            self._idle_handle = None
+            self.service.idle_connection_closed(self)
+            self.abort()
+            return
+        self._idle_mark = moved
+        loop = asyncio.get_running_loop()
+        self._idle_handle = loop.call_later(timeout, self._idle_check, timeout)
+
+    def _cancel_timers(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The connection to the backend, wired to its ClientSide in ``connection_made``."""
+
+    __slots__ = ("client", "client_transport", "transport")
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.client_transport: asyncio.Transport | Any = client.transport
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        if self.client.closed:
+            # The client left while we connected: nobody to forward to.
+            transport.close()
+            return
+        _tune(transport)
+        # Wire up here, not after create_connection returns: the backend may speak
+        # first and its bytes can arrive before the awaiting task resumes.
+        self.client.connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client._settle is not None:
+            client.settle()
+        client.bytes_down += len(data)
+        self.client_transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.client.backend_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The backend reads slower than the client writes: stop reading the client.
+        self.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.client_transport.is_closing():
+            self.client_transport.resume_reading()

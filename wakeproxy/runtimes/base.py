@@ -1,0 +1,56 @@
+"""The one small interface every runtime implements (docker, process, fake).
+
+A runtime moves one backend between running, paused and stopped, and reports
+changes it did not make itself (a container paused by hand, a command that
+crashed) through ``on_change``. Failures raise ``RuntimeFailure`` subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from ..lifecycle import State
+
+ChangeCallback = Callable[[State, str], None]
+
+
+def _ignore_change(state: State, reason: str) -> None:
+    return None
+
+
+class Runtime(abc.ABC):
+    """Controls one backend. States reported are RUNNING, PAUSED, STOPPED or FAILED."""
+
+    kind: str = "abstract"
+
+    def __init__(self) -> None:
+        # Set by the service that owns this runtime; called for changes seen from outside.
+        self.on_change: ChangeCallback = _ignore_change
+
+    @abc.abstractmethod
+    async def inspect(self) -> State:
+        """The backend's current state, read from the source of truth."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    async def unpause(self) -> None: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    async def backend_host(self) -> str | None:
+        """The backend's address when the config leaves it to the runtime (seed form)."""
+        return None
+
+    async def close(self) -> None:
+        """Release what the runtime holds; the process runtime ends its command here."""
+        return None
+
+    def describe(self) -> str:
+        return self.kind

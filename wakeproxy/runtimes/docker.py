@@ -1,0 +1,258 @@
+"""The docker runtime: containers on the local engine, through aiodocker.
+
+``DockerEngine`` is shared by every docker service: one client, one bulk listing at
+start-up (never one inspect per container) and one event stream, so a container
+paused, stopped, started or removed by someone else is noticed and the service's
+state follows. The stream reconnects with back-off; after a reconnect every
+container's state is re-read in one listing, since events may have been missed.
+
+``DockerRuntime`` controls one container, named by name or id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiodocker
+import aiohttp
+import orjson
+
+from ..errors import BackendMissing, EngineUnavailable, OperationFailed
+from ..lifecycle import State
+from .base import Runtime
+
+log = logging.getLogger("wakeproxy.runtime.docker")
+
+# Docker's container states and what they mean for a service. ``restarting`` is the
+# engine bringing it up by itself: treated as running (connections wait on the
+# connect, not on us).
+_STATUS: dict[str, State] = {
+    "running": State.RUNNING,
+    "paused": State.PAUSED,
+    "restarting": State.RUNNING,
+    "created": State.STOPPED,
+    "exited": State.STOPPED,
+    "dead": State.STOPPED,
+    "removing": State.STOPPED,
+}
+# Engine events that change a container's state.
+_EVENTS: dict[str, State] = {
+    "pause": State.PAUSED,
+    "unpause": State.RUNNING,
+    "start": State.RUNNING,
+    "die": State.STOPPED,
+    "create": State.STOPPED,
+    "destroy": State.FAILED,
+}
+_ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
+_RECONNECT_FIRST = 0.5
+_RECONNECT_MAX = 10.0
+
+
+@contextlib.contextmanager
+def map_docker_errors(what: str) -> Iterator[None]:
+    """Turn aiodocker/aiohttp errors into wakeproxy's, with what was being done."""
+    try:
+        yield
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise BackendMissing(f"{what}: {exc.message}") from None
+        if exc.status == _ENGINE_DOWN_STATUS:
+            raise EngineUnavailable(f"{what}: the Docker engine does not answer") from None
+        raise OperationFailed(f"{what}: {exc.message}") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise EngineUnavailable(f"{what}: the Docker engine does not answer ({exc})") from None
+
+
+class DockerEngine:
+    """One connection to the engine, shared by all docker runtimes."""
+
+    def __init__(self) -> None:
+        self._client: aiodocker.Docker | None = None
+        self._runtimes: dict[str, DockerRuntime] = {}
+        self._snapshot: dict[str, State] = {}
+        self._events_task: asyncio.Task[None] | None = None
+        self.up = False
+
+    @property
+    def client(self) -> aiodocker.Docker:
+        if self._client is None:
+            # DOCKER_HOST is honoured by aiodocker itself.
+            self._client = aiodocker.Docker()
+        return self._client
+
+    def register(self, runtime: DockerRuntime) -> None:
+        self._runtimes[runtime.ref] = runtime
+
+    async def refresh_snapshot(self) -> None:
+        """Read every container's state in one call (start-up and reconnects)."""
+        with map_docker_errors("listing containers"):
+            containers = await self.client.containers.list(all=True)
+        snapshot: dict[str, State] = {}
+        for container in containers:
+            state = _STATUS.get(str(container["State"]), State.STOPPED)
+            snapshot[str(container["Id"])] = state
+            for name in container["Names"] or ():
+                snapshot[str(name).lstrip("/")] = state
+        self._snapshot = snapshot
+        self.up = True
+
+    def snapshot_state(self, ref: str) -> State | None:
+        state = self._snapshot.get(ref)
+        if state is not None:
+            return state
+        matches = [s for key, s in self._snapshot.items() if len(ref) >= 12 and key.startswith(ref)]
+        return matches[0] if len(matches) == 1 else None
+
+    def start_events(self) -> None:
+        if self._events_task is None:
+            self._events_task = asyncio.create_task(self._follow_events(), name="docker-events")
+
+    async def _follow_events(self) -> None:
+        delay = _RECONNECT_FIRST
+        first = True
+        while True:
+            try:
+                if not first:
+                    await self.refresh_snapshot()
+                    self._reconcile("re-read after the engine came back")
+                first = False
+                await self._read_events()
+                log.warning("the Docker event stream ended; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.up:
+                    log.warning("lost the Docker engine: %s; retrying with back-off", exc)
+                self.up = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX)
+                continue
+            delay = _RECONNECT_FIRST
+
+    async def _read_events(self) -> None:
+        params = {"filters": orjson.dumps({"type": ["container"]}).decode()}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=5)
+        with map_docker_errors("reading engine events"):
+            async with self.client._query("events", params=params, timeout=timeout) as response:
+                self.up = True
+                async for line in response.content:
+                    if line.strip():
+                        self._dispatch(orjson.loads(line))
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        state = _EVENTS.get(action)
+        if state is None:
+            return
+        actor = event.get("Actor") or {}
+        name = str((actor.get("Attributes") or {}).get("name", ""))
+        cid = str(actor.get("ID") or event.get("id") or "")
+        runtime = self._runtimes.get(name) or self._runtimes.get(cid)
+        if runtime is None:
+            runtime = next((r for ref, r in self._runtimes.items() if cid.startswith(ref)), None)
+        if runtime is None:
+            return
+        when = int(event.get("timeNano") or 0)
+        reason = "container removed" if action == "destroy" else f"docker {action} seen"
+        runtime.engine_event(state, reason, when)
+
+    def _reconcile(self, reason: str) -> None:
+        for ref, runtime in self._runtimes.items():
+            state = self.snapshot_state(ref)
+            runtime.on_change(state or State.FAILED, reason if state else "container not found")
+
+    async def close(self) -> None:
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events_task
+            self._events_task = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+class DockerRuntime(Runtime):
+    """One container, by name or id. Operations are Engine API calls (~10 ms each here)."""
+
+    kind = "docker"
+
+    def __init__(self, engine: DockerEngine, ref: str, *, stop_timeout: float = 10.0) -> None:
+        super().__init__()
+        self.engine = engine
+        self.ref = ref
+        self.stop_timeout = stop_timeout
+        # Engine events older than our own last operation are echoes of it.
+        self._own_until_ns = 0
+        engine.register(self)
+
+    def _container(self) -> aiodocker.docker.DockerContainer:
+        return self.engine.client.containers.container(self.ref)
+
+    def _done(self) -> None:
+        self._own_until_ns = time.time_ns()
+
+    def engine_event(self, state: State, reason: str, when_ns: int) -> None:
+        if when_ns and when_ns <= self._own_until_ns:
+            return
+        self.on_change(state, reason)
+
+    def initial_state(self) -> State | None:
+        """The state from the engine's bulk listing, or None when it lists no such container."""
+        return self.engine.snapshot_state(self.ref)
+
+    async def inspect(self) -> State:
+        with map_docker_errors(f"inspecting container {self.ref}"):
+            info = await self._container().show()
+        return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
+
+    async def pause(self) -> None:
+        with map_docker_errors(f"pausing container {self.ref}"):
+            await self._container().pause()
+        self._done()
+
+    async def unpause(self) -> None:
+        try:
+            with map_docker_errors(f"unpausing container {self.ref}"):
+                await self._container().unpause()
+        except OperationFailed:
+            # 409 "not paused": someone else woke it; that is what we wanted.
+            if await self.inspect() is not State.RUNNING:
+                raise
+        self._done()
+
+    async def start(self) -> None:
+        with map_docker_errors(f"starting container {self.ref}"):
+            await self._container().start()
+        self._done()
+
+    async def stop(self) -> None:
+        with map_docker_errors(f"stopping container {self.ref}"):
+            await self._container().stop(t=int(self.stop_timeout))
+        self._done()
+
+    async def backend_host(self) -> str:
+        """The container's address on its network (seed form: proxy and backend apart)."""
+        with map_docker_errors(f"reading the address of container {self.ref}"):
+            info = await self._container().show()
+        settings = info.get("NetworkSettings") or {}
+        if info.get("HostConfig", {}).get("NetworkMode") == "host":
+            return "127.0.0.1"
+        address = settings.get("IPAddress")
+        if not address:
+            for network in (settings.get("Networks") or {}).values():
+                address = network.get("IPAddress")
+                if address:
+                    break
+        if not address:
+            raise OperationFailed(f"container {self.ref} has no network address")
+        return str(address)
+
+    def describe(self) -> str:
+        return f"docker {self.ref}"

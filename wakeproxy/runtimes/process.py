@@ -1,0 +1,146 @@
+"""The process runtime: a local command the proxy starts, freezes and ends.
+
+Sleep by pause is SIGSTOP to the command's process group and a wake is SIGCONT, so
+a wake costs a signal, not a start. The command runs in its own session so the
+signals reach every process it spawned (``sh -c`` wrappers included). Commands
+belong to the proxy: ``close()`` ends them when the proxy exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+
+from ..errors import BackendMissing, OperationFailed
+from ..lifecycle import State
+from .base import Runtime
+
+log = logging.getLogger("wakeproxy.runtime.process")
+
+
+class ProcessRuntime(Runtime):
+    kind = "process"
+
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.command = command
+        self.cwd = cwd
+        self.env = dict(env or {})
+        self.stop_timeout = stop_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._paused = False
+        self._stopping = False
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def inspect(self) -> State:
+        if not self._alive():
+            return State.STOPPED
+        return State.PAUSED if self._paused else State.RUNNING
+
+    async def start(self) -> None:
+        if self._alive():
+            if self._paused:
+                await self.unpause()
+            return
+        env = {**os.environ, **self.env}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command,
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                # Its own process group: SIGSTOP/SIGCONT/SIGTERM reach its children too.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None
+        self._proc = proc
+        self._paused = False
+        log.debug("started %s as pid %d", self.command[0], proc.pid)
+        task = asyncio.create_task(self._watch_exit(proc))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if proc is self._proc and not self._stopping:
+            # Ended without being asked to: the state follows, the next connection starts it.
+            self._proc = None
+            self._paused = False
+            self.on_change(State.STOPPED, f"command exited with status {code}")
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            raise OperationFailed(f"cannot send {sig.name}: the command is not running")
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            raise OperationFailed(f"cannot send {sig.name}: the command has exited") from None
+
+    async def pause(self) -> None:
+        self._signal_group(signal.SIGSTOP)
+        self._paused = True
+
+    async def unpause(self) -> None:
+        self._signal_group(signal.SIGCONT)
+        self._paused = False
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            self._proc = None
+            return
+        self._stopping = True
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                # A stopped process keeps SIGTERM pending for ever: continue it first.
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s did not end within %.1fs of SIGTERM; sending SIGKILL",
+                    self.command[0],
+                    self.stop_timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            self._kill_stragglers(proc.pid)
+        finally:
+            self._proc = None
+            self._paused = False
+            self._stopping = False
+
+    @staticmethod
+    def _kill_stragglers(pgid: int) -> None:
+        # Children that ignored SIGTERM would outlive their leader; the group ends together.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        await self.stop()
+
+    def describe(self) -> str:
+        return f"process {self.command[0]}"

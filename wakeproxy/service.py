@@ -1,0 +1,565 @@
+"""One service's asyncio glue: its listener, its connections, its timers.
+
+Decisions live in ``lifecycle.Lifecycle``; this module feeds it events (connections,
+timer expiries, runtime results, changes the runtime saw) and performs the actions
+it returns: runtime calls, holding, releasing and rejecting connections.
+
+Timers: one idle handle per service, armed only when no connection is open (a
+service never sleeps under an open connection, so bytes flowing need no timestamp);
+when it fires early it re-arms for the remaining time (aiohttp's keep-alive pattern).
+Idle CPU is nothing however many services there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Address, ServiceConfig
+from .errors import OperationFailed, RuntimeFailure
+from .forward import ClientSide, UpstreamSide
+from .lifecycle import (
+    Action,
+    Arrive,
+    Event,
+    HeldLeft,
+    IdleDeadline,
+    Lifecycle,
+    Observed,
+    Reject,
+    RetryDue,
+    SleepFailed,
+    SleepSucceeded,
+    State,
+    Step,
+    StopDeadline,
+    WakeFailed,
+    WakeRequested,
+    WakeSucceeded,
+)
+from .readiness import wait_ready
+from .runtimes.base import Runtime
+
+log = logging.getLogger("wakeproxy.service")
+
+# A released connection holds its connect slot until the backend sends its first
+# byte, or for this long: a just-woken backend with a shallow listen backlog
+# (busybox httpd: 9) is fed at the pace it accepts, not flooded into SYN retries.
+SETTLE_AFTER = 0.1
+# Bound on a pause call; a stop gets stop_timeout on top.
+SLEEP_OP_TIMEOUT = 30.0
+_BACKEND_ERROR_LOG_EVERY = 5.0
+
+
+@dataclass(slots=True)
+class ServiceStats:
+    """Plain counters, bumped per connection or per wake; read at scrape time."""
+
+    wakes: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_wake_s: float | None = None
+    wake_seconds: list[float] = field(default_factory=list)
+    sleeps: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    connections: collections.Counter[str] = field(default_factory=collections.Counter)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    accepted: int = 0
+
+
+class Service:
+    """A configured service: listener, lifecycle, runtime and the connections it owns."""
+
+    def __init__(
+        self,
+        cfg: ServiceConfig,
+        runtime: Runtime,
+        *,
+        initial: State,
+        reason: str,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.cfg = cfg
+        self.name = cfg.name
+        self.runtime = runtime
+        runtime.on_change = self._runtime_changed
+        self.lifecycle = Lifecycle(
+            initial,
+            now=self.loop.time(),
+            reason=reason,
+            sleep_action=cfg.sleep_policy.action,
+            max_held=cfg.max_held_connections,
+        )
+        self.backend: Address | None = cfg.backend
+        self.stats = ServiceStats()
+        self.connections: set[ClientSide] = set()
+        self.open = 0  # attached connections: held or forwarding; they block sleep
+        self.last_activity = self.loop.time()
+        self._held: dict[ClientSide, None] = {}
+        self._release_queue: collections.deque[ClientSide] = collections.deque()
+        self._releasing = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake_started: float | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._stop_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._refreshing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._last_error_log = 0.0
+        self._errors_unlogged = 0
+
+    def __repr__(self) -> str:
+        idle = self.loop.time() - self.last_activity
+        return (
+            f"<Service {self.name} :{self.cfg.listen.port} state={self.state.value} "
+            f"held={len(self._held)} conns={self.open} idle_for={idle:.1f}s>"
+        )
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def sleeps_in(self) -> float | None:
+        """Seconds until the idle deadline, or None when no sleep is due."""
+        policy = self.cfg.sleep_policy
+        if self.state is not State.RUNNING or self.open or not policy.sleeps:
+            return None
+        return max(0.0, self.last_activity + policy.idle_delay - self.loop.time())
+
+    # ---- start and close
+
+    async def start(self) -> None:
+        """Open the listener and arm the timers the initial state calls for."""
+        if self.backend is None and self.state in (State.RUNNING, State.PAUSED):
+            try:
+                self.backend = Address(
+                    await self.runtime.backend_host() or "", self.cfg.backend_port
+                )
+            except RuntimeFailure as exc:
+                self._feed(Observed(State.FAILED, str(exc)))
+        listen = self.cfg.listen
+        self._server = await self.loop.create_server(
+            lambda: ClientSide(self),
+            listen.host,
+            listen.port,
+            backlog=self.cfg.backlog,
+            reuse_address=True,
+        )
+        self._enter(self.state)
+        if self.state is State.FAILED:
+            self._arm_retry()
+        log.info(
+            "%s: listening on %s for %s (%s: %s)",
+            self.name,
+            listen,
+            self.runtime.describe(),
+            self.state.value,
+            self.lifecycle.reason,
+            extra={"service": self.name, "state": self.state.value},
+        )
+        if self.cfg.auto_start:
+            self._spawn(self._auto_start())
+
+    async def _auto_start(self) -> None:
+        try:
+            await self.wake()
+        except RuntimeFailure as exc:
+            log.warning("%s: auto_start failed: %s", self.name, exc, extra={"service": self.name})
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection, cancel every timer and task."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for handle in (self._idle_handle, self._stop_handle, self._retry_handle):
+            if handle is not None:
+                handle.cancel()
+        self._idle_handle = self._stop_handle = self._retry_handle = None
+        for conn in list(self.connections):
+            conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(OperationFailed("the proxy is shutting down"))
+        self._waiters.clear()
+
+    # ---- connections (called by ClientSide)
+
+    def accepted(self, conn: ClientSide) -> None:
+        self.connections.add(conn)
+        self.stats.accepted += 1
+        conn.arm_idle_timeout(self.cfg.idle_connection_timeout)
+        if self.cfg.wake_on == "connect":
+            self.attach(conn)
+
+    def attach(self, conn: ClientSide) -> None:
+        """The connection needs the backend: forward, hold or reject it."""
+        conn.attached = True
+        self.open += 1
+        self.last_activity = self.loop.time()
+        self._feed(Arrive(), conn)
+
+    def detached(self, conn: ClientSide) -> None:
+        self.connections.discard(conn)
+        self.stats.bytes_up += conn.bytes_up
+        self.stats.bytes_down += conn.bytes_down
+        if not conn.attached:
+            return
+        self.open -= 1
+        self.last_activity = self.loop.time()
+        if conn in self._held:
+            del self._held[conn]
+            self._feed(HeldLeft())
+        if self.open == 0:
+            self._arm_idle()
+
+    def idle_connection_closed(self, conn: ClientSide) -> None:
+        self.stats.connections["idle_timeout"] += 1
+        log.debug(
+            "%s: closed a connection idle for %.0fs", self.name, self.cfg.idle_connection_timeout
+        )
+
+    # ---- API for callers that want the backend without a connection
+
+    async def wake(self) -> None:
+        """Return once the backend is running; raise RuntimeFailure if the wake fails."""
+        if self.state is State.RUNNING:
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        # Resolved by the release after the wake, or failed with its reason.
+        self._feed(WakeRequested())
+        await waiter
+
+    # ---- the machine
+
+    def _feed(self, event: Event, conn: ClientSide | None = None) -> None:
+        before = self.lifecycle.state
+        step = self.lifecycle.handle(event, self.loop.time())
+        if self.lifecycle.state is not before:
+            self._leave(before)
+            self._enter(self.lifecycle.state)
+            log.info(
+                "%s: %s -> %s (%s)",
+                self.name,
+                before.value,
+                self.lifecycle.state.value,
+                self.lifecycle.reason,
+                extra={
+                    "service": self.name,
+                    "from": before.value,
+                    "state": self.lifecycle.state.value,
+                    "reason": self.lifecycle.reason,
+                },
+            )
+        self._apply(step, conn)
+
+    def _apply(self, step: Step, conn: ClientSide | None) -> None:
+        for action in step:
+            if isinstance(action, Reject):
+                self._reject(action, conn)
+            elif action is Action.CONNECT:
+                assert conn is not None
+                if self._release_queue:
+                    # Still feeding a just-woken backend: queue behind the released ones.
+                    self._release_queue.append(conn)
+                else:
+                    self._connect(conn)
+            elif action is Action.HOLD:
+                assert conn is not None
+                self._held[conn] = None
+            elif action in (Action.UNPAUSE, Action.START, Action.RECOVER):
+                self._wake_started = self.loop.time()
+                self._spawn(self._wake(action))
+            elif action in (Action.PAUSE, Action.STOP):
+                self._spawn(self._sleep(action, self.lifecycle.reason))
+            elif action is Action.RELEASE:
+                self._release()
+            elif action is Action.REFRESH:
+                self._spawn(self._refresh())
+            elif action is Action.SCHEDULE_RETRY:
+                self._arm_retry()
+
+    def _arm_retry(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        self._retry_handle = self.loop.call_at(self.lifecycle.retry_at, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_handle = None
+        self._feed(RetryDue())
+
+    def _leave(self, state: State) -> None:
+        if state is State.RUNNING and self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        elif state is State.PAUSED and self._stop_handle is not None:
+            self._stop_handle.cancel()
+            self._stop_handle = None
+
+    def _enter(self, state: State) -> None:
+        if state is State.RUNNING:
+            self.last_activity = self.loop.time()
+            self._arm_idle()
+        elif state is State.PAUSED:
+            stop_after = self.cfg.sleep_policy.stop_after
+            if stop_after is not None and self.cfg.sleep_policy.sleeps:
+                self._stop_handle = self.loop.call_later(stop_after, self._feed, StopDeadline())
+
+    def _reject(self, action: Reject, conn: ClientSide | None) -> None:
+        if action.held:
+            held = list(self._held)
+            self._held.clear()
+            for item in held:
+                self.stats.connections[action.outcome] += 1
+                item.reject()
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_exception(OperationFailed(action.reason))
+            self._waiters.clear()
+            if held:
+                log.warning(
+                    "%s: closed %d held connection(s): %s",
+                    self.name,
+                    len(held),
+                    action.reason,
+                    extra={"service": self.name, "outcome": action.outcome},
+                )
+        elif conn is not None:
+            self.stats.connections[action.outcome] += 1
+            conn.reject()
+
+    # ---- idle timer
+
+    def _arm_idle(self) -> None:
+        policy = self.cfg.sleep_policy
+        if self._idle_handle is not None or self.open or self.state is not State.RUNNING:
+            return
+        if not policy.sleeps:
+            return
+        self._idle_handle = self.loop.call_at(
+            self.last_activity + policy.idle_delay, self._idle_fired
+        )
+
+    def _idle_fired(self) -> None:
+        self._idle_handle = None
+        policy = self.cfg.sleep_policy
+        if self.open or self.state is not State.RUNNING or not policy.sleeps:
+            return
+        deadline = self.last_activity + policy.idle_delay
+        if self.loop.time() < deadline:
+            # Activity since the timer was armed: re-arm for the time that is left.
+            self._idle_handle = self.loop.call_at(deadline, self._idle_fired)
+            return
+        self._feed(IdleDeadline())
+
+    # ---- runtime operations
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Keep a reference: an unreferenced pending task can be collected mid-flight.
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wake(self, action: Action) -> None:
+        wake_timeout = self.cfg.wake_timeout
+        event: Event
+        try:
+            async with asyncio.timeout(wake_timeout):
+                if action is Action.RECOVER:
+                    found = await self.runtime.inspect()
+                    action = {State.PAUSED: Action.UNPAUSE, State.STOPPED: Action.START}.get(
+                        found, Action.RECOVER
+                    )
+                if action is Action.UNPAUSE:
+                    await self.runtime.unpause()
+                    if self.backend is None:
+                        await self._resolve_backend()
+                elif action is Action.START:
+                    await self.runtime.start()
+                    await self._after_start()
+                elif self.backend is None:
+                    await self._resolve_backend()
+        except TimeoutError:
+            event = WakeFailed(f"not ready within wake_timeout ({wake_timeout:g}s)", timed_out=True)
+        except RuntimeFailure as exc:
+            event = WakeFailed(str(exc))
+        else:
+            event = WakeSucceeded()
+        self._record_wake(event)
+        self._feed(event)
+
+    def _record_wake(self, event: Event) -> None:
+        started = self._wake_started
+        elapsed = self.loop.time() - started if started is not None else 0.0
+        if isinstance(event, WakeSucceeded):
+            self.stats.wakes["ok"] += 1
+            self.stats.last_wake_s = elapsed
+            self.stats.wake_seconds.append(elapsed)
+            log.info(
+                "%s: awake after %.1f ms (%d held)",
+                self.name,
+                elapsed * 1000,
+                len(self._held),
+                extra={"service": self.name, "wake_ms": round(elapsed * 1000, 3)},
+            )
+        elif isinstance(event, WakeFailed):
+            self.stats.wakes["timeout" if event.timed_out else "failed"] += 1
+            log.warning(
+                "%s: wake failed after %.1f ms: %s",
+                self.name,
+                elapsed * 1000,
+                event.reason,
+                extra={"service": self.name},
+            )
+
+    async def _resolve_backend(self) -> None:
+        host = await self.runtime.backend_host()
+        if not host:
+            raise OperationFailed("the runtime reports no backend address")
+        self.backend = Address(host, self.cfg.backend_port)
+
+    async def _after_start(self) -> None:
+        if self.cfg.backend is None:
+            # Seed form: a started container may have a new address.
+            await self._resolve_backend()
+        readiness = self.cfg.readiness
+        if not readiness.tcp and readiness.http is None:
+            return
+        assert self.backend is not None
+        await wait_ready(
+            self.backend,
+            readiness,
+            connect_timeout=self.cfg.connect_timeout,
+            still_starting=self._still_starting,
+        )
+
+    async def _still_starting(self) -> bool:
+        return await self.runtime.inspect() is State.RUNNING
+
+    async def _sleep(self, action: Action, reason: str) -> None:
+        limit = SLEEP_OP_TIMEOUT + (self.cfg.stop_timeout if action is Action.STOP else 0.0)
+        event: Event
+        try:
+            async with asyncio.timeout(limit):
+                if action is Action.PAUSE:
+                    await self.runtime.pause()
+                else:
+                    await self.runtime.stop()
+        except TimeoutError:
+            event = SleepFailed(f"{action.value} did not finish within {limit:g}s")
+        except RuntimeFailure as exc:
+            event = SleepFailed(str(exc))
+        else:
+            event = SleepSucceeded()
+            self.stats.sleeps[(action.value, reason)] += 1
+        if isinstance(event, SleepFailed):
+            log.warning(
+                "%s: %s failed: %s",
+                self.name,
+                action.value,
+                event.reason,
+                extra={"service": self.name},
+            )
+        self._feed(event)
+
+    async def _refresh(self) -> None:
+        if self._refreshing:
+            return
+        self._refreshing = True
+        try:
+            state = await self.runtime.inspect()
+            reason = "state re-read"
+            if state is not State.FAILED and self.cfg.backend is None:
+                await self._resolve_backend()
+        except RuntimeFailure as exc:
+            state, reason = State.FAILED, str(exc)
+        finally:
+            self._refreshing = False
+        self._feed(Observed(state, reason))
+
+    def _runtime_changed(self, state: State, reason: str) -> None:
+        self._feed(Observed(state, reason))
+
+    # ---- connecting upstream
+
+    def _release(self) -> None:
+        """Connect every held connection, at most connect_concurrency at a time."""
+        held = list(self._held)
+        self._held.clear()
+        self._release_queue.extend(held)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+        self._pump()
+
+    def _pump(self) -> None:
+        limit = self.cfg.connect_concurrency
+        queue = self._release_queue
+        while queue and self._releasing < limit:
+            conn = queue.popleft()
+            if conn.closed:
+                continue
+            self._releasing += 1
+            conn.arm_settle(self._settled, SETTLE_AFTER)
+            self._connect(conn)
+
+    def _settled(self) -> None:
+        self._releasing -= 1
+        self._pump()
+
+    def _connect(self, conn: ClientSide) -> None:
+        self._spawn(self._open_upstream(conn))
+
+    async def _open_upstream(self, conn: ClientSide) -> None:
+        backend = self.backend
+        try:
+            if backend is None:
+                raise OperationFailed("the backend address is not known yet")
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                await self.loop.create_connection(
+                    lambda: UpstreamSide(conn), backend.host, backend.port
+                )
+        except (OSError, TimeoutError, RuntimeFailure) as exc:
+            conn.settle()
+            if conn.closed:
+                return
+            self.stats.connections["backend_error"] += 1
+            conn.reject()
+            self._backend_error(exc)
+            return
+        self.stats.connections["forwarded"] += 1
+
+    def _backend_error(self, exc: BaseException) -> None:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_error_log >= _BACKEND_ERROR_LOG_EVERY:
+            more = f" (+{self._errors_unlogged} more)" if self._errors_unlogged else ""
+            log.warning(
+                "%s: cannot connect to backend %s: %s%s",
+                self.name,
+                self.backend,
+                reason,
+                more,
+                extra={"service": self.name, "outcome": "backend_error"},
+            )
+            self._last_error_log = now
+            self._errors_unlogged = 0
+        else:
+            self._errors_unlogged += 1
+        if self.state is State.RUNNING:
+            # The backend may have gone away behind our back: re-read its state so the
+            # next connection starts it instead of failing the same way.
+            self._spawn(self._refresh())
