@@ -60,9 +60,9 @@ class Harness:
         await self.service.close()
         self.server.close()
 
-    async def roundtrip(self, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
+    async def roundtrip(self, payload: bytes = b"ping", within: float = 5.0) -> bytes:
         """Send, half-close, read to EOF: b'' means the proxy closed without forwarding."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             try:
                 writer.write(payload)
@@ -125,7 +125,7 @@ async def test_failed_wake_backs_off_then_recovers():
         assert runtime.calls["unpause"] == 1
         runtime.fail.clear()
         # The back-off timer re-reads the state by itself.
-        await wait_until(lambda: h.service.state is State.PAUSED, timeout=BACKOFF_FIRST + 2)
+        await wait_until(lambda: h.service.state is State.PAUSED, within=BACKOFF_FIRST + 2)
         assert await h.roundtrip(b"again") == b"again"
         assert runtime.calls["unpause"] == 2
         assert h.service.stats.connections["backend_error"] == 2
@@ -141,7 +141,7 @@ async def test_idle_timer_pauses_only_with_no_open_connection():
         assert runtime.calls["pause"] == 0, "paused under an open connection"
         assert h.service.sleeps_in() is None
         writer.close()
-        await wait_until(lambda: h.service.state is State.PAUSED, timeout=2)
+        await wait_until(lambda: h.service.state is State.PAUSED, within=2)
         assert runtime.calls["pause"] == 1
         assert h.service.stats.sleeps[("pause", "idle")] == 1
 
@@ -149,7 +149,7 @@ async def test_idle_timer_pauses_only_with_no_open_connection():
 async def test_connection_during_pause_waits_then_wakes():
     runtime = FakeRuntime(State.RUNNING, delay=0.3)
     async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.1}")) as h:
-        await wait_until(lambda: h.service.state is State.PAUSING, timeout=2)
+        await wait_until(lambda: h.service.state is State.PAUSING, within=2)
         assert await h.roundtrip(b"race") == b"race"
         assert runtime.calls["pause"] == 1 and runtime.calls["unpause"] == 1
         assert h.service.state is State.RUNNING
@@ -159,7 +159,7 @@ async def test_stop_after_stops_a_paused_backend():
     runtime = FakeRuntime(State.RUNNING)
     policy = "{idle_timeout: 0.1, stop_after: 0.2}"
     async with Harness(runtime, settings(sleep_policy=policy)) as h:
-        await wait_until(lambda: h.service.state is State.STOPPED, timeout=3)
+        await wait_until(lambda: h.service.state is State.STOPPED, within=3)
         assert runtime.calls["pause"] == 1 and runtime.calls["stop"] == 1
         assert await h.roundtrip(b"up") == b"up"
         assert runtime.calls["start"] == 1
@@ -203,7 +203,7 @@ async def test_idle_connection_timeout_closes_silent_connections():
             assert await reader.read(-1) == b""
         writer.close()
         assert h.service.stats.connections["idle_timeout"] == 1
-        await wait_until(lambda: h.service.open == 0, timeout=1)
+        await wait_until(lambda: h.service.open == 0, within=1)
 
 
 async def test_api_wake_and_repr():

@@ -76,6 +76,9 @@ class DockerEngine:
         self._client: aiodocker.Docker | None = None
         self._runtimes: dict[str, DockerRuntime] = {}
         self._snapshot: dict[str, State] = {}
+        # Wall-clock time just before the last listing: the event stream replays from
+        # here, so nothing that happens between the listing and the subscription is lost.
+        self._snapshot_at = 0.0
         self._events_task: asyncio.Task[None] | None = None
         self.up = False
 
@@ -91,6 +94,7 @@ class DockerEngine:
 
     async def refresh_snapshot(self) -> None:
         """Read every container's state in one call (start-up and reconnects)."""
+        listed_at = time.time() - 1.0  # the engine's clock granularity, with margin
         with map_docker_errors("listing containers"):
             containers = await self.client.containers.list(all=True)
         snapshot: dict[str, State] = {}
@@ -100,6 +104,7 @@ class DockerEngine:
             for name in container["Names"] or ():
                 snapshot[str(name).lstrip("/")] = state
         self._snapshot = snapshot
+        self._snapshot_at = listed_at
         self.up = True
 
     def snapshot_state(self, ref: str) -> State | None:
@@ -136,14 +141,21 @@ class DockerEngine:
             delay = _RECONNECT_FIRST
 
     async def _read_events(self) -> None:
-        params = {"filters": orjson.dumps({"type": ["container"]}).decode()}
+        params = {
+            "filters": orjson.dumps({"type": ["container"]}).decode(),
+            "since": f"{self._snapshot_at:.6f}",
+        }
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=5)
         with map_docker_errors("reading engine events"):
             async with self.client._query("events", params=params, timeout=timeout) as response:
-                self.up = True
-                async for line in response.content:
-                    if line.strip():
-                        self._dispatch(orjson.loads(line))
+                # aiodocker's _query does not release the response on exit: we must.
+                try:
+                    self.up = True
+                    async for line in response.content:
+                        if line.strip():
+                            self._dispatch(orjson.loads(line))
+                finally:
+                    response.close()
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")

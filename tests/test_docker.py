@@ -1,0 +1,108 @@
+"""The docker runtime against the real engine: containers on host networking, 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import (
+    config_from,
+    container_status,
+    docker,
+    engine_events,
+    free_port,
+    http_get,
+    running,
+    wait_until,
+)
+from wakeproxy.lifecycle import State
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
+BODY = b"hello from busybox\n"
+
+
+def docker_config(port: int, backend: int, container: str, policy: str = "{idle_timeout: 1}"):
+    return config_from(
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            container: {container}
+            wake_timeout: 15
+            sleep_policy: {policy}
+        """
+    )
+
+
+async def test_burst_of_200_on_a_paused_container_one_unpause_then_paused_again(make_container):
+    port, backend = free_port(), free_port()
+    name = make_container(backend, paused=True)
+    since = time.time()
+    async with running(docker_config(port, backend, name)) as proxy:
+        service = proxy.services["web"]
+        assert service.state is State.PAUSED, "the real state is read at start-up"
+
+        replies = await asyncio.gather(*(http_get(port, within=30) for _ in range(200)))
+        assert [r.endswith(BODY) for r in replies].count(True) == 200
+        assert all(r.split(b"\r\n", 1)[0].endswith(b" 200 OK") for r in replies)
+        assert service.stats.wakes["ok"] == 1
+        assert service.stats.last_wake_s is not None
+
+        await wait_until(lambda: service.state is State.PAUSED, within=10)
+        assert container_status(name) == "paused"
+        until = time.time()
+    assert engine_events(name, "unpause", since, until) == 1
+    assert engine_events(name, "pause", since, until) == 1
+
+
+async def test_a_pause_made_by_hand_is_followed_and_woken(make_container):
+    port, backend = free_port(), free_port()
+    name = make_container(backend)
+    async with running(docker_config(port, backend, name, "{enabled: false}")) as proxy:
+        service = proxy.services["web"]
+        assert service.state is State.RUNNING
+        docker("pause", name)
+        await wait_until(lambda: service.state is State.PAUSED, within=5)
+        assert service.lifecycle.reason == "docker pause seen"
+        assert (await http_get(port)).endswith(BODY)
+        assert container_status(name) == "running"
+
+
+async def test_stop_action_then_start_with_readiness(make_container):
+    port, backend = free_port(), free_port()
+    name = make_container(backend)
+    policy = "{idle_timeout: 0.5, action: stop}"
+    async with running(docker_config(port, backend, name, policy)) as proxy:
+        service = proxy.services["web"]
+        await wait_until(lambda: service.state is State.STOPPED, within=20)
+        assert container_status(name) == "exited"
+        # A connect to a starting container proves nothing: the readiness probe waits.
+        assert (await http_get(port, within=20)).endswith(BODY)
+        assert container_status(name) == "running"
+        assert service.stats.wakes["ok"] == 1
+
+
+async def test_killed_container_state_follows_and_next_connection_starts_it(make_container):
+    port, backend = free_port(), free_port()
+    name = make_container(backend)
+    async with running(docker_config(port, backend, name, "{enabled: false}")) as proxy:
+        service = proxy.services["web"]
+        docker("kill", name)
+        await wait_until(lambda: service.state is State.STOPPED, within=5)
+        assert (await http_get(port, within=20)).endswith(BODY)
+        assert service.state is State.RUNNING
+
+
+async def test_missing_container_fails_clearly_and_is_found_once_created(make_container):
+    port, backend = free_port(), free_port()
+    name = f"wp-test-late-{free_port()}"
+    async with running(docker_config(port, backend, name, "{enabled: false}")) as proxy:
+        service = proxy.services["web"]
+        assert service.state is State.FAILED
+        assert service.lifecycle.reason == f"container {name} not found"
+        make_container(backend, name=name)
+        await wait_until(lambda: service.state is State.RUNNING, within=10)
+        assert (await http_get(port)).endswith(BODY)

@@ -1,0 +1,238 @@
+"""The byte path on real loopback sockets, on uvloop and on the stock asyncio loop.
+
+The backend stays running (fake runtime): these tests are about bytes, order,
+half-close, resets and flow control, not about waking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from tests.conftest import config_from, free_port, wait_until
+from wakeproxy.forward import HIGH_WATER
+from wakeproxy.lifecycle import State
+from wakeproxy.runtimes.fake import FakeRuntime
+from wakeproxy.service import Service
+
+pytestmark = pytest.mark.asyncio
+CHUNK = 64 * 1024
+
+
+async def start_proxy(backend_port: int) -> Service:
+    port = free_port()
+    cfg = config_from(
+        f"services:\n  web:\n    listen: 127.0.0.1:{port}\n"
+        f"    backend: 127.0.0.1:{backend_port}\n    container: fake\n"
+    ).services["web"]
+    service = Service(cfg, FakeRuntime(State.RUNNING), initial=State.RUNNING, reason="test")
+    await service.start()
+    return service
+
+
+async def serve(handler) -> tuple[asyncio.Server, int]:
+    port = free_port()
+
+    async def guarded(reader, writer):
+        try:
+            await handler(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(guarded, "127.0.0.1", port, backlog=1024), port
+
+
+async def echo(reader, writer):
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+
+
+async def test_concurrent_echo_is_byte_identical():
+    server, port = await serve(echo)
+    service = await start_proxy(port)
+    try:
+
+        async def client(i: int) -> None:
+            data = os.urandom(512 * 1024 + i)
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+
+            async def send() -> None:
+                for start in range(0, len(data), 10_000):
+                    writer.write(data[start : start + 10_000])
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            received = await reader.read(-1)
+            await sender
+            writer.close()
+            assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(client(i) for i in range(20)))
+        await wait_until(lambda: service.open == 0, within=2)
+        assert service.stats.bytes_up == service.stats.bytes_down
+        assert service.stats.bytes_up == sum(512 * 1024 + i for i in range(20))
+    finally:
+        await service.close()
+        server.close()
+
+
+async def test_half_close_passes_through_both_ways():
+    seen_eof = asyncio.Event()
+
+    async def reply_after_eof(reader, writer):
+        request = await reader.read(-1)  # the client's EOF reached the backend
+        seen_eof.set()
+        writer.write(b"got:" + request)
+        await writer.drain()
+
+    server, port = await serve(reply_after_eof)
+    service = await start_proxy(port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        writer.write(b"question")
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            await seen_eof.wait()
+            assert await reader.read(-1) == b"got:question"
+        writer.close()
+        await wait_until(lambda: service.open == 0 and not service.connections, within=2)
+    finally:
+        await service.close()
+        server.close()
+
+
+async def test_backend_speaking_first_and_closing():
+    async def banner(reader, writer):
+        writer.write(b"220 ready\r\n")
+        await writer.drain()
+
+    server, port = await serve(banner)
+    service = await start_proxy(port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        async with asyncio.timeout(5):
+            assert await reader.read(-1) == b"220 ready\r\n"
+        writer.close()
+    finally:
+        await service.close()
+        server.close()
+
+
+async def test_client_reset_closes_the_backend_side():
+    backend_done = asyncio.Event()
+
+    async def wait_for_end(reader, writer):
+        try:
+            await reader.read(-1)
+        finally:
+            backend_done.set()
+
+    server, port = await serve(wait_for_end)
+    service = await start_proxy(port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        writer.write(b"x")
+        await wait_until(lambda: service.stats.connections["forwarded"] == 1, within=2)
+        writer.transport.abort()
+        async with asyncio.timeout(5):
+            await backend_done.wait()
+        await wait_until(lambda: service.open == 0, within=2)
+    finally:
+        await service.close()
+        server.close()
+
+
+async def _watch_buffers(service: Service, peaks: dict[str, int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for conn in service.connections:
+            if conn.transport is not None:
+                size = conn.transport.get_write_buffer_size()
+                peaks["client"] = max(peaks["client"], size)
+            if conn.upstream is not None:
+                size = conn.upstream.get_write_buffer_size()
+                peaks["upstream"] = max(peaks["upstream"], size)
+        await asyncio.sleep(0.002)
+
+
+async def test_slow_reader_download_stays_bounded():
+    size = 24 * 1024 * 1024
+    block = os.urandom(CHUNK)
+
+    async def source(reader, writer):
+        for _ in range(size // CHUNK):
+            writer.write(block)
+            await writer.drain()
+
+    server, port = await serve(source)
+    service = await start_proxy(port)
+    peaks = {"client": 0, "upstream": 0}
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_buffers(service, peaks, stop))
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.cfg.listen.port, limit=CHUNK
+        )
+        digest, total = hashlib.sha256(), 0
+        async with asyncio.timeout(60):
+            while data := await reader.read(CHUNK):
+                digest.update(data)
+                total += len(data)
+                if total < 4 * 1024 * 1024:
+                    await asyncio.sleep(0.002)  # slow for the first MiBs: the backend must wait
+        writer.close()
+        assert total == size
+        assert digest.digest() == hashlib.sha256(block * (size // CHUNK)).digest()
+        # Flow control: the proxy's buffer toward the slow client never grows past
+        # the high-water mark plus one read.
+        assert 0 < peaks["client"] <= HIGH_WATER + 4 * CHUNK, peaks
+    finally:
+        stop.set()
+        await watcher
+        await service.close()
+        server.close()
+
+
+async def test_slow_backend_upload_stays_bounded():
+    size = 16 * 1024 * 1024
+    block = os.urandom(CHUNK)
+
+    async def slow_sink(reader, writer):
+        digest, total = hashlib.sha256(), 0
+        while data := await reader.read(CHUNK):
+            digest.update(data)
+            total += len(data)
+            if total < 4 * 1024 * 1024:
+                await asyncio.sleep(0.002)
+        writer.write(digest.hexdigest().encode())
+        await writer.drain()
+
+    server, port = await serve(slow_sink)
+    service = await start_proxy(port)
+    peaks = {"client": 0, "upstream": 0}
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_buffers(service, peaks, stop))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        async with asyncio.timeout(60):
+            for _ in range(size // CHUNK):
+                writer.write(block)
+                await writer.drain()
+            writer.write_eof()
+            answer = await reader.read(-1)
+        writer.close()
+        assert answer.decode() == hashlib.sha256(block * (size // CHUNK)).hexdigest()
+        assert 0 < peaks["upstream"] <= HIGH_WATER + 4 * CHUNK, peaks
+    finally:
+        stop.set()
+        await watcher
+        await service.close()
+        server.close()

@@ -1,0 +1,123 @@
+"""The process runtime for real: a command started, frozen with SIGSTOP, woken, ended."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from tests.conftest import (
+    backend_command,
+    config_from,
+    free_port,
+    http_get,
+    proc_state,
+    running,
+    wait_until,
+)
+from wakeproxy.lifecycle import State
+from wakeproxy.runtimes.process import ProcessRuntime
+
+pytestmark = pytest.mark.asyncio
+
+
+def process_config(port: int, backend: int, command: str, policy: str = "{idle_timeout: 0.5}"):
+    return config_from(
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {command}
+            readiness: {{http: /}}
+            wake_timeout: 15
+            sleep_policy: {policy}
+        """
+    )
+
+
+async def test_burst_of_200_on_a_paused_command_one_wake_then_sleeps_again():
+    port, backend = free_port(), free_port()
+    config = process_config(port, backend, backend_command(backend, "http"))
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        runtime = service.runtime
+        assert isinstance(runtime, ProcessRuntime)
+        assert service.state is State.STOPPED and runtime.pid is None
+
+        first = await http_get(port)
+        assert first.startswith(b"HTTP/1.1 200 OK") and first.endswith(b"hello from the backend\n")
+        pid = runtime.pid
+        assert pid is not None
+        await wait_until(lambda: service.state is State.PAUSED, within=5)
+        assert proc_state(pid) == "T", "the command should be stopped by SIGSTOP"
+        wakes_before = service.stats.wakes["ok"]
+
+        replies = await asyncio.gather(*(http_get(port, f"/{i}") for i in range(200)))
+        assert all(r.endswith(b"hello from the backend\n") for r in replies)
+        assert service.stats.wakes["ok"] == wakes_before + 1, "one wake for the whole burst"
+        assert runtime.pid == pid, "woken by SIGCONT, not restarted"
+
+        await wait_until(lambda: service.state is State.PAUSED, within=5)
+        assert proc_state(pid) == "T"
+        assert service.stats.sleeps[("pause", "idle")] == 2
+    # Closing the proxy ends the command.
+    await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), within=5)
+
+
+async def test_crashed_command_is_started_again_by_the_next_connection():
+    port, backend = free_port(), free_port()
+    config = process_config(port, backend, backend_command(backend, "http"), "{enabled: false}")
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        runtime = service.runtime
+        assert isinstance(runtime, ProcessRuntime) and runtime.pid is not None
+        os.killpg(runtime.pid, signal.SIGKILL)
+        await wait_until(lambda: service.state is State.STOPPED, within=5)
+        assert "command exited with status -9" in service.lifecycle.reason
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        assert service.stats.wakes["ok"] == 2
+
+
+async def test_missing_command_fails_fast_with_a_clear_reason():
+    port = free_port()
+    config = process_config(port, free_port(), '["/nonexistent/server"]')
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert await http_get(port) == b""
+        assert service.state is State.FAILED
+        assert (
+            "cannot run '/nonexistent/server': No such file or directory"
+            in service.lifecycle.reason
+        )
+        assert service.stats.connections["backend_error"] == 1
+
+
+async def test_command_that_dies_at_boot_fails_before_wake_timeout():
+    port = free_port()
+    config = process_config(port, free_port(), '["/bin/sh", "-c", "exit 3"]')
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await http_get(port) == b""
+        assert loop.time() - started < 5, "a dead command must not wait for wake_timeout (15 s)"
+        assert "stopped while starting" in service.lifecycle.reason
+
+
+async def test_stop_action_ends_the_command_and_start_brings_it_back():
+    port, backend = free_port(), free_port()
+    config = process_config(
+        port, backend, backend_command(backend, "http"), "{idle_timeout: 0.3, action: stop}"
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        pid = service.runtime.pid  # type: ignore[attr-defined]
+        await wait_until(lambda: service.state is State.STOPPED, within=5)
+        await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), within=5)
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        assert service.stats.sleeps[("stop", "idle")] == 1
