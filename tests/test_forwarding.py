@@ -139,7 +139,7 @@ async def test_client_reset_closes_the_backend_side():
     server, port = await serve(wait_for_end)
     service = await start_proxy(port)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
         writer.write(b"x")
         await wait_until(lambda: service.stats.connections["forwarded"] == 1, within=2)
         writer.transport.abort()

@@ -9,6 +9,7 @@ engine marks that service failed (retried with back-off) while the others work.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from pathlib import Path
 
@@ -71,8 +72,10 @@ class Proxy:
                 try:
                     await service.start()
                 except OSError as exc:
+                    # uvloop's message repeats the address; the errno text says it all.
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
                     raise ListenError(
-                        f"service {cfg.name}: cannot listen on {cfg.listen}: {exc.strerror or exc}"
+                        f"service {cfg.name}: cannot listen on {cfg.listen}: {why}"
                     ) from None
         except BaseException:
             await self.close()

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import uvloop
 
@@ -54,10 +55,22 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # A failure in one connection's callback is logged and contained: the loop, the
+    # listeners and every other connection carry on.
+    exc = context.get("exception")
+    log.error(
+        "unexpected error: %s",
+        context.get("message", "unhandled exception"),
+        exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None,
+    )
+
+
 async def _serve(config: Config) -> int:
     proxy = Proxy(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_error)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:

@@ -1,0 +1,169 @@
+"""The ``wakeproxy`` command as users run it: a separate process, signals, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.backends.server import payload
+from tests.conftest import backend_command, free_port, port_answers
+
+WAKEPROXY = [sys.executable, "-m", "wakeproxy"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WAKEPROXY, *args], capture_output=True, text=True, timeout=30, env=env
+    )
+
+
+def test_version():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == "wakeproxy 0.1.0"
+
+
+def test_check_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(tmp_path):
+    good = write(tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n")
+    result = cli("check", "-c", str(good))
+    assert result.returncode == 0 and "ok, 1 service(s)" in result.stdout
+    bad = write(tmp_path, "services:\n  a:\n    listen: 127.0.0.1:1\n    backlog: -3\n")
+    for command in ("check", "run"):
+        result = cli(command, "-c", str(bad))
+        assert result.returncode == 2
+        assert f"{bad}:4: services.a.backlog: expected a whole number from 1 to 65535, got -3" in result.stderr
+
+
+def test_config_path_from_the_environment(tmp_path):
+    good = write(tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n")
+    result = cli("check", env={**os.environ, "WAKEPROXY_CONFIG": str(good)})
+    assert result.returncode == 0, result.stderr
+
+
+def start_proxy(config: Path, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 15
+    while not port_answers(port):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the proxy never listened"
+        time.sleep(0.05)
+    return proc
+
+
+def pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_sigterm_shuts_down_cleanly_and_ends_the_commands(tmp_path):
+    port, backend = free_port(), free_port()
+    config = write(
+        tmp_path,
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+            sleep_policy: {{idle_timeout: 0.3}}
+        """,
+    )
+    proxy = start_proxy(config, port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        marker = f"--port {backend} "
+        assert len(pids_with(marker)) == 1
+        time.sleep(1.0)  # paused by now: SIGTERM must still end it (SIGCONT first)
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        _, err = proxy.communicate(timeout=30)
+    assert proxy.returncode == 0, err
+    assert "web: running -> pausing (idle)" in err
+    assert "shutting down" in err
+    assert pids_with(marker) == []
+
+
+def test_listen_address_in_use_exits_1_with_the_reason(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write(
+            tmp_path,
+            f"services:\n  web: {{listen: 127.0.0.1:{port}, backend: 127.0.0.1:1, command: [x]}}\n",
+        )
+        result = subprocess.run(
+            [*WAKEPROXY, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert f"service web: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(240)
+def test_256_mib_to_a_slow_reader_is_identical_and_memory_stays_low(tmp_path):
+    size, seed = 256 * 1024 * 1024, 7
+    port, backend = free_port(), free_port()
+    config = write(
+        tmp_path,
+        f"""
+        services:
+          bulk:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "source", "--size", str(size), "--seed", str(seed))}
+            sleep_policy: {{enabled: false}}
+        """,
+    )
+    expected = hashlib.sha256()
+    for block in payload(seed, size):
+        expected.update(block)
+    proxy = start_proxy(config, port)
+    try:
+        digest, total, reads = hashlib.sha256(), 0, 0
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            while data := sock.recv(64 * 1024):
+                digest.update(data)
+                total += len(data)
+                reads += 1
+                if reads % 4 == 0:
+                    time.sleep(0.001)  # a reader slower than the backend writes
+        assert total == size
+        assert digest.hexdigest() == expected.hexdigest()
+        peak = peak_rss_mib(proxy.pid)
+        assert peak < 100, f"proxy peak RSS {peak:.1f} MiB"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
