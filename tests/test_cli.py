@@ -27,9 +27,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*WAKEPROXY, *args], capture_output=True, text=True, timeout=30, env=env
-    )
+    return subprocess.run([*WAKEPROXY, *args], capture_output=True, text=True, timeout=30, env=env)
 
 
 def test_version():
@@ -38,18 +36,25 @@ def test_version():
 
 
 def test_check_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(tmp_path):
-    good = write(tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n")
+    good = write(
+        tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n"
+    )
     result = cli("check", "-c", str(good))
     assert result.returncode == 0 and "ok, 1 service(s)" in result.stdout
     bad = write(tmp_path, "services:\n  a:\n    listen: 127.0.0.1:1\n    backlog: -3\n")
     for command in ("check", "run"):
         result = cli(command, "-c", str(bad))
         assert result.returncode == 2
-        assert f"{bad}:4: services.a.backlog: expected a whole number from 1 to 65535, got -3" in result.stderr
+        assert (
+            f"{bad}:4: services.a.backlog: expected a whole number from 1 to 65535, got -3"
+            in result.stderr
+        )
 
 
 def test_config_path_from_the_environment(tmp_path):
-    good = write(tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n")
+    good = write(
+        tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n"
+    )
     result = cli("check", env={**os.environ, "WAKEPROXY_CONFIG": str(good)})
     assert result.returncode == 0, result.stderr
 
@@ -121,7 +126,9 @@ def test_listen_address_in_use_exits_1_with_the_reason(tmp_path):
             [*WAKEPROXY, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
         )
     assert result.returncode == 1
-    assert f"service web: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert (
+        f"service web: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    )
 
 
 def peak_rss_mib(pid: int) -> float:
