@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -59,9 +60,9 @@ def test_config_path_from_the_environment(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def start_proxy(config: Path, port: int) -> subprocess.Popen[str]:
+def start_proxy(config: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [*WAKEPROXY, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True
+        [*WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 15
     while not port_answers(port):
@@ -174,3 +175,30 @@ def test_256_mib_to_a_slow_reader_is_identical_and_memory_stays_low(tmp_path):
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.communicate(timeout=30)
+
+
+def test_json_logs_carry_the_state_change_fields(tmp_path):
+    port, backend = free_port(), free_port()
+    config = write(
+        tmp_path,
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+        """,
+    )
+    proxy = start_proxy(config, port, "--log-format", "json")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        _, err = proxy.communicate(timeout=30)
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    change = next(e for e in entries if e.get("from") == "stopped")
+    assert change["service"] == "web" and change["state"] == "waking"
+    assert change["reason"] == "connection while stopped" and change["level"] == "info"
+    assert any("wake_ms" in e for e in entries)

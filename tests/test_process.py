@@ -121,3 +121,47 @@ async def test_stop_action_ends_the_command_and_start_brings_it_back():
         await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), within=5)
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
         assert service.stats.sleeps[("stop", "idle")] == 1
+
+
+async def test_auto_start_wakes_at_proxy_start():
+    port, backend = free_port(), free_port()
+    config = config_from(
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+            auto_start: true
+            sleep_policy: {{enabled: false}}
+        """
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        await wait_until(lambda: service.state is State.RUNNING, within=10)
+        assert service.stats.wakes["ok"] == 1 and service.stats.connections["forwarded"] == 0
+
+
+async def test_unreachable_engine_fails_docker_services_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    port, backend, other = free_port(), free_port(), free_port()
+    config = config_from(
+        f"""
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+          box:
+            listen: 127.0.0.1:{other}
+            backend: 127.0.0.1:{free_port()}
+            container: anything
+        """
+    )
+    async with running(config) as proxy:
+        box = proxy.services["box"]
+        assert box.state is State.FAILED
+        assert "the Docker engine does not answer" in box.lifecycle.reason
+        assert await http_get(other) == b""
+        # The process service is unaffected.
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")

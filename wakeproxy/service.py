@@ -280,7 +280,8 @@ class Service:
                 assert conn is not None
                 self._held[conn] = None
             elif action in (Action.UNPAUSE, Action.START, Action.RECOVER):
-                self._wake_started = self.loop.time()
+                # perf_counter: uvloop's loop.time() counts whole milliseconds.
+                self._wake_started = time.perf_counter()
                 self._spawn(self._wake(action))
             elif action in (Action.PAUSE, Action.STOP):
                 self._spawn(self._sleep(action, self.lifecycle.reason))
@@ -402,7 +403,7 @@ class Service:
 
     def _record_wake(self, event: Event) -> None:
         started = self._wake_started
-        elapsed = self.loop.time() - started if started is not None else 0.0
+        elapsed = time.perf_counter() - started if started is not None else 0.0
         if isinstance(event, WakeSucceeded):
             self.stats.wakes["ok"] += 1
             self.stats.last_wake_s = elapsed
