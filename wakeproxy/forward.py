@@ -144,7 +144,7 @@ class ClientSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend writes: stop reading the backend.
-        if self.upstream is not None:
+        if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
@@ -280,7 +280,8 @@ class UpstreamSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The backend reads slower than the client writes: stop reading the client.
-        self.client_transport.pause_reading()
+        if not self.client_transport.is_closing():
+            self.client_transport.pause_reading()
 
     def resume_writing(self) -> None:
         if not self.client_transport.is_closing():

@@ -109,6 +109,7 @@ class Service:
         self._refreshing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._closing = False
         self._last_error_log = 0.0
         self._errors_unlogged = 0
 
@@ -176,6 +177,9 @@ class Service:
 
     async def close(self) -> None:
         """Stop accepting, close every connection, cancel every timer and task."""
+        # From here on no timer is armed and no runtime call starts: connections closed
+        # below report back later, and the runtime itself is being closed.
+        self._closing = True
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -347,6 +351,8 @@ class Service:
         policy = self.cfg.sleep_policy
         if self._idle_handle is not None or self.open or self.state is not State.RUNNING:
             return
+        if self._closing:
+            return
         if not policy.sleeps:
             return
         self._idle_handle = self.loop.call_at(
@@ -368,6 +374,9 @@ class Service:
     # ---- runtime operations
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closing:
+            coro.close()
+            return
         # Keep a reference: an unreferenced pending task can be collected mid-flight.
         task = self.loop.create_task(coro)
         self._tasks.add(task)
