@@ -62,7 +62,10 @@ class ServiceStats:
 
     wakes: collections.Counter[str] = field(default_factory=collections.Counter)
     last_wake_s: float | None = None
-    wake_seconds: list[float] = field(default_factory=list)
+    # The most recent wake durations (bounded: a proxy runs for months).
+    wake_seconds: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=1024)
+    )
     sleeps: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     connections: collections.Counter[str] = field(default_factory=collections.Counter)
     bytes_up: int = 0
