@@ -30,3 +30,23 @@ def test_wake_bench_runs_and_prints_its_table(docker_engine):
     ]
     for row in rows:
         assert all(float(cell) > 0 for cell in row.split("|")[2:5])
+
+
+@pytest.mark.timeout(300)
+def test_harness_quick_run_writes_a_report(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = out.read_text()
+    for title in ("1. Keep-alive small requests", "2. Connection churn", "3. Bulk throughput"):
+        assert f"## {title}" in report
+    # Every contender measured something, and the reference row is HAProxy itself.
+    for contender in ("direct", "haproxy", "wakeproxy"):
+        assert report.count(f"| {contender} |") == 3
+    assert report.count("| haproxy | ") == 3 and "| 1.00 |" in report
+    assert "| 0 |" in report  # the error column of the HTTP rows

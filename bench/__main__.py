@@ -1,0 +1,208 @@
+"""The benchmark harness: ``python -m bench --quick`` (CI proves it runs) or ``--full``.
+
+Each scenario runs every contender (direct to the backend, HAProxy 2.6 with one thread,
+wakeproxy) in the same run on the same backend, alternating their order round by round,
+and reports medians and the ratio to HAProxy measured in that run: the machine's two
+cores are shared by load generator, proxy and backend, so only ratios mean anything.
+Writes a Markdown report (``--out``, default bench/RESULTS.md). All traffic: 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import wakeproxy
+from bench import loadgen, peers
+
+Row = dict[str, str]
+T = TypeVar("T")
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "?"
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.sections: list[str] = []
+
+    def table(self, title: str, note: str, commands: list[str], rows: list[Row]) -> None:
+        head = list(rows[0])
+        lines = [f"## {title}", "", note, ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row[h] for h in head) + " |" for row in rows]
+        lines += ["", "Commands:", "", "```", *commands, "```", ""]
+        self.sections.append("\n".join(lines))
+        print("\n".join(lines))
+
+    def write(self, path: Path, args: argparse.Namespace) -> None:
+        header = [
+            "# wakeproxy benchmark results",
+            "",
+            f"Produced by `python -m bench {'--full' if args.full else '--quick'}` on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            "",
+            f"- machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "
+            f"{platform.platform()}",
+            f"- Python {platform.python_version()}, wakeproxy {wakeproxy.__version__}",
+            f"- {version(['haproxy', '-v'])}",
+            f"- {version(['nginx', '-v'])}; {version(['wrk', '--version'])}; "
+            f"{version(['iperf3', '--version'])}",
+            f"- rounds per contender: {args.rounds}, {args.seconds:g} s each; contenders "
+            "alternate order each round; figures are medians; ratios are to HAProxy "
+            "in the same run.",
+            "",
+        ]
+        path.write_text("\n".join(header) + "\n" + "\n".join(self.sections))
+
+
+def alternate(
+    contenders: dict[str, int], rounds: int, measure: Callable[[str, int], T]
+) -> dict[str, list[T]]:
+    """Run ``measure(name, port)`` for every contender, rotating the order each round."""
+    names = list(contenders)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            results[name].append(measure(name, contenders[name]))
+    return results
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def http_rows(results: dict[str, list[loadgen.WrkResult]]) -> list[Row]:
+    med = {
+        name: {
+            key: statistics.median(getattr(r, key) for r in runs)
+            for key in ("rps", "p50_ms", "p99_ms")
+        }
+        for name, runs in results.items()
+    }
+    errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
+    ref = med["haproxy"]
+    return [
+        {
+            "contender": name,
+            "req/s": fmt(m["rps"], 0),
+            "x HAProxy": fmt(m["rps"] / ref["rps"]),
+            "p50 ms": fmt(m["p50_ms"], 3),
+            "p99 ms": fmt(m["p99_ms"], 3),
+            "p99 x HAProxy": fmt(m["p99_ms"] / ref["p99_ms"]),
+            "errors": str(errors[name]),
+        }
+        for name, m in med.items()
+    ]
+
+
+def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, churn: bool) -> None:
+    title = "2. Connection churn" if churn else "1. Keep-alive small requests"
+    progress(f"{title}: starting nginx, HAProxy, wakeproxy")
+    backend = peers.nginx(workdir / ("churn" if churn else "keepalive"))
+    started = [backend]
+    try:
+        started.append(haproxy := peers.haproxy(backend.port))
+        started.append(proxy := peers.wakeproxy(workdir, backend.port))
+        contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+        connections = 50
+
+        def measure(name: str, port: int) -> loadgen.WrkResult:
+            result = loadgen.run_wrk(loadgen.wrk_command(port, args.seconds, connections, churn))
+            progress(f"  {name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.3f} ms")
+            return result
+
+        results = alternate(contenders, args.rounds, measure)
+        note = (
+            f"wrk, 1 thread, {connections} connections, "
+            + ("`Connection: close` (a new connection per request)" if churn else "keep-alive")
+            + ", to nginx returning a 6-byte body."
+        )
+        command = shlex.join(loadgen.wrk_command(9999, args.seconds, connections, churn))
+        report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
+    finally:
+        for peer in reversed(started):
+            peer.stop()
+
+
+def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> None:
+    title = "3. Bulk throughput"
+    progress(f"{title}: starting iperf3, HAProxy, wakeproxy")
+    backend = peers.iperf3_server()
+    started = [backend]
+    try:
+        started.append(haproxy := peers.haproxy(backend.port))
+        started.append(proxy := peers.wakeproxy(workdir, backend.port))
+        contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+
+        def measure(name: str, port: int) -> float:
+            gbps = loadgen.run_iperf3(loadgen.iperf3_command(port, args.seconds))
+            progress(f"  {name}: {gbps:.2f} Gbit/s")
+            return gbps
+
+        results = alternate(contenders, args.rounds, measure)
+        med = {name: statistics.median(v) for name, v in results.items()}
+        rss = {"haproxy": haproxy.peak_rss_mib(), "wakeproxy": proxy.peak_rss_mib()}
+        rows = [
+            {
+                "contender": name,
+                "Gbit/s": fmt(value),
+                "x HAProxy": fmt(value / med["haproxy"]),
+                "peak RSS MiB": fmt(rss[name], 1) if name in rss else "-",
+            }
+            for name, value in med.items()
+        ]
+        report.table(
+            title,
+            "iperf3, one stream, client to server, through each contender (no splice).",
+            [shlex.join(loadgen.iperf3_command(9999, args.seconds)).replace("9999", "PORT")],
+            rows,
+        )
+    finally:
+        for peer in reversed(started):
+            peer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="1 round of 1 s each (proves it runs)")
+    size.add_argument("--full", action="store_true", help="5 rounds of 10 s each")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (5 if args.full else 1 if args.quick else 3)
+    args.seconds = args.seconds or (10.0 if args.full else 1.0 if args.quick else 5.0)
+    peers.ensure_tools()
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="wakeproxy-bench-") as tmp:
+        workdir = Path(tmp)
+        scenario_http(report, args, workdir, churn=False)
+        scenario_http(report, args, workdir, churn=True)
+        scenario_bulk(report, args, workdir)
+    report.write(args.out, args)
+    progress(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The processes a benchmark runs: backends, HAProxy, wakeproxy. Each in its own process,
+on 127.0.0.1, started and stopped by the harness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "iperf3": "iperf3"}
+
+
+def ensure_tools() -> None:
+    """Install Debian's packages for the peers that are missing (needs root)."""
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    print(f"bench: installing {' '.join(missing)} with apt-get", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", *missing], check=True, capture_output=True, env=env
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, name: str = "", within: float = 20
+) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {within}s")
+        time.sleep(0.05)
+
+
+class Peer:
+    """A started process; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_port(port, self.proc, name)
+
+    def peak_rss_mib(self, pid: int | None = None) -> float:
+        status = Path(f"/proc/{pid or self.proc.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def nginx(workdir: Path) -> Peer:
+    port = free_port()
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    conf = (
+        (HERE / "nginx.conf")
+        .read_text()
+        .replace("@DIR@", str(workdir))
+        .replace("@PORT@", str(port))
+    )
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    return Peer("nginx", ["nginx", "-c", str(path)], port)
+
+
+def iperf3_server() -> Peer:
+    port = free_port()
+    return Peer("iperf3", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], port)
+
+
+def haproxy(backend_port: int, mode: str = "tcp") -> Peer:
+    port = free_port()
+    cfg = HERE / f"haproxy-{mode}.cfg"
+    env = {"LISTEN_PORT": str(port), "BACKEND_PORT": str(backend_port)}
+    return Peer("haproxy", ["haproxy", "-db", "-f", str(cfg)], port, env)
+
+
+def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
+    """wakeproxy forwarding to a backend that is already up (sleep disabled).
+
+    The process runtime needs a command it owns; ``sleep`` stands in, since the
+    backend under test is shared with the other contenders and started by the harness.
+    """
+    port = free_port()
+    config = workdir / "wakeproxy.yaml"
+    config.write_text(
+        "services:\n"
+        "  bench:\n"
+        f"    listen: 127.0.0.1:{port}\n"
+        f"    backend: 127.0.0.1:{backend_port}\n"
+        '    command: ["sleep", "1000000"]\n'
+        "    auto_start: true\n"
+        "    readiness: {tcp: false}\n"
+        "    sleep_policy: {enabled: false}\n" + extra
+    )
+    argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
+    return Peer("wakeproxy", argv, port)
