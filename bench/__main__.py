@@ -57,7 +57,7 @@ class Report:
         header = [
             "# wakeproxy benchmark results",
             "",
-            f"Produced by `python -m bench {'--full' if args.full else '--quick'}` on "
+            f"Produced by `{shlex.join(['python', '-m', 'bench', *sys.argv[1:]])}` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
             "",
             f"- machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "

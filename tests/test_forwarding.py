@@ -236,3 +236,26 @@ async def test_slow_backend_upload_stays_bounded():
         await watcher
         await service.close()
         server.close()
+
+
+async def test_keepalive_on_both_sides_of_a_forwarded_connection():
+    import socket
+
+    server, port = await serve(echo)
+    service = await start_proxy(port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        writer.write(b"k")
+        assert await reader.readexactly(1) == b"k"
+        (conn,) = service.connections
+        assert conn.transport is not None and conn.upstream is not None
+        for transport in (conn.transport, conn.upstream):
+            sock = transport.get_extra_info("socket")
+            # The accepted socket inherits these from the listener (Linux).
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+        writer.close()
+    finally:
+        await service.close()
+        server.close()

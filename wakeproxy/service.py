@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import Address, ServiceConfig
 from .errors import OperationFailed, RuntimeFailure
-from .forward import ClientSide, UpstreamSide
+from .forward import ClientSide, UpstreamSide, set_keepalive
 from .lifecycle import (
     Action,
     Arrive,
@@ -157,6 +157,8 @@ class Service:
             backlog=self.cfg.backlog,
             reuse_address=True,
         )
+        for sock in self._server.sockets:
+            set_keepalive(sock)
         self._enter(self.state)
         if self.state is State.FAILED:
             self._arm_retry()
