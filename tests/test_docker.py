@@ -24,6 +24,7 @@ BODY = b"hello from busybox\n"
 
 
 def docker_config(port: int, backend: int, container: str, policy: str = "{idle_timeout: 1}"):
+    # busybox httpd listens with a backlog of 9: release at most 8 connects at once.
     return config_from(
         f"""
         services:
@@ -32,6 +33,7 @@ def docker_config(port: int, backend: int, container: str, policy: str = "{idle_
             backend: 127.0.0.1:{backend}
             container: {container}
             wake_timeout: 15
+            connect_concurrency: 8
             sleep_policy: {policy}
         """
     )

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 HOLD_LIMIT = 64 * 1024
+# A released connection holds its connect slot until the backend sends its first
+# byte, or for this long after the connect completed.
+SETTLE_AFTER = 0.1
 
 # TCP keepalive: a peer that vanished without a FIN/RST is found in about 2 minutes
 # (60 s idle, then 6 probes 10 s apart), so it cannot keep a backend awake for ever.
@@ -171,6 +174,11 @@ class ClientSide(asyncio.Protocol):
             upstream.write_eof()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+        if self._settle is not None:
+            # The slot's fallback clock starts once the connect completed: a connect
+            # stuck in SYN retries (the backend's accept queue is full) keeps its slot.
+            loop = asyncio.get_running_loop()
+            self._settle_handle = loop.call_later(SETTLE_AFTER, self.settle)
 
     def backend_eof(self) -> None:
         self._backend_eof = True
@@ -209,10 +217,9 @@ class ClientSide(asyncio.Protocol):
 
     # ---- timers
 
-    def arm_settle(self, callback: Callable[[], None], after: float) -> None:
+    def arm_settle(self, callback: Callable[[], None]) -> None:
+        """Hold a release slot until the backend answers (see ``connected``)."""
         self._settle = callback
-        loop = asyncio.get_running_loop()
-        self._settle_handle = loop.call_later(after, self.settle)
 
     def settle(self) -> None:
         """Give back the release slot (once): the backend answered, or it is time."""

@@ -47,10 +47,6 @@ from .runtimes.base import Runtime
 
 log = logging.getLogger("wakeproxy.service")
 
-# A released connection holds its connect slot until the backend sends its first
-# byte, or for this long: a just-woken backend with a shallow listen backlog
-# (busybox httpd: 9) is fed at the pace it accepts, not flooded into SYN retries.
-SETTLE_AFTER = 0.1
 # Bound on a pause call; a stop gets stop_timeout on top.
 SLEEP_OP_TIMEOUT = 30.0
 _BACKEND_ERROR_LOG_EVERY = 5.0
@@ -528,7 +524,10 @@ class Service:
             if conn.closed:
                 continue
             self._releasing += 1
-            conn.arm_settle(self._settled, SETTLE_AFTER)
+            # The slot is given back when the backend answers (forward.SETTLE_AFTER):
+            # a just-woken backend with a shallow listen backlog is fed at the pace it
+            # accepts, not flooded into SYN retries.
+            conn.arm_settle(self._settled)
             self._connect(conn)
 
     def _settled(self) -> None:
