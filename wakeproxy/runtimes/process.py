@@ -15,12 +15,22 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import BackendMissing, OperationFailed
 from ..lifecycle import State
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.process")
+_STOP_POLLS = 500  # of 1 ms each
+
+
+def _kernel_state(pid: int) -> str | None:
+    """The kernel's one-letter state of a process; procfs reads never block on disk."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 class ProcessRuntime(Runtime):
@@ -100,6 +110,19 @@ class ProcessRuntime(Runtime):
     async def pause(self) -> None:
         self._signal_group(signal.SIGSTOP)
         self._paused = True
+        assert self._proc is not None
+        await self._until_stopped(self._proc.pid)
+
+    @staticmethod
+    async def _until_stopped(pid: int) -> None:
+        # kill() returns before a process running on another core has stopped; report
+        # paused only once it is frozen (Linux /proc; elsewhere, trust the signal).
+        for _ in range(_STOP_POLLS):
+            state = _kernel_state(pid)
+            if state is None or state in ("T", "t"):
+                return
+            await asyncio.sleep(0.001)
+        log.warning("pid %d did not show as stopped %d ms after SIGSTOP", pid, _STOP_POLLS)
 
     async def unpause(self) -> None:
         self._signal_group(signal.SIGCONT)
