@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import wakeproxy
-from bench import loadgen, peers
+from bench import coldwake, loadgen, peers
 
 Row = dict[str, str]
 T = TypeVar("T")
@@ -182,6 +182,26 @@ def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> No
             peer.stop()
 
 
+def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
+    title = "5. Cold wake: N simultaneous first connections to a paused container"
+    missing = coldwake.available()
+    if missing is not None:
+        progress(f"{title}: skipped: {missing}")
+        report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+        return
+    sizes = [1, 10] if args.quick else [1, 10, 100, 1000]
+    progress(f"{title}: N = {sizes}, {args.rounds} round(s) each")
+    rows, commands = coldwake.run(sizes, args.rounds, workdir)
+    note = (
+        "Per round: the engine's own unpause (Engine API) timed; the same burst through HAProxy "
+        "to the running container; then the container paused and the burst sent through "
+        "wakeproxy. Medians over rounds (p50 over all cold connections). Targets: cold p50 "
+        "(N=1) <= engine unpause p50 + 3 ms; p99 (N=1000) <= HAProxy's p99 + 15 ms; one unpause "
+        "per burst; nothing failed."
+    )
+    report.table(title, note, commands, coldwake.table(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -200,6 +220,7 @@ def main() -> None:
         scenario_http(report, args, workdir, churn=False)
         scenario_http(report, args, workdir, churn=True)
         scenario_bulk(report, args, workdir)
+        scenario_cold_wake(report, args, workdir)
     report.write(args.out, args)
     progress(f"report written to {args.out}")
 

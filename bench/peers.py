@@ -131,3 +131,19 @@ def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
     )
     argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
     return Peer("wakeproxy", argv, port)
+
+
+def wakeproxy_container(workdir: Path, backend_port: int, container: str) -> Peer:
+    """wakeproxy in front of a container, with the docker runtime (cold-wake rows)."""
+    port = free_port()
+    config = workdir / "wakeproxy-cold.yaml"
+    config.write_text(
+        "services:\n"
+        "  cold:\n"
+        f"    listen: 127.0.0.1:{port}\n"
+        f"    backend: 127.0.0.1:{backend_port}\n"
+        f"    container: {container}\n"
+        "    sleep_policy: {idle_timeout: 3600}\n"
+    )
+    argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
+    return Peer("wakeproxy", argv, port)

@@ -33,7 +33,7 @@ def test_wake_bench_runs_and_prints_its_table(docker_engine):
 
 
 @pytest.mark.timeout(300)
-def test_harness_quick_run_writes_a_report(tmp_path):
+def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
@@ -50,3 +50,11 @@ def test_harness_quick_run_writes_a_report(tmp_path):
         assert report.count(f"| {contender} |") == 3
     assert report.count("| haproxy | ") == 3 and "| 1.00 |" in report
     assert "| 0 |" in report  # the error column of the HTTP rows
+    # The cold-wake row ran on the real engine: N=1 and N=10, one unpause per burst, none failed.
+    cold = report.split("## 5. Cold wake", 1)[1]
+    assert "Not run" not in cold
+    lines = [line for line in cold.splitlines() if line.startswith(("| 1 |", "| 10 |"))]
+    assert len(lines) == 2, cold
+    for line in lines:
+        cells = [c.strip() for c in line.split("|")]
+        assert cells[-3] == "1" and cells[-2] == "0", line  # unpause calls, failed
