@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -22,18 +21,14 @@ from pathlib import Path
 
 import uvloop
 
+from bench import coldwake
+from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.lifecycle import State
 from wakeproxy.runtimes.docker import DockerRuntime
 
 IMAGE = "wakeproxy-bench/busybox:1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def docker(*args: str) -> str:
@@ -54,14 +49,9 @@ def build_image() -> None:
 
 
 async def first_byte(port: int) -> float:
-    """Seconds from connect to the first response byte of one HTTP request."""
-    started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET / HTTP/1.0\r\n\r\n")
-    await reader.readexactly(1)
-    elapsed = time.perf_counter() - started
-    await reader.read(-1)
-    writer.close()
+    elapsed = await coldwake.first_byte(port)
+    if elapsed is None:
+        raise RuntimeError(f"no response through 127.0.0.1:{port}")
     return elapsed
 
 

@@ -55,6 +55,18 @@ def backend_command(port: int, mode: str = "http", *extra: str) -> str:
     return "[" + ", ".join(f'"{a}"' for a in args) + "]"
 
 
+def service_yaml(port: int, backend: int, *, name: str = "web", **settings: object) -> str:
+    """A config with one service on 127.0.0.1: listen, backend and the given keys."""
+    lines = [
+        "services:",
+        f"  {name}:",
+        f"    listen: 127.0.0.1:{port}",
+        f"    backend: 127.0.0.1:{backend}",
+        *(f"    {key}: {value}" for key, value in settings.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def config_from(text: str) -> Config:
     return parse_yaml(textwrap.dedent(text), "test.yaml")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends.server import payload
-from tests.conftest import backend_command, free_port, port_answers
+from tests.conftest import backend_command, free_port, port_answers, service_yaml
 
 WAKEPROXY = [sys.executable, "-m", "wakeproxy"]
 
@@ -88,14 +88,12 @@ def test_sigterm_shuts_down_cleanly_and_ends_the_commands(tmp_path):
     port, backend = free_port(), free_port()
     config = write(
         tmp_path,
-        f"""
-        services:
-          web:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            command: {backend_command(backend, "http")}
-            sleep_policy: {{idle_timeout: 0.3}}
-        """,
+        service_yaml(
+            port,
+            backend,
+            command=backend_command(backend, "http"),
+            sleep_policy="{idle_timeout: 0.3}",
+        ),
     )
     proxy = start_proxy(config, port)
     try:
@@ -143,16 +141,10 @@ def peak_rss_mib(pid: int) -> float:
 def test_256_mib_to_a_slow_reader_is_identical_and_memory_stays_low(tmp_path):
     size, seed = 256 * 1024 * 1024, 7
     port, backend = free_port(), free_port()
+    command = backend_command(backend, "source", "--size", str(size), "--seed", str(seed))
     config = write(
         tmp_path,
-        f"""
-        services:
-          bulk:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            command: {backend_command(backend, "source", "--size", str(size), "--seed", str(seed))}
-            sleep_policy: {{enabled: false}}
-        """,
+        service_yaml(port, backend, name="bulk", command=command, sleep_policy="{enabled: false}"),
     )
     expected = hashlib.sha256()
     for block in payload(seed, size):
@@ -179,16 +171,7 @@ def test_256_mib_to_a_slow_reader_is_identical_and_memory_stays_low(tmp_path):
 
 def test_json_logs_carry_the_state_change_fields(tmp_path):
     port, backend = free_port(), free_port()
-    config = write(
-        tmp_path,
-        f"""
-        services:
-          web:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            command: {backend_command(backend, "http")}
-        """,
-    )
+    config = write(tmp_path, service_yaml(port, backend, command=backend_command(backend, "http")))
     proxy = start_proxy(config, port, "--log-format", "json")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

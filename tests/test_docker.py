@@ -15,6 +15,7 @@ from tests.conftest import (
     free_port,
     http_get,
     running,
+    service_yaml,
     wait_until,
 )
 from wakeproxy.lifecycle import State
@@ -26,16 +27,14 @@ BODY = b"hello from busybox\n"
 def docker_config(port: int, backend: int, container: str, policy: str = "{idle_timeout: 1}"):
     # busybox httpd listens with a backlog of 9: release at most 8 connects at once.
     return config_from(
-        f"""
-        services:
-          web:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            container: {container}
-            wake_timeout: 15
-            connect_concurrency: 8
-            sleep_policy: {policy}
-        """
+        service_yaml(
+            port,
+            backend,
+            container=container,
+            wake_timeout=15,
+            connect_concurrency=8,
+            sleep_policy=policy,
+        )
     )
 
 

@@ -15,6 +15,7 @@ from tests.conftest import (
     http_get,
     proc_state,
     running,
+    service_yaml,
     wait_until,
 )
 from wakeproxy.lifecycle import State
@@ -25,16 +26,14 @@ pytestmark = pytest.mark.asyncio
 
 def process_config(port: int, backend: int, command: str, policy: str = "{idle_timeout: 0.5}"):
     return config_from(
-        f"""
-        services:
-          web:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            command: {command}
-            readiness: {{http: /}}
-            wake_timeout: 15
-            sleep_policy: {policy}
-        """
+        service_yaml(
+            port,
+            backend,
+            command=command,
+            readiness="{http: /}",
+            wake_timeout=15,
+            sleep_policy=policy,
+        )
     )
 
 
@@ -126,15 +125,13 @@ async def test_stop_action_ends_the_command_and_start_brings_it_back():
 async def test_auto_start_wakes_at_proxy_start():
     port, backend = free_port(), free_port()
     config = config_from(
-        f"""
-        services:
-          web:
-            listen: 127.0.0.1:{port}
-            backend: 127.0.0.1:{backend}
-            command: {backend_command(backend, "http")}
-            auto_start: true
-            sleep_policy: {{enabled: false}}
-        """
+        service_yaml(
+            port,
+            backend,
+            command=backend_command(backend, "http"),
+            auto_start="true",
+            sleep_policy="{enabled: false}",
+        )
     )
     async with running(config) as proxy:
         service = proxy.services["web"]
