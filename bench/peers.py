@@ -29,10 +29,19 @@ def ensure_tools() -> None:
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, never one handed out before in this process: binding port 0
+    twice in a row can return the same port, and one config often needs several."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(
@@ -120,6 +129,7 @@ def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
     port = free_port()
     config = workdir / "wakeproxy.yaml"
     config.write_text(
+        f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         "services:\n"
         "  bench:\n"
         f"    listen: 127.0.0.1:{port}\n"
@@ -138,6 +148,7 @@ def wakeproxy_container(workdir: Path, backend_port: int, container: str) -> Pee
     port = free_port()
     config = workdir / "wakeproxy-cold.yaml"
     config.write_text(
+        f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         "services:\n"
         "  cold:\n"
         f"    listen: 127.0.0.1:{port}\n"

@@ -61,6 +61,7 @@ async def measure(rounds: int) -> dict[str, list[float]]:
     docker("run", "-d", "--network", "host", "--name", name, IMAGE,
            "httpd", "-f", "-p", f"127.0.0.1:{backend}", "-h", "/www")  # fmt: skip
     config = parse_yaml(
+        f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         f"services:\n  web:\n    listen: 127.0.0.1:{port}\n    backend: 127.0.0.1:{backend}\n"
         f"    container: {name}\n    sleep_policy: {{enabled: false}}\n",
         "bench",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ import pytest
 import uvloop
 
 from wakeproxy.app import Proxy
-from wakeproxy.config import Config, parse_yaml
+from wakeproxy.config import Address, AdminConfig, Config, parse_yaml
 
 BACKEND = str(Path(__file__).parent / "backends" / "server.py")
 PYTHON = sys.executable
@@ -43,10 +44,19 @@ def pytest_asyncio_loop_factories(config, item):
     return factories
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, never one handed out before in this process: binding port 0
+    twice in a row can return the same port, and one config often needs several."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def backend_command(port: int, mode: str = "http", *extra: str) -> str:
@@ -58,6 +68,8 @@ def backend_command(port: int, mode: str = "http", *extra: str) -> str:
 def service_yaml(port: int, backend: int, *, name: str = "web", **settings: object) -> str:
     """A config with one service on 127.0.0.1: listen, backend and the given keys."""
     lines = [
+        "admin:",
+        f"  listen: 127.0.0.1:{free_port()}",
         "services:",
         f"  {name}:",
         f"    listen: 127.0.0.1:{port}",
@@ -73,6 +85,10 @@ def config_from(text: str) -> Config:
 
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[Proxy]:
+    if config.admin == AdminConfig():
+        # Not the default port 9000: a developer's own proxy may be using it.
+        admin = dataclasses.replace(config.admin, listen=Address("127.0.0.1", free_port()))
+        config = dataclasses.replace(config, admin=admin)
     proxy = Proxy(config)
     await proxy.start()
     try:

@@ -13,6 +13,7 @@ import os
 import resource
 from pathlib import Path
 
+from .admin import AdminServer
 from .config import Config, ServiceConfig
 from .errors import EngineUnavailable, WakeproxyError
 from .lifecycle import State
@@ -46,10 +47,13 @@ class Proxy:
         self.config = config
         self.services: dict[str, Service] = {}
         self.engine: DockerEngine | None = None
+        self.admin: AdminServer | None = None
 
     async def start(self) -> None:
         limit = raise_open_file_limit()
         log.debug("open-file limit: %d", limit)
+        # Checked before anything listens: a public admin address needs a token.
+        admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())
         engine_error: str | None = None
         if any(cfg.runtime == "docker" for cfg in configs):
@@ -77,6 +81,14 @@ class Proxy:
                     raise ListenError(
                         f"service {cfg.name}: cannot listen on {cfg.listen}: {why}"
                     ) from None
+            try:
+                await admin.start()
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(
+                    f"admin API: cannot listen on {self.config.admin.listen}: {why}"
+                ) from None
+            self.admin = admin
         except BaseException:
             await self.close()
             raise
@@ -108,6 +120,9 @@ class Proxy:
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
         for service in self.services.values():
             await service.close()
         for service in self.services.values():

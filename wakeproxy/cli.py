@@ -78,6 +78,10 @@ async def _serve(config: Config) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        return EXIT_CONFIG
     log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
     try:
         await stop.wait()

@@ -136,6 +136,10 @@ class ServiceConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address = Address("127.0.0.1", 9000)
+    # A file holding the bearer token for POST/PUT (WAKEPROXY_ADMIN_TOKEN wins over it).
+    token_file: str | None = None
+    # Also require the token for GET (metrics scrapers then need it too).
+    protect_reads: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +409,11 @@ _SERVICE_FIELDS: dict[str, Check] = {
     "resources": _nested,
 }
 
-_ADMIN_FIELDS: dict[str, Check] = {"listen": _address}
+_ADMIN_FIELDS: dict[str, Check] = {
+    "listen": _address,
+    "token_file": _text,
+    "protect_reads": _bool,
+}
 _LOG_FIELDS: dict[str, Check] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("text", "json"),

@@ -34,3 +34,11 @@ class BackendMissing(RuntimeFailure):
 
 class OperationFailed(RuntimeFailure):
     """The engine answered but refused or failed the operation."""
+
+
+class ServiceBusy(WakeproxyError):
+    """The service cannot do that now (open connections, an operation in flight)."""
+
+
+class WakeTimeout(RuntimeFailure):
+    """The backend was not ready within the service's wake_timeout."""

@@ -71,6 +71,14 @@ class StopDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class SleepRequested:
+    """Sleep now for a reason other than idleness (the API, shutdown)."""
+
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SleepSucceeded:
     pass
 
@@ -101,6 +109,7 @@ Event = (
     | WakeFailed
     | IdleDeadline
     | StopDeadline
+    | SleepRequested
     | SleepSucceeded
     | SleepFailed
     | Observed
@@ -204,6 +213,8 @@ class Lifecycle:
                 if self.state is State.PAUSED:
                     return self._sleep("paused for stop_after", "stop", now)
                 return ()
+            case SleepRequested(action, reason):
+                return self._sleep(reason, action, now)
             case SleepSucceeded():
                 return self._sleep_succeeded(now)
             case SleepFailed(reason):
@@ -214,10 +225,6 @@ class Lifecycle:
                 # Only a service still failed is re-inspected; anything else already moved on.
                 return (Action.REFRESH,) if self.state is State.FAILED else ()
         raise TypeError(f"not a lifecycle event: {event!r}")
-
-    def sleep(self, action: str, reason: str, now: float) -> Step:
-        """Put the backend to sleep for a reason other than idleness (API, shutdown)."""
-        return self._sleep(reason, action, now)
 
     # ---- transitions
 

@@ -13,6 +13,7 @@ Idle CPU is nothing however many services there are.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Address, ServiceConfig
-from .errors import OperationFailed, RuntimeFailure
+from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
 from .forward import ClientSide, UpstreamSide, set_keepalive
 from .lifecycle import (
     Action,
@@ -34,6 +35,7 @@ from .lifecycle import (
     Reject,
     RetryDue,
     SleepFailed,
+    SleepRequested,
     SleepSucceeded,
     State,
     Step,
@@ -50,6 +52,26 @@ log = logging.getLogger("wakeproxy.service")
 # Bound on a pause call; a stop gets stop_timeout on top.
 SLEEP_OP_TIMEOUT = 30.0
 _BACKEND_ERROR_LOG_EVERY = 5.0
+# Upper bounds of the wake-latency histogram, fine enough to see 5-200 ms.
+WAKE_BUCKETS = (
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+_ASLEEP = (State.PAUSED, State.STOPPED)
 
 
 @dataclass(slots=True)
@@ -67,6 +89,10 @@ class ServiceStats:
     bytes_up: int = 0
     bytes_down: int = 0
     accepted: int = 0
+    # Wake latency: counts per WAKE_BUCKETS slot (the last one is +Inf) and their sum.
+    wake_buckets: list[int] = field(default_factory=lambda: [0] * (len(WAKE_BUCKETS) + 1))
+    wake_sum: float = 0.0
+    asleep_total: float = 0.0  # seconds spent paused or stopped, up to the last wake
 
 
 class Service:
@@ -101,6 +127,8 @@ class Service:
         self._release_queue: collections.deque[ClientSide] = collections.deque()
         self._releasing = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._sleep_waiters: list[asyncio.Future[None]] = []
+        self._asleep_since: float | None = None
         self._wake_started: float | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._stop_handle: asyncio.TimerHandle | None = None
@@ -126,6 +154,12 @@ class Service:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    def asleep_seconds(self) -> float:
+        """Seconds this service's backend spent paused or stopped since the proxy started."""
+        since = self._asleep_since
+        current = self.loop.time() - since if since is not None else 0.0
+        return self.stats.asleep_total + current
 
     def sleeps_in(self) -> float | None:
         """Seconds until the idle deadline, or None when no sleep is due."""
@@ -194,10 +228,11 @@ class Service:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for waiter in self._waiters:
+        for waiter in (*self._waiters, *self._sleep_waiters):
             if not waiter.done():
                 waiter.set_exception(OperationFailed("the proxy is shutting down"))
         self._waiters.clear()
+        self._sleep_waiters.clear()
 
     # ---- connections (called by ClientSide)
 
@@ -245,6 +280,23 @@ class Service:
         self._waiters.append(waiter)
         # Resolved by the release after the wake, or failed with its reason.
         self._feed(WakeRequested())
+        await waiter
+
+    async def sleep(self, action: str, reason: str, *, force: bool = False) -> None:
+        """Apply ``action`` (pause or stop) now; refuse while connections are open
+        unless ``force``. Returns once the operation finished (the state says how)."""
+        if self.open and not force:
+            raise ServiceBusy(f"{self.open} connection(s) open; add ?force=true to {action} anyway")
+        state = self.state
+        if state in (State.WAKING, State.PAUSING, State.STOPPING):
+            raise ServiceBusy(f"the service is {state.value}; try again when it settles")
+        if state is State.FAILED:
+            raise ServiceBusy(f"the service is failed: {self.lifecycle.reason}")
+        if state is State.STOPPED or (state is State.PAUSED and action == "pause"):
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._sleep_waiters.append(waiter)
+        self._feed(SleepRequested(action, reason))
         await waiter
 
     # ---- the machine
@@ -307,6 +359,9 @@ class Service:
         self._feed(RetryDue())
 
     def _leave(self, state: State) -> None:
+        if state in _ASLEEP and self._asleep_since is not None:
+            self.stats.asleep_total += self.loop.time() - self._asleep_since
+            self._asleep_since = None
         if state is State.RUNNING and self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -315,6 +370,8 @@ class Service:
             self._stop_handle = None
 
     def _enter(self, state: State) -> None:
+        if state in _ASLEEP:
+            self._asleep_since = self.loop.time()
         if state is State.RUNNING:
             self.last_activity = self.loop.time()
             self._arm_idle()
@@ -330,9 +387,10 @@ class Service:
             for item in held:
                 self.stats.connections[action.outcome] += 1
                 item.reject()
+            failure = WakeTimeout if action.outcome == "wake_timeout" else OperationFailed
             for waiter in self._waiters:
                 if not waiter.done():
-                    waiter.set_exception(OperationFailed(action.reason))
+                    waiter.set_exception(failure(action.reason))
             self._waiters.clear()
             if held:
                 log.warning(
@@ -418,6 +476,8 @@ class Service:
             self.stats.wakes["ok"] += 1
             self.stats.last_wake_s = elapsed
             self.stats.wake_seconds.append(elapsed)
+            self.stats.wake_buckets[bisect.bisect_left(WAKE_BUCKETS, elapsed)] += 1
+            self.stats.wake_sum += elapsed
             log.info(
                 "%s: awake after %.1f ms (%d held)",
                 self.name,
@@ -475,6 +535,14 @@ class Service:
         else:
             event = SleepSucceeded()
             self.stats.sleeps[(action.value, reason)] += 1
+        waiters, self._sleep_waiters = self._sleep_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if isinstance(event, SleepFailed):
+                waiter.set_exception(OperationFailed(event.reason))
+            else:
+                waiter.set_result(None)
         if isinstance(event, SleepFailed):
             log.warning(
                 "%s: %s failed: %s",

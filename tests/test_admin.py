@@ -1,0 +1,228 @@
+"""The management API over real HTTP on loopback, with the process runtime behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import (
+    backend_command,
+    config_from,
+    free_port,
+    http_get,
+    running,
+    service_yaml,
+    wait_until,
+)
+from wakeproxy import admin
+from wakeproxy.errors import ConfigError
+from wakeproxy.lifecycle import State
+
+pytestmark = pytest.mark.asyncio
+
+
+async def call(
+    proxy, method: str, path: str, *, token: str | None = None, raw: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to the admin API; returns status, headers and body."""
+    listen = proxy.config.admin.listen
+    reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    try:
+        if raw is None:
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            raw = f"{method} {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n".encode()
+        writer.write(raw)
+        async with asyncio.timeout(20):
+            response = await reader.read(-1)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def web(**settings):
+    port, backend = free_port(), free_port()
+    settings.setdefault("command", backend_command(backend, "http"))
+    settings.setdefault("readiness", "{http: /}")
+    settings.setdefault("sleep_policy", "{idle_timeout: 60}")
+    return port, config_from(service_yaml(port, backend, **settings))
+
+
+async def test_health_status_and_service_health():
+    port, config = web()
+    async with running(config) as proxy:
+        status, headers, body = await call(proxy, "GET", "/health")
+        assert (status, headers["content-type"], body) == (
+            200,
+            "application/json",
+            b'{"status":"ok"}',
+        )
+        status, _, body = await call(proxy, "HEAD", "/health")
+        assert status == 200 and body == b""
+        _, _, body = await call(proxy, "GET", "/services")
+        (entry,) = orjson.loads(body)["services"]
+        assert (
+            entry["name"] == "web" and entry["state"] == "stopped" and entry["runtime"] == "process"
+        )
+        assert entry["wakes"] == 0 and entry["last_wake_ms"] is None and entry["held"] == 0
+        again = orjson.loads((await call(proxy, "GET", "/services/status"))[2])["services"][0]
+        assert {**again, "last_activity": None} == {**entry, "last_activity": None}
+        _, _, body = await call(proxy, "GET", "/services/health")
+        assert orjson.loads(body)["services"][0]["health"] == "asleep"
+
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        _, _, body = await call(proxy, "GET", "/services")
+        entry = orjson.loads(body)["services"][0]
+        assert entry["state"] == "running" and entry["wakes"] == 1 and entry["last_wake_ms"] > 0
+        assert 0 < entry["sleeps_in_s"] <= 60
+        _, _, body = await call(proxy, "GET", "/services/health")
+        assert orjson.loads(body)["services"][0]["health"] == "reachable"
+
+
+async def test_actions_change_state_and_refuse_with_open_connections():
+    port, config = web()
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        status, _, body = await call(proxy, "POST", "/services/web/wake")
+        assert (status, orjson.loads(body)) == (200, {"name": "web", "state": "running"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        await reader.readuntil(b"backend\n")
+        status, _, body = await call(proxy, "POST", "/services/web/sleep")
+        assert status == 409 and "1 connection(s) open" in orjson.loads(body)["error"]
+        status, _, body = await call(proxy, "POST", "/services/web/sleep?force=true")
+        assert (status, orjson.loads(body)["state"]) == (200, "paused")
+        # A FIN would leave the connection half-closed, waiting for the frozen backend's
+        # reply (half-close passes through): reset it instead.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+        await wait_until(lambda: service.open == 0, within=5)
+        status, _, body = await call(proxy, "POST", "/services/web/stop")
+        assert (status, orjson.loads(body)["state"]) == (200, "stopped")
+        # Put to sleep by the API, it still wakes on its next connection.
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        status, _, body = await call(proxy, "POST", "/services/sleep-all")
+        assert orjson.loads(body) == {"services": [{"name": "web", "state": "paused"}]}
+        status, _, body = await call(proxy, "POST", "/services/wake-all")
+        assert orjson.loads(body) == {"services": [{"name": "web", "state": "running"}]}
+        assert (
+            service.stats.sleeps[("pause", "api")] == 2
+            and service.stats.sleeps[("stop", "api")] == 1
+        )
+
+
+async def test_wake_timeout_is_504():
+    _, config = web(command='["sleep", "30"]', readiness="{tcp: true}", wake_timeout=0.5)
+    async with running(config) as proxy:
+        status, _, body = await call(proxy, "POST", "/services/web/start")
+        assert status == 504
+        assert orjson.loads(body)["error"] == "not ready within wake_timeout (0.5s)"
+        assert proxy.services["web"].state is State.FAILED
+
+
+async def test_errors_404_405():
+    _, config = web()
+    async with running(config) as proxy:
+        status, _, body = await call(proxy, "POST", "/services/nope/wake")
+        assert (status, orjson.loads(body)) == (404, {"error": "no such service: nope"})
+        status, _, body = await call(proxy, "GET", "/nowhere")
+        assert status == 404 and orjson.loads(body)["error"] == "no such endpoint: /nowhere"
+        status, headers, _ = await call(proxy, "GET", "/services/web/wake")
+        assert status == 405 and headers["allow"] == "POST"
+        status, headers, _ = await call(proxy, "DELETE", "/health")
+        assert status == 405 and headers["allow"] == "GET"
+
+
+async def test_token_guards_writes_and_optionally_reads(monkeypatch):
+    monkeypatch.setenv("WAKEPROXY_ADMIN_TOKEN", "  s3cret\n")
+    _, config = web()
+    async with running(config) as proxy:
+        assert (await call(proxy, "GET", "/services"))[0] == 200
+        status, headers, _ = await call(proxy, "POST", "/services/web/wake")
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+        assert (await call(proxy, "POST", "/services/web/wake", token="wrong"))[0] == 401
+        assert (await call(proxy, "POST", "/services/web/wake", token="s3cret"))[0] == 200
+    port, backend = free_port(), free_port()
+    text = service_yaml(port, backend, command='["sleep", "30"]').replace(
+        "admin:\n", "admin:\n  protect_reads: true\n"
+    )
+    async with running(config_from(text)) as proxy:
+        assert (await call(proxy, "GET", "/metrics"))[0] == 401
+        assert (await call(proxy, "GET", "/metrics", token="s3cret"))[0] == 200
+
+
+async def test_public_admin_address_without_token_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("WAKEPROXY_ADMIN_TOKEN", raising=False)
+    port, backend = free_port(), free_port()
+    text = service_yaml(port, backend, command='["sleep", "30"]')
+    public = text.replace("  listen: 127.0.0.1:", "  listen: 0.0.0.0:", 1)
+    with pytest.raises(ConfigError) as info:
+        async with running(config_from(public)):
+            pass
+    assert "is not a loopback address and no admin token is set" in str(info.value)
+    # The same with a token file starts (and never binds until then).
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    with_file = text.replace("admin:\n", f"admin:\n  token_file: {token}\n")
+    async with running(config_from(with_file)) as proxy:
+        status, _, body = await call(proxy, "POST", "/services/web/sleep", token="t0ken")
+        assert (status, orjson.loads(body)["state"]) == (200, "stopped")
+        assert (await call(proxy, "POST", "/services/web/sleep", token="nope"))[0] == 401
+
+
+async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
+    monkeypatch.setattr(admin, "HEAD_TIMEOUT", 0.3)
+    port, config = web()
+    async with running(config) as proxy:
+        status, _, body = await call(proxy, "GET", "", raw=b"NOT HTTP AT ALL\r\n\r\n")
+        assert status == 400 and b"malformed request" in body
+        flood = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+        status, _, body = await call(proxy, "GET", "", raw=flood)
+        assert status == 431 and b"16 KiB" in body
+        status, _, body = await call(proxy, "GET", "", raw=b"GET /health HTTP/1.1\r\nHo")
+        assert status == 408
+        assert (await call(proxy, "GET", "/health"))[0] == 200
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+
+
+async def test_metrics_match_what_happened():
+    port, config = web()
+    async with running(config) as proxy:
+        await asyncio.sleep(0.05)  # stopped for a measurable time first
+        assert (await http_get(port)).endswith(b"backend\n")  # one cold request: one wake
+        await wait_until(lambda: proxy.services["web"].open == 0, within=5)
+        status, headers, body = await call(proxy, "GET", "/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"service": "web", **labels}.items())))]
+
+    assert value("wakeproxy_wakes_total", result="ok") == 1
+    assert value("wakeproxy_wakes_total", result="timeout") == 0
+    assert value("wakeproxy_wake_seconds_count") == 1
+    assert 0 < value("wakeproxy_wake_seconds_sum") < 15
+    assert value("wakeproxy_wake_seconds_bucket", le="+Inf") == 1
+    assert value("wakeproxy_service_state", state="running") == 1
+    assert value("wakeproxy_service_state", state="paused") == 0
+    assert value("wakeproxy_connections_total", outcome="forwarded") == 1
+    assert value("wakeproxy_connections_total", outcome="rejected_overflow") == 0
+    assert value("wakeproxy_connections_active") == 0 and value("wakeproxy_connections_held") == 0
+    assert value("wakeproxy_bytes_total", direction="client_to_backend") > 30
+    assert value("wakeproxy_bytes_total", direction="backend_to_client") > 30
+    assert value("wakeproxy_asleep_seconds_total") > 0  # stopped until the request
+    build = [k for k in samples if k[0] == "wakeproxy_build_info"]
+    assert len(build) == 1 and ("version", "0.1.0") in build[0][1]
+    assert not any(k[0] == "wakeproxy_engine_up" for k in samples)  # no docker service

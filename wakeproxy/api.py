@@ -1,0 +1,197 @@
+"""The management API's routes: a request in, a response out, no sockets.
+
+``admin.py`` does the HTTP; this module decides. Only configured services can be
+controlled: every route names a service from the config, never a container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import metrics
+from .errors import RuntimeFailure, ServiceBusy, WakeTimeout
+from .lifecycle import State
+
+if TYPE_CHECKING:
+    from .app import Proxy
+    from .service import Service
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+def json_response(status: int, payload: Any) -> Response:
+    return Response(status, orjson.dumps(payload))
+
+
+def error(status: int, message: str, **extra: Any) -> Response:
+    return json_response(status, {"error": message, **extra})
+
+
+_ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake)$")
+_ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
+_READS = {"/health", "/services", "/services/status", "/services/health", "/metrics"}
+
+
+class Api:
+    def __init__(self, proxy: Proxy, *, token: str | None, protect_reads: bool) -> None:
+        self.proxy = proxy
+        self.token = token
+        self.protect_reads = protect_reads
+
+    async def handle(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        if path in _READS:
+            allowed = "GET"
+        elif _ACTION.match(path) or _ALL.match(path):
+            allowed = "POST"
+        else:
+            return error(404, f"no such endpoint: {path}")
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            return Response(
+                405,
+                orjson.dumps({"error": f"{method} is not allowed on {path}; use {allowed}"}),
+                headers=(("Allow", allowed),),
+            )
+        needs_token = allowed != "GET" or self.protect_reads
+        if needs_token and self.token is not None and not self._authorized(headers):
+            return Response(
+                401,
+                orjson.dumps({"error": "missing or wrong bearer token"}),
+                headers=(("WWW-Authenticate", 'Bearer realm="wakeproxy"'),),
+            )
+        force = query.get("force", "false").lower() in ("1", "true", "yes")
+        if match := _ACTION.match(path):
+            return await self._act(match.group(1), match.group(2), force)
+        if match := _ALL.match(path):
+            return await self._act_all(match.group(1), force)
+        return await self._read(path)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        assert self.token is not None
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        # Constant time: the comparison leaks nothing about how much of the token matched.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        )
+
+    async def _read(self, path: str) -> Response:
+        if path == "/health":
+            return json_response(200, {"status": "ok"})
+        if path == "/metrics":
+            return Response(200, metrics.render(self.proxy), metrics.CONTENT_TYPE)
+        services = list(self.proxy.services.values())
+        if path == "/services/health":
+            checks = await asyncio.gather(*(backend_health(s) for s in services))
+            return json_response(200, {"services": checks})
+        return json_response(200, {"services": [service_status(s) for s in services]})
+
+    async def _act(self, name: str, action: str, force: bool) -> Response:
+        service = self.proxy.services.get(name)
+        if service is None:
+            return error(404, f"no such service: {name}")
+        try:
+            await _ACTIONS[action](service, force)
+        except ServiceBusy as exc:
+            return error(409, str(exc), name=name, state=service.state.value)
+        except WakeTimeout as exc:
+            return error(504, str(exc), name=name, state=service.state.value)
+        except RuntimeFailure as exc:
+            return error(502, str(exc), name=name, state=service.state.value)
+        return json_response(200, {"name": name, "state": service.state.value})
+
+    async def _act_all(self, which: str, force: bool) -> Response:
+        services = list(self.proxy.services.values())
+        if which == "sleep-all":
+            # Only services whose policy lets them sleep (not priority high, not disabled).
+            services = [s for s in services if s.cfg.sleep_policy.sleeps]
+        action = "sleep" if which == "sleep-all" else "wake"
+
+        async def one(service: Service) -> dict[str, Any]:
+            result: dict[str, Any] = {"name": service.name}
+            try:
+                await _ACTIONS[action](service, force)
+            except (ServiceBusy, RuntimeFailure) as exc:
+                result["error"] = str(exc)
+            result["state"] = service.state.value
+            return result
+
+        results = await asyncio.gather(*(one(s) for s in services))
+        return json_response(200, {"services": results})
+
+
+async def _wake(service: Service, force: bool) -> None:
+    await service.wake()
+
+
+async def _sleep(service: Service, force: bool) -> None:
+    await service.sleep(service.cfg.sleep_policy.action, "api", force=force)
+
+
+async def _stop(service: Service, force: bool) -> None:
+    await service.sleep("stop", "api", force=force)
+
+
+_ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
+    "wake": _wake,
+    "start": _wake,
+    "sleep": _sleep,
+    "stop": _stop,
+}
+
+
+def service_status(service: Service) -> dict[str, Any]:
+    loop_now = service.loop.time()
+    sleeps_in = service.sleeps_in()
+    last_wake = service.stats.last_wake_s
+    return {
+        "name": service.name,
+        "state": service.state.value,
+        "reason": service.lifecycle.reason,
+        "runtime": service.runtime.kind,
+        "backend": str(service.backend) if service.backend is not None else None,
+        "listen": str(service.cfg.listen),
+        "open": service.open - service.held,
+        "held": service.held,
+        "last_activity": round(time.time() - (loop_now - service.last_activity), 3),
+        "sleeps_in_s": round(sleeps_in, 3) if sleeps_in is not None else None,
+        "wakes": service.stats.wakes["ok"],
+        "last_wake_ms": round(last_wake * 1000, 3) if last_wake is not None else None,
+    }
+
+
+async def backend_health(service: Service) -> dict[str, Any]:
+    """Whether the backend is reachable, asleep and wakeable, or failed, and why."""
+    state = service.state
+    result: dict[str, Any] = {"name": service.name, "state": state.value}
+    if state is State.FAILED:
+        return {**result, "health": "failed", "why": service.lifecycle.reason}
+    if state in (State.PAUSED, State.STOPPED):
+        return {**result, "health": "asleep", "why": f"{state.value}; wakes on the next connection"}
+    if state is not State.RUNNING or service.backend is None:
+        return {**result, "health": "changing", "why": service.lifecycle.reason}
+    backend = service.backend
+    try:
+        async with asyncio.timeout(min(service.cfg.connect_timeout, 2.0)):
+            _, writer = await asyncio.open_connection(backend.host, backend.port)
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        why = "connect timed out" if isinstance(exc, TimeoutError) else str(exc)
+        return {**result, "health": "unreachable", "why": f"{backend}: {why}"}
+    return {**result, "health": "reachable", "why": f"{backend} accepts connections"}

@@ -1,0 +1,131 @@
+"""Prometheus metrics, read from the services' plain counters at scrape time.
+
+The hot path only adds integers (per connection, per chunk); this collector turns
+them into metric families when ``/metrics`` is scraped, so metrics cost nothing
+between scrapes. Label values are service names and fixed words, never client
+addresses. A removed service's series disappear with it.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .lifecycle import State
+from .service import WAKE_BUCKETS
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+OUTCOMES = ("forwarded", "rejected_overflow", "wake_timeout", "backend_error", "idle_timeout")
+WAKE_RESULTS = ("ok", "failed", "timeout")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ProxyCollector(Collector):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        services = list(self.proxy.services.values())
+        wake = HistogramMetricFamily(
+            "wakeproxy_wake_seconds",
+            "Time from the first held connection (or wake request) to the backend being ready.",
+            labels=["service"],
+        )
+        wakes = CounterMetricFamily(
+            "wakeproxy_wakes",
+            "Wakes by result (ok, failed, timeout).",
+            labels=["service", "result"],
+        )
+        sleeps = CounterMetricFamily(
+            "wakeproxy_sleeps",
+            "Sleeps by action (pause, stop) and reason (idle, api, stop_after, external).",
+            labels=["service", "action", "reason"],
+        )
+        state = GaugeMetricFamily(
+            "wakeproxy_service_state",
+            "1 for the service's current state.",
+            labels=["service", "state"],
+        )
+        active = GaugeMetricFamily(
+            "wakeproxy_connections_active", "Connections being forwarded.", labels=["service"]
+        )
+        held = GaugeMetricFamily(
+            "wakeproxy_connections_held",
+            "Connections held while the backend wakes.",
+            labels=["service"],
+        )
+        connections = CounterMetricFamily(
+            "wakeproxy_connections", "Connections by outcome.", labels=["service", "outcome"]
+        )
+        byte_count = CounterMetricFamily(
+            "wakeproxy_bytes",
+            "Bytes forwarded (client_to_backend, backend_to_client).",
+            labels=["service", "direction"],
+        )
+        asleep = CounterMetricFamily(
+            "wakeproxy_asleep_seconds",
+            "Seconds the backend spent paused or stopped.",
+            labels=["service"],
+        )
+        for service in services:
+            stats = service.stats
+            cumulative, buckets = 0, []
+            for bound, count in zip((*WAKE_BUCKETS, math.inf), stats.wake_buckets, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            wake.add_metric([service.name], buckets, sum_value=stats.wake_sum)
+            for result in WAKE_RESULTS:
+                wakes.add_metric([service.name, result], stats.wakes[result])
+            for (action, reason), count in stats.sleeps.items():
+                sleeps.add_metric([service.name, action, _sleep_reason(reason)], count)
+            for each in State:
+                state.add_metric([service.name, each.value], 1.0 if service.state is each else 0.0)
+            active.add_metric([service.name], service.open - service.held)
+            held.add_metric([service.name], service.held)
+            for outcome in (*OUTCOMES, *(o for o in stats.connections if o not in OUTCOMES)):
+                connections.add_metric([service.name, outcome], stats.connections[outcome])
+            up = stats.bytes_up + sum(c.bytes_up for c in service.connections)
+            down = stats.bytes_down + sum(c.bytes_down for c in service.connections)
+            byte_count.add_metric([service.name, "client_to_backend"], up)
+            byte_count.add_metric([service.name, "backend_to_client"], down)
+            asleep.add_metric([service.name], service.asleep_seconds())
+        yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
+        info = GaugeMetricFamily(
+            "wakeproxy_build_info", "The running version.", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        engine = self.proxy.engine
+        if engine is not None:
+            yield GaugeMetricFamily(
+                "wakeproxy_engine_up", "1 while the Docker engine answers.", value=float(engine.up)
+            )
+
+
+def _sleep_reason(reason: str) -> str:
+    """Map the lifecycle's reason text onto the metric's few label values."""
+    if reason in ("idle", "api", "shutdown"):
+        return reason
+    if reason == "paused for stop_after":
+        return "stop_after"
+    return "external"
+
+
+def render(proxy: Proxy) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy))
+    return generate_latest(registry)
