@@ -226,3 +226,93 @@ async def test_metrics_match_what_happened():
     build = [k for k in samples if k[0] == "wakeproxy_build_info"]
     assert len(build) == 1 and ("version", "0.1.0") in build[0][1]
     assert not any(k[0] == "wakeproxy_engine_up" for k in samples)  # no docker service
+
+
+async def put(proxy, path: str, payload: bytes, token: str | None = None):
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    raw = (
+        f"PUT {path} HTTP/1.1\r\nHost: a\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+    status, _, body = await call(proxy, "PUT", path, raw=raw)
+    return status, orjson.loads(body)
+
+
+async def test_live_idle_timeout_change_takes_effect_at_once():
+    port, config = web(sleep_policy="{idle_timeout: 600}")
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.3)
+        assert service.state is State.RUNNING and service.sleeps_in() > 500
+        status, body = await put(
+            proxy, "/services/web/config", b'{"sleep_policy": {"idle_timeout": 0.5}}'
+        )
+        assert status == 200 and body["config"]["sleep_policy"]["idle_timeout"] == 0.5
+        assert body["config"]["sleep_policy"]["action"] == "pause"  # the rest is kept
+        # Idle for 0.3 s already: the new 0.5 s deadline is close, not 600 s away.
+        await wait_until(lambda: service.state is State.PAUSED, within=3)
+        status, body = await put(
+            proxy, "/services/web/config", b'{"wake_timeout": 5, "max_held_connections": 2}'
+        )
+        assert status == 200 and service.cfg.wake_timeout == 5
+        assert service.lifecycle.max_held == 2
+
+
+async def test_live_change_errors_read_like_the_yaml_ones():
+    _, config = web()
+    async with running(config) as proxy:
+        status, body = await put(
+            proxy, "/services/web/config", b'{"sleep_policy": {"idle_timeout": "soon"}}'
+        )
+        assert status == 400
+        assert body["problems"] == [
+            "services.web.sleep_policy.idle_timeout: expected a duration in seconds "
+            "(a number), got 'soon'"
+        ]
+        status, body = await put(proxy, "/services/web/config", b'{"listen": "127.0.0.1:1"}')
+        assert status == 409 and body["error"].startswith("listen needs a reload")
+        status, body = await put(proxy, "/services/web/config", b'{"idle_timout": 1}')
+        assert status == 400 and "unknown key 'idle_timout'" in body["problems"][0]
+        status, body = await put(proxy, "/services/web/config", b"{nope")
+        assert status == 400 and body["error"].startswith("the body is not valid JSON")
+        status, body = await put(proxy, "/services/ghost/config", b"{}")
+        assert status == 404
+        assert proxy.services["web"].cfg.sleep_policy.idle_timeout == 60  # unchanged
+
+
+async def test_named_policy_change_updates_every_user_live():
+    port_a, port_b, backend_a, backend_b = free_port(), free_port(), free_port(), free_port()
+    config = config_from(
+        f"""
+        policies:
+          mcp-default: {{idle_timeout: 600, stop_after: 900}}
+        services:
+          a:
+            listen: 127.0.0.1:{port_a}
+            backend: 127.0.0.1:{backend_a}
+            command: {backend_command(backend_a, "http")}
+            sleep_policy: {{use: mcp-default}}
+          b:
+            listen: 127.0.0.1:{port_b}
+            backend: 127.0.0.1:{backend_b}
+            command: {backend_command(backend_b, "http")}
+            sleep_policy: {{use: mcp-default, stop_after: 1200}}
+        """
+    )
+    async with running(config) as proxy:
+        a, b = proxy.services["a"], proxy.services["b"]
+        assert b.cfg.sleep_policy.stop_after == 1200 and b.cfg.sleep_policy.idle_timeout == 600
+        _, _, body = await call(proxy, "GET", "/policies")
+        policies = orjson.loads(body)["policies"]
+        assert policies["mcp-default"]["used_by"] == ["a", "b"]
+        assert policies["mcp-default"]["idle_timeout"] == 600
+        await http_get(port_a)
+        await http_get(port_b)
+        status, body = await put(proxy, "/policies/mcp-default", b'{"idle_timeout": 0.3}')
+        assert status == 200 and body["policies"]["mcp-default"]["idle_timeout"] == 0.3
+        await wait_until(lambda: a.state is State.PAUSED and b.state is State.PAUSED, within=5)
+        assert b.cfg.sleep_policy.stop_after == 1200  # its own override still wins
+        status, body = await put(proxy, "/policies/mcp-default", b'{"action": "stop"}')
+        assert status == 400 and "stop_after turns a paused backend" in body["problems"][0]
+        assert (await put(proxy, "/policies/none", b"{}"))[0] == 404

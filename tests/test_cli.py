@@ -185,3 +185,42 @@ def test_json_logs_carry_the_state_change_fields(tmp_path):
     assert change["service"] == "web" and change["state"] == "waking"
     assert change["reason"] == "connection while stopped" and change["level"] == "info"
     assert any("wake_ms" in e for e in entries)
+
+
+def test_status_sleep_and_wake_commands(tmp_path):
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    text = service_yaml(port, backend, command=backend_command(backend, "http"))
+    text = text.replace(
+        "admin:\n  listen: 127.0.0.1:", f"admin:\n  listen: 127.0.0.1:{admin_port}\n  #", 1
+    )
+    config = write(tmp_path, text)
+    env = {**os.environ, "WAKEPROXY_ADMIN_TOKEN": " t0k \n"}
+    proxy = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        deadline = time.monotonic() + 15
+        while not port_answers(admin_port):
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        result = cli("status", "--admin", admin)
+        assert result.returncode == 0, result.stderr
+        head, row = result.stdout.splitlines()
+        assert head.split()[:3] == ["SERVICE", "STATE", "OPEN"]
+        assert row.split()[:2] == ["web", "stopped"]
+        # Writes need the token: from the environment (whitespace stripped), or a file.
+        result = cli("wake", "web", "--admin", admin)
+        assert result.returncode == 1 and "401" in result.stderr
+        token = tmp_path / "token"
+        token.write_text("t0k\n")
+        result = cli("wake", "web", "--admin", admin, "--token-file", str(token))
+        assert (result.returncode, result.stdout) == (0, "web: running\n"), result.stderr
+        result = cli("sleep", "web", "--admin", admin, env=env)
+        assert (result.returncode, result.stdout) == (0, "web: paused\n"), result.stderr
+        assert cli("status", "--admin", admin).stdout.splitlines()[1].split()[1] == "paused"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
+    result = cli("status", "--admin", admin)
+    assert result.returncode == 3 and "cannot reach the admin API" in result.stderr

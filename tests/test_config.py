@@ -217,3 +217,30 @@ def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.yaml")
     assert "nope.yaml: cannot read the config file: No such file or directory" in str(info.value)
+
+
+def test_named_policies_and_their_errors():
+    config = parse_yaml(
+        textwrap.dedent(
+            """
+            policies:
+              mcp-default: {idle_timeout: 120, action: stop}
+            services:
+              a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a,
+                  sleep_policy: {use: mcp-default, idle_timeout: 30}}
+            """
+        ),
+        "c.yaml",
+    )
+    a = config.services["a"]
+    assert a.policy == "mcp-default" and a.policy_overrides == {"idle_timeout": 30.0}
+    assert a.sleep_policy.idle_timeout == 30.0 and a.sleep_policy.action == "stop"
+    found = problems(
+        """
+        policies:
+          p: {idle_timeout: 5}
+        services:
+          a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a, sleep_policy: {use: q}}
+        """
+    )
+    assert found == ["c.yaml:5: services.a.sleep_policy.use: no policy named 'q'; defined: p"]

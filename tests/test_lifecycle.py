@@ -181,3 +181,12 @@ def test_repr_names_state_and_held():
     lc = machine(State.PAUSED)
     lc.handle(Arrive(), 0)
     assert repr(lc) == "<Lifecycle state=waking held=1 reason='connection while paused'>"
+
+
+def test_wake_requests_carry_their_reason_into_the_transition():
+    lc = machine(State.PAUSED)
+    assert lc.handle(WakeRequested("api"), 1.0) == (Action.UNPAUSE,)
+    assert lc.reason == "api while paused"
+    lc2 = machine(State.STOPPED)
+    lc2.handle(WakeRequested("auto_start"), 1.0)
+    assert lc2.reason == "auto_start while stopped"

@@ -137,6 +137,7 @@ async def test_auto_start_wakes_at_proxy_start():
         service = proxy.services["web"]
         await wait_until(lambda: service.state is State.RUNNING, within=10)
         assert service.stats.wakes["ok"] == 1 and service.stats.connections["forwarded"] == 0
+        assert service.lifecycle.reason == "woken"
 
 
 async def test_unreachable_engine_fails_docker_services_only(monkeypatch, tmp_path):

@@ -108,10 +108,11 @@ class AdminServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
-                request = await self._next_request(conn, reader)
-                if request is None:
+                received = await self._next_request(conn, reader)
+                if received is None:
                     break
-                response = await self._dispatch(request)
+                request, body = received
+                response = await self._dispatch(request, body)
                 self._send(conn, writer, response, head_only=request.method == b"HEAD")
                 await writer.drain()
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -130,9 +131,10 @@ class AdminServer:
 
     async def _next_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> h11.Request | None:
+    ) -> tuple[h11.Request, bytes] | None:
         """Read one request (head within HEAD_TIMEOUT, body up to MAX_BODY)."""
         request: h11.Request | None = None
+        body: list[bytes] = []
         size = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HEAD_TIMEOUT
@@ -164,18 +166,20 @@ class AdminServer:
                 size += len(event.data)
                 if size > MAX_BODY:
                     raise _Reject(413, "request body over 1 MiB")
+                body.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                return request
+                assert request is not None
+                return request, b"".join(body)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    async def _dispatch(self, request: h11.Request) -> Response:
+    async def _dispatch(self, request: h11.Request, body: bytes) -> Response:
         target = urlsplit(request.target.decode("latin-1"))
         query = dict(parse_qsl(target.query))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         method = request.method.decode("latin-1")
         try:
-            return await self.api.handle(method, target.path, query, headers)
+            return await self.api.handle(method, target.path, query, headers, body)
         except Exception:
             log.exception("admin API: %s %s failed", method, target.path)
             return Response(500, orjson.dumps({"error": "internal error; see the proxy's log"}))

@@ -7,6 +7,7 @@ controlled: every route names a service from the config, never a container.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import re
 import time
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import metrics
-from .errors import RuntimeFailure, ServiceBusy, WakeTimeout
+from .config import update_policy, update_service, with_policy
+from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 from .lifecycle import State
 
 if TYPE_CHECKING:
@@ -45,7 +47,9 @@ def error(status: int, message: str, **extra: Any) -> Response:
 
 _ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
-_READS = {"/health", "/services", "/services/status", "/services/health", "/metrics"}
+_SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
+_POLICY = re.compile(r"^/policies/([^/]+)$")
+_READS = {"/health", "/services", "/services/status", "/services/health", "/metrics", "/policies"}
 
 
 class Api:
@@ -55,12 +59,19 @@ class Api:
         self.protect_reads = protect_reads
 
     async def handle(
-        self, method: str, path: str, query: dict[str, str], headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        body: bytes = b"",
     ) -> Response:
         if path in _READS:
             allowed = "GET"
         elif _ACTION.match(path) or _ALL.match(path):
             allowed = "POST"
+        elif _SERVICE_CONFIG.match(path) or _POLICY.match(path):
+            allowed = "PUT"
         else:
             return error(404, f"no such endpoint: {path}")
         if method != allowed and not (method == "HEAD" and allowed == "GET"):
@@ -76,6 +87,15 @@ class Api:
                 orjson.dumps({"error": "missing or wrong bearer token"}),
                 headers=(("WWW-Authenticate", 'Bearer realm="wakeproxy"'),),
             )
+        if allowed == "PUT":
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return error(400, f"the body is not valid JSON: {exc}")
+            if match := _SERVICE_CONFIG.match(path):
+                return self._put_service(match.group(1), payload)
+            if match := _POLICY.match(path):
+                return self._put_policy(match.group(1), payload)
         force = query.get("force", "false").lower() in ("1", "true", "yes")
         if match := _ACTION.match(path):
             return await self._act(match.group(1), match.group(2), force)
@@ -96,11 +116,49 @@ class Api:
             return json_response(200, {"status": "ok"})
         if path == "/metrics":
             return Response(200, metrics.render(self.proxy), metrics.CONTENT_TYPE)
+        if path == "/policies":
+            return json_response(200, {"policies": self._policies()})
         services = list(self.proxy.services.values())
         if path == "/services/health":
             checks = await asyncio.gather(*(backend_health(s) for s in services))
             return json_response(200, {"services": checks})
         return json_response(200, {"services": [service_status(s) for s in services]})
+
+    def _policies(self) -> dict[str, Any]:
+        return {
+            name: {
+                **dataclasses.asdict(policy),
+                "used_by": [s.name for s in self.proxy.services.values() if s.cfg.policy == name],
+            }
+            for name, policy in self.proxy.policies.items()
+        }
+
+    def _put_service(self, name: str, payload: Any) -> Response:
+        service = self.proxy.services.get(name)
+        if service is None:
+            return error(404, f"no such service: {name}")
+        try:
+            cfg = update_service(service.cfg, payload, self.proxy.policies)
+        except ConfigError as exc:
+            return error(400, "invalid settings", problems=exc.problems)
+        except NeedsReload as exc:
+            return error(409, str(exc))
+        service.reconfigure(cfg)
+        return json_response(200, {"name": name, "config": live_settings(service)})
+
+    def _put_policy(self, name: str, payload: Any) -> Response:
+        policy = self.proxy.policies.get(name)
+        if policy is None:
+            return error(404, f"no such policy: {name}")
+        try:
+            updated = update_policy(policy, name, payload)
+        except ConfigError as exc:
+            return error(400, "invalid settings", problems=exc.problems)
+        self.proxy.policies[name] = updated
+        for service in self.proxy.services.values():
+            if service.cfg.policy == name:
+                service.reconfigure(with_policy(service.cfg, updated))
+        return json_response(200, {"policies": {name: self._policies()[name]}})
 
     async def _act(self, name: str, action: str, force: bool) -> Response:
         service = self.proxy.services.get(name)
@@ -137,7 +195,7 @@ class Api:
 
 
 async def _wake(service: Service, force: bool) -> None:
-    await service.wake()
+    await service.wake("api")
 
 
 async def _sleep(service: Service, force: bool) -> None:
@@ -154,6 +212,16 @@ _ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
     "sleep": _sleep,
     "stop": _stop,
 }
+
+
+def live_settings(service: Service) -> dict[str, Any]:
+    cfg = service.cfg
+    return {
+        "sleep_policy": {**dataclasses.asdict(cfg.sleep_policy), "use": cfg.policy},
+        "wake_timeout": cfg.wake_timeout,
+        "max_held_connections": cfg.max_held_connections,
+        "idle_connection_timeout": cfg.idle_connection_timeout,
+    }
 
 
 def service_status(service: Service) -> dict[str, Any]:

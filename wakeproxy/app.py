@@ -48,6 +48,8 @@ class Proxy:
         self.services: dict[str, Service] = {}
         self.engine: DockerEngine | None = None
         self.admin: AdminServer | None = None
+        # Named policies as changed through the API (the file's until a reload).
+        self.policies = dict(config.policies)
 
     async def start(self) -> None:
         limit = raise_open_file_limit()

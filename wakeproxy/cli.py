@@ -12,8 +12,10 @@ from typing import Any
 
 import uvloop
 
-from . import __version__
+from . import __version__, client
+from .admin import TOKEN_ENV
 from .app import ListenError, Proxy
+from .client import DEFAULT_ADMIN
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError
 from .logs import setup_logging
@@ -43,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
         )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", choices=["text", "json"])
+    status = commands.add_parser("status", help="show every service (through the admin API)")
+    sleep = commands.add_parser("sleep", help="put a service to sleep now")
+    wake = commands.add_parser("wake", help="wake a service now; returns once it is ready")
+    for sub in (status, sleep, wake):
+        sub.add_argument("--admin", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
+        sub.add_argument(
+            "--token-file", help=f"file with the admin token (${TOKEN_ENV} wins over it)"
+        )
+    for sub in (sleep, wake):
+        sub.add_argument("name", help="the service")
+    sleep.add_argument("--force", action="store_true", help="even with connections open")
     return parser
 
 
@@ -93,6 +106,14 @@ async def _serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("status", "sleep", "wake"):
+        return client.run(
+            args.command,
+            args.admin,
+            args.token_file,
+            getattr(args, "name", None),
+            getattr(args, "force", False),
+        )
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG

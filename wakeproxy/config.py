@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, NeedsReload
 
 KeyPath = tuple[str | int, ...]
 _T = TypeVar("_T")
@@ -131,6 +131,10 @@ class ServiceConfig:
     stop_timeout: float = 10.0
     image: str | None = None
     resources: Resources = Resources()
+    # The named policy this service uses (sleep_policy: {use: NAME}) and the keys it
+    # sets beside it, which win over the policy's.
+    policy: str | None = None
+    policy_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     services: Mapping[str, ServiceConfig]
+    policies: Mapping[str, SleepPolicy] = field(default_factory=dict)
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     source: str | None = None
@@ -419,6 +424,7 @@ _LOG_FIELDS: dict[str, Check] = {
     "format": _choice("text", "json"),
 }
 _TOP_FIELDS: dict[str, Check] = {
+    "policies": _nested,
     "admin": _nested,
     "log": _nested,
     "services": _nested,
@@ -429,7 +435,46 @@ def parse_sleep_policy(
     data: Any, path: KeyPath, problems: _Problems, base: SleepPolicy = SleepPolicy()
 ) -> SleepPolicy:
     values = _section(data, path, _SLEEP_FIELDS, problems) or {}
-    return _replace(base, values)
+    policy: SleepPolicy = _replace(base, values)
+    if policy.stop_after is not None and policy.action == "stop":
+        problems.add(
+            (*path, "stop_after"),
+            "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
+        )
+    return policy
+
+
+def _service_policy(
+    data: Any,
+    path: KeyPath,
+    problems: _Problems,
+    policies: Mapping[str, SleepPolicy],
+    base: SleepPolicy = SleepPolicy(),
+) -> tuple[SleepPolicy, str | None, dict[str, Any]]:
+    """A service's sleep_policy: its own keys, or ``use: NAME`` plus keys that win over it."""
+    if not (isinstance(data, dict) and "use" in data):
+        return parse_sleep_policy(data, path, problems, base), None, {}
+    name = data["use"]
+    named = policies.get(name) if isinstance(name, str) else None
+    if named is None:
+        known = ", ".join(sorted(policies)) or "none"
+        problems.add((*path, "use"), f"no policy named {_describe(name)}; defined: {known}")
+        return base, None, {}
+    overrides = {k: v for k, v in data.items() if k != "use"}
+    policy = parse_sleep_policy(overrides, path, problems, named)
+    # The typed overrides, kept so a later change of the named policy leaves them winning.
+    checked = _section(overrides, path, _SLEEP_FIELDS, _Problems(None, {})) or {}
+    return policy, name, checked
+
+
+def _parse_policies(data: Any, problems: _Problems) -> dict[str, SleepPolicy]:
+    if not isinstance(data, dict):
+        problems.add(("policies",), f"expected a mapping of policy names, got {_describe(data)}")
+        return {}
+    return {
+        str(name): parse_sleep_policy(entry, ("policies", str(name)), problems)
+        for name, entry in data.items()
+    }
 
 
 def _replace(base: _T, values: Mapping[str, Any]) -> _T:
@@ -448,7 +493,9 @@ def _parse_readiness(data: Any, path: KeyPath, problems: _Problems) -> Readiness
     return _replace(Readiness(), values)
 
 
-def _parse_service(name: Any, data: Any, problems: _Problems) -> ServiceConfig | None:
+def _parse_service(
+    name: Any, data: Any, problems: _Problems, policies: Mapping[str, SleepPolicy]
+) -> ServiceConfig | None:
     path: KeyPath = ("services", str(name))
     if not isinstance(name, str) or not _NAME_RE.match(name):
         problems.add(
@@ -464,7 +511,9 @@ def _parse_service(name: Any, data: Any, problems: _Problems) -> ServiceConfig |
     given = set(data)
     before = len(problems.items)
 
-    sleep = parse_sleep_policy(values.pop("sleep_policy", {}), (*path, "sleep_policy"), problems)
+    sleep, policy_name, overrides = _service_policy(
+        values.pop("sleep_policy", {}), (*path, "sleep_policy"), problems, policies
+    )
     readiness = _parse_readiness(values.pop("readiness", {}), (*path, "readiness"), problems)
     res_values = _section(
         values.pop("resources", {}), (*path, "resources"), _RESOURCE_FIELDS, problems
@@ -507,11 +556,6 @@ def _parse_service(name: Any, data: Any, problems: _Problems) -> ServiceConfig |
 
     if values.get("mode") == "http":
         problems.add((*path, "mode"), "mode 'http' is not available in this version; use 'tcp'")
-    if sleep.stop_after is not None and sleep.action == "stop":
-        problems.add(
-            (*path, "sleep_policy", "stop_after"),
-            "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
-        )
     if len(problems.items) > before or listen is None:
         return None
     return ServiceConfig(
@@ -523,6 +567,8 @@ def _parse_service(name: Any, data: Any, problems: _Problems) -> ServiceConfig |
         container=container,
         command=command,
         sleep_policy=sleep,
+        policy=policy_name,
+        policy_overrides=overrides,
         readiness=readiness,
         resources=resources,
         **values,
@@ -543,6 +589,7 @@ def build_config(
     admin_values = _section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
     log_values = _section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
 
+    policies = _parse_policies(top.get("policies", {}), problems)
     services: dict[str, ServiceConfig] = {}
     raw_services = top.get("services")
     if raw_services is None:
@@ -553,7 +600,7 @@ def build_config(
         )
     else:
         for name, entry in raw_services.items():
-            service = _parse_service(name, entry, problems)
+            service = _parse_service(name, entry, problems, policies)
             if service is not None:
                 services[service.name] = service
 
@@ -562,7 +609,11 @@ def build_config(
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
-        services=services, admin=admin, log=_replace(LogConfig(), log_values), source=source
+        services=services,
+        policies=policies,
+        admin=admin,
+        log=_replace(LogConfig(), log_values),
+        source=source,
     )
 
 
@@ -652,3 +703,58 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError([f"{source}: the config file is not UTF-8 text"]) from None
     return parse_yaml(text, source)
+
+
+# ---- live changes (the admin API): same validators and texts, key paths instead of lines
+
+LIVE_KEYS = ("sleep_policy", "wake_timeout", "max_held_connections", "idle_connection_timeout")
+
+
+def update_service(
+    cfg: ServiceConfig, body: Any, policies: Mapping[str, SleepPolicy]
+) -> ServiceConfig:
+    """``cfg`` with a partial JSON body applied; ConfigError (400) or NeedsReload (409)."""
+    path: KeyPath = ("services", cfg.name)
+    problems = _Problems(None, {})
+    if not isinstance(body, dict):
+        raise ConfigError([f"expected a JSON object of settings, got {_describe(body)}"])
+    for key in body:
+        if key not in _SERVICE_FIELDS:
+            problems.add((*path, str(key)), _unknown_key(key, _SERVICE_FIELDS))
+    if problems.items:
+        raise ConfigError(problems.items)
+    static = [key for key in body if key not in LIVE_KEYS]
+    if static:
+        raise NeedsReload(f"{', '.join(static)} needs a reload; live keys: {', '.join(LIVE_KEYS)}")
+    values: dict[str, Any] = {}
+    for key in ("wake_timeout", "max_held_connections", "idle_connection_timeout"):
+        if key in body:
+            try:
+                values[key] = _SERVICE_FIELDS[key](body[key])
+            except _Bad as exc:
+                problems.add((*path, key), str(exc))
+    if "sleep_policy" in body:
+        raw = body["sleep_policy"]
+        if isinstance(raw, dict) and "use" not in raw and cfg.policy is not None:
+            # Keys changed beside a named policy become overrides of it.
+            raw = {"use": cfg.policy, **cfg.policy_overrides, **raw}
+        sleep, name, overrides = _service_policy(
+            raw, (*path, "sleep_policy"), problems, policies, base=cfg.sleep_policy
+        )
+        values.update(sleep_policy=sleep, policy=name, policy_overrides=overrides)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return dataclasses.replace(cfg, **values)
+
+
+def update_policy(policy: SleepPolicy, name: str, body: Any) -> SleepPolicy:
+    problems = _Problems(None, {})
+    updated = parse_sleep_policy(body, ("policies", name), problems, base=policy)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return updated
+
+
+def with_policy(cfg: ServiceConfig, policy: SleepPolicy) -> ServiceConfig:
+    """``cfg`` following a changed named policy, its own overrides still winning."""
+    return dataclasses.replace(cfg, sleep_policy=_replace(policy, cfg.policy_overrides))

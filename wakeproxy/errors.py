@@ -42,3 +42,7 @@ class ServiceBusy(WakeproxyError):
 
 class WakeTimeout(RuntimeFailure):
     """The backend was not ready within the service's wake_timeout."""
+
+
+class NeedsReload(WakeproxyError):
+    """A setting that cannot change while the proxy runs; the file and a reload can."""

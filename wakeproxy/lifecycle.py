@@ -46,7 +46,9 @@ class HeldLeft:
 
 @dataclass(frozen=True, slots=True)
 class WakeRequested:
-    """Someone (auto_start, later the API) asks for the backend without a connection."""
+    """Someone (auto_start, the API) asks for the backend without a connection."""
+
+    reason: str = "wake requested"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +202,8 @@ class Lifecycle:
             case HeldLeft():
                 self.held = max(0, self.held - 1)
                 return ()
-            case WakeRequested():
-                return self._wake_requested(now)
+            case WakeRequested(reason):
+                return self._wake_requested(reason, now)
             case WakeSucceeded():
                 return self._wake_succeeded(now)
             case WakeFailed(reason, timed_out):
@@ -246,12 +248,12 @@ class Lifecycle:
             return (Action.HOLD,)
         return (Action.HOLD, *self._begin_wake("connection", now))
 
-    def _wake_requested(self, now: float) -> Step:
+    def _wake_requested(self, reason: str, now: float) -> Step:
         if self.state in (State.PAUSING, State.STOPPING):
             self.wake_pending = True
             return ()
         if self.state in _ASLEEP or self.state is State.FAILED:
-            return self._begin_wake("requested", now)
+            return self._begin_wake(reason, now)
         return ()
 
     def _begin_wake(self, why: str, now: float) -> Step:

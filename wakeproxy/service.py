@@ -206,7 +206,7 @@ class Service:
 
     async def _auto_start(self) -> None:
         try:
-            await self.wake()
+            await self.wake("auto_start")
         except RuntimeFailure as exc:
             log.warning("%s: auto_start failed: %s", self.name, exc, extra={"service": self.name})
 
@@ -272,14 +272,14 @@ class Service:
 
     # ---- API for callers that want the backend without a connection
 
-    async def wake(self) -> None:
+    async def wake(self, reason: str = "wake requested") -> None:
         """Return once the backend is running; raise RuntimeFailure if the wake fails."""
         if self.state is State.RUNNING:
             return
         waiter: asyncio.Future[None] = self.loop.create_future()
         self._waiters.append(waiter)
         # Resolved by the release after the wake, or failed with its reason.
-        self._feed(WakeRequested())
+        self._feed(WakeRequested(reason))
         await waiter
 
     async def sleep(self, action: str, reason: str, *, force: bool = False) -> None:
@@ -298,6 +298,21 @@ class Service:
         self._sleep_waiters.append(waiter)
         self._feed(SleepRequested(action, reason))
         await waiter
+
+    def reconfigure(self, cfg: ServiceConfig) -> None:
+        """Apply changed live settings now; open connections are not touched. A new
+        idle_connection_timeout applies to connections accepted from now on."""
+        self.cfg = cfg
+        self.lifecycle.sleep_action = cfg.sleep_policy.action
+        self.lifecycle.max_held = cfg.max_held_connections
+        # The new schedule takes effect at once: drop the old deadlines, arm the new ones.
+        for handle in (self._idle_handle, self._stop_handle):
+            if handle is not None:
+                handle.cancel()
+        self._idle_handle = self._stop_handle = None
+        self._arm_idle()
+        if self.state is State.PAUSED:
+            self._arm_stop_after()
 
     # ---- the machine
 
@@ -376,9 +391,13 @@ class Service:
             self.last_activity = self.loop.time()
             self._arm_idle()
         elif state is State.PAUSED:
-            stop_after = self.cfg.sleep_policy.stop_after
-            if stop_after is not None and self.cfg.sleep_policy.sleeps:
-                self._stop_handle = self.loop.call_later(stop_after, self._feed, StopDeadline())
+            self._arm_stop_after()
+
+    def _arm_stop_after(self) -> None:
+        policy = self.cfg.sleep_policy
+        if policy.stop_after is not None and policy.sleeps and not self._closing:
+            deadline = self.lifecycle.since + policy.stop_after
+            self._stop_handle = self.loop.call_at(deadline, self._feed, StopDeadline())
 
     def _reject(self, action: Reject, conn: ClientSide | None) -> None:
         if action.held:

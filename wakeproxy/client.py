@@ -1,0 +1,93 @@
+"""``wakeproxy status|sleep|wake``: a small client of the admin API (stdlib only)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .admin import TOKEN_ENV
+
+DEFAULT_ADMIN = "http://127.0.0.1:9000"
+EXIT_API_ERROR = 1
+EXIT_UNREACHABLE = 3
+
+
+def client_token(token_file: str | None) -> str | None:
+    """The environment variable wins; else the token file; whitespace stripped."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    if token_file:
+        return Path(token_file).read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def request(admin: str, method: str, path: str, token: str | None) -> tuple[int, Any]:
+    req = urllib.request.Request(admin.rstrip("/") + path, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        # A wake answers once the backend is ready: allow for a long wake_timeout.
+        with urllib.request.urlopen(req, timeout=300) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read() or b"{}")
+
+
+def _cell(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def format_status(services: list[dict[str, Any]]) -> str:
+    head = ("SERVICE", "STATE", "OPEN", "HELD", "WAKES", "LAST WAKE", "SLEEPS IN", "BACKEND", "WHY")
+    rows = [
+        (
+            s["name"],
+            s["state"],
+            _cell(s["open"]),
+            _cell(s["held"]),
+            _cell(s["wakes"]),
+            _cell(s["last_wake_ms"], " ms"),
+            _cell(s["sleeps_in_s"], " s"),
+            _cell(s["backend"]),
+            s.get("reason", ""),
+        )
+        for s in services
+    ]
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (head, *rows)
+    )
+
+
+def run(command: str, admin: str, token_file: str | None, name: str | None, force: bool) -> int:
+    try:
+        token = client_token(token_file)
+        if command == "status":
+            status, body = request(admin, "GET", "/services", token)
+        else:
+            query = "?force=true" if force else ""
+            status, body = request(admin, "POST", f"/services/{name}/{command}{query}", token)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"wakeproxy: cannot reach the admin API at {admin}: {reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if status != 200:
+        print(f"wakeproxy: {status}: {body.get('error', body)}", file=sys.stderr)
+        return EXIT_API_ERROR
+    if command == "status":
+        print(format_status(body["services"]))
+    else:
+        print(f"{body['name']}: {body['state']}")
+    return 0
