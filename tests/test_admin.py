@@ -316,3 +316,45 @@ async def test_named_policy_change_updates_every_user_live():
         status, body = await put(proxy, "/policies/mcp-default", b'{"action": "stop"}')
         assert status == 400 and "stop_after turns a paused backend" in body["problems"][0]
         assert (await put(proxy, "/policies/none", b"{}"))[0] == 404
+
+
+async def test_json_views_match_what_happened():
+    port, config = web(resources="{cpu: 0.5, memory: 256MiB}", sleep_policy="{idle_timeout: 60}")
+    async with running(config) as proxy:
+        await asyncio.sleep(0.1)  # stopped first: asleep time to account for
+        for _ in range(3):
+            assert (await http_get(port)).endswith(b"backend\n")
+        await wait_until(lambda: proxy.services["web"].open == 0, within=5)
+        status, _, body = await call(proxy, "POST", "/services/web/sleep")
+        assert status == 200
+        await asyncio.sleep(0.1)
+        views = {}
+        for name in ("performance", "resources", "cost", "trends"):
+            status, headers, body = await call(proxy, "GET", f"/metrics/{name}")
+            assert status == 200 and headers["content-type"] == "application/json"
+            (views[name],) = orjson.loads(body)["services"]
+            if name == "trends":
+                hours = orjson.loads(body)["hours"]
+            if name == "cost":
+                assert "keeps its memory" in orjson.loads(body)["note"]
+    perf = views["performance"]
+    assert perf["wakes"] == {"ok": 1, "failed": 0, "timeout": 0}
+    assert perf["wake_ms"]["count"] == 1 and perf["wake_ms"]["p50"] == perf["last_wake_ms"] > 0
+    res = views["resources"]
+    assert (
+        res["connections"]["accepted"] == 3 and res["connections"]["by_outcome"]["forwarded"] == 3
+    )
+    assert res["bytes"]["backend_to_client"] > 3 * 23
+    cost = views["cost"]
+    assert cost["stopped_s"] >= 0.09 and cost["paused_s"] >= 0.09  # stopped, then paused by the API
+    assert cost["asleep_s"] == pytest.approx(cost["paused_s"] + cost["stopped_s"], abs=0.002)
+    assert cost["cpu_cores"] == 0.5
+    assert cost["cpu_seconds_saved"] == pytest.approx(cost["asleep_s"] * 0.5, abs=0.002)
+    # Only the stopped time saves memory: a paused backend keeps its memory.
+    expected = cost["stopped_s"] * 256 / 1024 / 3600
+    assert cost["memory_gib_hours_saved"] == pytest.approx(expected, rel=0.05)
+    trend = views["trends"]
+    assert len(hours) == 24 and len(trend["wakes"]) == 24
+    # The last two hours: the test may straddle the turn of an hour.
+    assert sum(trend["wakes"][-2:]) == 1 and sum(trend["connections"][-2:]) == 3
+    assert sum(trend["wakes"]) == 1

@@ -178,6 +178,7 @@ async def test_external_pause_is_followed():
         runtime.external(State.PAUSED, "paused by hand")
         assert h.service.state is State.PAUSED
         assert h.service.lifecycle.reason == "paused by hand"
+        assert h.service.stats.sleeps[("pause", "external")] == 1
         assert await h.roundtrip(b"wake") == b"wake"
         assert runtime.calls["unpause"] == 1
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import metrics
+from . import metrics, views
 from .config import update_policy, update_service, with_policy
 from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 from .lifecycle import State
@@ -49,7 +49,15 @@ _ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
 _SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
 _POLICY = re.compile(r"^/policies/([^/]+)$")
-_READS = {"/health", "/services", "/services/status", "/services/health", "/metrics", "/policies"}
+_READS = {
+    "/health",
+    "/services",
+    "/services/status",
+    "/services/health",
+    "/metrics",
+    "/policies",
+    *views.VIEWS,
+}
 
 
 class Api:
@@ -116,6 +124,8 @@ class Api:
             return json_response(200, {"status": "ok"})
         if path == "/metrics":
             return Response(200, metrics.render(self.proxy), metrics.CONTENT_TYPE)
+        if path in views.VIEWS:
+            return json_response(200, views.VIEWS[path](self.proxy))
         if path == "/policies":
             return json_response(200, {"policies": self._policies()})
         services = list(self.proxy.services.values())

@@ -93,6 +93,22 @@ class ServiceStats:
     wake_buckets: list[int] = field(default_factory=lambda: [0] * (len(WAKE_BUCKETS) + 1))
     wake_sum: float = 0.0
     asleep_total: float = 0.0  # seconds spent paused or stopped, up to the last wake
+    # The same split by state: a pause saves CPU only, a stop memory too.
+    asleep_by_state: dict[str, float] = field(
+        default_factory=lambda: {"paused": 0.0, "stopped": 0.0}
+    )
+    # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
+    hourly: dict[int, list[int]] = field(default_factory=dict)
+
+    def count_hourly(self, index: int) -> None:
+        hour = int(time.time() // 3600)
+        slot = self.hourly.get(hour)
+        if slot is None:
+            # A new hour: drop the ones that fell out of the window.
+            for old in [h for h in self.hourly if h <= hour - 24]:
+                del self.hourly[old]
+            slot = self.hourly[hour] = [0, 0]
+        slot[index] += 1
 
 
 class Service:
@@ -155,11 +171,15 @@ class Service:
     def held(self) -> int:
         return len(self._held)
 
-    def asleep_seconds(self) -> float:
-        """Seconds this service's backend spent paused or stopped since the proxy started."""
+    def asleep_seconds(self, state: State | None = None) -> float:
+        """Seconds the backend spent paused or stopped (or in ``state``) since the start."""
         since = self._asleep_since
-        current = self.loop.time() - since if since is not None else 0.0
-        return self.stats.asleep_total + current
+        current_state = self.state
+        counting = since is not None and (state is None or state is current_state)
+        current = self.loop.time() - since if counting and since is not None else 0.0
+        if state is None:
+            return self.stats.asleep_total + current
+        return self.stats.asleep_by_state[state.value] + current
 
     def sleeps_in(self) -> float | None:
         """Seconds until the idle deadline, or None when no sleep is due."""
@@ -248,6 +268,7 @@ class Service:
         conn.attached = True
         self.open += 1
         self.last_activity = self.loop.time()
+        self.stats.count_hourly(1)
         self._feed(Arrive(), conn)
 
     def detached(self, conn: ClientSide) -> None:
@@ -375,7 +396,9 @@ class Service:
 
     def _leave(self, state: State) -> None:
         if state in _ASLEEP and self._asleep_since is not None:
-            self.stats.asleep_total += self.loop.time() - self._asleep_since
+            slept = self.loop.time() - self._asleep_since
+            self.stats.asleep_total += slept
+            self.stats.asleep_by_state[state.value] += slept
             self._asleep_since = None
         if state is State.RUNNING and self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -496,6 +519,7 @@ class Service:
             self.stats.last_wake_s = elapsed
             self.stats.wake_seconds.append(elapsed)
             self.stats.wake_buckets[bisect.bisect_left(WAKE_BUCKETS, elapsed)] += 1
+            self.stats.count_hourly(0)
             self.stats.wake_sum += elapsed
             log.info(
                 "%s: awake after %.1f ms (%d held)",
@@ -588,7 +612,12 @@ class Service:
         self._feed(Observed(state, reason))
 
     def _runtime_changed(self, state: State, reason: str) -> None:
+        before = self.state
         self._feed(Observed(state, reason))
+        if before is State.RUNNING and self.state in _ASLEEP:
+            # Put to sleep by someone else (docker pause by hand, a crashed command).
+            action = "pause" if self.state is State.PAUSED else "stop"
+            self.stats.sleeps[(action, "external")] += 1
 
     # ---- connecting upstream
 

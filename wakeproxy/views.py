@@ -1,0 +1,127 @@
+"""JSON views of the metrics: performance, resources, cost and trends.
+
+The same counters as ``/metrics``, arranged for people. The cost view is honest
+about what sleeping saves: a paused container keeps its memory, so a pause saves
+CPU time only; a stopped one saves its memory too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .lifecycle import State
+
+if TYPE_CHECKING:
+    from .app import Proxy
+    from .service import Service
+
+COST_NOTE = (
+    "Pause freezes a backend: it keeps its memory, so pausing saves CPU time only; a stopped "
+    "backend also frees its memory. CPU saved = time asleep x resources.cpu (the service's "
+    "CPU limit or reservation); memory saved = time stopped x sleep_policy.memory_reservation "
+    "(else resources.memory). Null where the config gives no figure to multiply by."
+)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _percentiles(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return _ms(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+    return {
+        "count": len(ordered),
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "max": _ms(ordered[-1]),
+    }
+
+
+def performance(proxy: Proxy) -> dict[str, Any]:
+    def one(s: Service) -> dict[str, Any]:
+        last = s.stats.last_wake_s
+        return {
+            "name": s.name,
+            "wakes": {r: s.stats.wakes[r] for r in ("ok", "failed", "timeout")},
+            # Over the most recent wakes (up to 1024 kept per service).
+            "wake_ms": _percentiles(list(s.stats.wake_seconds)),
+            "last_wake_ms": _ms(last) if last is not None else None,
+        }
+
+    return {"services": [one(s) for s in proxy.services.values()]}
+
+
+def resources(proxy: Proxy) -> dict[str, Any]:
+    def one(s: Service) -> dict[str, Any]:
+        up = s.stats.bytes_up + sum(c.bytes_up for c in s.connections)
+        down = s.stats.bytes_down + sum(c.bytes_down for c in s.connections)
+        return {
+            "name": s.name,
+            "state": s.state.value,
+            "connections": {
+                "active": s.open - s.held,
+                "held": s.held,
+                "accepted": s.stats.accepted,
+                "by_outcome": dict(s.stats.connections),
+            },
+            "bytes": {"client_to_backend": up, "backend_to_client": down},
+        }
+
+    return {"services": [one(s) for s in proxy.services.values()]}
+
+
+def cost(proxy: Proxy) -> dict[str, Any]:
+    def one(s: Service) -> dict[str, Any]:
+        paused = s.asleep_seconds(State.PAUSED)
+        stopped = s.asleep_seconds(State.STOPPED)
+        cpu = s.cfg.resources.cpu
+        memory = s.cfg.sleep_policy.memory_reservation or s.cfg.resources.memory
+        return {
+            "name": s.name,
+            "asleep_s": round(paused + stopped, 3),
+            "paused_s": round(paused, 3),
+            "stopped_s": round(stopped, 3),
+            "cpu_cores": cpu,
+            "cpu_seconds_saved": round((paused + stopped) * cpu, 3) if cpu else None,
+            "memory_bytes": memory,
+            "memory_gib_hours_saved": (
+                round(stopped * memory / 2**30 / 3600, 6) if memory else None
+            ),
+        }
+
+    return {"note": COST_NOTE, "services": [one(s) for s in proxy.services.values()]}
+
+
+def trends(proxy: Proxy) -> dict[str, Any]:
+    """Wakes and connections per UTC hour over the last 24 hours, oldest first."""
+    now = int(time.time() // 3600)
+    hours = list(range(now - 23, now + 1))
+
+    def one(s: Service) -> dict[str, Any]:
+        slots = [s.stats.hourly.get(h, [0, 0]) for h in hours]
+        return {
+            "name": s.name,
+            "wakes": [slot[0] for slot in slots],
+            "connections": [slot[1] for slot in slots],
+        }
+
+    return {
+        "hours": [time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(h * 3600)) for h in hours],
+        "services": [one(s) for s in proxy.services.values()],
+    }
+
+
+VIEWS = {
+    "/metrics/performance": performance,
+    "/metrics/resources": resources,
+    "/metrics/cost": cost,
+    "/metrics/trends": trends,
+}
