@@ -188,7 +188,10 @@ async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
         status, _, body = await call(proxy, "GET", "", raw=flood)
         assert status == 431 and b"16 KiB" in body
         status, _, body = await call(proxy, "GET", "", raw=b"GET /health HTTP/1.1\r\nHo")
-        assert status == 408
+        assert status == 408 and b"request head" in body
+        slow_body = b"PUT /services/web/config HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{"
+        status, _, body = await call(proxy, "PUT", "", raw=slow_body)
+        assert status == 408 and b"request body" in body
         assert (await call(proxy, "GET", "/health"))[0] == 200
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
 

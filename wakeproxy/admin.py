@@ -1,8 +1,8 @@
 """The admin HTTP server: h11 over asyncio streams, in the proxy's own process.
 
 Not a hot path, so streams keep it readable. Hostile clients are bounded: a request
-head over 16 KiB gets 431, a malformed one 400, a head not complete within 10 s 408,
-a body over 1 MiB 413; each is answered and the connection closed, and nothing here
+head over 16 KiB gets 431, a malformed one 400, a request (head and body) not complete
+within 10 s 408, a body over 1 MiB 413; each is answered and the connection closed, and nothing here
 touches the data path. Routing and decisions live in ``api.py``.
 """
 
@@ -149,10 +149,13 @@ class AdminServer:
                 raise _Reject(status, reason) from None
             if event is h11.NEED_DATA:
                 try:
-                    async with asyncio.timeout_at(deadline if request is None else None):
+                    # The body is bounded too (admin bodies are small JSON): a client
+                    # trickling bytes cannot hold a task for ever.
+                    async with asyncio.timeout_at(deadline):
                         data = await reader.read(65536)
                 except TimeoutError:
-                    raise _Reject(408, "no complete request head within 10 s") from None
+                    what = "request head" if request is None else "request body"
+                    raise _Reject(408, f"no complete {what} within 10 s") from None
                 if not data and conn.their_state is h11.IDLE:
                     return None
                 conn.receive_data(data)
