@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     sleep = commands.add_parser("sleep", help="put a service to sleep now")
     wake = commands.add_parser("wake", help="wake a service now; returns once it is ready")
     for sub in (status, sleep, wake):
-        sub.add_argument("--admin", default=DEFAULT_ADMIN, help=f"default {DEFAULT_ADMIN}")
+        sub.add_argument(
+            "--admin",
+            default=DEFAULT_ADMIN,
+            help="the admin API's URL (default: $WAKEPROXY_ADMIN, else http://127.0.0.1:9000)",
+        )
         sub.add_argument(
             "--token-file", help=f"file with the admin token (${TOKEN_ENV} wins over it)"
         )

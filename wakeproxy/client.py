@@ -13,7 +13,7 @@ import orjson
 
 from .admin import TOKEN_ENV
 
-DEFAULT_ADMIN = "http://127.0.0.1:9000"
+DEFAULT_ADMIN = os.environ.get("WAKEPROXY_ADMIN", "http://127.0.0.1:9000")
 EXIT_API_ERROR = 1
 EXIT_UNREACHABLE = 3
 

@@ -1,0 +1,117 @@
+"""The deployment image, built for real and run next to a paused container.
+
+No image can be pulled here: the Python base is made with debootstrap (Debian
+bookworm, minbase + python3) and imported, as FACTS.md describes; the build then
+runs ``pip`` inside with host networking. The base is cached under its tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import docker, free_port, service_yaml
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).parent.parent
+BASE = "wakeproxy-test/python-base:bookworm"
+IMAGE = "wakeproxy-test/wakeproxy:test"
+SOCKET = "/var/run/docker.sock"
+
+
+def _mirror() -> str:
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+@pytest.fixture(scope="session")
+def python_base(docker_engine, tmp_path_factory) -> str:
+    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode == 0:
+        return BASE
+    rootfs = tmp_path_factory.mktemp("rootfs")
+    subprocess.run(
+        [
+            "debootstrap", "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
+            "bookworm", str(rootfs), _mirror(),
+        ],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/ssl/certs/ca-certificates.crt").write_bytes(
+        Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+    )
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()  # behave like the official python:*-slim images
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        subprocess.run(
+            ["docker", "import", "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+             "-", BASE],
+            stdin=tar.stdout, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    assert tar.returncode == 0
+    return BASE
+
+
+@pytest.fixture(scope="session")
+def wakeproxy_image(python_base) -> str:
+    result = subprocess.run(
+        ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={python_base}",
+         "-t", IMAGE, str(ROOT)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return IMAGE
+
+
+def test_image_wakes_a_paused_container_and_turns_healthy(
+    wakeproxy_image, make_container, tmp_path
+):
+    backend, port, admin = free_port(), free_port(), free_port()
+    target = make_container(backend, paused=True)
+    config = tmp_path / "config.yaml"
+    text = service_yaml(port, backend, container=target, sleep_policy="{idle_timeout: 600}")
+    config.write_text(text.replace("  listen: 127.0.0.1:", f"  listen: 127.0.0.1:{admin}\n  #", 1))
+    config.chmod(0o644)
+    config.parent.chmod(0o755)
+    name = f"wp-test-image-{port}"
+    group = str(os.stat(SOCKET).st_gid)
+    docker(
+        "run", "-d", "--name", name, "--network", "host", "--group-add", group,
+        "-v", f"{SOCKET}:{SOCKET}", "-v", f"{config}:/etc/wakeproxy/config.yaml:ro",
+        "-e", f"WAKEPROXY_ADMIN=http://127.0.0.1:{admin}", wakeproxy_image,
+    )  # fmt: skip
+    try:
+        info = json.loads(docker("inspect", name))[0]
+        assert info["Config"]["User"] == "wakeproxy"  # not root
+        deadline = time.monotonic() + 60
+        while docker("inspect", "-f", "{{.State.Health.Status}}", name) != "healthy":
+            assert docker("inspect", "-f", "{{.State.Status}}", name) == "running", docker(
+                "logs", name
+            )
+            assert time.monotonic() < deadline, "never turned healthy: " + docker("logs", name)
+            time.sleep(0.5)
+        # Still paused: healthy proxy, nothing woke it (a connect would: wake_on connect).
+        assert docker("inspect", "-f", "{{.State.Status}}", target) == "paused"
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        assert reply.endswith(b"hello from busybox\n")
+        assert docker("inspect", "-f", "{{.State.Status}}", target) == "running"
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
+        assert "web: paused -> waking (connection while paused)" in logs
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
