@@ -10,7 +10,7 @@ import pytest
 from wakeproxy.config import Address, build_config, load_config, parse_yaml
 from wakeproxy.errors import ConfigError
 
-SEED = Path(__file__).parent / "data" / "seed-services.yml"
+SEED = Path(__file__).parent.parent / "config" / "services.yml"
 
 
 def problems(text: str) -> list[str]:
