@@ -73,8 +73,11 @@ class Proxy:
             for cfg in configs:
                 runtime = self._runtime(cfg)
                 initial, reason = self._initial_state(runtime, engine_error)
-                service = Service(cfg, runtime, initial=initial, reason=reason)
-                self.services[cfg.name] = service
+                self.services[cfg.name] = Service(cfg, runtime, initial=initial, reason=reason)
+            # Wired before any starts: an auto_start wake must see its dependencies.
+            self._wire()
+            for cfg in configs:
+                service = self.services[cfg.name]
                 try:
                     await service.start()
                 except OSError as exc:
@@ -96,6 +99,18 @@ class Proxy:
             raise
         if self.engine is not None:
             self.engine.start_events()
+
+    def _wire(self) -> None:
+        groups: dict[str, list[Service]] = {}
+        for service in self.services.values():
+            service.depends_on = [self.services[name] for name in service.cfg.depends_on]
+            for dependency in service.depends_on:
+                dependency.dependents.append(service)
+            if service.cfg.group is not None:
+                groups.setdefault(service.cfg.group, []).append(service)
+        for members in groups.values():
+            for service in members:
+                service.group = [m for m in members if m is not service]
 
     def _runtime(self, cfg: ServiceConfig) -> Runtime:
         if cfg.runtime == "process":

@@ -135,6 +135,9 @@ class ServiceConfig:
     # sets beside it, which win over the policy's.
     policy: str | None = None
     policy_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Services woken (and kept awake) before this one, and the group it wakes and sleeps with.
+    depends_on: tuple[str, ...] = ()
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +313,14 @@ def _command(value: Any) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad(f"expected a list of service names, got {_describe(value)}")
+    return tuple(dict.fromkeys(value))
+
+
 def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise _Bad(f"expected a mapping of names to strings, got {_describe(value)}")
@@ -412,6 +423,8 @@ _SERVICE_FIELDS: dict[str, Check] = {
     "stop_timeout": _seconds,
     "image": _text,
     "resources": _nested,
+    "depends_on": _names,
+    "group": _text,
 }
 
 _ADMIN_FIELDS: dict[str, Check] = {
@@ -606,6 +619,7 @@ def build_config(
 
     admin = _replace(AdminConfig(), admin_values)
     _check_listeners(services, admin, problems)
+    _check_dependencies(services, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
@@ -615,6 +629,34 @@ def build_config(
         log=_replace(LogConfig(), log_values),
         source=source,
     )
+
+
+def _check_dependencies(services: Mapping[str, ServiceConfig], problems: _Problems) -> None:
+    """Every dependency exists, and none depends on itself through others (a cycle)."""
+    for service in services.values():
+        for name in service.depends_on:
+            if name not in services:
+                known = ", ".join(sorted(services))
+                problems.add(
+                    ("services", service.name, "depends_on"),
+                    f"no service named {name!r}; services: {known}",
+                )
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done" or name not in services:
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            problems.add(("services", path[-1], "depends_on"), f"a dependency cycle: {cycle}")
+            return
+        state[name] = "visiting"
+        for dependency in services[name].depends_on:
+            visit(dependency, [*path, name])
+        state[name] = "done"
+
+    for name in services:
+        visit(name, [])
 
 
 def _check_listeners(

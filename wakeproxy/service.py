@@ -150,6 +150,11 @@ class Service:
         self._stop_handle: asyncio.TimerHandle | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
         self._refreshing = False
+        # Wired by the Proxy: services woken first, those that need this one, and the
+        # other members of its group.
+        self.depends_on: list[Service] = []
+        self.dependents: list[Service] = []
+        self.group: list[Service] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -308,6 +313,10 @@ class Service:
         unless ``force``. Returns once the operation finished (the state says how)."""
         if self.open and not force:
             raise ServiceBusy(f"{self.open} connection(s) open; add ?force=true to {action} anyway")
+        awake = self._awake_dependents()
+        if awake and not force:
+            names = ", ".join(s.name for s in awake)
+            raise ServiceBusy(f"needed by {names} (awake); add ?force=true to {action} anyway")
         state = self.state
         if state in (State.WAKING, State.PAUSING, State.STOPPING):
             raise ServiceBusy(f"the service is {state.value}; try again when it settles")
@@ -410,6 +419,14 @@ class Service:
     def _enter(self, state: State) -> None:
         if state in _ASLEEP:
             self._asleep_since = self.loop.time()
+        if state in _ASLEEP or state is State.FAILED:
+            for dependency in self.depends_on:
+                # One fewer service needs it awake: let its idle timer decide again.
+                dependency._arm_idle()
+        elif state is State.WAKING:
+            for member in self.group:
+                if member.state in (State.PAUSED, State.STOPPED, State.FAILED):
+                    self._spawn(member._wake_with_group(f"group with {self.name}"))
         if state is State.RUNNING:
             self.last_activity = self.loop.time()
             self._arm_idle()
@@ -466,11 +483,21 @@ class Service:
         if self.open or self.state is not State.RUNNING or not policy.sleeps:
             return
         deadline = self.last_activity + policy.idle_delay
-        if self.loop.time() < deadline:
+        now = self.loop.time()
+        if now < deadline:
             # Activity since the timer was armed: re-arm for the time that is left.
             self._idle_handle = self.loop.call_at(deadline, self._idle_fired)
             return
+        if self._awake_dependents():
+            # Needed by a service that is awake: checked again when that one sleeps.
+            return
+        if not all(member._idle_ready(now) for member in self.group):
+            # The group sleeps together: the last member to become idle puts it to sleep.
+            return
         self._feed(IdleDeadline())
+        for member in self.group:
+            if member.state is State.RUNNING:
+                member._feed(IdleDeadline())
 
     # ---- runtime operations
 
@@ -488,6 +515,8 @@ class Service:
         event: Event
         try:
             async with asyncio.timeout(wake_timeout):
+                if self.depends_on:
+                    await self._wake_dependencies()
                 if action is Action.RECOVER:
                     found = await self.runtime.inspect()
                     action = {State.PAUSED: Action.UNPAUSE, State.STOPPED: Action.START}.get(
@@ -510,6 +539,42 @@ class Service:
             event = WakeSucceeded()
         self._record_wake(event)
         self._feed(event)
+
+    async def _wake_dependencies(self) -> None:
+        """Wake every dependency first, concurrently; each answers once it is ready."""
+        results = await asyncio.gather(
+            *(dep.wake(f"needed by {self.name}") for dep in self.depends_on),
+            return_exceptions=True,
+        )
+        for dep, result in zip(self.depends_on, results, strict=True):
+            if isinstance(result, RuntimeFailure):
+                raise OperationFailed(f"dependency {dep.name} did not wake: {result}")
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _wake_with_group(self, reason: str) -> None:
+        try:
+            await self.wake(reason)
+        except RuntimeFailure as exc:
+            log.warning(
+                "%s: %s: wake failed: %s", self.name, reason, exc, extra={"service": self.name}
+            )
+
+    def _awake_dependents(self) -> list[Service]:
+        awake = (State.RUNNING, State.WAKING, State.PAUSING, State.STOPPING)
+        return [s for s in self.dependents if s.state in awake]
+
+    def _idle_ready(self, now: float) -> bool:
+        """Whether this group member lets the group sleep now."""
+        if self.state in (State.PAUSED, State.STOPPED, State.FAILED):
+            return True
+        policy = self.cfg.sleep_policy
+        return (
+            self.state is State.RUNNING
+            and not self.open
+            and policy.sleeps
+            and now >= self.last_activity + policy.idle_delay
+        )
 
     def _record_wake(self, event: Event) -> None:
         started = self._wake_started
