@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from bench.peers import free_port  # one port picker for tests and bench
 from wakeproxy.app import Proxy
 from wakeproxy.config import Address, AdminConfig, Config, parse_yaml
 
@@ -42,21 +43,6 @@ def pytest_asyncio_loop_factories(config, item):
     if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in BOTH_LOOPS:
         factories["asyncio"] = asyncio.new_event_loop
     return factories
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now, never one handed out before in this process: binding port 0
-    twice in a row can return the same port, and one config often needs several."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def backend_command(port: int, mode: str = "http", *extra: str) -> str:

@@ -8,13 +8,15 @@ engine marks that service failed (retried with back-off) while the others work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 from .admin import AdminServer
-from .config import Config, ServiceConfig
+from .config import Address, Config, ServiceConfig
 from .errors import EngineUnavailable, WakeproxyError
 from .lifecycle import State
 from .runtimes.base import Runtime
@@ -27,6 +29,17 @@ log = logging.getLogger("wakeproxy")
 
 class ListenError(WakeproxyError):
     """A service's listen address cannot be bound."""
+
+
+@contextlib.contextmanager
+def _listening(what: str, address: Address) -> Iterator[None]:
+    """Turn a failed bind into a ListenError naming what and where."""
+    try:
+        yield
+    except OSError as exc:
+        # uvloop's message repeats the address; the errno text says it all.
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"{what}: cannot listen on {address}: {why}") from None
 
 
 def raise_open_file_limit() -> int:
@@ -77,22 +90,10 @@ class Proxy:
             # Wired before any starts: an auto_start wake must see its dependencies.
             self._wire()
             for cfg in configs:
-                service = self.services[cfg.name]
-                try:
-                    await service.start()
-                except OSError as exc:
-                    # uvloop's message repeats the address; the errno text says it all.
-                    why = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise ListenError(
-                        f"service {cfg.name}: cannot listen on {cfg.listen}: {why}"
-                    ) from None
-            try:
+                with _listening(f"service {cfg.name}", cfg.listen):
+                    await self.services[cfg.name].start()
+            with _listening("admin API", self.config.admin.listen):
                 await admin.start()
-            except OSError as exc:
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise ListenError(
-                    f"admin API: cannot listen on {self.config.admin.listen}: {why}"
-                ) from None
             self.admin = admin
         except BaseException:
             await self.close()
