@@ -98,8 +98,7 @@ class ProxyCollector(Collector):
             held.add_metric([service.name], service.held)
             for outcome in (*OUTCOMES, *(o for o in stats.connections if o not in OUTCOMES)):
                 connections.add_metric([service.name, outcome], stats.connections[outcome])
-            up = stats.bytes_up + sum(c.bytes_up for c in service.connections)
-            down = stats.bytes_down + sum(c.bytes_down for c in service.connections)
+            up, down = service.bytes_moved()
             byte_count.add_metric([service.name, "client_to_backend"], up)
             byte_count.add_metric([service.name, "backend_to_client"], down)
             asleep.add_metric([service.name], service.asleep_seconds())

@@ -176,6 +176,12 @@ class Service:
     def held(self) -> int:
         return len(self._held)
 
+    def bytes_moved(self) -> tuple[int, int]:
+        """Bytes client-to-backend and backend-to-client, open connections included."""
+        up = self.stats.bytes_up + sum(c.bytes_up for c in self.connections)
+        down = self.stats.bytes_down + sum(c.bytes_down for c in self.connections)
+        return up, down
+
     def asleep_seconds(self, state: State | None = None) -> float:
         """Seconds the backend spent paused or stopped (or in ``state``) since the start."""
         since = self._asleep_since

@@ -61,8 +61,7 @@ def performance(proxy: Proxy) -> dict[str, Any]:
 
 def resources(proxy: Proxy) -> dict[str, Any]:
     def one(s: Service) -> dict[str, Any]:
-        up = s.stats.bytes_up + sum(c.bytes_up for c in s.connections)
-        down = s.stats.bytes_down + sum(c.bytes_down for c in s.connections)
+        up, down = s.bytes_moved()
         return {
             "name": s.name,
             "state": s.state.value,
