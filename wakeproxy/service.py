@@ -79,7 +79,6 @@ class ServiceStats:
     """Plain counters, bumped per connection or per wake; read at scrape time."""
 
     wakes: collections.Counter[str] = field(default_factory=collections.Counter)
-    last_wake_s: float | None = None
     # The most recent wake durations (bounded: a proxy runs for months).
     wake_seconds: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=1024)
@@ -92,13 +91,17 @@ class ServiceStats:
     # Wake latency: counts per WAKE_BUCKETS slot (the last one is +Inf) and their sum.
     wake_buckets: list[int] = field(default_factory=lambda: [0] * (len(WAKE_BUCKETS) + 1))
     wake_sum: float = 0.0
-    asleep_total: float = 0.0  # seconds spent paused or stopped, up to the last wake
-    # The same split by state: a pause saves CPU only, a stop memory too.
+    # Seconds spent paused and stopped, up to the last wake: a pause saves CPU only, a
+    # stop memory too.
     asleep_by_state: dict[str, float] = field(
         default_factory=lambda: {"paused": 0.0, "stopped": 0.0}
     )
     # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
     hourly: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def last_wake_s(self) -> float | None:
+        return self.wake_seconds[-1] if self.wake_seconds else None
 
     def count_hourly(self, index: int) -> None:
         hour = int(time.time() // 3600)
@@ -184,13 +187,11 @@ class Service:
 
     def asleep_seconds(self, state: State | None = None) -> float:
         """Seconds the backend spent paused or stopped (or in ``state``) since the start."""
-        since = self._asleep_since
-        current_state = self.state
-        counting = since is not None and (state is None or state is current_state)
-        current = self.loop.time() - since if counting and since is not None else 0.0
-        if state is None:
-            return self.stats.asleep_total + current
-        return self.stats.asleep_by_state[state.value] + current
+        states = _ASLEEP if state is None else (state,)
+        total = sum(self.stats.asleep_by_state[s.value] for s in states)
+        if self._asleep_since is not None and self.state in states:
+            total += self.loop.time() - self._asleep_since
+        return total
 
     def sleeps_in(self) -> float | None:
         """Seconds until the idle deadline, or None when no sleep is due."""
@@ -412,7 +413,6 @@ class Service:
     def _leave(self, state: State) -> None:
         if state in _ASLEEP and self._asleep_since is not None:
             slept = self.loop.time() - self._asleep_since
-            self.stats.asleep_total += slept
             self.stats.asleep_by_state[state.value] += slept
             self._asleep_since = None
         if state is State.RUNNING and self._idle_handle is not None:
@@ -587,7 +587,6 @@ class Service:
         elapsed = time.perf_counter() - started if started is not None else 0.0
         if isinstance(event, WakeSucceeded):
             self.stats.wakes["ok"] += 1
-            self.stats.last_wake_s = elapsed
             self.stats.wake_seconds.append(elapsed)
             self.stats.wake_buckets[bisect.bisect_left(WAKE_BUCKETS, elapsed)] += 1
             self.stats.count_hourly(0)
