@@ -112,3 +112,27 @@ async def test_missing_container_fails_clearly_and_is_found_once_created(make_co
         make_container(backend, name=name)
         await wait_until(lambda: service.state is State.RUNNING, within=10)
         assert (await http_get(port)).endswith(BODY)
+
+
+async def test_start_up_reads_states_and_addresses_in_one_listing(make_container):
+    from wakeproxy.runtimes.docker import DockerEngine, DockerRuntime, address_of
+
+    backend = free_port()
+    name = make_container(backend, paused=True)
+    engine = DockerEngine()
+    try:
+        await engine.refresh_snapshot()
+        runtime = DockerRuntime(engine, name)
+        assert runtime.initial_state() is State.PAUSED
+        # Host networking: the address is loopback, known without an inspect.
+        assert runtime.known_backend_host() == "127.0.0.1"
+        assert await runtime.backend_host() == "127.0.0.1"
+    finally:
+        await engine.close()
+    networks = {"compose_default": {"IPAddress": "10.9.0.4"}}
+    bridge = {
+        "HostConfig": {"NetworkMode": "compose_default"},
+        "NetworkSettings": {"Networks": networks},
+    }
+    assert address_of(bridge) == "10.9.0.4"  # parsed only: no traffic goes there
+    assert address_of({"NetworkSettings": {"Networks": {}}}) is None

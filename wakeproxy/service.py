@@ -206,9 +206,8 @@ class Service:
         """Open the listener and arm the timers the initial state calls for."""
         if self.backend is None and self.state in (State.RUNNING, State.PAUSED):
             try:
-                self.backend = Address(
-                    await self.runtime.backend_host() or "", self.cfg.backend_port
-                )
+                host = self.runtime.known_backend_host() or await self.runtime.backend_host()
+                self.backend = Address(host or "", self.cfg.backend_port)
             except RuntimeFailure as exc:
                 self._feed(Observed(State.FAILED, str(exc)))
         listen = self.cfg.listen

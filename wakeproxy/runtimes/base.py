@@ -44,6 +44,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
+    def known_backend_host(self) -> str | None:
+        """The backend's address if already known without asking (start-up), else None."""
+        return None
+
     async def backend_host(self) -> str | None:
         """The backend's address when the config leaves it to the runtime (seed form)."""
         return None

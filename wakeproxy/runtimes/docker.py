@@ -54,6 +54,19 @@ _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 10.0
 
 
+def address_of(info: dict[str, Any]) -> str | None:
+    """A container's address from an inspect or a listing entry (both carry the same fields)."""
+    if (info.get("HostConfig") or {}).get("NetworkMode") == "host":
+        return "127.0.0.1"
+    settings = info.get("NetworkSettings") or {}
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    for network in (settings.get("Networks") or {}).values():
+        if (network or {}).get("IPAddress"):
+            return str(network["IPAddress"])
+    return None
+
+
 @contextlib.contextmanager
 def map_docker_errors(what: str) -> Iterator[None]:
     """Turn aiodocker/aiohttp errors into wakeproxy's, with what was being done."""
@@ -75,7 +88,8 @@ class DockerEngine:
     def __init__(self) -> None:
         self._client: aiodocker.Docker | None = None
         self._runtimes: dict[str, DockerRuntime] = {}
-        self._snapshot: dict[str, State] = {}
+        # Name or id -> (state, address) from the last listing.
+        self._snapshot: dict[str, tuple[State, str | None]] = {}
         # Wall-clock time just before the last listing: the event stream replays from
         # here, so nothing that happens between the listing and the subscription is lost.
         self._snapshot_at = 0.0
@@ -96,23 +110,32 @@ class DockerEngine:
         """Read every container's state in one call (start-up and reconnects)."""
         listed_at = time.time() - 1.0  # the engine's clock granularity, with margin
         with map_docker_errors("listing containers"):
-            containers = await self.client.containers.list(all=True)
-        snapshot: dict[str, State] = {}
+            # The raw listing: it carries state and network addresses for every container.
+            containers = await self.client._query_json("containers/json", params={"all": "1"})
+        snapshot: dict[str, tuple[State, str | None]] = {}
         for container in containers:
-            state = _STATUS.get(str(container["State"]), State.STOPPED)
-            snapshot[str(container["Id"])] = state
-            for name in container["Names"] or ():
-                snapshot[str(name).lstrip("/")] = state
+            entry = (_STATUS.get(str(container["State"]), State.STOPPED), address_of(container))
+            snapshot[str(container["Id"])] = entry
+            for name in container.get("Names") or ():
+                snapshot[str(name).lstrip("/")] = entry
         self._snapshot = snapshot
         self._snapshot_at = listed_at
         self.up = True
 
-    def snapshot_state(self, ref: str) -> State | None:
-        state = self._snapshot.get(ref)
-        if state is not None:
-            return state
-        matches = [s for key, s in self._snapshot.items() if len(ref) >= 12 and key.startswith(ref)]
+    def _snapshot_entry(self, ref: str) -> tuple[State, str | None] | None:
+        entry = self._snapshot.get(ref)
+        if entry is not None:
+            return entry
+        matches = [e for key, e in self._snapshot.items() if len(ref) >= 12 and key.startswith(ref)]
         return matches[0] if len(matches) == 1 else None
+
+    def snapshot_state(self, ref: str) -> State | None:
+        entry = self._snapshot_entry(ref)
+        return entry[0] if entry is not None else None
+
+    def snapshot_address(self, ref: str) -> str | None:
+        entry = self._snapshot_entry(ref)
+        return entry[1] if entry is not None else None
 
     def start_events(self) -> None:
         if self._events_task is None:
@@ -253,18 +276,14 @@ class DockerRuntime(Runtime):
         """The container's address on its network (seed form: proxy and backend apart)."""
         with map_docker_errors(f"reading the address of container {self.ref}"):
             info = await self._container().show()
-        settings = info.get("NetworkSettings") or {}
-        if info.get("HostConfig", {}).get("NetworkMode") == "host":
-            return "127.0.0.1"
-        address = settings.get("IPAddress")
-        if not address:
-            for network in (settings.get("Networks") or {}).values():
-                address = network.get("IPAddress")
-                if address:
-                    break
-        if not address:
+        address = address_of(info)
+        if address is None:
             raise OperationFailed(f"container {self.ref} has no network address")
-        return str(address)
+        return address
+
+    def known_backend_host(self) -> str | None:
+        # From the start-up listing: no inspect per container at start-up.
+        return self.engine.snapshot_address(self.ref)
 
     def describe(self) -> str:
         return f"docker {self.ref}"
