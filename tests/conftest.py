@@ -171,12 +171,19 @@ def make_container(busybox_image: str) -> Iterator[Callable[..., str]]:
     """Start busybox httpd containers (host network, 127.0.0.1 only); removed afterwards."""
     created: list[str] = []
 
-    def make(port: int, *, paused: bool = False, name: str | None = None) -> str:
+    def make(
+        port: int,
+        *,
+        paused: bool = False,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> str:
         name = name or f"wp-test-{uuid.uuid4().hex[:10]}"
         created.append(name)
+        label_args = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
         docker(
             "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
-            busybox_image, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www",
+            *label_args, busybox_image, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www",
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while not port_answers(port):

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from wakeproxy.config import Address, build_config, load_config, parse_yaml
+from wakeproxy.config import (
+    DEFAULT_ALLOWED_LISTEN,
+    Address,
+    build_config,
+    load_config,
+    parse_yaml,
+    service_from_labels,
+)
 from wakeproxy.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "config" / "services.yml"
@@ -244,3 +251,96 @@ def test_named_policies_and_their_errors():
         """
     )
     assert found == ["c.yaml:5: services.a.sleep_policy.use: no policy named 'q'; defined: p"]
+
+
+# ---- discovery settings and container labels
+
+
+def test_discovery_section_and_allowed_listen():
+    config = build_config(
+        {
+            "discovery": {
+                "docker_labels": True,
+                "allowed_listen": ["127.0.0.0/8:8000-8999", "[::1]:*"],
+            }
+        }
+    )
+    assert config.services == {}, "with label discovery on, the file may list no services"
+    first, second = config.discovery.allowed_listen
+    assert first.allows(Address("127.0.0.2", 8000)) and not first.allows(Address("127.0.0.1", 9000))
+    assert not first.allows(Address("0.0.0.0", 8080)), "all addresses is not inside 127/8"
+    assert second.allows(Address("::1", 1)) and not second.allows(Address("127.0.0.1", 80))
+    with pytest.raises(ConfigError) as bad:
+        build_config(
+            {"discovery": {"allowed_listen": ["10.0.0.0/8:9-2"], "interval": 0}, "services": {}}
+        )
+    assert bad.value.problems == [
+        "discovery.allowed_listen: the port range '9-2' runs backwards",
+        "discovery.interval: expected a duration above 0 seconds, got 0",
+    ]
+    with pytest.raises(ConfigError, match="missing: list the services"):
+        build_config({"discovery": {"docker_labels": False}})
+
+
+def test_labels_take_the_yaml_keys_and_checks():
+    labels = {
+        "wakeproxy.enable": "true",
+        "wakeproxy.port": "8080",
+        "wakeproxy.idle_timeout": "30",
+        "wakeproxy.action": "stop",
+        "wakeproxy.auto_start": "true",
+        "wakeproxy.depends_on": "cache",
+        "com.docker.compose.service": "web",
+        "com.docker.compose.depends_on": "db:service_started:false,redis:service_healthy:true",
+    }
+    cfg = service_from_labels(
+        "proj-web-1",
+        labels,
+        policies={},
+        allowed_listen=DEFAULT_ALLOWED_LISTEN,
+        managed={"web", "db", "cache"},
+    )
+    assert (cfg.name, cfg.container, cfg.source) == ("web", "proj-web-1", "labels")
+    assert cfg.listen == Address("0.0.0.0", 8080) and cfg.backend is None
+    assert cfg.backend_port == 8080, "the backend's address is read from Docker"
+    assert (cfg.sleep_policy.idle_timeout, cfg.sleep_policy.action) == (30.0, "stop")
+    assert cfg.auto_start is True
+    assert cfg.depends_on == ("cache", "db"), "compose's redis is not managed: ignored"
+
+
+@pytest.mark.parametrize(
+    ("labels", "messages"),
+    [
+        (
+            {"wakeproxy.port": "8080", "wakeproxy.idle_timeout": "soon", "wakeproxy.actoin": "x"},
+            [
+                "container c1: unknown label 'wakeproxy.actoin' (did you mean 'wakeproxy.action'?)",
+                "container c1: label wakeproxy.idle_timeout: expected a duration in seconds",
+            ],
+        ),
+        ({"wakeproxy.idle_timeout": "5"}, ["container c1: needs label wakeproxy.port"]),
+        (
+            {"wakeproxy.port": "80"},
+            ["container c1: label wakeproxy.port: listening on 0.0.0.0:80 is outside"],
+        ),
+        (
+            {"wakeproxy.port": "8080", "wakeproxy.name": "no spaces"},
+            ["container c1: a service name is 1-63 letters"],
+        ),
+        (
+            {"wakeproxy.port": "8080", "wakeproxy.policy": "nightly"},
+            ["container c1: label wakeproxy.policy: no policy named 'nightly'; defined: none"],
+        ),
+    ],
+)
+def test_bad_labels_name_the_container_and_the_label(labels, messages):
+    with pytest.raises(ConfigError) as bad:
+        service_from_labels(
+            "c1",
+            {"wakeproxy.enable": "true", **labels},
+            policies={},
+            allowed_listen=DEFAULT_ALLOWED_LISTEN,
+        )
+    assert len(bad.value.problems) == len(messages), bad.value.problems
+    for problem, message in zip(bad.value.problems, messages, strict=True):
+        assert problem.startswith(message), problem

@@ -129,10 +129,20 @@ class Api:
         if path == "/policies":
             return json_response(200, {"policies": self._policies()})
         services = list(self.proxy.services.values())
+        # Labelled containers refused by discovery are listed too: users look here first.
+        rejected = self.proxy.discovery.rejected if self.proxy.discovery is not None else {}
+        refused = [
+            {"name": name, "state": State.FAILED.value, "source": "labels", "reason": why}
+            for name, why in sorted(rejected.items())
+        ]
         if path == "/services/health":
             checks = await asyncio.gather(*(backend_health(s) for s in services))
-            return json_response(200, {"services": checks})
-        return json_response(200, {"services": [service_status(s) for s in services]})
+            refused = [
+                {"name": r["name"], "state": r["state"], "health": "failed", "why": r["reason"]}
+                for r in refused
+            ]
+            return json_response(200, {"services": [*checks, *refused]})
+        return json_response(200, {"services": [*map(service_status, services), *refused]})
 
     def _policies(self) -> dict[str, Any]:
         return {
@@ -243,6 +253,7 @@ def service_status(service: Service) -> dict[str, Any]:
         "state": service.state.value,
         "reason": service.lifecycle.reason,
         "runtime": service.runtime.kind,
+        "source": service.cfg.source,
         "backend": str(service.backend) if service.backend is not None else None,
         "listen": str(service.cfg.listen),
         "open": service.open - service.held,

@@ -14,9 +14,11 @@ import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .admin import AdminServer
 from .config import Address, Config, ServiceConfig
+from .discovery import LabelDiscovery
 from .errors import EngineUnavailable, WakeproxyError
 from .lifecycle import State
 from .runtimes.base import Runtime
@@ -61,6 +63,7 @@ class Proxy:
         self.services: dict[str, Service] = {}
         self.engine: DockerEngine | None = None
         self.admin: AdminServer | None = None
+        self.discovery: LabelDiscovery | None = None
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
 
@@ -71,10 +74,12 @@ class Proxy:
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())
         engine_error: str | None = None
-        if any(cfg.runtime == "docker" for cfg in configs):
+        listing: list[dict[str, Any]] | None = None
+        labels_on = self.config.discovery.docker_labels
+        if labels_on or any(cfg.runtime == "docker" for cfg in configs):
             self.engine = DockerEngine()
             try:
-                await self.engine.refresh_snapshot()
+                listing = await self.engine.refresh_snapshot()
             except EngineUnavailable as exc:
                 engine_error = str(exc)
                 log.error(
@@ -92,6 +97,12 @@ class Proxy:
             for cfg in configs:
                 with _listening(f"service {cfg.name}", cfg.listen):
                     await self.services[cfg.name].start()
+            if labels_on:
+                assert self.engine is not None
+                self.discovery = LabelDiscovery(self, self.config.discovery, self.engine)
+                if listing is not None:
+                    # The same listing: labelled containers are served from the start.
+                    await self.discovery.apply(listing)
             with _listening("admin API", self.config.admin.listen):
                 await admin.start()
             self.admin = admin
@@ -100,11 +111,58 @@ class Proxy:
             raise
         if self.engine is not None:
             self.engine.start_events()
+        if self.discovery is not None:
+            self.discovery.start()
+
+    async def add_services(self, configs: list[ServiceConfig]) -> dict[str, str]:
+        """Start services while the proxy runs; returns name -> why for those that cannot listen.
+
+        Their state comes from the engine's latest listing, which the caller just made.
+        """
+        added: list[Service] = []
+        for cfg in configs:
+            runtime = self._runtime(cfg)
+            initial, reason = self._initial_state(runtime, None)
+            added.append(Service(cfg, runtime, initial=initial, reason=reason))
+            self.services[cfg.name] = added[-1]
+        self._wire()
+        failed: dict[str, str] = {}
+        for service in added:
+            try:
+                with _listening(f"service {service.name}", service.cfg.listen):
+                    await service.start()
+            except ListenError as exc:
+                failed[service.name] = str(exc)
+                del self.services[service.name]
+                await self._end(service)
+        if failed:
+            self._wire()
+        return failed
+
+    async def remove_service(self, name: str) -> None:
+        """Stop serving one service: its listener closes and its connections end."""
+        service = self.services.pop(name)
+        self._wire()
+        await self._end(service)
+
+    @staticmethod
+    async def _end(service: Service) -> None:
+        await service.close()
+        try:
+            await service.runtime.close()
+        except WakeproxyError as exc:
+            log.warning("%s: %s", service.name, exc)
 
     def _wire(self) -> None:
+        """Link dependencies, dependents and group members (again after any change)."""
         groups: dict[str, list[Service]] = {}
         for service in self.services.values():
-            service.depends_on = [self.services[name] for name in service.cfg.depends_on]
+            service.dependents = []
+            service.group = []
+        for service in self.services.values():
+            service.depends_on = [
+                self.services[name] for name in service.cfg.depends_on if name in self.services
+            ]
             for dependency in service.depends_on:
                 dependency.dependents.append(service)
             if service.cfg.group is not None:
@@ -138,6 +196,9 @@ class Proxy:
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
+        if self.discovery is not None:
+            await self.discovery.close()
+            self.discovery = None
         if self.admin is not None:
             await self.admin.close()
             self.admin = None

@@ -23,7 +23,7 @@ import difflib
 import ipaddress
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,6 +138,8 @@ class ServiceConfig:
     # Services woken (and kept awake) before this one, and the group it wakes and sleeps with.
     depends_on: tuple[str, ...] = ()
     group: str | None = None
+    # "config" (the YAML file) or "labels" (a labelled container, discovered).
+    source: str = "config"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +158,52 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenRange:
+    """Addresses and ports a container label may ask the proxy to listen on."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    low: int
+    high: int
+
+    def allows(self, address: Address) -> bool:
+        host = "127.0.0.1" if address.host == "localhost" else address.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return ip in self.network and self.low <= address.port <= self.high
+
+    def __str__(self) -> str:
+        ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+        return f"{self.network}:{ports}"
+
+
+# Unprivileged ports on any address: discovery is off by default, and whoever turns
+# it on can narrow this with discovery.allowed_listen.
+DEFAULT_ALLOWED_LISTEN = (
+    ListenRange(ipaddress.ip_network("0.0.0.0/0"), 1024, 65535),
+    ListenRange(ipaddress.ip_network("::/0"), 1024, 65535),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    # Containers labelled wakeproxy.enable=true become services (off: whoever can create
+    # containers could otherwise open listeners on the proxy).
+    docker_labels: bool = False
+    allowed_listen: tuple[ListenRange, ...] = DEFAULT_ALLOWED_LISTEN
+    # Seconds between full re-reads of the labelled containers (the event stream is the
+    # fast path; this is the safety net).
+    interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     services: Mapping[str, ServiceConfig]
     policies: Mapping[str, SleepPolicy] = field(default_factory=dict)
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     source: str | None = None
 
 
@@ -171,12 +214,23 @@ class _Bad(ValueError):
 class _Problems:
     """Collects faults with their location; raised together as one ConfigError."""
 
-    def __init__(self, source: str | None, lines: Mapping[KeyPath, int]) -> None:
+    def __init__(
+        self,
+        source: str | None,
+        lines: Mapping[KeyPath, int],
+        where: Callable[[KeyPath], str | None] | None = None,
+    ) -> None:
         self.source = source
         self.lines = lines
+        # Names a location other than a key path (a container label), when it can.
+        self.where = where
         self.items: list[str] = []
 
     def add(self, path: KeyPath, message: str) -> None:
+        named = self.where(path) if self.where is not None else None
+        if named is not None:
+            self.items.append(f"{named}: {message}")
+            return
         dotted = ".".join(str(p) for p in path) or "(top level)"
         line = self._line_of(path)
         if self.source is not None and line is not None:
@@ -321,6 +375,35 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _listen_range(value: Any) -> ListenRange:
+    """``CIDR:PORT`` or ``CIDR:LOW-HIGH``; ``[v6-CIDR]:PORTS`` for IPv6; ``*`` for any port."""
+    example = "such as 127.0.0.0/8:8000-8999 or [::1/128]:8080"
+    if not isinstance(value, str):
+        raise _Bad(f"expected an address range and ports {example}, got {_describe(value)}")
+    match = re.fullmatch(r"\[([^\]]+)\]:(\S+)|([^:\[\]]+):(\S+)", value.strip())
+    if not match:
+        raise _Bad(f"expected an address range and ports {example}, got {_describe(value)}")
+    host, ports = match.group(1) or match.group(3), match.group(2) or match.group(4)
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        raise _Bad(f"{host!r} is not an address or address range (CIDR)") from None
+    low_text, _, high_text = ("1-65535" if ports == "*" else ports).partition("-")
+    try:
+        low, high = _port(int(low_text)), _port(int(high_text or low_text))
+    except (ValueError, _Bad):
+        raise _Bad(f"expected ports N or N-M from 1 to 65535, got {ports!r}") from None
+    if low > high:
+        raise _Bad(f"the port range {ports!r} runs backwards")
+    return ListenRange(network, low, high)
+
+
+def _listen_ranges(value: Any) -> tuple[ListenRange, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"expected a list of address ranges with ports, got {_describe(value)}")
+    return tuple(_listen_range(item) for item in value)
+
+
 def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise _Bad(f"expected a mapping of names to strings, got {_describe(value)}")
@@ -436,7 +519,13 @@ _LOG_FIELDS: dict[str, Check] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("text", "json"),
 }
+_DISCOVERY_FIELDS: dict[str, Check] = {
+    "docker_labels": _bool,
+    "allowed_listen": _listen_ranges,
+    "interval": _positive_seconds,
+}
 _TOP_FIELDS: dict[str, Check] = {
+    "discovery": _nested,
     "policies": _nested,
     "admin": _nested,
     "log": _nested,
@@ -601,11 +690,16 @@ def build_config(
 
     admin_values = _section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
     log_values = _section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
+    discovery_values = (
+        _section(top.get("discovery", {}), ("discovery",), _DISCOVERY_FIELDS, problems) or {}
+    )
 
     policies = _parse_policies(top.get("policies", {}), problems)
     services: dict[str, ServiceConfig] = {}
     raw_services = top.get("services")
-    if raw_services is None:
+    if raw_services is None and discovery_values.get("docker_labels"):
+        pass  # labelled containers are the services
+    elif raw_services is None:
         problems.add(("services",), "missing: list the services to proxy under 'services:'")
     elif not isinstance(raw_services, dict):
         problems.add(
@@ -627,20 +721,24 @@ def build_config(
         policies=policies,
         admin=admin,
         log=_replace(LogConfig(), log_values),
+        discovery=_replace(DiscoveryConfig(), discovery_values),
         source=source,
     )
 
 
 def _check_dependencies(services: Mapping[str, ServiceConfig], problems: _Problems) -> None:
-    """Every dependency exists, and none depends on itself through others (a cycle)."""
+    for name, message in dependency_faults(services):
+        problems.add(("services", name, "depends_on"), message)
+
+
+def dependency_faults(services: Mapping[str, ServiceConfig]) -> list[tuple[str, str]]:
+    """(service, why) for each dependency that does not exist or closes a cycle."""
+    faults: list[tuple[str, str]] = []
     for service in services.values():
         for name in service.depends_on:
             if name not in services:
                 known = ", ".join(sorted(services))
-                problems.add(
-                    ("services", service.name, "depends_on"),
-                    f"no service named {name!r}; services: {known}",
-                )
+                faults.append((service.name, f"no service named {name!r}; services: {known}"))
     state: dict[str, str] = {}  # name -> "visiting" | "done"
 
     def visit(name: str, path: list[str]) -> None:
@@ -648,7 +746,7 @@ def _check_dependencies(services: Mapping[str, ServiceConfig], problems: _Proble
             return
         if state.get(name) == "visiting":
             cycle = " -> ".join([*path[path.index(name) :], name])
-            problems.add(("services", path[-1], "depends_on"), f"a dependency cycle: {cycle}")
+            faults.append((path[-1], f"a dependency cycle: {cycle}"))
             return
         state[name] = "visiting"
         for dependency in services[name].depends_on:
@@ -657,6 +755,7 @@ def _check_dependencies(services: Mapping[str, ServiceConfig], problems: _Proble
 
     for name in services:
         visit(name, [])
+    return faults
 
 
 def _check_listeners(
@@ -800,3 +899,131 @@ def update_policy(policy: SleepPolicy, name: str, body: Any) -> SleepPolicy:
 def with_policy(cfg: ServiceConfig, policy: SleepPolicy) -> ServiceConfig:
     """``cfg`` following a changed named policy, its own overrides still winning."""
     return dataclasses.replace(cfg, sleep_policy=_replace(policy, cfg.policy_overrides))
+
+
+# ---- container labels (discovery): the same keys and checks as a YAML service entry
+
+LABEL_PREFIX = "wakeproxy."
+COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+COMPOSE_DEPENDS_ON_LABEL = "com.docker.compose.depends_on"
+# wakeproxy.KEY -> where the value goes in a YAML service entry.
+_LABEL_SERVICE_KEYS = (
+    "port", "listen", "backend", "mode", "wake_on", "backlog", "connect_timeout",
+    "idle_connection_timeout", "connect_concurrency", "wake_timeout", "max_held_connections",
+    "auto_start", "stop_timeout", "group", "depends_on",
+)  # fmt: skip
+_LABEL_PATHS: dict[str, KeyPath] = {
+    **{key: (key,) for key in _LABEL_SERVICE_KEYS},
+    **{
+        key: ("sleep_policy", key)
+        for key in ("idle_timeout", "min_sleep_time", "priority", "action", "stop_after")
+    },
+    "policy": ("sleep_policy", "use"),
+    "readiness": ("readiness", "http"),
+}
+# Labels that are text as they stand; the others are read as YAML scalars (300, 1.5, true).
+_LABEL_TEXT = {"listen", "backend", "mode", "wake_on", "group", "priority", "action", "policy"}
+_LABEL_OWN = {"enable", "name"}  # read by discovery itself
+
+
+def label_enabled(labels: Mapping[str, str]) -> bool:
+    return labels.get(LABEL_PREFIX + "enable", "").strip().lower() in ("true", "1", "yes")
+
+
+def label_service_name(container: str, labels: Mapping[str, str]) -> str:
+    """wakeproxy.name, else the compose service, else the container's name."""
+    return (
+        labels.get(LABEL_PREFIX + "name")
+        or labels.get(COMPOSE_SERVICE_LABEL)
+        or container.lstrip("/")
+    ).strip()
+
+
+def _label_scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, int | float | bool) else text
+
+
+def service_from_labels(
+    container: str,
+    labels: Mapping[str, str],
+    *,
+    policies: Mapping[str, SleepPolicy],
+    allowed_listen: tuple[ListenRange, ...],
+    managed: Collection[str] = (),
+) -> ServiceConfig:
+    """A service for a labelled container; ConfigError naming the container and label.
+
+    Dependencies from compose's own depends_on label count only where they name a
+    service the proxy manages (``managed``): compose also lists databases and the like
+    that never sleep. wakeproxy.depends_on names must all exist.
+    """
+    name = label_service_name(container, labels)
+    where_label: dict[KeyPath, str] = {}
+    entry: dict[str, Any] = {"container": container}
+    problems: list[str] = []
+    for key, text in labels.items():
+        if not key.startswith(LABEL_PREFIX):
+            continue
+        short = key[len(LABEL_PREFIX) :]
+        if short in _LABEL_OWN:
+            continue
+        path = _LABEL_PATHS.get(short)
+        if path is None:
+            known = ", ".join(LABEL_PREFIX + k for k in sorted({*_LABEL_PATHS, *_LABEL_OWN}))
+            close = difflib.get_close_matches(short, list(_LABEL_PATHS), n=1)
+            hint = f" (did you mean {LABEL_PREFIX + close[0]!r}?)" if close else ""
+            problems.append(f"container {container}: unknown label {key!r}{hint}; known: {known}")
+            continue
+        if short == "depends_on":
+            value: Any = [part.strip() for part in text.split(",") if part.strip()]
+        elif short in _LABEL_TEXT:
+            value = text.strip()
+        else:
+            value = _label_scalar(text.strip())
+        where_label[("services", name, *path)] = key
+        target = entry
+        for part in path[:-1]:
+            target = target.setdefault(str(part), {})
+        target[str(path[-1])] = value
+    if "port" not in entry and "listen" not in entry:
+        problems.append(
+            f"container {container}: needs label {LABEL_PREFIX}port (listen and backend port) "
+            f"or {LABEL_PREFIX}listen with {LABEL_PREFIX}backend"
+        )
+        raise ConfigError(problems)
+    compose = [
+        item.split(":", 1)[0].strip()
+        for item in labels.get(COMPOSE_DEPENDS_ON_LABEL, "").split(",")
+        if item.strip()
+    ]
+    extra = [dep for dep in compose if dep in managed and dep != name]
+    if extra:
+        entry["depends_on"] = [*entry.get("depends_on", []), *extra]
+
+    def where(path: KeyPath) -> str:
+        for end in range(len(path), 2, -1):
+            label = where_label.get(path[:end])
+            if label is not None:
+                return f"container {container}: label {label}"
+        if len(path) >= 3 and path[2] == "depends_on":
+            return f"container {container}: label {COMPOSE_DEPENDS_ON_LABEL}"
+        return f"container {container}"
+
+    collected = _Problems(None, {}, where)
+    service = _parse_service(name, entry, collected, policies)
+    if service is None or problems or collected.items:
+        raise ConfigError(problems + collected.items)
+    if not any(r.allows(service.listen) for r in allowed_listen):
+        label = LABEL_PREFIX + ("listen" if "listen" in entry else "port")
+        ranges = ", ".join(str(r) for r in allowed_listen) or "none"
+        raise ConfigError(
+            [
+                f"container {container}: label {label}: listening on {service.listen} is "
+                f"outside discovery.allowed_listen ({ranges})"
+            ]
+        )
+    return dataclasses.replace(service, source="labels")

@@ -108,6 +108,16 @@ class ProxyCollector(Collector):
         )
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
+        discovery = self.proxy.discovery
+        if discovery is not None:
+            refused = GaugeMetricFamily(
+                "wakeproxy_discovery_rejected",
+                "1 for each labelled container discovery could not serve (see GET /services).",
+                labels=["service"],
+            )
+            for name in sorted(discovery.rejected):
+                refused.add_metric([name], 1.0)
+            yield refused
         engine = self.proxy.engine
         if engine is not None:
             yield GaugeMetricFamily(

@@ -665,6 +665,10 @@ class Service:
             )
         self._feed(event)
 
+    def recheck(self) -> None:
+        """Re-read the backend's state (a runtime registered after the listing it came from)."""
+        self._spawn(self._refresh())
+
     async def _refresh(self) -> None:
         if self._refreshing:
             return

@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiodocker
 import aiohttp
 import orjson
 
+from ..config import LABEL_PREFIX
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed
 from ..lifecycle import State
 from .base import Runtime
@@ -49,6 +50,7 @@ _EVENTS: dict[str, State] = {
     "create": State.STOPPED,
     "destroy": State.FAILED,
 }
+_LABEL_ENABLE = LABEL_PREFIX + "enable"
 _ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
 _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 10.0
@@ -95,6 +97,9 @@ class DockerEngine:
         self._snapshot_at = 0.0
         self._events_task: asyncio.Task[None] | None = None
         self.up = False
+        # Called when a container labelled wakeproxy.enable is created, removed or
+        # renamed, and after a reconnect (events may have been missed): discovery's cue.
+        self.on_labelled_change: Callable[[], None] | None = None
 
     @property
     def client(self) -> aiodocker.Docker:
@@ -106,8 +111,15 @@ class DockerEngine:
     def register(self, runtime: DockerRuntime) -> None:
         self._runtimes[runtime.ref] = runtime
 
-    async def refresh_snapshot(self) -> None:
-        """Read every container's state in one call (start-up and reconnects)."""
+    def unregister(self, runtime: DockerRuntime) -> None:
+        if self._runtimes.get(runtime.ref) is runtime:
+            del self._runtimes[runtime.ref]
+
+    async def refresh_snapshot(self) -> list[dict[str, Any]]:
+        """Read every container's state in one call (start-up, reconnects, discovery).
+
+        Returns the listing itself: it also carries each container's labels.
+        """
         listed_at = time.time() - 1.0  # the engine's clock granularity, with margin
         with map_docker_errors("listing containers"):
             # The raw listing: it carries state and network addresses for every container.
@@ -121,6 +133,7 @@ class DockerEngine:
         self._snapshot = snapshot
         self._snapshot_at = listed_at
         self.up = True
+        return list(containers)
 
     def _snapshot_entry(self, ref: str) -> tuple[State, str | None] | None:
         entry = self._snapshot.get(ref)
@@ -149,6 +162,8 @@ class DockerEngine:
                 if not first:
                     await self.refresh_snapshot()
                     self._reconcile("re-read after the engine came back")
+                    if self.on_labelled_change is not None:
+                        self.on_labelled_change()
                 first = False
                 await self._read_events()
                 log.warning("the Docker event stream ended; reconnecting")
@@ -182,11 +197,18 @@ class DockerEngine:
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")
+        actor = event.get("Actor") or {}
+        attributes = actor.get("Attributes") or {}
+        if (
+            action in ("create", "destroy", "rename")
+            and _LABEL_ENABLE in attributes
+            and self.on_labelled_change is not None
+        ):
+            self.on_labelled_change()
         state = _EVENTS.get(action)
         if state is None:
             return
-        actor = event.get("Actor") or {}
-        name = str((actor.get("Attributes") or {}).get("name", ""))
+        name = str(attributes.get("name", ""))
         cid = str(actor.get("ID") or event.get("id") or "")
         runtime = self._runtimes.get(name) or self._runtimes.get(cid)
         if runtime is None:
@@ -284,6 +306,10 @@ class DockerRuntime(Runtime):
     def known_backend_host(self) -> str | None:
         # From the start-up listing: no inspect per container at start-up.
         return self.engine.snapshot_address(self.ref)
+
+    async def close(self) -> None:
+        # The container stays as it is; only its events stop coming here.
+        self.engine.unregister(self)
 
     def describe(self) -> str:
         return f"docker {self.ref}"

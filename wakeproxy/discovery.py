@@ -1,0 +1,204 @@
+"""Label discovery: containers labelled ``wakeproxy.enable=true`` become services.
+
+Off unless ``discovery.docker_labels`` is set: whoever can create containers could
+otherwise open listeners on the proxy, and ``discovery.allowed_listen`` bounds what a
+label may ask for. Labels take the YAML's keys and pass the same checks; a bad label
+fails that one service (listed by the API with the reason) and the others run.
+
+The engine's event stream is the fast path: a labelled container created, renamed or
+removed cues a re-read. Every re-read is one container listing compared with what
+runs: new services start, services whose labels changed are replaced, services whose
+container is gone stop listening. A periodic re-read is the safety net for missed
+events. YAML wins where both name the same service (or the same container).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .config import (
+    COMPOSE_DEPENDS_ON_LABEL,
+    LABEL_PREFIX,
+    Address,
+    DiscoveryConfig,
+    ServiceConfig,
+    dependency_faults,
+    label_enabled,
+    label_service_name,
+    service_from_labels,
+)
+from .errors import ConfigError, EngineUnavailable
+
+if TYPE_CHECKING:
+    from .app import Proxy
+    from .runtimes.docker import DockerEngine
+
+log = logging.getLogger("wakeproxy.discovery")
+
+# What a discovered service was built from: its container, its labels and the
+# dependencies they resolved to. A change in any of these replaces the service; a live
+# change through the API (policy, timeouts) does not count as one.
+_Origin = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]
+
+
+def _origin(container: str, labels: Mapping[str, str], cfg: ServiceConfig) -> _Origin:
+    own = sorted(
+        (k, v)
+        for k, v in labels.items()
+        if k.startswith(LABEL_PREFIX) or k == COMPOSE_DEPENDS_ON_LABEL
+    )
+    return container, tuple(own), cfg.depends_on
+
+
+class LabelDiscovery:
+    def __init__(self, proxy: Proxy, cfg: DiscoveryConfig, engine: DockerEngine) -> None:
+        self.proxy = proxy
+        self.cfg = cfg
+        self.engine = engine
+        # Labelled containers that could not become services: service name -> why.
+        self.rejected: dict[str, str] = {}
+        self._origins: dict[str, _Origin] = {}
+        self._skipped: set[str] = set()  # named by the YAML too: logged once
+        self._cue = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        engine.on_labelled_change = self._cue.set
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow(), name="label-discovery")
+
+    async def close(self) -> None:
+        self.engine.on_labelled_change = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.interval):
+                    await self._cue.wait()
+            self._cue.clear()
+            try:
+                await self.reconcile()
+            except EngineUnavailable as exc:
+                # What runs keeps running; the engine's reconnect cues the next re-read.
+                log.warning("label discovery: %s", exc)
+            except Exception:
+                log.exception("label discovery failed; retrying at the next re-read")
+
+    async def reconcile(self) -> None:
+        """Re-read the labelled containers and make the running services match."""
+        await self.apply(await self.engine.refresh_snapshot())
+
+    async def apply(self, containers: list[dict[str, Any]]) -> None:
+        """Make the discovered services match ``containers`` (one engine listing)."""
+        wanted, labels_of, rejected = self._wanted(containers)
+        proxy = self.proxy
+        for name in [n for n, s in proxy.services.items() if s.cfg.source == "labels"]:
+            cfg = wanted.get(name)
+            origin = _origin(cfg.container or "", labels_of[name], cfg) if cfg else None
+            if origin == self._origins.get(name):
+                continue
+            why = "its container is gone" if cfg is None else "its labels changed"
+            log.info("%s: %s; closing its listener", name, why, extra={"service": name})
+            self._origins.pop(name, None)
+            await proxy.remove_service(name)
+        new = [cfg for name, cfg in wanted.items() if name not in proxy.services]
+        failed = await proxy.add_services(new)
+        for cfg in new:
+            if cfg.name in failed:
+                rejected[cfg.name] = failed[cfg.name]
+                continue
+            self._origins[cfg.name] = _origin(cfg.container or "", labels_of[cfg.name], cfg)
+            log.info(
+                "%s: discovered from container %s, listening on %s",
+                cfg.name,
+                cfg.container,
+                cfg.listen,
+                extra={"service": cfg.name},
+            )
+            # Events between the listing and the registration went nowhere: re-read.
+            proxy.services[cfg.name].recheck()
+        for name, why in rejected.items():
+            if self.rejected.get(name) != why:
+                log.error("%s: not served: %s", name, why, extra={"service": name})
+        self.rejected = rejected
+
+    def _wanted(
+        self, containers: list[dict[str, Any]]
+    ) -> tuple[dict[str, ServiceConfig], dict[str, Mapping[str, str]], dict[str, str]]:
+        """The services the labels ask for, their labels, and the refused ones with why."""
+        proxy = self.proxy
+        configured = {n: s.cfg for n, s in proxy.services.items() if s.cfg.source == "config"}
+        controlled = {cfg.container: name for name, cfg in configured.items() if cfg.container}
+        labelled: list[tuple[str, Mapping[str, str]]] = []
+        for entry in containers:
+            labels = entry.get("Labels") or {}
+            if label_enabled(labels):
+                names = entry.get("Names") or ()
+                container = str(names[0]).lstrip("/") if names else str(entry["Id"])[:12]
+                labelled.append((container, labels))
+        managed = set(configured) | {label_service_name(c, labels) for c, labels in labelled}
+
+        wanted: dict[str, ServiceConfig] = {}
+        labels_of: dict[str, Mapping[str, str]] = {}
+        rejected: dict[str, str] = {}
+        for container, labels in labelled:
+            name = label_service_name(container, labels)
+            owner = name if name in configured else controlled.get(container)
+            if owner is not None:
+                if container not in self._skipped:
+                    log.info(
+                        "container %s: labelled, but the config file's service %s wins",
+                        container,
+                        owner,
+                    )
+                    self._skipped.add(container)
+                continue
+            if name in wanted or name in rejected:
+                other = wanted.pop(name).container if name in wanted else "another container"
+                rejected[name] = (
+                    f"containers {other} and {container} both ask for the name {name!r}"
+                )
+                continue
+            try:
+                wanted[name] = service_from_labels(
+                    container,
+                    labels,
+                    policies=proxy.policies,
+                    allowed_listen=self.cfg.allowed_listen,
+                    managed=managed,
+                )
+                labels_of[name] = labels
+            except ConfigError as exc:
+                rejected[name] = "; ".join(exc.problems)
+
+        taken: dict[Address, str] = {proxy.config.admin.listen: "the admin API"}
+        taken.update({cfg.listen: f"service {name}" for name, cfg in configured.items()})
+        for name, cfg in sorted(wanted.items()):
+            owner = taken.get(cfg.listen)
+            if owner is not None:
+                rejected[name] = (
+                    f"container {cfg.container}: {cfg.listen} is already used by {owner}"
+                )
+                del wanted[name]
+            else:
+                taken[cfg.listen] = f"service {name}"
+
+        # Drop services whose dependencies are missing or circular until none are left.
+        while faults := [
+            (name, why)
+            for name, why in dependency_faults({**configured, **wanted})
+            if name in wanted
+        ]:
+            for name, why in faults:
+                if name in wanted:
+                    rejected[name] = f"container {wanted.pop(name).container}: {why}"
+        return wanted, labels_of, rejected
