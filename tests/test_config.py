@@ -148,8 +148,18 @@ def test_every_fault_is_reported_at_once():
         ("listen: 127.0.0.1:1\nbackend: 127.0.0.1:1\ncontainer: c", "cannot be the proxy's own"),
         ("port: 80\ncommand: [x]\nbackend: 127.0.0.1:2", "'port' is the seed form's shorthand"),
         (
-            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nmode: http",
-            "mode 'http' is not",
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nhttp: {sse_path: /s}",
+            "http settings need 'mode: http'",
+        ),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nmode: http\n"
+            "http: {idle_connections: allow-sleep}\nsleep_policy: {action: stop}",
+            "allow-sleep keeps connections open under a sleeping backend",
+        ),
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nmode: http\n"
+            "http: {probes: [{method: GET}, {path: healthz}], header_timeout: 0}",
+            "needs 'path'",
         ),
         (
             "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\n"

@@ -100,6 +100,52 @@ class Readiness:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    """A health check the proxy answers itself while the backend sleeps (mode http).
+
+    Matches on the method (None: any), the path (query ignored) and header conditions:
+    name -> text the header must contain, or ``!text`` it must not contain (an absent
+    header contains nothing). A ``stream`` answer stays open as an event stream until
+    the client goes away; otherwise the answer carries ``body`` and the connection closes.
+    """
+
+    path: str
+    method: str | None = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    status: int = 200
+    content_type: str = "text/plain"
+    body: str = ""
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The per-service ``http:`` block (mode http)."""
+
+    sse_path: str = "/sse"
+    header_timeout: float = 10.0
+    inflight_grace: float = 60.0
+    idle_connections: str = "keep-awake"
+    forwarded_headers: bool = False
+    default_probe: bool = True
+    probes: tuple[Probe, ...] = ()
+    waiting_page: bool = False
+
+    @property
+    def matchers(self) -> tuple[Probe, ...]:
+        """The configured probes, then the default one (the gateway's SSE check) if on."""
+        if not self.default_probe:
+            return self.probes
+        gateway = Probe(
+            path=self.sse_path,
+            headers={"accept": "!text/event-stream"},
+            content_type="text/event-stream",
+            stream=True,
+        )
+        return (*self.probes, gateway)
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
     cpu: float | None = None
     memory: int | None = None
@@ -118,6 +164,7 @@ class ServiceConfig:
     cwd: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     mode: str = "tcp"
+    http: HttpSettings = HttpSettings()
     wake_on: str = "connect"
     backlog: int = 4096
     connect_timeout: float = 5.0
@@ -493,6 +540,7 @@ _SERVICE_FIELDS: dict[str, Check] = {
     "cwd": _text,
     "env": _env,
     "mode": _choice("tcp", "http"),
+    "http": _nested,
     "wake_on": _choice("connect", "data"),
     "backlog": _int_between(1, 65535),
     "connect_timeout": _positive_seconds,
@@ -583,6 +631,64 @@ def _replace(base: _T, values: Mapping[str, Any]) -> _T:
     return dataclasses.replace(base, **values)  # type: ignore[type-var]
 
 
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c.isspace() for c in value):
+        raise _Bad(f"expected a path starting with / (no spaces), got {_describe(value)}")
+    return value
+
+
+def _header_conditions(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _Bad(
+            "expected header names mapped to text they contain (or !text they lack), "
+            f"got {_describe(value)}"
+        )
+    return {k.lower(): v.lower() for k, v in value.items()}
+
+
+_PROBE_FIELDS: dict[str, Check] = {
+    "method": lambda v: None if v in ("*", "ANY", "any") else _text(v).upper(),
+    "path": _path,
+    "headers": _header_conditions,
+    "status": _int_between(200, 599),
+    "content_type": _text,
+    "body": lambda v: v if isinstance(v, str) else _text(v),
+    "stream": _bool,
+}
+_HTTP_FIELDS: dict[str, Check] = {
+    "sse_path": _path,
+    "header_timeout": _positive_seconds,
+    "inflight_grace": _seconds,
+    "idle_connections": _choice("keep-awake", "allow-sleep"),
+    "forwarded_headers": _bool,
+    "default_probe": _bool,
+    "probes": _nested,
+    "waiting_page": _bool,
+}
+
+
+def _parse_http(data: Any, path: KeyPath, problems: _Problems) -> HttpSettings:
+    values = _section(data, path, _HTTP_FIELDS, problems) or {}
+    raw_probes = values.pop("probes", [])
+    probes: list[Probe] = []
+    if not isinstance(raw_probes, list):
+        problems.add((*path, "probes"), f"expected a list of probes, got {_describe(raw_probes)}")
+        raw_probes = []
+    for index, entry in enumerate(raw_probes):
+        where = (*path, "probes", index)
+        fields = _section(entry, where, _PROBE_FIELDS, problems)
+        if fields is None:
+            continue
+        if "path" not in fields:
+            if isinstance(entry, dict) and "path" not in entry:
+                problems.add(where, "needs 'path' (the path the health check asks for)")
+            continue
+        probes.append(_replace(Probe(path=fields.pop("path")), fields))
+    return _replace(HttpSettings(probes=tuple(probes)), values)
+
+
 def _parse_readiness(data: Any, path: KeyPath, problems: _Problems) -> Readiness:
     values = _section(data, path, _READINESS_FIELDS, problems) or {}
     if values.get("http") is not None:
@@ -656,8 +762,19 @@ def _parse_service(
         problems.add(path, "needs 'backend' (where the service's own server listens)")
     backend_port = backend.port if backend is not None else (port or 0)
 
-    if values.get("mode") == "http":
-        problems.add((*path, "mode"), "mode 'http' is not available in this version; use 'tcp'")
+    if values.get("mode") is None and seed_form:
+        # The seed's services are MCP servers behind the gateway: probes must not wake them.
+        values["mode"] = "http"
+    raw_http = values.pop("http", None)
+    if raw_http is not None and values.get("mode") != "http":
+        problems.add((*path, "http"), "http settings need 'mode: http'")
+    http = _parse_http(raw_http or {}, (*path, "http"), problems)
+    if http.idle_connections == "allow-sleep" and sleep.action == "stop":
+        problems.add(
+            (*path, "http", "idle_connections"),
+            "allow-sleep keeps connections open under a sleeping backend; "
+            "sleep action 'stop' would cut them: use action 'pause'",
+        )
     if len(problems.items) > before or listen is None:
         return None
     return ServiceConfig(
@@ -673,6 +790,7 @@ def _parse_service(
         policy_overrides=overrides,
         readiness=readiness,
         resources=resources,
+        http=http,
         **values,
     )
 

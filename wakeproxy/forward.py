@@ -67,6 +67,7 @@ class ClientSide(asyncio.Protocol):
         "_pending_size",
         "_settle",
         "_settle_handle",
+        "active",
         "attached",
         "bytes_down",
         "bytes_up",
@@ -86,6 +87,8 @@ class ClientSide(asyncio.Protocol):
         self._backend_eof = False
         # Attached: counted by the service as needing the backend (held or connected).
         self.attached = False
+        # Carried activity (mode http: a real request, not a probe): its end is activity too.
+        self.active = True
         self.closed = False
         self.bytes_up = 0
         self.bytes_down = 0
@@ -197,8 +200,13 @@ class ClientSide(asyncio.Protocol):
         else:
             transport.close()
 
-    def reject(self) -> None:
-        """Close a connection the backend will not serve (overflow, failed wake)."""
+    def upstream_protocol(self) -> UpstreamSide:
+        """The Protocol for this connection's backend side."""
+        return UpstreamSide(self)
+
+    def reject(self, outcome: str = "") -> None:
+        """Close a connection the backend will not serve (overflow, failed wake); in
+        mode http the client reads a status for ``outcome`` first."""
         if self.transport is not None and not self.closed:
             self.transport.close()
 

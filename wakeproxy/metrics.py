@@ -76,6 +76,11 @@ class ProxyCollector(Collector):
             "Bytes forwarded (client_to_backend, backend_to_client).",
             labels=["service", "direction"],
         )
+        answers = CounterMetricFamily(
+            "wakeproxy_http_answers",
+            "mode http: responses the proxy gave itself (probes, errors), by status.",
+            labels=["service", "status"],
+        )
         asleep = CounterMetricFamily(
             "wakeproxy_asleep_seconds",
             "Seconds the backend spent paused or stopped.",
@@ -102,7 +107,10 @@ class ProxyCollector(Collector):
             byte_count.add_metric([service.name, "client_to_backend"], up)
             byte_count.add_metric([service.name, "backend_to_client"], down)
             asleep.add_metric([service.name], service.asleep_seconds())
+            for code, count in sorted(stats.http_answers.items()):
+                answers.add_metric([service.name, str(code)], count)
         yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
+        yield answers
         info = GaugeMetricFamily(
             "wakeproxy_build_info", "The running version.", labels=["version", "python"]
         )

@@ -23,7 +23,8 @@ from typing import Any
 
 from .config import Address, ServiceConfig
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
-from .forward import ClientSide, UpstreamSide, set_keepalive
+from .forward import ClientSide, set_keepalive
+from .httpmode import HttpClientSide, wake_then_send
 from .lifecycle import (
     Action,
     Arrive,
@@ -98,6 +99,8 @@ class ServiceStats:
     )
     # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
     hourly: dict[int, list[int]] = field(default_factory=dict)
+    # mode http: responses the proxy gave itself (probes, errors), by status.
+    http_answers: collections.Counter[int] = field(default_factory=collections.Counter)
 
     @property
     def last_wake_s(self) -> float | None:
@@ -142,6 +145,8 @@ class Service:
         self.connections: set[ClientSide] = set()
         self.open = 0  # attached connections: held or forwarding; they block sleep
         self.last_activity = self.loop.time()
+        # mode http: no sleep before this (a POST answered 202 within inflight_grace).
+        self.busy_until = 0.0
         self._held: dict[ClientSide, None] = {}
         self._release_queue: collections.deque[ClientSide] = collections.deque()
         self._releasing = 0
@@ -198,7 +203,11 @@ class Service:
         policy = self.cfg.sleep_policy
         if self.state is not State.RUNNING or self.open or not policy.sleeps:
             return None
-        return max(0.0, self.last_activity + policy.idle_delay - self.loop.time())
+        return max(0.0, self.sleep_deadline() - self.loop.time())
+
+    def sleep_deadline(self) -> float:
+        """Loop time from which the idle policy may put the backend to sleep."""
+        return max(self.last_activity + self.cfg.sleep_policy.idle_delay, self.busy_until)
 
     # ---- start and close
 
@@ -212,7 +221,9 @@ class Service:
                 self._feed(Observed(State.FAILED, str(exc)))
         listen = self.cfg.listen
         self._server = await self.loop.create_server(
-            lambda: ClientSide(self),
+            (lambda: HttpClientSide(self))
+            if self.cfg.mode == "http"
+            else (lambda: ClientSide(self)),
             listen.host,
             listen.port,
             backlog=self.cfg.backlog,
@@ -236,10 +247,7 @@ class Service:
             self._spawn(self._auto_start())
 
     async def _auto_start(self) -> None:
-        try:
-            await self.wake("auto_start")
-        except RuntimeFailure as exc:
-            log.warning("%s: auto_start failed: %s", self.name, exc, extra={"service": self.name})
+        await self._wake_quietly("auto_start")
 
     async def close(self) -> None:
         """Stop accepting, close every connection, cancel every timer and task."""
@@ -271,16 +279,56 @@ class Service:
         self.connections.add(conn)
         self.stats.accepted += 1
         conn.arm_idle_timeout(self.cfg.idle_connection_timeout)
-        if self.cfg.wake_on == "connect":
+        # mode http waits for a request head: a probe must not wake anything.
+        if self.cfg.wake_on == "connect" and self.cfg.mode == "tcp":
             self.attach(conn)
 
-    def attach(self, conn: ClientSide) -> None:
+    def attach(self, conn: ClientSide, *, activity: bool = True) -> None:
         """The connection needs the backend: forward, hold or reject it."""
         conn.attached = True
         self.open += 1
-        self.last_activity = self.loop.time()
+        if activity:
+            self.last_activity = self.loop.time()
         self.stats.count_hourly(1)
         self._feed(Arrive(), conn)
+
+    # ---- mode http: requests on open connections
+
+    def request_seen(self, conn: ClientSide) -> None:
+        """A client request that is activity (not a probe, not session set-up)."""
+        conn.active = True
+        self.last_activity = self.loop.time()
+
+    def block(self, conn: ClientSide) -> None:
+        """allow-sleep: a quiet connection sent a request; it holds the backend awake again."""
+        if not conn.attached and not conn.closed:
+            conn.attached = True
+            self.open += 1
+
+    def unblock(self, conn: ClientSide) -> None:
+        """allow-sleep: a connection with no request for idle_timeout and nothing in
+        flight no longer keeps the backend awake."""
+        if conn.attached:
+            conn.attached = False
+            self.open -= 1
+            if self.open == 0:
+                self._arm_idle()
+
+    def note_accepted(self) -> None:
+        """A POST answered 202: its result may still come on a stream (inflight_grace)."""
+        self.busy_until = max(self.busy_until, self.loop.time() + self.cfg.http.inflight_grace)
+
+    def wake_for(self, conn: HttpClientSide) -> None:
+        self._spawn(wake_then_send(self, conn))
+
+    def wake_in_background(self, reason: str) -> None:
+        self._spawn(self._wake_quietly(reason))
+
+    async def _wake_quietly(self, reason: str) -> None:
+        try:
+            await self.wake(reason)
+        except RuntimeFailure as exc:
+            log.warning("%s: wake failed: %s", self.name, exc, extra={"service": self.name})
 
     def detached(self, conn: ClientSide) -> None:
         self.connections.discard(conn)
@@ -289,7 +337,8 @@ class Service:
         if not conn.attached:
             return
         self.open -= 1
-        self.last_activity = self.loop.time()
+        if conn.active:
+            self.last_activity = self.loop.time()
         if conn in self._held:
             del self._held[conn]
             self._feed(HeldLeft())
@@ -450,7 +499,7 @@ class Service:
             self._held.clear()
             for item in held:
                 self.stats.connections[action.outcome] += 1
-                item.reject()
+                item.reject(action.outcome)
             failure = WakeTimeout if action.outcome == "wake_timeout" else OperationFailed
             for waiter in self._waiters:
                 if not waiter.done():
@@ -466,7 +515,7 @@ class Service:
                 )
         elif conn is not None:
             self.stats.connections[action.outcome] += 1
-            conn.reject()
+            conn.reject(action.outcome)
 
     # ---- idle timer
 
@@ -478,16 +527,14 @@ class Service:
             return
         if not policy.sleeps:
             return
-        self._idle_handle = self.loop.call_at(
-            self.last_activity + policy.idle_delay, self._idle_fired
-        )
+        self._idle_handle = self.loop.call_at(self.sleep_deadline(), self._idle_fired)
 
     def _idle_fired(self) -> None:
         self._idle_handle = None
         policy = self.cfg.sleep_policy
         if self.open or self.state is not State.RUNNING or not policy.sleeps:
             return
-        deadline = self.last_activity + policy.idle_delay
+        deadline = self.sleep_deadline()
         now = self.loop.time()
         if now < deadline:
             # Activity since the timer was armed: re-arm for the time that is left.
@@ -578,7 +625,7 @@ class Service:
             self.state is State.RUNNING
             and not self.open
             and policy.sleeps
-            and now >= self.last_activity + policy.idle_delay
+            and now >= self.sleep_deadline()
         )
 
     def _record_wake(self, event: Event) -> None:
@@ -733,14 +780,14 @@ class Service:
                 raise OperationFailed("the backend address is not known yet")
             async with asyncio.timeout(self.cfg.connect_timeout):
                 await self.loop.create_connection(
-                    lambda: UpstreamSide(conn), backend.host, backend.port
+                    conn.upstream_protocol, backend.host, backend.port
                 )
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
             if conn.closed:
                 return
             self.stats.connections["backend_error"] += 1
-            conn.reject()
+            conn.reject("backend_error")
             self._backend_error(exc)
             return
         self.stats.connections["forwarded"] += 1

@@ -1,0 +1,221 @@
+"""mode http with the process runtime: probes, activity, framing and the errors a client reads."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.conftest import (
+    PYTHON,
+    backend_command,
+    config_from,
+    free_port,
+    running,
+    wait_until,
+)
+from wakeproxy.lifecycle import State
+
+pytestmark = pytest.mark.asyncio
+BODY = b"hello from the backend\n"
+GATEWAY_PROBE = b"GET /sse HTTP/1.1\r\nHost: web\r\nAccept: */*\r\n\r\n"
+
+
+def http_service(name: str, port: int, backend: int, *lines: str, command: str = "") -> list[str]:
+    return [
+        f"  {name}:",
+        f"    listen: 127.0.0.1:{port}",
+        f"    backend: 127.0.0.1:{backend}",
+        f"    command: {command or backend_command(backend)}",
+        "    mode: http",
+        *(f"    {line}" for line in lines),
+    ]
+
+
+def http_config(*services: list[str]) -> str:
+    return "\n".join(
+        [
+            "admin:",
+            f"  listen: 127.0.0.1:{free_port()}",
+            "services:",
+            *(line for service in services for line in service),
+        ]
+    )
+
+
+async def exchange(
+    port: int, data: bytes, *, within: float = 10.0, half_close: bool = False
+) -> bytes:
+    """Send ``data`` (then EOF if ``half_close``) and read until the other side closes."""
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(data)
+            if half_close:
+                writer.write_eof()
+            return await reader.read(-1)
+        finally:
+            writer.close()
+
+
+async def head_of(port: int, data: bytes, *, within: float = 10.0) -> bytes:
+    """Send ``data``, read one response head, then drop the connection (as the gateway does)."""
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(data)
+            return await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.transport.abort()
+
+
+def status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def test_probes_are_answered_while_asleep_and_never_count_as_activity():
+    port, backend = free_port(), free_port()
+    config = http_config(
+        http_service(
+            "web", port, backend,
+            "http: {probes: [{path: /healthz, body: \"ok\\n\"}]}",
+            "sleep_policy: {idle_timeout: 0.5, action: stop}",
+        )
+    )  # fmt: skip
+    async with running(config_from(config)) as proxy:
+        service = proxy.services["web"]
+        assert service.state is State.STOPPED
+
+        probe = await head_of(port, GATEWAY_PROBE)
+        assert status(probe) == 200 and b"Content-Type: text/event-stream" in probe
+        healthz = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert status(healthz) == 200 and healthz.endswith(b"\r\n\r\nok\n")
+        assert service.state is State.STOPPED and service.stats.wakes["ok"] == 0
+        assert service.stats.http_answers[200] == 2
+
+        # A real request wakes it; the backend answers.
+        reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        assert reply.endswith(BODY) and service.stats.wakes["ok"] == 1
+
+        # Probes every 100 ms (forwarded while awake) do not keep it awake...
+        deadline = time.monotonic() + 5
+        answered_by_backend = 0
+        while service.state is not State.STOPPED:
+            assert time.monotonic() < deadline, "probes kept the backend awake"
+            head = await head_of(port, GATEWAY_PROBE)
+            assert status(head) == 200
+            answered_by_backend += b"Content-Length" in head
+            await asyncio.sleep(0.1)
+        assert answered_by_backend >= 1, "while awake, probes reach the backend"
+        # ...and once it sleeps they are answered without waking it.
+        for _ in range(10):
+            assert status(await head_of(port, GATEWAY_PROBE)) == 200
+            await asyncio.sleep(0.1)
+        assert service.stats.wakes["ok"] == 1 and service.state is State.STOPPED
+
+
+async def test_bytes_pass_unchanged_pipelined_and_with_bodies():
+    port, backend, fwd_port, fwd_backend = free_port(), free_port(), free_port(), free_port()
+    config = http_config(
+        http_service("web", port, backend),
+        http_service("fwd", fwd_port, fwd_backend, "http: {forwarded_headers: true}"),
+    )
+    async with running(config_from(config)):
+        sent = b"GET /echo-head HTTP/1.1\r\nHost: example.test:8080\r\nX-Odd:  spaced \r\n\r\n"
+        reply = await exchange(
+            port, sent + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        first, second = reply.split(b"HTTP/1.1 200 OK", 2)[1:]
+        assert first.endswith(sent), "the head reaches the backend byte for byte (Host kept)"
+        assert second.endswith(BODY)
+
+        # Bodies by length and chunked, pipelined in one write: each next head is found.
+        body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}'
+        requests = (
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"5\r\nhello\r\n0\r\n\r\n"
+            + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )  # fmt: skip
+        replies = await exchange(port, requests)
+        assert replies.count(b"HTTP/1.1 200 OK") == 3, replies
+
+        forwarded = await exchange(
+            fwd_port, b"GET /echo-head HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n"
+        )
+        assert b"X-Forwarded-For: 127.0.0.1\r\n" in forwarded
+        assert b"X-Forwarded-Host: h.test\r\n" in forwarded
+        assert b"\r\nHost: h.test\r\n" in forwarded
+
+
+async def test_hostile_and_malformed_requests_get_their_status_and_harm_nobody():
+    port, backend = free_port(), free_port()
+    slow, slow_backend = free_port(), free_port()
+    full, full_backend = free_port(), free_port()
+    late, late_backend = free_port(), free_port()
+    gone, gone_backend = free_port(), free_port()
+    never = f'["{PYTHON}", "-c", "import time; time.sleep(60)"]'
+    config = http_config(
+        http_service("web", port, backend),
+        http_service("slow", slow, slow_backend, "http: {header_timeout: 0.3}"),
+        http_service("full", full, full_backend, "max_held_connections: 0"),
+        http_service("late", late, late_backend, "wake_timeout: 0.5", command=never),
+        http_service("gone", gone, gone_backend, "readiness: {tcp: false}", command=never),
+    )
+    async with running(config_from(config)) as proxy:
+        # A kept-alive connection that must be undisturbed by everything below.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(BODY), 15)
+
+        bad = await exchange(port, b"GARBAGE\r\n\r\n")
+        assert status(bad) == 400 and b"Connection: close" in bad
+        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n"
+        assert status(await exchange(port, huge)) == 431
+        flood = b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
+        assert status(await exchange(port, flood)) == 431, "a header flood is a big head"
+        bad_chunk = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        assert status(await exchange(port, bad_chunk)) == 400
+        assert await exchange(port, b"GET / HT", half_close=True) == b"", "closed, no answer"
+
+        # Slowloris: a head that never completes.
+        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", slow)
+        slow_writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        assert status(await asyncio.wait_for(slow_reader.read(-1), 5)) == 408
+        slow_writer.close()
+        assert proxy.services["slow"].stats.wakes["ok"] == 0, "an incomplete head wakes nothing"
+
+        full_reply = await exchange(full, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status(full_reply) == 503 and b"Retry-After: 1" in full_reply
+        assert status(await exchange(late, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", within=15)) == 504
+        assert status(await exchange(gone, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", within=15)) == 502
+
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(BODY), 5)
+        writer.close()
+        stats = proxy.services["web"].stats
+        assert (stats.http_answers[400], stats.http_answers[431]) == (2, 2)
+        assert proxy.services["slow"].stats.connections["header_timeout"] == 1
+        for name, code in (("full", 503), ("late", 504), ("gone", 502)):
+            assert proxy.services[name].stats.http_answers[code] == 1, name
+
+
+async def test_probe_connections_reset_by_the_client_are_harmless():
+    """The gateway resets its probe connection without reading the body."""
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(GATEWAY_PROBE)
+            await reader.readuntil(b"\r\n\r\n")
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()  # linger 0: a reset, as the gateway's client does
+        await wait_until(lambda: not proxy.services["web"].connections, within=5)
+        reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.endswith(BODY)
+        assert proxy.services["web"].stats.wakes["ok"] == 1

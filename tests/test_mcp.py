@@ -1,0 +1,153 @@
+"""MCP through the proxy with the real SDK: FastMCP as the backend, the SDK's client.
+
+The backend runs under the process runtime here; tests/test_image.py-style containers
+run it in Docker (test_mcp_in_docker). All traffic is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mcp import ClientSession
+from mcp.client import streamable_http
+from mcp.client.sse import sse_client
+
+from tests.conftest import PYTHON, config_from, free_port, http_get, running, wait_until
+from wakeproxy.lifecycle import State
+from wakeproxy.service import Service
+
+pytestmark = pytest.mark.asyncio
+MCP_SERVER = str(Path(__file__).parent / "backends" / "mcp_server.py")
+
+
+def mcp_yaml(port: int, backend: int, transport: str, *lines: str, ping: float = 15) -> str:
+    command = [PYTHON, MCP_SERVER, "--port", str(backend), "--transport", transport]
+    command += ["--ping", str(ping)]
+    return "\n".join(
+        [
+            "admin:",
+            f"  listen: 127.0.0.1:{free_port()}",
+            "services:",
+            "  echo:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
+            "    mode: http",
+            "    wake_timeout: 30",
+            *(f"    {line}" for line in lines),
+        ]
+    )
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(port: int, transport: str) -> AsyncIterator[ClientSession]:
+    """The SDK's own client, as the gateway uses it, through the proxy."""
+    async with contextlib.AsyncExitStack() as stack:
+        if transport == "sse":
+            read, write = await stack.enter_async_context(
+                sse_client(f"http://127.0.0.1:{port}/sse")
+            )
+        else:
+            # streamable_http_client replaced streamablehttp_client (deprecated) in newer SDKs.
+            client = getattr(streamable_http, "streamable_http_client", None)
+            client = client or streamable_http.streamablehttp_client
+            read, write, _ = await stack.enter_async_context(client(f"http://127.0.0.1:{port}/mcp"))
+        session = await stack.enter_async_context(ClientSession(read, write))
+        await session.initialize()
+        yield session
+
+
+async def shout(session: ClientSession, text: str) -> str:
+    result = await asyncio.wait_for(session.call_tool("shout", {"text": text}), 30)
+    assert not result.isError, result
+    block = result.content[0]
+    assert block.type == "text"
+    return block.text
+
+
+async def paused(service: Service) -> None:
+    """Started once (a cold process start), then paused: the state the tests wake from."""
+    await service.wake("test set-up")
+    await service.sleep("pause", "api")
+    assert service.state is State.PAUSED
+
+
+@pytest.mark.parametrize("transport", ["sse", "streamable-http"])
+async def test_sdk_client_wakes_a_paused_mcp_server_once_and_calls_its_tool(transport):
+    port, backend = free_port(), free_port()
+    config = config_from(mcp_yaml(port, backend, transport, "sleep_policy: {idle_timeout: 0.5}"))
+    async with running(config) as proxy:
+        service = proxy.services["echo"]
+        await paused(service)
+        wakes = service.stats.wakes["ok"]
+        async with mcp_session(port, transport) as session:
+            assert await shout(session, "hello") == "HELLO!"
+            assert service.stats.wakes["ok"] == wakes + 1, "one wake for the whole session"
+            if transport == "sse":
+                # keep-awake (the default): the open stream keeps the backend running.
+                await asyncio.sleep(1.5)
+                assert service.state is State.RUNNING
+                assert await shout(session, "again") == "AGAIN!"
+
+
+async def test_gateway_probes_every_100ms_never_wake_a_paused_server():
+    port, backend = free_port(), free_port()
+    config = config_from(mcp_yaml(port, backend, "sse", "sleep_policy: {idle_timeout: 0.5}"))
+    async with running(config) as proxy:
+        service = proxy.services["echo"]
+        await paused(service)
+        wakes = service.stats.wakes["ok"]
+        deadline = time.monotonic() + 2.0  # four idle timeouts
+        probes = 0
+        # As the gateway probes: a streamed GET with Accept */*, status read, connection dropped.
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=no_reuse, timeout=5) as client:
+            while time.monotonic() < deadline:
+                async with client.stream(
+                    "GET", f"http://127.0.0.1:{port}/sse", headers={"Accept": "*/*"}
+                ) as response:
+                    assert response.status_code == 200
+                    assert response.headers["content-type"].startswith("text/event-stream")
+                probes += 1
+                await asyncio.sleep(0.1)
+        assert probes >= 15
+        assert service.state is State.PAUSED and service.stats.wakes["ok"] == wakes
+        assert service.stats.connections["probe_answered"] == probes
+        scrape = await http_get(proxy.config.admin.listen.port, "/metrics")
+        assert (
+            f'wakeproxy_http_answers_total{{service="echo",status="200"}} {probes}.0'.encode()
+            in scrape
+        )
+        assert b'wakeproxy_connections_total{outcome="probe_answered",service="echo"}' in scrape
+
+
+async def test_allow_sleep_pauses_under_an_open_stream_and_the_next_call_wakes_it():
+    port, backend = free_port(), free_port()
+    config = config_from(
+        mcp_yaml(
+            port, backend, "sse",
+            "sleep_policy: {idle_timeout: 0.5}",
+            "http: {idle_connections: allow-sleep, inflight_grace: 0.5}",
+            ping=0.1,  # keepalives on the stream every 100 ms: not activity
+        )
+    )  # fmt: skip
+    async with running(config) as proxy:
+        service = proxy.services["echo"]
+        await paused(service)
+        wakes = service.stats.wakes["ok"]
+        async with mcp_session(port, "sse") as session:
+            assert await shout(session, "one") == "ONE!"
+            assert service.stats.wakes["ok"] == wakes + 1
+            down_before = service.bytes_moved()[1]
+            await wait_until(lambda: service.state is State.PAUSED, within=10)
+            assert service.bytes_moved()[1] > down_before, "keepalives flowed while it idled"
+            assert service.open == 0 and service.connections, "the stream is still open"
+
+            assert await shout(session, "two") == "TWO!"
+            assert service.stats.wakes["ok"] == wakes + 2, "the next call woke it once"
