@@ -209,3 +209,49 @@ def engine_events(name: str, action: str, since: float, until: float) -> int:
         "--filter", f"container={name}", "--filter", f"event={action}", "--format", "{{.Action}}",
     )  # fmt: skip
     return len([line for line in out.splitlines() if line.strip()])
+
+
+# ---- a Python base image, made locally (no image can be pulled here)
+
+PYTHON_BASE = "wakeproxy-test/python-base:bookworm"
+
+
+def _mirror() -> str:
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+@pytest.fixture(scope="session")
+def python_base(docker_engine, tmp_path_factory) -> str:
+    if (
+        subprocess.run(["docker", "image", "inspect", PYTHON_BASE], capture_output=True).returncode
+        == 0
+    ):
+        return PYTHON_BASE
+    rootfs = tmp_path_factory.mktemp("rootfs")
+    subprocess.run(
+        [
+            "debootstrap", "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
+            "bookworm", str(rootfs), _mirror(),
+        ],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/ssl/certs/ca-certificates.crt").write_bytes(
+        Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+    )
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()  # behave like the official python:*-slim images
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        subprocess.run(
+            ["docker", "import", "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+             "-", PYTHON_BASE],
+            stdin=tar.stdout, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    assert tar.returncode == 0
+    return PYTHON_BASE

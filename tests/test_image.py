@@ -21,47 +21,8 @@ from tests.conftest import docker, free_port, service_yaml
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).parent.parent
-BASE = "wakeproxy-test/python-base:bookworm"
 IMAGE = "wakeproxy-test/wakeproxy:test"
 SOCKET = "/var/run/docker.sock"
-
-
-def _mirror() -> str:
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if sources.exists():
-        for line in sources.read_text().splitlines():
-            if line.startswith("URIs:"):
-                return line.split()[1]
-    return "http://deb.debian.org/debian"
-
-
-@pytest.fixture(scope="session")
-def python_base(docker_engine, tmp_path_factory) -> str:
-    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode == 0:
-        return BASE
-    rootfs = tmp_path_factory.mktemp("rootfs")
-    subprocess.run(
-        [
-            "debootstrap", "--variant=minbase",
-            "--include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates",
-            "bookworm", str(rootfs), _mirror(),
-        ],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
-    (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
-    (rootfs / "etc/ssl/certs/ca-certificates.crt").write_bytes(
-        Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
-    )
-    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
-        marker.unlink()  # behave like the official python:*-slim images
-    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-        subprocess.run(
-            ["docker", "import", "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-             "-", BASE],
-            stdin=tar.stdout, check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
-    assert tar.returncode == 0
-    return BASE
 
 
 @pytest.fixture(scope="session")

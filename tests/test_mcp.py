@@ -1,14 +1,17 @@
 """MCP through the proxy with the real SDK: FastMCP as the backend, the SDK's client.
 
-The backend runs under the process runtime here; tests/test_image.py-style containers
-run it in Docker (test_mcp_in_docker). All traffic is on 127.0.0.1.
+The backend runs under the process runtime, and in a Docker container built from the
+locally made Python base (test_mcp_server_in_a_paused_container...). All traffic is on
+127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +21,17 @@ from mcp import ClientSession
 from mcp.client import streamable_http
 from mcp.client.sse import sse_client
 
-from tests.conftest import PYTHON, config_from, free_port, http_get, running, wait_until
+from tests.conftest import (
+    PYTHON,
+    config_from,
+    container_status,
+    docker,
+    free_port,
+    http_get,
+    port_answers,
+    running,
+    wait_until,
+)
 from wakeproxy.lifecycle import State
 from wakeproxy.service import Service
 
@@ -151,3 +164,64 @@ async def test_allow_sleep_pauses_under_an_open_stream_and_the_next_call_wakes_i
 
             assert await shout(session, "two") == "TWO!"
             assert service.stats.wakes["ok"] == wakes + 2, "the next call woke it once"
+
+
+MCP_IMAGE = "wakeproxy-test/mcp-echo:1"
+
+
+@pytest.fixture(scope="session")
+def mcp_image(python_base: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    context = tmp_path_factory.mktemp("mcp-image")
+    shutil.copy(MCP_SERVER, context / "mcp_server.py")
+    (context / "Dockerfile").write_text(
+        f"FROM {python_base}\n"
+        'RUN pip install --no-cache-dir "mcp>=1.28,<2"\n'
+        "COPY mcp_server.py /srv/mcp_server.py\n"
+        'ENTRYPOINT ["python", "/srv/mcp_server.py"]\n'
+    )
+    docker("build", "--network", "host", "-q", "-t", MCP_IMAGE, str(context), within=600)
+    return MCP_IMAGE
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_probes(mcp_image):
+    port, backend = free_port(), free_port()
+    name = f"wp-test-mcp-{uuid.uuid4().hex[:10]}"
+    docker(
+        "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
+        mcp_image, "--port", str(backend), "--transport", "sse",
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: port_answers(backend), within=60, interval=0.1)
+        docker("pause", name)
+        config = "\n".join(
+            [
+                "services:",
+                "  mcp:",
+                f"    listen: 127.0.0.1:{port}",
+                f"    backend: 127.0.0.1:{backend}",
+                f"    container: {name}",
+                "    mode: http",
+                "    sleep_policy: {idle_timeout: 600}",
+            ]
+        )
+        async with running(config_from(config)) as proxy:
+            service = proxy.services["mcp"]
+            assert service.state is State.PAUSED
+            no_reuse = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(limits=no_reuse, timeout=5) as client:
+                for _ in range(10):
+                    async with client.stream(
+                        "GET", f"http://127.0.0.1:{port}/sse", headers={"Accept": "*/*"}
+                    ) as response:
+                        assert response.status_code == 200
+                    await asyncio.sleep(0.1)
+            assert container_status(name) == "paused" and service.stats.wakes["ok"] == 0
+
+            async with mcp_session(port, "sse") as session:
+                assert await shout(session, "from docker") == "FROM DOCKER!"
+            assert service.stats.wakes["ok"] == 1
+            assert container_status(name) == "running"
+    finally:
+        docker("rm", "-f", name)
