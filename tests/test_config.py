@@ -354,3 +354,16 @@ def test_bad_labels_name_the_container_and_the_label(labels, messages):
     assert len(bad.value.problems) == len(messages), bad.value.problems
     for problem, message in zip(bad.value.problems, messages, strict=True):
         assert problem.startswith(message), problem
+
+
+def test_the_readmes_mcp_context_forge_config_loads():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Behind mcp-context-forge", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_yaml(block, "README.md")
+    filesystem, chrome = config.services["filesystem"], config.services["chrome-devtools"]
+    assert filesystem.mode == chrome.mode == "http"
+    assert not filesystem.sleep_policy.sleeps and chrome.sleep_policy.sleeps
+    assert chrome.http.idle_connections == "allow-sleep" and chrome.listen.port == 8014
+    seed = load_config(SEED)
+    assert all(s.mode == "http" for s in seed.services.values()), "the seed's form defaults to http"

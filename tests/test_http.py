@@ -144,6 +144,13 @@ async def test_bytes_pass_unchanged_pipelined_and_with_bodies():
         replies = await exchange(port, requests)
         assert replies.count(b"HTTP/1.1 200 OK") == 3, replies
 
+        # Many pipelined heads in one read are handled one after another (no recursion).
+        many = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+        replies = await exchange(
+            port, many + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert replies.count(b"HTTP/1.1 200 OK") == 2001
+
         forwarded = await exchange(
             fwd_port, b"GET /echo-head HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n"
         )

@@ -270,9 +270,8 @@ class HttpClientSide(ClientSide):
     # ---- client bytes
 
     def data_received(self, data: bytes) -> None:
-        if self.answered:
-            return
-        while data:
+        # A loop, not recursion: a thousand pipelined requests in one read stay flat.
+        while data and not self.answered:
             phase = self._phase
             if phase == _OPAQUE:
                 self._send_up(data)
@@ -282,51 +281,50 @@ class HttpClientSide(ClientSide):
             elif phase == _CHUNKED:
                 data = self._chunked_body(data)
             else:
-                self._buf += data
-                data = b""
-                self._heads()
+                data = self._head(data)
 
-    def _heads(self) -> None:
-        """Act on every complete head in the buffer."""
-        while self._phase == _HEAD and self._buf and not self.answered:
-            # Blank lines before a request line are allowed (RFC 9112 2.2).
-            while self._buf[:2] == b"\r\n" or self._buf[:1] == b"\n":
-                del self._buf[: 2 if self._buf[:1] == b"\r" else 1]
-            if not self._buf:
-                return
-            end = _HEAD_END.search(self._buf, 0, MAX_HEAD + 4)
-            if end is None:
-                if len(self._buf) > MAX_HEAD:
-                    self._refuse(431, "the request head is over 16 KiB", "header_too_large")
-                else:
-                    self._arm_header_timeout()
-                return
-            raw = bytes(self._buf[: end.end()])
-            rest = bytes(self._buf[end.end() :])
-            self._buf.clear()
-            try:
-                request, parser = parse_head(raw)
-            except BadRequest as exc:
-                outcome = "header_too_large" if exc.status == 431 else "bad_request"
-                self._refuse(exc.status, f"bad request: {exc}", outcome)
-                return
-            self._cancel_header_timeout()
-            self._request(request, parser, raw)
-            if rest:
-                # Body bytes (or the next request) that came with the head.
-                self.data_received(rest)
-                return
+    def _head(self, data: bytes) -> bytes:
+        """Buffer until a head is complete and act on it; returns the bytes after it."""
+        buf = self._buf
+        buf += data
+        # Blank lines before a request line are allowed (RFC 9112 2.2).
+        while buf[:2] == b"\r\n" or buf[:1] == b"\n":
+            del buf[: 2 if buf[:1] == b"\r" else 1]
+        if not buf:
+            return b""
+        end = _HEAD_END.search(buf, 0, MAX_HEAD + 4)
+        if end is None:
+            if len(buf) > MAX_HEAD:
+                self._refuse(431, "the request head is over 16 KiB", "header_too_large")
+            else:
+                self._arm_header_timeout()
+            return b""
+        raw = bytes(buf[: end.end()])
+        rest = bytes(buf[end.end() :])
+        buf.clear()
+        try:
+            request, parser = parse_head(raw)
+        except BadRequest as exc:
+            outcome = "header_too_large" if exc.status == 431 else "bad_request"
+            self._refuse(exc.status, f"bad request: {exc}", outcome)
+            return b""
+        self._cancel_header_timeout()
+        self._request(request, parser, raw)
+        return rest
 
     def _request(self, request: h11.Request, parser: h11.Connection, raw: bytes) -> None:
         service = self.service
         http = service.cfg.http
         probe = next((p for p in http.matchers if matches(p, request)), None)
-        if probe is not None and self.upstream is None and service.state in _ASLEEP:
+        # Only a connection's first request can be answered here: behind an earlier one
+        # that went to the backend, our answer would overtake its response.
+        first = not self._wanted_backend
+        if probe is not None and first and service.state in _ASLEEP:
             self._answer_probe(probe)
             return
         if (
             http.waiting_page
-            and self.upstream is None
+            and first
             and service.state is State.STOPPED
             and b"text/html" in header(request, b"accept")
         ):
