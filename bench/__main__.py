@@ -115,19 +115,32 @@ def http_rows(results: dict[str, list[loadgen.WrkResult]]) -> list[Row]:
     ]
 
 
-def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, churn: bool) -> None:
-    title = "2. Connection churn" if churn else "1. Keep-alive small requests"
+_HTTP_ROWS = {
+    "keepalive": "1. Keep-alive small requests",
+    "churn": "2. Connection churn",
+    "http": "4. HTTP mode: keep-alive small requests through mode http",
+    "http-varied": "4b. HTTP mode, every request head different",
+}
+
+
+def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind: str) -> None:
+    title = _HTTP_ROWS[kind]
+    churn = kind == "churn"
+    mode = "http" if kind.startswith("http") else "tcp"
+    varied = kind == "http-varied"
     progress(f"{title}: starting nginx, HAProxy, wakeproxy")
-    backend = peers.nginx(workdir / ("churn" if churn else "keepalive"))
+    backend = peers.nginx(workdir / kind)
     started = [backend]
     try:
-        started.append(haproxy := peers.haproxy(backend.port))
-        started.append(proxy := peers.wakeproxy(workdir, backend.port))
+        started.append(haproxy := peers.haproxy(backend.port, mode))
+        extra = "    mode: http\n" if mode == "http" else ""
+        started.append(proxy := peers.wakeproxy(workdir, backend.port, extra))
         contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
         connections = 50
 
         def measure(name: str, port: int) -> loadgen.WrkResult:
-            result = loadgen.run_wrk(loadgen.wrk_command(port, args.seconds, connections, churn))
+            argv = loadgen.wrk_command(port, args.seconds, connections, churn, varied=varied)
+            result = loadgen.run_wrk(argv)
             progress(f"  {name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.3f} ms")
             return result
 
@@ -136,8 +149,26 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, churn
             f"wrk, 1 thread, {connections} connections, "
             + ("`Connection: close` (a new connection per request)" if churn else "keep-alive")
             + ", to nginx returning a 6-byte body."
+            + (
+                " HAProxy in `mode http` (haproxy-http.cfg), wakeproxy in `mode: http`."
+                if mode == "http"
+                else ""
+            )
+            + (
+                " wrk repeats one request head; wakeproxy does not parse a head again when it"
+                " is byte for byte the connection's previous one (row 4b measures without it)."
+                if kind == "http"
+                else ""
+            )
+            + (
+                " varied.lua gives every request its own query string, so every head is parsed."
+                if varied
+                else ""
+            )
         )
-        command = shlex.join(loadgen.wrk_command(9999, args.seconds, connections, churn))
+        command = shlex.join(
+            loadgen.wrk_command(9999, args.seconds, connections, churn, varied=varied)
+        )
         report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
     finally:
         for peer in reversed(started):
@@ -217,9 +248,11 @@ def main() -> None:
     report = Report()
     with tempfile.TemporaryDirectory(prefix="wakeproxy-bench-") as tmp:
         workdir = Path(tmp)
-        scenario_http(report, args, workdir, churn=False)
-        scenario_http(report, args, workdir, churn=True)
+        scenario_http(report, args, workdir, "keepalive")
+        scenario_http(report, args, workdir, "churn")
         scenario_bulk(report, args, workdir)
+        scenario_http(report, args, workdir, "http")
+        scenario_http(report, args, workdir, "http-varied")
         scenario_cold_wake(report, args, workdir)
     report.write(args.out, args)
     progress(f"report written to {args.out}")

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -25,10 +26,17 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk_command(port: int, seconds: float, connections: int, churn: bool) -> list[str]:
+VARIED = str(Path(__file__).parent / "varied.lua")
+
+
+def wrk_command(
+    port: int, seconds: float, connections: int, churn: bool, *, varied: bool = False
+) -> list[str]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if churn:
         argv += ["-H", "Connection: close"]  # a new connection per request
+    if varied:
+        argv += ["-s", VARIED]  # a different request head each time
     return [*argv, f"http://127.0.0.1:{port}/"]
 
 

@@ -43,13 +43,25 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = out.read_text()
-    for title in ("1. Keep-alive small requests", "2. Connection churn", "3. Bulk throughput"):
+    titles = (
+        "1. Keep-alive small requests",
+        "2. Connection churn",
+        "3. Bulk throughput",
+        "4. HTTP mode",
+        "4b. HTTP mode, every request head different",
+    )
+    for title in titles:
         assert f"## {title}" in report
     # Every contender measured something, and the reference row is HAProxy itself.
     for contender in ("direct", "haproxy", "wakeproxy"):
-        assert report.count(f"| {contender} |") == 3
-    assert report.count("| haproxy | ") == 3 and "| 1.00 |" in report
-    assert "| 0 |" in report  # the error column of the HTTP rows
+        assert report.count(f"| {contender} |") == 5
+    assert report.count("| haproxy | ") == 5 and "| 1.00 |" in report
+    # Through mode http every response was a 2xx (wrk counts others as errors).
+    for section in report.split("## 4")[1:3]:
+        wakeproxy_row = next(
+            line for line in section.splitlines() if line.startswith("| wakeproxy")
+        )
+        assert wakeproxy_row.rstrip().endswith("| 0 |"), wakeproxy_row
     # The cold-wake row ran on the real engine: N=1 and N=10, one unpause per burst, none failed.
     cold = report.split("## 5. Cold wake", 1)[1]
     assert "Not run" not in cold

@@ -23,6 +23,7 @@ import collections
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import h11
@@ -41,6 +42,7 @@ MAX_HEAD = 16 * 1024
 MAX_CLASSIFIED_BODY = 64 * 1024
 # h11's own end-of-head rule: a blank line, with or without CR.
 _HEAD_END = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 # JSON-RPC methods that only set up, keep or tear down an MCP session.
 SESSION_METHODS = frozenset({"initialize", "notifications/initialized", "ping"})
 
@@ -70,39 +72,100 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_head(raw: bytes) -> tuple[h11.Request, h11.Connection]:
-    """One request head (through its blank line) -> the request and the parser, which
-    stays ready for a chunked body."""
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the proxy's decisions need from one request head (validated by h11)."""
+
+    method: bytes
+    path: bytes
+    # Lowercased names; a header given twice has its values joined with ", ".
+    headers: dict[bytes, bytes]
+    chunked: bool
+    length: int
+
+    def get(self, name: bytes) -> bytes:
+        return self.headers.get(name, b"")
+
+
+def parse_head(raw: bytes) -> Head:
+    """One request head, through its blank line. The lines are split here; h11's public
+    ``Request`` validates every part (method, target, version, header names and values,
+    Content-Length and Transfer-Encoding rules), as it does for its own parser."""
+    lines = _LINE_END.split(raw)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        raise BadRequest(400, f"illegal request line {lines[0][:80]!r}")
+    pairs = []
+    for line in lines[1:]:
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest(400, f"a header line without ':' {line[:80]!r}")
+        pairs.append((name, value.strip(b" \t")))
+    try:
+        request = h11.Request(
+            method=parts[0], target=parts[1], headers=pairs, http_version=parts[2][5:]
+        )
+    except h11.ProtocolError as exc:
+        raise BadRequest(exc.error_status_hint, str(exc)) from None
+    headers: dict[bytes, bytes] = {}
+    for name, value in request.headers:
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    length = headers.get(b"content-length")
+    return Head(
+        method=request.method,
+        path=request.target.partition(b"?")[0],
+        headers=headers,
+        chunked=b"transfer-encoding" in headers,  # h11 allows only "chunked"
+        length=int(length) if length else 0,
+    )
+
+
+def chunk_parser(raw: bytes) -> h11.Connection:
+    """An h11 parser past ``raw`` (a chunked request's head), ready for the body."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     parser.receive_data(raw)
-    try:
-        event = parser.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise BadRequest(exc.error_status_hint, str(exc)) from None
-    if not isinstance(event, h11.Request):
-        raise BadRequest(400, "no request line")
-    return event, parser
+    parser.next_event()  # the Request, already validated by parse_head
+    return parser
 
 
-def header(request: h11.Request, name: bytes) -> bytes:
-    """All values of a header, joined (h11 lowercases names)."""
-    return b", ".join(value for key, value in request.headers if key == name)
+@dataclass(frozen=True, slots=True)
+class ProbeRule:
+    """A Probe compiled for matching against heads."""
 
+    probe: Probe
+    method: bytes | None
+    path: bytes
+    # (header, lowercased text, whether it must be present)
+    conditions: tuple[tuple[bytes, bytes, bool], ...]
 
-def matches(probe: Probe, request: h11.Request) -> bool:
-    if probe.method is not None and request.method.decode("ascii", "replace") != probe.method:
-        return False
-    path = request.target.split(b"?", 1)[0].decode("latin-1")
-    if path != probe.path:
-        return False
-    for name, want in probe.headers.items():
-        have = header(request, name.encode("latin-1")).decode("latin-1").lower()
-        if want.startswith("!"):
-            if want[1:] in have:
-                return False
-        elif want not in have:
+    def matches(self, head: Head) -> bool:
+        if head.path != self.path or (self.method is not None and head.method != self.method):
             return False
-    return True
+        for name, text, present in self.conditions:
+            if (text in head.get(name).lower()) is not present:
+                return False
+        return True
+
+
+def compile_probes(probes: tuple[Probe, ...]) -> tuple[ProbeRule, ...]:
+    return tuple(
+        ProbeRule(
+            probe=probe,
+            method=probe.method.encode() if probe.method is not None else None,
+            path=probe.path.encode("latin-1"),
+            conditions=tuple(
+                (
+                    name.encode("latin-1"),
+                    want.lstrip("!").encode("latin-1"),
+                    not want.startswith("!"),
+                )
+                for name, want in probe.headers.items()
+            ),
+        )
+        for probe in probes
+    )
 
 
 def session_only(body: bytes) -> bool:
@@ -226,6 +289,8 @@ class HttpClientSide(ClientSide):
         "_buf",
         "_gated",
         "_header_handle",
+        "_last_head",
+        "_last_raw",
         "_parser",
         "_phase",
         "_quiet_handle",
@@ -248,6 +313,8 @@ class HttpClientSide(ClientSide):
         # Bytes wait in _pending (not the upstream) while a sleeping backend wakes.
         self._gated = False
         self._header_handle: asyncio.TimerHandle | None = None
+        self._last_raw = b""
+        self._last_head: Head | None = None
         self._quiet_handle: asyncio.TimerHandle | None = None
         self._wanted_backend = False
         self.answered = False  # the proxy answered (probe or error): input is ignored
@@ -286,6 +353,14 @@ class HttpClientSide(ClientSide):
     def _head(self, data: bytes) -> bytes:
         """Buffer until a head is complete and act on it; returns the bytes after it."""
         buf = self._buf
+        if not buf and data[:1] not in (b"\r", b"\n"):
+            # The common case, a whole head at the start of a read: no copy into the buffer.
+            end = _HEAD_END.search(data, 0, MAX_HEAD + 4)
+            if end is not None:
+                cut = end.end()
+                if cut == len(data):
+                    return self._head_complete(data, b"")
+                return self._head_complete(data[:cut], data[cut:])
         buf += data
         # Blank lines before a request line are allowed (RFC 9112 2.2).
         while buf[:2] == b"\r\n" or buf[:1] == b"\n":
@@ -302,20 +377,32 @@ class HttpClientSide(ClientSide):
         raw = bytes(buf[: end.end()])
         rest = bytes(buf[end.end() :])
         buf.clear()
-        try:
-            request, parser = parse_head(raw)
-        except BadRequest as exc:
-            outcome = "header_too_large" if exc.status == 431 else "bad_request"
-            self._refuse(exc.status, f"bad request: {exc}", outcome)
+        return self._head_complete(raw, rest)
+
+    def _head_complete(self, raw: bytes, rest: bytes) -> bytes:
+        if len(raw) > MAX_HEAD:
+            self._refuse(431, "the request head is over 16 KiB", "header_too_large")
             return b""
-        self._cancel_header_timeout()
-        self._request(request, parser, raw)
+        if raw == self._last_raw and self._last_head is not None:
+            # The same bytes as this connection's previous head: the same decisions.
+            head = self._last_head
+        else:
+            try:
+                head = parse_head(raw)
+            except BadRequest as exc:
+                outcome = "header_too_large" if exc.status == 431 else "bad_request"
+                self._refuse(exc.status, f"bad request: {exc}", outcome)
+                return b""
+            self._last_raw, self._last_head = raw, head
+        if self._header_handle is not None:
+            self._cancel_header_timeout()
+        self._request(head, raw)
         return rest
 
-    def _request(self, request: h11.Request, parser: h11.Connection, raw: bytes) -> None:
+    def _request(self, head: Head, raw: bytes) -> None:
         service = self.service
         http = service.cfg.http
-        probe = next((p for p in http.matchers if matches(p, request)), None)
+        probe = next((rule.probe for rule in service.probe_rules if rule.matches(head)), None)
         # Only a connection's first request can be answered here: behind an earlier one
         # that went to the backend, our answer would overtake its response.
         first = not self._wanted_backend
@@ -326,43 +413,44 @@ class HttpClientSide(ClientSide):
             http.waiting_page
             and first
             and service.state is State.STOPPED
-            and b"text/html" in header(request, b"accept")
+            and b"text/html" in head.get(b"accept")
         ):
             service.wake_in_background("a browser asked")
             self._respond(503, _WAITING_PAGE, "text/html; charset=utf-8", "waiting_page")
             return
-        method = request.method
+        method = head.method
         # A probe is never activity; neither is opening an event stream (a session).
-        accept = header(request, b"accept")
         self._request_activity = probe is None and not (
-            method == b"GET" and b"text/event-stream" in accept
+            method == b"GET" and b"text/event-stream" in head.get(b"accept")
         )
-        self._frame_body(request, parser)
+        self._frame_body(head, raw)
         # With a JSON body still to read, whether this is activity is known at its end.
         known = self._body is None
         self._need_backend(self._request_activity and known)
         if http.forwarded_headers:
-            raw = self._with_forwarded(raw, request)
+            raw = self._with_forwarded(raw, head)
         if self.tracker is not None:
             self.tracker.methods.append(method)
         self._send_up(raw)
-        if known:
+        if known and self._request_activity:
             self._count_request()
-        if method == b"CONNECT" or b"upgrade" in header(request, b"connection").lower():
+        if method == b"CONNECT" or b"upgrade" in head.get(b"connection").lower():
             # Whatever follows is another protocol: forward it as it comes.
             self._phase = _OPAQUE
 
-    def _frame_body(self, request: h11.Request, parser: h11.Connection) -> None:
+    def _frame_body(self, head: Head, raw: bytes) -> None:
         self._body = None
-        chunked = b"chunked" in header(request, b"transfer-encoding").lower()
-        length = header(request, b"content-length")
-        classify = request.method == b"POST" and b"json" in header(request, b"content-type")
-        if chunked:
-            self._phase, self._parser = _CHUNKED, parser
-            self._body = bytearray() if classify and self._request_activity else None
-        elif length and int(length.split(b",")[0]) > 0:
-            self._phase, self._remaining = _LENGTH, int(length.split(b",")[0])
-            if classify and self._request_activity and self._remaining <= MAX_CLASSIFIED_BODY:
+        classify = (
+            head.method == b"POST"
+            and self._request_activity
+            and b"json" in head.get(b"content-type")
+        )
+        if head.chunked:
+            self._phase, self._parser = _CHUNKED, chunk_parser(raw)
+            self._body = bytearray() if classify else None
+        elif head.length > 0:
+            self._phase, self._remaining = _LENGTH, head.length
+            if classify and head.length <= MAX_CLASSIFIED_BODY:
                 self._body = bytearray()
         else:
             self._phase = _HEAD
@@ -446,12 +534,12 @@ class HttpClientSide(ClientSide):
         if self.upstream is not None and not self.closed:
             self.connected(self.upstream)
 
-    def _with_forwarded(self, raw: bytes, request: h11.Request) -> bytes:
+    def _with_forwarded(self, raw: bytes, head: Head) -> bytes:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         lines = [b"X-Forwarded-Proto: http"]
         if peer:
             lines.append(b"X-Forwarded-For: " + str(peer[0]).encode())
-        host = header(request, b"host")
+        host = head.get(b"host")
         if host:
             lines.append(b"X-Forwarded-Host: " + host)
         first_end = raw.index(b"\n") + 1

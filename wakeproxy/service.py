@@ -24,7 +24,7 @@ from typing import Any
 from .config import Address, ServiceConfig
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
 from .forward import ClientSide, set_keepalive
-from .httpmode import HttpClientSide, wake_then_send
+from .httpmode import HttpClientSide, compile_probes, wake_then_send
 from .lifecycle import (
     Action,
     Arrive,
@@ -141,6 +141,7 @@ class Service:
             max_held=cfg.max_held_connections,
         )
         self.backend: Address | None = cfg.backend
+        self.probe_rules = compile_probes(cfg.http.matchers)
         self.stats = ServiceStats()
         self.connections: set[ClientSide] = set()
         self.open = 0  # attached connections: held or forwarding; they block sleep
