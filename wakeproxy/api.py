@@ -76,7 +76,7 @@ class Api:
     ) -> Response:
         if path in _READS:
             allowed = "GET"
-        elif _ACTION.match(path) or _ALL.match(path):
+        elif _ACTION.match(path) or _ALL.match(path) or path == "/reload":
             allowed = "POST"
         elif _SERVICE_CONFIG.match(path) or _POLICY.match(path):
             allowed = "PUT"
@@ -104,12 +104,23 @@ class Api:
                 return self._put_service(match.group(1), payload)
             if match := _POLICY.match(path):
                 return self._put_policy(match.group(1), payload)
+        if path == "/reload":
+            return await self._reload()
         force = query.get("force", "false").lower() in ("1", "true", "yes")
         if match := _ACTION.match(path):
             return await self._act(match.group(1), match.group(2), force)
         if match := _ALL.match(path):
             return await self._act_all(match.group(1), force)
         return await self._read(path)
+
+    async def _reload(self) -> Response:
+        try:
+            result = await self.proxy.reload()
+        except ConfigError as exc:
+            return error(
+                400, "the config file is invalid; the running config is kept", problems=exc.problems
+            )
+        return json_response(200, dataclasses.asdict(result))
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.token is not None

@@ -8,7 +8,9 @@ engine marks that service failed (retried with back-off) while the others work.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -17,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .admin import AdminServer
-from .config import Address, Config, ServiceConfig
+from .config import Address, Config, ServiceConfig, changes_in_place, load_config
 from .discovery import LabelDiscovery
-from .errors import EngineUnavailable, WakeproxyError
+from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .lifecycle import State
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
@@ -57,6 +59,24 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+@dataclasses.dataclass
+class ReloadResult:
+    """What a reload did, service by service."""
+
+    added: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    # Changed where the running service cannot follow (listen, backend, runtime...):
+    # closed and opened again, its connections with it.
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    # Changed in place: listener and connections kept.
+    updated: list[str] = dataclasses.field(default_factory=list)
+    unchanged: list[str] = dataclasses.field(default_factory=list)
+    # Listeners that could not open: name -> why.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Sections that only a restart applies.
+    needs_restart: list[str] = dataclasses.field(default_factory=list)
+
+
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -66,6 +86,7 @@ class Proxy:
         self.discovery: LabelDiscovery | None = None
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         limit = raise_open_file_limit()
@@ -144,6 +165,116 @@ class Proxy:
         service = self.services.pop(name)
         self._wire()
         await self._end(service)
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file and apply what changed in it.
+
+        An invalid file raises ConfigError and changes nothing. A service whose entry is
+        unchanged is not touched (live API changes stay); one changed only in keys a
+        running service can take is updated in place; any other change replaces it.
+        """
+        if self.config.source is None:
+            raise ConfigError(["the proxy was not started from a file: nothing to reload"])
+        async with self._reloading:
+            new = load_config(self.config.source)
+            old = self.config
+            result = ReloadResult(
+                needs_restart=[
+                    k for k in ("admin", "discovery") if getattr(new, k) != getattr(old, k)
+                ]
+            )
+            self.policies = dict(new.policies)
+            for name in old.services:
+                if name not in new.services:
+                    await self.remove_service(name)
+                    result.removed.append(name)
+            to_add: list[ServiceConfig] = []
+            for name, cfg in new.services.items():
+                before = old.services.get(name)
+                running = self.services.get(name)
+                if before is None or running is None:
+                    if running is not None:
+                        await self.remove_service(name)  # a discovered one: the file wins
+                    to_add.append(cfg)
+                    result.added.append(name)
+                elif cfg == before:
+                    result.unchanged.append(name)
+                elif changes_in_place(before, cfg):
+                    running.reconfigure(cfg)
+                    result.updated.append(name)
+                else:
+                    await self.remove_service(name)
+                    to_add.append(cfg)
+                    result.replaced.append(name)
+            if to_add:
+                await self._fresh_listing(to_add)
+            result.failed = await self.add_services(to_add)
+            self._wire()
+            # Admin and discovery keep running as they started: they need a restart.
+            self.config = dataclasses.replace(new, admin=old.admin, discovery=old.discovery)
+            if self.discovery is not None:
+                self.discovery.poke()
+        log.info(
+            "reloaded %s: %d added, %d removed, %d replaced, %d updated, %d unchanged%s",
+            new.source,
+            len(result.added),
+            len(result.removed),
+            len(result.replaced),
+            len(result.updated),
+            len(result.unchanged),
+            f"; {', '.join(result.needs_restart)} change(s) need a restart"
+            if result.needs_restart
+            else "",
+        )
+        return result
+
+    async def _fresh_listing(self, configs: list[ServiceConfig]) -> None:
+        """Read container states before adding docker services (one listing)."""
+        if not any(cfg.runtime == "docker" for cfg in configs):
+            return
+        if self.engine is None:
+            self.engine = DockerEngine()
+            self.engine.start_events()
+        try:
+            await self.engine.refresh_snapshot()
+        except EngineUnavailable as exc:
+            log.error("the Docker engine does not answer: %s", exc)
+
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting, then give open connections up to ``grace`` seconds to end."""
+        for service in self.services.values():
+            service.stop_accepting()
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+        open_now = sum(len(s.connections) for s in self.services.values())
+        if open_now:
+            log.info("waiting up to %gs for %d open connection(s)", grace, open_now)
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(s.connections for s in self.services.values()):
+            if asyncio.get_running_loop().time() >= deadline or (hurry and hurry.is_set()):
+                left = sum(len(s.connections) for s in self.services.values())
+                log.warning("closing %d connection(s) still open", left)
+                return
+            await asyncio.sleep(0.05)  # shutdown only: no event per connection needed
+
+    async def wake_all(self, reason: str) -> None:
+        """Wake every sleeping container (shutdown.backends: wake)."""
+
+        async def one(service: Service) -> None:
+            try:
+                await asyncio.wait_for(service.wake(reason), service.cfg.wake_timeout)
+            except (RuntimeFailure, TimeoutError) as exc:
+                log.warning("%s: not woken on the way out: %s", service.name, exc)
+
+        asleep = (State.PAUSED, State.STOPPED)
+        await asyncio.gather(
+            *(
+                one(s)
+                for s in self.services.values()
+                if s.runtime.kind == "docker" and s.state in asleep
+            )
+        )
 
     @staticmethod
     async def _end(service: Service) -> None:

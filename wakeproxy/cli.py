@@ -1,4 +1,5 @@
-"""Command line: ``wakeproxy run|check -c FILE`` and ``wakeproxy --version``."""
+"""Command line: ``wakeproxy run|check -c FILE``, ``status|sleep|wake|reload`` (through the
+admin API) and ``wakeproxy --version``."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show every service (through the admin API)")
     sleep = commands.add_parser("sleep", help="put a service to sleep now")
     wake = commands.add_parser("wake", help="wake a service now; returns once it is ready")
-    for sub in (status, sleep, wake):
+    reload = commands.add_parser("reload", help="make the running proxy re-read its config file")
+    for sub in (status, sleep, wake, reload):
         sub.add_argument(
             "--admin",
             default=DEFAULT_ADMIN,
@@ -83,13 +85,34 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     )
 
 
+async def _reload(proxy: Proxy) -> None:
+    try:
+        await proxy.reload()
+    except ConfigError as exc:
+        log.error("reload refused, the running config is kept:")
+        for problem in exc.problems:
+            log.error("%s", problem)
+
+
 async def _serve(config: Config) -> int:
     proxy = Proxy(config)
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second SIGTERM/SIGINT: skip the grace period
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_error)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_stop() -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    def on_reload() -> None:
+        task = loop.create_task(_reload(proxy))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await proxy.start()
     except ListenError as exc:
@@ -102,7 +125,11 @@ async def _serve(config: Config) -> int:
     log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
     try:
         await stop.wait()
-        log.info("shutting down")
+        shutdown = proxy.config.shutdown  # as the last reload left it
+        log.info("shutting down: no new connections; open ones get %gs", shutdown.grace)
+        await proxy.drain(shutdown.grace, hurry)
+        if shutdown.backends == "wake":
+            await proxy.wake_all("shutdown")
     finally:
         await proxy.close()
     return 0
@@ -110,7 +137,7 @@ async def _serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("status", "sleep", "wake"):
+    if args.command in ("status", "sleep", "wake", "reload"):
         return client.run(
             args.command,
             args.admin,

@@ -76,6 +76,8 @@ def run(command: str, admin: str, token_file: str | None, name: str | None, forc
         token = client_token(token_file)
         if command == "status":
             status, body = request(admin, "GET", "/services", token)
+        elif command == "reload":
+            status, body = request(admin, "POST", "/reload", token)
         else:
             query = "?force=true" if force else ""
             status, body = request(admin, "POST", f"/services/{name}/{command}{query}", token)
@@ -85,9 +87,18 @@ def run(command: str, admin: str, token_file: str | None, name: str | None, forc
         return EXIT_UNREACHABLE
     if status != 200:
         print(f"wakeproxy: {status}: {body.get('error', body)}", file=sys.stderr)
+        for problem in body.get("problems", ()):
+            print(problem, file=sys.stderr)
         return EXIT_API_ERROR
     if command == "status":
         print(format_status(body["services"]))
+    elif command == "reload":
+        for key in ("added", "removed", "replaced", "updated"):
+            print(f"{key}: {', '.join(body[key]) or '-'}")
+        for name, why in body["failed"].items():
+            print(f"failed: {name}: {why}")
+        if body["needs_restart"]:
+            print(f"needs a restart: {', '.join(body['needs_restart'])}")
     else:
         print(f"{body['name']}: {body['state']}")
     return 0

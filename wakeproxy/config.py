@@ -173,6 +173,8 @@ class ServiceConfig:
     sleep_policy: SleepPolicy = SleepPolicy()
     wake_timeout: float = 30.0
     max_held_connections: int = 1024
+    # Open connections at most (0: no limit); past it a new one is refused at once.
+    max_connections: int = 0
     readiness: Readiness = Readiness()
     auto_start: bool = False
     stop_timeout: float = 10.0
@@ -245,12 +247,22 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    # Seconds open connections may take to finish after SIGTERM before they are closed.
+    grace: float = 10.0
+    # "as-is": backends stay as they are; "wake": sleeping containers are woken on the
+    # way out, so they serve without the proxy.
+    backends: str = "as-is"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     services: Mapping[str, ServiceConfig]
     policies: Mapping[str, SleepPolicy] = field(default_factory=dict)
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     source: str | None = None
 
 
@@ -549,6 +561,7 @@ _SERVICE_FIELDS: dict[str, Check] = {
     "sleep_policy": _nested,
     "wake_timeout": _positive_seconds,
     "max_held_connections": _int_between(0, 1_000_000),
+    "max_connections": _int_between(0, 10_000_000),
     "readiness": _nested,
     "auto_start": _bool,
     "stop_timeout": _seconds,
@@ -572,7 +585,12 @@ _DISCOVERY_FIELDS: dict[str, Check] = {
     "allowed_listen": _listen_ranges,
     "interval": _positive_seconds,
 }
+_SHUTDOWN_FIELDS: dict[str, Check] = {
+    "grace": _seconds,
+    "backends": _choice("as-is", "wake"),
+}
 _TOP_FIELDS: dict[str, Check] = {
+    "shutdown": _nested,
     "discovery": _nested,
     "policies": _nested,
     "admin": _nested,
@@ -808,6 +826,9 @@ def build_config(
 
     admin_values = _section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
     log_values = _section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
+    shutdown_values = (
+        _section(top.get("shutdown", {}), ("shutdown",), _SHUTDOWN_FIELDS, problems) or {}
+    )
     discovery_values = (
         _section(top.get("discovery", {}), ("discovery",), _DISCOVERY_FIELDS, problems) or {}
     )
@@ -840,6 +861,7 @@ def build_config(
         admin=admin,
         log=_replace(LogConfig(), log_values),
         discovery=_replace(DiscoveryConfig(), discovery_values),
+        shutdown=_replace(ShutdownConfig(), shutdown_values),
         source=source,
     )
 
@@ -967,6 +989,29 @@ def load_config(path: str | Path) -> Config:
 # ---- live changes (the admin API): same validators and texts, key paths instead of lines
 
 LIVE_KEYS = ("sleep_policy", "wake_timeout", "max_held_connections", "idle_connection_timeout")
+# What a reload may change on a running service without closing its listener or its
+# connections; a change to anything else (listen, backend, runtime...) replaces it.
+IN_PLACE_KEYS = (
+    *LIVE_KEYS,
+    "policy",
+    "policy_overrides",
+    "max_connections",
+    "connect_timeout",
+    "connect_concurrency",
+    "readiness",
+    "depends_on",
+    "group",
+    "http",
+    "auto_start",
+    "image",
+    "resources",
+)
+
+
+def changes_in_place(old: ServiceConfig, new: ServiceConfig) -> bool:
+    """Whether ``new`` differs from ``old`` only in keys a running service can take."""
+    kept = {key: getattr(old, key) for key in IN_PLACE_KEYS}
+    return dataclasses.replace(new, **kept) == old
 
 
 def update_service(

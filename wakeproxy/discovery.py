@@ -79,6 +79,10 @@ class LabelDiscovery:
                 await self._task
             self._task = None
 
+    def poke(self) -> None:
+        """Re-read the labelled containers soon (after a reload: the file may now win)."""
+        self._cue.set()
+
     async def _follow(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -101,6 +105,8 @@ class LabelDiscovery:
         """Make the discovered services match ``containers`` (one engine listing)."""
         wanted, labels_of, rejected = self._wanted(containers)
         proxy = self.proxy
+        for gone in [n for n in self._origins if n not in proxy.services]:
+            del self._origins[gone]  # replaced by the file's service of that name
         for name in [n for n, s in proxy.services.items() if s.cfg.source == "labels"]:
             cfg = wanted.get(name)
             origin = _origin(cfg.container or "", labels_of[name], cfg) if cfg else None

@@ -56,7 +56,12 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 # Why the proxy refused a connection -> the status a client reads.
-_OUTCOME_STATUS = {"rejected_overflow": 503, "wake_timeout": 504, "backend_error": 502}
+_OUTCOME_STATUS = {
+    "rejected_overflow": 503,
+    "rejected_limit": 503,
+    "wake_timeout": 504,
+    "backend_error": 502,
+}
 _WAITING_PAGE = (
     '<!doctype html><meta http-equiv="refresh" content="2"><title>Starting</title>'
     "<p>The service is starting; this page reloads by itself.</p>\n"
@@ -591,7 +596,7 @@ class HttpClientSide(ClientSide):
             super().reject(outcome)
             return
         why = {
-            503: "too many connections are waiting for the backend; retry shortly",
+            503: "too many connections for this service; retry shortly",
             504: "the backend did not wake in time",
             502: "the backend could not be reached",
         }[status]

@@ -250,6 +250,12 @@ class Service:
     async def _auto_start(self) -> None:
         await self._wake_quietly("auto_start")
 
+    def stop_accepting(self) -> None:
+        """Close the listener; open connections carry on (a graceful shutdown)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
     async def close(self) -> None:
         """Stop accepting, close every connection, cancel every timer and task."""
         # From here on no timer is armed and no runtime call starts: connections closed
@@ -279,6 +285,12 @@ class Service:
     def accepted(self, conn: ClientSide) -> None:
         self.connections.add(conn)
         self.stats.accepted += 1
+        limit = self.cfg.max_connections
+        if limit and len(self.connections) > limit:
+            # Refused at once (mode http: 503): past the limit nothing is held or woken.
+            self.stats.connections["rejected_limit"] += 1
+            conn.reject("rejected_limit")
+            return
         conn.arm_idle_timeout(self.cfg.idle_connection_timeout)
         # mode http waits for a request head: a probe must not wake anything.
         if self.cfg.wake_on == "connect" and self.cfg.mode == "tcp":
@@ -389,6 +401,7 @@ class Service:
         """Apply changed live settings now; open connections are not touched. A new
         idle_connection_timeout applies to connections accepted from now on."""
         self.cfg = cfg
+        self.probe_rules = compile_probes(cfg.http.matchers)
         self.lifecycle.sleep_action = cfg.sleep_policy.action
         self.lifecycle.max_held = cfg.max_held_connections
         # The new schedule takes effect at once: drop the old deadlines, arm the new ones.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +23,17 @@ from ..lifecycle import State
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.process")
+
+# prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills the command when the proxy dies,
+# even by SIGKILL, so no paused (SIGSTOPped) orphan outlives it. Loaded before any fork.
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 _STOP_POLLS = 500  # of 1 ms each
 
 
@@ -80,6 +92,7 @@ class ProcessRuntime(Runtime):
                 stdin=subprocess.DEVNULL,
                 # Its own process group: SIGSTOP/SIGCONT/SIGTERM reach its children too.
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None

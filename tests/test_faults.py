@@ -1,0 +1,303 @@
+"""Faults, reload and shutdown (issue 6), with the process runtime: no Docker needed.
+
+Signals and resource limits need the proxy as its own process (``wakeproxy run``);
+reload and connection limits run in-process. All traffic is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import backend_command, config_from, free_port, port_answers, running
+from tests.test_cli import WAKEPROXY, pids_with, start_proxy
+from wakeproxy.config import load_config
+from wakeproxy.lifecycle import State
+
+
+def echo_service(name: str, port: int, backend: int, *lines: str) -> str:
+    return "\n".join(
+        [
+            f"  {name}:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            f"    command: {backend_command(backend, 'echo')}",
+            *(f"    {line}" for line in lines),
+        ]
+    )
+
+
+def config_text(admin: int, *services: str, top: str = "") -> str:
+    return f"admin:\n  listen: 127.0.0.1:{admin}\n{top}services:\n" + "\n".join(services) + "\n"
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes) -> None:
+    writer.write(text)
+    assert await asyncio.wait_for(reader.readexactly(len(text)), 15) == text
+
+
+async def echo_once(port: int, text: bytes = b"ping\n") -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await echo(reader, writer, text)
+    finally:
+        writer.close()
+
+
+def post(admin: int, path: str) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.asyncio
+async def test_reload_applies_a_new_file_without_dropping_unchanged_services(tmp_path):
+    admin = free_port()
+    a, a_backend, b, b_backend = free_port(), free_port(), free_port(), free_port()
+    c, c_backend, c_moved, d, d_backend = (free_port() for _ in range(5))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_text(
+            admin,
+            echo_service("a", a, a_backend, "sleep_policy: {idle_timeout: 600}"),
+            echo_service("b", b, b_backend),
+            echo_service("c", c, c_backend),
+        )
+    )
+    async with running(load_config(path)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", a)
+        await echo(reader, writer, b"before\n")
+        await echo_once(b)
+
+        path.write_text(
+            config_text(
+                admin,
+                echo_service("a", a, a_backend, "sleep_policy: {idle_timeout: 300}"),
+                echo_service("c", c_moved, c_backend),
+                echo_service("d", d, d_backend),
+            )
+        )
+        status, result = await asyncio.to_thread(post, admin, "/reload")
+        assert status == 200, result
+        assert (result["updated"], result["removed"]) == (["a"], ["b"])
+        assert (result["replaced"], result["added"]) == (["c"], ["d"])
+        assert proxy.services["a"].cfg.sleep_policy.idle_timeout == 300
+        await echo(reader, writer, b"kept through the reload\n")
+        assert not port_answers(b) and not port_answers(c), "removed and moved listeners closed"
+        await echo_once(c_moved)
+        await echo_once(d)
+
+        # An invalid file: refused with its errors, the running config is kept.
+        path.write_text(config_text(admin, echo_service("a", a, a_backend, "backlog: lots")))
+        status, result = await asyncio.to_thread(post, admin, "/reload")
+        assert status == 400
+        assert result["problems"] == [
+            f"{path}:8: services.a.backlog: expected a whole number, got 'lots'"
+        ]
+        assert set(proxy.services) == {"a", "c", "d"}
+        await echo(reader, writer, b"still here\n")
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_max_connections_refuses_past_the_limit_and_http_reads_503():
+    tcp, tcp_backend, web, web_backend = free_port(), free_port(), free_port(), free_port()
+    config = config_from(
+        config_text(
+            free_port(),
+            echo_service("tcp", tcp, tcp_backend, "max_connections: 2"),
+            "\n".join(
+                [
+                    "  web:",
+                    f"    listen: 127.0.0.1:{web}",
+                    f"    backend: 127.0.0.1:{web_backend}",
+                    f"    command: {backend_command(web_backend)}",
+                    "    mode: http",
+                    "    max_connections: 1",
+                ]
+            ),
+        )
+    )
+    async with running(config) as proxy:
+        first = await asyncio.open_connection("127.0.0.1", tcp)
+        second = await asyncio.open_connection("127.0.0.1", tcp)
+        await echo(*first, b"one\n")
+        await echo(*second, b"two\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", tcp)
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "the third is closed at once"
+        writer.close()
+        await echo(*first, b"the others carry on\n")
+        assert proxy.services["tcp"].stats.connections["rejected_limit"] == 1
+
+        held = await asyncio.open_connection("127.0.0.1", web)
+        reader, writer = await asyncio.open_connection("127.0.0.1", web)
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in reply
+        for _, w in (first, second, held, (reader, writer)):
+            w.close()
+
+
+def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(tmp_path):
+    admin, a, a_backend, b, b_backend = (free_port() for _ in range(5))
+    path = tmp_path / "config.yaml"
+    top = "shutdown: {grace: 20}\n"
+    path.write_text(config_text(admin, echo_service("a", a, a_backend), top=top))
+    proxy = start_proxy(path, a)
+    try:
+        path.write_text(
+            config_text(
+                admin, echo_service("a", a, a_backend), echo_service("b", b, b_backend), top=top
+            )
+        )
+        proxy.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not port_answers(b):
+            assert time.monotonic() < deadline, "SIGHUP did not add the listener"
+            time.sleep(0.05)
+
+        path.write_text(config_text(admin, echo_service("b", b, b_backend), top=top))
+        result = subprocess.run(
+            [*WAKEPROXY, "reload", "--admin", f"http://127.0.0.1:{admin}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "removed: a" in result.stdout
+        assert not port_answers(a)
+
+        with socket.create_connection(("127.0.0.1", b), timeout=10) as sock:
+            sock.sendall(b"before\n")
+            assert sock.recv(100) == b"before\n"
+            proxy.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while port_answers(b):  # the listener closes first...
+                assert time.monotonic() < deadline, "still accepting after SIGTERM"
+                time.sleep(0.05)
+            sock.sendall(b"during the grace\n")  # ...the open connection carries on
+            assert sock.recv(100) == b"during the grace\n"
+            assert proxy.poll() is None
+        # The last connection closed: the proxy exits without waiting out the 20 s.
+        _, err = proxy.communicate(timeout=10)
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.communicate()
+    assert proxy.returncode == 0, err
+    assert "reloaded" in err and "waiting up to 20s for 1 open connection(s)" in err
+
+
+def test_sigkill_leaves_no_paused_command_behind_and_a_restart_serves(tmp_path):
+    admin, port, backend = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(admin, echo_service("a", port, backend)))
+    marker = f"--port {backend} "
+    proxy = start_proxy(path, port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"hi\n")
+            assert sock.recv(10) == b"hi\n"
+        status, _ = post(admin, "/services/a/sleep")
+        assert status == 200
+        [pid] = pids_with(marker)
+        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        proxy.kill()
+        proxy.communicate(timeout=10)
+        deadline = time.monotonic() + 5
+        while pids_with(marker):
+            assert time.monotonic() < deadline, "the paused command outlived the proxy"
+            time.sleep(0.05)
+        proxy = start_proxy(path, port)
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(b"again\n")
+            assert sock.recv(10) == b"again\n"
+    finally:
+        proxy.kill()
+        proxy.communicate(timeout=10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+
+
+def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
+    admin, port, backend = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(admin, echo_service("a", port, backend)))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proxy = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(path)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=low_limit,
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 15
+        while not port_answers(port):
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(b"start\n")  # the backend runs before the descriptors run out
+            assert sock.recv(10) == b"start\n"
+        for _ in range(80):  # two descriptors each through the proxy: far past 64
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            clients.append(sock)
+        time.sleep(0.5)
+        before = _cpu_seconds(proxy.pid)
+        time.sleep(2.0)
+        spent = _cpu_seconds(proxy.pid) - before
+        assert spent < 0.5, f"the proxy spun at {spent / 2:.0%} of a core while out of descriptors"
+        for sock in clients:
+            sock.close()
+        clients.clear()
+        deadline = time.monotonic() + 15
+        while True:  # recovers once descriptors are free again
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"back\n")
+                    if sock.recv(10) == b"back\n":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the listener did not recover"
+            time.sleep(0.2)
+        assert proxy.poll() is None
+    finally:
+        for sock in clients:
+            sock.close()
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_shutdown_wakes_sleeping_backends_when_asked():
+    port, backend = free_port(), free_port()
+    config = config_from(
+        config_text(
+            free_port(), echo_service("a", port, backend), top="shutdown: {backends: wake}\n"
+        )
+    )
+    async with running(config) as proxy:
+        service = proxy.services["a"]
+        await service.wake("test")
+        await service.sleep("pause", "api")
+        assert service.state is State.PAUSED
+        await proxy.drain(proxy.config.shutdown.grace)
+        await proxy.wake_all("shutdown")
+        assert service.state is State.RUNNING
+        assert not port_answers(port), "drained: the listener is closed"
