@@ -35,6 +35,11 @@ PYTHON = sys.executable
 BOTH_LOOPS = {"test_forwarding"}
 
 
+def pytest_collection_modifyitems(config, items):
+    # A test that restarts the engine runs on its own: after every other test.
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+
+
 def pytest_asyncio_loop_factories(config, item):
     # The proxy runs on uvloop in production: test it there, and the byte path on both.
     factories = {"uvloop": uvloop.new_event_loop}

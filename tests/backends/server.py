@@ -2,7 +2,8 @@
 
 Modes:
   http    answers every request with a small 200 response (keep-alive); reads a
-          Content-Length or chunked body; GET /echo-head answers with the request head itself
+          Content-Length or chunked body; GET /echo-head answers with the request head
+          itself, POST /echo with the request body
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
@@ -34,17 +35,18 @@ async def handle(reader, writer, args) -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lowered = head.lower()
+                received = b""
                 for line in lowered.split(b"\r\n"):
                     if line.startswith(b"content-length:"):
-                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                        received = await reader.readexactly(int(line.split(b":", 1)[1]))
                 if b"transfer-encoding: chunked" in lowered:
                     while size := int((await reader.readline()).split(b";")[0], 16):
                         await reader.readexactly(size + 2)
                     await reader.readline()  # the blank line after the last chunk
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
-                echo = len(parts) > 1 and parts[1] == b"/echo-head"
-                body = head if echo else args.body.encode()
+                target = parts[1] if len(parts) > 1 else b""
+                body = {b"/echo-head": head, b"/echo": received}.get(target, args.body.encode())
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()

@@ -1,0 +1,156 @@
+"""Faults on the real engine: containers killed, removed or recreated by someone else,
+and the engine itself restarting (with --live-restore, containers survive it).
+
+The engine restart runs after every other test (marker ``engine_restart``). All
+traffic is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    config_from,
+    container_status,
+    docker,
+    free_port,
+    http_get,
+    in_ci,
+    running,
+    wait_until,
+)
+from wakeproxy.lifecycle import State
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
+BODY = b"hello from busybox\n"
+
+
+def services_yaml(*entries: tuple[str, int, int, str, str]) -> str:
+    lines = ["services:"]
+    for name, port, backend, container, extra in entries:
+        lines += [
+            f"  {name}:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            f"    container: {container}",
+            "    connect_concurrency: 8",
+            f"    {extra}" if extra else "    wake_timeout: 15",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def test_container_killed_removed_and_recreated_under_the_proxy(make_container):
+    port, backend = free_port(), free_port()
+    name = make_container(backend)
+    config = config_from(
+        services_yaml(("web", port, backend, name, "sleep_policy: {idle_timeout: 600}"))
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).endswith(BODY)
+
+        # A forwarding connection (request not sent yet) when the container is killed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wait_until(lambda: service.open == 1 and not service.held, within=5)
+        docker("kill", name)
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "closed promptly"
+        writer.close()
+        await wait_until(lambda: service.state is State.STOPPED, within=10)
+        assert (await http_get(port, within=20)).endswith(BODY), "the next connection starts it"
+        assert container_status(name) == "running"
+
+        docker("rm", "-f", name)
+        await wait_until(lambda: service.state is State.FAILED, within=10)
+        assert (
+            "removed" in service.lifecycle.reason or "No such container" in service.lifecycle.reason
+        )
+        assert await http_get(port) == b"", "refused at once, not held"
+
+        # Recreated (a new id, the same name): the service follows by name.
+        make_container(backend, name=name)
+        await wait_until(lambda: service.state is State.RUNNING, within=15)
+        assert (await http_get(port)).endswith(BODY)
+
+
+def _dockerd() -> tuple[int, list[str]] | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and Path(argv[0].decode()).name == "dockerd":
+                return int(entry.name), [a.decode() for a in argv if a]
+    return None
+
+
+# The restarted engine outlives the test: kept here so its Popen is never collected
+# (and never warned about) while it runs.
+_ENGINES: list[subprocess.Popen[bytes]] = []
+
+
+def _start_engine(argv: list[str]) -> None:
+    """Start dockerd again as it was started (same arguments), detached from the test."""
+    with open("/tmp/wakeproxy-dockerd.log", "ab") as log:
+        _ENGINES.append(subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True))
+
+
+def _engine_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+@pytest.mark.engine_restart
+@pytest.mark.timeout(180)
+async def test_engine_restart_keeps_forwarding_fails_wakes_cleanly_and_recovers(make_container):
+    found = _dockerd()
+    if found is None or "--live-restore" not in found[1] or os.geteuid() != 0:
+        message = "needs a local dockerd started with --live-restore that this user may restart"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    pid, argv = found
+    live, live_backend, cold, cold_backend = (free_port() for _ in range(4))
+    running_one = make_container(live_backend)
+    paused_one = make_container(cold_backend, paused=True)
+    config = config_from(
+        services_yaml(
+            ("live", live, live_backend, running_one, "sleep_policy: {idle_timeout: 600}"),
+            ("cold", cold, cold_backend, paused_one, "wake_timeout: 3"),
+        )
+    )
+    async with running(config) as proxy:
+        engine = proxy.engine
+        assert engine is not None and engine.up
+        cold_service = proxy.services["cold"]
+        tasks_before = len(asyncio.all_tasks())
+        os.kill(pid, signal.SIGTERM)
+        try:
+            await wait_until(lambda: not Path(f"/proc/{pid}").exists(), within=30, interval=0.1)
+            await wait_until(lambda: not engine.up, within=10)
+            # Forwarding to a running backend needs no engine.
+            assert (await http_get(live)).endswith(BODY)
+            # A wake cannot happen: the held connection is closed, not left hanging.
+            started = time.monotonic()
+            assert await http_get(cold, within=10) == b""
+            assert time.monotonic() - started < 5
+            assert cold_service.state is State.FAILED
+        finally:
+            await asyncio.to_thread(_start_engine, argv)
+            deadline = time.monotonic() + 60
+            while not await asyncio.to_thread(_engine_answers):
+                assert time.monotonic() < deadline, "the engine did not come back"
+                await asyncio.sleep(0.5)
+        assert container_status(running_one) == "running", "live-restore kept it running"
+        await wait_until(lambda: engine.up, within=30, interval=0.1)
+        # The back-off retry re-reads the state: paused again, and the next connection wakes it.
+        await wait_until(lambda: cold_service.state is State.PAUSED, within=30, interval=0.1)
+        assert (await http_get(cold, within=15)).endswith(BODY)
+        assert (await http_get(live)).endswith(BODY)
+        assert len(asyncio.all_tasks()) <= tasks_before + 2, "no task leaked"
