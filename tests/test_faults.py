@@ -18,9 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import backend_command, config_from, free_port, port_answers, running
+from tests.conftest import (
+    backend_command,
+    config_from,
+    free_port,
+    port_answers,
+    running,
+    wait_until,
+)
 from tests.test_cli import WAKEPROXY, pids_with, start_proxy
 from wakeproxy.config import load_config
+from wakeproxy.forward import ClientSide
 from wakeproxy.lifecycle import State
 
 
@@ -301,3 +309,50 @@ async def test_shutdown_wakes_sleeping_backends_when_asked():
         await proxy.wake_all("shutdown")
         assert service.state is State.RUNNING
         assert not port_answers(port), "drained: the listener is closed"
+
+
+@pytest.mark.asyncio
+async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monkeypatch):
+    a, a_backend, b, b_backend = (free_port() for _ in range(4))
+    config = config_from(
+        config_text(free_port(), echo_service("a", a, a_backend), echo_service("b", b, b_backend))
+    )
+    async with running(config) as proxy:
+        service = proxy.services["a"]
+        real_start = service.runtime.start
+
+        async def broken_start() -> None:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(service.runtime, "start", broken_start)
+        reader, writer = await asyncio.open_connection("127.0.0.1", a)
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "the held connection is released"
+        writer.close()
+        assert service.state is State.FAILED
+        assert "internal error during wake: RuntimeError('injected')" in service.lifecycle.reason
+        await echo_once(b, b"the other service serves\n")
+
+        monkeypatch.setattr(service.runtime, "start", real_start)
+        await asyncio.sleep(0.6)  # the first retry of the back-off re-reads the state
+        await echo_once(a, b"recovered\n")
+
+        # A forwarding callback that raises: that connection ends, nothing else does.
+        original = ClientSide.data_received
+
+        def exploding(self: ClientSide, data: bytes) -> None:
+            if data == b"boom\n":
+                raise RuntimeError("injected in data_received")
+            original(self, data)
+
+        monkeypatch.setattr(ClientSide, "data_received", exploding)
+        steady = await asyncio.open_connection("127.0.0.1", a)
+        await echo(*steady, b"steady\n")
+        victim_reader, victim_writer = await asyncio.open_connection("127.0.0.1", a)
+        await echo(victim_reader, victim_writer, b"fine so far\n")
+        victim_writer.write(b"boom\n")
+        assert await asyncio.wait_for(victim_reader.read(), 5) == b"", "only this one closed"
+        victim_writer.close()
+        await echo(*steady, b"still steady\n")
+        await echo_once(a, b"new connections too\n")
+        steady[1].close()
+        await wait_until(lambda: service.open == 0, within=5)

@@ -117,6 +117,11 @@ class ServiceStats:
         slot[index] += 1
 
 
+def _internal_error(name: str, what: str, exc: Exception) -> str:
+    log.error("%s: unexpected error during %s", name, what, exc_info=exc)
+    return f"internal error during {what}: {exc!r}"
+
+
 class Service:
     """A configured service: listener, lifecycle, runtime and the connections it owns."""
 
@@ -601,6 +606,10 @@ class Service:
             event = WakeFailed(f"not ready within wake_timeout ({wake_timeout:g}s)", timed_out=True)
         except RuntimeFailure as exc:
             event = WakeFailed(str(exc))
+        except Exception as exc:
+            # A bug, not a backend fault: the wake still ends (held connections are
+            # released, the retry back-off applies) instead of leaving it waking for ever.
+            event = WakeFailed(_internal_error(self.name, "wake", exc))
         else:
             event = WakeSucceeded()
         self._record_wake(event)
@@ -705,6 +714,8 @@ class Service:
             event = SleepFailed(f"{action.value} did not finish within {limit:g}s")
         except RuntimeFailure as exc:
             event = SleepFailed(str(exc))
+        except Exception as exc:
+            event = SleepFailed(_internal_error(self.name, action.value, exc))
         else:
             event = SleepSucceeded()
             self.stats.sleeps[(action.value, reason)] += 1
@@ -741,6 +752,8 @@ class Service:
                 await self._resolve_backend()
         except RuntimeFailure as exc:
             state, reason = State.FAILED, str(exc)
+        except Exception as exc:
+            state, reason = State.FAILED, _internal_error(self.name, "state re-read", exc)
         finally:
             self._refreshing = False
         self._feed(Observed(state, reason))

@@ -1,0 +1,105 @@
+"""Generated configs and label sets: each one loads or fails with a message naming where.
+
+The loader must never raise anything but ConfigError, whatever the YAML holds.
+"""
+
+from __future__ import annotations
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wakeproxy.config import (
+    _HTTP_FIELDS,
+    _LABEL_PATHS,
+    _SERVICE_FIELDS,
+    _SLEEP_FIELDS,
+    _TOP_FIELDS,
+    DEFAULT_ALLOWED_LISTEN,
+    parse_yaml,
+    service_from_labels,
+)
+from wakeproxy.errors import ConfigError
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(
+        ["127.0.0.1:8080", "[::1]:80", "stop", "pause", "http", "tcp", "1.5", "256MiB"]
+    ),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def section(keys: list[str]) -> st.SearchStrategy[dict[str, object]]:
+    """Mostly known keys (so the deeper checks run), sometimes unknown ones."""
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=10), values, max_size=6)
+
+
+service = st.fixed_dictionaries(
+    {},
+    optional={
+        "listen": st.sampled_from(["127.0.0.1:18000", "0.0.0.0:80", "x:1", "[::1]:9"]) | values,
+        "backend": st.sampled_from(["127.0.0.1:18001", "127.0.0.1:18000"]) | values,
+        "container": st.text(max_size=10) | values,
+        "command": st.lists(st.text(max_size=5), max_size=3) | values,
+        "sleep_policy": section([*_SLEEP_FIELDS, "use"]) | values,
+        "http": section(list(_HTTP_FIELDS)) | values,
+        "mode": st.sampled_from(["tcp", "http"]) | values,
+    },
+).flatmap(lambda fixed: section(list(_SERVICE_FIELDS)).map(lambda extra: {**extra, **fixed}))
+configs = st.fixed_dictionaries(
+    {},
+    optional={
+        "services": st.dictionaries(st.text(max_size=12), service | values, max_size=3) | values,
+        "policies": st.dictionaries(st.text(max_size=8), section(list(_SLEEP_FIELDS)), max_size=2),
+        "admin": values,
+        "log": values,
+        "discovery": values,
+        "shutdown": values,
+    },
+).flatmap(lambda fixed: section(list(_TOP_FIELDS)).map(lambda extra: {**extra, **fixed}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(configs)
+def test_generated_configs_load_or_name_the_fault(data: dict[str, object]) -> None:
+    text = yaml.safe_dump(data, allow_unicode=True)
+    try:
+        parse_yaml(text, "fuzz.yaml")
+    except ConfigError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert problem.startswith("fuzz.yaml"), problem
+            assert ": " in problem.removeprefix("fuzz.yaml"), problem
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([f"wakeproxy.{k}" for k in _LABEL_PATHS] + ["wakeproxy.name"])
+        | st.text(max_size=15),
+        st.text(max_size=12) | st.sampled_from(["8080", "127.0.0.1:9000", "true", "1e9", "-1"]),
+        max_size=6,
+    )
+)
+def test_generated_label_sets_build_a_service_or_name_the_container(labels: dict[str, str]):
+    try:
+        service_from_labels(
+            "c1",
+            {"wakeproxy.enable": "true", **labels},
+            policies={},
+            allowed_listen=DEFAULT_ALLOWED_LISTEN,
+        )
+    except ConfigError as exc:
+        assert exc.problems
+        assert all(p.startswith("container c1") for p in exc.problems), exc.problems
