@@ -23,6 +23,7 @@ from tests.conftest import (
     free_port,
     http_get,
     in_ci,
+    port_answers,
     running,
     wait_until,
 )
@@ -77,6 +78,20 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
         make_container(backend, name=name)
         await wait_until(lambda: service.state is State.RUNNING, within=15)
         assert (await http_get(port)).endswith(BODY)
+
+
+async def test_shutdown_can_leave_every_container_awake(make_container):
+    """shutdown.backends: wake -- sleeping containers serve without the proxy afterwards."""
+    port, backend = free_port(), free_port()
+    name = make_container(backend, paused=True)
+    text = services_yaml(("web", port, backend, name, "")) + "shutdown: {backends: wake}\n"
+    async with running(config_from(text)) as proxy:
+        assert proxy.services["web"].state is State.PAUSED
+        await proxy.drain(proxy.config.shutdown.grace)
+        assert not port_answers(port), "drained: the listener is closed"
+        await proxy.wake_all("shutdown")
+    assert container_status(name) == "running"
+    assert (await http_get(backend)).endswith(BODY), "it serves directly"
 
 
 def _dockerd() -> tuple[int, list[str]] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import signal
 import socket
@@ -202,7 +203,9 @@ def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(t
             proxy.kill()
             proxy.communicate()
     assert proxy.returncode == 0, err
-    assert "reloaded" in err and "waiting up to 20s for 1 open connection(s)" in err
+    assert "reloaded" in err
+    # Our connection, and maybe a just-closed port check still finishing its half-close.
+    assert re.search(r"waiting up to 20s for [12] open connection\(s\)", err), err
 
 
 def test_sigkill_leaves_no_paused_command_behind_and_a_restart_serves(tmp_path):
@@ -290,25 +293,6 @@ def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
             sock.close()
         proxy.send_signal(signal.SIGTERM)
         proxy.communicate(timeout=30)
-
-
-@pytest.mark.asyncio
-async def test_shutdown_wakes_sleeping_backends_when_asked():
-    port, backend = free_port(), free_port()
-    config = config_from(
-        config_text(
-            free_port(), echo_service("a", port, backend), top="shutdown: {backends: wake}\n"
-        )
-    )
-    async with running(config) as proxy:
-        service = proxy.services["a"]
-        await service.wake("test")
-        await service.sleep("pause", "api")
-        assert service.state is State.PAUSED
-        await proxy.drain(proxy.config.shutdown.grace)
-        await proxy.wake_all("shutdown")
-        assert service.state is State.RUNNING
-        assert not port_answers(port), "drained: the listener is closed"
 
 
 @pytest.mark.asyncio
