@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,10 @@ from tests.conftest import (
     running,
     wait_until,
 )
+from tests.test_cli import start_proxy
 from wakeproxy.lifecycle import State
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
+pytestmark = pytest.mark.docker
 BODY = b"hello from busybox\n"
 
 
@@ -47,6 +49,7 @@ def services_yaml(*entries: tuple[str, int, int, str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.asyncio
 async def test_container_killed_removed_and_recreated_under_the_proxy(make_container):
     port, backend = free_port(), free_port()
     name = make_container(backend)
@@ -80,6 +83,7 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
         assert (await http_get(port)).endswith(BODY)
 
 
+@pytest.mark.asyncio
 async def test_shutdown_can_leave_every_container_awake(make_container):
     """shutdown.backends: wake -- sleeping containers serve without the proxy afterwards."""
     port, backend = free_port(), free_port()
@@ -92,6 +96,37 @@ async def test_shutdown_can_leave_every_container_awake(make_container):
         await proxy.wake_all("shutdown")
     assert container_status(name) == "running"
     assert (await http_get(backend)).endswith(BODY), "it serves directly"
+
+
+def test_sigkill_and_restart_with_paused_stopped_and_running_containers(make_container, tmp_path):
+    names, ports = {}, {}
+    for state in ("paused", "stopped", "running"):
+        ports[state] = (free_port(), free_port())
+        names[state] = make_container(ports[state][1], paused=state == "paused")
+    docker("stop", "-t", "0", names["stopped"])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
+        + services_yaml(*((s, *ports[s], names[s], "") for s in names)).replace(
+            "services:\n", "services:\n", 1
+        )
+    )
+    first = start_proxy(config, ports["running"][0])
+    first.kill()  # no shutdown of any kind
+    first.communicate(timeout=10)
+    expected = {"paused": "paused", "stopped": "exited", "running": "running"}
+    assert {s: container_status(n) for s, n in names.items()} == expected, "nothing touched"
+    second = start_proxy(config, ports["running"][0])
+    try:
+        for state in names:
+            url = f"http://127.0.0.1:{ports[state][0]}/"
+            with urllib.request.urlopen(url, timeout=20) as response:
+                reply = response.read()
+            assert reply.endswith(BODY), (state, reply)
+        assert all(container_status(n) == "running" for n in names.values())
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=30)
 
 
 def _dockerd() -> tuple[int, list[str]] | None:
@@ -123,6 +158,7 @@ def _engine_answers() -> bool:
 
 @pytest.mark.engine_restart
 @pytest.mark.timeout(180)
+@pytest.mark.asyncio
 async def test_engine_restart_keeps_forwarding_fails_wakes_cleanly_and_recovers(make_container):
     found = _dockerd()
     if found is None or "--live-restore" not in found[1] or os.geteuid() != 0:
