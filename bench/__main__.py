@@ -233,6 +233,24 @@ def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) 
     report.table(title, note, commands, coldwake.table(rows))
 
 
+def scenario_start_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
+    title = "6. Stop/start wake: first connections to a stopped container"
+    missing = coldwake.available()
+    if missing is not None:
+        progress(f"{title}: skipped: {missing}")
+        report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+        return
+    sizes = [1] if args.quick else [1, 10, 100]
+    progress(f"{title}: N = {sizes}, {args.rounds} round(s) each")
+    rows, commands = coldwake.run_start(sizes, args.rounds, workdir)
+    note = (
+        "For comparison with row 5: `action: stop` frees the container's memory but a wake is a "
+        "start plus a readiness probe. Per round: the engine's own start timed to the server's "
+        "first response byte; then the container stopped and the burst sent through wakeproxy."
+    )
+    report.table(title, note, commands, coldwake.start_table(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -254,6 +272,7 @@ def main() -> None:
         scenario_http(report, args, workdir, "http")
         scenario_http(report, args, workdir, "http-varied")
         scenario_cold_wake(report, args, workdir)
+        scenario_start_wake(report, args, workdir)
     report.write(args.out, args)
     progress(f"report written to {args.out}")
 

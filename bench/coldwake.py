@@ -1,10 +1,13 @@
-"""Row 5: N simultaneous first connections to a paused container, through wakeproxy.
+"""Rows 5 and 6: N simultaneous first connections to a paused (row 5) or stopped (row 6)
+container, through wakeproxy.
 
 The backend is ``wakeserver.c`` (a listen backlog of 4096) in a FROM-scratch container on
 host networking. Per round: the container is paused (the proxy follows the engine's
 event), N clients connect at once and each times its first response byte; the engine's
 own unpause is timed in the same round, and HAProxy in front of the running container
-takes the same burst. ``docker events`` counts unpause calls: one per cold burst.
+takes the same burst. ``docker events`` counts unpause calls: one per cold burst. Row 6
+does the same with ``action: stop``: the engine's own start (until the server answers)
+next to a burst through wakeproxy, which starts the container and probes it (readiness).
 """
 
 from __future__ import annotations
@@ -135,6 +138,83 @@ async def measure(
                 )  # fmt: skip
                 row.unpause_calls.append(len(events.split()))
     return rows
+
+
+@dataclass
+class StartRow:
+    n: int
+    cold: list[float] = field(default_factory=list)  # through wakeproxy, stopped backend
+    engine: list[float] = field(default_factory=list)  # docker start to the first byte
+    failed: int = 0
+
+
+async def wait_first_byte(port: int) -> None:
+    # Polling is the measurement: the engine offers no "server is answering" event.
+    while await first_byte(port) is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.002)
+
+
+async def measure_start(
+    sizes: list[int], rounds: int, proxy_port: int, backend: int, name: str
+) -> list[StartRow]:
+    rows = [StartRow(n) for n in sizes]
+    async with aiodocker.Docker() as client:
+        container = client.containers.container(name)
+        for row in rows:
+            for _ in range(rounds):
+                # The engine's own start, until the server answers its first request.
+                await container.stop(t=0)
+                started = time.perf_counter()
+                await container.start()
+                await asyncio.wait_for(wait_first_byte(backend), 30)
+                row.engine.append(time.perf_counter() - started)
+                # Stopped again; the proxy follows the engine's event; then the burst.
+                await container.stop(t=0)
+                await asyncio.sleep(0.3)
+                times = await burst(proxy_port, row.n)
+                row.failed += sum(1 for t in times if t is None)
+                row.cold.extend(t for t in times if t is not None)
+    return rows
+
+
+def start_table(rows: list[StartRow]) -> list[dict[str, str]]:
+    out = []
+    for row in rows:
+        engine = statistics.median(row.engine) * 1000
+        cold_p50 = statistics.median(row.cold) * 1000 if row.cold else float("nan")
+        out.append(
+            {
+                "N": str(row.n),
+                "engine start to first byte p50 ms": f"{engine:.1f}",
+                "through wakeproxy p50 ms": f"{cold_p50:.1f}",
+                "difference ms": f"{cold_p50 - engine:.1f}",
+                "p99 ms": f"{percentile(row.cold, 0.99) * 1000:.1f}" if row.cold else "-",
+                "failed": str(row.failed),
+            }
+        )
+    return out
+
+
+def run_start(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[StartRow], list[str]]:
+    build_image()
+    backend = peers.free_port()
+    name = f"wp-bench-start-{backend}"
+    docker("run", "-d", "--network", "host", "--name", name, IMAGE, str(backend))
+    started: list[peers.Peer] = []
+    try:
+        peers.wait_port(backend)
+        started.append(proxy := peers.wakeproxy_container(workdir, backend, name, "stop"))
+        rows = asyncio.run(measure_start(sizes, rounds, proxy.port, backend, name))
+    finally:
+        for peer in reversed(started):
+            peer.stop()
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    commands = [
+        f"docker run -d --network host {IMAGE} PORT   # then docker stop -t 0",
+        "wakeproxy: container runtime, sleep_policy {action: stop}, readiness: tcp every 10 ms",
+        "engine: Engine API start, then GET / until the first response byte",
+    ]
+    return rows, commands
 
 
 def run(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[Row], list[str]]:

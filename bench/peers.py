@@ -143,10 +143,12 @@ def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
     return Peer("wakeproxy", argv, port)
 
 
-def wakeproxy_container(workdir: Path, backend_port: int, container: str) -> Peer:
+def wakeproxy_container(
+    workdir: Path, backend_port: int, container: str, action: str = "pause"
+) -> Peer:
     """wakeproxy in front of a container, with the docker runtime (cold-wake rows)."""
     port = free_port()
-    config = workdir / "wakeproxy-cold.yaml"
+    config = workdir / f"wakeproxy-cold-{action}.yaml"
     config.write_text(
         f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         "services:\n"
@@ -154,7 +156,7 @@ def wakeproxy_container(workdir: Path, backend_port: int, container: str) -> Pee
         f"    listen: 127.0.0.1:{port}\n"
         f"    backend: 127.0.0.1:{backend_port}\n"
         f"    container: {container}\n"
-        "    sleep_policy: {idle_timeout: 3600}\n"
+        f"    sleep_policy: {{idle_timeout: 3600, action: {action}}}\n"
     )
     argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
     return Peer("wakeproxy", argv, port)
