@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import wakeproxy
-from bench import coldwake, loadgen, peers
+from bench import coldwake, loadgen, peers, scale
 
 Row = dict[str, str]
 T = TypeVar("T")
@@ -251,6 +251,25 @@ def scenario_start_wake(report: Report, args: argparse.Namespace, workdir: Path)
     report.table(title, note, commands, coldwake.start_table(rows))
 
 
+def scenario_scale(report: Report, args: argparse.Namespace, workdir: Path) -> None:
+    title = "7. Scale: 1,000 commands and 50 paused containers in one proxy"
+    missing = coldwake.available()
+    if missing is not None:
+        progress(f"{title}: skipped: {missing}")
+        report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+        return
+    idle = 3.0 if args.quick else 30.0
+    progress(f"{title}: creating 50 containers, then {idle:g} idle seconds")
+    result, commands = scale.run(idle, workdir)
+    note = (
+        "Targets: start-up < 2 s, RSS < 150 MiB, idle CPU < 1% of a core. Start-up reads the 50 "
+        "containers' states from one engine listing; the 1,000 commands are not started until a "
+        "connection needs one. Then one paused container is woken and one command started, each "
+        "timed to the first response byte."
+    )
+    report.table(title, note, commands, scale.table(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -273,6 +292,7 @@ def main() -> None:
         scenario_http(report, args, workdir, "http-varied")
         scenario_cold_wake(report, args, workdir)
         scenario_start_wake(report, args, workdir)
+        scenario_scale(report, args, workdir)
     report.write(args.out, args)
     progress(f"report written to {args.out}")
 

@@ -62,8 +62,14 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
             line for line in section.splitlines() if line.startswith("| wakeproxy")
         )
         assert wakeproxy_row.rstrip().endswith("| 0 |"), wakeproxy_row
+    # Rows 6 and 7 ran on the real engine too, and nothing failed.
+    start = report.split("## 6. Stop/start wake", 1)[1].split("## 7.", 1)[0]
+    assert "Not run" not in start and "| 1 |" in start
+    assert start.split("| 1 |", 1)[1].splitlines()[0].rstrip().endswith("| 0 |")
+    scaled = report.split("## 7. Scale", 1)[1]
+    assert "| 1050 |" in scaled and "failed" not in scaled.split("| 1050 |", 1)[1].splitlines()[0]
     # The cold-wake row ran on the real engine: N=1 and N=10, one unpause per burst, none failed.
-    cold = report.split("## 5. Cold wake", 1)[1]
+    cold = report.split("## 5. Cold wake", 1)[1].split("## 6.", 1)[0]
     assert "Not run" not in cold
     lines = [line for line in cold.splitlines() if line.startswith(("| 1 |", "| 10 |"))]
     assert len(lines) == 2, cold
