@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import wakeproxy
-from bench import coldwake, loadgen, peers, scale
+from bench import coldwake, loadgen, peers, plots, scale
 
 Row = dict[str, str]
 T = TypeVar("T")
@@ -41,8 +41,20 @@ def version(argv: list[str]) -> str:
 
 
 class Report:
-    def __init__(self) -> None:
+    def __init__(self, out: Path) -> None:
         self.sections: list[str] = []
+        self.plots = out.parent / "plots"
+
+    def plot(self, name: str, title: str, draw: Callable[[Path], None]) -> None:
+        """Draw a PNG next to the report and link it from the last section."""
+        if not plots.available():
+            self.sections.append(
+                "(No plot: matplotlib is not installed; `pip install -e .[bench]`.)\n"
+            )
+            return
+        self.plots.mkdir(parents=True, exist_ok=True)
+        draw(self.plots / name)
+        self.sections.append(f"![{title}](plots/{name})\n")
 
     def table(self, title: str, note: str, commands: list[str], rows: list[Row]) -> None:
         head = list(rows[0])
@@ -145,6 +157,11 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             return result
 
         results = alternate(contenders, args.rounds, measure)
+        latency_plot = (
+            f"latency-{kind}.png",
+            title,
+            lambda path: plots.latency(path, title, results),
+        )
         note = (
             f"wrk, 1 thread, {connections} connections, "
             + ("`Connection: close` (a new connection per request)" if churn else "keep-alive")
@@ -170,6 +187,7 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             loadgen.wrk_command(9999, args.seconds, connections, churn, varied=varied)
         )
         report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
+        report.plot(*latency_plot)
     finally:
         for peer in reversed(started):
             peer.stop()
@@ -231,6 +249,7 @@ def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) 
         "per burst; nothing failed."
     )
     report.table(title, note, commands, coldwake.table(rows))
+    report.plot("cold-wake.png", "Cold wake vs N", lambda path: plots.cold_wake(path, rows))
 
 
 def scenario_start_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
@@ -282,7 +301,7 @@ def main() -> None:
     args.rounds = args.rounds or (5 if args.full else 1 if args.quick else 3)
     args.seconds = args.seconds or (10.0 if args.full else 1.0 if args.quick else 5.0)
     peers.ensure_tools()
-    report = Report()
+    report = Report(args.out)
     with tempfile.TemporaryDirectory(prefix="wakeproxy-bench-") as tmp:
         workdir = Path(tmp)
         scenario_http(report, args, workdir, "keepalive")

@@ -17,6 +17,8 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    # wrk's latency distribution: percentile -> ms (50, 75, 90, 99).
+    percentiles: dict[int, float]
 
 
 def _ms(text: str) -> float:
@@ -43,8 +45,8 @@ def wrk_command(
 def run_wrk(argv: list[str]) -> WrkResult:
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    percentiles = {int(q): _ms(v) for q, v in re.findall(r"\s(50|75|90|99)%\s+(\S+)", out)}
+    p50, p99 = percentiles[50], percentiles[99]
     errors = 0
     if found := re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
@@ -52,7 +54,7 @@ def run_wrk(argv: list[str]) -> WrkResult:
         errors = sum(int(n) for n in found.groups())
     if found := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(found.group(1))
-    return WrkResult(rps, p50, p99, errors)
+    return WrkResult(rps, p50, p99, errors, percentiles)
 
 
 def iperf3_command(port: int, seconds: float) -> list[str]:

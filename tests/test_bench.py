@@ -62,6 +62,11 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
             line for line in section.splitlines() if line.startswith("| wakeproxy")
         )
         assert wakeproxy_row.rstrip().endswith("| 0 |"), wakeproxy_row
+    # Plots next to the report, linked from it (matplotlib is a test extra).
+    for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(plots/{name}.png)" in report
     # Rows 6 and 7 ran on the real engine too, and nothing failed.
     start = report.split("## 6. Stop/start wake", 1)[1].split("## 7.", 1)[0]
     assert "Not run" not in start and "| 1 |" in start
