@@ -238,23 +238,43 @@ async def test_slow_backend_upload_stays_bounded():
         server.close()
 
 
-async def test_keepalive_on_both_sides_of_a_forwarded_connection():
+async def test_keepalive_on_the_client_side_and_on_upstreams_across_a_network():
     import socket
 
+    from wakeproxy.service import _is_loopback
+
+    def keepalive(transport) -> tuple[int, int, int]:
+        sock = transport.get_extra_info("socket")
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        )
+
+    assert _is_loopback("127.0.0.2") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("172.17.0.2") and not _is_loopback("db")
     server, port = await serve(echo)
     service = await start_proxy(port)
     try:
+        # A loopback backend: no probes upstream (a vanished peer is a reset at once).
+        assert service.upstream_keepalive is False
         reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
         writer.write(b"k")
         assert await reader.readexactly(1) == b"k"
         (conn,) = service.connections
         assert conn.transport is not None and conn.upstream is not None
-        for transport in (conn.transport, conn.upstream):
-            sock = transport.get_extra_info("socket")
-            # The accepted socket inherits these from the listener (Linux).
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+        # The accepted socket inherits these from the listener (Linux).
+        assert keepalive(conn.transport) == (1, 60, 6)
+        assert keepalive(conn.upstream)[0] == 0
+        writer.close()
+        await wait_until(lambda: not service.connections, within=5)
+        # As for a backend across a network (only loopback traffic here: the flag is set).
+        service.upstream_keepalive = True
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        writer.write(b"k")
+        assert await reader.readexactly(1) == b"k"
+        (conn,) = service.connections
+        assert keepalive(conn.upstream) == (1, 60, 6)
         writer.close()
     finally:
         await service.close()

@@ -279,9 +279,10 @@ class UpstreamSide(asyncio.Protocol):
             # The client left while we connected: nobody to forward to.
             transport.close()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_keepalive(sock)
+        if self.client.service.upstream_keepalive:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_keepalive(sock)
         _limit_buffers(transport)
         # Wire up here, not after create_connection returns: the backend may speak
         # first and its bytes can arrive before the awaiting task resumes.
