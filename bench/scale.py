@@ -9,6 +9,7 @@ container). All traffic is on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,22 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _ports(count: int, start: int = 20000, end: int = 32000) -> list[int]:
+    """Free ports below the kernel's ephemeral range (32768 up by default): 2,100 ports
+    picked there could be taken meanwhile by any outgoing connection on the machine."""
+    found: list[int] = []
+    for port in range(start, end):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError(f"fewer than {count} free ports from {start} to {end}")
+
+
 def _server_binary(workdir: Path) -> Path:
     """bench/wakeserver.c built for the host: the command the process services run."""
     binary = workdir / "wakeserver"
@@ -60,15 +77,16 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
     coldwake.build_image()
     binary = _server_binary(workdir)
     names: list[str] = []
+    ports = iter(_ports(2 * (CONTAINERS + PROCESS_SERVICES) + 1))
     lines = [
-        f"admin:\n  listen: 127.0.0.1:{peers.free_port()}",
+        f"admin:\n  listen: 127.0.0.1:{next(ports)}",
         "log: {level: warning}",
         "services:",
     ]
     container_ports: list[int] = []
     try:
         for i in range(CONTAINERS):
-            port, backend = peers.free_port(), peers.free_port()
+            port, backend = next(ports), next(ports)
             name = f"wp-bench-scale-{backend}"
             coldwake.docker(
                 "run", "-d", "--network", "host", "--name", name, coldwake.IMAGE, str(backend)
@@ -85,7 +103,7 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
             ]
         command_ports: list[int] = []
         for i in range(PROCESS_SERVICES):
-            port, backend = peers.free_port(), peers.free_port()
+            port, backend = next(ports), next(ports)
             command_ports.append(port)
             lines += [
                 f"  p{i}:",
@@ -100,11 +118,13 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
         proxy = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         try:
             assert proxy.stderr is not None
+            seen: list[str] = []
             for line in proxy.stderr:
                 if "running" in line and "service(s)" in line:
                     break
+                seen.append(line)
             else:
-                raise RuntimeError("the proxy exited during start-up")
+                raise RuntimeError("the proxy exited during start-up: " + "".join(seen[-5:]))
             startup = time.perf_counter() - started
             time.sleep(1.0)  # settle: the first event-stream read, timers armed
             before = _cpu_seconds(proxy.pid)

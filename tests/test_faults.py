@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    BACKEND,
+    PYTHON,
     backend_command,
     config_from,
     free_port,
@@ -341,3 +343,48 @@ async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monk
         await echo_once(a, b"new connections too\n")
         steady[1].close()
         await wait_until(lambda: service.open == 0, within=5)
+
+
+def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
+    """sh -c 'server &': PDEATHSIG ends sh with the proxy; the frozen server it forked is
+    found by the next proxy (same group, the run's token in its environment) and ended."""
+    admin, port, backend = free_port(), free_port(), free_port()
+    server = f"{PYTHON} {BACKEND} --port {backend} --mode echo"
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_text(
+            admin,
+            "\n".join(
+                [
+                    "  a:",
+                    f"    listen: 127.0.0.1:{port}",
+                    f"    backend: 127.0.0.1:{backend}",
+                    f'    command: ["sh", "-c", "{server} & wait"]',
+                ]
+            ),
+        )
+    )
+    marker = f"--port {backend} "
+    proxy = start_proxy(path, port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"hi\n")
+            assert sock.recv(10) == b"hi\n"
+        status, _ = post(admin, "/services/a/sleep?force=true")
+        assert status == 200
+        proxy.kill()
+        proxy.wait(timeout=10)
+        assert proxy.stderr is not None
+        proxy.stderr.close()  # the orphan still holds the pipe's write end: no EOF to wait for
+        time.sleep(0.5)
+        [orphan] = pids_with(marker)  # sh is gone; the frozen server is not
+        assert Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        proxy = start_proxy(path, port)
+        assert not Path(f"/proc/{orphan}").exists() or pids_with(marker) != [orphan]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(b"again\n")  # the port the orphan held is free: a new server starts
+            assert sock.recv(10) == b"again\n"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        _, err = proxy.communicate(timeout=30)
+    assert "a: ended 1 process(es) a killed proxy left of its command" in err

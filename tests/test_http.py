@@ -226,3 +226,63 @@ async def test_probe_connections_reset_by_the_client_are_harmless():
         reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert reply.endswith(BODY)
         assert proxy.services["web"].stats.wakes["ok"] == 1
+
+
+async def test_waiting_page_for_browsers_while_a_stopped_backend_starts():
+    port, backend = free_port(), free_port()
+    config = http_config(
+        http_service(
+            "web", port, backend,
+            "http: {waiting_page: true}",
+            "sleep_policy: {action: stop}",
+        )
+    )  # fmt: skip
+    async with running(config_from(config)) as proxy:
+        service = proxy.services["web"]
+        browser = b"GET / HTTP/1.1\r\nHost: web\r\nAccept: text/html,*/*\r\n\r\n"
+        page = await exchange(port, browser)
+        assert status(page) == 503 and b'http-equiv="refresh"' in page
+        assert b"Content-Type: text/html" in page
+        # The page started the backend; the reload a moment later reaches it.
+        await wait_until(lambda: service.state is State.RUNNING, within=15)
+        assert (
+            await exchange(port, browser.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        ).endswith(BODY)
+        assert service.stats.connections["waiting_page"] == 1
+
+
+async def test_session_set_up_and_tear_down_are_not_activity():
+    port, backend = free_port(), free_port()
+    config = http_config(http_service("web", port, backend, "sleep_policy: {idle_timeout: 600}"))
+    async with running(config_from(config)) as proxy:
+        service = proxy.services["web"]
+        await service.wake("test")
+        body = b'[{"jsonrpc":"2.0","id":1,"method":"initialize"},{"jsonrpc":"2.0","method":"ping"}]'
+        setup = [
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body,
+            b"DELETE /mcp HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        ]  # fmt: skip
+        for request in setup:
+            before = service.last_activity
+            await asyncio.sleep(0.01)
+            reply = await exchange(
+                port, request + b"GET /echo-head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.count(b"HTTP/1.1 200 OK") == 2
+            assert service.last_activity > before, "the plain GET after it is activity"
+        await wait_until(lambda: not service.connections, within=5)  # their closes are activity
+        call = b'{"jsonrpc":"2.0","id":2,"method":"tools/call"}'
+        marks = []
+        for payload in (body, call):
+            request = (
+                b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+            )  # fmt: skip
+            before = service.last_activity
+            await asyncio.sleep(0.01)
+            await exchange(port, request)
+            await wait_until(lambda: not service.connections, within=5)
+            marks.append(service.last_activity > before)
+        assert marks == [False, True], "session set-up is no activity; a tool call is"

@@ -185,12 +185,15 @@ def mcp_image(python_base: str, tmp_path_factory: pytest.TempPathFactory) -> str
 
 @pytest.mark.docker
 @pytest.mark.timeout(900)
-async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_probes(mcp_image):
+@pytest.mark.parametrize("transport", ["sse", "streamable-http"])
+async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_probes(
+    mcp_image, transport
+):
     port, backend = free_port(), free_port()
     name = f"wp-test-mcp-{uuid.uuid4().hex[:10]}"
     docker(
         "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
-        mcp_image, "--port", str(backend), "--transport", "sse",
+        mcp_image, "--port", str(backend), "--transport", transport,
     )  # fmt: skip
     try:
         await wait_until(lambda: port_answers(backend), within=60, interval=0.1)
@@ -219,7 +222,7 @@ async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_pr
                     await asyncio.sleep(0.1)
             assert container_status(name) == "paused" and service.stats.wakes["ok"] == 0
 
-            async with mcp_session(port, "sse") as session:
+            async with mcp_session(port, transport) as session:
                 assert await shout(session, "from docker") == "FROM DOCKER!"
             assert service.stats.wakes["ok"] == 1
             assert container_status(name) == "running"

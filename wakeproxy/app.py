@@ -25,7 +25,7 @@ from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyErr
 from .lifecycle import State
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
-from .runtimes.process import ProcessRuntime
+from .runtimes.process import ProcessRuntime, reap_orphans
 from .service import Service
 
 log = logging.getLogger("wakeproxy")
@@ -309,6 +309,11 @@ class Proxy:
             if cwd is not None and self.config.source is not None:
                 # A relative cwd is relative to the config file, not to wherever we run.
                 cwd = str(Path(self.config.source).parent / cwd)
+            ended = reap_orphans(cfg.command, cwd)
+            if ended:
+                log.warning(
+                    "%s: ended %d process(es) a killed proxy left of its command", cfg.name, ended
+                )
             return ProcessRuntime(cfg.command, cwd=cwd, env=cfg.env, stop_timeout=cfg.stop_timeout)
         assert self.engine is not None and cfg.container is not None
         return DockerRuntime(self.engine, cfg.container, stop_timeout=cfg.stop_timeout)

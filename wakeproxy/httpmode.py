@@ -424,9 +424,12 @@ class HttpClientSide(ClientSide):
             self._respond(503, _WAITING_PAGE, "text/html; charset=utf-8", "waiting_page")
             return
         method = head.method
-        # A probe is never activity; neither is opening an event stream (a session).
-        self._request_activity = probe is None and not (
-            method == b"GET" and b"text/event-stream" in head.get(b"accept")
+        # A probe is never activity; neither is opening an event stream or ending a
+        # session (DELETE): the gateway's streamable-HTTP probe is made of those.
+        self._request_activity = (
+            probe is None
+            and method != b"DELETE"
+            and not (method == b"GET" and b"text/event-stream" in head.get(b"accept"))
         )
         self._frame_body(head, raw)
         # With a JSON body still to read, whether this is activity is known at its end.

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 from collections.abc import Mapping
@@ -35,6 +37,66 @@ def _die_with_parent() -> None:
 
 
 _STOP_POLLS = 500  # of 1 ms each
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+# Put in each command's environment (inherited by its children): which run it belongs to.
+_TOKEN_ENV = "WAKEPROXY_COMMAND_TOKEN"
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return Path(base) / f"wakeproxy-{os.getuid()}"
+
+
+def _record_path(command: tuple[str, ...], cwd: str | None) -> Path:
+    key = hashlib.sha256(repr((command, cwd)).encode()).hexdigest()[:16]
+    return _state_dir() / f"command-{key}.json"
+
+
+def reap_orphans(command: tuple[str, ...], cwd: str | None) -> int:
+    """End what a killed proxy left of this command: its process group, leader or not.
+
+    PR_SET_PDEATHSIG ends the command itself with the proxy, but processes it spawned
+    stay in its group (frozen, if it was paused). Each start records the group's id and
+    a random token put in the command's environment, which its children inherit: only a
+    process in that group carrying that token is ended (a reused pid never matches).
+    Returns how many processes were ended.
+    """
+    record = _record_path(command, cwd)
+    try:
+        pgid_text, token = record.read_text().split()
+        pgid = int(pgid_text)
+    except (OSError, ValueError):
+        return 0
+    marker = f"{_TOKEN_ENV}={token}".encode()
+    ended = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if fields is None or int(fields[2]) != pgid:  # fields[2]: the process group
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker not in environ:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(entry.name), signal.SIGCONT)
+            os.kill(int(entry.name), signal.SIGKILL)
+            ended += 1
+    with contextlib.suppress(OSError):
+        record.unlink()
+    return ended
 
 
 def _kernel_state(pid: int) -> str | None:
@@ -83,7 +145,8 @@ class ProcessRuntime(Runtime):
             if self._paused:
                 await self.unpause()
             return
-        env = {**os.environ, **self.env}
+        token = secrets.token_hex(8)
+        env = {**os.environ, **self.env, _TOKEN_ENV: token}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -98,15 +161,31 @@ class ProcessRuntime(Runtime):
             raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None
         self._proc = proc
         self._paused = False
+        self._record(proc.pid, token)
         log.debug("started %s as pid %d", self.command[0], proc.pid)
         task = asyncio.create_task(self._watch_exit(proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
+    def _record(self, pid: int, token: str) -> None:
+        """Note the group and its token, for reap_orphans after a SIGKILL."""
+        path = _record_path(self.command, self.cwd)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.write_text(f"{pid} {token}\n")
+        except OSError as exc:
+            log.debug("cannot record pid %d in %s: %s", pid, path, exc)
+
+    def _forget(self) -> None:
+        with contextlib.suppress(OSError):
+            _record_path(self.command, self.cwd).unlink()
+
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if proc is self._proc and not self._stopping:
             # Ended without being asked to: the state follows, the next connection starts it.
+            self._kill_stragglers(proc.pid)
+            self._forget()
             self._proc = None
             self._paused = False
             self.on_change(State.STOPPED, f"command exited with status {code}")
@@ -164,6 +243,7 @@ class ProcessRuntime(Runtime):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
             self._kill_stragglers(proc.pid)
+            self._forget()
         finally:
             self._proc = None
             self._paused = False
