@@ -231,12 +231,18 @@ def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> No
             peer.stop()
 
 
-def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
-    title = "5. Cold wake: N simultaneous first connections to a paused container"
+def docker_row_runs(report: Report, title: str) -> bool:
+    """Whether a row needing Docker and gcc can run; if not, the report says why."""
     missing = coldwake.available()
     if missing is not None:
         progress(f"{title}: skipped: {missing}")
         report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+    return missing is None
+
+
+def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
+    title = "5. Cold wake: N simultaneous first connections to a paused container"
+    if not docker_row_runs(report, title):
         return
     sizes = [1, 10] if args.quick else [1, 10, 100, 1000]
     progress(f"{title}: N = {sizes}, {args.rounds} round(s) each")
@@ -254,10 +260,7 @@ def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) 
 
 def scenario_start_wake(report: Report, args: argparse.Namespace, workdir: Path) -> None:
     title = "6. Stop/start wake: first connections to a stopped container"
-    missing = coldwake.available()
-    if missing is not None:
-        progress(f"{title}: skipped: {missing}")
-        report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+    if not docker_row_runs(report, title):
         return
     sizes = [1] if args.quick else [1, 10, 100]
     progress(f"{title}: N = {sizes}, {args.rounds} round(s) each")
@@ -272,10 +275,7 @@ def scenario_start_wake(report: Report, args: argparse.Namespace, workdir: Path)
 
 def scenario_scale(report: Report, args: argparse.Namespace, workdir: Path) -> None:
     title = "7. Scale: 1,000 commands and 50 paused containers in one proxy"
-    missing = coldwake.available()
-    if missing is not None:
-        progress(f"{title}: skipped: {missing}")
-        report.sections.append(f"## {title}\n\nNot run: {missing}.\n")
+    if not docker_row_runs(report, title):
         return
     idle = 3.0 if args.quick else 30.0
     progress(f"{title}: creating 50 containers, then {idle:g} idle seconds")

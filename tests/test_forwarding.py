@@ -241,7 +241,7 @@ async def test_slow_backend_upload_stays_bounded():
 async def test_keepalive_on_the_client_side_and_on_upstreams_across_a_network():
     import socket
 
-    from wakeproxy.service import _is_loopback
+    from wakeproxy.config import is_loopback
 
     def keepalive(transport) -> tuple[int, int, int]:
         sock = transport.get_extra_info("socket")
@@ -251,8 +251,8 @@ async def test_keepalive_on_the_client_side_and_on_upstreams_across_a_network():
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
         )
 
-    assert _is_loopback("127.0.0.2") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("172.17.0.2") and not _is_loopback("db")
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("172.17.0.2") and not is_loopback("db")
     server, port = await serve(echo)
     service = await start_proxy(port)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from http import HTTPStatus
@@ -22,7 +21,7 @@ import h11
 import orjson
 
 from .api import Api, Response
-from .config import AdminConfig
+from .config import AdminConfig, is_loopback
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -58,15 +57,6 @@ def load_token(cfg: AdminConfig) -> str | None:
             raise ConfigError([f"admin.token_file: {cfg.token_file} is empty"])
         return token
     return None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class AdminServer:

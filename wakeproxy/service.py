@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import ipaddress
 import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Address, ServiceConfig
+from .config import Address, ServiceConfig, is_loopback
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
 from .forward import ClientSide, set_keepalive
 from .httpmode import HttpClientSide, compile_probes, wake_then_send
@@ -118,15 +117,6 @@ class ServiceStats:
         slot[index] += 1
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _internal_error(name: str, what: str, exc: Exception) -> str:
     log.error("%s: unexpected error during %s", name, what, exc_info=exc)
     return f"internal error during {what}: {exc!r}"
@@ -203,7 +193,7 @@ class Service:
     @backend.setter
     def backend(self, address: Address | None) -> None:
         self._backend = address
-        self.upstream_keepalive = address is not None and not _is_loopback(address.host)
+        self.upstream_keepalive = address is not None and not is_loopback(address.host)
 
     @property
     def state(self) -> State:
