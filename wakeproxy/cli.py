@@ -112,7 +112,6 @@ async def _serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await proxy.start()
     except ListenError as exc:
@@ -122,6 +121,8 @@ async def _serve(config: Config) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         return EXIT_CONFIG
+    # Reloads only once everything from the first read of the file is up.
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
     try:
         await stop.wait()
