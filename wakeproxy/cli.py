@@ -105,13 +105,22 @@ async def _serve(config: Config) -> int:
     def on_stop() -> None:
         (hurry if stop.is_set() else stop).set()
 
+    started = False
+    reload_asked = False
+
     def on_reload() -> None:
+        nonlocal reload_asked
+        if not started:
+            reload_asked = True  # during start-up: once everything is up
+            return
         task = loop.create_task(_reload(proxy))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
+    # Registered now: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await proxy.start()
     except ListenError as exc:
@@ -121,8 +130,9 @@ async def _serve(config: Config) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         return EXIT_CONFIG
-    # Reloads only once everything from the first read of the file is up.
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    started = True
+    if reload_asked:
+        on_reload()
     log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
     try:
         await stop.wait()
