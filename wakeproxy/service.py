@@ -263,10 +263,7 @@ class Service:
             extra={"service": self.name, "state": self.state.value},
         )
         if self.cfg.auto_start:
-            self._spawn(self._auto_start())
-
-    async def _auto_start(self) -> None:
-        await self._wake_quietly("auto_start")
+            self.wake_in_background("auto_start")
 
     def stop_accepting(self) -> None:
         """Close the listener; open connections carry on (a graceful shutdown)."""
