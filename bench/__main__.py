@@ -44,6 +44,24 @@ class Report:
     def __init__(self, out: Path) -> None:
         self.sections: list[str] = []
         self.plots = out.parent / "plots"
+        # (figure, target, measured, met) for the project's targets, in row order.
+        self.targets: list[tuple[str, str, str, bool]] = []
+
+    def target(self, figure: str, target: str, measured: str, met: bool) -> None:
+        self.targets.append((figure, target, measured, met))
+
+    def _targets_section(self) -> str:
+        if not self.targets:
+            return ""
+        lines = ["## Targets", "", "| figure | target | measured | met |", "|---|---|---|---|"]
+        for figure, target, measured, met in self.targets:
+            lines.append(f"| {figure} | {target} | {measured} | {'yes' if met else '**no**'} |")
+        if not all(met for *_, met in self.targets):
+            lines += [
+                "",
+                "What holds the rows marked **no** back, profiled: [PROFILES.md](PROFILES.md).",
+            ]
+        return "\n".join(lines) + "\n"
 
     def plot(self, name: str, title: str, draw: Callable[[Path], None]) -> None:
         """Draw a PNG next to the report and link it from the last section."""
@@ -83,7 +101,8 @@ class Report:
             "in the same run.",
             "",
         ]
-        path.write_text("\n".join(header) + "\n" + "\n".join(self.sections))
+        body = "\n".join([self._targets_section(), *self.sections])
+        path.write_text("\n".join(header) + "\n" + body)
 
 
 def alternate(
@@ -101,6 +120,28 @@ def alternate(
 
 def fmt(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
+
+
+def http_targets(report: Report, kind: str, results: dict[str, list[loadgen.WrkResult]]) -> None:
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(getattr(r, key) for r in results[name]))
+
+    ratio = med("wakeproxy", "rps") / med("haproxy", "rps")
+    p99 = med("wakeproxy", "p99_ms") / med("haproxy", "p99_ms")
+    if kind == "keepalive":
+        report.target(
+            "1. keep-alive req/s, tcp mode", ">= 0.95 x HAProxy", f"{ratio:.2f} x", ratio >= 0.95
+        )
+        report.target("1. keep-alive p99 latency", "<= 1.3 x HAProxy", f"{p99:.2f} x", p99 <= 1.3)
+    elif kind == "churn":
+        report.target("2. churn req/s", ">= 0.8 x HAProxy", f"{ratio:.2f} x", ratio >= 0.8)
+    elif kind == "http":
+        report.target("4. HTTP mode req/s", ">= 0.6 x HAProxy http", f"{ratio:.2f} x", ratio >= 0.6)
+    else:
+        report.target(
+            "4b. HTTP mode req/s, every head different", ">= 0.6 x HAProxy http", f"{ratio:.2f} x",
+            ratio >= 0.6,
+        )  # fmt: skip
 
 
 def http_rows(results: dict[str, list[loadgen.WrkResult]]) -> list[Row]:
@@ -187,6 +228,7 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             loadgen.wrk_command(9999, args.seconds, connections, churn, varied=varied)
         )
         report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
+        http_targets(report, kind, results)
         report.plot(*latency_plot)
     finally:
         for peer in reversed(started):
@@ -211,6 +253,13 @@ def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> No
         results = alternate(contenders, args.rounds, measure)
         med = {name: statistics.median(v) for name, v in results.items()}
         rss = {"haproxy": haproxy.peak_rss_mib(), "wakeproxy": proxy.peak_rss_mib()}
+        ratio = med["wakeproxy"] / med["haproxy"]
+        report.target(
+            "3. bulk throughput, proxy RSS",
+            ">= 1.2 x HAProxy, RSS < 100 MiB",
+            f"{ratio:.2f} x, {rss['wakeproxy']:.0f} MiB",
+            ratio >= 1.2 and rss["wakeproxy"] < 100,
+        )
         rows = [
             {
                 "contender": name,
@@ -229,6 +278,29 @@ def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> No
     finally:
         for peer in reversed(started):
             peer.stop()
+
+
+def cold_targets(report: Report, rows: list[coldwake.Row]) -> None:
+    by_n = {row.n: row for row in rows}
+    one = by_n[1]
+    extra = (statistics.median(one.cold) - statistics.median(one.unpause)) * 1000
+    report.target(
+        "5. cold wake p50, one client", "<= engine unpause p50 + 3 ms", f"+{extra:.2f} ms",
+        extra <= 3.0,
+    )  # fmt: skip
+    burst = by_n.get(1000)
+    if burst is None:
+        report.target("5. cold wake p99, 1000 at once", "<= HAProxy p99 + 15 ms", "not run", False)
+        return
+    extra = (statistics.median(burst.cold_p99) - statistics.median(burst.warm_p99)) * 1000
+    clean = all(c == 1 for c in burst.unpause_calls) and burst.failed == 0
+    calls = "/".join(map(str, burst.unpause_calls))
+    report.target(
+        "5. cold wake p99, 1000 at once",
+        "<= HAProxy warm p99 + 15 ms; 1 unpause; 0 failed",
+        f"+{extra:.1f} ms; unpause calls {calls}; {burst.failed} failed",
+        extra <= 15.0 and clean,
+    )
 
 
 def docker_row_runs(report: Report, title: str) -> bool:
@@ -255,6 +327,7 @@ def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) 
         "per burst; nothing failed."
     )
     report.table(title, note, commands, coldwake.table(rows))
+    cold_targets(report, rows)
     report.plot("cold-wake.png", "Cold wake vs N", lambda path: plots.cold_wake(path, rows))
 
 
@@ -287,6 +360,12 @@ def scenario_scale(report: Report, args: argparse.Namespace, workdir: Path) -> N
         "timed to the first response byte."
     )
     report.table(title, note, commands, scale.table(result))
+    report.target(
+        "7. 1,000 services",
+        "start < 2 s, RSS < 150 MiB, idle CPU < 1% of a core",
+        f"{result.startup_s:.2f} s, {result.rss_mib:.0f} MiB, {result.idle_cpu_percent:.2f}%",
+        result.startup_s < 2 and result.rss_mib < 150 and result.idle_cpu_percent < 1,
+    )
 
 
 def main() -> None:

@@ -62,6 +62,20 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
             line for line in section.splitlines() if line.startswith("| wakeproxy")
         )
         assert wakeproxy_row.rstrip().endswith("| 0 |"), wakeproxy_row
+    # The targets, judged by the harness from this run's figures (quick: no N=1000 burst).
+    targets = report.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    for figure in (
+        "1. keep-alive req/s",
+        "2. churn",
+        "3. bulk",
+        "4. HTTP mode",
+        "5. cold wake p50",
+        "7. 1,000",
+    ):
+        assert f"| {figure}" in targets, figure
+    assert (
+        "| 5. cold wake p99, 1000 at once | <= HAProxy p99 + 15 ms | not run | **no** |" in targets
+    )
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"
