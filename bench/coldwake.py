@@ -238,7 +238,8 @@ def run(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[Row], list[s
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     commands = [
         f"docker run -d --network host {IMAGE} PORT   # bench/wakeserver.c, backlog 4096",
-        "wakeproxy: container runtime, connect_concurrency 64, pause followed from engine events",
+        "wakeproxy: container runtime, connect_concurrency 1024 (backlog 4096), pause followed "
+        "from engine events",
         "client: N asyncio connections at once, GET /, time to the first response byte",
     ]
     return rows, commands
