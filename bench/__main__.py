@@ -285,7 +285,7 @@ def cold_targets(report: Report, rows: list[coldwake.Row]) -> None:
     one = by_n[1]
     extra = (statistics.median(one.cold) - statistics.median(one.unpause)) * 1000
     report.target(
-        "5. cold wake p50, one client", "<= engine unpause p50 + 3 ms", f"+{extra:.2f} ms",
+        "5. cold wake p50, one client", "<= engine unpause p50 + 3 ms", f"{extra:+.2f} ms",
         extra <= 3.0,
     )  # fmt: skip
     burst = by_n.get(1000)
@@ -298,7 +298,7 @@ def cold_targets(report: Report, rows: list[coldwake.Row]) -> None:
     report.target(
         "5. cold wake p99, 1000 at once",
         "<= HAProxy warm p99 + 15 ms; 1 unpause; 0 failed",
-        f"+{extra:.1f} ms; unpause calls {calls}; {burst.failed} failed",
+        f"{extra:+.1f} ms; unpause calls {calls}; {burst.failed} failed",
         extra <= 15.0 and clean,
     )
 
