@@ -210,6 +210,16 @@ def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(t
     assert re.search(r"waiting up to 20s for [12] open connection\(s\)", err), err
 
 
+def start_then_pause(port: int, admin: int) -> None:
+    """One echo through service "a" (starting its command), then pause it via the API."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"hi\n")
+        assert sock.recv(10) == b"hi\n"
+    # force: our own connection may still be closing its half of the echo.
+    status, _ = post(admin, "/services/a/sleep?force=true")
+    assert status == 200
+
+
 def test_sigkill_leaves_no_paused_command_behind_and_a_restart_serves(tmp_path):
     admin, port, backend = free_port(), free_port(), free_port()
     path = tmp_path / "config.yaml"
@@ -217,12 +227,7 @@ def test_sigkill_leaves_no_paused_command_behind_and_a_restart_serves(tmp_path):
     marker = f"--port {backend} "
     proxy = start_proxy(path, port)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"hi\n")
-            assert sock.recv(10) == b"hi\n"
-        # force: our own connection may still be closing its half of the echo.
-        status, _ = post(admin, "/services/a/sleep?force=true")
-        assert status == 200
+        start_then_pause(port, admin)
         [pid] = pids_with(marker)
         assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
         proxy.kill()
@@ -367,11 +372,7 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
     marker = f"--port {backend} "
     proxy = start_proxy(path, port)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"hi\n")
-            assert sock.recv(10) == b"hi\n"
-        status, _ = post(admin, "/services/a/sleep?force=true")
-        assert status == 200
+        start_then_pause(port, admin)
         proxy.kill()
         proxy.wait(timeout=10)
         assert proxy.stderr is not None
