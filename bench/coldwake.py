@@ -13,6 +13,7 @@ next to a burst through wakeproxy, which starts the container and probes it (rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,20 +197,27 @@ def start_table(rows: list[StartRow]) -> list[dict[str, str]]:
     return out
 
 
-def run_start(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[StartRow], list[str]]:
+@contextlib.contextmanager
+def wakeserver(kind: str) -> Iterator[tuple[str, int]]:
+    """A running wakeserver container on host networking: (name, port); removed after."""
     build_image()
     backend = peers.free_port()
-    name = f"wp-bench-start-{backend}"
+    name = f"wp-bench-{kind}-{backend}"
     docker("run", "-d", "--network", "host", "--name", name, IMAGE, str(backend))
-    started: list[peers.Peer] = []
     try:
         peers.wait_port(backend)
-        started.append(proxy := peers.wakeproxy_container(workdir, backend, name, "stop"))
-        rows = asyncio.run(measure_start(sizes, rounds, proxy.port, backend, name))
+        yield name, backend
     finally:
-        for peer in reversed(started):
-            peer.stop()
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+def run_start(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[StartRow], list[str]]:
+    with wakeserver("start") as (name, backend):
+        proxy = peers.wakeproxy_container(workdir, backend, name, "stop")
+        try:
+            rows = asyncio.run(measure_start(sizes, rounds, proxy.port, backend, name))
+        finally:
+            proxy.stop()
     commands = [
         f"docker run -d --network host {IMAGE} PORT   # then docker stop -t 0",
         "wakeproxy: container runtime, sleep_policy {action: stop}, readiness: tcp every 10 ms",
@@ -221,20 +230,17 @@ def run(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[Row], list[s
     """Set up the container and the contenders, measure, tear down."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1000 clients, 2 fds each
-    build_image()
-    backend = peers.free_port()
-    name = f"wp-bench-cold-{backend}"
-    docker("run", "-d", "--network", "host", "--name", name, IMAGE, str(backend))
     started: list[peers.Peer] = []
     try:
-        peers.wait_port(backend)
-        started.append(haproxy := peers.haproxy(backend))
-        started.append(proxy := peers.wakeproxy_container(workdir, backend, name))
-        rows = asyncio.run(measure(sizes, rounds, proxy.port, haproxy.port, name))
+        with wakeserver("cold") as (name, backend):
+            try:
+                started.append(haproxy := peers.haproxy(backend))
+                started.append(proxy := peers.wakeproxy_container(workdir, backend, name))
+                rows = asyncio.run(measure(sizes, rounds, proxy.port, haproxy.port, name))
+            finally:
+                for peer in reversed(started):
+                    peer.stop()
     finally:
-        for peer in reversed(started):
-            peer.stop()
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     commands = [
         f"docker run -d --network host {IMAGE} PORT   # bench/wakeserver.c, backlog 4096",
