@@ -209,12 +209,11 @@ class ResponseTracker:
     still await the end of their response. An event stream stops counting once its head
     arrived: it may stay open for ever."""
 
-    __slots__ = ("_parser", "broken", "methods", "on_202", "streaming")
+    __slots__ = ("_parser", "broken", "methods", "on_202")
 
     def __init__(self) -> None:
         self.methods: collections.deque[bytes] = collections.deque()
         self._parser: h11.Connection | None = None
-        self.streaming = False
         self.broken = False
         self.on_202: Callable[[], None] | None = None
 
@@ -243,7 +242,7 @@ class ResponseTracker:
                             self.on_202()
                         content_type = b"".join(v for k, v in event.headers if k == b"content-type")
                         if b"text/event-stream" in content_type:
-                            self.streaming = True
+                            # Open for as long as the client keeps it: nothing after it.
                             self.methods.clear()
                             self._parser = None
                             return
