@@ -103,6 +103,9 @@ class Row:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """NaN when every connection failed: ``failed`` counts them; the run goes on."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +63,37 @@ def iperf3_command(port: int, seconds: float) -> list[str]:
     return ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}", "-J"]
 
 
-def run_iperf3(argv: list[str]) -> float:
-    """Received throughput in Gbit/s."""
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300).stdout
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+class Iperf3Error(RuntimeError):
+    """iperf3 gave no result; the message is iperf3's own error text."""
+
+
+def _iperf3_once(argv: list[str]) -> float:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    try:
+        out = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        out = {}
+    # iperf3 3.12 -J exits 0 even when the test never ran: the JSON then has an empty
+    # "end" and an "error" ("the server is busy running a test. try again later",
+    # "unable to connect to server: Connection refused").
+    received = out.get("end", {}).get("sum_received")
+    if received is not None and "error" not in out:
+        return float(received["bits_per_second"]) / 1e9
+    why = out.get("error") or done.stderr.strip() or f"no result, exit status {done.returncode}"
+    raise Iperf3Error(f"iperf3: {why}")
+
+
+def run_iperf3(argv: list[str], retries: int = 2, pause: float = 1.0) -> float:
+    """Received throughput in Gbit/s, or Iperf3Error after ``retries`` more tries.
+
+    A test can fail on its control connection now and then (seen once through a proxy
+    in a quick run): the server may still be busy with the previous test, so try again
+    after a pause rather than lose the whole harness run to one flake.
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            return _iperf3_once(argv)
+        except Iperf3Error as exc:
+            print(f"bench: {exc}; trying again ({attempt} of {retries})", file=sys.stderr)
+            time.sleep(pause)
+    return _iperf3_once(argv)

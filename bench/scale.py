@@ -9,11 +9,13 @@ container). All traffic is on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,10 @@ class ScaleResult:
     idle_seconds: float
     container_wake_ms: float | None
     command_start_ms: float | None
+    # The proxy's own counters over every service: the two first-byte times show two
+    # wakes answered; these show no wake failed or timed out anywhere in the proxy.
+    wakes_ok: int
+    wake_failures: int
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -62,6 +68,15 @@ def _ports(count: int, start: int = 20000, end: int = 32000) -> list[int]:
     raise RuntimeError(f"fewer than {count} free ports from {start} to {end}")
 
 
+def _wakes(admin_port: int) -> tuple[int, int]:
+    """(ok, failed or timed out) summed over every service, from GET /metrics/performance."""
+    url = f"http://127.0.0.1:{admin_port}/metrics/performance"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        services = json.load(response)["services"]
+    ok = sum(int(s["wakes"]["ok"]) for s in services)
+    return ok, sum(int(s["wakes"]["failed"]) + int(s["wakes"]["timeout"]) for s in services)
+
+
 def _server_binary(workdir: Path) -> Path:
     """bench/wakeserver.c built for the host: the command the process services run."""
     binary = workdir / "wakeserver"
@@ -78,8 +93,9 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
     binary = _server_binary(workdir)
     names: list[str] = []
     ports = iter(_ports(2 * (CONTAINERS + PROCESS_SERVICES) + 1))
+    admin_port = next(ports)
     lines = [
-        f"admin:\n  listen: 127.0.0.1:{next(ports)}",
+        f"admin:\n  listen: 127.0.0.1:{admin_port}",
         "log: {level: warning}",
         "services:",
     ]
@@ -133,6 +149,7 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
             rss = _rss_mib(proxy.pid)
             container_wake = asyncio.run(coldwake.first_byte(container_ports[CONTAINERS // 2]))
             command_start = asyncio.run(coldwake.first_byte(command_ports[PROCESS_SERVICES // 2]))
+            wakes_ok, wake_failures = _wakes(admin_port)
         finally:
             proxy.terminate()
             proxy.communicate(timeout=60)
@@ -147,12 +164,15 @@ def run(idle_seconds: float, workdir: Path) -> tuple[ScaleResult, list[str]]:
         idle_seconds=idle_seconds,
         container_wake_ms=container_wake * 1000 if container_wake is not None else None,
         command_start_ms=command_start * 1000 if command_start is not None else None,
+        wakes_ok=wakes_ok,
+        wake_failures=wake_failures,
     )
     commands = [
         f"{PROCESS_SERVICES} services: command bench/wakeserver (host build), not started",
         f"{CONTAINERS} services: docker run --network host {coldwake.IMAGE} PORT; docker pause",
         "wakeproxy run -c scale.yaml; start-up = until its 'running N service(s)' log line",
         "idle CPU: utime+stime of the proxy over the idle window; RSS: VmRSS after it",
+        "wakes: GET /metrics/performance after the two timed wakes, summed over services",
     ]
     return result, commands
 
@@ -169,6 +189,8 @@ def table(result: ScaleResult) -> list[dict[str, str]]:
             f"idle CPU % of a core ({result.idle_seconds:g} s)": f"{result.idle_cpu_percent:.2f}",
             "container wake, first byte ms": ms(result.container_wake_ms),
             "command start, first byte ms": ms(result.command_start_ms),
+            "wakes ok": str(result.wakes_ok),
+            "wake failures": str(result.wake_failures),
         }
     ]
 

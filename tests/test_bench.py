@@ -1,15 +1,88 @@
-"""The bench tools run and print their tables. Speed is never asserted in a test."""
+"""The bench tools run and print their tables, and the Targets table judges honestly.
+Speed is never asserted in a test."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.docker
+from bench import loadgen, targets
+from bench.coldwake import Row as ColdRow
+from bench.loadgen import WrkResult
+from bench.peers import free_port
+from bench.report import Report, Status
 
 
+def wrk(rps: float, p99_ms: float, errors: int = 0) -> WrkResult:
+    return WrkResult(rps, p99_ms / 2, p99_ms, errors, {50: p99_ms / 2, 99: p99_ms})
+
+
+def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", targets.ALL)
+    # Met: wakeproxy as fast as HAProxy, no errors.
+    fast = {"haproxy": [wrk(1000, 1.0)], "wakeproxy": [wrk(1000, 1.0)]}
+    targets.http(report, "keepalive", fast)
+    # Fast, but 7 answers were errors (a proxy answering 503 itself is quick): not met.
+    targets.http(report, "churn", {"haproxy": [wrk(1000, 1.0)], "wakeproxy": [wrk(2000, 0.5, 7)]})
+    # Row 5 skipped: no Docker. Both its targets say so.
+    report.not_run(targets.COLD_ONE, "no Docker engine")
+    report.not_run(targets.COLD_BURST, "no Docker engine")
+
+    assert report.verdict(targets.KEEPALIVE_RPS) == ("1.00 x", Status.MET)
+    assert report.verdict(targets.KEEPALIVE_P99) == ("1.00 x", Status.MET)
+    assert report.verdict(targets.CHURN) == ("2.00 x; errors: wakeproxy 7", Status.NOT_MET)
+    assert report.verdict(targets.COLD_ONE) == ("not run: no Docker engine", Status.NOT_RUN)
+    # Rows never judged (3, 4, 4b, 7 here) read not run rather than vanishing.
+    assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
+    assert not report.all_met()
+    section = report.targets_section()
+    assert "**Not all targets met: 2 met, 1 not met, 6 not run (of 9).**" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
+    assert len(rows) == len(targets.ALL)
+    assert rows[2] == (
+        "| 2. churn req/s | >= 0.8 x HAProxy; wakeproxy 0 errors | 2.00 x; errors: wakeproxy 7 "
+        "| **no** |"
+    )
+    assert rows[6].endswith("| not run: no Docker engine | **not run** |")
+    assert "(connect_concurrency 1024, not the default)" in rows[7]
+    assert [row.rsplit("|", 2)[1].strip() for row in rows].count("yes") == 2
+
+
+def test_targets_all_met_only_when_every_row_is_clean(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", [targets.COLD_ONE])
+    # Fast enough, but one round saw two unpause calls: not met.
+    row = ColdRow(1, cold=[0.010, 0.010], unpause=[0.009, 0.009], unpause_calls=[1, 2])
+    targets.cold(report, [row])
+    assert report.verdict(targets.COLD_ONE) == (
+        "+1.00 ms; unpause calls 1/2; 0 failed",
+        Status.NOT_MET,
+    )
+    row.unpause_calls = [1, 1]
+    targets.cold(report, [row])
+    assert report.all_met() and report.targets_section().startswith(
+        "## Targets\n\n**All 1 targets met.**"
+    )
+
+
+def test_a_failed_iperf3_round_reads_not_met_with_its_reason(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", [targets.BULK])
+    why = "wakeproxy: iperf3: the server is busy running a test. try again later"
+    targets.bulk(report, {"haproxy": [1.0, 1.0], "wakeproxy": [2.0, None]}, [why], 40.0)
+    assert report.verdict(targets.BULK) == (f"2.00 x, 40 MiB; failed: {why}", Status.NOT_MET)
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
+def test_iperf3_error_is_its_own_text_after_retries(capfd):
+    closed = free_port()  # nothing listens there
+    with pytest.raises(loadgen.Iperf3Error, match="iperf3: unable to connect to server"):
+        loadgen.run_iperf3(loadgen.iperf3_command(closed, 1), retries=2, pause=0)
+    assert capfd.readouterr().err.count("trying again") == 2
+
+
+@pytest.mark.docker
 def test_wake_bench_runs_and_prints_its_table(docker_engine):
     result = subprocess.run(
         [sys.executable, "-m", "bench.wake", "--rounds", "3"],
@@ -32,6 +105,7 @@ def test_wake_bench_runs_and_prints_its_table(docker_engine):
         assert all(float(cell) > 0 for cell in row.split("|")[2:5])
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(300)
 def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     out = tmp_path / "RESULTS.md"
@@ -63,7 +137,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         )
         assert wakeproxy_row.rstrip().endswith("| 0 |"), wakeproxy_row
     # The targets, judged by the harness from this run's figures (quick: no N=1000 burst).
-    targets = report.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    verdicts = report.split("## Targets", 1)[1].split("\n## ", 1)[0]
     for figure in (
         "1. keep-alive req/s",
         "2. churn",
@@ -72,10 +146,14 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "5. cold wake p50",
         "7. 1,000",
     ):
-        assert f"| {figure}" in targets, figure
-    assert (
-        "| 5. cold wake p99, 1000 at once | <= HAProxy p99 + 15 ms | not run | **no** |" in targets
+        assert f"| {figure}" in verdicts, figure
+    burst = (
+        "| 5. cold wake p99, 1000 at once (connect_concurrency 1024, not the default) "
+        "| <= HAProxy warm p99 + 15 ms; 1 unpause per round; 0 failed "
+        "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
+    assert burst in verdicts
+    assert "**Not all targets met:" in verdicts and "1 not run (of 9)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"

@@ -1,0 +1,125 @@
+"""The project's targets for the bench rows, and how each is judged from a run's figures.
+
+Pure functions of measured figures (no processes, no sockets), so a unit test can feed
+them. A figure that looks good counts for nothing when the run behind it had errors: a
+proxy answering 503 itself is fast, and a cold burst that dropped its slow connections
+has a low p99. So every target also asks that wakeproxy's part of the run went clean.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from bench.coldwake import Row as ColdRow
+from bench.loadgen import WrkResult
+from bench.report import Report, Target
+from bench.scale import ScaleResult
+
+KEEPALIVE_RPS = Target("1. keep-alive req/s, tcp mode", ">= 0.95 x HAProxy; wakeproxy 0 errors")
+KEEPALIVE_P99 = Target("1. keep-alive p99 latency", "<= 1.3 x HAProxy; wakeproxy 0 errors")
+CHURN = Target("2. churn req/s", ">= 0.8 x HAProxy; wakeproxy 0 errors")
+BULK = Target("3. bulk throughput, proxy RSS", ">= 1.2 x HAProxy, RSS < 100 MiB; 0 failed rounds")
+HTTP = Target("4. HTTP mode req/s", ">= 0.6 x HAProxy http; wakeproxy 0 errors")
+HTTP_VARIED = Target(
+    "4b. HTTP mode req/s, every head different", ">= 0.6 x HAProxy http; wakeproxy 0 errors"
+)
+COLD_ONE = Target(
+    "5. cold wake p50, one client", "<= engine unpause p50 + 3 ms; 1 unpause per round; 0 failed"
+)
+# Met only with the proxy releasing held connections 1024 at a time: the default 64
+# measured +52 ms on this p99. The figure's name says so, so nobody reads it as the default.
+COLD_BURST = Target(
+    "5. cold wake p99, 1000 at once (connect_concurrency 1024, not the default)",
+    "<= HAProxy warm p99 + 15 ms; 1 unpause per round; 0 failed",
+)
+SCALE = Target(
+    "7. 1,000 services",
+    "start < 2 s, RSS < 150 MiB, idle CPU < 1% of a core; both wakes answer; 0 wake failures",
+)
+ALL = (KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, BULK, HTTP, HTTP_VARIED, COLD_ONE, COLD_BURST, SCALE)
+
+# Per wrk row: (target, figure, bound). req/s must reach the bound x HAProxy, p99 stay within it.
+_HTTP = {
+    "keepalive": [(KEEPALIVE_RPS, "rps", 0.95), (KEEPALIVE_P99, "p99_ms", 1.3)],
+    "churn": [(CHURN, "rps", 0.8)],
+    "http": [(HTTP, "rps", 0.6)],
+    "http-varied": [(HTTP_VARIED, "rps", 0.6)],
+}
+
+
+def http(report: Report, kind: str, results: dict[str, list[WrkResult]]) -> None:
+    """Rows 1-4b. wrk's errors are socket errors plus non-2xx/3xx answers."""
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(getattr(r, key) for r in results[name]))
+
+    errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
+    seen = ", ".join(f"{name} {count}" for name, count in errors.items() if count)
+    noted = f"; errors: {seen}" if seen else ""
+    for target, key, bound in _HTTP[kind]:
+        ratio = med("wakeproxy", key) / med("haproxy", key)
+        within = ratio <= bound if key == "p99_ms" else ratio >= bound
+        report.judge(target, f"{ratio:.2f} x{noted}", within and errors["wakeproxy"] == 0)
+
+
+def bulk(
+    report: Report, gbps: dict[str, list[float | None]], failures: list[str], rss_mib: float
+) -> None:
+    """Row 3: ``None`` is a round iperf3 failed; ``failures`` says why, one line each."""
+    med = {name: median([v for v in runs if v is not None]) for name, runs in gbps.items()}
+    ratio = med["wakeproxy"] / med["haproxy"]
+    measured = f"{ratio:.2f} x, {rss_mib:.0f} MiB"
+    if failures:
+        measured += "; failed: " + "; ".join(failures)
+    report.judge(BULK, measured, ratio >= 1.2 and rss_mib < 100 and not failures)
+
+
+def median(values: list[float]) -> float:
+    """NaN for no values: compares false with every bound, so the target reads not met."""
+    return float(statistics.median(values)) if values else math.nan
+
+
+def _cold_clean(row: ColdRow) -> tuple[bool, str]:
+    """Every connection answered and every burst cost exactly one unpause."""
+    calls = "/".join(map(str, row.unpause_calls)) or "none"
+    one_each = bool(row.unpause_calls) and all(c == 1 for c in row.unpause_calls)
+    return row.failed == 0 and one_each, f"unpause calls {calls}; {row.failed} failed"
+
+
+def cold(report: Report, rows: list[ColdRow]) -> None:
+    """Row 5: judges the N=1 and N=1000 targets for the sizes this run sent."""
+    by_n = {row.n: row for row in rows}
+    if one := by_n.get(1):
+        extra = (median(one.cold) - median(one.unpause)) * 1000
+        clean, counts = _cold_clean(one)
+        report.judge(COLD_ONE, f"{extra:+.2f} ms; {counts}", extra <= 3.0 and clean)
+    if burst := by_n.get(1000):
+        extra = (median(burst.cold_p99) - median(burst.warm_p99)) * 1000
+        clean, counts = _cold_clean(burst)
+        report.judge(COLD_BURST, f"{extra:+.1f} ms; {counts}", extra <= 15.0 and clean)
+
+
+def scale(report: Report, result: ScaleResult) -> None:
+    """Row 7: the figures, and the two wakes it times answered with no wake failing."""
+    silent = [
+        label
+        for label, ms in (
+            ("container wake", result.container_wake_ms),
+            ("command start", result.command_start_ms),
+        )
+        if ms is None
+    ]
+    measured = (
+        f"{result.startup_s:.2f} s, {result.rss_mib:.0f} MiB, {result.idle_cpu_percent:.2f}%; "
+        f"wakes {result.wakes_ok} ok, {result.wake_failures} failed"
+        + (f"; no answer: {', '.join(silent)}" if silent else "")
+    )
+    met = (
+        result.startup_s < 2
+        and result.rss_mib < 150
+        and result.idle_cpu_percent < 1
+        and not silent
+        and result.wake_failures == 0
+    )
+    report.judge(SCALE, measured, met)
