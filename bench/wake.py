@@ -25,7 +25,7 @@ from bench import coldwake
 from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 from wakeproxy.runtimes.docker import DockerRuntime
 
 IMAGE = "wakeproxy-bench/busybox:1"

@@ -1,38 +1,31 @@
-"""Shared fixtures: free loopback ports, an in-process proxy, a real Docker engine.
+"""Fixtures: the event loops, a real Docker engine and the images the tests build.
 
-All traffic goes to 127.0.0.1. Docker tests need a real engine: in CI (CI=true) a
-missing engine fails them, elsewhere it skips them.
+Helpers (config builder, sockets, docker CLI) are in tests/helpers.py. Docker tests
+need a real engine: in CI (CI=true) a missing engine fails them, elsewhere it skips
+them. No image is pulled: test images are built FROM scratch with busybox-static, or
+from a Python base made locally with debootstrap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from bench.peers import free_port  # one port picker for tests and bench
-from wakeproxy.app import Proxy
-from wakeproxy.config import Address, AdminConfig, Config, parse_yaml
-
-BACKEND = str(Path(__file__).parent / "backends" / "server.py")
-PYTHON = sys.executable
-
+from tests.helpers import docker, in_ci, port_answers
 
 # Modules whose tests run on both loops, as uvloop's own tests/test_tcp.py does.
 BOTH_LOOPS = {"test_forwarding"}
+BUSYBOX_IMAGE = "wakeproxy-test/busybox:1"
+PYTHON_BASE = "wakeproxy-test/python-base:bookworm"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,92 +41,6 @@ def pytest_asyncio_loop_factories(config, item):
     if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in BOTH_LOOPS:
         factories["asyncio"] = asyncio.new_event_loop
     return factories
-
-
-def backend_command(port: int, mode: str = "http", *extra: str) -> str:
-    """A flow-style YAML list running the test backend."""
-    args = [PYTHON, BACKEND, "--port", str(port), "--mode", mode, *extra]
-    return "[" + ", ".join(f'"{a}"' for a in args) + "]"
-
-
-def service_yaml(port: int, backend: int, *, name: str = "web", **settings: object) -> str:
-    """A config with one service on 127.0.0.1: listen, backend and the given keys."""
-    lines = [
-        "admin:",
-        f"  listen: 127.0.0.1:{free_port()}",
-        "services:",
-        f"  {name}:",
-        f"    listen: 127.0.0.1:{port}",
-        f"    backend: 127.0.0.1:{backend}",
-        *(f"    {key}: {value}" for key, value in settings.items()),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def config_from(text: str) -> Config:
-    return parse_yaml(textwrap.dedent(text), "test.yaml")
-
-
-@contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Proxy]:
-    if config.admin == AdminConfig():
-        # Not the default port 9000: a developer's own proxy may be using it.
-        admin = dataclasses.replace(config.admin, listen=Address("127.0.0.1", free_port()))
-        config = dataclasses.replace(config, admin=admin)
-    proxy = Proxy(config)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-async def http_get(port: int, path: str = "/", *, within: float = 10.0) -> bytes:
-    """One HTTP/1.0 request through a fresh connection; returns the whole response."""
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
-            return await reader.read(-1)
-        except ConnectionResetError:
-            return b""  # closed by the proxy with our request unread: no response
-        finally:
-            writer.close()
-
-
-async def wait_until(predicate, *, within: float, interval: float = 0.02) -> None:
-    """Poll a condition the code under test offers no event for (tests only)."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the proxy exposes no event to await here
-            await asyncio.sleep(interval)
-
-
-def proc_state(pid: int) -> str:
-    """The kernel's one-letter state of a process: R/S running or sleeping, T stopped."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-# ---- Docker: a real engine, images built FROM scratch with busybox-static
-
-BUSYBOX_IMAGE = "wakeproxy-test/busybox:1"
-
-
-def docker(*args: str, within: float = 60) -> str:
-    result = subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        timeout=within,
-        env={**os.environ, "DOCKER_BUILDKIT": "0"},
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout.strip()
 
 
 @pytest.fixture(scope="session")
@@ -163,12 +70,6 @@ def busybox_image(docker_engine: None, tmp_path_factory: pytest.TempPathFactory)
     )
     docker("build", "--network", "host", "-q", "-t", BUSYBOX_IMAGE, str(context), within=120)
     return BUSYBOX_IMAGE
-
-
-def port_answers(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
@@ -201,24 +102,6 @@ def make_container(busybox_image: str) -> Iterator[Callable[..., str]]:
     yield make
     for name in created:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=30)
-
-
-def container_status(name: str) -> str:
-    return docker("inspect", "-f", "{{.State.Status}}", name)
-
-
-def engine_events(name: str, action: str, since: float, until: float) -> int:
-    """How many times the engine itself reports ``action`` for the container."""
-    out = docker(
-        "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
-        "--filter", f"container={name}", "--filter", f"event={action}", "--format", "{{.Action}}",
-    )  # fmt: skip
-    return len([line for line in out.splitlines() if line.strip()])
-
-
-# ---- a Python base image, made locally (no image can be pulled here)
-
-PYTHON_BASE = "wakeproxy-test/python-base:bookworm"
 
 
 def _mirror() -> str:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
+from tests.helpers import (
     backend_command,
     config_from,
     free_port,
@@ -20,8 +20,8 @@ from tests.conftest import (
     wait_until,
 )
 from wakeproxy import admin
+from wakeproxy.core.states import State
 from wakeproxy.errors import ConfigError
-from wakeproxy.lifecycle import State
 
 pytestmark = pytest.mark.asyncio
 
@@ -104,7 +104,7 @@ async def test_actions_change_state_and_refuse_with_open_connections():
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
-        await wait_until(lambda: service.open == 0, within=5)
+        await wait_until(lambda: service.attached == 0, within=5)
         status, _, body = await call(proxy, "POST", "/services/web/stop")
         assert (status, orjson.loads(body)["state"]) == (200, "stopped")
         # Put to sleep by the API, it still wakes on its next connection.
@@ -201,7 +201,7 @@ async def test_metrics_match_what_happened():
     async with running(config) as proxy:
         await asyncio.sleep(0.05)  # stopped for a measurable time first
         assert (await http_get(port)).endswith(b"backend\n")  # one cold request: one wake
-        await wait_until(lambda: proxy.services["web"].open == 0, within=5)
+        await wait_until(lambda: proxy.services["web"].attached == 0, within=5)
         status, headers, body = await call(proxy, "GET", "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain")
     samples = {
@@ -259,7 +259,7 @@ async def test_live_idle_timeout_change_takes_effect_at_once():
             proxy, "/services/web/config", b'{"wake_timeout": 5, "max_held_connections": 2}'
         )
         assert status == 200 and service.cfg.wake_timeout == 5
-        assert service.lifecycle.max_held == 2
+        assert service.node.policy.max_held == 2
 
 
 async def test_live_change_errors_read_like_the_yaml_ones():
@@ -327,7 +327,7 @@ async def test_json_views_match_what_happened():
         await asyncio.sleep(0.1)  # stopped first: asleep time to account for
         for _ in range(3):
             assert (await http_get(port)).endswith(b"backend\n")
-        await wait_until(lambda: proxy.services["web"].open == 0, within=5)
+        await wait_until(lambda: proxy.services["web"].attached == 0, within=5)
         status, _, body = await call(proxy, "POST", "/services/web/sleep")
         assert status == 200
         await asyncio.sleep(0.1)

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,9 +17,16 @@ import pytest
 import yaml
 
 from tests.backends.server import payload
-from tests.conftest import backend_command, free_port, in_ci, port_answers, service_yaml
-
-WAKEPROXY = [sys.executable, "-m", "wakeproxy"]
+from tests.helpers import (
+    WAKEPROXY,
+    backend_command,
+    free_port,
+    in_ci,
+    pids_with,
+    port_answers,
+    service_yaml,
+    start_proxy,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -60,30 +66,6 @@ def test_config_path_from_the_environment(tmp_path):
     )
     result = cli("check", env={**os.environ, "WAKEPROXY_CONFIG": str(good)})
     assert result.returncode == 0, result.stderr
-
-
-def start_proxy(config: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 15
-    while not port_answers(port):
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "the proxy never listened"
-        time.sleep(0.05)
-    return proc
-
-
-def pids_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_sigterm_shuts_down_cleanly_and_ends_the_commands(tmp_path):

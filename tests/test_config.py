@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from wakeproxy.config import (
-    DEFAULT_ALLOWED_LISTEN,
     Address,
     build_config,
     load_config,
     parse_yaml,
     service_from_labels,
 )
+from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
 from wakeproxy.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "config" / "services.yml"
@@ -126,7 +126,10 @@ def test_every_fault_is_reported_at_once():
     assert "c.yaml:5: services.web.backend: expected host:port" in text
     assert "c.yaml:7: services.web.backlog: expected a whole number, got 'lots'" in text
     assert "c.yaml:8: services.web.wake_timeout: expected a duration of 0 seconds or more" in text
-    assert "services.web.sleep_policy.action: expected one of pause, stop, got 'freeze'" in text
+    assert (
+        "services.web.sleep_policy.action: expected one of pause, stop, hibernate, got 'freeze'"
+        in text
+    )
     assert "services.web.sleep_policy.priority: expected one of low, normal, high" in text
     assert "services.web.sleep_policy.enabled: expected true or false, got 'yes'" in text
     assert len(found) == 7

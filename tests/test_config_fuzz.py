@@ -9,16 +9,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wakeproxy.config import (
-    _HTTP_FIELDS,
-    _LABEL_PATHS,
-    _SERVICE_FIELDS,
-    _SLEEP_FIELDS,
-    _TOP_FIELDS,
-    DEFAULT_ALLOWED_LISTEN,
-    parse_yaml,
-    service_from_labels,
-)
+from wakeproxy.config import parse_yaml, service_from_labels
+from wakeproxy.config.labels import _LABEL_PATHS
+from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
+from wakeproxy.config.schema import _HTTP_FIELDS, _TOP_FIELDS, SERVICE_FIELDS, SLEEP_FIELDS
 from wakeproxy.errors import ConfigError
 
 scalars = st.one_of(
@@ -52,16 +46,16 @@ service = st.fixed_dictionaries(
         "backend": st.sampled_from(["127.0.0.1:18001", "127.0.0.1:18000"]) | values,
         "container": st.text(max_size=10) | values,
         "command": st.lists(st.text(max_size=5), max_size=3) | values,
-        "sleep_policy": section([*_SLEEP_FIELDS, "use"]) | values,
+        "sleep_policy": section([*SLEEP_FIELDS, "use"]) | values,
         "http": section(list(_HTTP_FIELDS)) | values,
         "mode": st.sampled_from(["tcp", "http"]) | values,
     },
-).flatmap(lambda fixed: section(list(_SERVICE_FIELDS)).map(lambda extra: {**extra, **fixed}))
+).flatmap(lambda fixed: section(list(SERVICE_FIELDS)).map(lambda extra: {**extra, **fixed}))
 configs = st.fixed_dictionaries(
     {},
     optional={
         "services": st.dictionaries(st.text(max_size=12), service | values, max_size=3) | values,
-        "policies": st.dictionaries(st.text(max_size=8), section(list(_SLEEP_FIELDS)), max_size=2),
+        "policies": st.dictionaries(st.text(max_size=8), section(list(SLEEP_FIELDS)), max_size=2),
         "admin": values,
         "log": values,
         "discovery": values,

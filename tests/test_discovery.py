@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     backend_command,
     config_from,
     container_status,
@@ -19,7 +19,7 @@ from tests.conftest import (
     running,
     wait_until,
 )
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     config_from,
     container_status,
     docker,
@@ -18,7 +18,7 @@ from tests.conftest import (
     service_yaml,
     wait_until,
 )
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"
@@ -67,7 +67,7 @@ async def test_a_pause_made_by_hand_is_followed_and_woken(make_container):
         assert service.state is State.RUNNING
         docker("pause", name)
         await wait_until(lambda: service.state is State.PAUSED, within=5)
-        assert service.lifecycle.reason == "docker pause seen"
+        assert service.reason == "docker pause seen"
         assert (await http_get(port)).endswith(BODY)
         assert container_status(name) == "running"
 
@@ -104,7 +104,7 @@ async def test_missing_container_fails_clearly_and_is_found_once_created(make_co
         service = proxy.services["web"]
         assert service.state is State.FAILED
         # From the start-up listing, or from a back-off retry's inspect if one already ran.
-        reason = service.lifecycle.reason
+        reason = service.reason
         assert reason in (
             f"container {name} not found",
             f"inspecting container {name}: No such container: {name}",
@@ -123,7 +123,7 @@ async def test_start_up_reads_states_and_addresses_in_one_listing(make_container
     try:
         await engine.refresh_snapshot()
         runtime = DockerRuntime(engine, name)
-        assert runtime.initial_state() is State.PAUSED
+        assert runtime.initial_state() == (State.PAUSED, "found at start-up")
         # Host networking: the address is loopback, known without an inspect.
         assert runtime.known_backend_host() == "127.0.0.1"
         assert await runtime.backend_host() == "127.0.0.1"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     config_from,
     container_status,
     docker,
@@ -26,10 +26,10 @@ from tests.conftest import (
     in_ci,
     port_answers,
     running,
+    start_proxy,
     wait_until,
 )
-from tests.test_cli import start_proxy
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 
 pytestmark = pytest.mark.docker
 BODY = b"hello from busybox\n"
@@ -62,7 +62,7 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
 
         # A forwarding connection (request not sent yet) when the container is killed.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await wait_until(lambda: service.open == 1 and not service.held, within=5)
+        await wait_until(lambda: service.attached == 1 and not service.held, within=5)
         docker("kill", name)
         assert await asyncio.wait_for(reader.read(), 5) == b"", "closed promptly"
         writer.close()
@@ -72,9 +72,7 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
 
         docker("rm", "-f", name)
         await wait_until(lambda: service.state is State.FAILED, within=10)
-        assert (
-            "removed" in service.lifecycle.reason or "No such container" in service.lifecycle.reason
-        )
+        assert "removed" in service.reason or "No such container" in service.reason
         assert await http_get(port) == b"", "refused at once, not held"
 
         # Recreated (a new id, the same name): the service follows by name.

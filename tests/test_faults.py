@@ -19,20 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     BACKEND,
     PYTHON,
+    WAKEPROXY,
     backend_command,
     config_from,
     free_port,
+    pids_with,
     port_answers,
     running,
+    start_proxy,
     wait_until,
 )
-from tests.test_cli import WAKEPROXY, pids_with, start_proxy
 from wakeproxy.config import load_config
+from wakeproxy.core.states import State
 from wakeproxy.forward import ClientSide
-from wakeproxy.lifecycle import State
 
 
 def echo_service(name: str, port: int, backend: int, *lines: str) -> str:
@@ -321,7 +323,7 @@ async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monk
         assert await asyncio.wait_for(reader.read(), 10) == b"", "the held connection is released"
         writer.close()
         assert service.state is State.FAILED
-        assert "internal error during wake: RuntimeError('injected')" in service.lifecycle.reason
+        assert "internal error during wake: RuntimeError('injected')" in service.reason
         await echo_once(b, b"the other service serves\n")
 
         monkeypatch.setattr(service.runtime, "start", real_start)
@@ -347,7 +349,7 @@ async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monk
         await echo(*steady, b"still steady\n")
         await echo_once(a, b"new connections too\n")
         steady[1].close()
-        await wait_until(lambda: service.open == 0, within=5)
+        await wait_until(lambda: service.attached == 0, within=5)
 
 
 def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from tests.conftest import config_from, free_port, wait_until
+from tests.helpers import config_from, free_port, lone_service, wait_until
+from wakeproxy.core.states import State
 from wakeproxy.forward import HIGH_WATER
-from wakeproxy.lifecycle import State
 from wakeproxy.runtimes.fake import FakeRuntime
 from wakeproxy.service import Service
 
@@ -28,7 +28,7 @@ async def start_proxy(backend_port: int) -> Service:
         f"services:\n  web:\n    listen: 127.0.0.1:{port}\n"
         f"    backend: 127.0.0.1:{backend_port}\n    container: fake\n"
     ).services["web"]
-    service = Service(cfg, FakeRuntime(State.RUNNING), initial=State.RUNNING, reason="test")
+    service = lone_service(cfg, FakeRuntime(State.RUNNING))
     await service.start()
     return service
 
@@ -77,7 +77,7 @@ async def test_concurrent_echo_is_byte_identical():
 
         async with asyncio.timeout(30):
             await asyncio.gather(*(client(i) for i in range(20)))
-        await wait_until(lambda: service.open == 0, within=2)
+        await wait_until(lambda: service.attached == 0, within=2)
         assert service.stats.bytes_up == service.stats.bytes_down
         assert service.stats.bytes_up == sum(512 * 1024 + i for i in range(20))
     finally:
@@ -104,7 +104,7 @@ async def test_half_close_passes_through_both_ways():
             await seen_eof.wait()
             assert await reader.read(-1) == b"got:question"
         writer.close()
-        await wait_until(lambda: service.open == 0 and not service.connections, within=2)
+        await wait_until(lambda: service.attached == 0 and not service.connections, within=2)
     finally:
         await service.close()
         server.close()
@@ -145,7 +145,7 @@ async def test_client_reset_closes_the_backend_side():
         writer.transport.abort()
         async with asyncio.timeout(5):
             await backend_done.wait()
-        await wait_until(lambda: service.open == 0, within=2)
+        await wait_until(lambda: service.attached == 0, within=2)
     finally:
         await service.close()
         server.close()
@@ -269,7 +269,7 @@ async def test_keepalive_on_the_client_side_and_on_upstreams_across_a_network():
         writer.close()
         await wait_until(lambda: not service.connections, within=5)
         # As for a backend across a network (only loopback traffic here: the flag is set).
-        service.upstream_keepalive = True
+        service.driver.upstream_keepalive = True
         reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
         writer.write(b"k")
         assert await reader.readexactly(1) == b"k"

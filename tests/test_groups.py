@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from tests.conftest import backend_command, config_from, free_port, http_get, running, wait_until
+from tests.helpers import backend_command, config_from, free_port, http_get, running, wait_until
+from wakeproxy.core.states import State
 from wakeproxy.errors import ConfigError, ServiceBusy
-from wakeproxy.lifecycle import State
 
 pytestmark = pytest.mark.asyncio
 
@@ -71,7 +71,7 @@ async def test_a_group_wakes_together_and_sleeps_together():
         app, db = proxy.services["app"], proxy.services["db"]
         assert (await http_get(ports["app"][0])).endswith(b"backend\n")
         await wait_until(lambda: db.state is State.RUNNING, within=10)
-        assert db.lifecycle.reason == "woken"
+        assert db.reason == "woken"
         # Keep db busy: app is idle but the group waits for db.
         reader, writer = await asyncio.open_connection("127.0.0.1", ports["db"][0])
         writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -89,3 +89,33 @@ async def test_unknown_dependency_and_cycles_are_config_errors():
     with pytest.raises(ConfigError) as info:
         two_services("depends_on: [cache]")
     assert "no service named 'cache'; services: app, db" in info.value.problems[0]
+
+
+async def test_a_group_sleep_never_pauses_a_member_an_awake_service_still_needs():
+    """a and b sleep as a group; c depends on b and stays busy: b must stay running
+    (the group's sleep once looked at the dependents of the member whose timer fired)."""
+    ports = {name: (free_port(), free_port()) for name in "abc"}
+    extra = {"a": "group: pair", "b": "group: pair", "c": "depends_on: [b]"}
+    lines = ["services:"]
+    for name, (port, backend) in ports.items():
+        idle = 60 if name == "c" else 0.3
+        lines += [
+            f"  {name}:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            f"    command: {backend_command(backend, 'http')}",
+            "    readiness: {http: /}",
+            f"    sleep_policy: {{idle_timeout: {idle}}}",
+            f"    {extra[name]}",
+        ]
+    async with running(config_from("\n".join(lines) + "\n")) as proxy:
+        a, b, c = (proxy.services[n] for n in "abc")
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["c"][0])
+        writer.write(b"GET / HTTP/1.1\r\nHost: c\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"backend\n"), 15)
+        assert a.state is b.state is c.state is State.RUNNING
+        # Well past a's and b's idle timeout, with c's connection still open.
+        await asyncio.sleep(1.2)
+        assert b.state is State.RUNNING and b.stats.sleeps[("pause", "idle")] == 0
+        assert a.state is State.RUNNING, "the group sleeps only once every member may"
+        writer.close()

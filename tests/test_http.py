@@ -9,15 +9,16 @@ import time
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     backend_command,
     config_from,
+    exchange,
     free_port,
     running,
     wait_until,
 )
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 
 pytestmark = pytest.mark.asyncio
 BODY = b"hello from the backend\n"
@@ -44,21 +45,6 @@ def http_config(*services: list[str]) -> str:
             *(line for service in services for line in service),
         ]
     )
-
-
-async def exchange(
-    port: int, data: bytes, *, within: float = 10.0, half_close: bool = False
-) -> bytes:
-    """Send ``data`` (then EOF if ``half_close``) and read until the other side closes."""
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(data)
-            if half_close:
-                writer.write_eof()
-            return await reader.read(-1)
-        finally:
-            writer.close()
 
 
 async def head_of(port: int, data: bytes, *, within: float = 10.0) -> bytes:
@@ -207,8 +193,34 @@ async def test_hostile_and_malformed_requests_get_their_status_and_harm_nobody()
         stats = proxy.services["web"].stats
         assert (stats.http_answers[400], stats.http_answers[431]) == (2, 2)
         assert proxy.services["slow"].stats.connections["header_timeout"] == 1
-        for name, code in (("full", 503), ("late", 504), ("gone", 502)):
-            assert proxy.services[name].stats.http_answers[code] == 1, name
+        # Each refusal counted once as its outcome and once as the status answered
+        # (the outcome was counted twice before: once by the service, once by the answer).
+        expected = {
+            "full": ("rejected_overflow", 503),
+            "late": ("wake_timeout", 504),
+            "gone": ("backend_error", 502),
+            "slow": ("header_timeout", 408),
+        }
+        for name, (outcome, code) in expected.items():
+            counts = proxy.services[name].stats
+            assert counts.connections[outcome] == 1, (name, dict(counts.connections))
+            assert dict(counts.http_answers) == {code: 1}, (name, dict(counts.http_answers))
+        assert (stats.connections["bad_request"], stats.connections["header_too_large"]) == (2, 2)
+
+
+async def test_max_connections_refusal_is_counted_once_as_outcome_and_status():
+    port, backend = free_port(), free_port()
+    config = http_config(http_service("web", port, backend, "max_connections: 1"))
+    async with running(config_from(config)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(BODY), 15)
+        refused = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status(refused) == 503
+        writer.close()
+        stats = proxy.services["web"].stats
+        assert stats.connections["rejected_limit"] == 1, dict(stats.connections)
+        assert stats.http_answers[503] == 1, dict(stats.http_answers)
 
 
 async def test_probe_connections_reset_by_the_client_are_harmless():

@@ -16,7 +16,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import backend_command, config_from, free_port, running
+from tests.helpers import backend_command, config_from, free_port, running
 
 BODY = b"hello from the backend\n"
 GOOD = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -1,7 +1,7 @@
 """The deployment image, built for real and run next to a paused container.
 
 No image can be pulled here: the Python base is made with debootstrap (Debian
-bookworm, minbase + python3) and imported, as FACTS.md describes; the build then
+bookworm, minbase + python3) and imported with ``docker import``; the build then
 runs ``pip`` inside with host networking. The base is cached under its tag.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import docker, free_port, service_yaml
+from tests.helpers import docker, free_port, service_yaml
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 

@@ -21,7 +21,7 @@ from mcp import ClientSession
 from mcp.client import streamable_http
 from mcp.client.sse import sse_client
 
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     config_from,
     container_status,
@@ -32,7 +32,7 @@ from tests.conftest import (
     running,
     wait_until,
 )
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 from wakeproxy.service import Service
 
 pytestmark = pytest.mark.asyncio
@@ -160,7 +160,7 @@ async def test_allow_sleep_pauses_under_an_open_stream_and_the_next_call_wakes_i
             down_before = service.bytes_moved()[1]
             await wait_until(lambda: service.state is State.PAUSED, within=10)
             assert service.bytes_moved()[1] > down_before, "keepalives flowed while it idled"
-            assert service.open == 0 and service.connections, "the stream is still open"
+            assert service.attached == 0 and service.connections, "the stream is still open"
 
             assert await shout(session, "two") == "TWO!"
             assert service.stats.wakes["ok"] == wakes + 2, "the next call woke it once"

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     backend_command,
     config_from,
     free_port,
@@ -18,7 +18,7 @@ from tests.conftest import (
     service_yaml,
     wait_until,
 )
-from wakeproxy.lifecycle import State
+from wakeproxy.core.states import State
 from wakeproxy.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.asyncio
@@ -76,7 +76,7 @@ async def test_crashed_command_is_started_again_by_the_next_connection():
         assert isinstance(runtime, ProcessRuntime) and runtime.pid is not None
         os.killpg(runtime.pid, signal.SIGKILL)
         await wait_until(lambda: service.state is State.STOPPED, within=5)
-        assert "command exited with status -9" in service.lifecycle.reason
+        assert "command exited with status -9" in service.reason
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
         assert service.stats.wakes["ok"] == 2
 
@@ -88,10 +88,7 @@ async def test_missing_command_fails_fast_with_a_clear_reason():
         service = proxy.services["web"]
         assert await http_get(port) == b""
         assert service.state is State.FAILED
-        assert (
-            "cannot run '/nonexistent/server': No such file or directory"
-            in service.lifecycle.reason
-        )
+        assert "cannot run '/nonexistent/server': No such file or directory" in service.reason
         assert service.stats.connections["backend_error"] == 1
 
 
@@ -104,7 +101,7 @@ async def test_command_that_dies_at_boot_fails_before_wake_timeout():
         started = loop.time()
         assert await http_get(port) == b""
         assert loop.time() - started < 5, "a dead command must not wait for wake_timeout (15 s)"
-        assert "stopped while starting" in service.lifecycle.reason
+        assert "stopped while starting" in service.reason
 
 
 async def test_stop_action_ends_the_command_and_start_brings_it_back():
@@ -137,7 +134,7 @@ async def test_auto_start_wakes_at_proxy_start():
         service = proxy.services["web"]
         await wait_until(lambda: service.state is State.RUNNING, within=10)
         assert service.stats.wakes["ok"] == 1 and service.stats.connections["forwarded"] == 0
-        assert service.lifecycle.reason == "woken"
+        assert service.reason == "woken"
 
 
 async def test_unreachable_engine_fails_docker_services_only(monkeypatch, tmp_path):
@@ -159,7 +156,7 @@ async def test_unreachable_engine_fails_docker_services_only(monkeypatch, tmp_pa
     async with running(config) as proxy:
         box = proxy.services["box"]
         assert box.state is State.FAILED
-        assert "the Docker engine does not answer" in box.lifecycle.reason
+        assert "the Docker engine does not answer" in box.reason
         assert await http_get(other) == b""
         # The process service is unaffected.
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")

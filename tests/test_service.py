@@ -11,26 +11,13 @@ import asyncio
 
 import pytest
 
-from tests.conftest import config_from, free_port, wait_until
-from wakeproxy.lifecycle import BACKOFF_FIRST, State
+from tests.helpers import config_from, echo_server, free_port, lone_service, wait_until
+from wakeproxy.core.lifecycle import BACKOFF_FIRST
+from wakeproxy.core.states import State
 from wakeproxy.runtimes.fake import FakeRuntime
 from wakeproxy.service import Service
 
 pytestmark = pytest.mark.asyncio
-
-
-async def echo_server(port: int) -> asyncio.Server:
-    async def handle(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
 
 
 class Harness:
@@ -52,7 +39,7 @@ class Harness:
             "    container: fake\n" + self.extra
         ).services["web"]
         self.server = await echo_server(self.backend_port)
-        self.service = Service(cfg, self.runtime, initial=self.runtime.state, reason="test")
+        self.service = lone_service(cfg, self.runtime)
         await self.service.start()
         return self
 
@@ -110,7 +97,7 @@ async def test_wake_timeout_closes_held_connections():
         assert h.service.stats.connections["wake_timeout"] == 3
         assert h.service.stats.wakes["timeout"] == 1
         assert h.service.state is State.FAILED
-        assert "wake_timeout (0.2s)" in h.service.lifecycle.reason
+        assert "wake_timeout (0.2s)" in h.service.reason
 
 
 async def test_failed_wake_backs_off_then_recovers():
@@ -119,7 +106,7 @@ async def test_failed_wake_backs_off_then_recovers():
     async with Harness(runtime) as h:
         assert await h.roundtrip() == b""
         assert h.service.state is State.FAILED
-        assert "fake unpause failed" in h.service.lifecycle.reason
+        assert "fake unpause failed" in h.service.reason
         # Inside the back-off: refused at once, the runtime is not called again.
         assert await h.roundtrip() == b""
         assert runtime.calls["unpause"] == 1
@@ -177,7 +164,7 @@ async def test_external_pause_is_followed():
     async with Harness(runtime) as h:
         runtime.external(State.PAUSED, "paused by hand")
         assert h.service.state is State.PAUSED
-        assert h.service.lifecycle.reason == "paused by hand"
+        assert h.service.reason == "paused by hand"
         assert h.service.stats.sleeps[("pause", "external")] == 1
         assert await h.roundtrip(b"wake") == b"wake"
         assert runtime.calls["unpause"] == 1
@@ -188,7 +175,7 @@ async def test_wake_on_data_ignores_silent_connections():
     async with Harness(runtime, settings(wake_on="data")) as h:
         _, writer = await asyncio.open_connection("127.0.0.1", h.port)
         await asyncio.sleep(0.2)
-        assert runtime.calls["unpause"] == 0 and h.service.open == 0
+        assert runtime.calls["unpause"] == 0 and h.service.attached == 0
         writer.close()
         assert await h.roundtrip(b"data") == b"data"
         assert runtime.calls["unpause"] == 1
@@ -204,14 +191,14 @@ async def test_idle_connection_timeout_closes_silent_connections():
             assert await reader.read(-1) == b""
         writer.close()
         assert h.service.stats.connections["idle_timeout"] == 1
-        await wait_until(lambda: h.service.open == 0, within=1)
+        await wait_until(lambda: h.service.attached == 0, within=1)
 
 
 async def test_api_wake_and_repr():
     runtime = FakeRuntime(State.STOPPED)
     async with Harness(runtime) as h:
         assert repr(h.service).startswith(
-            f"<Service web :{h.port} state=stopped held=0 conns=0 idle_for="
+            f"<Service web :{h.port} state=stopped held=0 attached=0 idle_for="
         )
         await h.service.wake()
         assert runtime.calls["start"] == 1 and h.service.state is State.RUNNING

@@ -16,7 +16,7 @@ import random
 
 import pytest
 
-from tests.conftest import backend_command, config_from, free_port, running
+from tests.helpers import backend_command, config_from, free_port, running
 
 pytestmark = pytest.mark.asyncio
 

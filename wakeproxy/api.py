@@ -19,8 +19,8 @@ import orjson
 
 from . import metrics, views
 from .config import update_policy, update_service, with_policy
+from .core.states import SleepAction, SleepReason, State, WakeResult
 from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
-from .lifecycle import State
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -198,7 +198,8 @@ class Api:
         try:
             await _ACTIONS[action](service, force)
         except ServiceBusy as exc:
-            return error(409, str(exc), name=name, state=service.state.value)
+            why = f"{exc}; add ?force=true to {action} anyway" if exc.forceable else str(exc)
+            return error(409, why, name=name, state=service.state.value)
         except WakeTimeout as exc:
             return error(504, str(exc), name=name, state=service.state.value)
         except RuntimeFailure as exc:
@@ -230,11 +231,11 @@ async def _wake(service: Service, force: bool) -> None:
 
 
 async def _sleep(service: Service, force: bool) -> None:
-    await service.sleep(service.cfg.sleep_policy.action, "api", force=force)
+    await service.sleep(service.cfg.sleep_policy.action, SleepReason.API, force=force)
 
 
 async def _stop(service: Service, force: bool) -> None:
-    await service.sleep("stop", "api", force=force)
+    await service.sleep(SleepAction.STOP, SleepReason.API, force=force)
 
 
 _ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
@@ -262,17 +263,18 @@ def service_status(service: Service) -> dict[str, Any]:
     return {
         "name": service.name,
         "state": service.state.value,
-        "reason": service.lifecycle.reason,
+        "reason": service.reason,
         "runtime": service.runtime.kind,
         "source": service.cfg.source,
         "backend": str(service.backend) if service.backend is not None else None,
         "listen": str(service.cfg.listen),
-        "open": service.open - service.held,
+        "open": service.forwarding,
         "held": service.held,
         "last_activity": round(time.time() - (loop_now - service.last_activity), 3),
         "sleeps_in_s": round(sleeps_in, 3) if sleeps_in is not None else None,
-        "wakes": service.stats.wakes["ok"],
+        "wakes": service.stats.wakes[WakeResult.OK],
         "last_wake_ms": round(last_wake * 1000, 3) if last_wake is not None else None,
+        "memory": service.hibernator.describe(),
     }
 
 
@@ -281,11 +283,11 @@ async def backend_health(service: Service) -> dict[str, Any]:
     state = service.state
     result: dict[str, Any] = {"name": service.name, "state": state.value}
     if state is State.FAILED:
-        return {**result, "health": "failed", "why": service.lifecycle.reason}
+        return {**result, "health": "failed", "why": service.reason}
     if state in (State.PAUSED, State.STOPPED):
         return {**result, "health": "asleep", "why": f"{state.value}; wakes on the next connection"}
     if state is not State.RUNNING or service.backend is None:
-        return {**result, "health": "changing", "why": service.lifecycle.reason}
+        return {**result, "health": "changing", "why": service.reason}
     backend = service.backend
     try:
         async with asyncio.timeout(min(service.cfg.connect_timeout, 2.0)):

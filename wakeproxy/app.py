@@ -20,9 +20,10 @@ from typing import Any
 
 from .admin import AdminServer
 from .config import Address, Config, ServiceConfig, changes_in_place, load_config
+from .coordinator import Coordinator
+from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
-from .lifecycle import State
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_orphans
@@ -81,6 +82,8 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
+        # Created in start(): it needs the running loop.
+        self.coordinator: Coordinator | None = None
         self.engine: DockerEngine | None = None
         self.admin: AdminServer | None = None
         self.discovery: LabelDiscovery | None = None
@@ -91,10 +94,10 @@ class Proxy:
     async def start(self) -> None:
         limit = raise_open_file_limit()
         log.debug("open-file limit: %d", limit)
+        self.coordinator = Coordinator()
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())
-        engine_error: str | None = None
         listing: list[dict[str, Any]] | None = None
         labels_on = self.config.discovery.docker_labels
         if labels_on or any(cfg.runtime == "docker" for cfg in configs):
@@ -102,7 +105,6 @@ class Proxy:
             try:
                 listing = await self.engine.refresh_snapshot()
             except EngineUnavailable as exc:
-                engine_error = str(exc)
                 log.error(
                     "the Docker engine does not answer: %s; docker services are failed "
                     "until it does",
@@ -110,9 +112,7 @@ class Proxy:
                 )
         try:
             for cfg in configs:
-                runtime = self._runtime(cfg)
-                initial, reason = self._initial_state(runtime, engine_error)
-                self.services[cfg.name] = Service(cfg, runtime, initial=initial, reason=reason)
+                self.services[cfg.name] = self._service(cfg)
             # Wired before any starts: an auto_start wake must see its dependencies.
             self._wire()
             for cfg in configs:
@@ -142,9 +142,7 @@ class Proxy:
         """
         added: list[Service] = []
         for cfg in configs:
-            runtime = self._runtime(cfg)
-            initial, reason = self._initial_state(runtime, None)
-            added.append(Service(cfg, runtime, initial=initial, reason=reason))
+            added.append(self._service(cfg))
             self.services[cfg.name] = added[-1]
         self._wire()
         failed: dict[str, str] = {}
@@ -163,8 +161,8 @@ class Proxy:
     async def remove_service(self, name: str) -> None:
         """Stop serving one service: its listener closes and its connections end."""
         service = self.services.pop(name)
-        self._wire()
         await self._end(service)
+        self._wire()
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file and apply what changed in it.
@@ -276,31 +274,25 @@ class Proxy:
             )
         )
 
-    @staticmethod
-    async def _end(service: Service) -> None:
+    async def _end(self, service: Service) -> None:
         await service.close()
+        if self.coordinator is not None:
+            self.coordinator.remove(service)
         try:
             await service.runtime.close()
         except WakeproxyError as exc:
             log.warning("%s: %s", service.name, exc)
 
     def _wire(self) -> None:
-        """Link dependencies, dependents and group members (again after any change)."""
-        groups: dict[str, list[Service]] = {}
-        for service in self.services.values():
-            service.dependents = []
-            service.group = []
-        for service in self.services.values():
-            service.depends_on = [
-                self.services[name] for name in service.cfg.depends_on if name in self.services
-            ]
-            for dependency in service.depends_on:
-                dependency.dependents.append(service)
-            if service.cfg.group is not None:
-                groups.setdefault(service.cfg.group, []).append(service)
-        for members in groups.values():
-            for service in members:
-                service.group = [m for m in members if m is not service]
+        """Link dependencies and group members in the core (again after any change)."""
+        if self.coordinator is not None:
+            self.coordinator.relink()
+
+    def _service(self, cfg: ServiceConfig) -> Service:
+        assert self.coordinator is not None
+        runtime = self._runtime(cfg)
+        initial, reason = runtime.initial_state()
+        return Service(cfg, runtime, self.coordinator, initial=initial, reason=reason)
 
     def _runtime(self, cfg: ServiceConfig) -> Runtime:
         if cfg.runtime == "process":
@@ -314,21 +306,15 @@ class Proxy:
                 log.warning(
                     "%s: ended %d process(es) a killed proxy left of its command", cfg.name, ended
                 )
-            return ProcessRuntime(cfg.command, cwd=cwd, env=cfg.env, stop_timeout=cfg.stop_timeout)
+            return ProcessRuntime(
+                cfg.command,
+                cwd=cwd,
+                env=cfg.env,
+                stop_timeout=cfg.stop_timeout,
+                own_cgroup=cfg.sleep_policy.hibernates_after is not None,
+            )
         assert self.engine is not None and cfg.container is not None
         return DockerRuntime(self.engine, cfg.container, stop_timeout=cfg.stop_timeout)
-
-    @staticmethod
-    def _initial_state(runtime: Runtime, engine_error: str | None) -> tuple[State, str]:
-        if isinstance(runtime, DockerRuntime):
-            if engine_error is not None:
-                return State.FAILED, engine_error
-            state = runtime.initial_state()
-            if state is None:
-                return State.FAILED, f"container {runtime.ref} not found"
-            return state, "found at start-up"
-        # Commands belong to the proxy: none runs before it starts them.
-        return State.STOPPED, "not started yet"
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""

@@ -37,7 +37,14 @@ class OperationFailed(RuntimeFailure):
 
 
 class ServiceBusy(WakeproxyError):
-    """The service cannot do that now (open connections, an operation in flight)."""
+    """The service cannot do that now (open connections, an operation in flight).
+
+    ``forceable``: forcing the operation would go ahead (the API's ``?force=true``).
+    """
+
+    def __init__(self, message: str, *, forceable: bool = False) -> None:
+        super().__init__(message)
+        self.forceable = forceable
 
 
 class WakeTimeout(RuntimeFailure):

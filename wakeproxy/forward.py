@@ -1,17 +1,20 @@
 """The byte path: one asyncio Protocol per side of a forwarded connection.
 
 ``ClientSide`` is the accepted connection; ``UpstreamSide`` the connection to the
-backend. ``data_received`` writes straight into the peer's transport (the fast path:
-FACTS.md measured a bare Protocol pair at 0.85-1.07x HAProxy, streams far slower).
-Flow control follows uvicorn's: when one side's write buffer passes the high-water
-mark, reading on the other side pauses, so memory per connection stays bounded by
-the two write buffers plus the hold buffer. Half-close passes through: EOF from one
-side becomes ``write_eof`` on the other, and both close once both have seen EOF.
+backend. ``data_received`` writes straight into the peer's transport: a bare Protocol
+pair measured 0.85-1.07x HAProxy's requests/s here (tcp mode, one thread), streams far
+slower. Flow control follows uvicorn's: when one side's write buffer passes the
+high-water mark, reading on the other side pauses, so memory per connection stays
+bounded by the two write buffers plus the hold buffer. Half-close passes through: EOF
+from one side becomes ``write_eof`` on the other, and both close once both have seen EOF.
 
 Before the backend is connected (held during a wake, or waiting for the first byte
 with ``wake_on: data``) client bytes are buffered up to ``HOLD_LIMIT``, then reading
 pauses. The pause happens in ``data_received``, never ``connection_made``: uvloop
 ignores ``pause_reading()`` there.
+
+A connection talks to its service only through ``Owner`` (aiohttp's
+``_manager.connection_made`` style) and keeps its own flags.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
-if TYPE_CHECKING:
-    from .service import Service
+from .core.states import Outcome
 
 # Per-direction write buffer: big enough for bulk throughput, small enough that a
 # thousand stalled connections stay within a few hundred MiB.
@@ -55,8 +57,35 @@ def _limit_buffers(transport: asyncio.BaseTransport) -> None:
     cast(asyncio.WriteTransport, transport).set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
 
+class Owner(Protocol):
+    """What a connection may ask of its service."""
+
+    @property
+    def idle_connection_timeout(self) -> float: ...
+
+    @property
+    def wake_on_connect(self) -> bool: ...
+
+    @property
+    def upstream_keepalive(self) -> bool: ...
+
+    def connection_made(self, conn: ClientSide) -> bool:
+        """A new connection; False when it was refused (it is being closed)."""
+
+    def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
+        """The connection needs the backend now: the service forwards, holds or refuses it."""
+
+    def no_longer_needs(self, conn: ClientSide) -> None:
+        """allow-sleep: an attached connection went quiet; it no longer keeps the backend up."""
+
+    def connection_lost(self, conn: ClientSide) -> None: ...
+
+    def record(self, outcome: Outcome, status: int | None = None) -> None:
+        """Count what became of the connection (once per outcome)."""
+
+
 class ClientSide(asyncio.Protocol):
-    """The accepted connection. Owned by its Service from ``connection_made`` on."""
+    """The accepted connection; reports to its ``Owner``."""
 
     __slots__ = (
         "_backend_eof",
@@ -72,20 +101,20 @@ class ClientSide(asyncio.Protocol):
         "bytes_down",
         "bytes_up",
         "closed",
-        "service",
+        "owner",
         "transport",
         "upstream",
     )
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._client_eof = False
         self._backend_eof = False
-        # Attached: counted by the service as needing the backend (held or connected).
+        # Attached: the owner counts it as needing the backend (held or forwarding).
         self.attached = False
         # Carried activity (mode http: a real request, not a probe): its end is activity too.
         self.active = True
@@ -94,14 +123,14 @@ class ClientSide(asyncio.Protocol):
         self.bytes_down = 0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_mark = -1
-        # Release slot (see Service._pump): given back once the backend has answered.
+        # Release slot (see Admission): given back once the backend has answered.
         self._settle: Callable[[], None] | None = None
         self._settle_handle: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         phase = "closed" if self.closed else "forwarding" if self.upstream else "waiting"
-        return f"<ClientSide {peer} {phase} up={self.bytes_up} down={self.bytes_down}>"
+        return f"<{type(self).__name__} {peer} {phase} up={self.bytes_up} down={self.bytes_down}>"
 
     # ---- asyncio callbacks, client socket
 
@@ -112,7 +141,17 @@ class ClientSide(asyncio.Protocol):
         # this socket would build a Python socket object per connection, which measured
         # at about 14% of the proxy's CPU under connection churn.
         _limit_buffers(transport)
-        self.service.accepted(self)
+        owner = self.owner
+        if not owner.connection_made(self):
+            return
+        self.arm_idle_timeout(owner.idle_connection_timeout)
+        if owner.wake_on_connect:
+            self.attach()
+
+    def attach(self, *, activity: bool = True) -> None:
+        """This connection needs the backend from now on."""
+        attached, self.attached = self.attached, True
+        self.owner.needs_backend(self, activity=activity, attached=attached)
 
     def data_received(self, data: bytes) -> None:
         upstream = self.upstream
@@ -124,7 +163,7 @@ class ClientSide(asyncio.Protocol):
         self._pending_size += len(data)
         if not self.attached:
             # wake_on: data -- the first byte is what makes this connection count.
-            self.service.attach(self)
+            self.attach()
         if self._pending_size >= HOLD_LIMIT and not self.closed and self.transport is not None:
             self.transport.pause_reading()
 
@@ -151,7 +190,7 @@ class ClientSide(asyncio.Protocol):
             else:
                 upstream.close()
         self.settle()
-        self.service.detached(self)
+        self.owner.connection_lost(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend writes: stop reading the backend.
@@ -162,11 +201,24 @@ class ClientSide(asyncio.Protocol):
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.resume_reading()
 
-    # ---- called by UpstreamSide and the Service
+    # ---- called by UpstreamSide and the owner
 
     def connected(self, upstream: asyncio.Transport) -> None:
         """The backend connection is up: flush what was held and start forwarding."""
         self.upstream = upstream
+        self._flush(upstream)
+        if self._settle is not None:
+            # The slot's fallback clock starts once the connect completed: a connect
+            # stuck in SYN retries (the backend's accept queue is full) keeps its slot.
+            loop = asyncio.get_running_loop()
+            self._settle_handle = loop.call_later(SETTLE_AFTER, self.settle)
+
+    def resume(self) -> None:
+        """The backend is up again under this connection (mode http): send what waited."""
+        if self.upstream is not None and not self.closed:
+            self._flush(self.upstream)
+
+    def _flush(self, upstream: asyncio.Transport) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
@@ -177,11 +229,6 @@ class ClientSide(asyncio.Protocol):
             upstream.write_eof()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-        if self._settle is not None:
-            # The slot's fallback clock starts once the connect completed: a connect
-            # stuck in SYN retries (the backend's accept queue is full) keeps its slot.
-            loop = asyncio.get_running_loop()
-            self._settle_handle = loop.call_later(SETTLE_AFTER, self.settle)
 
     def backend_eof(self) -> None:
         self._backend_eof = True
@@ -204,11 +251,12 @@ class ClientSide(asyncio.Protocol):
         """The Protocol for this connection's backend side."""
         return UpstreamSide(self)
 
-    def reject(self, outcome: str = "") -> None:
-        """Close a connection the backend will not serve (overflow, failed wake); in
-        mode http the client reads a status for ``outcome`` first."""
+    def refuse(self, outcome: Outcome) -> int | None:
+        """Close a connection the backend will not serve (overflow, failed wake). Returns
+        the status the client read (mode http), or None: in tcp mode it reads a close."""
         if self.transport is not None and not self.closed:
             self.transport.close()
+        return None
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
@@ -250,7 +298,7 @@ class ClientSide(asyncio.Protocol):
         moved = self.bytes_up + self.bytes_down + self._pending_size
         if moved == self._idle_mark:
             self._idle_handle = None
-            self.service.idle_connection_closed(self)
+            self.owner.record(Outcome.IDLE_TIMEOUT)
             self.abort()
             return
         self._idle_mark = moved
@@ -279,7 +327,7 @@ class UpstreamSide(asyncio.Protocol):
             # The client left while we connected: nobody to forward to.
             transport.close()
             return
-        if self.client.service.upstream_keepalive:
+        if self.client.owner.upstream_keepalive:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 set_keepalive(sock)

@@ -23,14 +23,22 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .lifecycle import State
-from .service import WAKE_BUCKETS
+from .core.states import Outcome, State, WakeResult
+from .stats import WAKE_BUCKETS
 
 if TYPE_CHECKING:
     from .app import Proxy
 
-OUTCOMES = ("forwarded", "rejected_overflow", "wake_timeout", "backend_error", "idle_timeout")
-WAKE_RESULTS = ("ok", "failed", "timeout")
+# Exported at 0 too, so a rate() over them works before the first one happens.
+TCP_OUTCOMES = (
+    Outcome.FORWARDED,
+    Outcome.REJECTED_OVERFLOW,
+    Outcome.REJECTED_LIMIT,
+    Outcome.WAKE_TIMEOUT,
+    Outcome.BACKEND_ERROR,
+    Outcome.IDLE_TIMEOUT,
+)
+HTTP_OUTCOMES = (*TCP_OUTCOMES, *(o for o in Outcome if o not in TCP_OUTCOMES))
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -81,28 +89,71 @@ class ProxyCollector(Collector):
             "mode http: responses the proxy gave itself (probes, errors), by status.",
             labels=["service", "status"],
         )
+        unexpected = CounterMetricFamily(
+            "wakeproxy_unexpected_events",
+            "Events the decision core had no transition for (a bug: please report it).",
+            labels=["service", "event"],
+        )
         asleep = CounterMetricFamily(
             "wakeproxy_asleep_seconds",
             "Seconds the backend spent paused or stopped.",
             labels=["service"],
         )
+        resident = GaugeMetricFamily(
+            "wakeproxy_backend_resident_bytes",
+            "The backend's memory in RAM as the kernel counts it (its memory cgroup's usage; "
+            "the processes' RSS where no cgroup is readable), read at scrape time.",
+            labels=["service", "source"],
+        )
+        swapped = GaugeMetricFamily(
+            "wakeproxy_backend_swapped_bytes",
+            "The backend's memory in swap (cgroup swap usage, or the processes' VmSwap).",
+            labels=["service", "source"],
+        )
+        reclaimed = CounterMetricFamily(
+            "wakeproxy_reclaimed_bytes",
+            "Bytes of backend memory given back by hibernation (cgroup usage before - after).",
+            labels=["service"],
+        )
+        hibernations = CounterMetricFamily(
+            "wakeproxy_hibernations",
+            "Hibernations by method (cgroup, pageout).",
+            labels=["service", "method"],
+        )
+        fallbacks = CounterMetricFamily(
+            "wakeproxy_hibernate_fallbacks",
+            "Hibernations that fell back to a plain pause, by reason.",
+            labels=["service", "reason"],
+        )
         for service in services:
             stats = service.stats
+            use = service.hibernator.memory()
+            if use is not None:
+                resident.add_metric([service.name, use.source], use.resident)
+                swapped.add_metric([service.name, use.source], use.swapped)
+            reclaimed.add_metric([service.name], stats.reclaimed_bytes)
+            for method, count in sorted(stats.hibernations.items()):
+                hibernations.add_metric([service.name, method], count)
+            for reason, count in sorted(stats.hibernate_fallbacks.items()):
+                fallbacks.add_metric([service.name, reason], count)
             cumulative, buckets = 0, []
             for bound, count in zip((*WAKE_BUCKETS, math.inf), stats.wake_buckets, strict=True):
                 cumulative += count
                 buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
             wake.add_metric([service.name], buckets, sum_value=stats.wake_sum)
-            for result in WAKE_RESULTS:
-                wakes.add_metric([service.name, result], stats.wakes[result])
+            for result in WakeResult:
+                wakes.add_metric([service.name, result.value], stats.wakes[result])
             for (action, reason), count in stats.sleeps.items():
-                sleeps.add_metric([service.name, action, _sleep_reason(reason)], count)
+                sleeps.add_metric([service.name, action.value, reason.value], count)
             for each in State:
                 state.add_metric([service.name, each.value], 1.0 if service.state is each else 0.0)
-            active.add_metric([service.name], service.open - service.held)
+            active.add_metric([service.name], service.forwarding)
             held.add_metric([service.name], service.held)
-            for outcome in (*OUTCOMES, *(o for o in stats.connections if o not in OUTCOMES)):
-                connections.add_metric([service.name, outcome], stats.connections[outcome])
+            outcomes = HTTP_OUTCOMES if service.cfg.mode == "http" else TCP_OUTCOMES
+            for outcome in outcomes:
+                connections.add_metric([service.name, outcome.value], stats.connections[outcome])
+            for event, count in sorted(stats.unexpected.items()):
+                unexpected.add_metric([service.name, event], count)
             up, down = service.bytes_moved()
             byte_count.add_metric([service.name, "client_to_backend"], up)
             byte_count.add_metric([service.name, "backend_to_client"], down)
@@ -111,6 +162,8 @@ class ProxyCollector(Collector):
                 answers.add_metric([service.name, str(code)], count)
         yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
         yield answers
+        yield unexpected
+        yield from (resident, swapped, reclaimed, hibernations, fallbacks)
         info = GaugeMetricFamily(
             "wakeproxy_build_info", "The running version.", labels=["version", "python"]
         )
@@ -131,15 +184,6 @@ class ProxyCollector(Collector):
             yield GaugeMetricFamily(
                 "wakeproxy_engine_up", "1 while the Docker engine answers.", value=float(engine.up)
             )
-
-
-def _sleep_reason(reason: str) -> str:
-    """Map the lifecycle's reason text onto the metric's few label values."""
-    if reason in ("idle", "api", "shutdown"):
-        return reason
-    if reason == "paused for stop_after":
-        return "stop_after"
-    return "external"
 
 
 def render(proxy: Proxy) -> bytes:

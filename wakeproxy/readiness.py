@@ -2,8 +2,8 @@
 
 After an unpause the backend is ready at once (its sockets never closed). After a
 start a successful connect is the least proof needed (a paused or starting container's
-kernel completes handshakes, FACTS.md), and an HTTP GET the better one when the
-backend has a health path. Probes run every ``interval`` (10 ms by default) so a
+kernel completes handshakes: seen with docker pause here), and an HTTP GET the better
+one when the backend has a health path. Probes run every ``interval`` (10 ms by default) so a
 wake costs little more than the backend's own boot.
 """
 

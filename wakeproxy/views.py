@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .lifecycle import State
+from .core.states import State, WakeResult
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -18,9 +18,12 @@ if TYPE_CHECKING:
 
 COST_NOTE = (
     "Pause freezes a backend: it keeps its memory, so pausing saves CPU time only; a stopped "
-    "backend also frees its memory. CPU saved = time asleep x resources.cpu (the service's "
-    "CPU limit or reservation); memory saved = time stopped x sleep_policy.memory_reservation "
-    "(else resources.memory). Null where the config gives no figure to multiply by."
+    "backend also frees its memory, and a hibernated one gives it back while paused. CPU "
+    "saved = time asleep x resources.cpu (the service's CPU limit or reservation). Memory: "
+    "memory.resident_bytes is measured now (the backend's memory cgroup, or its RSS) and "
+    "memory.reclaimed_bytes_total is what hibernation gave back; memory_gib_hours_saved = "
+    "time stopped x sleep_policy.memory_reservation (else resources.memory): a reservation, "
+    "not a measurement. Null where the config gives no figure to multiply by."
 )
 
 
@@ -50,7 +53,7 @@ def performance(proxy: Proxy) -> dict[str, Any]:
         last = s.stats.last_wake_s
         return {
             "name": s.name,
-            "wakes": {r: s.stats.wakes[r] for r in ("ok", "failed", "timeout")},
+            "wakes": {r.value: s.stats.wakes[r] for r in WakeResult},
             # Over the most recent wakes (up to 1024 kept per service).
             "wake_ms": _percentiles(list(s.stats.wake_seconds)),
             "last_wake_ms": _ms(last) if last is not None else None,
@@ -66,12 +69,14 @@ def resources(proxy: Proxy) -> dict[str, Any]:
             "name": s.name,
             "state": s.state.value,
             "connections": {
-                "active": s.open - s.held,
+                "active": s.forwarding,
                 "held": s.held,
                 "accepted": s.stats.accepted,
-                "by_outcome": dict(s.stats.connections),
+                "by_outcome": {o.value: n for o, n in s.stats.connections.items()},
             },
             "bytes": {"client_to_backend": up, "backend_to_client": down},
+            # Measured now (cgroup usage, or RSS where no cgroup is readable).
+            "memory": s.hibernator.describe(),
         }
 
     return {"services": [one(s) for s in proxy.services.values()]}
@@ -91,6 +96,8 @@ def cost(proxy: Proxy) -> dict[str, Any]:
             "cpu_cores": cpu,
             "cpu_seconds_saved": round((paused + stopped) * cpu, 3) if cpu else None,
             "memory_bytes": memory,
+            "memory_source": "reservation" if memory else None,
+            "memory": s.hibernator.describe(),
             "memory_gib_hours_saved": (
                 round(stopped * memory / 2**30 / 3600, 6) if memory else None
             ),

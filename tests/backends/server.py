@@ -7,6 +7,8 @@ Modes:
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
+--hold MIB  keeps MIB of pseudo-random heap (hibernation tests); GET /checksum answers
+          its SHA-256, reading every page of it
 Runs standalone (``python3 server.py --port P --mode echo``) so the process runtime
 and containers can start it; stdlib only.
 """
@@ -17,6 +19,8 @@ import argparse
 import asyncio
 import hashlib
 import random
+
+HEAP: list[bytes] = []
 
 
 def payload(seed: int, size: int, chunk: int = 1 << 20):
@@ -46,7 +50,13 @@ async def handle(reader, writer, args) -> None:
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
                 target = parts[1] if len(parts) > 1 else b""
-                body = {b"/echo-head": head, b"/echo": received}.get(target, args.body.encode())
+                if target == b"/checksum":
+                    digest = hashlib.sha256()
+                    for block in HEAP:
+                        digest.update(block)
+                    body = digest.hexdigest().encode()
+                else:
+                    body = {b"/echo-head": head, b"/echo": received}.get(target, args.body.encode())
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -88,7 +98,9 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--hold", type=int, default=0)
     args = parser.parse_args()
+    HEAP.extend(payload(args.seed, args.hold << 20))
     server = await asyncio.start_server(
         lambda r, w: handle(r, w, args), args.host, args.port, backlog=4096, reuse_address=True
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-from ..lifecycle import State
+from ..core.states import State
+from ..memory import Cgroup
 
 ChangeCallback = Callable[[State, str], None]
 
@@ -44,6 +45,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
+    def initial_state(self) -> tuple[State, str]:
+        """The state to start from, and why: the proxy reads it before it listens."""
+        # Commands belong to the proxy: none runs before it starts them.
+        return State.STOPPED, "not started yet"
+
     def known_backend_host(self) -> str | None:
         """The backend's address if already known without asking (start-up), else None."""
         return None
@@ -51,6 +57,14 @@ class Runtime(abc.ABC):
     async def backend_host(self) -> str | None:
         """The backend's address when the config leaves it to the runtime (seed form)."""
         return None
+
+    async def memory_cgroup(self) -> Cgroup | None:
+        """The backend's own memory cgroup, where one can be found (hibernation)."""
+        return None
+
+    async def pids(self) -> list[int]:
+        """The backend's processes (the page-out fallback, and RSS when no cgroup)."""
+        return []
 
     async def close(self) -> None:
         """Release what the runtime holds; the process runtime ends its command here."""

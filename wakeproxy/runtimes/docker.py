@@ -12,19 +12,21 @@ container's state is re-read in one listing, since events may have been missed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol, cast
 
 import aiodocker
 import aiohttp
 import orjson
 
 from ..config import LABEL_PREFIX
+from ..core.states import State
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed
-from ..lifecycle import State
+from ..memory import Cgroup, cgroup_of
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.docker")
@@ -51,6 +53,9 @@ _EVENTS: dict[str, State] = {
     "destroy": State.FAILED,
 }
 _LABEL_ENABLE = LABEL_PREFIX + "enable"
+_LISTED_FIELDS = ("Id", "Names", "State", "Labels", "HostConfig", "NetworkSettings")
+# The engine event each of our own operations causes: its echo, not someone else's change.
+_ECHO = {"pause": "pause", "unpause": "unpause", "start": "start", "stop": "die"}
 _ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
 _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 10.0
@@ -76,12 +81,22 @@ def map_docker_errors(what: str) -> Iterator[None]:
         yield
     except aiodocker.DockerError as exc:
         if exc.status == 404:
-            raise BackendMissing(f"{what}: {exc.message}") from None
+            raise BackendMissing(f"{what}: {exc.message}") from exc
         if exc.status == _ENGINE_DOWN_STATUS:
-            raise EngineUnavailable(f"{what}: the Docker engine does not answer") from None
-        raise OperationFailed(f"{what}: {exc.message}") from None
+            raise EngineUnavailable(f"{what}: the Docker engine does not answer") from exc
+        raise OperationFailed(f"{what}: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise EngineUnavailable(f"{what}: the Docker engine does not answer ({exc})") from None
+        raise EngineUnavailable(f"{what}: the Docker engine does not answer ({exc})") from exc
+
+
+class _Subscriber(Protocol):
+    async def get(self) -> dict[str, Any] | None: ...
+
+
+class _EventStream(Protocol):
+    def subscribe(self, **params: Any) -> _Subscriber: ...
+
+    async def stop(self) -> None: ...
 
 
 class DockerEngine:
@@ -97,6 +112,8 @@ class DockerEngine:
         self._snapshot_at = 0.0
         self._events_task: asyncio.Task[None] | None = None
         self.up = False
+        # Why the last listing failed (None once one succeeded).
+        self.error: str | None = None
         # Called when a container labelled wakeproxy.enable is created, removed or
         # renamed, and after a reconnect (events may have been missed): discovery's cue.
         self.on_labelled_change: Callable[[], None] | None = None
@@ -121,9 +138,16 @@ class DockerEngine:
         Returns the listing itself: it also carries each container's labels.
         """
         listed_at = time.time() - 1.0  # the engine's clock granularity, with margin
-        with map_docker_errors("listing containers"):
-            # The raw listing: it carries state and network addresses for every container.
-            containers = await self.client._query_json("containers/json", params={"all": "1"})
+        try:
+            with map_docker_errors("listing containers"):
+                listed = await self.client.containers.list(all=True)
+            # The fields a listing entry carries that the proxy reads (state, names,
+            # labels, network addresses), through the container's public mapping.
+            containers = [{k: c[k] for k in _LISTED_FIELDS if k in c} for c in listed]
+        except EngineUnavailable as exc:
+            self.error = str(exc)
+            raise
+        self.error = None
         snapshot: dict[str, tuple[State, str | None]] = {}
         for container in containers:
             entry = (_STATUS.get(str(container["State"]), State.STOPPED), address_of(container))
@@ -179,21 +203,21 @@ class DockerEngine:
             delay = _RECONNECT_FIRST
 
     async def _read_events(self) -> None:
-        params = {
-            "filters": orjson.dumps({"type": ["container"]}).decode(),
-            "since": f"{self._snapshot_at:.6f}",
-        }
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=5)
-        with map_docker_errors("reading engine events"):
-            async with self.client._query("events", params=params, timeout=timeout) as response:
-                # aiodocker's _query does not release the response on exit: we must.
-                try:
-                    self.up = True
-                    async for line in response.content:
-                        if line.strip():
-                            self._dispatch(orjson.loads(line))
-                finally:
-                    response.close()
+        # aiodocker's events API is untyped: this names the part we use.
+        events = cast(_EventStream, self.client.events)
+        subscriber = events.subscribe(
+            since=f"{self._snapshot_at:.6f}",
+            filters=orjson.dumps({"type": ["container"]}).decode(),
+        )
+        try:
+            # None: the stream ended (the engine went away, or closed it).
+            while (event := await subscriber.get()) is not None:
+                self._dispatch(event)
+        finally:
+            # The stream's own task ends with the engine's error, if any: the reconnect
+            # (a fresh listing first) says what the engine's state is.
+            with contextlib.suppress(Exception):
+                await events.stop()
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")
@@ -215,9 +239,8 @@ class DockerEngine:
             runtime = next((r for ref, r in self._runtimes.items() if cid.startswith(ref)), None)
         if runtime is None:
             return
-        when = int(event.get("timeNano") or 0)
         reason = "container removed" if action == "destroy" else f"docker {action} seen"
-        runtime.engine_event(state, reason, when)
+        runtime.engine_event(action, state, reason)
 
     def _reconcile(self, reason: str) -> None:
         for ref, runtime in self._runtimes.items():
@@ -245,24 +268,44 @@ class DockerRuntime(Runtime):
         self.engine = engine
         self.ref = ref
         self.stop_timeout = stop_timeout
-        # Engine events older than our own last operation are echoes of it.
-        self._own_until_ns = 0
+        # Engine events our own operations will cause, not yet seen: echoes to ignore.
+        # Counted, not timed: the engine's clock may not be ours (a remote engine).
+        self._echoes: collections.Counter[str] = collections.Counter()
         engine.register(self)
 
     def _container(self) -> aiodocker.docker.DockerContainer:
         return self.engine.client.containers.container(self.ref)
 
-    def _done(self) -> None:
-        self._own_until_ns = time.time_ns()
+    @contextlib.asynccontextmanager
+    async def _own(self, operation: str, what: str) -> AsyncIterator[None]:
+        """Run one of our operations; its engine event is then an echo, not news."""
+        echo = _ECHO[operation]
+        self._echoes[echo] += 1
+        try:
+            with map_docker_errors(f"{what} container {self.ref}"):
+                yield
+        except BaseException:
+            self._forget_echo(echo)  # it failed: the engine reports nothing
+            raise
 
-    def engine_event(self, state: State, reason: str, when_ns: int) -> None:
-        if when_ns and when_ns <= self._own_until_ns:
+    def _forget_echo(self, echo: str) -> None:
+        if self._echoes[echo] > 0:
+            self._echoes[echo] -= 1
+
+    def engine_event(self, action: str, state: State, reason: str) -> None:
+        if self._echoes[action] > 0:
+            self._echoes[action] -= 1
             return
         self.on_change(state, reason)
 
-    def initial_state(self) -> State | None:
-        """The state from the engine's bulk listing, or None when it lists no such container."""
-        return self.engine.snapshot_state(self.ref)
+    def initial_state(self) -> tuple[State, str]:
+        """From the engine's bulk listing (never one inspect per container)."""
+        if self.engine.error is not None:
+            return State.FAILED, self.engine.error
+        state = self.engine.snapshot_state(self.ref)
+        if state is None:
+            return State.FAILED, f"container {self.ref} not found"
+        return state, "found at start-up"
 
     async def inspect(self) -> State:
         with map_docker_errors(f"inspecting container {self.ref}"):
@@ -270,29 +313,44 @@ class DockerRuntime(Runtime):
         return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
 
     async def pause(self) -> None:
-        with map_docker_errors(f"pausing container {self.ref}"):
+        async with self._own("pause", "pausing"):
             await self._container().pause()
-        self._done()
 
     async def unpause(self) -> None:
         try:
-            with map_docker_errors(f"unpausing container {self.ref}"):
+            async with self._own("unpause", "unpausing"):
                 await self._container().unpause()
         except OperationFailed:
             # 409 "not paused": someone else woke it; that is what we wanted.
             if await self.inspect() is not State.RUNNING:
                 raise
-        self._done()
 
     async def start(self) -> None:
-        with map_docker_errors(f"starting container {self.ref}"):
+        async with self._own("start", "starting"):
             await self._container().start()
-        self._done()
 
     async def stop(self) -> None:
-        with map_docker_errors(f"stopping container {self.ref}"):
+        async with self._own("stop", "stopping"):
             await self._container().stop(t=int(self.stop_timeout))
-        self._done()
+
+    async def _main_pid(self) -> int:
+        with map_docker_errors(f"inspecting container {self.ref}"):
+            info = await self._container().show()
+        return int(info["State"].get("Pid") or 0)
+
+    async def memory_cgroup(self) -> Cgroup | None:
+        # Found through its main process, as the kernel places it (cgroupfs or systemd
+        # driver alike); needs the host's pid namespace and cgroup mount when the proxy
+        # itself runs in a container.
+        pid = await self._main_pid()
+        return cgroup_of(pid) if pid else None
+
+    async def pids(self) -> list[int]:
+        cgroup = await self.memory_cgroup()
+        if cgroup is not None and (found := cgroup.pids()):
+            return found
+        pid = await self._main_pid()
+        return [pid] if pid else []
 
     async def backend_host(self) -> str:
         """The container's address on its network (seed form: proxy and backend apart)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from ..core.states import State
 from ..errors import OperationFailed
-from ..lifecycle import State
 from .base import Runtime
 
 
@@ -29,6 +29,9 @@ class FakeRuntime(Runtime):
         if name in self.fail:
             raise OperationFailed(f"fake {name} failed")
         self.state = result
+
+    def initial_state(self) -> tuple[State, str]:
+        return self.state, "test"
 
     async def inspect(self) -> State:
         self.calls["inspect"] += 1

@@ -17,11 +17,12 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ..core.states import State
 from ..errors import BackendMissing, OperationFailed
-from ..lifecycle import State
+from ..memory import Cgroup, child_cgroup, group_pids, remove_cgroup
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.process")
@@ -34,6 +35,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child_setup(procs: str | None) -> Callable[[], None]:
+    """What the child does between fork and exec: die with the proxy, and enter its
+    memory cgroup first (v1 charges stay where they were made: it must be in before it
+    allocates anything)."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if procs is not None:
+            # The parent checks afterwards; raising here would only hide why.
+            with contextlib.suppress(OSError), open(procs, "w") as file:
+                file.write(str(os.getpid()))
+
+    return setup
 
 
 _STOP_POLLS = 500  # of 1 ms each
@@ -99,6 +115,13 @@ def reap_orphans(command: tuple[str, ...], cwd: str | None) -> int:
     return ended
 
 
+def _remove_when_empty(cgroup: Cgroup, tries: int) -> None:
+    """rmdir the command's cgroup; stragglers just sent SIGKILL may take a moment to go."""
+    remove_cgroup(cgroup)
+    if cgroup.exists() and tries > 1:
+        asyncio.get_running_loop().call_later(0.1, _remove_when_empty, cgroup, tries - 1)
+
+
 def _kernel_state(pid: int) -> str | None:
     """The kernel's one-letter state of a process; procfs reads never block on disk."""
     try:
@@ -117,8 +140,14 @@ class ProcessRuntime(Runtime):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stop_timeout: float = 10.0,
+        own_cgroup: bool = False,
     ) -> None:
         super().__init__()
+        # A memory cgroup of its own per start (hibernation reclaims it, usage is read
+        # from it); where none can be made, the reason is kept and said once.
+        self.own_cgroup = own_cgroup
+        self.cgroup: Cgroup | None = None
+        self.cgroup_problem = ""
         self.command = command
         self.cwd = cwd
         self.env = dict(env or {})
@@ -147,6 +176,7 @@ class ProcessRuntime(Runtime):
             return
         token = secrets.token_hex(8)
         env = {**os.environ, **self.env, _TOKEN_ENV: token}
+        cgroup = self._new_cgroup(token)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -155,10 +185,17 @@ class ProcessRuntime(Runtime):
                 stdin=subprocess.DEVNULL,
                 # Its own process group: SIGSTOP/SIGCONT/SIGTERM reach its children too.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(str(cgroup.path / "cgroup.procs") if cgroup else None),
             )
         except OSError as exc:
+            if cgroup is not None:
+                remove_cgroup(cgroup)
             raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None
+        if cgroup is not None and proc.pid not in cgroup.pids():
+            self.cgroup_problem = f"the command could not enter {cgroup.path}"
+            remove_cgroup(cgroup)
+            cgroup = None
+        self.cgroup = cgroup
         self._proc = proc
         self._paused = False
         self._record(proc.pid, token)
@@ -166,6 +203,28 @@ class ProcessRuntime(Runtime):
         task = asyncio.create_task(self._watch_exit(proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    def _new_cgroup(self, token: str) -> Cgroup | None:
+        if not self.own_cgroup:
+            return None
+        cgroup, problem = child_cgroup(f"wakeproxy-{token}")
+        if cgroup is None:
+            self.cgroup_problem = problem
+        return cgroup
+
+    def _drop_cgroup(self) -> None:
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is not None:
+            _remove_when_empty(cgroup, tries=20)
+
+    async def memory_cgroup(self) -> Cgroup | None:
+        return self.cgroup if self._alive() else None
+
+    async def pids(self) -> list[int]:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return []
+        return group_pids(proc.pid) or [proc.pid]
 
     def _record(self, pid: int, token: str) -> None:
         """Note the group and its token, for reap_orphans after a SIGKILL."""
@@ -186,6 +245,7 @@ class ProcessRuntime(Runtime):
             # Ended without being asked to: the state follows, the next connection starts it.
             self._kill_stragglers(proc.pid)
             self._forget()
+            self._drop_cgroup()
             self._proc = None
             self._paused = False
             self.on_change(State.STOPPED, f"command exited with status {code}")
@@ -244,6 +304,7 @@ class ProcessRuntime(Runtime):
                 await proc.wait()
             self._kill_stragglers(proc.pid)
             self._forget()
+            self._drop_cgroup()
         finally:
             self._proc = None
             self._paused = False

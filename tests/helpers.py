@@ -1,0 +1,307 @@
+"""What the tests share: one config builder, one proxy runner, one docker helper, and the
+small socket tools. Fixtures live in conftest.py; tests import helpers from here only.
+
+All traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wakeproxy.app import Proxy
+from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_yaml
+from wakeproxy.coordinator import Coordinator
+from wakeproxy.core.actions import Action, ArmTimer
+from wakeproxy.core.events import Event, Timer, TimerFired
+from wakeproxy.core.orchestrator import Command, Node, Orchestrator
+from wakeproxy.core.policy import Policy
+from wakeproxy.core.states import SleepAction, State
+from wakeproxy.runtimes.fake import FakeRuntime
+from wakeproxy.service import Service
+
+BACKEND = str(Path(__file__).parent / "backends" / "server.py")
+PYTHON = sys.executable
+WAKEPROXY = [sys.executable, "-m", "wakeproxy"]
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now, never one handed out before in this process: binding port 0
+    twice in a row can return the same port, and one config often needs several."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+# ---- config: one builder
+
+
+def backend_command(port: int, mode: str = "http", *extra: str) -> list[str]:
+    """The test backend (tests/backends/server.py) as a command."""
+    return [PYTHON, BACKEND, "--port", str(port), "--mode", mode, *extra]
+
+
+def service(name: str, listen: int, backend: int | None = None, **settings: Any) -> dict[str, Any]:
+    """One service entry on 127.0.0.1; ``settings`` are its other keys as Python values."""
+    entry: dict[str, Any] = {"listen": f"127.0.0.1:{listen}"}
+    if backend is not None:
+        entry["backend"] = f"127.0.0.1:{backend}"
+    return {name: {**entry, **settings}}
+
+
+def config_text(*services: dict[str, Any], admin: int | None = None, **top: Any) -> str:
+    """A whole config file: the admin API on a free loopback port, top-level sections
+    from ``top`` (``policies=...``, ``discovery=...``), then the services."""
+    merged: dict[str, Any] = {}
+    for entry in services:
+        merged.update(entry)
+    data: dict[str, Any] = {"admin": {"listen": f"127.0.0.1:{admin or free_port()}"}, **top}
+    if services or "discovery" not in top:
+        data["services"] = merged
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def service_yaml(listen: int, backend: int, *, name: str = "web", **settings: Any) -> str:
+    """A whole config with one service; each setting is a Python value or YAML text
+    (``sleep_policy="{idle_timeout: 0.3}"``)."""
+    values = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in settings.items()}
+    return config_text(service(name, listen, backend, **values))
+
+
+def build(*services: dict[str, Any], admin: int | None = None, **top: Any) -> Config:
+    return parse_yaml(config_text(*services, admin=admin, **top), "test.yaml")
+
+
+def config_from(text: str) -> Config:
+    """A config from YAML text written out in a test (for line numbers and exact forms)."""
+    return parse_yaml(textwrap.dedent(text), "test.yaml")
+
+
+def write_config(path: Path, *services: dict[str, Any], **kw: Any) -> Path:
+    path.write_text(config_text(*services, **kw))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Proxy]:
+    """The proxy in this test's event loop, closed afterwards. Every test that runs one
+    also checks that the decision core met no event it has no transition for."""
+    if config.admin == AdminConfig():
+        # Not the default port 9000: a developer's own proxy may be using it.
+        admin = dataclasses.replace(config.admin, listen=Address("127.0.0.1", free_port()))
+        config = dataclasses.replace(config, admin=admin)
+    proxy = Proxy(config)
+    await proxy.start()
+    unexpected: dict[str, object] = {}
+    try:
+        yield proxy
+        unexpected = {n: dict(s.stats.unexpected) for n, s in proxy.services.items()}
+    finally:
+        await proxy.close()
+    assert not any(unexpected.values()), f"events with no transition: {unexpected}"
+
+
+def lone_service(cfg: ServiceConfig, runtime: FakeRuntime) -> Service:
+    """One service with its own (strict) core, no Proxy around it; call ``start()``."""
+    return Service(cfg, runtime, Coordinator(strict=True), initial=runtime.state, reason="test")
+
+
+# ---- sockets and processes
+
+
+async def http_get(port: int, path: str = "/", *, within: float = 10.0) -> bytes:
+    """One HTTP/1.0 request through a fresh connection; returns the whole response."""
+    return await exchange(
+        port,
+        f"GET {path} HTTP/1.0\r\nHost: test\r\nConnection: close\r\n\r\n".encode(),
+        within=within,
+    )
+
+
+async def exchange(
+    port: int, data: bytes, *, within: float = 10.0, half_close: bool = False
+) -> bytes:
+    """Send ``data`` (then EOF if ``half_close``) and read until the other side closes;
+    b"" when the proxy closed (or reset) without forwarding."""
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(data)
+            if half_close:
+                writer.write_eof()
+            return await reader.read(-1)
+        except ConnectionResetError:
+            # Closing a socket with unread client bytes sends a reset: same meaning.
+            return b""
+        finally:
+            writer.close()
+
+
+async def echo_server(port: int) -> asyncio.Server:
+    """A TCP echo backend on 127.0.0.1:port."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+
+
+def port_answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, within: float, interval: float = 0.02
+) -> None:
+    """Poll a condition the code under test offers no event for (tests only)."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - the proxy exposes no event to await here
+            await asyncio.sleep(interval)
+
+
+def proc_state(pid: int) -> str:
+    """The kernel's one-letter state of a process: R/S running or sleeping, T stopped."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def start_proxy(config: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 15
+    while not port_answers(port):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the proxy never listened"
+        time.sleep(0.05)
+    return proc
+
+
+def pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# ---- Docker: the real engine, through its CLI
+
+
+def docker(*args: str, within: float = 60) -> str:
+    result = subprocess.run(
+        ["docker", *args],
+        capture_output=True,
+        text=True,
+        timeout=within,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def container_status(name: str) -> str:
+    return docker("inspect", "-f", "{{.State.Status}}", name)
+
+
+def engine_events(name: str, action: str, since: float, until: float) -> int:
+    """How many times the engine itself reports ``action`` for the container."""
+    out = docker(
+        "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
+        "--filter", f"container={name}", "--filter", f"event={action}", "--format", "{{.Action}}",
+    )  # fmt: skip
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+# ---- the pure core with a fake clock: timers fire when the test moves the clock
+
+
+@dataclass
+class FakeGlue:
+    """The orchestrator (strict) with a clock the test moves by hand."""
+
+    now: float = 0.0
+    core: Orchestrator = field(default_factory=lambda: Orchestrator(strict=True))
+    timers: dict[tuple[str, Timer], float] = field(default_factory=dict)
+    log: list[Command] = field(default_factory=list)
+    # Called with every batch of commands the core returns (model-based tests check them).
+    observer: Callable[[list[Command]], None] | None = None
+
+    def add(self, name: str, state: State = State.RUNNING, **policy: object) -> Node:
+        settings: dict[str, object] = {"idle_delay": 10.0, **policy}
+        if isinstance(settings.get("action"), str):
+            settings["action"] = SleepAction(settings["action"])
+        self._record(self.core.add(name, Policy(**settings), state, "test", self.now))  # type: ignore[arg-type]
+        return self.core.nodes[name]
+
+    def link(self, links: dict[str, tuple[Iterable[str], str | None]]) -> None:
+        full = {name: (tuple(deps), group) for name, (deps, group) in links.items()}
+        self._record(self.core.relink(full, self.now))
+
+    def feed(self, name: str, event: Event) -> list[Action]:
+        """Feed one event; returns the actions addressed to ``name``."""
+        commands = self.core.handle(name, event, self.now)
+        self._record(commands)
+        return [action for target, action in commands if target == name]
+
+    def _record(self, commands: list[Command]) -> None:
+        self.log.extend(commands)
+        if self.observer is not None:
+            self.observer(commands)
+        for name, action in commands:
+            if isinstance(action, ArmTimer):
+                self.timers[(name, action.timer)] = action.at
+
+    def advance(self, to: float) -> None:
+        """Move the clock to ``to``, firing every timer due on the way, in time order."""
+        while True:
+            due = [(at, key) for key, at in self.timers.items() if at <= to]
+            if not due:
+                break
+            at, key = min(due, key=lambda item: (item[0], item[1][0], item[1][1].value))
+            del self.timers[key]
+            self.now = max(self.now, at)
+            self.feed(key[0], TimerFired(key[1]))
+        self.now = to
+
+    def actions(self, name: str, kind: type[Action]) -> list[Action]:
+        return [a for target, a in self.log if target == name and isinstance(a, kind)]
+
+    def clear(self) -> None:
+        self.log.clear()

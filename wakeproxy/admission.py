@@ -1,0 +1,155 @@
+"""The connections waiting for a backend: held during a wake, then released upstream at
+the pace the backend accepts them, and refused with a counted outcome when it will not
+serve them.
+
+Release pacing: at most ``connect_concurrency`` upstream connects in flight, and a
+released connection keeps its slot until the backend sends its first byte (or
+``forward.SETTLE_AFTER`` after its connect completed). A just-woken backend with a
+shallow listen backlog is fed at the pace it accepts instead of being flooded into
+one-second SYN retries. Connections that arrive while the queue drains join its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .config import Address
+from .core.states import Outcome
+from .errors import OperationFailed, RuntimeFailure
+from .forward import ClientSide
+from .stats import ServiceStats
+
+log = logging.getLogger("wakeproxy.service")
+
+# Repeated connect errors are logged at most this often per service.
+_BACKEND_ERROR_LOG_EVERY = 5.0
+
+
+class Admission:
+    """One service's held connections, release queue and upstream connects."""
+
+    def __init__(
+        self,
+        name: str,
+        stats: ServiceStats,
+        *,
+        backend: Callable[[], Address | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+        on_connect_error: Callable[[], None],
+        connect_timeout: float,
+        concurrency: int,
+    ) -> None:
+        self.name = name
+        self.stats = stats
+        self._backend = backend
+        self._spawn = spawn
+        self._on_connect_error = on_connect_error
+        self.connect_timeout = connect_timeout
+        self.concurrency = concurrency
+        self._held: dict[ClientSide, None] = {}
+        self._queue: collections.deque[ClientSide] = collections.deque()
+        self._connecting = 0
+        self._last_error_log = 0.0
+        self._errors_unlogged = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def hold(self, conn: ClientSide) -> None:
+        self._held[conn] = None
+
+    def forget(self, conn: ClientSide) -> bool:
+        """A connection went away; whether it was held."""
+        if conn not in self._held:
+            return False
+        del self._held[conn]
+        return True
+
+    def refuse(self, conn: ClientSide, outcome: Outcome) -> None:
+        """Close one connection the backend will not serve, counting why."""
+        self.stats.record(outcome, conn.refuse(outcome))
+
+    def refuse_held(self, outcome: Outcome) -> int:
+        """Close every held connection (the wake failed); returns how many."""
+        held = list(self._held)
+        self._held.clear()
+        for conn in held:
+            self.refuse(conn, outcome)
+        return len(held)
+
+    def forward(self, conn: ClientSide) -> None:
+        """The backend runs: forward this connection (behind a release still draining)."""
+        if conn.upstream is not None:
+            conn.resume()  # mode http: the backend woke under this open connection
+        elif self._queue:
+            self._queue.append(conn)
+        else:
+            self._spawn(self._open_upstream(conn))
+
+    def release(self) -> None:
+        """The backend is ready: forward every held connection, paced."""
+        held = list(self._held)
+        self._held.clear()
+        for conn in held:
+            if conn.upstream is not None:
+                conn.resume()
+            else:
+                self._queue.append(conn)
+        self._pump()
+
+    def _pump(self) -> None:
+        queue = self._queue
+        while queue and self._connecting < self.concurrency:
+            conn = queue.popleft()
+            if conn.closed:
+                continue
+            self._connecting += 1
+            conn.arm_settle(self._settled)
+            self._spawn(self._open_upstream(conn))
+
+    def _settled(self) -> None:
+        self._connecting -= 1
+        self._pump()
+
+    async def _open_upstream(self, conn: ClientSide) -> None:
+        backend = self._backend()
+        try:
+            if backend is None:
+                raise OperationFailed("the backend address is not known yet")
+            async with asyncio.timeout(self.connect_timeout):
+                await asyncio.get_running_loop().create_connection(
+                    conn.upstream_protocol, backend.host, backend.port
+                )
+        except (OSError, TimeoutError, RuntimeFailure) as exc:
+            conn.settle()
+            if conn.closed:
+                return
+            self.refuse(conn, Outcome.BACKEND_ERROR)
+            self._log_connect_error(backend, exc)
+            self._on_connect_error()
+            return
+        self.stats.record(Outcome.FORWARDED)
+
+    def _log_connect_error(self, backend: Address | None, exc: BaseException) -> None:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_error_log < _BACKEND_ERROR_LOG_EVERY:
+            self._errors_unlogged += 1
+            return
+        more = f" (+{self._errors_unlogged} more)" if self._errors_unlogged else ""
+        log.warning(
+            "%s: cannot connect to backend %s: %s%s",
+            self.name,
+            backend,
+            reason,
+            more,
+            extra={"service": self.name, "outcome": Outcome.BACKEND_ERROR.value},
+        )
+        self._last_error_log = now
+        self._errors_unlogged = 0

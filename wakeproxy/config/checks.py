@@ -1,0 +1,325 @@
+"""The validators: each takes a raw value and returns the typed one or raises ``Bad``
+with what was expected; ``Problems`` collects the faults with where they are.
+
+They work on plain Python values plus an optional map of key path -> line, so the same
+code and the same texts check a YAML file (file:line: key.path), a JSON body of the
+admin API (key.path) and container labels (container and label).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from .model import Address, KeyPath, ListenRange
+
+_E = TypeVar("_E", bound=enum.Enum)
+Check = Callable[[Any], Any]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
+
+
+class Bad(ValueError):
+    """A value that fails its check; the message says what was expected."""
+
+
+class Problems:
+    """Collects faults with their location; raised together as one ConfigError."""
+
+    def __init__(
+        self,
+        source: str | None,
+        lines: Mapping[KeyPath, int],
+        where: Callable[[KeyPath], str | None] | None = None,
+    ) -> None:
+        self.source = source
+        self.lines = lines
+        # Names a location other than a key path (a container label), when it can.
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, path: KeyPath, message: str) -> None:
+        named = self.where(path) if self.where is not None else None
+        if named is not None:
+            self.items.append(f"{named}: {message}")
+            return
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        line = self._line_of(path)
+        if self.source is not None and line is not None:
+            self.items.append(f"{self.source}:{line}: {dotted}: {message}")
+        elif self.source is not None:
+            self.items.append(f"{self.source}: {dotted}: {message}")
+        else:
+            self.items.append(f"{dotted}: {message}")
+
+    def _line_of(self, path: KeyPath) -> int | None:
+        # An error inside a value that has no line of its own (a flow list, a merged
+        # key) points at the nearest enclosing key that has one.
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+
+# ---- scalar checks: each takes the raw value and returns the typed one or raises Bad
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise Bad(f"expected true or false, got {describe(value)}")
+
+
+def number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Bad(f"expected a number, got {describe(value)}")
+    return float(value)
+
+
+def seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Bad(f"expected a duration in seconds (a number), got {describe(value)}")
+    if value < 0 or value != value or value == float("inf"):
+        raise Bad(f"expected a duration of 0 seconds or more, got {describe(value)}")
+    return float(value)
+
+
+def positive_seconds(value: Any) -> float:
+    duration = seconds(value)
+    if duration <= 0:
+        raise Bad(f"expected a duration above 0 seconds, got {describe(value)}")
+    return duration
+
+
+def int_between(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Bad(f"expected a whole number, got {describe(value)}")
+        if not low <= value <= high:
+            raise Bad(f"expected a whole number from {low} to {high}, got {value}")
+        return value
+
+    return check
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            listed = ", ".join(options)
+            raise Bad(f"expected one of {listed}, got {describe(value)}")
+        return str(value)
+
+    return check
+
+
+def enum_choice(kind: type[_E]) -> Callable[[Any], _E]:
+    """A member of ``kind``, given by its value."""
+    options = [member.value for member in kind]
+
+    def check(value: Any) -> _E:
+        if value not in options:
+            raise Bad(f"expected one of {', '.join(options)}, got {describe(value)}")
+        return kind(value)
+
+    return check
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Bad(f"expected a non-empty string, got {describe(value)}")
+    return value
+
+
+def size(value: Any) -> int:
+    """Bytes from ``256MB`` (10^6), ``256MiB`` (2^20), ``1.5G`` or a plain number."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise Bad(f"expected a size such as 256MB or 256MiB, got {describe(value)}")
+
+
+def port(value: Any) -> int:
+    return int_between(1, 65535)(value)
+
+
+def address(value: Any) -> Address:
+    """``host:port``, ``[v6]:port``; the host must be an IP address or ``localhost``."""
+    if not isinstance(value, str):
+        raise Bad(f"expected host:port such as 127.0.0.1:8080, got {describe(value)}")
+    text = value.strip()
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise Bad(f"expected host:port such as 127.0.0.1:8080, got {describe(value)}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+                raise Bad(f"{host!r} is not an IP address or host name") from None
+    if not 1 <= port <= 65535:
+        raise Bad(f"port must be from 1 to 65535, got {port}")
+    return Address(host, port)
+
+
+def command(value: Any) -> tuple[str, ...]:
+    """A list of arguments, or one string split like a shell would (no shell runs it)."""
+    if isinstance(value, str):
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise Bad(f"cannot split the command: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(p, str) for p in value):
+        parts = list(value)
+    else:
+        raise Bad(f"expected a list of strings or a command line, got {describe(value)}")
+    if not parts or not parts[0]:
+        raise Bad("the command is empty")
+    return tuple(parts)
+
+
+def names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise Bad(f"expected a list of service names, got {describe(value)}")
+    return tuple(dict.fromkeys(value))
+
+
+def listen_range(value: Any) -> ListenRange:
+    """``CIDR:PORT`` or ``CIDR:LOW-HIGH``; ``[v6-CIDR]:PORTS`` for IPv6; ``*`` for any port."""
+    example = "such as 127.0.0.0/8:8000-8999 or [::1/128]:8080"
+    if not isinstance(value, str):
+        raise Bad(f"expected an address range and ports {example}, got {describe(value)}")
+    match = re.fullmatch(r"\[([^\]]+)\]:(\S+)|([^:\[\]]+):(\S+)", value.strip())
+    if not match:
+        raise Bad(f"expected an address range and ports {example}, got {describe(value)}")
+    host, ports = match.group(1) or match.group(3), match.group(2) or match.group(4)
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        raise Bad(f"{host!r} is not an address or address range (CIDR)") from None
+    low_text, _, high_text = ("1-65535" if ports == "*" else ports).partition("-")
+    try:
+        low, high = port(int(low_text)), port(int(high_text or low_text))
+    except (ValueError, Bad):
+        raise Bad(f"expected ports N or N-M from 1 to 65535, got {ports!r}") from None
+    if low > high:
+        raise Bad(f"the port range {ports!r} runs backwards")
+    return ListenRange(network, low, high)
+
+
+def listen_ranges(value: Any) -> tuple[ListenRange, ...]:
+    if not isinstance(value, list):
+        raise Bad(f"expected a list of address ranges with ports, got {describe(value)}")
+    return tuple(listen_range(item) for item in value)
+
+
+def env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise Bad(f"expected a mapping of names to strings, got {describe(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, dict | list) or item is None:
+            raise Bad(f"expected NAME: value pairs, got {describe(key)}: {describe(item)}")
+        # YAML turns `DEBUG: true` into a bool; the process sees the text it would in a shell.
+        out[key] = str(item).lower() if isinstance(item, bool) else str(item)
+    return out
+
+
+# ---- sections: a mapping checked key by key against a table of validators
+
+
+def nested(value: Any) -> Any:
+    """A sub-section: passed through here and checked by its own parser."""
+    return value
+
+
+def section(
+    data: Any, path: KeyPath, fields: Mapping[str, Check], problems: Problems
+) -> dict[str, Any] | None:
+    """Check each key of ``data`` with its validator; None when ``data`` is no mapping."""
+    if not isinstance(data, dict):
+        problems.add(path, f"expected a mapping of settings, got {describe(data)}")
+        return None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        check = fields.get(key) if isinstance(key, str) else None
+        if check is None:
+            problems.add((*path, str(key)), unknown_key(key, fields))
+            continue
+        try:
+            out[key] = check(value)
+        except Bad as exc:
+            problems.add((*path, key), str(exc))
+    return out
+
+
+def unknown_key(key: Any, fields: Mapping[str, Check]) -> str:
+    close = difflib.get_close_matches(str(key), list(fields), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = ", ".join(sorted(fields))
+    return f"unknown key {key!r}{hint}; known keys: {known}"
+
+
+def is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def url_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c.isspace() for c in value):
+        raise Bad(f"expected a path starting with / (no spaces), got {describe(value)}")
+    return value
+
+
+def header_conditions(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+    ):
+        raise Bad(
+            "expected header names mapped to text they contain (or !text they lack), "
+            f"got {describe(value)}"
+        )
+    return {k.lower(): v.lower() for k, v in value.items()}

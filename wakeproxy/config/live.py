@@ -1,0 +1,88 @@
+"""Live changes (the admin API, reloads): the same validators and texts as the file, with
+key paths instead of lines; and which keys a running service can take in place."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import ConfigError, NeedsReload
+from .checks import Bad, Problems, describe, unknown_key
+from .model import KeyPath, ServiceConfig, SleepPolicy
+from .schema import SERVICE_FIELDS, parse_sleep_policy, replace, service_policy
+
+LIVE_KEYS = ("sleep_policy", "wake_timeout", "max_held_connections", "idle_connection_timeout")
+# What a reload may change on a running service without closing its listener or its
+# connections; a change to anything else (listen, backend, runtime...) replaces it.
+IN_PLACE_KEYS = (
+    *LIVE_KEYS,
+    "policy",
+    "policy_overrides",
+    "max_connections",
+    "connect_timeout",
+    "connect_concurrency",
+    "readiness",
+    "depends_on",
+    "group",
+    "http",
+    "auto_start",
+    "image",
+    "resources",
+)
+
+
+def changes_in_place(old: ServiceConfig, new: ServiceConfig) -> bool:
+    """Whether ``new`` differs from ``old`` only in keys a running service can take."""
+    kept = {key: getattr(old, key) for key in IN_PLACE_KEYS}
+    return dataclasses.replace(new, **kept) == old
+
+
+def update_service(
+    cfg: ServiceConfig, body: Any, policies: Mapping[str, SleepPolicy]
+) -> ServiceConfig:
+    """``cfg`` with a partial JSON body applied; ConfigError (400) or NeedsReload (409)."""
+    path: KeyPath = ("services", cfg.name)
+    problems = Problems(None, {})
+    if not isinstance(body, dict):
+        raise ConfigError([f"expected a JSON object of settings, got {describe(body)}"])
+    for key in body:
+        if key not in SERVICE_FIELDS:
+            problems.add((*path, str(key)), unknown_key(key, SERVICE_FIELDS))
+    if problems.items:
+        raise ConfigError(problems.items)
+    static = [key for key in body if key not in LIVE_KEYS]
+    if static:
+        raise NeedsReload(f"{', '.join(static)} needs a reload; live keys: {', '.join(LIVE_KEYS)}")
+    values: dict[str, Any] = {}
+    for key in ("wake_timeout", "max_held_connections", "idle_connection_timeout"):
+        if key in body:
+            try:
+                values[key] = SERVICE_FIELDS[key](body[key])
+            except Bad as exc:
+                problems.add((*path, key), str(exc))
+    if "sleep_policy" in body:
+        raw = body["sleep_policy"]
+        if isinstance(raw, dict) and "use" not in raw and cfg.policy is not None:
+            # Keys changed beside a named policy become overrides of it.
+            raw = {"use": cfg.policy, **cfg.policy_overrides, **raw}
+        sleep, name, overrides = service_policy(
+            raw, (*path, "sleep_policy"), problems, policies, base=cfg.sleep_policy
+        )
+        values.update(sleep_policy=sleep, policy=name, policy_overrides=overrides)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return dataclasses.replace(cfg, **values)
+
+
+def update_policy(policy: SleepPolicy, name: str, body: Any) -> SleepPolicy:
+    problems = Problems(None, {})
+    updated = parse_sleep_policy(body, ("policies", name), problems, base=policy)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return updated
+
+
+def with_policy(cfg: ServiceConfig, policy: SleepPolicy) -> ServiceConfig:
+    """``cfg`` following a changed named policy, its own overrides still winning."""
+    return dataclasses.replace(cfg, sleep_policy=replace(policy, cfg.policy_overrides))

@@ -1,0 +1,260 @@
+"""The configuration's model: frozen dataclasses, with every choice typed.
+
+Built by ``schema`` from YAML (``source``), container labels (``labels``) or a JSON
+body of the admin API (``live``); the rest of the proxy reads only these types.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..core.states import SleepAction
+
+KeyPath = tuple[str | int, ...]
+DEFAULT_CONFIG_PATH = "/etc/wakeproxy/config.yaml"
+
+# The choices, spelled once: the validators list their options from these.
+Mode = Literal["tcp", "http"]
+WakeOn = Literal["connect", "data"]
+Priority = Literal["low", "normal", "high"]
+# How a hibernating backend's memory is given back: its memory cgroup (the kernel frees
+# the pages), process_madvise(MADV_PAGEOUT) (pages go to swap but stay cached in RAM
+# until memory pressure), or the first that works, in that order.
+ReclaimMethod = Literal["auto", "cgroup", "pageout"]
+IdleConnections = Literal["keep-awake", "allow-sleep"]
+RuntimeKind = Literal["docker", "process"]
+Source = Literal["config", "labels"]
+ShutdownBackends = Literal["as-is", "wake"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SleepPolicy:
+    enabled: bool = True
+    idle_timeout: float = 300.0
+    min_sleep_time: float = 0.0
+    priority: Priority = "normal"
+    action: SleepAction = SleepAction.PAUSE
+    stop_after: float | None = None
+    # Paused this long -> memory given back (action hibernate: 0 unless set).
+    hibernate_after: float | None = None
+    reclaim: ReclaimMethod = "auto"
+    # After a wake from hibernation, fetch the swapped pages back in the background.
+    prefetch: bool = False
+    memory_reservation: int | None = None
+
+    @property
+    def hibernates_after(self) -> float | None:
+        """Seconds paused before the memory is given back, or None for never."""
+        if self.hibernate_after is None and self.action is SleepAction.HIBERNATE:
+            return 0.0
+        return self.hibernate_after
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the policy ever puts the backend to sleep (high priority never does)."""
+        return self.enabled and self.priority != "high"
+
+    @property
+    def idle_delay(self) -> float:
+        """Seconds from the last activity to the sleep deadline."""
+        return max(self.idle_timeout, self.min_sleep_time)
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """How to tell that a freshly started backend serves (an unpaused one is ready at once)."""
+
+    tcp: bool = True
+    http: str | None = None
+    interval: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A health check the proxy answers itself while the backend sleeps (mode http).
+
+    Matches on the method (None: any), the path (query ignored) and header conditions:
+    name -> text the header must contain, or ``!text`` it must not contain (an absent
+    header contains nothing). A ``stream`` answer stays open as an event stream until
+    the client goes away; otherwise the answer carries ``body`` and the connection closes.
+    """
+
+    path: str
+    method: str | None = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    status: int = 200
+    content_type: str = "text/plain"
+    body: str = ""
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The per-service ``http:`` block (mode http)."""
+
+    sse_path: str = "/sse"
+    header_timeout: float = 10.0
+    inflight_grace: float = 60.0
+    idle_connections: IdleConnections = "keep-awake"
+    forwarded_headers: bool = False
+    default_probe: bool = True
+    probes: tuple[Probe, ...] = ()
+    waiting_page: bool = False
+
+    @property
+    def matchers(self) -> tuple[Probe, ...]:
+        """The configured probes, then the default one (the gateway's SSE check) if on."""
+        if not self.default_probe:
+            return self.probes
+        gateway = Probe(
+            path=self.sse_path,
+            headers={"accept": "!text/event-stream"},
+            content_type="text/event-stream",
+            stream=True,
+        )
+        return (*self.probes, gateway)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu: float | None = None
+    memory: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    listen: Address
+    # None in the seed form: the host is read from Docker after every start.
+    backend: Address | None
+    backend_port: int
+    runtime: RuntimeKind
+    container: str | None = None
+    command: tuple[str, ...] | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mode: Mode = "tcp"
+    http: HttpSettings = HttpSettings()
+    wake_on: WakeOn = "connect"
+    backlog: int = 4096
+    connect_timeout: float = 5.0
+    idle_connection_timeout: float = 3600.0
+    connect_concurrency: int = 64
+    sleep_policy: SleepPolicy = SleepPolicy()
+    wake_timeout: float = 30.0
+    max_held_connections: int = 1024
+    # Open connections at most (0: no limit); past it a new one is refused at once.
+    max_connections: int = 0
+    readiness: Readiness = Readiness()
+    auto_start: bool = False
+    stop_timeout: float = 10.0
+    image: str | None = None
+    resources: Resources = Resources()
+    # The named policy this service uses (sleep_policy: {use: NAME}) and the keys it
+    # sets beside it, which win over the policy's.
+    policy: str | None = None
+    policy_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Services woken (and kept awake) before this one, and the group it wakes and sleeps with.
+    depends_on: tuple[str, ...] = ()
+    group: str | None = None
+    # "config" (the YAML file) or "labels" (a labelled container, discovered).
+    source: Source = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("127.0.0.1", 9000)
+    # A file holding the bearer token for POST/PUT (WAKEPROXY_ADMIN_TOKEN wins over it).
+    token_file: str | None = None
+    # Also require the token for GET (metrics scrapers then need it too).
+    protect_reads: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenRange:
+    """Addresses and ports a container label may ask the proxy to listen on."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    low: int
+    high: int
+
+    def allows(self, address: Address) -> bool:
+        host = "127.0.0.1" if address.host == "localhost" else address.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return ip in self.network and self.low <= address.port <= self.high
+
+    def __str__(self) -> str:
+        ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+        return f"{self.network}:{ports}"
+
+
+# Unprivileged ports on any address: discovery is off by default, and whoever turns
+# it on can narrow this with discovery.allowed_listen.
+DEFAULT_ALLOWED_LISTEN = (
+    ListenRange(ipaddress.ip_network("0.0.0.0/0"), 1024, 65535),
+    ListenRange(ipaddress.ip_network("::/0"), 1024, 65535),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    # Containers labelled wakeproxy.enable=true become services (off: whoever can create
+    # containers could otherwise open listeners on the proxy).
+    docker_labels: bool = False
+    allowed_listen: tuple[ListenRange, ...] = DEFAULT_ALLOWED_LISTEN
+    # Seconds between full re-reads of the labelled containers (the event stream is the
+    # fast path; this is the safety net).
+    interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    # Seconds open connections may take to finish after SIGTERM before they are closed.
+    grace: float = 10.0
+    # "as-is": backends stay as they are; "wake": sleeping containers are woken on the
+    # way out, so they serve without the proxy.
+    backends: ShutdownBackends = "as-is"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    services: Mapping[str, ServiceConfig]
+    policies: Mapping[str, SleepPolicy] = field(default_factory=dict)
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    source: str | None = None

@@ -1,0 +1,440 @@
+"""The schema: which keys each section takes, how each is checked, and the rules that
+span keys and services (one runtime, one listen address per service, dependencies that
+exist and form no cycle). ``build_config`` reports every fault of a file at once.
+
+Two shapes of service entry load:
+
+* the full form (``listen``/``backend`` plus ``container`` or ``command``), and
+* the seed's ``services.yml`` form (``image``, ``port``, ``resources``, ``auto_start``,
+  ``sleep_policy``): ``port`` is both the listen port and the backend's port, the
+  container is the one named after the service and its address is read from Docker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, TypeVar, get_args
+
+from ..core.states import SleepAction
+from ..errors import ConfigError
+from . import checks as check
+from .checks import Check, Problems, describe, nested, section
+from .model import (
+    Address,
+    AdminConfig,
+    Config,
+    DiscoveryConfig,
+    HttpSettings,
+    IdleConnections,
+    KeyPath,
+    LogConfig,
+    LogFormat,
+    LogLevel,
+    Mode,
+    Priority,
+    Probe,
+    Readiness,
+    ReclaimMethod,
+    Resources,
+    RuntimeKind,
+    ServiceConfig,
+    ShutdownBackends,
+    ShutdownConfig,
+    SleepPolicy,
+    WakeOn,
+)
+
+_T = TypeVar("_T")
+DEFAULT_POLICY = SleepPolicy()
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+SLEEP_FIELDS: dict[str, Check] = {
+    "enabled": check.boolean,
+    "idle_timeout": check.positive_seconds,
+    "min_sleep_time": check.seconds,
+    "priority": check.choice(*get_args(Priority)),
+    "action": check.enum_choice(SleepAction),
+    "stop_after": check.positive_seconds,
+    "hibernate_after": check.seconds,
+    "reclaim": check.choice(*get_args(ReclaimMethod)),
+    "prefetch": check.boolean,
+    "memory_reservation": check.size,
+}
+
+_READINESS_FIELDS: dict[str, Check] = {
+    "tcp": check.boolean,
+    "http": check.text,
+    "interval": check.positive_seconds,
+}
+
+_RESOURCE_FIELDS: dict[str, Check] = {
+    # The seed writes cpu as a string ("0.25"); accept both.
+    "cpu": lambda v: check.number(float(v) if isinstance(v, str) and check.is_float(v) else v),
+    "memory": check.size,
+}
+
+
+SERVICE_FIELDS: dict[str, Check] = {
+    "listen": check.address,
+    "backend": check.address,
+    "port": check.port,
+    "container": check.text,
+    "command": check.command,
+    "cwd": check.text,
+    "env": check.env,
+    "mode": check.choice(*get_args(Mode)),
+    "http": nested,
+    "wake_on": check.choice(*get_args(WakeOn)),
+    "backlog": check.int_between(1, 65535),
+    "connect_timeout": check.positive_seconds,
+    "idle_connection_timeout": check.seconds,
+    "connect_concurrency": check.int_between(1, 65535),
+    "sleep_policy": nested,
+    "wake_timeout": check.positive_seconds,
+    "max_held_connections": check.int_between(0, 1_000_000),
+    "max_connections": check.int_between(0, 10_000_000),
+    "readiness": nested,
+    "auto_start": check.boolean,
+    "stop_timeout": check.seconds,
+    "image": check.text,
+    "resources": nested,
+    "depends_on": check.names,
+    "group": check.text,
+}
+
+_ADMIN_FIELDS: dict[str, Check] = {
+    "listen": check.address,
+    "token_file": check.text,
+    "protect_reads": check.boolean,
+}
+_LOG_FIELDS: dict[str, Check] = {
+    "level": check.choice(*get_args(LogLevel)),
+    "format": check.choice(*get_args(LogFormat)),
+}
+_DISCOVERY_FIELDS: dict[str, Check] = {
+    "docker_labels": check.boolean,
+    "allowed_listen": check.listen_ranges,
+    "interval": check.positive_seconds,
+}
+_SHUTDOWN_FIELDS: dict[str, Check] = {
+    "grace": check.seconds,
+    "backends": check.choice(*get_args(ShutdownBackends)),
+}
+_TOP_FIELDS: dict[str, Check] = {
+    "shutdown": nested,
+    "discovery": nested,
+    "policies": nested,
+    "admin": nested,
+    "log": nested,
+    "services": nested,
+}
+
+
+def parse_sleep_policy(
+    data: Any, path: KeyPath, problems: Problems, base: SleepPolicy = DEFAULT_POLICY
+) -> SleepPolicy:
+    values = section(data, path, SLEEP_FIELDS, problems) or {}
+    policy: SleepPolicy = replace(base, values)
+    if policy.stop_after is not None and policy.action is SleepAction.STOP:
+        problems.add(
+            (*path, "stop_after"),
+            "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
+        )
+    if policy.hibernate_after is not None and policy.action is SleepAction.STOP:
+        problems.add(
+            (*path, "hibernate_after"),
+            "hibernate_after gives a paused backend's memory back; it needs action 'pause' "
+            "or 'hibernate'",
+        )
+    return policy
+
+
+def service_policy(
+    data: Any,
+    path: KeyPath,
+    problems: Problems,
+    policies: Mapping[str, SleepPolicy],
+    base: SleepPolicy = DEFAULT_POLICY,
+) -> tuple[SleepPolicy, str | None, dict[str, Any]]:
+    """A service's sleep_policy: its own keys, or ``use: NAME`` plus keys that win over it."""
+    if not (isinstance(data, dict) and "use" in data):
+        return parse_sleep_policy(data, path, problems, base), None, {}
+    name = data["use"]
+    named = policies.get(name) if isinstance(name, str) else None
+    if named is None:
+        known = ", ".join(sorted(policies)) or "none"
+        problems.add((*path, "use"), f"no policy named {describe(name)}; defined: {known}")
+        return base, None, {}
+    overrides = {k: v for k, v in data.items() if k != "use"}
+    policy = parse_sleep_policy(overrides, path, problems, named)
+    # The typed overrides, kept so a later change of the named policy leaves them winning.
+    checked = section(overrides, path, SLEEP_FIELDS, Problems(None, {})) or {}
+    return policy, name, checked
+
+
+def _parse_policies(data: Any, problems: Problems) -> dict[str, SleepPolicy]:
+    if not isinstance(data, dict):
+        problems.add(("policies",), f"expected a mapping of policy names, got {describe(data)}")
+        return {}
+    return {
+        str(name): parse_sleep_policy(entry, ("policies", str(name)), problems)
+        for name, entry in data.items()
+    }
+
+
+def replace(base: _T, values: Mapping[str, Any]) -> _T:
+    return dataclasses.replace(base, **values)  # type: ignore[type-var]
+
+
+_PROBE_FIELDS: dict[str, Check] = {
+    "method": lambda v: None if v in ("*", "ANY", "any") else check.text(v).upper(),
+    "path": check.url_path,
+    "headers": check.header_conditions,
+    "status": check.int_between(200, 599),
+    "content_type": check.text,
+    "body": lambda v: v if isinstance(v, str) else check.text(v),
+    "stream": check.boolean,
+}
+_HTTP_FIELDS: dict[str, Check] = {
+    "sse_path": check.url_path,
+    "header_timeout": check.positive_seconds,
+    "inflight_grace": check.seconds,
+    "idle_connections": check.choice(*get_args(IdleConnections)),
+    "forwarded_headers": check.boolean,
+    "default_probe": check.boolean,
+    "probes": nested,
+    "waiting_page": check.boolean,
+}
+
+
+def _parse_http(data: Any, path: KeyPath, problems: Problems) -> HttpSettings:
+    values = section(data, path, _HTTP_FIELDS, problems) or {}
+    raw_probes = values.pop("probes", [])
+    probes: list[Probe] = []
+    if not isinstance(raw_probes, list):
+        problems.add((*path, "probes"), f"expected a list of probes, got {describe(raw_probes)}")
+        raw_probes = []
+    for index, entry in enumerate(raw_probes):
+        where = (*path, "probes", index)
+        fields = section(entry, where, _PROBE_FIELDS, problems)
+        if fields is None:
+            continue
+        if "path" not in fields:
+            if isinstance(entry, dict) and "path" not in entry:
+                problems.add(where, "needs 'path' (the path the health check asks for)")
+            continue
+        probes.append(replace(Probe(path=fields.pop("path")), fields))
+    return replace(HttpSettings(probes=tuple(probes)), values)
+
+
+def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:
+    values = section(data, path, _READINESS_FIELDS, problems) or {}
+    if values.get("http") is not None:
+        if not str(values["http"]).startswith("/"):
+            problems.add(
+                (*path, "http"), f"expected a path starting with /, got {values['http']!r}"
+            )
+        if values.get("tcp") is False:
+            problems.add(path, "http readiness also needs the tcp connect: drop 'tcp: false'")
+    return replace(Readiness(), values)
+
+
+def parse_service(
+    name: Any, data: Any, problems: Problems, policies: Mapping[str, SleepPolicy]
+) -> ServiceConfig | None:
+    path: KeyPath = ("services", str(name))
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        problems.add(
+            path,
+            "a service name is 1-63 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, got {describe(name)}",
+        )
+        return None
+    values = section(data, path, SERVICE_FIELDS, problems)
+    if values is None:
+        return None
+    # A key given with a bad value was reported already: do not also call it missing.
+    given = set(data)
+    before = len(problems.items)
+
+    sleep, policy_name, overrides = service_policy(
+        values.pop("sleep_policy", {}), (*path, "sleep_policy"), problems, policies
+    )
+    readiness = _parse_readiness(values.pop("readiness", {}), (*path, "readiness"), problems)
+    res_values = section(
+        values.pop("resources", {}), (*path, "resources"), _RESOURCE_FIELDS, problems
+    )
+    resources = replace(Resources(), res_values or {})
+
+    container = values.pop("container", None)
+    command = values.pop("command", None)
+    port = values.pop("port", None)
+    listen = values.pop("listen", None)
+    backend = values.pop("backend", None)
+    seed_form = container is None and command is None and port is not None
+
+    if container is not None and command is not None:
+        problems.add(
+            path, "set either 'container' (docker runtime) or 'command' (process runtime), not both"
+        )
+    elif not given & {"container", "command", "port"}:
+        problems.add(path, "needs 'container' (docker runtime) or 'command' (process runtime)")
+    runtime: RuntimeKind = "process" if command is not None else "docker"
+    if seed_form:
+        container = name
+    if runtime == "process" and port is not None:
+        problems.add(
+            (*path, "port"),
+            "'port' is the seed form's shorthand for a container on its own address; "
+            "a command needs 'listen' and 'backend'",
+        )
+
+    if listen is None:
+        if port is None and not given & {"listen", "port"}:
+            problems.add(path, "needs 'listen' (the proxy's address for this service)")
+        elif port is not None:
+            # The seed form serves other containers on a compose network: listen on all
+            # addresses, on the port the gateway was told.
+            listen = Address("0.0.0.0", port)
+    if backend is None and "backend" not in given and (runtime == "process" or port is None):
+        problems.add(path, "needs 'backend' (where the service's own server listens)")
+    backend_port = backend.port if backend is not None else (port or 0)
+
+    if values.get("mode") is None and seed_form:
+        # The seed's services are MCP servers behind the gateway: probes must not wake them.
+        values["mode"] = "http"
+    raw_http = values.pop("http", None)
+    if raw_http is not None and values.get("mode") != "http":
+        problems.add((*path, "http"), "http settings need 'mode: http'")
+    http = _parse_http(raw_http or {}, (*path, "http"), problems)
+    if http.idle_connections == "allow-sleep" and sleep.action is SleepAction.STOP:
+        problems.add(
+            (*path, "http", "idle_connections"),
+            "allow-sleep keeps connections open under a sleeping backend; "
+            "sleep action 'stop' would cut them: use action 'pause'",
+        )
+    if len(problems.items) > before or listen is None:
+        return None
+    return ServiceConfig(
+        name=name,
+        listen=listen,
+        backend=backend,
+        backend_port=backend_port,
+        runtime=runtime,
+        container=container,
+        command=command,
+        sleep_policy=sleep,
+        policy=policy_name,
+        policy_overrides=overrides,
+        readiness=readiness,
+        resources=resources,
+        http=http,
+        **values,
+    )
+
+
+def build_config(
+    data: Any, *, source: str | None = None, lines: Mapping[KeyPath, int] | None = None
+) -> Config:
+    """Validate already-parsed data; raise ConfigError listing every fault."""
+    problems = Problems(source, lines or {})
+    if data is None:
+        data = {}
+    top = section(data, (), _TOP_FIELDS, problems)
+    if top is None:
+        raise ConfigError(problems.items)
+
+    admin_values = section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
+    log_values = section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
+    shutdown_values = (
+        section(top.get("shutdown", {}), ("shutdown",), _SHUTDOWN_FIELDS, problems) or {}
+    )
+    discovery_values = (
+        section(top.get("discovery", {}), ("discovery",), _DISCOVERY_FIELDS, problems) or {}
+    )
+
+    policies = _parse_policies(top.get("policies", {}), problems)
+    services: dict[str, ServiceConfig] = {}
+    raw_services = top.get("services")
+    if raw_services is None and discovery_values.get("docker_labels"):
+        pass  # labelled containers are the services
+    elif raw_services is None:
+        problems.add(("services",), "missing: list the services to proxy under 'services:'")
+    elif not isinstance(raw_services, dict):
+        problems.add(
+            ("services",), f"expected a mapping of service names, got {describe(raw_services)}"
+        )
+    else:
+        for name, entry in raw_services.items():
+            service = parse_service(name, entry, problems, policies)
+            if service is not None:
+                services[service.name] = service
+
+    admin = replace(AdminConfig(), admin_values)
+    _check_listeners(services, admin, problems)
+    _check_dependencies(services, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(
+        services=services,
+        policies=policies,
+        admin=admin,
+        log=replace(LogConfig(), log_values),
+        discovery=replace(DiscoveryConfig(), discovery_values),
+        shutdown=replace(ShutdownConfig(), shutdown_values),
+        source=source,
+    )
+
+
+def _check_dependencies(services: Mapping[str, ServiceConfig], problems: Problems) -> None:
+    for name, message in dependency_faults(services):
+        problems.add(("services", name, "depends_on"), message)
+
+
+def dependency_faults(services: Mapping[str, ServiceConfig]) -> list[tuple[str, str]]:
+    """(service, why) for each dependency that does not exist or closes a cycle."""
+    faults: list[tuple[str, str]] = []
+    for service in services.values():
+        for name in service.depends_on:
+            if name not in services:
+                known = ", ".join(sorted(services))
+                faults.append((service.name, f"no service named {name!r}; services: {known}"))
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done" or name not in services:
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            faults.append((path[-1], f"a dependency cycle: {cycle}"))
+            return
+        state[name] = "visiting"
+        for dependency in services[name].depends_on:
+            visit(dependency, [*path, name])
+        state[name] = "done"
+
+    for name in services:
+        visit(name, [])
+    return faults
+
+
+def _check_listeners(
+    services: Mapping[str, ServiceConfig], admin: AdminConfig, problems: Problems
+) -> None:
+    taken: dict[tuple[str, int], str] = {(admin.listen.host, admin.listen.port): "admin.listen"}
+    for service in services.values():
+        key = (service.listen.host, service.listen.port)
+        owner = taken.get(key)
+        if owner is not None:
+            problems.add(
+                ("services", service.name, "listen"),
+                f"{service.listen} is already used by {owner}",
+            )
+        taken[key] = f"services.{service.name}.listen"
+        if service.backend is not None and service.backend == service.listen:
+            problems.add(
+                ("services", service.name, "backend"),
+                "the backend cannot be the proxy's own listen address",
+            )

@@ -1,0 +1,63 @@
+"""The one decision core for all services, and the hand that passes its actions out.
+
+The core (``core.orchestrator``) decides for every service at once: an event for one
+service may call for actions on others (a group wakes together; a dependency sleeps
+once its dependents did). The ``Coordinator`` feeds it with the loop's time and hands
+each action to the ``Service`` it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .core.events import Event
+from .core.orchestrator import Command, Node, Orchestrator
+from .core.policy import Policy
+from .core.states import State
+
+if TYPE_CHECKING:
+    from .forward import ClientSide
+    from .service import Service
+
+
+class Coordinator:
+    def __init__(self, *, strict: bool = False) -> None:
+        self.core = Orchestrator(strict=strict)
+        self.services: dict[str, Service] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, service: Service, policy: Policy, state: State, reason: str) -> Node:
+        """Register a service with the core; the timers its state calls for are armed."""
+        self.services[service.name] = service
+        commands = self.core.add(service.name, policy, state, reason, self._loop.time())
+        self._dispatch(commands, service.name, None)
+        return self.core.nodes[service.name]
+
+    def remove(self, service: Service) -> None:
+        if self.services.get(service.name) is service:
+            del self.services[service.name]
+            self.core.remove(service.name)
+
+    def relink(self) -> None:
+        """Dependencies and groups from every service's config (again after any change)."""
+        links = {
+            name: (service.cfg.depends_on, service.cfg.group)
+            for name, service in self.services.items()
+        }
+        self._dispatch(self.core.relink(links, self._loop.time()), "", None)
+
+    def feed(self, service: Service, event: Event, conn: ClientSide | None = None) -> list[Command]:
+        """Decide on ``event`` and carry the actions out; returns them for the caller to read."""
+        if self.services.get(service.name) is not service:
+            return []  # a replaced service's late report
+        commands = self.core.handle(service.name, event, self._loop.time())
+        self._dispatch(commands, service.name, conn)
+        return commands
+
+    def _dispatch(self, commands: list[Command], source: str, conn: ClientSide | None) -> None:
+        for name, action in commands:
+            target = self.services.get(name)
+            if target is not None:
+                # Connect/Hold/Reject(held=False) concern the connection that arrived.
+                target.carry_out(action, conn if name == source else None)

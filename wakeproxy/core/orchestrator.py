@@ -1,0 +1,521 @@
+"""Every sleep and wake decision, for all services at once.
+
+The orchestrator holds one ``Node`` per service (its backend's ``Lifecycle``, the
+connections that need it, its idle clock) and the links between services. Fed an
+event for one service with the time, it returns the actions for every service the
+event concerns: a connection that arrives at a group member wakes the whole group;
+a service that falls asleep lets what it depends on reconsider its own sleep.
+
+The rules, each decided here and nowhere else:
+
+* **Gate.** A service never sleeps while a connection is attached (held or
+  forwarding). Its idle deadline is ``max(last activity + idle delay, busy_until)``;
+  one timer per service, armed when the last connection leaves and re-armed when it
+  fires early (activity only stamps the time).
+* **Dependents' veto.** A service does not sleep while a service that depends on it
+  is awake; it reconsiders when that one sleeps or fails.
+* **Group consensus.** A group sleeps together, once every member may sleep: the last
+  member to become ready puts the others to sleep with it.
+* **Wake fan-out.** A wake first wakes what the service depends on (its own operation
+  starts once they run) and every sleeping member of its group; all within its
+  ``wake_timeout``, enforced here by a timer.
+* **Escalation.** A backend paused for ``stop_after`` is stopped; one paused for
+  ``hibernate_after`` (0 with ``action: hibernate``) has its memory given back. A wake
+  during that reclaim cancels it first: the wake never waits for it.
+* **The API's refusals.** A sleep asked for while connections are open or an awake
+  service needs this one is refused unless forced; so is one while an operation runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .actions import (
+    Action,
+    ArmTimer,
+    CancelReclaim,
+    CancelWake,
+    Connect,
+    Hold,
+    Reclaim,
+    Refused,
+    Reject,
+    Release,
+    RunWake,
+    Transition,
+    Unexpected,
+    WakeEnded,
+    WakeOp,
+)
+from .events import (
+    Arrive,
+    Event,
+    Leave,
+    Observed,
+    Reclaimed,
+    ReclaimFailed,
+    Reconfigured,
+    ResultDue,
+    SleepDone,
+    SleepFailed,
+    SleepRequested,
+    Timer,
+    TimerFired,
+    WakeDone,
+    WakeFailed,
+    WakeRequested,
+)
+from .lifecycle import IllegalTransition, Lifecycle
+from .policy import Policy
+from .states import ASLEEP, AWAKE, IN_FLIGHT, Outcome, SleepAction, SleepReason, State, WakeResult
+
+Command = tuple[str, Action]
+_SETTLED_ASLEEP = ASLEEP | {State.FAILED}
+
+
+class Node:
+    """One service as the core sees it."""
+
+    __slots__ = (
+        "attached",
+        "busy_until",
+        "dependents",
+        "depends_on",
+        "group",
+        "held",
+        "hibernate_now",
+        "hibernated",
+        "last_activity",
+        "name",
+        "pending",
+        "policy",
+        "reclaiming",
+        "unit",
+        "wake_deadline",
+    )
+
+    def __init__(self, name: str, policy: Policy, state: State, reason: str, now: float) -> None:
+        self.name = name
+        self.policy = policy
+        self.unit = Lifecycle(state, now=now, reason=reason)
+        # Connections that need the backend: held for a wake, or forwarding. Each one
+        # keeps the service awake (the gate).
+        self.attached = 0
+        self.held = 0
+        self.last_activity = now
+        # mode http: no idle sleep before this (a result may still be due, inflight_grace).
+        self.busy_until = 0.0
+        self.depends_on: tuple[Node, ...] = ()
+        self.dependents: list[Node] = []
+        # Every member of its group, itself included; (self,) without a group.
+        self.group: tuple[Node, ...] = (self,)
+        # The wake operation waiting for dependencies to run first.
+        self.pending: WakeOp | None = None
+        self.wake_deadline = 0.0
+        # Hibernation of a paused backend: asked for by the API (at once, whatever
+        # hibernate_after says), in flight, done (memory given back until it wakes).
+        self.hibernate_now = False
+        self.reclaiming = False
+        self.hibernated = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Node {self.name} state={self.unit.state.value} attached={self.attached} "
+            f"held={self.held}>"
+        )
+
+    @property
+    def state(self) -> State:
+        return self.unit.state
+
+    @property
+    def deadline(self) -> float:
+        """Loop time from which the idle policy may put the backend to sleep."""
+        return max(self.last_activity + self.policy.idle_delay, self.busy_until)
+
+    def touch(self, now: float) -> None:
+        """Activity on an attached connection (a request): only the idle clock moves.
+
+        The hot path's one shortcut past ``handle``: nothing can follow from it at once,
+        the idle timer reads the stamp when it fires.
+        """
+        self.last_activity = now
+
+    def sleeps_in(self, now: float) -> float | None:
+        """Seconds to the idle deadline, or None while nothing would put it to sleep."""
+        if self.unit.state is not State.RUNNING or self.attached or not self.policy.sleeps:
+            return None
+        return max(0.0, self.deadline - now)
+
+
+class Orchestrator:
+    """All services' decisions. ``handle(name, event, now)`` returns (service, action) pairs.
+
+    ``strict`` (tests) raises ``IllegalTransition`` where production counts an
+    ``Unexpected`` action and carries on.
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.strict = strict
+        self._out: list[Command] = []
+
+    # ---- services come and go
+
+    def add(
+        self, name: str, policy: Policy, state: State, reason: str, now: float
+    ) -> list[Command]:
+        """A new service in its initial state; returns the timers that state calls for."""
+        node = self.nodes[name] = Node(name, policy, state, reason, now)
+        if state is State.RUNNING:
+            self._arm_idle(node, now)
+        elif state is State.PAUSED:
+            self._arm_escalation(node)
+        elif state is State.FAILED:
+            # Known broken from the start (engine down, container missing): re-read now.
+            self._emit(node, ArmTimer(Timer.RETRY, now))
+        return self._take()
+
+    def remove(self, name: str) -> None:
+        """Forget a service; ``relink`` then drops the links to it."""
+        self.nodes.pop(name, None)
+
+    def relink(
+        self, links: Mapping[str, tuple[Sequence[str], str | None]], now: float
+    ) -> list[Command]:
+        """Set every service's dependencies and group: name -> (depends_on, group).
+
+        Names not (or no longer) known are left out. Every service then reconsiders its
+        sleep: a removed dependent may have been the one keeping it awake.
+        """
+        groups: dict[str, list[Node]] = {}
+        for node in self.nodes.values():
+            node.dependents = []
+        for name, node in self.nodes.items():
+            depends_on, group = links.get(name, ((), None))
+            node.depends_on = tuple(self.nodes[d] for d in depends_on if d in self.nodes)
+            for dependency in node.depends_on:
+                dependency.dependents.append(node)
+            node.group = (node,)
+            if group is not None:
+                groups.setdefault(group, []).append(node)
+        for members in groups.values():
+            for node in members:
+                node.group = tuple(members)
+        for node in self.nodes.values():
+            self._arm_idle(node, now)
+            if node.pending is not None and self._dependencies_run(node):
+                self._emit(node, RunWake(node.pending))
+                node.pending = None
+        return self._take()
+
+    # ---- events
+
+    def handle(self, name: str, event: Event, now: float) -> list[Command]:
+        node = self.nodes.get(name)
+        if node is None:
+            return []  # removed while an operation of it ran: nothing to decide
+        try:
+            self._handle(node, event, now)
+        except IllegalTransition as exc:
+            if self.strict:
+                raise
+            self._emit(node, Unexpected(exc.event, exc.state))
+        return self._take()
+
+    def _handle(self, node: Node, event: Event, now: float) -> None:
+        match event:
+            case Arrive(activity, attached):
+                self._arrive(node, activity, attached, now)
+            case Leave(held, activity):
+                self._leave(node, event, held, activity, now)
+            case ResultDue(until):
+                # The idle timer, when it fires early, re-arms for the later deadline.
+                node.busy_until = max(node.busy_until, until)
+            case SleepRequested():
+                self._sleep_requested(node, event, now)
+            case TimerFired(timer):
+                self._timer(node, timer, now)
+            case Reconfigured(policy):
+                node.policy = policy
+                self._arm_idle(node, now)
+                self._arm_escalation(node)
+            case Reclaimed() | ReclaimFailed():
+                if not node.reclaiming:
+                    raise IllegalTransition(event, node.unit.state)
+                node.reclaiming = False
+                node.hibernated = isinstance(event, Reclaimed)
+            case WakeRequested() | WakeDone() | WakeFailed() | SleepDone() | SleepFailed():
+                self._unit(node, event, now)
+            case Observed():
+                self._unit(node, event, now)
+
+    # ---- connections
+
+    def _arrive(self, node: Node, activity: bool, attached: bool, now: float) -> None:
+        if not attached:
+            node.attached += 1
+        if activity:
+            node.last_activity = now
+        unit = node.unit
+        if unit.state is State.RUNNING:
+            self._emit(node, Connect())
+        elif unit.state is State.FAILED and now < unit.retry_at:
+            # Back-off: a broken backend is not hammered by every new connection.
+            self._emit(node, Reject(Outcome.BACKEND_ERROR, unit.reason, held=False))
+        elif node.held >= node.policy.max_held:
+            # Past the cap the connection is closed at once; nothing else waits on it.
+            self._emit(node, Reject(Outcome.REJECTED_OVERFLOW, "hold queue full", held=False))
+        else:
+            node.held += 1
+            self._emit(node, Hold())
+            self._unit(node, WakeRequested("connection"), now)
+
+    def _leave(self, node: Node, event: Leave, held: bool, activity: bool, now: float) -> None:
+        if node.attached == 0 or (held and node.held == 0):
+            raise IllegalTransition(event, node.unit.state)
+        node.attached -= 1
+        if held:
+            node.held -= 1
+        if activity:
+            node.last_activity = now
+        if node.attached == 0:
+            self._arm_idle(node, now)
+
+    # ---- sleeping
+
+    def _sleep_requested(self, node: Node, request: SleepRequested, now: float) -> None:
+        refusal = self._refusal(node, request.force)
+        if refusal is not None:
+            self._emit(node, refusal)
+            return
+        state = node.unit.state
+        action = request.action
+        if action is SleepAction.HIBERNATE and state is State.PAUSED:
+            if not (node.hibernated or node.reclaiming):
+                self._start_reclaim(node)
+            return
+        if state is State.STOPPED or (state is State.PAUSED and action is SleepAction.PAUSE):
+            return  # already there
+        if action is SleepAction.HIBERNATE:
+            node.hibernate_now = True
+        self._put_to_sleep(node, action, request.reason, now)
+
+    def _put_to_sleep(
+        self, node: Node, action: SleepAction, reason: SleepReason, now: float
+    ) -> None:
+        # Hibernate is a pause to the backend's machine; the reclaim follows once paused.
+        pause_or_stop = SleepAction.PAUSE if action is SleepAction.HIBERNATE else action
+        self._unit(node, SleepRequested(pause_or_stop, reason), now)
+
+    def _refusal(self, node: Node, force: bool) -> Refused | None:
+        if node.attached and not force:
+            return Refused(f"{node.attached} connection(s) open", forceable=True)
+        awake = self._awake_dependents(node)
+        if awake and not force:
+            names = ", ".join(n.name for n in awake)
+            return Refused(f"needed by {names} (awake)", forceable=True)
+        state = node.unit.state
+        if state in IN_FLIGHT:
+            why = f"the service is {state.value}; try again when it settles"
+            return Refused(why, forceable=False)
+        if state is State.FAILED:
+            return Refused(f"the service is failed: {node.unit.reason}", forceable=False)
+        return None
+
+    def _idle_due(self, node: Node, now: float) -> None:
+        if node.unit.state is not State.RUNNING or node.attached or not node.policy.sleeps:
+            return
+        if now < node.deadline:
+            # Activity since the timer was armed: re-arm for the time that is left.
+            self._emit(node, ArmTimer(Timer.IDLE, node.deadline))
+            return
+        if self._awake_dependents(node, outside=node.group):
+            return  # reconsidered when they sleep
+        if not all(self._ready(member, now) for member in node.group):
+            return  # the last member to become ready puts the group to sleep
+        for member in node.group:
+            if member.unit.state is State.RUNNING:
+                self._put_to_sleep(member, member.policy.action, SleepReason.IDLE, now)
+
+    def _ready(self, node: Node, now: float) -> bool:
+        """Whether this service lets its group sleep now. A dependent in the same group
+        does not hold it: the group sleeps together, that dependent with it."""
+        if node.unit.state in _SETTLED_ASLEEP:
+            return True
+        return (
+            node.unit.state is State.RUNNING
+            and not node.attached
+            and node.policy.sleeps
+            and now >= node.deadline
+            and not self._awake_dependents(node, outside=node.group)
+        )
+
+    @staticmethod
+    def _awake_dependents(node: Node, outside: tuple[Node, ...] = ()) -> list[Node]:
+        return [d for d in node.dependents if d.unit.state in AWAKE and d not in outside]
+
+    def _arm_idle(self, node: Node, now: float) -> None:
+        if node.unit.state is State.RUNNING and not node.attached and node.policy.sleeps:
+            self._emit(node, ArmTimer(Timer.IDLE, max(node.deadline, now)))
+
+    def _arm_escalation(self, node: Node) -> None:
+        policy = node.policy
+        if node.unit.state is not State.PAUSED:
+            return
+        if policy.sleeps and policy.stop_after is not None:
+            self._emit(node, ArmTimer(Timer.STOP_AFTER, node.unit.since + policy.stop_after))
+        after = self._hibernate_after(node)
+        if after is not None and not (node.hibernated or node.reclaiming):
+            self._emit(node, ArmTimer(Timer.HIBERNATE, node.unit.since + after))
+
+    @staticmethod
+    def _hibernate_after(node: Node) -> float | None:
+        if node.hibernate_now:
+            return 0.0
+        policy = node.policy
+        return policy.hibernate_after if policy.sleeps else None
+
+    def _start_reclaim(self, node: Node) -> None:
+        node.hibernate_now = False
+        node.reclaiming = True
+        self._emit(node, Reclaim())
+
+    # ---- timers
+
+    def _timer(self, node: Node, timer: Timer, now: float) -> None:
+        unit = node.unit
+        if timer is Timer.IDLE:
+            self._idle_due(node, now)
+        elif timer is Timer.WAKE:
+            if unit.state is not State.WAKING:
+                return
+            if now < node.wake_deadline:
+                self._emit(node, ArmTimer(Timer.WAKE, node.wake_deadline))
+                return
+            if node.pending is None:
+                self._emit(node, CancelWake())
+            node.pending = None
+            limit = node.policy.wake_timeout
+            failed = WakeFailed(f"not ready within wake_timeout ({limit:g}s)", timed_out=True)
+            self._unit(node, failed, now)
+        elif timer is Timer.STOP_AFTER:
+            stop_after = node.policy.stop_after
+            if unit.state is not State.PAUSED or stop_after is None or not node.policy.sleeps:
+                return  # woken (or the policy changed) since it was armed
+            if now < unit.since + stop_after:
+                self._arm_escalation(node)
+                return
+            self._unit(node, SleepRequested(SleepAction.STOP, SleepReason.STOP_AFTER), now)
+        elif timer is Timer.HIBERNATE:
+            after = self._hibernate_after(node)
+            if unit.state is not State.PAUSED or after is None:
+                return  # woken (or the policy changed) since it was armed
+            if node.hibernated or node.reclaiming:
+                return
+            if now < unit.since + after:
+                self._arm_escalation(node)
+                return
+            self._start_reclaim(node)
+        else:
+            self._unit(node, TimerFired(timer), now)
+
+    # ---- the backend's machine, and what its transitions mean for the others
+
+    def _unit(self, node: Node, event: Event, now: float) -> None:
+        before = node.unit.state
+        actions = node.unit.handle(event, now)
+        after = node.unit.state
+        if after is not before:
+            self._transitioned(node, before, after, event, now)
+        for action in actions:
+            if isinstance(action, RunWake):
+                self._start_wake(node, action.op, now)
+            else:
+                self._emit(node, action)
+
+    def _transitioned(
+        self, node: Node, before: State, after: State, event: Event, now: float
+    ) -> None:
+        if before is State.PAUSED:
+            if node.reclaiming:
+                # Before the unpause or stop that follows: the wake wins at once.
+                node.reclaiming = False
+                self._emit(node, CancelReclaim())
+            node.hibernated = False
+        if after not in (State.PAUSING, State.PAUSED):
+            node.hibernate_now = False
+        self._emit(node, Transition(before, after, node.unit.reason))
+        if before is State.WAKING and after is State.RUNNING:
+            self._emit(node, WakeEnded(WakeResult.OK, node.unit.reason))
+            node.held = 0
+            self._emit(node, Release())
+            for dependent in node.dependents:
+                if dependent.pending is not None and self._dependencies_run(dependent):
+                    self._emit(dependent, RunWake(dependent.pending))
+                    dependent.pending = None
+        elif before is State.WAKING:
+            timed_out = isinstance(event, WakeFailed) and event.timed_out
+            reason = node.unit.reason
+            result, outcome = (
+                (WakeResult.TIMEOUT, Outcome.WAKE_TIMEOUT)
+                if timed_out
+                else (WakeResult.FAILED, Outcome.BACKEND_ERROR)
+            )
+            self._emit(node, WakeEnded(result, reason))
+            node.held = 0
+            self._emit(node, Reject(outcome, reason, held=True))
+            self._fail_waiting_dependents(node, f"did not wake: {reason}", now)
+        elif after is State.FAILED:
+            self._fail_waiting_dependents(node, f"failed: {node.unit.reason}", now)
+        if after is State.RUNNING:
+            node.last_activity = now  # a fresh idle period from the moment it runs
+            self._arm_idle(node, now)
+        elif after is State.PAUSED:
+            self._arm_escalation(node)
+        if after in (State.PAUSING, State.STOPPING) or after in ASLEEP:
+            # Put to sleep (forced, or from outside) while a dependent's wake waits for
+            # it: wake it again (right after the sleep in flight), or that wake and its
+            # held connections would wait for nothing until wake_timeout.
+            waiting = next((d for d in node.dependents if d.pending is not None), None)
+            if waiting is not None:
+                self._unit(node, WakeRequested(f"needed by {waiting.name}"), now)
+        if before in AWAKE and after not in AWAKE:
+            # One fewer service needs its dependencies awake: they decide again.
+            for dependency in node.depends_on:
+                self._arm_idle(dependency, now)
+
+    def _fail_waiting_dependents(self, node: Node, why: str, now: float) -> None:
+        """A dependency that failed fails the wakes waiting for it at once (their held
+        connections get an answer now, not at wake_timeout)."""
+        for dependent in node.dependents:
+            if dependent.pending is not None and dependent.unit.state is State.WAKING:
+                dependent.pending = None
+                self._unit(dependent, WakeFailed(f"dependency {node.name} {why}"), now)
+
+    def _start_wake(self, node: Node, op: WakeOp, now: float) -> None:
+        node.wake_deadline = now + node.policy.wake_timeout
+        self._emit(node, ArmTimer(Timer.WAKE, node.wake_deadline))
+        for dependency in node.depends_on:
+            if dependency.unit.state is not State.RUNNING:
+                self._unit(dependency, WakeRequested(f"needed by {node.name}"), now)
+        if self._dependencies_run(node):
+            self._emit(node, RunWake(op))
+        else:
+            node.pending = op  # started when the last dependency runs
+        for member in node.group:
+            if member is not node and member.unit.state in _SETTLED_ASLEEP:
+                self._unit(member, WakeRequested(f"group with {node.name}"), now)
+
+    @staticmethod
+    def _dependencies_run(node: Node) -> bool:
+        return all(d.unit.state is State.RUNNING for d in node.depends_on)
+
+    # ---- output
+
+    def _emit(self, node: Node, action: Action) -> None:
+        self._out.append((node.name, action))
+
+    def _take(self) -> list[Command]:
+        out, self._out = self._out, []
+        return out

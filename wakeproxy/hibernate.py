@@ -1,0 +1,272 @@
+"""Giving a paused backend's memory back, and reading its memory for the metrics.
+
+The core decides when (``Reclaim`` once paused for ``hibernate_after``, ``CancelReclaim``
+the moment a wake comes); this carries it out, off the event loop:
+
+* ``cgroup``: the backend's memory cgroup is reclaimed by a helper process (``sh``
+  writing to ``memory.force_empty`` / ``memory.reclaim``, at nice 19) that blocks in the
+  kernel for 0.2-0.9 s; a wake kills it (SIGKILL ends the kernel's reclaim loop).
+* ``pageout``: ``process_madvise(MADV_PAGEOUT)`` over each process's mappings, in a
+  thread that stops between calls once a wake came. Needs CAP_SYS_NICE and ptrace
+  access; the pages go to swap but stay cached in RAM until memory pressure, so the
+  machine gains nothing at once (said in the log and in ``/services``).
+
+Without swap only file pages can go (said once at start-up). When neither way works
+the backend stays plainly paused: the reason is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .config import ServiceConfig
+from .core.events import Event, Reclaimed, ReclaimFailed
+from .memory import Cgroup, MemoryUse, PageoutRefused, advise, rss_of, swap_total
+from .runtimes.base import Runtime
+from .stats import ServiceStats
+
+log = logging.getLogger("wakeproxy.hibernate")
+MIB = 1024 * 1024
+
+
+class Unavailable(Exception):
+    """No way to give this backend's memory back; ``kind`` is the counted reason."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(why)
+        self.kind = kind
+
+
+def _lowest_priority() -> None:
+    os.nice(19)
+
+
+class Hibernator:
+    """One service's reclaims, prefetches and memory readings."""
+
+    def __init__(
+        self,
+        name: str,
+        runtime: Runtime,
+        stats: ServiceStats,
+        *,
+        cfg: Callable[[], ServiceConfig],
+        report: Callable[[Event], object],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None] | None],
+    ) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.stats = stats
+        self._cfg = cfg
+        self._report = report
+        self._spawn = spawn
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled: threading.Event | None = None
+        self._cgroup: Cgroup | None = None
+        self._pids: list[int] = []
+        # The backend's memory was given back and it has not woken since.
+        self.hibernated = False
+        self.method: str | None = None
+        self.last_problem = ""
+        self.note = ""
+
+    # ---- start-up
+
+    def check_setup(self) -> None:
+        """Say once what will limit hibernation on this machine."""
+        if self._cfg().sleep_policy.hibernates_after is None:
+            return
+        if swap_total() == 0:
+            self.note = (
+                "no swap on this host: only file pages can be given back (add a swap "
+                "file or zram for the heap to go too)"
+            )
+            log.warning("%s: hibernate: %s", self.name, self.note, extra={"service": self.name})
+
+    # ---- reclaim
+
+    def reclaim(self) -> None:
+        self._task = self._spawn(self._reclaim())
+
+    def cancel(self) -> None:
+        """A wake came: stop now, report nothing."""
+        if self._cancelled is not None:
+            self._cancelled.set()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _reclaim(self) -> None:
+        event: Event
+        try:
+            freed, method = await self._run(self._cfg().sleep_policy.reclaim)
+        except Unavailable as exc:
+            self.stats.hibernate_fallbacks[exc.kind] += 1
+            self.last_problem = str(exc)
+            log.warning(
+                "%s: cannot hibernate, staying paused: %s",
+                self.name,
+                exc,
+                extra={"service": self.name, "reason": exc.kind},
+            )
+            event = ReclaimFailed(str(exc))
+        except Exception as exc:
+            log.error("%s: unexpected error during hibernate", self.name, exc_info=exc)
+            self.stats.hibernate_fallbacks["internal_error"] += 1
+            event = ReclaimFailed(f"internal error during hibernate: {exc!r}")
+        else:
+            self.hibernated = True
+            self.method = method
+            self.last_problem = ""
+            self.stats.hibernations[method] += 1
+            self.stats.reclaimed_bytes += freed
+            use = self.memory()
+            log.info(
+                "%s: hibernated (%s): %.1f MiB given back; now %s",
+                self.name,
+                method,
+                freed / MIB,
+                _describe(use),
+                extra={"service": self.name, "reclaimed_bytes": freed, "method": method},
+            )
+            event = Reclaimed(freed)
+        self._task = None
+        self._report(event)
+
+    async def _run(self, method: str) -> tuple[int, str]:
+        problems = []
+        if method in ("auto", "cgroup"):
+            cgroup = await self._locate()
+            if cgroup is None:
+                why = getattr(self.runtime, "cgroup_problem", "") or "none found"
+                problems.append(f"no memory cgroup for the backend ({why})")
+            elif not cgroup.writable():
+                problems.append(f"{cgroup.reclaim_file} is not writable")
+            else:
+                return await self._reclaim_cgroup(cgroup), "cgroup"
+            if method == "cgroup":
+                raise Unavailable("no_cgroup", "; ".join(problems))
+        return await self._pageout(problems), "pageout"
+
+    async def _reclaim_cgroup(self, cgroup: Cgroup) -> int:
+        before = cgroup.usage()
+        proc = await asyncio.create_subprocess_exec(
+            *cgroup.reclaim_argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_lowest_priority,
+        )
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:
+            # The wake wins: SIGKILL ends the kernel's reclaim loop at once.
+            proc.kill()
+            await proc.wait()
+            raise
+        after = cgroup.usage()
+        freed = max(0, before.resident - after.resident) if before and after else 0
+        # v2's memory.reclaim says EAGAIN when it freed less than asked: still progress.
+        if proc.returncode != 0 and freed == 0:
+            text = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+            raise Unavailable("cgroup_write_failed", f"{cgroup.reclaim_file}: {text}")
+        return freed
+
+    async def _pageout(self, problems: list[str]) -> int:
+        pids = await self.runtime.pids()
+        if not pids:
+            raise Unavailable("no_processes", "; ".join([*problems, "no process found"]))
+        before = self._read(pids)
+        cancelled = self._cancelled = threading.Event()
+        try:
+            await asyncio.to_thread(advise, pids, "pageout", cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        except PageoutRefused as exc:
+            detail = [*problems, f"{exc} (needs CAP_SYS_NICE and ptrace access)"]
+            raise Unavailable("pageout_refused", "; ".join(detail)) from exc
+        finally:
+            self._cancelled = None
+        after = self._read(pids)
+        self.note = (
+            "page-out: the pages went to swap but stay cached in RAM until memory pressure; "
+            "the machine's available memory does not rise at once"
+        )
+        if before is None or after is None:
+            return 0
+        return max(0, before.resident - after.resident)
+
+    # ---- after a wake
+
+    def woke(self) -> None:
+        """The backend runs again: its pages come back on demand, or prefetched."""
+        was, self.hibernated = self.hibernated, False
+        if was and self._cfg().sleep_policy.prefetch:
+            self._spawn(self._prefetch())
+        elif self._cgroup is None:
+            self._spawn(self._locate_quietly())
+
+    async def _prefetch(self) -> None:
+        pids = await self.runtime.pids()
+        try:
+            await asyncio.to_thread(advise, pids, "willneed", threading.Event())
+        except PageoutRefused as exc:
+            log.info("%s: prefetch refused: %s", self.name, exc, extra={"service": self.name})
+
+    # ---- memory, as the kernel counts it
+
+    async def _locate(self) -> Cgroup | None:
+        if self._cgroup is None or not self._cgroup.exists():
+            self._cgroup = await self.runtime.memory_cgroup()
+        if self._cgroup is None:
+            self._pids = await self.runtime.pids()
+        return self._cgroup
+
+    async def _locate_quietly(self) -> None:
+        try:
+            await self._locate()
+        except Exception as exc:  # a reading for the metrics: never an operation's fault
+            log.debug("%s: cannot locate the backend's memory: %s", self.name, exc)
+
+    def _read(self, pids: list[int]) -> MemoryUse | None:
+        cgroup = self._cgroup
+        if cgroup is not None and cgroup.exists():
+            return cgroup.usage()
+        return rss_of(pids)
+
+    def memory(self) -> MemoryUse | None:
+        """What the backend holds now (a sysfs/procfs read: cheap enough for a scrape)."""
+        return self._read(self._pids)
+
+    def describe(self) -> dict[str, Any]:
+        use = self.memory()
+        out: dict[str, Any] = {
+            "resident_bytes": use.resident if use else None,
+            "swapped_bytes": use.swapped if use else None,
+            "measured_by": use.source if use else None,
+            "hibernated": self.hibernated,
+            "reclaimed_bytes_total": self.stats.reclaimed_bytes,
+        }
+        if self.method:
+            out["hibernate_method"] = self.method
+        if self.last_problem:
+            out["hibernate_problem"] = self.last_problem
+        if self.note:
+            out["hibernate_note"] = self.note
+        return out
+
+
+def _describe(use: MemoryUse | None) -> str:
+    if use is None:
+        return "memory unknown"
+    return (
+        f"{use.resident / MIB:.1f} MiB in RAM, {use.swapped / MIB:.1f} MiB in swap "
+        f"(by {use.source})"
+    )

@@ -1,0 +1,105 @@
+"""What the proxy answers itself in mode http: probes, errors, the waiting page; and
+which requests are not activity (MCP session set-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from ..config import Probe
+from ..core.states import Outcome
+from .heads import Head
+
+# JSON-RPC methods that only set up, keep or tear down an MCP session.
+SESSION_METHODS = frozenset({"initialize", "notifications/initialized", "ping"})
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+# Why the proxy refused a connection -> the status a client reads, and why.
+REFUSALS: dict[Outcome, tuple[int, str]] = {
+    Outcome.REJECTED_OVERFLOW: (503, "too many connections for this service; retry shortly"),
+    Outcome.REJECTED_LIMIT: (503, "too many connections for this service; retry shortly"),
+    Outcome.WAKE_TIMEOUT: (504, "the backend did not wake in time"),
+    Outcome.BACKEND_ERROR: (502, "the backend could not be reached"),
+}
+WAITING_PAGE = (
+    '<!doctype html><meta http-equiv="refresh" content="2"><title>Starting</title>'
+    "<p>The service is starting; this page reloads by itself.</p>\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRule:
+    """A Probe compiled for matching against heads."""
+
+    probe: Probe
+    method: bytes | None
+    path: bytes
+    # (header, lowercased text, whether it must be present)
+    conditions: tuple[tuple[bytes, bytes, bool], ...]
+
+    def matches(self, head: Head) -> bool:
+        if head.path != self.path or (self.method is not None and head.method != self.method):
+            return False
+        for name, text, present in self.conditions:
+            if (text in head.get(name).lower()) is not present:
+                return False
+        return True
+
+
+def compile_probes(probes: tuple[Probe, ...]) -> tuple[ProbeRule, ...]:
+    return tuple(
+        ProbeRule(
+            probe=probe,
+            method=probe.method.encode() if probe.method is not None else None,
+            path=probe.path.encode("latin-1"),
+            conditions=tuple(
+                (
+                    name.encode("latin-1"),
+                    want.lstrip("!").encode("latin-1"),
+                    not want.startswith("!"),
+                )
+                for name, want in probe.headers.items()
+            ),
+        )
+        for probe in probes
+    )
+
+
+def session_only(body: bytes) -> bool:
+    """Whether a JSON-RPC body only sets up or keeps an MCP session (not activity)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    messages = message if isinstance(message, list) else [message]
+    return bool(messages) and all(
+        isinstance(m, dict) and m.get("method") in SESSION_METHODS for m in messages
+    )
+
+
+def answer(
+    status: int,
+    body: str = "",
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: tuple[tuple[str, str], ...] = (),
+    stream: bool = False,
+) -> bytes:
+    """A complete response the proxy gives itself (closes the connection after)."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Type: {content_type}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if stream:
+        lines.append("Cache-Control: no-store")
+    else:
+        lines.append(f"Content-Length: {len(body.encode())}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n" + ("" if stream else body)).encode()

@@ -1,0 +1,422 @@
+"""The client connection in mode http: heads parsed, bodies framed, bytes unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import h11
+
+from ..core.states import ASLEEP, Outcome, State
+from ..forward import HOLD_LIMIT, ClientSide, Owner, UpstreamSide
+from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer, session_only
+from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, chunk_parser, parse_head
+from .tracker import HttpUpstreamSide, ResponseTracker
+
+if TYPE_CHECKING:
+    from ..config import HttpSettings, Probe
+
+# A JSON-RPC body read to classify a request; larger ones are real work by definition.
+MAX_CLASSIFIED_BODY = 64 * 1024
+
+# Phases of the client's byte stream.
+_HEAD, _LENGTH, _CHUNKED, _OPAQUE = range(4)
+
+
+class HttpOwner(Owner, Protocol):
+    """What a mode-http connection may also ask of its service."""
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def http(self) -> HttpSettings: ...
+
+    @property
+    def probe_rules(self) -> tuple[ProbeRule, ...]: ...
+
+    @property
+    def idle_delay(self) -> float: ...
+
+    def request_seen(self) -> None:
+        """A request that is activity, on an attached connection: the idle clock moves."""
+
+    def result_due(self) -> None:
+        """A POST was answered 202: its result may still come on an event stream."""
+
+    def wake_in_background(self, reason: str) -> None: ...
+
+
+class HttpClientSide(ClientSide):
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_gated",
+        "_header_handle",
+        "_last_head",
+        "_last_raw",
+        "_parser",
+        "_phase",
+        "_quiet_handle",
+        "_remaining",
+        "_request_activity",
+        "_wanted_backend",
+        "answered",
+        "http_owner",
+        "last_request",
+        "tracker",
+    )
+
+    def __init__(self, owner: HttpOwner) -> None:
+        super().__init__(owner)
+        self.http_owner = owner
+        self._buf = bytearray()
+        self._phase = _HEAD
+        self._remaining = 0
+        self._parser: h11.Connection | None = None
+        self._body: bytearray | None = None  # a JSON body being read to classify it
+        self._request_activity = False
+        # Bytes wait in _pending (not the upstream) while the backend wakes under us.
+        self._gated = False
+        self._header_handle: asyncio.TimerHandle | None = None
+        self._last_raw = b""
+        self._last_head: Head | None = None
+        self._quiet_handle: asyncio.TimerHandle | None = None
+        self._wanted_backend = False
+        self.answered = False  # the proxy answered (probe or error): input is ignored
+        self.active = False  # until a request that is activity
+        self.last_request = 0.0
+        allow_sleep = owner.http.idle_connections == "allow-sleep"
+        self.tracker = ResponseTracker() if allow_sleep else None
+        if self.tracker is not None:
+            self.tracker.on_202 = owner.result_due
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timeout()
+
+    def upstream_protocol(self) -> UpstreamSide:
+        if self.tracker is not None:
+            return HttpUpstreamSide(self, self.tracker)
+        return UpstreamSide(self)
+
+    # ---- client bytes
+
+    def data_received(self, data: bytes) -> None:
+        # A loop, not recursion: a thousand pipelined requests in one read stay flat.
+        while data and not self.answered:
+            phase = self._phase
+            if phase == _OPAQUE:
+                self._send_up(data)
+                return
+            if phase == _LENGTH:
+                data = self._length_body(data)
+            elif phase == _CHUNKED:
+                data = self._chunked_body(data)
+            else:
+                data = self._head(data)
+
+    def _head(self, data: bytes) -> bytes:
+        """Buffer until a head is complete and act on it; returns the bytes after it."""
+        buf = self._buf
+        if not buf and data[:1] not in (b"\r", b"\n"):
+            # The common case, a whole head at the start of a read: no copy into the buffer.
+            end = HEAD_END.search(data, 0, MAX_HEAD + 4)
+            if end is not None:
+                cut = end.end()
+                if cut == len(data):
+                    return self._head_complete(data, b"")
+                return self._head_complete(data[:cut], data[cut:])
+        buf += data
+        # Blank lines before a request line are allowed (RFC 9112 2.2).
+        while buf[:2] == b"\r\n" or buf[:1] == b"\n":
+            del buf[: 2 if buf[:1] == b"\r" else 1]
+        if not buf:
+            return b""
+        end = HEAD_END.search(buf, 0, MAX_HEAD + 4)
+        if end is None:
+            if len(buf) > MAX_HEAD:
+                self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
+            else:
+                self._arm_header_timeout()
+            return b""
+        raw = bytes(buf[: end.end()])
+        rest = bytes(buf[end.end() :])
+        buf.clear()
+        return self._head_complete(raw, rest)
+
+    def _head_complete(self, raw: bytes, rest: bytes) -> bytes:
+        if len(raw) > MAX_HEAD:
+            self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
+            return b""
+        if raw == self._last_raw and self._last_head is not None:
+            # The same bytes as this connection's previous head: the same decisions.
+            head = self._last_head
+        else:
+            try:
+                head = parse_head(raw)
+            except BadRequest as exc:
+                outcome = Outcome.HEADER_TOO_LARGE if exc.status == 431 else Outcome.BAD_REQUEST
+                self._refuse(exc.status, f"bad request: {exc}", outcome)
+                return b""
+            self._last_raw, self._last_head = raw, head
+        if self._header_handle is not None:
+            self._cancel_header_timeout()
+        self._request(head, raw)
+        return rest
+
+    def _request(self, head: Head, raw: bytes) -> None:
+        owner = self.http_owner
+        http = owner.http
+        probe = next((rule.probe for rule in owner.probe_rules if rule.matches(head)), None)
+        # Only a connection's first request can be answered here: behind an earlier one
+        # that went to the backend, our answer would overtake its response.
+        first = not self._wanted_backend
+        if probe is not None and first and owner.state in ASLEEP:
+            self._answer_probe(probe)
+            return
+        if (
+            http.waiting_page
+            and first
+            and owner.state is State.STOPPED
+            and b"text/html" in head.get(b"accept")
+        ):
+            owner.wake_in_background("a browser asked")
+            self._respond(503, WAITING_PAGE, "text/html; charset=utf-8", Outcome.WAITING_PAGE)
+            return
+        method = head.method
+        # A probe is never activity; neither is opening an event stream or ending a
+        # session (DELETE): the gateway's streamable-HTTP probe is made of those.
+        self._request_activity = (
+            probe is None
+            and method != b"DELETE"
+            and not (method == b"GET" and b"text/event-stream" in head.get(b"accept"))
+        )
+        self._frame_body(head, raw)
+        # With a JSON body still to read, whether this is activity is known at its end.
+        known = self._body is None
+        self._need_backend(self._request_activity and known)
+        if http.forwarded_headers:
+            raw = self._with_forwarded(raw, head)
+        if self.tracker is not None:
+            self.tracker.methods.append(method)
+        self._send_up(raw)
+        if known and self._request_activity:
+            self._count_request()
+        if method == b"CONNECT" or b"upgrade" in head.get(b"connection").lower():
+            # Whatever follows is another protocol: forward it as it comes.
+            self._phase = _OPAQUE
+
+    def _frame_body(self, head: Head, raw: bytes) -> None:
+        self._body = None
+        classify = (
+            head.method == b"POST"
+            and self._request_activity
+            and b"json" in head.get(b"content-type")
+        )
+        if head.chunked:
+            self._phase, self._parser = _CHUNKED, chunk_parser(raw)
+            self._body = bytearray() if classify else None
+        elif head.length > 0:
+            self._phase, self._remaining = _LENGTH, head.length
+            if classify and head.length <= MAX_CLASSIFIED_BODY:
+                self._body = bytearray()
+        else:
+            self._phase = _HEAD
+
+    def _length_body(self, data: bytes) -> bytes:
+        take = data[: self._remaining] if len(data) > self._remaining else data
+        self._remaining -= len(take)
+        self._send_up(take)
+        if self._body is not None:
+            self._body += take
+        if self._remaining == 0:
+            self._body_done()
+        return data[len(take) :]
+
+    def _chunked_body(self, data: bytes) -> bytes:
+        parser = self._parser
+        assert parser is not None
+        parser.receive_data(data)
+        try:
+            while True:
+                event = parser.next_event()
+                if event is h11.NEED_DATA:
+                    self._send_up(data)
+                    return b""
+                if isinstance(event, h11.Data) and self._body is not None:
+                    self._body += event.data
+                    if len(self._body) > MAX_CLASSIFIED_BODY:
+                        self._body = None
+                elif isinstance(event, h11.EndOfMessage):
+                    rest = parser.trailing_data[0]
+                    self._send_up(data[: len(data) - len(rest)])
+                    self._parser = None
+                    self._body_done()
+                    return rest
+        except h11.RemoteProtocolError as exc:
+            self._refuse(400, f"bad chunked body: {exc}", Outcome.BAD_REQUEST)
+            return b""
+
+    def _body_done(self) -> None:
+        self._phase = _HEAD
+        body, self._body = self._body, None
+        if body is not None:
+            self._request_activity = not session_only(bytes(body))
+            self._count_request()
+
+    def _count_request(self) -> None:
+        if self._request_activity:
+            self.last_request = time.monotonic()
+            self.active = True
+            self.http_owner.request_seen()
+
+    def _need_backend(self, activity: bool) -> None:
+        """This request goes to the backend: attach, or wake it under an open connection."""
+        if not self._wanted_backend:
+            self._wanted_backend = True
+            self.attach(activity=activity)
+        elif not self.attached or (
+            self.upstream is not None
+            and not self._gated
+            and self.http_owner.state is not State.RUNNING
+        ):
+            # allow-sleep: a quiet connection needs the backend again, or the backend was
+            # put to sleep under this connection: its bytes wait for Connect or Release.
+            self._gated = self.upstream is not None
+            self.attach(activity=activity)
+        if self.tracker is not None:
+            self._arm_quiet(self.http_owner.idle_delay)
+
+    def _send_up(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and not self._gated:
+            self.bytes_up += len(data)
+            upstream.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= HOLD_LIMIT and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self._gated = False
+        super().resume()
+
+    def _with_forwarded(self, raw: bytes, head: Head) -> bytes:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        lines = [b"X-Forwarded-Proto: http"]
+        if peer:
+            lines.append(b"X-Forwarded-For: " + str(peer[0]).encode())
+        host = head.get(b"host")
+        if host:
+            lines.append(b"X-Forwarded-Host: " + host)
+        first_end = raw.index(b"\n") + 1
+        return raw[:first_end] + b"".join(line + b"\r\n" for line in lines) + raw[first_end:]
+
+    # ---- answers the proxy gives itself
+
+    def _answer_probe(self, probe: Probe) -> None:
+        self.owner.record(Outcome.PROBE_ANSWERED, probe.status)
+        self._write_answer(
+            answer(probe.status, probe.body, content_type=probe.content_type, stream=probe.stream),
+            close=not probe.stream,
+        )
+
+    def _respond(self, status: int, body: str, content_type: str, outcome: Outcome) -> None:
+        self.owner.record(outcome, status)
+        self._write_answer(answer(status, body, content_type=content_type), close=True)
+
+    def _error(self, status: int, why: str) -> int | None:
+        """Answer ``status`` and close; returns the status, or None when a response was
+        already under way (ours would corrupt it: the connection is just closed)."""
+        if self.upstream is not None and self.bytes_down:
+            self.abort()
+            self.answered = True
+            return None
+        headers = (("Retry-After", "1"),) if status == 503 else ()
+        self._write_answer(answer(status, why + "\n", headers=headers), close=True)
+        return status
+
+    def _refuse(self, status: int, why: str, outcome: Outcome) -> None:
+        """A refusal of the connection's own making (a bad or slow request)."""
+        self.owner.record(outcome, self._error(status, why))
+
+    def refuse(self, outcome: Outcome) -> int | None:
+        refusal = REFUSALS.get(outcome)
+        if refusal is None or self.answered or self.closed:
+            return super().refuse(outcome)
+        return self._error(*refusal)
+
+    def _write_answer(self, data: bytes, *, close: bool) -> None:
+        self.answered = True
+        self._cancel_header_timeout()
+        self._buf.clear()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.write(data)
+        if self.upstream is not None:
+            self.upstream.abort()
+        if close:
+            transport.close()
+
+    # ---- timers
+
+    def _arm_header_timeout(self) -> None:
+        if self._header_handle is None and not self.answered and not self.closed:
+            loop = asyncio.get_running_loop()
+            timeout = self.http_owner.http.header_timeout
+            self._header_handle = loop.call_later(timeout, self._header_timed_out)
+
+    def _cancel_header_timeout(self) -> None:
+        if self._header_handle is not None:
+            self._header_handle.cancel()
+            self._header_handle = None
+
+    def _header_timed_out(self) -> None:
+        self._header_handle = None
+        if self._phase == _HEAD and not self.answered:
+            self._refuse(408, "no complete request head in time", Outcome.HEADER_TIMEOUT)
+
+    def _cancel_timers(self) -> None:
+        super()._cancel_timers()
+        self._cancel_header_timeout()
+        if self._quiet_handle is not None:
+            self._quiet_handle.cancel()
+            self._quiet_handle = None
+
+    def eof_received(self) -> bool:
+        if self.answered:
+            return False
+        return super().eof_received()
+
+    # ---- allow-sleep
+
+    def _arm_quiet(self, after: float) -> None:
+        if self._quiet_handle is not None:
+            self._quiet_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._quiet_handle = loop.call_later(after, self._quiet_check)
+
+    def _quiet_check(self) -> None:
+        """allow-sleep: stop keeping the backend awake once no request came for
+        idle_timeout and nothing is in flight; check again later otherwise."""
+        self._quiet_handle = None
+        if self.closed or not self.attached:
+            return
+        left = self.last_request + self.http_owner.idle_delay - time.monotonic()
+        tracker = self.tracker
+        busy = (
+            (tracker is not None and tracker.inflight)
+            or self._pending
+            or self._gated
+            or self._phase != _HEAD
+            or self._buf
+        )
+        if left > 0 or busy:
+            self._arm_quiet(max(left, 1.0))
+            return
+        self.attached = False
+        self.owner.no_longer_needs(self)

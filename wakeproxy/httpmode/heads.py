@@ -1,0 +1,77 @@
+"""Request heads: found in the byte stream, validated by h11's public ``Request``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import h11
+
+MAX_HEAD = 16 * 1024
+# h11's own end-of-head rule: a blank line, with or without CR.
+HEAD_END = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the proxy's decisions need from one request head."""
+
+    method: bytes
+    path: bytes
+    # Lowercased names; a header given twice has its values joined with ", ".
+    headers: dict[bytes, bytes]
+    chunked: bool
+    length: int
+
+    def get(self, name: bytes) -> bytes:
+        return self.headers.get(name, b"")
+
+
+def parse_head(raw: bytes) -> Head:
+    """One request head, through its blank line. The lines are split here; h11's public
+    ``Request`` validates every part (method, target, version, header names and values,
+    Content-Length and Transfer-Encoding rules), as it does for its own parser."""
+    lines = _LINE_END.split(raw)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        raise BadRequest(400, f"illegal request line {lines[0][:80]!r}")
+    pairs = []
+    for line in lines[1:]:
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest(400, f"a header line without ':' {line[:80]!r}")
+        pairs.append((name, value.strip(b" \t")))
+    try:
+        request = h11.Request(
+            method=parts[0], target=parts[1], headers=pairs, http_version=parts[2][5:]
+        )
+    except h11.ProtocolError as exc:
+        raise BadRequest(exc.error_status_hint, str(exc)) from exc
+    headers: dict[bytes, bytes] = {}
+    for name, value in request.headers:
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    length = headers.get(b"content-length")
+    return Head(
+        method=request.method,
+        path=request.target.partition(b"?")[0],
+        headers=headers,
+        chunked=b"transfer-encoding" in headers,  # h11 allows only "chunked"
+        length=int(length) if length else 0,
+    )
+
+
+def chunk_parser(raw: bytes) -> h11.Connection:
+    """An h11 parser past ``raw`` (a chunked request's head), ready for the body."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    parser.receive_data(raw)
+    parser.next_event()  # the Request, already validated by parse_head
+    return parser
