@@ -311,7 +311,9 @@ class Proxy:
                 cwd=cwd,
                 env=cfg.env,
                 stop_timeout=cfg.stop_timeout,
-                own_cgroup=cfg.sleep_policy.hibernates_after is not None,
+                # Measured memory for every command, and hibernation on demand (the API)
+                # even where the policy never hibernates.
+                own_cgroup=True,
             )
         assert self.engine is not None and cfg.container is not None
         return DockerRuntime(self.engine, cfg.container, stop_timeout=cfg.stop_timeout)

@@ -70,6 +70,7 @@ class Hibernator:
         self._cancelled: threading.Event | None = None
         self._cgroup: Cgroup | None = None
         self._pids: list[int] = []
+        self._locating = False
         # The backend's memory was given back and it has not woken since.
         self.hibernated = False
         self.method: str | None = None
@@ -234,6 +235,8 @@ class Hibernator:
             await self._locate()
         except Exception as exc:  # a reading for the metrics: never an operation's fault
             log.debug("%s: cannot locate the backend's memory: %s", self.name, exc)
+        finally:
+            self._locating = False
 
     def _read(self, pids: list[int]) -> MemoryUse | None:
         cgroup = self._cgroup
@@ -242,8 +245,15 @@ class Hibernator:
         return rss_of(pids)
 
     def memory(self) -> MemoryUse | None:
-        """What the backend holds now (a sysfs/procfs read: cheap enough for a scrape)."""
-        return self._read(self._pids)
+        """What the backend holds now (a sysfs/procfs read: cheap enough for a scrape).
+
+        Where it is not known yet (a container found running at start-up: no inspect
+        per container then), the first read looks it up in the background."""
+        use = self._read(self._pids)
+        if use is None and not self._locating:
+            self._locating = True
+            self._spawn(self._locate_quietly())
+        return use
 
     def describe(self) -> dict[str, Any]:
         use = self.memory()

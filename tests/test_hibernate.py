@@ -1,0 +1,292 @@
+"""Hibernation for real: backends that hold 200 MiB, the kernel's own counts, no mocks.
+
+The memory measures are the kernel's: the backend's memory cgroup usage and the
+machine's MemAvailable (VmRSS alone would hide pages left in swap cache). A swap file is
+made for these tests when the machine has none (root), and removed at the end; the test
+of a machine without swap runs first, before that file exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.backends.server import payload
+from tests.helpers import (
+    BACKEND,
+    WAKEPROXY,
+    backend_command,
+    build,
+    docker,
+    free_port,
+    http_get,
+    port_answers,
+    running,
+    service,
+    wait_until,
+    write_config,
+)
+from wakeproxy.core.states import SleepAction, State
+from wakeproxy.memory import meminfo, swap_total
+
+pytestmark = pytest.mark.asyncio
+HOLD_MIB = 200
+MIB = 1 << 20
+
+
+def expected_checksum(mib: int = HOLD_MIB) -> bytes:
+    digest = hashlib.sha256()
+    for block in payload(1, mib << 20):
+        digest.update(block)
+    return digest.hexdigest().encode()
+
+
+CHECKSUM = expected_checksum()
+
+
+def body(response: bytes) -> bytes:
+    return response.split(b"\r\n\r\n", 1)[1]
+
+
+def holder(name: str, port: int, backend: int, mib: int = HOLD_MIB, **settings):
+    return service(
+        name,
+        port,
+        backend,
+        command=backend_command(backend, "http", "--hold", str(mib)),
+        readiness={"http": "/"},
+        **settings,
+    )
+
+
+@pytest.fixture(scope="module")
+def swap():
+    """Swap for the heap to go to: the machine's, or a file made here and removed after."""
+    if swap_total() > 0:
+        yield None
+        return
+    if os.geteuid() != 0:
+        pytest.skip("making a swap file needs root")
+    path = Path(f"/var/tmp/wakeproxy-test-swap-{uuid.uuid4().hex[:8]}")
+    subprocess.run(["fallocate", "-l", "1536M", str(path)], check=True)
+    path.chmod(0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    subprocess.run(["swapon", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["swapoff", str(path)], check=False)
+        path.unlink(missing_ok=True)
+
+
+async def test_without_swap_it_says_so_once_and_still_sleeps_and_wakes():
+    if swap_total() > 0:
+        pytest.skip("this machine has swap of its own: the no-swap case cannot be shown here")
+    port, backend = free_port(), free_port()
+    config = build(holder("small", port, backend, mib=8, sleep_policy={"action": "hibernate"}))
+    async with running(config) as proxy:
+        small = proxy.services["small"]
+        assert "no swap on this host" in small.hibernator.note
+        assert (await http_get(port)).endswith(b"backend\n")
+        await put_to_sleep(small, SleepAction.HIBERNATE)
+        await wait_until(lambda: small.hibernator.hibernated, within=10)
+        assert small.state is State.PAUSED
+        assert small.hibernator.describe()["hibernate_note"].startswith("no swap")
+        assert body(await http_get(port, "/checksum")) == expected_checksum(8)
+
+
+async def put_to_sleep(svc, action: SleepAction) -> None:
+    # The client's close reaches the proxy a moment after its read ends.
+    await wait_until(lambda: svc.attached == 0, within=5)
+    await svc.sleep(action)
+
+
+async def settled_available() -> int:
+    """MemAvailable once the backend's last request has settled (its freed buffers too)."""
+    await asyncio.sleep(0.5)
+    return meminfo("MemAvailable")
+
+
+async def memory_returns(available_before: int, freed: int) -> None:
+    """The machine's available memory rises by most of what the cgroup gave back. Pages
+    still being written to swap are freed as each write completes: allow a moment."""
+    try:
+        await wait_until(
+            lambda: meminfo("MemAvailable") - available_before >= freed * 0.5, within=5
+        )
+    except TimeoutError:
+        gained = meminfo("MemAvailable") - available_before
+        raise AssertionError(f"MemAvailable rose {gained} bytes of {freed} freed") from None
+
+
+async def settle_memory(svc) -> int:
+    await wait_until(lambda: svc.hibernator.memory() is not None, within=10)
+    use = svc.hibernator.memory()
+    assert use is not None and use.source == "cgroup", use
+    return use.resident
+
+
+async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_heap(swap):
+    port, backend = free_port(), free_port()
+    config = build(holder("big", port, backend, sleep_policy={"idle_timeout": 600}))
+    async with running(config) as proxy:
+        big = proxy.services["big"]
+        assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+        awake = await settle_memory(big)
+        assert awake > HOLD_MIB * MIB * 0.9, awake
+        available = await settled_available()
+        await put_to_sleep(big, SleepAction.HIBERNATE)
+        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        asleep = big.hibernator.memory()
+        assert asleep is not None
+        assert asleep.resident <= awake * 0.10, (awake, asleep)
+        assert asleep.swapped >= HOLD_MIB * MIB * 0.8, asleep
+        await memory_returns(available, awake - asleep.resident)
+        assert big.stats.reclaimed_bytes >= awake * 0.85
+        assert big.stats.hibernations["cgroup"] == 1
+        # A small request wakes it; the heap it reads back is the same.
+        assert (await http_get(port)).endswith(b"backend\n")
+        assert big.state is State.RUNNING and not big.hibernator.hibernated
+        assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+
+        for cycle in range(20):
+            await put_to_sleep(big, SleepAction.HIBERNATE)
+            await wait_until(lambda: big.hibernator.hibernated, within=20)
+            path = "/checksum" if cycle % 5 == 4 else "/"
+            reply = await http_get(port, path, within=30)
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+            if path == "/checksum":
+                assert body(reply) == CHECKSUM, f"cycle {cycle}"
+        assert big.stats.hibernations["cgroup"] == 21 and not big.stats.hibernate_fallbacks
+
+
+async def test_idle_timeout_with_action_hibernate_and_a_wake_during_the_reclaim(swap):
+    port, backend = free_port(), free_port()
+    config = build(holder("big", port, backend, sleep_policy={"idle_timeout": 600}))
+    async with running(config) as proxy:
+        big = proxy.services["big"]
+        assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+        # The wake arrives while the reclaim runs (0.3-0.9 s for 200 MiB here).
+        await put_to_sleep(big, SleepAction.HIBERNATE)
+        await wait_until(lambda: big.node.reclaiming, within=1, interval=0.001)
+        reply = await http_get(port, "/checksum", within=30)
+        assert body(reply) == CHECKSUM
+        assert big.state is State.RUNNING and not big.node.reclaiming
+        assert not big.hibernator.hibernated and not big.stats.hibernate_fallbacks
+        assert big.stats.wakes["ok"] == 2 and big.stats.wakes["failed"] == 0
+
+
+async def test_action_hibernate_after_idle_and_the_metrics_report_it(swap):
+    port, backend = free_port(), free_port()
+    config = build(
+        holder("big", port, backend, sleep_policy={"idle_timeout": 0.5, "action": "hibernate"})
+    )
+    async with running(config) as proxy:
+        big = proxy.services["big"]
+        assert (await http_get(port, within=30)).endswith(b"backend\n")
+        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        assert big.stats.sleeps[(SleepAction.PAUSE, "idle")] == 1
+        from wakeproxy.metrics import render
+
+        text = render(proxy).decode()
+        assert 'wakeproxy_hibernations_total{method="cgroup",service="big"} 1.0' in text
+        assert 'wakeproxy_backend_resident_bytes{service="big",source="cgroup"}' in text
+        reclaimed = next(
+            line for line in text.splitlines() if line.startswith("wakeproxy_reclaimed_bytes_total")
+        )
+        assert float(reclaimed.split()[-1]) >= HOLD_MIB * MIB * 0.8
+
+
+def cli_run(config: Path, port: int, *prefix: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*prefix, *WAKEPROXY, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    for _ in range(300):
+        if port_answers(port):
+            return proc
+        assert proc.poll() is None, proc.communicate()[1]
+        subprocess.run(["sleep", "0.05"], check=True)
+    proc.kill()
+    raise AssertionError("the proxy never listened")
+
+
+async def test_without_cap_sys_nice_pageout_falls_back_to_pause_says_why_and_counts(tmp_path, swap):
+    port, backend, admin = free_port(), free_port(), free_port()
+    config = write_config(
+        tmp_path / "c.yaml",
+        holder(
+            "big", port, backend, mib=32,
+            sleep_policy={"idle_timeout": 0.3, "action": "hibernate", "reclaim": "pageout"},
+        ),
+        admin=admin,
+    )  # fmt: skip
+    # Root, but without CAP_SYS_NICE: process_madvise on another process is refused.
+    drop = ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
+    proc = cli_run(config, port, *drop)
+    try:
+        assert (await http_get(port, within=30)).endswith(b"backend\n")
+        metrics = b""
+        for _ in range(200):
+            metrics = await http_get(admin, "/metrics")
+            if b'wakeproxy_hibernate_fallbacks_total{reason="pageout_refused"' in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert b'reason="pageout_refused",service="big"} 1.0' in metrics, metrics[-2000:]
+        assert b'wakeproxy_service_state{service="big",state="paused"} 1.0' in metrics
+        assert (await http_get(port)).endswith(b"backend\n"), "plainly paused: still wakes"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "cannot hibernate, staying paused" in err and "CAP_SYS_NICE" in err, err[-2000:]
+
+
+async def test_pageout_with_the_capability_moves_pages_to_swap_and_says_they_stay_cached(swap):
+    port, backend = free_port(), free_port()
+    policy = {"idle_timeout": 600, "reclaim": "pageout", "hibernate_after": 0}
+    async with running(build(holder("big", port, backend, mib=64, sleep_policy=policy))) as proxy:
+        big = proxy.services["big"]
+        assert (await http_get(port, within=30)).endswith(b"backend\n")
+        await put_to_sleep(big, SleepAction.PAUSE)
+        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        assert big.stats.hibernations["pageout"] == 1
+        assert "stay cached in RAM" in big.hibernator.note
+        assert body(await http_get(port, "/checksum", within=30)) == expected_checksum(64)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+async def test_docker_backend_hibernates_at_its_container_cgroup(python_base, swap):
+    port, backend = free_port(), free_port()
+    name = f"wp-test-hib-{uuid.uuid4().hex[:10]}"
+    docker(
+        "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
+        "-v", f"{BACKEND}:/srv/server.py:ro", python_base,
+        "python3", "/srv/server.py", "--port", str(backend), "--hold", str(HOLD_MIB),
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: port_answers(backend), within=60, interval=0.1)
+        config = build(service("box", port, backend, container=name,
+                               sleep_policy={"idle_timeout": 600}))  # fmt: skip
+        async with running(config) as proxy:
+            box = proxy.services["box"]
+            assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+            awake = await settle_memory(box)
+            available = await settled_available()
+            for cycle in range(3):
+                await put_to_sleep(box, SleepAction.HIBERNATE)
+                await wait_until(lambda: box.hibernator.hibernated, within=30)
+                assert docker("inspect", "-f", "{{.State.Status}}", name) == "paused"
+                asleep = box.hibernator.memory()
+                assert asleep is not None and asleep.resident <= awake * 0.10, (awake, asleep)
+                if cycle == 0:
+                    await memory_returns(available, awake - asleep.resident)
+                assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+            assert box.stats.hibernations["cgroup"] == 3 and not box.stats.hibernate_fallbacks
+    finally:
+        docker("rm", "-f", name)
