@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import coldwake, loadgen, peers, plots, scale, targets
+from bench import coldwake, hibernate, loadgen, peers, plots, scale, targets
 from bench.report import Report, Row, Target
 
 T = TypeVar("T")
@@ -250,6 +251,28 @@ def scenario_scale(report: Report, args: argparse.Namespace, workdir: Path) -> N
     targets.scale(report, result)
 
 
+def scenario_hibernate(report: Report, args: argparse.Namespace) -> None:
+    title = "8. Hibernate: a 200 MiB backend's memory and wakes, pause / hibernate / stop"
+    rounds = 1 if args.quick else args.rounds
+    progress(f"{title}: {rounds} round(s)")
+    try:
+        result, how = hibernate.run(rounds)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        for target in (targets.HIBERNATE_MEMORY, targets.HIBERNATE_WAKE):
+            report.not_run(target, str(exc))
+        return
+    note = (
+        f"Process runtime, swap: {how}; medians of {rounds} round(s). In RAM: the backend's "
+        "memory cgroup usage (the kernel's count; VmRSS would hide swap cache). MemAvailable "
+        "gained: the machine's, 1 s after the sleep (a stop, which frees everything, is the "
+        "reference). Wakes: to the first response byte, a small request, and one reading the "
+        "whole heap; the last row is the runtime's own SIGCONT and start of the same backend."
+    )
+    commands = [".venv/bin/python -m bench.hibernate --rounds 5"]
+    report.table(title, note, commands, hibernate.table(result))
+    targets.hibernate(report, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -273,6 +296,7 @@ def main() -> None:
         scenario_cold_wake(report, args, workdir)
         scenario_start_wake(report, args, workdir)
         scenario_scale(report, args, workdir)
+        scenario_hibernate(report, args)
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")

@@ -12,6 +12,7 @@ import math
 import statistics
 
 from bench.coldwake import Row as ColdRow
+from bench.hibernate import Result as HibernateResult
 from bench.loadgen import WrkResult
 from bench.report import Report, Target
 from bench.scale import ScaleResult
@@ -37,7 +38,16 @@ SCALE = Target(
     "7. 1,000 services",
     "start < 2 s, RSS < 150 MiB, idle CPU < 1% of a core; both wakes answer; 0 wake failures",
 )
-ALL = (KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, BULK, HTTP, HTTP_VARIED, COLD_ONE, COLD_BURST, SCALE)
+HIBERNATE_MEMORY = Target(
+    "8. memory in RAM while hibernated", "<= 10% of awake (cgroup usage); 0 failures"
+)
+HIBERNATE_WAKE = Target(
+    "8. small-request wake after hibernate", "<= 100 ms p50, with and without prefetch"
+)
+ALL = (
+    KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, BULK, HTTP, HTTP_VARIED, COLD_ONE, COLD_BURST, SCALE,
+    HIBERNATE_MEMORY, HIBERNATE_WAKE,
+)  # fmt: skip
 
 # Per wrk row: (target, figure, bound). req/s must reach the bound x HAProxy, p99 stay within it.
 _HTTP = {
@@ -123,3 +133,26 @@ def scale(report: Report, result: ScaleResult) -> None:
         and result.wake_failures == 0
     )
     report.judge(SCALE, measured, met)
+
+
+def hibernate(report: Report, result: HibernateResult) -> None:
+    """Row 8: RAM while hibernated against awake; the small-request wake p50."""
+    modes = [result.modes["hibernate"], result.modes["hibernate+prefetch"]]
+    awake = [v for m in modes for v in m.resident_awake]
+    asleep = [v for m in modes for v in m.resident_asleep]
+    failures = sum(m.failures for m in modes)
+    if not awake or not asleep:
+        report.judge(HIBERNATE_MEMORY, "no cgroup reading", False)
+    else:
+        share = statistics.median(asleep) / statistics.median(awake)
+        report.judge(
+            HIBERNATE_MEMORY,
+            f"{share:.1%} of awake; {failures} failures",
+            share <= 0.10 and not failures,
+        )
+    p50 = [median(m.small_ms) if m.small_ms else float("inf") for m in modes]
+    report.judge(
+        HIBERNATE_WAKE,
+        f"{p50[0]:.1f} ms, {p50[1]:.1f} ms with prefetch",
+        max(p50) <= 100.0 and not failures,
+    )
