@@ -125,12 +125,12 @@ async def one_mode(mode: str, rounds: int) -> ModeResult:
 
     async def asleep() -> None:
         # The last client's close reaches the proxy a moment later; the proxy offers no
-        # event for either wait (a bench loop, bounded by the request timeouts).
-        while big.attached:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-        await big.sleep(action)
-        if action is SleepAction.HIBERNATE:
-            while not big.hibernator.hibernated:  # noqa: ASYNC110
+        # event for either wait. Bounded: a reclaim takes about a second here.
+        async with asyncio.timeout(60):
+            while big.attached:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            await big.sleep(action)
+            while action is SleepAction.HIBERNATE and not big.hibernator.hibernated:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
     try:
@@ -168,12 +168,13 @@ async def runtime_own(rounds: int) -> tuple[list[float], list[float]]:
         command = [sys.executable, HOLDER, "--port", str(backend), "--hold", str(HOLD_MIB)]
         proc = subprocess.Popen(command)  # noqa: ASYNC220 - timed from here: no loop hop
         try:
-            while True:
-                try:
-                    await request(backend)
-                    break
-                except OSError:
-                    await asyncio.sleep(0.005)
+            async with asyncio.timeout(60):  # the holder builds its heap first
+                while True:
+                    try:
+                        await request(backend)
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.005)
             start.append((time.perf_counter() - began) * 1000)
             proc.send_signal(signal.SIGSTOP)
             await asyncio.sleep(0.3)
