@@ -192,9 +192,12 @@ def proc_state(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def start_proxy(config: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+def start_proxy(
+    config: Path, port: int, *extra: str, prefix: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """``wakeproxy run`` as its own process (``prefix``: a wrapper such as setpriv)."""
     proc = subprocess.Popen(
-        [*WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
+        [*prefix, *WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 15
     while not port_answers(port):

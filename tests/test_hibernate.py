@@ -20,7 +20,6 @@ import pytest
 from tests.backends.server import payload
 from tests.helpers import (
     BACKEND,
-    WAKEPROXY,
     backend_command,
     build,
     docker,
@@ -29,11 +28,13 @@ from tests.helpers import (
     port_answers,
     running,
     service,
+    start_proxy,
     wait_until,
     write_config,
 )
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.memory import meminfo, swap_total
+from wakeproxy.metrics import render
 
 pytestmark = pytest.mark.asyncio
 HOLD_MIB = 200
@@ -192,8 +193,6 @@ async def test_action_hibernate_after_idle_and_the_metrics_report_it(swap):
         assert (await http_get(port, within=30)).endswith(b"backend\n")
         await wait_until(lambda: big.hibernator.hibernated, within=20)
         assert big.stats.sleeps[(SleepAction.PAUSE, "idle")] == 1
-        from wakeproxy.metrics import render
-
         text = render(proxy).decode()
         assert 'wakeproxy_hibernations_total{method="cgroup",service="big"} 1.0' in text
         assert 'wakeproxy_backend_resident_bytes{service="big",source="cgroup"}' in text
@@ -201,19 +200,6 @@ async def test_action_hibernate_after_idle_and_the_metrics_report_it(swap):
             line for line in text.splitlines() if line.startswith("wakeproxy_reclaimed_bytes_total")
         )
         assert float(reclaimed.split()[-1]) >= HOLD_MIB * MIB * 0.8
-
-
-def cli_run(config: Path, port: int, *prefix: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*prefix, *WAKEPROXY, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True
-    )
-    for _ in range(300):
-        if port_answers(port):
-            return proc
-        assert proc.poll() is None, proc.communicate()[1]
-        subprocess.run(["sleep", "0.05"], check=True)
-    proc.kill()
-    raise AssertionError("the proxy never listened")
 
 
 async def test_without_cap_sys_nice_pageout_falls_back_to_pause_says_why_and_counts(tmp_path, swap):
@@ -227,8 +213,8 @@ async def test_without_cap_sys_nice_pageout_falls_back_to_pause_says_why_and_cou
         admin=admin,
     )  # fmt: skip
     # Root, but without CAP_SYS_NICE: process_madvise on another process is refused.
-    drop = ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
-    proc = cli_run(config, port, *drop)
+    drop = ("setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--")
+    proc = start_proxy(config, port, prefix=drop)
     try:
         assert (await http_get(port, within=30)).endswith(b"backend\n")
         metrics = b""
