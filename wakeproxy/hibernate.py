@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Coroutine
@@ -44,8 +44,10 @@ class Unavailable(Exception):
         self.kind = kind
 
 
-def _lowest_priority() -> None:
-    os.nice(19)
+# The kernel's reclaim runs in the writer's context: at the lowest CPU priority it
+# yields to the proxy and the other backends. nice(1), not a preexec_fn (unsafe to run
+# between fork and exec while the page-out threads may hold locks).
+_NICE = ("nice", "-n", "19") if shutil.which("nice") else ()
 
 
 class Hibernator:
@@ -58,6 +60,7 @@ class Hibernator:
         stats: ServiceStats,
         *,
         cfg: Callable[[], ServiceConfig],
+        present: Callable[[], bool],
         report: Callable[[Event], object],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None] | None],
     ) -> None:
@@ -65,6 +68,7 @@ class Hibernator:
         self.runtime = runtime
         self.stats = stats
         self._cfg = cfg
+        self._present = present
         self._report = report
         self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
@@ -146,7 +150,7 @@ class Hibernator:
         if method in ("auto", "cgroup"):
             cgroup = await self._locate()
             if cgroup is None:
-                why = getattr(self.runtime, "cgroup_problem", "") or "none found"
+                why = self.runtime.cgroup_problem or "none found"
                 problems.append(f"no memory cgroup for the backend ({why})")
             elif not cgroup.writable():
                 problems.append(f"{cgroup.reclaim_file} is not writable")
@@ -159,11 +163,11 @@ class Hibernator:
     async def _reclaim_cgroup(self, cgroup: Cgroup) -> int:
         before = cgroup.usage()
         proc = await asyncio.create_subprocess_exec(
+            *_NICE,
             *cgroup.reclaim_argv(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_lowest_priority,
         )
         try:
             _, err = await proc.communicate()
@@ -248,13 +252,20 @@ class Hibernator:
             return cgroup.usage()
         return rss_of(pids)
 
+    def forget(self) -> None:
+        """The backend stopped: its cgroup (process runtime) and pids are gone or reused."""
+        self._cgroup = None
+        self._pids = []
+        self.hibernated = False
+
     def memory(self) -> MemoryUse | None:
         """What the backend holds now (a sysfs/procfs read: cheap enough for a scrape).
 
         Where it is not known yet (a container found running at start-up: no inspect
-        per container then), the first read looks it up in the background."""
+        per container then), the first read looks it up in the background, if the
+        backend is there at all (running or paused)."""
         use = self._read(self._pids)
-        if use is None and not self._locating:
+        if use is None and self._present() and not self._locating:
             self._locating = True
             self._spawn(self._locate_quietly())
         return use

@@ -134,6 +134,7 @@ class Service:
             runtime,
             self.stats,
             cfg=lambda: self.cfg,
+            present=lambda: self.state in (State.RUNNING, State.PAUSED),
             report=self.feed,
             spawn=self._spawn,
         )
@@ -445,6 +446,8 @@ class Service:
             self._asleep_since = None
         if after in ASLEEP:
             self._asleep_since = now
+        if after is State.STOPPED:
+            self.hibernator.forget()
         elif after is State.WAKING:
             # perf_counter: uvloop's loop.time() counts whole milliseconds.
             self._wake_started = time.perf_counter()

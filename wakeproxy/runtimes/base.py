@@ -28,6 +28,8 @@ class Runtime(abc.ABC):
     def __init__(self) -> None:
         # Set by the service that owns this runtime; called for changes seen from outside.
         self.on_change: ChangeCallback = _ignore_change
+        # Why memory_cgroup() finds none, where the runtime knows (said when hibernating).
+        self.cgroup_problem = ""
 
     @abc.abstractmethod
     async def inspect(self) -> State:

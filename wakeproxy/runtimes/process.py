@@ -147,7 +147,6 @@ class ProcessRuntime(Runtime):
         # from it); where none can be made, the reason is kept and said once.
         self.own_cgroup = own_cgroup
         self.cgroup: Cgroup | None = None
-        self.cgroup_problem = ""
         self.command = command
         self.cwd = cwd
         self.env = dict(env or {})
