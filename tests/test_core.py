@@ -7,8 +7,10 @@ import pytest
 from tests.helpers import FakeGlue
 from wakeproxy.core.actions import (
     ArmTimer,
+    CancelReclaim,
     CancelWake,
     Hold,
+    Reclaim,
     Refresh,
     Refused,
     Reject,
@@ -24,6 +26,8 @@ from wakeproxy.core.events import (
     Arrive,
     Leave,
     Observed,
+    Reclaimed,
+    ReclaimFailed,
     Reconfigured,
     ResultDue,
     SleepDone,
@@ -267,6 +271,81 @@ def test_a_new_policy_takes_effect_at_once():
     glue.feed("web", Reconfigured(Policy(idle_delay=2.0)))
     glue.advance(2.0)
     assert sleeps(glue, "web") == [PAUSE]
+
+
+# ---- hibernation: a paused backend's memory given back
+
+
+HIBERNATE = SleepAction.HIBERNATE
+
+
+def reclaims(glue: FakeGlue, name: str) -> int:
+    return len(glue.actions(name, Reclaim))
+
+
+def test_action_hibernate_pauses_then_reclaims_at_once():
+    glue = FakeGlue()
+    glue.add("web", idle_delay=1.0, action=HIBERNATE, hibernate_after=0.0)
+    glue.advance(1.0)
+    assert sleeps(glue, "web") == [PAUSE], "to the backend a hibernate is a pause"
+    assert reclaims(glue, "web") == 0, "nothing is reclaimed before the pause finished"
+    out = glue.feed("web", SleepDone())
+    assert Reclaim() in out and glue.core.nodes["web"].reclaiming
+    glue.feed("web", Reclaimed(200 << 20))
+    node = glue.core.nodes["web"]
+    assert node.hibernated and not node.reclaiming and node.state is State.PAUSED
+
+
+def test_hibernate_after_waits_its_time_and_a_wake_before_it_cancels_nothing():
+    glue = FakeGlue()
+    glue.add("web", State.PAUSED, hibernate_after=60.0)
+    glue.advance(59.0)
+    assert reclaims(glue, "web") == 0
+    glue.advance(60.0)
+    assert reclaims(glue, "web") == 1
+    glue.feed("web", ReclaimFailed("no cgroup"))
+    assert not glue.core.nodes["web"].hibernated, "a failed reclaim leaves a plain pause"
+    glue.add("other", State.PAUSED, hibernate_after=60.0)
+    glue.feed("other", Arrive())
+    glue.advance(200.0)
+    assert reclaims(glue, "other") == 0 and glue.actions("other", CancelReclaim) == []
+
+
+def test_a_wake_during_the_reclaim_cancels_it_before_the_unpause():
+    glue = FakeGlue()
+    glue.add("web", State.PAUSED, hibernate_after=0.0)
+    glue.advance(0.0)
+    assert glue.core.nodes["web"].reclaiming
+    out = glue.feed("web", Arrive())
+    cancel = out.index(CancelReclaim())
+    unpause = out.index(RunWake(WakeOp.UNPAUSE))
+    assert cancel < unpause, out
+    node = glue.core.nodes["web"]
+    assert not node.reclaiming and not node.hibernated
+    # The cancelled reclaim reports nothing; a late report would be a bug.
+    with pytest.raises(IllegalTransition):
+        glue.feed("web", Reclaimed(0))
+
+
+def test_api_hibernate_of_a_paused_backend_reclaims_once_and_of_a_running_one_pauses_first():
+    glue = FakeGlue()
+    glue.add("paused", State.PAUSED)
+    glue.feed("paused", SleepRequested(HIBERNATE))
+    glue.feed("paused", SleepRequested(HIBERNATE))
+    assert reclaims(glue, "paused") == 1, "one reclaim in flight at a time"
+    glue.add("web", sleeps=False)
+    glue.feed("web", SleepRequested(HIBERNATE))
+    assert sleeps(glue, "web") == [PAUSE]
+    assert Reclaim() in glue.feed("web", SleepDone()), "even where the policy never sleeps"
+
+
+def test_stop_after_during_a_reclaim_cancels_it_and_stops():
+    glue = FakeGlue()
+    glue.add("web", State.PAUSED, hibernate_after=0.0, stop_after=5.0)
+    glue.advance(0.0)
+    glue.advance(5.0)
+    assert glue.actions("web", CancelReclaim) == [CancelReclaim()]
+    assert sleeps(glue, "web") == [STOP]
 
 
 # ---- the API's refusals

@@ -6,7 +6,8 @@ outside, against the pure core (strict: an event with no transition fails the te
 After every step: no service is put to sleep while a connection is attached or a
 service that depends on it is awake (unless the API forced it); a group sleeps only
 when every member may; exactly one wake in flight per service; every held connection
-is released or refused; the core's counts match the connections the model knows.
+is released or refused; a reclaim runs only on a paused backend and is cancelled the
+moment it leaves paused; the core's counts match the connections the model knows.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from tests.helpers import FakeGlue
 from wakeproxy.core.actions import (
+    CancelReclaim,
     CancelWake,
     Connect,
     Hold,
+    Reclaim,
     Refresh,
     Reject,
     Release,
@@ -35,6 +38,8 @@ from wakeproxy.core.events import (
     Arrive,
     Leave,
     Observed,
+    Reclaimed,
+    ReclaimFailed,
     SleepDone,
     SleepFailed,
     SleepRequested,
@@ -61,6 +66,7 @@ class Model:
     waking: set[str] = field(default_factory=set)  # a RunWake not yet answered
     sleeping: set[str] = field(default_factory=set)  # a RunSleep not yet answered
     refreshing: set[str] = field(default_factory=set)
+    reclaiming: set[str] = field(default_factory=set)  # a Reclaim not yet answered
 
 
 services = st.integers(min_value=2, max_value=6)
@@ -95,6 +101,9 @@ class CoreModel(RuleBasedStateMachine):
                 idle_delay=data.draw(st.sampled_from([1.0, 3.0, 10.0]), label="idle"),
                 action=data.draw(st.sampled_from(list(SleepAction)), label="action"),
                 stop_after=data.draw(st.sampled_from([None, 5.0, 20.0]), label="stop_after"),
+                hibernate_after=data.draw(
+                    st.sampled_from([None, 0.0, 4.0]), label="hibernate_after"
+                ),
                 max_held=data.draw(st.integers(1, 4), label="max_held"),
                 wake_timeout=data.draw(st.sampled_from([2.0, 30.0]), label="wake_timeout"),
             )
@@ -146,6 +155,13 @@ class CoreModel(RuleBasedStateMachine):
                         )
             elif isinstance(action, Refresh):
                 self.model.refreshing.add(name)
+            elif isinstance(action, Reclaim):
+                assert name not in self.model.reclaiming, f"{name}: a second reclaim in flight"
+                assert node.state is State.PAUSED, f"{name}: reclaim while {node.state}"
+                self.model.reclaiming.add(name)
+            elif isinstance(action, CancelReclaim):
+                assert name in self.model.reclaiming, f"{name}: cancelled a reclaim not running"
+                self.model.reclaiming.discard(name)
             elif isinstance(action, Release):
                 for conn in self.model.conns.values():
                     if conn.service == name and conn.status == "held":
@@ -200,6 +216,13 @@ class CoreModel(RuleBasedStateMachine):
         self.model.sleeping.discard(name)
         self.glue.feed(name, SleepDone() if ok else SleepFailed("runtime said no"))
 
+    @precondition(lambda self: bool(self.model.reclaiming))
+    @rule(data=st.data(), ok=st.booleans())
+    def a_reclaim_ends(self, data: st.DataObject, ok: bool) -> None:
+        name = data.draw(st.sampled_from(sorted(self.model.reclaiming)))
+        self.model.reclaiming.discard(name)
+        self.glue.feed(name, Reclaimed(1 << 20) if ok else ReclaimFailed("no cgroup"))
+
     @precondition(lambda self: bool(self.model.refreshing))
     @rule(data=st.data(), state=st.sampled_from(SETTLED))
     def a_refresh_reports(self, data: st.DataObject, state: State) -> None:
@@ -237,6 +260,9 @@ class CoreModel(RuleBasedStateMachine):
             if held:
                 # Held connections wait only on an operation that will end them.
                 assert node.state in IN_FLIGHT, f"{name}: {held} held while {node.state}"
+            # A reclaim runs only on a paused backend: leaving paused cancelled it.
+            assert node.reclaiming == (name in self.model.reclaiming), name
+            assert not (node.reclaiming or node.hibernated) or node.state is State.PAUSED
 
     def teardown(self) -> None:
         # Let every operation finish: then no connection may still be held.

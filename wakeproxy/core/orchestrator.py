@@ -366,7 +366,13 @@ class Orchestrator:
         if policy.sleeps and policy.stop_after is not None:
             self._emit(node, ArmTimer(Timer.STOP_AFTER, node.unit.since + policy.stop_after))
         after = self._hibernate_after(node)
-        if after is not None and not (node.hibernated or node.reclaiming):
+        if after is None or node.hibernated or node.reclaiming:
+            return
+        if after == 0:
+            # Right after the pause, in the same batch: whoever asked for it (the API)
+            # sees the reclaim running once the pause's result is in.
+            self._start_reclaim(node)
+        else:
             self._emit(node, ArmTimer(Timer.HIBERNATE, node.unit.since + after))
 
     @staticmethod
@@ -468,11 +474,6 @@ class Orchestrator:
             self._fail_waiting_dependents(node, f"did not wake: {reason}", now)
         elif after is State.FAILED:
             self._fail_waiting_dependents(node, f"failed: {node.unit.reason}", now)
-        if after is State.RUNNING:
-            node.last_activity = now  # a fresh idle period from the moment it runs
-            self._arm_idle(node, now)
-        elif after is State.PAUSED:
-            self._arm_escalation(node)
         if after in (State.PAUSING, State.STOPPING) or after in ASLEEP:
             # Put to sleep (forced, or from outside) while a dependent's wake waits for
             # it: wake it again (right after the sleep in flight), or that wake and its
@@ -480,6 +481,13 @@ class Orchestrator:
             waiting = next((d for d in node.dependents if d.pending is not None), None)
             if waiting is not None:
                 self._unit(node, WakeRequested(f"needed by {waiting.name}"), now)
+        if after is State.RUNNING:
+            node.last_activity = now  # a fresh idle period from the moment it runs
+            self._arm_idle(node, now)
+        elif after is State.PAUSED:
+            # Checks the state it is in now: the wake just above may have moved it on
+            # (no reclaim started only to be cancelled in the same breath).
+            self._arm_escalation(node)
         if before in AWAKE and after not in AWAKE:
             # One fewer service needs its dependencies awake: they decide again.
             for dependency in node.depends_on:
