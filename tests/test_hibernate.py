@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.backends.server import payload
@@ -23,6 +24,7 @@ from tests.helpers import (
     backend_command,
     build,
     docker,
+    exchange,
     free_port,
     http_get,
     port_answers,
@@ -276,3 +278,22 @@ async def test_docker_backend_hibernates_at_its_container_cgroup(python_base, sw
             assert box.stats.hibernations["cgroup"] == 3 and not box.stats.hibernate_fallbacks
     finally:
         docker("rm", "-f", name)
+
+
+async def test_api_hibernate_answers_once_the_memory_is_given_back(swap):
+    port, backend, admin = free_port(), free_port(), free_port()
+    # action pause: the API hibernates it all the same.
+    config = build(holder("big", port, backend, mib=64), admin=admin)
+    async with running(config) as proxy:
+        big = proxy.services["big"]
+        assert (await http_get(port, within=30)).endswith(b"backend\n")
+        await wait_until(lambda: big.attached == 0, within=5)
+        reply = await exchange(
+            admin, b"POST /services/big/hibernate HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        answer = orjson.loads(body(reply))
+        assert answer["state"] == "paused" and answer["memory"]["hibernated"] is True, answer
+        assert answer["memory"]["hibernate_method"] == "cgroup"
+        assert answer["memory"]["reclaimed_bytes_total"] >= 48 * MIB
+        assert body(await http_get(port, "/checksum", within=30)) == expected_checksum(64)

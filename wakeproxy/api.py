@@ -45,7 +45,7 @@ def error(status: int, message: str, **extra: Any) -> Response:
     return json_response(status, {"error": message, **extra})
 
 
-_ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake)$")
+_ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake|hibernate)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
 _SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
 _POLICY = re.compile(r"^/policies/([^/]+)$")
@@ -204,7 +204,11 @@ class Api:
             return error(504, str(exc), name=name, state=service.state.value)
         except RuntimeFailure as exc:
             return error(502, str(exc), name=name, state=service.state.value)
-        return json_response(200, {"name": name, "state": service.state.value})
+        body: dict[str, Any] = {"name": name, "state": service.state.value}
+        if action == "hibernate":
+            # Answered once the memory was given back (or why it was not).
+            body["memory"] = service.hibernator.describe()
+        return json_response(200, body)
 
     async def _act_all(self, which: str, force: bool) -> Response:
         services = list(self.proxy.services.values())
@@ -238,7 +242,13 @@ async def _stop(service: Service, force: bool) -> None:
     await service.sleep(SleepAction.STOP, SleepReason.API, force=force)
 
 
+async def _hibernate(service: Service, force: bool) -> None:
+    await service.sleep(SleepAction.HIBERNATE, SleepReason.API, force=force)
+    await service.hibernator.settled()
+
+
 _ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
+    "hibernate": _hibernate,
     "wake": _wake,
     "start": _wake,
     "sleep": _sleep,

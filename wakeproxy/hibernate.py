@@ -100,6 +100,11 @@ class Hibernator:
     def reclaim(self) -> None:
         self._task = self._spawn(self._reclaim())
 
+    async def settled(self) -> None:
+        """Return once no reclaim runs (its end is not cancelled with the caller)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
     def cancel(self) -> None:
         """A wake came: stop now, report nothing."""
         if self._cancelled is not None:
