@@ -175,6 +175,7 @@ async def test_idle_timeout_with_action_hibernate_and_a_wake_during_the_reclaim(
     async with running(config) as proxy:
         big = proxy.services["big"]
         assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
+        awake = await settle_memory(big)
         # The wake arrives while the reclaim runs (0.3-0.9 s for 200 MiB here).
         await put_to_sleep(big, SleepAction.HIBERNATE)
         await wait_until(lambda: big.node.reclaiming, within=1, interval=0.001)
@@ -182,6 +183,10 @@ async def test_idle_timeout_with_action_hibernate_and_a_wake_during_the_reclaim(
         assert body(reply) == CHECKSUM
         assert big.state is State.RUNNING and not big.node.reclaiming
         assert not big.hibernator.hibernated and not big.stats.hibernate_fallbacks
+        # The reclaim was stopped, not left paging the running backend out.
+        await asyncio.sleep(1.0)
+        use = big.hibernator.memory()
+        assert use is not None and use.resident >= awake * 0.9, (awake, use)
         assert big.stats.wakes["ok"] == 2 and big.stats.wakes["failed"] == 0
 
 

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,18 +97,74 @@ class Cgroup:
         except (OSError, ValueError):
             return []
 
-    def reclaim_argv(self) -> list[str]:
-        """A helper process that reclaims the whole cgroup (blocking in the kernel).
+    def reclaim_write(self) -> CgroupWrite:
+        """The write that reclaims the whole cgroup (it blocks in the kernel while it runs).
 
         v1: writing 0 to memory.force_empty reclaims everything it can; v2: asking
-        memory.reclaim for the current usage does the same. A SIGKILL ends it at once
-        (the kernel checks for a fatal signal between reclaim rounds).
+        memory.reclaim for the current usage does the same.
         """
-        amount = "0"
+        amount = b"0"
         if self.version == 2:
             use = self.usage()
-            amount = str(max(use.resident if use else 0, 4096))
-        return ["/bin/sh", "-c", 'echo "$1" > "$2"', "sh", amount, str(self.reclaim_file)]
+            amount = str(max(use.resident if use else 0, 4096)).encode()
+        return CgroupWrite(self.reclaim_file, amount)
+
+
+# Sent to a thread blocked in a reclaim write to end it: the kernel's reclaim loop
+# checks for a pending signal between rounds and returns EINTR (v1 force_empty and v2
+# memory.reclaim alike). The handler does nothing; it only has to exist.
+INTERRUPT = signal.SIGUSR2
+
+
+def install_interrupt() -> bool:
+    """Make INTERRUPT harmless to the process (main thread only); False where it cannot."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(INTERRUPT) in (signal.SIG_DFL, None):
+        signal.signal(INTERRUPT, lambda signum, frame: None)
+    return True
+
+
+class CgroupWrite:
+    """One blocking reclaim write, run in a worker thread, interruptible from another.
+
+    libc's write through ctypes, not ``os.write``: Python retries a write interrupted by
+    a signal (PEP 475), which would start the reclaim over.
+    """
+
+    __slots__ = ("_thread", "cancelled", "data", "path")
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path = path
+        self.data = data
+        self.cancelled = False
+        self._thread: int | None = None
+
+    def run(self) -> int:
+        """In the worker: 0 when done, else the errno (EINTR once interrupted)."""
+        self._thread = threading.get_ident()
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                if self.cancelled:  # interrupted before it began
+                    return errno.EINTR
+                written = _libc.write(fd, self.data, ctypes.c_size_t(len(self.data)))
+                return 0 if written >= 0 else ctypes.get_errno()
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        finally:
+            self._thread = None
+
+    def interrupt(self) -> None:
+        """End the write now (or prevent it). Repeat until run() returned: a signal sent
+        just before the thread entered write() would be missed."""
+        self.cancelled = True
+        thread = self._thread
+        if thread is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(thread, INTERRUPT)
 
 
 def _stat_field(path: Path, field: str) -> int | None:
