@@ -75,13 +75,20 @@ class Admission:
         """Close one connection the backend will not serve, counting why."""
         self.stats.record(outcome, conn.refuse(outcome))
 
-    def refuse_held(self, outcome: Outcome) -> int:
-        """Close every held connection (the wake failed); returns how many."""
+    def refuse_held(self, outcome: Outcome, reason: str) -> None:
+        """Close every held connection (the wake failed), saying why once."""
         held = list(self._held)
         self._held.clear()
         for conn in held:
             self.refuse(conn, outcome)
-        return len(held)
+        if held:
+            log.warning(
+                "%s: closed %d held connection(s): %s",
+                self.name,
+                len(held),
+                reason,
+                extra={"service": self.name, "outcome": outcome.value},
+            )
 
     def forward(self, conn: ClientSide) -> None:
         """The backend runs: forward this connection (behind a release still draining)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from .config import ServiceConfig
 from .core.events import Event
 from .core.orchestrator import Command, Node, Orchestrator
 from .core.policy import Policy
@@ -19,6 +20,20 @@ from .core.states import State
 if TYPE_CHECKING:
     from .forward import ClientSide
     from .service import Service
+
+
+def policy_of(cfg: ServiceConfig) -> Policy:
+    """What the core needs of a service's config."""
+    sleep = cfg.sleep_policy
+    return Policy(
+        sleeps=sleep.sleeps,
+        idle_delay=sleep.idle_delay,
+        action=sleep.action,
+        stop_after=sleep.stop_after,
+        hibernate_after=sleep.hibernates_after,
+        max_held=cfg.max_held_connections,
+        wake_timeout=cfg.wake_timeout,
+    )
 
 
 class Coordinator:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .admission import Admission
 from .config import Address, ServiceConfig
+from .coordinator import policy_of
 from .core.actions import (
     Action,
     ArmTimer,
@@ -53,7 +54,6 @@ from .core.events import (
     WakeRequested,
 )
 from .core.orchestrator import Node
-from .core.policy import Policy
 from .core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
 from .driver import RuntimeDriver
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
@@ -63,26 +63,13 @@ from .httpmode.answers import ProbeRule, compile_probes
 from .httpmode.client import HttpClientSide
 from .runtimes.base import Runtime
 from .stats import ServiceStats
+from .waiters import Waiters
 
 if TYPE_CHECKING:
     from .config.model import HttpSettings
     from .coordinator import Coordinator
 
 log = logging.getLogger("wakeproxy.service")
-
-
-def policy_of(cfg: ServiceConfig) -> Policy:
-    """What the core needs of a service's config."""
-    sleep = cfg.sleep_policy
-    return Policy(
-        sleeps=sleep.sleeps,
-        idle_delay=sleep.idle_delay,
-        action=sleep.action,
-        stop_after=sleep.stop_after,
-        hibernate_after=sleep.hibernates_after,
-        max_held=cfg.max_held_connections,
-        wake_timeout=cfg.wake_timeout,
-    )
 
 
 class Service:
@@ -107,9 +94,8 @@ class Service:
         self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
-        self._wake_waiters: list[asyncio.Future[None]] = []
-        self._sleep_waiters: list[asyncio.Future[None]] = []
-        self._asleep_since: float | None = None
+        self._wakers = Waiters(self.loop)
+        self._sleepers = Waiters(self.loop)
         self._wake_started = time.perf_counter()
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -140,7 +126,7 @@ class Service:
         )
         runtime.on_change = self._runtime_changed
         if initial in ASLEEP:
-            self._asleep_since = self.loop.time()
+            self.stats.asleep_since = self.loop.time()
         self.node: Node = coordinator.add(self, policy_of(cfg), initial, reason)
 
     def __repr__(self) -> str:
@@ -194,11 +180,7 @@ class Service:
 
     def asleep_seconds(self, state: State | None = None) -> float:
         """Seconds the backend spent paused or stopped (or in ``state``) since the start."""
-        states = (State.PAUSED, State.STOPPED) if state is None else (state,)
-        total = sum(self.stats.asleep_by_state[s] for s in states)
-        if self._asleep_since is not None and self.state in states:
-            total += self.loop.time() - self._asleep_since
-        return total
+        return self.stats.asleep_seconds(state, self.state, self.loop.time())
 
     # ---- start and close
 
@@ -255,11 +237,8 @@ class Service:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for waiter in (*self._wake_waiters, *self._sleep_waiters):
-            if not waiter.done():
-                waiter.set_exception(OperationFailed("the proxy is shutting down"))
-        self._wake_waiters.clear()
-        self._sleep_waiters.clear()
+        for waiters in (self._wakers, self._sleepers):
+            waiters.settle(OperationFailed("the proxy is shutting down"))
 
     # ---- the connections' owner interface (forward.Owner, http.client.HttpOwner)
 
@@ -335,8 +314,7 @@ class Service:
         """Return once the backend is running; raise RuntimeFailure if the wake fails."""
         if self.state is State.RUNNING:
             return
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._wake_waiters.append(waiter)
+        waiter = self._wakers.add()
         self.feed(WakeRequested(reason))
         await waiter
 
@@ -347,12 +325,11 @@ class Service:
         awake service needs this one, unless ``force``. Returns once it finished."""
         # Plain strings too ("pause"): the core compares enum members by identity.
         request = SleepRequested(SleepAction(action), SleepReason(reason), force)
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._sleep_waiters.append(waiter)
+        waiter = self._sleepers.add()
         commands = self.feed(request)
         refused = next((a for _, a in commands if isinstance(a, Refused)), None)
         if refused is not None or not any(isinstance(a, RunSleep) for _, a in commands):
-            self._sleep_waiters.remove(waiter)
+            self._sleepers.discard(waiter)
             if refused is not None:
                 raise ServiceBusy(refused.why, forceable=refused.forceable)
             return  # already asleep
@@ -390,7 +367,7 @@ class Service:
                 self.admission.hold(conn)
             case Reject(outcome, reason, held):
                 if held:
-                    self._refuse_held(outcome, reason)
+                    self.admission.refuse_held(outcome, reason)
                 elif conn is not None:
                     self.admission.refuse(conn, outcome)
             case Release():
@@ -440,12 +417,7 @@ class Service:
         self.feed(TimerFired(timer))
 
     def _transitioned(self, before: State, after: State, reason: str) -> None:
-        now = self.loop.time()
-        if before in ASLEEP and self._asleep_since is not None:
-            self.stats.asleep_by_state[before] += now - self._asleep_since
-            self._asleep_since = None
-        if after in ASLEEP:
-            self._asleep_since = now
+        self.stats.record_transition(before, after, self.loop.time())
         if after is State.STOPPED:
             self.hibernator.forget()
         elif after is State.WAKING:
@@ -485,37 +457,14 @@ class Service:
                 reason,
                 extra={"service": self.name},
             )
-        waiters, self._wake_waiters = self._wake_waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if result is WakeResult.OK:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(
-                    (WakeTimeout if result is WakeResult.TIMEOUT else OperationFailed)(reason)
-                )
-
-    def _refuse_held(self, outcome: Outcome, reason: str) -> None:
-        count = self.admission.refuse_held(outcome)
-        if count:
-            log.warning(
-                "%s: closed %d held connection(s): %s",
-                self.name,
-                count,
-                reason,
-                extra={"service": self.name, "outcome": outcome.value},
-            )
+        if result is WakeResult.OK:
+            self._wakers.settle()
+        else:
+            error = WakeTimeout if result is WakeResult.TIMEOUT else OperationFailed
+            self._wakers.settle(error(reason))
 
     def _sleep_finished(self, error: str | None) -> None:
-        waiters, self._sleep_waiters = self._sleep_waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(OperationFailed(error))
+        self._sleepers.settle(None if error is None else OperationFailed(error))
 
     def _connect_failed(self) -> None:
         if self.state is State.RUNNING:

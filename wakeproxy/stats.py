@@ -8,7 +8,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from .core.states import Outcome, SleepAction, SleepReason, State, WakeResult
+from .core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
 
 # Upper bounds of the wake-latency histogram, fine enough to see 5-200 ms.
 WAKE_BUCKETS = (
@@ -42,6 +42,8 @@ class ServiceStats:
     asleep_by_state: dict[State, float] = field(
         default_factory=lambda: {State.PAUSED: 0.0, State.STOPPED: 0.0}
     )
+    # Loop time the backend fell asleep, while it is.
+    asleep_since: float | None = None
     # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
     hourly: dict[int, list[int]] = field(default_factory=dict)
     # Hibernation: by method (cgroup, pageout); bytes given back as measured; the times
@@ -86,3 +88,19 @@ class ServiceStats:
                 del self.hourly[old]
             slot = self.hourly[hour] = [0, 0]
         slot[index] += 1
+
+    def record_transition(self, before: State, after: State, now: float) -> None:
+        """Time asleep, by state: closed on leaving paused or stopped, opened on entering."""
+        if before in ASLEEP and self.asleep_since is not None:
+            self.asleep_by_state[before] += now - self.asleep_since
+            self.asleep_since = None
+        if after in ASLEEP:
+            self.asleep_since = now
+
+    def asleep_seconds(self, state: State | None, current: State, now: float) -> float:
+        """Seconds spent paused or stopped (or in ``state``), the current stretch included."""
+        states = (State.PAUSED, State.STOPPED) if state is None else (state,)
+        total = sum(self.asleep_by_state[s] for s in states)
+        if self.asleep_since is not None and current in states:
+            total += now - self.asleep_since
+        return total
