@@ -251,14 +251,14 @@ def scenario_scale(report: Report, args: argparse.Namespace, workdir: Path) -> N
     targets.scale(report, result)
 
 
-def scenario_hibernate(report: Report, args: argparse.Namespace) -> None:
+def scenario_hibernate(report: Report, args: argparse.Namespace, workdir: Path) -> None:
     title = "8. Hibernate: a 200 MiB backend's memory and wakes, pause / hibernate / stop"
     rounds = 1 if args.quick else args.rounds
     progress(f"{title}: {rounds} round(s)")
     try:
-        result, how = hibernate.run(rounds)
+        result, how = hibernate.run(rounds, workdir / "hibernate")
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-        for target in (targets.HIBERNATE_MEMORY, targets.HIBERNATE_WAKE):
+        for target in (targets.HIBERNATE_MEMORY, targets.HIBERNATE_WAKE, targets.HIBERNATE_LOAD):
             report.not_run(target, str(exc))
         return
     note = (
@@ -270,6 +270,13 @@ def scenario_hibernate(report: Report, args: argparse.Namespace) -> None:
     )
     commands = [".venv/bin/python -m bench.hibernate --rounds 5"]
     report.table(title, note, commands, hibernate.table(result))
+    if result.load is not None:
+        load_note = (
+            f"wrk -t1 -c10 keep-alive for 3 s on a service in front of nginx, alone and while "
+            f"{hibernate.MANY} other services ({hibernate.MANY_MIB} MiB heaps) are hibernated at "
+            "once half a second in; rounds alternate; medians."
+        )
+        report.table(f"{title}: under load", load_note, commands, hibernate.load_table(result.load))
     targets.hibernate(report, result)
 
 
@@ -296,7 +303,7 @@ def main() -> None:
         scenario_cold_wake(report, args, workdir)
         scenario_start_wake(report, args, workdir)
         scenario_scale(report, args, workdir)
-        scenario_hibernate(report, args)
+        scenario_hibernate(report, args, workdir)
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")

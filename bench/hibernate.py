@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench import loadgen, peers
 from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
@@ -41,6 +44,7 @@ from wakeproxy.memory import meminfo, swap_total
 HOLDER = str(Path(__file__).parent / "holder.py")
 HOLD_MIB = 200
 MIB = 1 << 20
+MANY, MANY_MIB = 50, 8  # the hibernations at once, and the heap of each
 MODES = ("pause", "hibernate", "hibernate+prefetch", "stop")
 
 
@@ -55,11 +59,26 @@ class ModeResult:
 
 
 @dataclass
+class LoadResult:
+    """Keep-alive p99 on one service, alone and while MANY others hibernate at once."""
+
+    quiet_p99_ms: list[float] = field(default_factory=list)
+    busy_p99_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    hibernated: int = 0  # of MANY x rounds
+    reclaim_s: list[float] = field(default_factory=list)  # all MANY, wall time
+    # How late the proxy's own loop ran a 1 ms timer while they hibernated: a stall of
+    # the loop, as opposed to CPU the kernel's reclaim took from everyone.
+    loop_lag_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Result:
     modes: dict[str, ModeResult]
     sigcont_ms: list[float]
     start_ms: list[float]
     rounds: int
+    load: LoadResult | None = None
 
 
 @contextmanager
@@ -87,7 +106,7 @@ async def request(port: int, path: str = "/") -> float:
     started = time.perf_counter()
     async with asyncio.timeout(60):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
         await reader.readexactly(1)
         elapsed = time.perf_counter() - started
         await reader.read(-1)
@@ -188,15 +207,89 @@ async def runtime_own(rounds: int) -> tuple[list[float], list[float]]:
     return sigcont, start
 
 
-async def measure(rounds: int) -> Result:
+def many_config(
+    web: int, nginx: tuple[list[str], int], admin: int, ports: list[tuple[int, int]]
+) -> str:
+    argv, nginx_port = nginx
+    lines = [
+        f"admin: {{listen: 127.0.0.1:{admin}}}",
+        "services:",
+        "  web:",
+        f"    listen: 127.0.0.1:{web}",
+        f"    backend: 127.0.0.1:{nginx_port}",
+        f"    command: {json.dumps(argv)}",
+        "    sleep_policy: {enabled: false}",
+    ]
+    for i, (port, backend) in enumerate(ports):
+        lines += [
+            f"  h{i}:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            f'    command: ["{sys.executable}", "{HOLDER}", "--port", "{backend}", '
+            f'"--hold", "{MANY_MIB}"]',
+            "    readiness: {http: /}",
+            "    sleep_policy: {idle_timeout: 3600}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def loop_lag(out: list[float]) -> None:
+    """Append how late each 1 ms sleep wakes, until cancelled."""
+    while True:
+        began = time.perf_counter()
+        await asyncio.sleep(0.001)
+        out.append(time.perf_counter() - began - 0.001)
+
+
+async def under_load(rounds: int, workdir: Path, seconds: float = 3.0) -> LoadResult:
+    """wrk keep-alive on ``web`` for ``seconds``, alone and with MANY hibernating at once
+    half a second in; the rounds alternate, so the machine's drift hits both alike."""
+    result = LoadResult()
+    ports = [(free_port(), free_port()) for _ in range(MANY)]
+    web, admin = free_port(), free_port()
+    # web: nginx as a command of the proxy's, never put to sleep.
+    cfg = parse_yaml(many_config(web, peers.nginx_command(workdir), admin, ports), "bench")
+    proxy = Proxy(cfg)
+    await proxy.start()
+    many = [proxy.services[f"h{i}"] for i in range(MANY)]
+    try:
+        await request(web)
+        await asyncio.gather(*(request(port) for port, _ in ports))  # all started
+        argv = loadgen.wrk_command(web, seconds, 10, churn=False)
+        for _ in range(rounds):
+            quiet = await asyncio.to_thread(loadgen.run_wrk, argv)
+            busy_run = asyncio.ensure_future(asyncio.to_thread(loadgen.run_wrk, argv))
+            await asyncio.sleep(0.5)
+            began = time.perf_counter()
+            lags: list[float] = []
+            probe = asyncio.ensure_future(loop_lag(lags))
+            await asyncio.gather(*(s.sleep(SleepAction.HIBERNATE) for s in many))
+            await asyncio.gather(*(s.hibernator.settled() for s in many))
+            result.reclaim_s.append(time.perf_counter() - began)
+            probe.cancel()
+            result.loop_lag_ms.append(max(lags, default=0.0) * 1000)
+            result.hibernated += sum(s.hibernator.hibernated for s in many)
+            busy = await busy_run
+            result.quiet_p99_ms.append(quiet.p99_ms)
+            result.busy_p99_ms.append(busy.p99_ms)
+            result.errors += quiet.errors + busy.errors
+            await asyncio.gather(*(request(port) for port, _ in ports))  # awake again
+    finally:
+        await proxy.close()
+    return result
+
+
+async def measure(rounds: int, workdir: Path | None) -> Result:
     modes = {mode: await one_mode(mode, rounds) for mode in MODES}
     sigcont, start = await runtime_own(rounds)
-    return Result(modes, sigcont, start, rounds)
+    load = await under_load(rounds, workdir) if workdir is not None else None
+    return Result(modes, sigcont, start, rounds, load)
 
 
-def run(rounds: int) -> tuple[Result, str]:
+def run(rounds: int, workdir: Path | None = None) -> tuple[Result, str]:
+    """``workdir``: where nginx runs for the under-load part (None: that part is skipped)."""
     with swap_file() as how:
-        return uvloop.run(measure(rounds)), how
+        return uvloop.run(measure(rounds, workdir)), how
 
 
 def _mib(values: list[int]) -> str:
@@ -235,16 +328,39 @@ def table(result: Result) -> list[dict[str, str]]:
     return rows
 
 
+def load_table(load: LoadResult) -> list[dict[str, str]]:
+    ratio = statistics.median(load.busy_p99_ms) / statistics.median(load.quiet_p99_ms)
+    return [
+        {
+            "keep-alive p99, alone (ms)": _ms(load.quiet_p99_ms),
+            f"keep-alive p99, {MANY} hibernating (ms)": _ms(load.busy_p99_ms),
+            "ratio": f"{ratio:.2f} x",
+            f"all {MANY} reclaimed (s)": _ms([s * 1000 for s in load.reclaim_s]).replace(",", "")
+            + " ms",
+            "proxy loop lag, max (ms)": _ms(load.loop_lag_ms),
+            "hibernated": f"{load.hibernated} of {MANY * len(load.busy_p99_ms)}",
+            "wrk errors": str(load.errors),
+        }
+    ]
+
+
+def _print(rows: list[dict[str, str]]) -> None:
+    head = list(rows[0])
+    print(" | ".join(head))
+    for row in rows:
+        print(" | ".join(row[h] for h in head))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hibernate")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    result, how = run(args.rounds)
+    with tempfile.TemporaryDirectory(prefix="wakeproxy-bench-") as tmp:
+        result, how = run(args.rounds, Path(tmp))
     print(f"swap: {how}; {args.rounds} round(s); medians")
-    head = list(table(result)[0])
-    print(" | ".join(head))
-    for row in table(result):
-        print(" | ".join(row[h] for h in head))
+    _print(table(result))
+    if result.load is not None:
+        _print(load_table(result.load))
 
 
 if __name__ == "__main__":

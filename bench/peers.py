@@ -94,6 +94,12 @@ class Peer:
 
 
 def nginx(workdir: Path) -> Peer:
+    argv, port = nginx_command(workdir)
+    return Peer("nginx", argv, port)
+
+
+def nginx_command(workdir: Path) -> tuple[list[str], int]:
+    """nginx serving the small body on a free port, configured in ``workdir``; not started."""
     port = free_port()
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ def nginx(workdir: Path) -> Peer:
     )
     path = workdir / "nginx.conf"
     path.write_text(conf)
-    return Peer("nginx", ["nginx", "-c", str(path)], port)
+    return ["nginx", "-c", str(path)], port
 
 
 def iperf3_server() -> Peer:

@@ -44,9 +44,13 @@ HIBERNATE_MEMORY = Target(
 HIBERNATE_WAKE = Target(
     "8. small-request wake after hibernate", "<= 100 ms p50, with and without prefetch"
 )
+HIBERNATE_LOAD = Target(
+    "8. keep-alive p99 while 50 hibernate at once",
+    "<= 2 x its p99 alone; all 50 hibernated; 0 wrk errors",
+)
 ALL = (
     KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, BULK, HTTP, HTTP_VARIED, COLD_ONE, COLD_BURST, SCALE,
-    HIBERNATE_MEMORY, HIBERNATE_WAKE,
+    HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD,
 )  # fmt: skip
 
 # Per wrk row: (target, figure, bound). req/s must reach the bound x HAProxy, p99 stay within it.
@@ -155,4 +159,15 @@ def hibernate(report: Report, result: HibernateResult) -> None:
         HIBERNATE_WAKE,
         f"{p50[0]:.1f} ms, {p50[1]:.1f} ms with prefetch",
         max(p50) <= 100.0 and not failures,
+    )
+    load = result.load
+    if load is None:
+        report.not_run(HIBERNATE_LOAD, "no work directory for nginx")
+        return
+    ratio = statistics.median(load.busy_p99_ms) / statistics.median(load.quiet_p99_ms)
+    everyone = load.hibernated == 50 * len(load.busy_p99_ms)
+    report.judge(
+        HIBERNATE_LOAD,
+        f"{ratio:.2f} x; {load.hibernated} hibernated; {load.errors} wrk errors",
+        ratio <= 2.0 and everyone and load.errors == 0,
     )
