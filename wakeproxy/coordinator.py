@@ -67,7 +67,8 @@ class Coordinator:
         if self.services.get(service.name) is not service:
             return []  # a replaced service's late report
         commands = self.core.handle(service.name, event, self._loop.time())
-        self._dispatch(commands, service.name, conn)
+        if commands:  # most connections' Leave decides nothing
+            self._dispatch(commands, service.name, conn)
         return commands
 
     def _dispatch(self, commands: list[Command], source: str, conn: ClientSide | None) -> None:

@@ -224,11 +224,15 @@ class Orchestrator:
         return self._take()
 
     def _handle(self, node: Node, event: Event, now: float) -> None:
+        # The two events of every connection before the match: its class patterns cost
+        # about twice as much (an arrive+leave through handle(): 1.38 vs 0.71 us).
+        if isinstance(event, Arrive):
+            self._arrive(node, event.activity, event.attached, now)
+            return
+        if isinstance(event, Leave):
+            self._leave(node, event, event.held, event.activity, now)
+            return
         match event:
-            case Arrive(activity, attached):
-                self._arrive(node, activity, attached, now)
-            case Leave(held, activity):
-                self._leave(node, event, held, activity, now)
             case ResultDue(until):
                 # The idle timer, when it fires early, re-arms for the later deadline.
                 node.busy_until = max(node.busy_until, until)
