@@ -27,7 +27,8 @@ from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_
 from wakeproxy.coordinator import Coordinator
 from wakeproxy.core.actions import Action, ArmTimer
 from wakeproxy.core.events import Event, Timer, TimerFired
-from wakeproxy.core.orchestrator import Command, Node, Orchestrator
+from wakeproxy.core.node import Node
+from wakeproxy.core.orchestrator import Command, Orchestrator
 from wakeproxy.core.policy import Policy
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.runtimes.fake import FakeRuntime

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from tests.helpers import backend_command, config_from, free_port, http_get, running, wait_until
+from tests.helpers import (
+    backend_command,
+    build,
+    config_from,
+    free_port,
+    http_get,
+    running,
+    service,
+    wait_until,
+)
 from wakeproxy.core.states import State
 from wakeproxy.errors import ConfigError, ServiceBusy
 
@@ -95,20 +104,20 @@ async def test_a_group_sleep_never_pauses_a_member_an_awake_service_still_needs(
     """a and b sleep as a group; c depends on b and stays busy: b must stay running
     (the group's sleep once looked at the dependents of the member whose timer fired)."""
     ports = {name: (free_port(), free_port()) for name in "abc"}
-    extra = {"a": "group: pair", "b": "group: pair", "c": "depends_on: [b]"}
-    lines = ["services:"]
-    for name, (port, backend) in ports.items():
-        idle = 60 if name == "c" else 0.3
-        lines += [
-            f"  {name}:",
-            f"    listen: 127.0.0.1:{port}",
-            f"    backend: 127.0.0.1:{backend}",
-            f"    command: {backend_command(backend, 'http')}",
-            "    readiness: {http: /}",
-            f"    sleep_policy: {{idle_timeout: {idle}}}",
-            f"    {extra[name]}",
-        ]
-    async with running(config_from("\n".join(lines) + "\n")) as proxy:
+    links = {"a": {"group": "pair"}, "b": {"group": "pair"}, "c": {"depends_on": ["b"]}}
+    config = build(
+        *(
+            service(
+                name, port, backend,
+                command=backend_command(backend, "http"),
+                readiness={"http": "/"},
+                sleep_policy={"idle_timeout": 60 if name == "c" else 0.3},
+                **links[name],
+            )
+            for name, (port, backend) in ports.items()
+        )
+    )  # fmt: skip
+    async with running(config) as proxy:
         a, b, c = (proxy.services[n] for n in "abc")
         reader, writer = await asyncio.open_connection("127.0.0.1", ports["c"][0])
         writer.write(b"GET / HTTP/1.1\r\nHost: c\r\n\r\n")

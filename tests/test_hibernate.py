@@ -9,6 +9,7 @@ of a machine without swap runs first, before that file exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -135,13 +136,20 @@ async def settle_memory(svc) -> int:
     return use.resident
 
 
-async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_heap(swap):
+@contextlib.asynccontextmanager
+async def big_backend():
+    """A proxy with one 200 MiB process backend, woken with every page of it resident;
+    yields the service, its port and its memory in RAM (cgroup usage)."""
     port, backend = free_port(), free_port()
     config = build(holder("big", port, backend, sleep_policy={"idle_timeout": 600}))
     async with running(config) as proxy:
         big = proxy.services["big"]
         assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
-        awake = await settle_memory(big)
+        yield big, port, await settle_memory(big)
+
+
+async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_heap(swap):
+    async with big_backend() as (big, port, awake):
         assert awake > HOLD_MIB * MIB * 0.9, awake
         available = await settled_available()
         await put_to_sleep(big, SleepAction.HIBERNATE)
@@ -169,13 +177,8 @@ async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_he
         assert big.stats.hibernations["cgroup"] == 21 and not big.stats.hibernate_fallbacks
 
 
-async def test_idle_timeout_with_action_hibernate_and_a_wake_during_the_reclaim(swap):
-    port, backend = free_port(), free_port()
-    config = build(holder("big", port, backend, sleep_policy={"idle_timeout": 600}))
-    async with running(config) as proxy:
-        big = proxy.services["big"]
-        assert body(await http_get(port, "/checksum", within=30)) == CHECKSUM
-        awake = await settle_memory(big)
+async def test_a_wake_during_the_reclaim_wins_and_stops_it(swap):
+    async with big_backend() as (big, port, awake):
         # The wake arrives while the reclaim runs (0.3-0.9 s for 200 MiB here).
         await put_to_sleep(big, SleepAction.HIBERNATE)
         await wait_until(lambda: big.node.reclaiming, within=1, interval=0.001)

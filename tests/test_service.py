@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from tests.helpers import config_from, echo_server, free_port, lone_service, wait_until
+from tests.helpers import config_from, echo_server, exchange, free_port, lone_service, wait_until
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import State
 from wakeproxy.runtimes.fake import FakeRuntime
@@ -49,17 +49,7 @@ class Harness:
 
     async def roundtrip(self, payload: bytes = b"ping", within: float = 5.0) -> bytes:
         """Send, half-close, read to EOF: b'' means the proxy closed without forwarding."""
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            try:
-                writer.write(payload)
-                writer.write_eof()
-                return await reader.read(-1)
-            except ConnectionResetError:
-                # Closing a socket with unread client bytes sends a reset: same meaning.
-                return b""
-            finally:
-                writer.close()
+        return await exchange(self.port, payload, within=within, half_close=True)
 
 
 def settings(**values: object) -> str:

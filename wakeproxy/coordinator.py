@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from .config import ServiceConfig
 from .core.events import Event
-from .core.orchestrator import Command, Node, Orchestrator
+from .core.node import Node
+from .core.orchestrator import Command, Orchestrator
 from .core.policy import Policy
 from .core.states import State
 

@@ -53,7 +53,7 @@ from .core.events import (
     TimerFired,
     WakeRequested,
 )
-from .core.orchestrator import Node
+from .core.node import Node
 from .core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
 from .driver import RuntimeDriver
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout

@@ -1,0 +1,84 @@
+"""One service as the decision core sees it: its backend's machine, the connections that
+need it, its idle clock, its links to other services."""
+
+from __future__ import annotations
+
+from .actions import WakeOp
+from .lifecycle import Lifecycle
+from .policy import Policy
+from .states import State
+
+
+class Node:
+    """One service as the core sees it."""
+
+    __slots__ = (
+        "attached",
+        "busy_until",
+        "dependents",
+        "depends_on",
+        "group",
+        "held",
+        "hibernate_now",
+        "hibernated",
+        "last_activity",
+        "name",
+        "pending",
+        "policy",
+        "reclaiming",
+        "unit",
+        "wake_deadline",
+    )
+
+    def __init__(self, name: str, policy: Policy, state: State, reason: str, now: float) -> None:
+        self.name = name
+        self.policy = policy
+        self.unit = Lifecycle(state, now=now, reason=reason)
+        # Connections that need the backend: held for a wake, or forwarding. Each one
+        # keeps the service awake (the gate).
+        self.attached = 0
+        self.held = 0
+        self.last_activity = now
+        # mode http: no idle sleep before this (a result may still be due, inflight_grace).
+        self.busy_until = 0.0
+        self.depends_on: tuple[Node, ...] = ()
+        self.dependents: list[Node] = []
+        # Every member of its group, itself included; (self,) without a group.
+        self.group: tuple[Node, ...] = (self,)
+        # The wake operation waiting for dependencies to run first.
+        self.pending: WakeOp | None = None
+        self.wake_deadline = 0.0
+        # Hibernation of a paused backend: asked for by the API (at once, whatever
+        # hibernate_after says), in flight, done (memory given back until it wakes).
+        self.hibernate_now = False
+        self.reclaiming = False
+        self.hibernated = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Node {self.name} state={self.unit.state.value} attached={self.attached} "
+            f"held={self.held}>"
+        )
+
+    @property
+    def state(self) -> State:
+        return self.unit.state
+
+    @property
+    def deadline(self) -> float:
+        """Loop time from which the idle policy may put the backend to sleep."""
+        return max(self.last_activity + self.policy.idle_delay, self.busy_until)
+
+    def touch(self, now: float) -> None:
+        """Activity on an attached connection (a request): only the idle clock moves.
+
+        The hot path's one shortcut past ``handle``: nothing can follow from it at once,
+        the idle timer reads the stamp when it fires.
+        """
+        self.last_activity = now
+
+    def sleeps_in(self, now: float) -> float | None:
+        """Seconds to the idle deadline, or None while nothing would put it to sleep."""
+        if self.unit.state is not State.RUNNING or self.attached or not self.policy.sleeps:
+            return None
+        return max(0.0, self.deadline - now)
