@@ -264,9 +264,9 @@ def scenario_hibernate(report: Report, args: argparse.Namespace, workdir: Path) 
     note = (
         f"Process runtime, swap: {how}; medians of {rounds} round(s). In RAM: the backend's "
         "memory cgroup usage (the kernel's count; VmRSS would hide swap cache). MemAvailable "
-        "gained: the machine's, 1 s after the sleep (a stop, which frees everything, is the "
-        "reference). Wakes: to the first response byte, a small request, and one reading the "
-        "whole heap; the last row is the runtime's own SIGCONT and start of the same backend."
+        "gained: the machine's, once it stopped rising after the sleep (at most 10 s; a stop, "
+        "which frees everything, is the reference). Wakes: to the first response byte, a small "
+        "request, and one reading the whole heap; the last row is the runtime's own SIGCONT and start of the same backend."
     )
     commands = [".venv/bin/python -m bench.hibernate --rounds 5"]
     report.table(title, note, commands, hibernate.table(result))

@@ -118,11 +118,12 @@ async def settled_available() -> int:
 
 
 async def memory_returns(available_before: int, freed: int) -> None:
-    """The machine's available memory rises by most of what the cgroup gave back. Pages
-    still being written to swap are freed as each write completes: allow a moment."""
+    """The machine's available memory rises by most of what the cgroup gave back. It
+    rises over seconds here (this VM hands freed pages back to its host first: after a
+    200 MiB process was killed, MemFree rose 127 MiB in 0.2 s, 204 MiB in 6 s)."""
     try:
         await wait_until(
-            lambda: meminfo("MemAvailable") - available_before >= freed * 0.5, within=5
+            lambda: meminfo("MemAvailable") - available_before >= freed * 0.6, within=15
         )
     except TimeoutError:
         gained = meminfo("MemAvailable") - available_before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy.core.states import State
+from wakeproxy.memory import cgroup_of
 from wakeproxy.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.asyncio
@@ -160,3 +162,23 @@ async def test_unreachable_engine_fails_docker_services_only(monkeypatch, tmp_pa
         assert await http_get(other) == b""
         # The process service is unaffected.
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+
+
+async def test_each_command_has_its_own_memory_cgroup_removed_when_it_ends_and_stale_ones_go():
+    own = cgroup_of("self")
+    if own is None or own.version != 1:
+        pytest.skip("no cgroup v1 memory hierarchy here: commands run without one")
+    # What a SIGKILLed proxy leaves: an empty cgroup, long unused.
+    stale = own.path / "wakeproxy-leftover-of-a-killed-proxy"
+    stale.mkdir(exist_ok=True)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    port, backend = free_port(), free_port()
+    config = process_config(port, backend, backend_command(backend, "http"), "{enabled: false}")
+    async with running(config) as proxy:
+        assert (await http_get(port)).endswith(b"backend\n")
+        runtime = proxy.services["web"].runtime
+        assert isinstance(runtime, ProcessRuntime) and runtime.cgroup is not None
+        mine = runtime.cgroup.path
+        assert mine.parent == own.path and runtime.pid in runtime.cgroup.pids()
+        assert not stale.exists(), "the empty leftover is removed when the proxy starts"
+    assert not mine.exists(), "the command's cgroup goes with it"

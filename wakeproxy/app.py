@@ -24,6 +24,7 @@ from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
+from .memory import remove_stale_cgroups
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_orphans
@@ -98,6 +99,10 @@ class Proxy:
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())
+        # Before any command starts: what a killed proxy left of its commands' cgroups.
+        has_commands = any(cfg.runtime == "process" for cfg in configs)
+        if has_commands and (swept := remove_stale_cgroups()):
+            log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
         listing: list[dict[str, Any]] | None = None
         labels_on = self.config.discovery.docker_labels
         if labels_on or any(cfg.runtime == "docker" for cfg in configs):

@@ -22,6 +22,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +234,26 @@ def cgroup_of(pid: int | str) -> Cgroup | None:
     relative = wanted[len(root) :] if root != "/" and wanted.startswith(root) else wanted
     path = point / relative.lstrip("/")
     return Cgroup(path, version) if path.is_dir() else None
+
+
+_STALE_AFTER = 60.0  # seconds: never a cgroup another proxy is just moving a command into
+
+
+def remove_stale_cgroups() -> int:
+    """Remove the empty ``wakeproxy-*`` cgroups a killed proxy left under this process's
+    (SIGKILL skips the clean-up). rmdir only succeeds on an empty one, so a live
+    command's is never touched. Returns how many went."""
+    own = cgroup_of("self")
+    if own is None or own.version != 1:
+        return 0
+    now, removed = time.time(), 0
+    with contextlib.suppress(OSError):
+        for entry in own.path.glob("wakeproxy-*"):
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > _STALE_AFTER:
+                    entry.rmdir()
+                    removed += 1
+    return removed
 
 
 def child_cgroup(name: str) -> tuple[Cgroup | None, str]:

@@ -115,11 +115,14 @@ def reap_orphans(command: tuple[str, ...], cwd: str | None) -> int:
     return ended
 
 
-def _remove_when_empty(cgroup: Cgroup, tries: int) -> None:
-    """rmdir the command's cgroup; stragglers just sent SIGKILL may take a moment to go."""
-    remove_cgroup(cgroup)
-    if cgroup.exists() and tries > 1:
-        asyncio.get_running_loop().call_later(0.1, _remove_when_empty, cgroup, tries - 1)
+async def _remove_when_empty(cgroup: Cgroup) -> None:
+    """rmdir the command's cgroup; stragglers just sent SIGKILL take a moment to go.
+    Awaited (at most 2 s): a retry left to a timer never ran once the proxy exited."""
+    for _ in range(200):
+        remove_cgroup(cgroup)
+        if not cgroup.exists():
+            return
+        await asyncio.sleep(0.01)
 
 
 def _kernel_state(pid: int) -> str | None:
@@ -211,10 +214,10 @@ class ProcessRuntime(Runtime):
             self.cgroup_problem = problem
         return cgroup
 
-    def _drop_cgroup(self) -> None:
+    async def _drop_cgroup(self) -> None:
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is not None:
-            _remove_when_empty(cgroup, tries=20)
+            await _remove_when_empty(cgroup)
 
     async def memory_cgroup(self) -> Cgroup | None:
         return self.cgroup if self._alive() else None
@@ -244,10 +247,10 @@ class ProcessRuntime(Runtime):
             # Ended without being asked to: the state follows, the next connection starts it.
             self._kill_stragglers(proc.pid)
             self._forget()
-            self._drop_cgroup()
             self._proc = None
             self._paused = False
             self.on_change(State.STOPPED, f"command exited with status {code}")
+            await self._drop_cgroup()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         proc = self._proc
@@ -303,7 +306,7 @@ class ProcessRuntime(Runtime):
                 await proc.wait()
             self._kill_stragglers(proc.pid)
             self._forget()
-            self._drop_cgroup()
+            await self._drop_cgroup()
         finally:
             self._proc = None
             self._paused = False
