@@ -266,7 +266,8 @@ def scenario_hibernate(report: Report, args: argparse.Namespace, workdir: Path) 
         "memory cgroup usage (the kernel's count; VmRSS would hide swap cache). MemAvailable "
         "gained: the machine's, once it stopped rising after the sleep (at most 10 s; a stop, "
         "which frees everything, is the reference). Wakes: to the first response byte, a small "
-        "request, and one reading the whole heap; the last row is the runtime's own SIGCONT and start of the same backend."
+        "request, and one reading the whole heap; the last row is the runtime's own SIGCONT "
+        "and start of the same backend."
     )
     commands = [".venv/bin/python -m bench.hibernate --rounds 5"]
     report.table(title, note, commands, hibernate.table(result))
