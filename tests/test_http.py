@@ -77,7 +77,9 @@ async def test_probes_are_answered_while_asleep_and_never_count_as_activity():
 
         probe = await head_of(port, GATEWAY_PROBE)
         assert status(probe) == 200 and b"Content-Type: text/event-stream" in probe
-        healthz = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: web\r\n\r\n")
+        healthz = await exchange(
+            port, b"GET /healthz HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        )
         assert status(healthz) == 200 and healthz.endswith(b"\r\n\r\nok\n")
         assert service.state is State.STOPPED and service.stats.wakes["ok"] == 0
         assert service.stats.http_answers[200] == 2
@@ -206,6 +208,93 @@ async def test_hostile_and_malformed_requests_get_their_status_and_harm_nobody()
             assert counts.connections[outcome] == 1, (name, dict(counts.connections))
             assert dict(counts.http_answers) == {code: 1}, (name, dict(counts.http_answers))
         assert (stats.connections["bad_request"], stats.connections["header_too_large"]) == (2, 2)
+
+
+async def test_request_framing_that_could_smuggle_is_refused_and_bodies_pass_intact():
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        post = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        # RFC 9112 section 6.1: both framings in one request must not be forwarded.
+        both = post + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        reply = await exchange(port, both)
+        assert status(reply) == 400 and b"both Content-Length and Transfer-Encoding" in reply
+        chunked = post + b"Transfer-Encoding: chunked\r\n\r\n"
+        # A 17-digit chunk size overflows a 64-bit parser behind the proxy.
+        reply = await exchange(port, chunked + b"10000000000000005\r\nhello\r\n0\r\n\r\n")
+        assert status(reply) == 400 and b"1 to 16 hex digits" in reply
+        reply = await exchange(port, chunked + b"8000000000000000\r\n")
+        assert status(reply) == 400 and b"over 2**63 - 1" in reply
+        reply = await exchange(port, chunked + b"5\r\nhello world\r\n0\r\n\r\n")
+        assert status(reply) == 400 and b"longer than its size" in reply
+        reply = await exchange(port, post + b"Transfer-Encoding: gzip\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), reply
+        assert proxy.services["web"].stats.wakes["ok"] == 0, "a refused request wakes nothing"
+        # Valid bodies reach the backend byte for byte: 16 digits with leading zeros, an
+        # extension, split chunks, a trailer.
+        body = b"0000000000000005;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n"
+        reply = await exchange(port, chunked + body)
+        assert status(reply) == 200 and reply.endswith(b"\r\n\r\nhello world"), reply
+        reply = await exchange(port, post + b"Content-Length: 11\r\n\r\nhello world")
+        assert reply.endswith(b"\r\n\r\nhello world"), reply
+
+
+async def test_connections_holding_part_of_a_head_are_capped():
+    port, backend = free_port(), free_port()
+    settings = "http: {max_partial_heads: 2, header_timeout: 5}"
+    async with running(config_from(http_config(http_service("web", port, backend, settings)))):
+        partial = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            partial.append((reader, writer))
+        await asyncio.sleep(0.2)  # both partial heads are in the proxy's buffers
+        # An idle connection holds no head: it is not counted and is served.
+        reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.endswith(BODY)
+        third = await exchange(port, b"GET / HTTP/1.1\r\n")
+        assert status(third) == 503 and b"Retry-After: 1" in third
+        for reader, writer in partial:
+            writer.write(b"Connection: close\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(-1), 10)).endswith(BODY)
+            writer.close()
+        # Completed heads free their places.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(b"Host: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(-1), 10)).endswith(BODY)
+        writer.close()
+
+
+async def test_allow_sleep_never_pauses_under_a_response_it_cannot_frame():
+    # "Transfer-Encoding: gzip, chunked" is valid HTTP that h11 cannot follow. Before the
+    # fix the tracker gave up, the backend was paused mid-download and the client stalled.
+    port, backend = free_port(), free_port()
+    size = 2 << 20
+    command = " ".join(backend_command(backend, "http", "--size", str(size), "--delay", "0.05"))
+    config = http_config(
+        http_service(
+            "web", port, backend, "http: {idle_connections: allow-sleep}",
+            "sleep_policy: {idle_timeout: 0.2}", command=command,
+        )
+    )  # fmt: skip
+    async with running(config_from(config)) as proxy:
+        service = proxy.services["web"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /gzip-chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        async with asyncio.timeout(20):
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                data = await reader.read(65536)
+                assert data, "the backend closed mid-response"
+                received += data
+                assert service.state is State.RUNNING, "paused under a live response"
+        assert len(received) > size
+        # Its end could not be seen: the connection keeps the backend up until it closes.
+        await asyncio.sleep(1.5)
+        assert service.state is State.RUNNING
+        writer.close()
+        await wait_until(lambda: service.state is State.PAUSED, within=10)
 
 
 async def test_max_connections_refusal_is_counted_once_as_outcome_and_status():

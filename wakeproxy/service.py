@@ -91,6 +91,7 @@ class Service:
         self.coordinator = coordinator
         self.stats = ServiceStats()
         self.connections: set[ClientSide] = set()
+        self.partial_heads = 0  # mode http: connections holding part of a head
         self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
@@ -301,6 +302,17 @@ class Service:
 
     def wake_in_background(self, reason: str) -> None:
         self._spawn(self._wake_quietly(reason))
+
+    def head_started(self) -> bool:
+        """mode http: one more connection holds part of a request head (bounded: up to
+        16 KiB each, for header_timeout, however many connections are open)."""
+        if self.partial_heads >= self.cfg.http.max_partial_heads:
+            return False
+        self.partial_heads += 1
+        return True
+
+    def head_ended(self) -> None:
+        self.partial_heads -= 1
 
     async def _wake_quietly(self, reason: str) -> None:
         try:

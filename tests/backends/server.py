@@ -3,12 +3,15 @@
 Modes:
   http    answers every request with a small 200 response (keep-alive); reads a
           Content-Length or chunked body; GET /echo-head answers with the request head
-          itself, POST /echo with the request body
+          itself, POST /echo with the request body (either framing); GET /gzip-chunked
+          streams --size bytes as "Transfer-Encoding: gzip, chunked" (framing h11 cannot
+          follow), 64 KiB every --delay seconds
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
 --hold MIB  keeps MIB of pseudo-random heap (hibernation tests); GET /checksum answers
           its SHA-256, reading every page of it
+--term-delay S  on SIGTERM, exits only S seconds later (a backend slow to stop)
 Runs standalone (``python3 server.py --port P --mode echo``) so the process runtime
 and containers can start it; stdlib only.
 """
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import random
+import signal
 
 HEAP: list[bytes] = []
 
@@ -33,6 +38,17 @@ def payload(seed: int, size: int, chunk: int = 1 << 20):
         left -= n
 
 
+async def send_gzip_chunked(writer, args) -> None:
+    """A valid response an intermediary cannot frame: chunked inside another coding."""
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+    for block in payload(args.seed, args.size, 64 * 1024):
+        writer.write(b"%x\r\n" % len(block) + block + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(args.delay)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
 async def handle(reader, writer, args) -> None:
     try:
         if args.mode == "http":
@@ -45,11 +61,14 @@ async def handle(reader, writer, args) -> None:
                         received = await reader.readexactly(int(line.split(b":", 1)[1]))
                 if b"transfer-encoding: chunked" in lowered:
                     while size := int((await reader.readline()).split(b";")[0], 16):
-                        await reader.readexactly(size + 2)
+                        received += (await reader.readexactly(size + 2))[:-2]
                     await reader.readline()  # the blank line after the last chunk
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
                 target = parts[1] if len(parts) > 1 else b""
+                if target == b"/gzip-chunked":
+                    await send_gzip_chunked(writer, args)
+                    continue
                 if target == b"/checksum":
                     digest = hashlib.sha256()
                     for block in HEAP:
@@ -99,7 +118,13 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--hold", type=int, default=0)
+    parser.add_argument("--term-delay", type=float, default=0.0)
     args = parser.parse_args()
+    if args.term_delay:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(
+            signal.SIGTERM, lambda: loop.call_later(args.term_delay, os._exit, 0)
+        )
     HEAP.extend(payload(args.seed, args.hold << 20))
     server = await asyncio.start_server(
         lambda r, w: handle(r, w, args), args.host, args.port, backlog=4096, reuse_address=True

@@ -124,6 +124,8 @@ class HttpSettings:
     default_probe: bool = True
     probes: tuple[Probe, ...] = ()
     waiting_page: bool = False
+    # Connections holding part of a request head (up to 16 KiB each) at most.
+    max_partial_heads: int = 1024
 
     @property
     def matchers(self) -> tuple[Probe, ...]:

@@ -206,6 +206,7 @@ _HTTP_FIELDS: dict[str, Check] = {
     "default_probe": check.boolean,
     "probes": nested,
     "waiting_page": check.boolean,
+    "max_partial_heads": check.int_between(1, 10_000_000),
 }
 
 

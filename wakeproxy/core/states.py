@@ -32,6 +32,9 @@ class State(enum.StrEnum):
 
 # Asleep: a connection needs a wake first; probes are answered by the proxy.
 ASLEEP = frozenset({State.PAUSED, State.STOPPED})
+# Asleep or going to sleep: probes are answered by the proxy (forwarding one would wake
+# the backend right after its pause or stop).
+NOT_SERVING = frozenset({*ASLEEP, State.PAUSING, State.STOPPING})
 # One of our own operations runs; its result, not what the runtime reports, decides.
 IN_FLIGHT = frozenset({State.WAKING, State.PAUSING, State.STOPPING})
 # A service in one of these keeps what it depends on awake.

@@ -4,6 +4,7 @@ which requests are not activity (MCP session set-up)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import orjson
 
@@ -14,15 +15,6 @@ from .heads import Head
 # JSON-RPC methods that only set up, keep or tear down an MCP session.
 SESSION_METHODS = frozenset({"initialize", "notifications/initialized", "ping"})
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 # Why the proxy refused a connection -> the status a client reads, and why.
 REFUSALS: dict[Outcome, tuple[int, str]] = {
     Outcome.REJECTED_OVERFLOW: (503, "too many connections for this service; retry shortly"),
@@ -86,6 +78,13 @@ def session_only(body: bytes) -> bool:
     )
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a configured probe status HTTP does not name
+        return "Unknown"
+
+
 def answer(
     status: int,
     body: str = "",
@@ -93,13 +92,16 @@ def answer(
     content_type: str = "text/plain; charset=utf-8",
     headers: tuple[tuple[str, str], ...] = (),
     stream: bool = False,
+    keep_alive: bool = False,
 ) -> bytes:
-    """A complete response the proxy gives itself (closes the connection after)."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Type: {content_type}"]
+    """A complete response the proxy gives itself; it closes the connection after,
+    unless ``keep_alive`` (a probe answered on a connection that stays open)."""
+    lines = [f"HTTP/1.1 {status} {_phrase(status)}", f"Content-Type: {content_type}"]
     lines += [f"{name}: {value}" for name, value in headers]
     if stream:
         lines.append("Cache-Control: no-store")
     else:
         lines.append(f"Content-Length: {len(body.encode())}")
-    lines.append("Connection: close")
+    if not keep_alive:
+        lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n" + ("" if stream else body)).encode()

@@ -6,12 +6,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
-import h11
-
-from ..core.states import ASLEEP, Outcome, State
+from ..core.states import NOT_SERVING, Outcome, State
 from ..forward import HOLD_LIMIT, ClientSide, Owner, UpstreamSide
 from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer, session_only
-from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, chunk_parser, parse_head
+from .chunks import BadChunk, ChunkedBody
+from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, parse_head
 from .tracker import HttpUpstreamSide, ResponseTracker
 
 if TYPE_CHECKING:
@@ -47,17 +46,26 @@ class HttpOwner(Owner, Protocol):
 
     def wake_in_background(self, reason: str) -> None: ...
 
+    def head_started(self) -> bool:
+        """A connection began buffering a partial head; False: too many do (refuse it)."""
+
+    def head_ended(self) -> None:
+        """That connection's partial head is complete, refused or gone."""
+
 
 class HttpClientSide(ClientSide):
     __slots__ = (
+        "_allow_sleep",
         "_body",
         "_buf",
+        "_chunks",
         "_gated",
         "_header_handle",
         "_last_head",
         "_last_raw",
-        "_parser",
+        "_partial",
         "_phase",
+        "_probe_only",
         "_quiet_handle",
         "_remaining",
         "_request_activity",
@@ -74,7 +82,9 @@ class HttpClientSide(ClientSide):
         self._buf = bytearray()
         self._phase = _HEAD
         self._remaining = 0
-        self._parser: h11.Connection | None = None
+        self._chunks: ChunkedBody | None = None
+        # Counted by the owner as holding part of a head (see head_started).
+        self._partial = False
         self._body: bytearray | None = None  # a JSON body being read to classify it
         self._request_activity = False
         # Bytes wait in _pending (not the upstream) while the backend wakes under us.
@@ -87,19 +97,21 @@ class HttpClientSide(ClientSide):
         self.answered = False  # the proxy answered (probe or error): input is ignored
         self.active = False  # until a request that is activity
         self.last_request = 0.0
-        allow_sleep = owner.http.idle_connections == "allow-sleep"
-        self.tracker = ResponseTracker() if allow_sleep else None
-        if self.tracker is not None:
-            self.tracker.on_202 = owner.result_due
+        # Only probes so far: such a connection keeps the backend awake only while a
+        # probe's response is under way.
+        self._probe_only = True
+        self._allow_sleep = owner.http.idle_connections == "allow-sleep"
+        # Follows the responses of every request with allow-sleep, else of probes only.
+        self.tracker = ResponseTracker()
+        self.tracker.on_202 = owner.result_due
+        self.tracker.on_idle = self._responses_done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._arm_header_timeout()
 
     def upstream_protocol(self) -> UpstreamSide:
-        if self.tracker is not None:
-            return HttpUpstreamSide(self, self.tracker)
-        return UpstreamSide(self)
+        return HttpUpstreamSide(self, self.tracker)
 
     # ---- client bytes
 
@@ -138,13 +150,31 @@ class HttpClientSide(ClientSide):
         if end is None:
             if len(buf) > MAX_HEAD:
                 self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
+            elif not self._partial and not self._start_partial():
+                pass  # refused: too many connections hold part of a head
             else:
                 self._arm_header_timeout()
             return b""
         raw = bytes(buf[: end.end()])
         rest = bytes(buf[end.end() :])
         buf.clear()
+        self._end_partial()
         return self._head_complete(raw, rest)
+
+    def _start_partial(self) -> bool:
+        """Count this connection as holding part of a head; refuse it past the cap."""
+        if not self.http_owner.head_started():
+            self._refuse(
+                503, "too many connections for this service; retry shortly", Outcome.REJECTED_LIMIT
+            )
+            return False
+        self._partial = True
+        return True
+
+    def _end_partial(self) -> None:
+        if self._partial:
+            self._partial = False
+            self.http_owner.head_ended()
 
     def _head_complete(self, raw: bytes, rest: bytes) -> bytes:
         if len(raw) > MAX_HEAD:
@@ -170,12 +200,15 @@ class HttpClientSide(ClientSide):
         owner = self.http_owner
         http = owner.http
         probe = next((rule.probe for rule in owner.probe_rules if rule.matches(head)), None)
-        # Only a connection's first request can be answered here: behind an earlier one
-        # that went to the backend, our answer would overtake its response.
-        first = not self._wanted_backend
-        if probe is not None and first and owner.state in ASLEEP:
-            self._answer_probe(probe)
+        # The proxy may answer only when nothing of this connection is with the backend:
+        # behind a request that went there, its answer would overtake that response.
+        quiet = not self.attached and not self.tracker.methods and not self._pending
+        if probe is not None and quiet and owner.state in NOT_SERVING and not head.has_body:
+            self._answer_probe(probe, head)
             return
+        if probe is None:
+            self._probe_only = False
+        first = not self._wanted_backend
         if (
             http.waiting_page
             and first
@@ -199,7 +232,7 @@ class HttpClientSide(ClientSide):
         self._need_backend(self._request_activity and known)
         if http.forwarded_headers:
             raw = self._with_forwarded(raw, head)
-        if self.tracker is not None:
+        if self._allow_sleep or self._probe_only:
             self.tracker.methods.append(method)
         self._send_up(raw)
         if known and self._request_activity:
@@ -216,7 +249,7 @@ class HttpClientSide(ClientSide):
             and b"json" in head.get(b"content-type")
         )
         if head.chunked:
-            self._phase, self._parser = _CHUNKED, chunk_parser(raw)
+            self._phase, self._chunks = _CHUNKED, ChunkedBody()
             self._body = bytearray() if classify else None
         elif head.length > 0:
             self._phase, self._remaining = _LENGTH, head.length
@@ -236,28 +269,22 @@ class HttpClientSide(ClientSide):
         return data[len(take) :]
 
     def _chunked_body(self, data: bytes) -> bytes:
-        parser = self._parser
-        assert parser is not None
-        parser.receive_data(data)
+        chunks = self._chunks
+        assert chunks is not None
         try:
-            while True:
-                event = parser.next_event()
-                if event is h11.NEED_DATA:
-                    self._send_up(data)
-                    return b""
-                if isinstance(event, h11.Data) and self._body is not None:
-                    self._body += event.data
-                    if len(self._body) > MAX_CLASSIFIED_BODY:
-                        self._body = None
-                elif isinstance(event, h11.EndOfMessage):
-                    rest = parser.trailing_data[0]
-                    self._send_up(data[: len(data) - len(rest)])
-                    self._parser = None
-                    self._body_done()
-                    return rest
-        except h11.RemoteProtocolError as exc:
+            end = chunks.feed(data, self._body)
+        except BadChunk as exc:
             self._refuse(400, f"bad chunked body: {exc}", Outcome.BAD_REQUEST)
             return b""
+        if self._body is not None and len(self._body) > MAX_CLASSIFIED_BODY:
+            self._body = None
+        if end < 0:
+            self._send_up(data)
+            return b""
+        self._send_up(data[:end])
+        self._chunks = None
+        self._body_done()
+        return data[end:]
 
     def _body_done(self) -> None:
         self._phase = _HEAD
@@ -286,7 +313,7 @@ class HttpClientSide(ClientSide):
             # put to sleep under this connection: its bytes wait for Connect or Release.
             self._gated = self.upstream is not None
             self.attach(activity=activity)
-        if self.tracker is not None:
+        if self._allow_sleep:
             self._arm_quiet(self.http_owner.idle_delay)
 
     def _send_up(self, data: bytes) -> None:
@@ -317,12 +344,25 @@ class HttpClientSide(ClientSide):
 
     # ---- answers the proxy gives itself
 
-    def _answer_probe(self, probe: Probe) -> None:
+    def _answer_probe(self, probe: Probe, head: Head) -> None:
         self.owner.record(Outcome.PROBE_ANSWERED, probe.status)
-        self._write_answer(
-            answer(probe.status, probe.body, content_type=probe.content_type, stream=probe.stream),
-            close=not probe.stream,
-        )
+        if probe.stream:
+            # An event stream that stays open while the client keeps it: nothing follows.
+            self._write_answer(
+                answer(probe.status, content_type=probe.content_type, stream=True), close=False
+            )
+            return
+        if not head.keep_alive:
+            self._write_answer(
+                answer(probe.status, probe.body, content_type=probe.content_type), close=True
+            )
+            return
+        # Kept open: what the client sends next (pipelined already, or later) is
+        # another request, forwarded or answered as usual.
+        if self.transport is not None and not self.closed:
+            self.transport.write(
+                answer(probe.status, probe.body, content_type=probe.content_type, keep_alive=True)
+            )
 
     def _respond(self, status: int, body: str, content_type: str, outcome: Outcome) -> None:
         self.owner.record(outcome, status)
@@ -353,6 +393,7 @@ class HttpClientSide(ClientSide):
         self.answered = True
         self._cancel_header_timeout()
         self._buf.clear()
+        self._end_partial()
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -381,7 +422,9 @@ class HttpClientSide(ClientSide):
             self._refuse(408, "no complete request head in time", Outcome.HEADER_TIMEOUT)
 
     def _cancel_timers(self) -> None:
+        # Called once, from connection_lost: the partial head goes with the connection.
         super()._cancel_timers()
+        self._end_partial()
         self._cancel_header_timeout()
         if self._quiet_handle is not None:
             self._quiet_handle.cancel()
@@ -392,7 +435,14 @@ class HttpClientSide(ClientSide):
             return False
         return super().eof_received()
 
-    # ---- allow-sleep
+    # ---- when this connection stops keeping the backend awake
+
+    def _responses_done(self) -> None:
+        """Every tracked response ended. A connection that carried only probes lets go
+        of the backend now (allow-sleep's other connections wait for _quiet_check)."""
+        if self._probe_only and self.attached and not self.closed and not self._pending:
+            self.attached = False
+            self.owner.no_longer_needs(self)
 
     def _arm_quiet(self, after: float) -> None:
         if self._quiet_handle is not None:
@@ -407,9 +457,8 @@ class HttpClientSide(ClientSide):
         if self.closed or not self.attached:
             return
         left = self.last_request + self.http_owner.idle_delay - time.monotonic()
-        tracker = self.tracker
         busy = (
-            (tracker is not None and tracker.inflight)
+            self.tracker.inflight
             or self._pending
             or self._gated
             or self._phase != _HEAD

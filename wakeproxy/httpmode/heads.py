@@ -29,9 +29,15 @@ class Head:
     headers: dict[bytes, bytes]
     chunked: bool
     length: int
+    # HTTP/1.1 without "Connection: close", or HTTP/1.0 with "Connection: keep-alive".
+    keep_alive: bool = True
 
     def get(self, name: bytes) -> bytes:
         return self.headers.get(name, b"")
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.length > 0
 
 
 def parse_head(raw: bytes) -> Head:
@@ -60,18 +66,20 @@ def parse_head(raw: bytes) -> Head:
     for name, value in request.headers:
         headers[name] = headers[name] + b", " + value if name in headers else value
     length = headers.get(b"content-length")
+    if length is not None and b"transfer-encoding" in headers:
+        # RFC 9112 section 6.1: a request with both may be a smuggling attempt, and an
+        # intermediary must not forward both; refusing it is the safe choice.
+        raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+    connection = headers.get(b"connection", b"").lower()
+    if request.http_version == b"1.0":
+        keep_alive = b"keep-alive" in connection
+    else:
+        keep_alive = b"close" not in connection
     return Head(
         method=request.method,
         path=request.target.partition(b"?")[0],
         headers=headers,
         chunked=b"transfer-encoding" in headers,  # h11 allows only "chunked"
         length=int(length) if length else 0,
+        keep_alive=keep_alive,
     )
-
-
-def chunk_parser(raw: bytes) -> h11.Connection:
-    """An h11 parser past ``raw`` (a chunked request's head), ready for the body."""
-    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    parser.receive_data(raw)
-    parser.next_event()  # the Request, already validated by parse_head
-    return parser

@@ -18,19 +18,24 @@ if TYPE_CHECKING:
 class ResponseTracker:
     """Follows response framing on one connection (allow-sleep only): how many requests
     still await the end of their response. An event stream stops counting once its head
-    arrived: it may stay open for ever."""
+    arrived: it may stay open for ever. A response whose framing h11 cannot follow
+    (``Transfer-Encoding: gzip, chunked`` is valid HTTP) counts as in flight until the
+    connection closes: its end cannot be seen, and a backend paused under it would stall
+    the download."""
 
-    __slots__ = ("_parser", "broken", "methods", "on_202")
+    __slots__ = ("_parser", "broken", "methods", "on_202", "on_idle")
 
     def __init__(self) -> None:
         self.methods: collections.deque[bytes] = collections.deque()
         self._parser: h11.Connection | None = None
         self.broken = False
         self.on_202: Callable[[], None] | None = None
+        # Called when the last awaited response ended.
+        self.on_idle: Callable[[], None] | None = None
 
     @property
     def inflight(self) -> int:
-        return 0 if self.broken else len(self.methods)
+        return 1 if self.broken else len(self.methods)
 
     def feed(self, data: bytes) -> None:
         while (data or self._parser is not None) and self.methods and not self.broken:
@@ -61,13 +66,15 @@ class ResponseTracker:
                         self.methods.popleft()
                         data, _ = parser.trailing_data
                         self._parser = None
+                        if not self.methods and self.on_idle is not None:
+                            self.on_idle()
                         break
                     elif isinstance(event, h11.ConnectionClosed):
                         self.methods.clear()
                         self._parser = None
                         return
             except h11.ProtocolError:
-                # Not HTTP we can follow: stop counting rather than block sleep for ever.
+                # Not HTTP we can follow: in flight until the connection closes.
                 self.broken = True
                 return
 
