@@ -140,7 +140,7 @@ def test_backoff_doubles_and_is_capped():
 
 def test_retry_timer_refreshes_only_when_still_failed():
     unit = Lifecycle(State.FAILED, now=0.0)
-    assert unit.handle(TimerFired(Timer.RETRY), 1.0) == (Refresh(),)
+    assert unit.handle(TimerFired(Timer.RETRY), 1.0) == (Refresh(verify=True),)
     unit.handle(Observed(State.PAUSED, "found"), 1.0)
     assert unit.handle(TimerFired(Timer.RETRY), 2.0) == ()
 

@@ -354,23 +354,22 @@ async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monk
 
 def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
     """sh -c 'server &': PDEATHSIG ends sh with the proxy; the frozen server it forked is
-    found by the next proxy (same group, the run's token in its environment) and ended."""
+    found by the next proxy (the run's token in its environment, the proxy that made it
+    gone) and ended, although that proxy now runs another command on the port."""
     admin, port, backend = free_port(), free_port(), free_port()
     server = f"{PYTHON} {BACKEND} --port {backend} --mode echo"
+
+    def config(command: str) -> str:
+        lines = [
+            "  a:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            f"    command: {command}",
+        ]
+        return config_text(admin, "\n".join(lines))
+
     path = tmp_path / "config.yaml"
-    path.write_text(
-        config_text(
-            admin,
-            "\n".join(
-                [
-                    "  a:",
-                    f"    listen: 127.0.0.1:{port}",
-                    f"    backend: 127.0.0.1:{backend}",
-                    f'    command: ["sh", "-c", "{server} & wait"]',
-                ]
-            ),
-        )
-    )
+    path.write_text(config(f'["sh", "-c", "{server} & wait"]'))
     marker = f"--port {backend} "
     proxy = start_proxy(path, port)
     try:
@@ -382,6 +381,10 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
         time.sleep(0.5)
         [orphan] = pids_with(marker)  # sh is gone; the frozen server is not
         assert Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        # Before the fix only the identical command's leftovers were found.
+        path.write_text(
+            config(f'["{PYTHON}", "{BACKEND}", "--port", "{backend}", "--mode", "echo"]')
+        )
         proxy = start_proxy(path, port)
         assert not Path(f"/proc/{orphan}").exists() or pids_with(marker) != [orphan]
         with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
@@ -390,4 +393,4 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
     finally:
         proxy.send_signal(signal.SIGTERM)
         _, err = proxy.communicate(timeout=30)
-    assert "a: ended 1 process(es) a killed proxy left of its command" in err
+    assert "ended 1 process(es) a killed proxy left of its command 'sh'" in err

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -12,10 +15,13 @@ import pytest
 from tests.helpers import (
     backend_command,
     config_from,
+    config_text,
     free_port,
     http_get,
+    port_answers,
     proc_state,
     running,
+    service,
     service_yaml,
     wait_until,
 )
@@ -104,6 +110,107 @@ async def test_command_that_dies_at_boot_fails_before_wake_timeout():
         assert await http_get(port) == b""
         assert loop.time() - started < 5, "a dead command must not wait for wake_timeout (15 s)"
         assert "stopped while starting" in service.reason
+
+
+async def test_after_a_wake_timeout_a_command_that_never_listens_never_reads_running():
+    # Before the fix the retry saw the process alive and marked it running: requests
+    # then got instant 502s for ever instead of being held for a wake.
+    port = free_port()
+    never = '["/bin/sh", "-c", "exec sleep 60"]'
+    config = config_from(
+        service_yaml(port, free_port(), command=never, readiness="{tcp: true}", wake_timeout=0.5)
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert await http_get(port) == b""  # tcp mode: the wake timed out, closed
+        assert service.stats.wakes["timeout"] == 1
+        seen = set()
+        deadline = time.monotonic() + 3  # past two retries (0.5 s, then 1 s back-off)
+        while time.monotonic() < deadline:
+            seen.add(service.state)
+            await asyncio.sleep(0.02)
+        assert State.RUNNING not in seen, "running without readiness"
+        assert service.state is State.FAILED
+        assert "not ready" in service.reason, service.reason
+
+
+async def test_a_slow_command_counts_as_running_only_once_it_listens():
+    port, backend = free_port(), free_port()
+    server = " ".join(backend_command(backend, "echo"))
+    slow = f'["/bin/sh", "-c", "sleep 1.5; exec {server}"]'
+    config = config_from(
+        service_yaml(port, backend, command=slow, readiness="{tcp: true}", wake_timeout=0.5)
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert await http_get(port) == b""  # timed out: the command is still booting
+        deadline = time.monotonic() + 20
+        while service.state is not State.RUNNING:
+            assert time.monotonic() < deadline, service.reason
+            await asyncio.sleep(0.02)
+        assert port_answers(backend), "running before it listened"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"ping\n"
+        writer.close()
+
+
+async def test_readiness_never_passes_against_another_process_listener():
+    # Something else holds the backend's port (here: this test). The command cannot
+    # bind and exits; before the fix the connect to the other listener passed readiness.
+    port, backend = free_port(), free_port()
+    squatter = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", backend)
+    config = config_from(
+        service_yaml(port, backend, command=backend_command(backend, "echo"), wake_timeout=15)
+    )
+    try:
+        async with running(config) as proxy:
+            service = proxy.services["web"]
+            assert await http_get(port) == b""
+            assert service.state is State.FAILED, (service.reason, dict(service.stats.wakes))
+            assert f"port {backend} is held by pid {os.getpid()}" in service.reason
+            assert service.stats.wakes["failed"] == 1
+    finally:
+        squatter.close()
+
+
+async def test_held_clients_that_reset_leave_the_hold_queue_at_once():
+    # A held client that sent 64 KiB or more is no longer read (the hold buffer is
+    # full), so its reset went unseen until the wake ended; it kept its place in
+    # max_held_connections and new clients were refused.
+    tcp, http = free_port(), free_port()
+    never = ["/bin/sh", "-c", "exec sleep 60"]
+    text = config_text(
+        service("tcp", tcp, free_port(), command=never, wake_timeout=30, max_held_connections=5),
+        service(
+            "http", http, free_port(), command=never, wake_timeout=30,
+            max_held_connections=5, mode="http",
+        ),
+    )  # fmt: skip
+    big = b"x" * 300_000
+    async with running(config_from(text)) as proxy:
+        for name, port, data in (
+            ("tcp", tcp, big),
+            ("http", http, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + big),
+        ):
+            svc = proxy.services[name]
+            socks = []
+            for _ in range(5):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(data)
+                socks.append(sock)
+            await wait_until(lambda s=svc: s.held == 5, within=5)
+            for sock in socks:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset
+            await wait_until(lambda s=svc: s.held == 0, within=2)
+            # Their places are free: a new client is held, not refused.
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(data[:100])
+                await wait_until(lambda s=svc: s.held == 1, within=5)
+            assert svc.stats.connections["rejected_overflow"] == 0, name
 
 
 async def test_stop_action_ends_the_command_and_start_brings_it_back():

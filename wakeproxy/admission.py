@@ -21,13 +21,15 @@ from typing import Any
 from .config import Address
 from .core.states import Outcome
 from .errors import OperationFailed, RuntimeFailure
-from .forward import ClientSide
+from .forward import ClientSide, peer_reset
 from .stats import ServiceStats
 
 log = logging.getLogger("wakeproxy.service")
 
 # Repeated connect errors are logged at most this often per service.
 _BACKEND_ERROR_LOG_EVERY = 5.0
+# How often held connections whose reading is paused are checked for a reset client.
+RESET_CHECK_EVERY = 0.2
 
 
 class Admission:
@@ -56,6 +58,7 @@ class Admission:
         self._connecting = 0
         self._last_error_log = 0.0
         self._errors_unlogged = 0
+        self._reset_check: asyncio.TimerHandle | None = None
 
     @property
     def held(self) -> int:
@@ -63,6 +66,23 @@ class Admission:
 
     def hold(self, conn: ClientSide) -> None:
         self._held[conn] = None
+        if self._reset_check is None:
+            loop = asyncio.get_running_loop()
+            self._reset_check = loop.call_later(RESET_CHECK_EVERY, self._check_resets)
+
+    def _check_resets(self) -> None:
+        """A held client that sent HOLD_LIMIT bytes is no longer read, so its reset is
+        not seen by the loop: look for it, so it leaves the hold queue (and stops counting
+        against max_held_connections) within RESET_CHECK_EVERY, not at the wake's end."""
+        self._reset_check = None
+        if not self._held:
+            return
+        for conn in list(self._held):
+            transport = conn.transport
+            if conn.reading_paused and transport is not None and peer_reset(transport):
+                conn.abort()  # connection_lost follows: it leaves as a held connection
+        loop = asyncio.get_running_loop()
+        self._reset_check = loop.call_later(RESET_CHECK_EVERY, self._check_resets)
 
     def forget(self, conn: ClientSide) -> bool:
         """A connection went away; whether it was held."""

@@ -27,7 +27,7 @@ from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyErr
 from .memory import remove_stale_cgroups
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
-from .runtimes.process import ProcessRuntime, reap_orphans
+from .runtimes.process import ProcessRuntime, reap_leftovers
 from .service import Service
 
 log = logging.getLogger("wakeproxy")
@@ -101,6 +101,11 @@ class Proxy:
         configs = list(self.config.services.values())
         # Before any command starts: what a killed proxy left of its commands' cgroups.
         has_commands = any(cfg.runtime == "process" for cfg in configs)
+        if has_commands:
+            for command, ended in reap_leftovers():
+                log.warning(
+                    "ended %d process(es) a killed proxy left of its command %r", ended, command
+                )
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
         listing: list[dict[str, Any]] | None = None
@@ -306,11 +311,6 @@ class Proxy:
             if cwd is not None and self.config.source is not None:
                 # A relative cwd is relative to the config file, not to wherever we run.
                 cwd = str(Path(self.config.source).parent / cwd)
-            ended = reap_orphans(cfg.command, cwd)
-            if ended:
-                log.warning(
-                    "%s: ended %d process(es) a killed proxy left of its command", cfg.name, ended
-                )
             return ProcessRuntime(
                 cfg.command,
                 cwd=cwd,

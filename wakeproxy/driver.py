@@ -26,7 +26,7 @@ from .core.events import (
 )
 from .core.states import SleepAction, State
 from .errors import OperationFailed, RuntimeFailure
-from .readiness import wait_ready
+from .readiness import probe, wait_ready
 from .runtimes.base import Runtime
 
 log = logging.getLogger("wakeproxy.service")
@@ -109,6 +109,11 @@ class RuntimeDriver:
     async def _run_wake(self, op: WakeOp) -> None:
         if op is WakeOp.RECOVER:
             found = await self.runtime.inspect()
+            if found is State.RUNNING:
+                # Alive is not ready: a start that outlasted wake_timeout may still be
+                # booting, or never listen at all.
+                await self._after_start()
+                return
             op = {State.PAUSED: WakeOp.UNPAUSE, State.STOPPED: WakeOp.START}.get(found, op)
         if op is WakeOp.UNPAUSE:
             await self.runtime.unpause()
@@ -138,7 +143,14 @@ class RuntimeDriver:
             readiness,
             connect_timeout=self.cfg.connect_timeout,
             still_starting=self._still_starting,
+            foreign=self.runtime.foreign_listener,
         )
+
+    async def _ready_now(self) -> bool:
+        readiness = self.cfg.readiness
+        if self.backend is None or (not readiness.tcp and readiness.http is None):
+            return True
+        return await probe(self.backend, readiness, self.cfg.connect_timeout)
 
     async def _still_starting(self) -> bool:
         return await self.runtime.inspect() is State.RUNNING
@@ -172,18 +184,21 @@ class RuntimeDriver:
 
     # ---- state
 
-    def refresh(self) -> None:
-        """Re-read the backend's state; reported as Observed."""
+    def refresh(self, *, verify: bool = False) -> None:
+        """Re-read the backend's state; reported as Observed. ``verify``: running
+        counts only once one readiness probe passes."""
         if not self._refreshing:
             self._refreshing = True
-            self._spawn(self._refresh())
+            self._spawn(self._refresh(verify))
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, verify: bool) -> None:
         try:
             state = await self.runtime.inspect()
             reason = "state re-read"
             if state is not State.FAILED and self.cfg.backend is None:
                 await self._resolve_backend()
+            if state is State.RUNNING and verify and not await self._ready_now():
+                state, reason = State.FAILED, "running, but not ready (its readiness check fails)"
         except RuntimeFailure as exc:
             state, reason = State.FAILED, str(exc)
         except Exception as exc:

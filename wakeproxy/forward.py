@@ -53,6 +53,23 @@ def set_keepalive(sock: Any) -> None:
             sock.setsockopt(level, option, value)
 
 
+_TCP_CLOSE = 7  # tcpi_state after a reset (linux/tcp_states.h)
+
+
+def peer_reset(transport: asyncio.BaseTransport) -> bool:
+    """Whether the peer reset this connection. For a transport whose reading is paused:
+    the event loop stops watching its socket then, so a reset goes unseen until reading
+    resumes. TCP_INFO's state reads it without touching the socket's queue or error."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return True  # the socket is gone already
+    return bool(info) and info[0] == _TCP_CLOSE
+
+
 def _limit_buffers(transport: asyncio.BaseTransport) -> None:
     cast(asyncio.WriteTransport, transport).set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
@@ -250,6 +267,11 @@ class ClientSide(asyncio.Protocol):
     def upstream_protocol(self) -> UpstreamSide:
         """The Protocol for this connection's backend side."""
         return UpstreamSide(self)
+
+    @property
+    def reading_paused(self) -> bool:
+        """Its held bytes reached HOLD_LIMIT: reading waits for the backend."""
+        return self._pending_size >= HOLD_LIMIT and self.upstream is None
 
     def refuse(self, outcome: Outcome) -> int | None:
         """Close a connection the backend will not serve (overflow, failed wake). Returns

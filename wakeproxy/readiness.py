@@ -20,7 +20,7 @@ from .errors import OperationFailed
 _ALIVE_EVERY = 10
 
 
-async def _probe(address: Address, readiness: Readiness, connect_timeout: float) -> bool:
+async def probe(address: Address, readiness: Readiness, connect_timeout: float) -> bool:
     try:
         async with asyncio.timeout(connect_timeout):
             reader, writer = await asyncio.open_connection(address.host, address.port)
@@ -47,13 +47,19 @@ async def wait_ready(
     *,
     connect_timeout: float,
     still_starting: Callable[[], Awaitable[bool]],
+    foreign: Callable[[int], Awaitable[str | None]] | None = None,
 ) -> None:
-    """Return once a probe passes; the caller bounds the wait (wake_timeout)."""
+    """Return once a probe passes against the backend's own listener (``foreign``
+    says why a listener that answered is someone else's); the caller bounds the wait
+    (wake_timeout)."""
     attempts = 0
+    problem: str | None = None
     while True:
-        if await _probe(address, readiness, connect_timeout):
-            return
+        if await probe(address, readiness, connect_timeout):
+            problem = await foreign(address.port) if foreign is not None else None
+            if problem is None:
+                return
         attempts += 1
         if attempts % _ALIVE_EVERY == 0 and not await still_starting():
-            raise OperationFailed("the backend stopped while starting")
+            raise OperationFailed(problem or "the backend stopped while starting")
         await asyncio.sleep(readiness.interval)

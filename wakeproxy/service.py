@@ -394,8 +394,8 @@ class Service:
                 self.hibernator.cancel()
             case RunSleep(sleep_action):
                 self.driver.sleep(sleep_action)
-            case Refresh():
-                self.driver.refresh()
+            case Refresh(verify):
+                self.driver.refresh(verify=verify)
             case ArmTimer(timer, at):
                 self._arm(timer, at)
             case Transition(before, after, reason):

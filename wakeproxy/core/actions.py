@@ -71,7 +71,11 @@ class CancelReclaim:
 
 @dataclass(frozen=True, slots=True)
 class Refresh:
-    """Re-read the backend's state and report it back with Observed."""
+    """Re-read the backend's state and report it back with Observed. ``verify``: a
+    backend found running must also pass one readiness probe (after a failure, such as
+    a start that outlasted wake_timeout, running is not yet ready)."""
+
+    verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)

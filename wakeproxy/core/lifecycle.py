@@ -86,7 +86,7 @@ class Lifecycle:
                 return self._observed(state, reason, now)
             case TimerFired(Timer.RETRY):
                 # Only a service still failed is re-read; anything else already moved on.
-                return (Refresh(),) if self.state is State.FAILED else ()
+                return (Refresh(verify=True),) if self.state is State.FAILED else ()
         raise IllegalTransition(event, self.state)
 
     # ---- transitions

@@ -64,6 +64,11 @@ class Runtime(abc.ABC):
         """The backend's own memory cgroup, where one can be found (hibernation)."""
         return None
 
+    async def foreign_listener(self, port: int) -> str | None:
+        """Why the listener on ``port`` is not this backend's, or None: it is, or the
+        runtime cannot tell (readiness then trusts the connect)."""
+        return None
+
     async def pids(self) -> list[int]:
         """The backend's processes (the page-out fallback, and RSS when no cgroup)."""
         return []

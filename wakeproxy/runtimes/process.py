@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import secrets
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from ..core.states import State
 from ..errors import BackendMissing, OperationFailed
+from ..listeners import describe_pid, holders, listening_inodes, socket_inodes
 from ..memory import Cgroup, child_cgroup, group_pids, remove_cgroup
 from .base import Runtime
 
@@ -72,47 +72,61 @@ def _state_dir() -> Path:
     return Path(base) / f"wakeproxy-{os.getuid()}"
 
 
-def _record_path(command: tuple[str, ...], cwd: str | None) -> Path:
-    key = hashlib.sha256(repr((command, cwd)).encode()).hexdigest()[:16]
-    return _state_dir() / f"command-{key}.json"
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): with the pid, who it is."""
+    fields = _stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
-def reap_orphans(command: tuple[str, ...], cwd: str | None) -> int:
-    """End what a killed proxy left of this command: its process group, leader or not.
+def _record_path(token: str) -> Path:
+    return _state_dir() / f"run-{token}"
 
-    PR_SET_PDEATHSIG ends the command itself with the proxy, but processes it spawned
-    stay in its group (frozen, if it was paused). Each start records the group's id and
-    a random token put in the command's environment, which its children inherit: only a
-    process in that group carrying that token is ended (a reused pid never matches).
-    Returns how many processes were ended.
+
+def reap_leftovers() -> list[tuple[str, int]]:
+    """End what killed proxies left of their commands, whatever the commands were.
+
+    PR_SET_PDEATHSIG ends a command's leader with the proxy, but processes it spawned
+    (``sh -c 'server & wait'``) survive it, frozen if it was paused, holding the
+    backend's port. Each start records its run's random token (put in the command's
+    environment, which its children inherit) with the proxy's pid and start time; a
+    record whose proxy is no longer alive names processes to end. A live proxy's
+    commands, and a reused pid, never match. Returns (command, processes ended) per
+    record reaped.
     """
-    record = _record_path(command, cwd)
     try:
-        pgid_text, token = record.read_text().split()
-        pgid = int(pgid_text)
-    except (OSError, ValueError):
-        return 0
-    marker = f"{_TOKEN_ENV}={token}".encode()
-    ended = 0
+        records = list(_state_dir().glob("run-*"))
+    except OSError:
+        return []
+    dead: dict[bytes, tuple[Path, str]] = {}
+    for record in records:
+        try:
+            owner, started, command = record.read_text().split(maxsplit=2)
+        except (OSError, ValueError):
+            continue
+        if owner.isdigit() and _start_time(int(owner)) == started:
+            continue  # its proxy still runs (this one included)
+        token = record.name.removeprefix("run-")
+        dead[f"{_TOKEN_ENV}={token}".encode()] = (record, command.strip())
+    if not dead:
+        return []
+    ended: dict[bytes, int] = dict.fromkeys(dead, 0)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields is None or int(fields[2]) != pgid:  # fields[2]: the process group
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker not in environ:
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(int(entry.name), signal.SIGCONT)
-            os.kill(int(entry.name), signal.SIGKILL)
-            ended += 1
-    with contextlib.suppress(OSError):
-        record.unlink()
-    return ended
+        for marker in dead:
+            if marker in environ:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(entry.name), signal.SIGCONT)
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    ended[marker] += 1
+    for record, _ in dead.values():
+        with contextlib.suppress(OSError):
+            record.unlink()
+    return [(command, ended[marker]) for marker, (_, command) in dead.items() if ended[marker]]
 
 
 async def _remove_when_empty(cgroup: Cgroup) -> None:
@@ -158,6 +172,8 @@ class ProcessRuntime(Runtime):
         self._paused = False
         self._stopping = False
         self._watchers: set[asyncio.Task[None]] = set()
+        self._token = ""
+        self._foreign: tuple[frozenset[int], str] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -200,7 +216,7 @@ class ProcessRuntime(Runtime):
         self.cgroup = cgroup
         self._proc = proc
         self._paused = False
-        self._record(proc.pid, token)
+        self._record(token)
         log.debug("started %s as pid %d", self.command[0], proc.pid)
         task = asyncio.create_task(self._watch_exit(proc))
         self._watchers.add(task)
@@ -228,18 +244,40 @@ class ProcessRuntime(Runtime):
             return []
         return group_pids(proc.pid) or [proc.pid]
 
-    def _record(self, pid: int, token: str) -> None:
-        """Note the group and its token, for reap_orphans after a SIGKILL."""
-        path = _record_path(self.command, self.cwd)
+    def _record(self, token: str) -> None:
+        """Note this run's token and its proxy, for reap_leftovers after a SIGKILL."""
+        self._token = token
+        path = _record_path(token)
+        me = os.getpid()
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            path.write_text(f"{pid} {token}\n")
+            path.write_text(f"{me} {_start_time(me)} {self.command[0]}\n")
         except OSError as exc:
-            log.debug("cannot record pid %d in %s: %s", pid, path, exc)
+            log.debug("cannot record run %s in %s: %s", token, path, exc)
 
     def _forget(self) -> None:
-        with contextlib.suppress(OSError):
-            _record_path(self.command, self.cwd).unlink()
+        if self._token:
+            with contextlib.suppress(OSError):
+                _record_path(self._token).unlink()
+            self._token = ""
+
+    async def foreign_listener(self, port: int) -> str | None:
+        inodes = listening_inodes(port)
+        if not inodes:
+            return None  # not seen from here (another network namespace): trust the connect
+        if self._alive():
+            pids = self.cgroup.pids() if self.cgroup is not None else await self.pids()
+            ours = socket_inodes(pids)
+            if ours is None or ours & inodes:
+                return None
+        # Else the command has exited already (it could not bind): the listener is not its.
+        key = frozenset(inodes)
+        if self._foreign is None or self._foreign[0] != key:
+            # Who holds it: a full /proc scan, once per listener seen.
+            who = ", ".join(describe_pid(pid) for pid in holders(inodes)[:3])
+            text = f"port {port} is held by {who or 'another process'}, not by this command"
+            self._foreign = (key, text)
+        return self._foreign[1]
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

@@ -1,0 +1,66 @@
+"""Who listens on a TCP port, read from /proc (Linux, this network namespace).
+
+A readiness connect succeeds against any listener on the backend's port: a frozen
+leftover of an earlier run, or an unrelated server, would pass it while the command just
+started fails to bind. These reads tell the command's own listener from someone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+_LISTEN = "0A"  # st column: TCP_LISTEN
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Socket inodes listening on ``port`` (any address); empty when none or unreadable."""
+    found: set[int] = set()
+    for table in _TABLES:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEX_IP:HEX_PORT; st; ...; inode is the tenth column.
+            listening = len(fields) > 9 and fields[3] == _LISTEN
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found
+
+
+def socket_inodes(pids: Iterable[int]) -> set[int] | None:
+    """Inodes of the sockets these processes hold; None when no fd table was readable."""
+    found: set[int] = set()
+    readable = False
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        readable = True
+        for name in names:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{fd_dir}/{name}")
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found if readable else None
+
+
+def holders(inodes: set[int]) -> list[int]:
+    """Every process holding one of these sockets (a full /proc scan: for error texts)."""
+    pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    return [pid for pid in pids if (socket_inodes([pid]) or set()) & inodes]
+
+
+def describe_pid(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:
+        return f"pid {pid}"
+    return f"pid {pid} ({command.decode(errors='replace')[:80]})"
