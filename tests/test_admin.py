@@ -284,6 +284,42 @@ async def test_live_change_errors_read_like_the_yaml_ones():
         assert proxy.services["web"].cfg.sleep_policy.idle_timeout == 60  # unchanged
 
 
+async def test_live_changes_are_held_to_the_files_rules_across_keys():
+    # allow-sleep with action stop is refused in the file; before the fix both live
+    # routes answered 200 and the idle connections were then cut.
+    port, backend = free_port(), free_port()
+    config = config_from(
+        f"""
+        policies:
+          shared: {{idle_timeout: 600}}
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+            mode: http
+            http: {{idle_connections: allow-sleep}}
+            sleep_policy: {{use: shared}}
+        """
+    )
+    why = (
+        "services.web.http.idle_connections: allow-sleep keeps connections open under a "
+        "sleeping backend; sleep action 'stop' would cut them: use action 'pause'"
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        status, body = await put(
+            proxy, "/services/web/config", b'{"sleep_policy": {"action": "stop"}}'
+        )
+        assert (status, body["problems"]) == (400, [why])
+        status, body = await put(proxy, "/policies/shared", b'{"action": "stop"}')
+        assert (status, body["problems"]) == (400, [why])
+        assert proxy.policies["shared"].action == "pause", "a refused edit changes nothing"
+        assert web.cfg.sleep_policy.action == "pause"
+        status, _ = await put(proxy, "/policies/shared", b'{"idle_timeout": 5}')
+        assert status == 200 and web.cfg.sleep_policy.idle_timeout == 5
+
+
 async def test_named_policy_change_updates_every_user_live():
     port_a, port_b, backend_a, backend_b = free_port(), free_port(), free_port(), free_port()
     config = config_from(

@@ -148,7 +148,10 @@ def test_every_fault_is_reported_at_once():
         ),
         ("backend: 127.0.0.1:2\ncontainer: c", "needs 'listen'"),
         ("listen: 127.0.0.1:1\ncommand: [x]", "needs 'backend'"),
-        ("listen: 127.0.0.1:1\nbackend: 127.0.0.1:1\ncontainer: c", "cannot be the proxy's own"),
+        ("listen: 127.0.0.1:1\nbackend: 127.0.0.1:1\ncontainer: c", "it would connect to itself"),
+        # Before the fix these connected to themselves ~5,000 times a request.
+        ("listen: 127.0.0.1:1\nbackend: localhost:1\ncontainer: c", "it would connect to itself"),
+        ("listen: 0.0.0.0:1\nbackend: 127.0.0.1:1\ncontainer: c", "it would connect to itself"),
         ("port: 80\ncommand: [x]\nbackend: 127.0.0.1:2", "'port' is the seed form's shorthand"),
         (
             "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nhttp: {sse_path: /s}",
@@ -195,6 +198,42 @@ def test_duplicate_listen_and_duplicate_keys():
     assert (
         "c.yaml:4: services.b.listen: 127.0.0.1:7003 is already used by services.a.listen" in found
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("0.0.0.0:7000", "127.0.0.1:7000"),
+        ("127.0.0.1:7000", "0.0.0.0:7000"),
+        ("localhost:7000", "127.0.0.1:7000"),
+        ("[::]:7000", "[::1]:7000"),
+        ("0.0.0.0:9000", None),  # the admin API's default address
+    ],
+)
+def test_listen_addresses_that_take_the_same_port_clash_in_check(first, second):
+    # `run` refuses these at bind time; before the fix `check` passed them.
+    entries = [f"a: {{listen: '{first}', backend: 127.0.0.1:7101, container: a}}"]
+    if second is not None:
+        entries.append(f"b: {{listen: '{second}', backend: 127.0.0.1:7102, container: b}}")
+    found = problems("services:\n" + "".join(f"  {entry}\n" for entry in entries))
+    owner = "services.a.listen" if second is not None else "admin.listen"
+    clash = [p for p in found if "is already used by " + owner in p]
+    assert len(clash) == 1 and "the same port" in clash[0], found
+
+
+def test_listen_addresses_that_share_only_a_port_number_do_not_clash():
+    config = parse_yaml(
+        textwrap.dedent(
+            """
+            services:
+              a: {listen: '[::]:7000', backend: 127.0.0.1:7101, container: a}
+              b: {listen: 127.0.0.1:7000, backend: 127.0.0.1:7102, container: b}
+              c: {listen: 0.0.0.0:7001, backend: 10.0.0.5:7001, container: c}
+            """
+        ),
+        "c.yaml",
+    )
+    assert sorted(config.services) == ["a", "b", "c"]
 
 
 def test_bad_names_and_shapes():
@@ -370,3 +409,47 @@ def test_the_readmes_mcp_context_forge_config_loads():
     assert chrome.http.idle_connections == "allow-sleep" and chrome.listen.port == 8014
     seed = load_config(SEED)
     assert all(s.mode == "http" for s in seed.services.values()), "the seed's form defaults to http"
+
+
+BOMB = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdef", "bcdefg", strict=True)]
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Seven lines, ten million values expanded: before the bounds 7 s and 1.1 GB.
+        (BOMB, "c.yaml:6: over 250000 values once its aliases are expanded"),
+        ("a: &a [x, *a]", "c.yaml:1: an alias refers to a node that contains it"),
+        ("a: " + "[" * 41 + "]" * 41, "c.yaml:1: nested deeper than 40 levels"),
+        ("a: " + "[" * 5000 + "]" * 5000, "c.yaml: nested deeper than 40 levels"),
+        ("a: " + "x" * (2 * 1024 * 1024), "c.yaml: the config is over 2 MiB"),
+        (
+            "services:\n  w:\n    sleep_policy: {memory_reservation: " + "1" * 400 + "}",
+            "c.yaml:3: services.w.sleep_policy.memory_reservation: expected a size up to "
+            "8 EiB, got a whole number of about 400 digits",
+        ),
+        (
+            "services:\n  w:\n    sleep_policy: {memory_reservation: " + "1" * 400 + "MB}",
+            "c.yaml:3: services.w.sleep_policy.memory_reservation: expected a size up to 8 EiB",
+        ),
+        (
+            "services:\n  w:\n    wake_timeout: " + "9" * 400,
+            "c.yaml:3: services.w.wake_timeout: expected a duration in seconds up to 1e+15",
+        ),
+        ("a: " + "9" * 5000, "c.yaml:1: not valid YAML: cannot read this value: Exceeds the limit"),
+    ],
+)
+def test_hostile_files_are_bounded_and_named_like_any_fault(text, message):
+    found = problems(text)
+    assert any(p.startswith(message) for p in found), found
+
+
+def test_an_oversized_file_is_refused_before_it_is_read_whole(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"# " + b"x" * (3 * 1024 * 1024))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: the config is over 2 MiB"]

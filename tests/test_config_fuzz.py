@@ -5,6 +5,8 @@ The loader must never raise anything but ConfigError, whatever the YAML holds.
 
 from __future__ import annotations
 
+import re
+
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,12 +15,14 @@ from wakeproxy.config import parse_yaml, service_from_labels
 from wakeproxy.config.labels import _LABEL_PATHS
 from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
 from wakeproxy.config.schema import _HTTP_FIELDS, _TOP_FIELDS, SERVICE_FIELDS, SLEEP_FIELDS
+from wakeproxy.config.source import MAX_NODES
 from wakeproxy.errors import ConfigError
 
 scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**40), max_value=2**40),
+    st.integers(min_value=10**18, max_value=10**420),  # past 64 bits, past float
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
     st.sampled_from(
@@ -97,3 +101,37 @@ def test_generated_label_sets_build_a_service_or_name_the_container(labels: dict
     except ConfigError as exc:
         assert exc.problems
         assert all(p.startswith("container c1") for p in exc.problems), exc.problems
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    width=st.integers(min_value=1, max_value=12),
+    depth=st.integers(min_value=1, max_value=8),
+    recursive=st.booleans(),
+)
+def test_aliases_expand_within_the_bound_or_are_refused_with_their_line(
+    width: int, depth: int, recursive: bool
+) -> None:
+    # Level k is a list of `width` aliases of level k-1: width**depth values once
+    # expanded, in depth lines (the classic alias bomb at width 10).
+    lines = [f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * width)}]" for k in range(1, depth)]
+    if recursive:
+        lines.append("r: &r [*r]")
+    sizes = [1 + width]
+    for _ in range(1, depth):
+        sizes.append(1 + width * sizes[-1])
+    expanded = 1 + sum(1 + size for size in sizes)  # the top mapping, each key, its value
+    try:
+        parse_yaml("\n".join(lines), "a.yaml")
+    except ConfigError as exc:
+        [problem, *_] = exc.problems
+        assert re.match(r"a\.yaml:\d+: ", problem), problem
+        if expanded > MAX_NODES:
+            assert f"over {MAX_NODES} values once its aliases are expanded" in problem
+        elif recursive:
+            assert "an alias refers to a node that contains it" in problem
+        else:
+            assert "unknown key 'l0'" in problem
+    else:
+        raise AssertionError("a top-level 'l0' key must be refused")

@@ -121,6 +121,21 @@ async def test_reload_applies_a_new_file_without_dropping_unchanged_services(tmp
         ]
         assert set(proxy.services) == {"a", "c", "d"}
         await echo(reader, writer, b"still here\n")
+
+        # Hostile files: refused the same way (a recursive alias was a 500 and a
+        # traceback, a 7-line alias bomb stalled every service for seconds).
+        bomb = "\n".join(
+            ["x0: &x0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+            + [f"x{n}: &x{n} [{', '.join([f'*x{n - 1}'] * 10)}]" for n in range(1, 7)]
+        )
+        for text, problem in (
+            (bomb, f"{path}:6: over 250000 values once its aliases are expanded"),
+            ("x: &x [*x]", f"{path}:1: an alias refers to a node that contains it"),
+        ):
+            path.write_text(text)
+            status, result = await asyncio.to_thread(post, admin, "/reload")
+            assert (status, result["problems"]) == (400, [problem])
+            await echo(reader, writer, b"served meanwhile\n")
         writer.close()
 
 

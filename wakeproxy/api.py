@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import metrics, views
-from .config import update_policy, update_service, with_policy
+from .config import update_policy, update_service
 from .core.states import SleepAction, SleepReason, State, WakeResult
 from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 
@@ -49,6 +49,8 @@ _ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake|hibernate)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
 _SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
 _POLICY = re.compile(r"^/policies/([^/]+)$")
+# How long an answer waits for an operation in flight to end before reporting it as is.
+SETTLE_WITHIN = 30.0
 _READS = {
     "/health",
     "/services",
@@ -181,14 +183,14 @@ class Api:
         policy = self.proxy.policies.get(name)
         if policy is None:
             return error(404, f"no such policy: {name}")
+        followers = [s for s in self.proxy.services.values() if s.cfg.policy == name]
         try:
-            updated = update_policy(policy, name, payload)
+            updated, configs = update_policy(policy, name, payload, [s.cfg for s in followers])
         except ConfigError as exc:
             return error(400, "invalid settings", problems=exc.problems)
         self.proxy.policies[name] = updated
-        for service in self.proxy.services.values():
-            if service.cfg.policy == name:
-                service.reconfigure(with_policy(service.cfg, updated))
+        for service, cfg in zip(followers, configs, strict=True):
+            service.reconfigure(cfg)
         return json_response(200, {"policies": {name: self._policies()[name]}})
 
     async def _act(self, name: str, action: str, force: bool) -> Response:
@@ -204,7 +206,10 @@ class Api:
             return error(504, str(exc), name=name, state=service.state.value)
         except RuntimeFailure as exc:
             return error(502, str(exc), name=name, state=service.state.value)
-        body: dict[str, Any] = {"name": name, "state": service.state.value}
+        # A state the action led to, not one passing by: an idle timer may already
+        # have started the next pause (answered once it ended).
+        state = await service.settled(SETTLE_WITHIN)
+        body: dict[str, Any] = {"name": name, "state": state.value}
         if action == "hibernate":
             # Answered once the memory was given back (or why it was not).
             body["memory"] = service.hibernator.describe()
@@ -223,7 +228,7 @@ class Api:
                 await _ACTIONS[action](service, force)
             except (ServiceBusy, RuntimeFailure) as exc:
                 result["error"] = str(exc)
-            result["state"] = service.state.value
+            result["state"] = (await service.settled(SETTLE_WITHIN)).value
             return result
 
         results = await asyncio.gather(*(one(s) for s in services))

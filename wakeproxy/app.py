@@ -184,7 +184,8 @@ class Proxy:
         if self.config.source is None:
             raise ConfigError(["the proxy was not started from a file: nothing to reload"])
         async with self._reloading:
-            new = load_config(self.config.source)
+            # In a thread: parsing a large file must not stall every service's traffic.
+            new = await asyncio.to_thread(load_config, self.config.source)
             old = self.config
             result = ReloadResult(
                 needs_restart=[

@@ -54,7 +54,15 @@ from .core.events import (
     WakeRequested,
 )
 from .core.node import Node
-from .core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
+from .core.states import (
+    ASLEEP,
+    IN_FLIGHT,
+    Outcome,
+    SleepAction,
+    SleepReason,
+    State,
+    WakeResult,
+)
 from .driver import RuntimeDriver
 from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
 from .forward import ClientSide, set_keepalive
@@ -97,6 +105,7 @@ class Service:
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._wakers = Waiters(self.loop)
         self._sleepers = Waiters(self.loop)
+        self._settlers = Waiters(self.loop)  # API answers waiting for a final state
         self._wake_started = time.perf_counter()
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -238,7 +247,7 @@ class Service:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for waiters in (self._wakers, self._sleepers):
+        for waiters in (self._wakers, self._sleepers, self._settlers):
             waiters.settle(OperationFailed("the proxy is shutting down"))
 
     # ---- the connections' owner interface (forward.Owner, http.client.HttpOwner)
@@ -347,6 +356,18 @@ class Service:
             return  # already asleep
         await waiter
 
+    async def settled(self, within: float) -> State:
+        """The state once no operation is in flight (at most ``within`` seconds): what an
+        API answer reports, never a passing pausing or waking."""
+        deadline = self.loop.time() + within
+        while self.state in IN_FLIGHT and (left := deadline - self.loop.time()) > 0:
+            waiter = self._settlers.add()
+            try:
+                await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                break
+        return self.state
+
     def reconfigure(self, cfg: ServiceConfig) -> None:
         """Apply changed live settings now; open connections are not touched. A new
         idle_connection_timeout applies to connections accepted from now on."""
@@ -430,6 +451,7 @@ class Service:
 
     def _transitioned(self, before: State, after: State, reason: str) -> None:
         self.stats.record_transition(before, after, self.loop.time())
+        self._settlers.settle()
         if after is State.STOPPED:
             self.hibernator.forget()
         elif after is State.WAKING:

@@ -93,6 +93,9 @@ class Problems:
 def describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
+    if isinstance(value, int) and value.bit_length() > 64:
+        # repr() of a huge int is slow, and refused past 4,300 digits.
+        return f"a whole number of about {int(value.bit_length() * 0.30103) + 1} digits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -103,18 +106,28 @@ def boolean(value: Any) -> bool:
     raise Bad(f"expected true or false, got {describe(value)}")
 
 
+# Above this a number is a mistake (a year is 3.2e7 s), and floats lose whole units.
+_MAX_NUMBER = 1e15
+
+
+def _finite(value: int | float, what: str) -> float:
+    if value != value or abs(value) > _MAX_NUMBER:
+        raise Bad(f"expected {what} up to {_MAX_NUMBER:g}, got {describe(value)}")
+    return float(value)
+
+
 def number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Bad(f"expected a number, got {describe(value)}")
-    return float(value)
+    return _finite(value, "a number")
 
 
 def seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Bad(f"expected a duration in seconds (a number), got {describe(value)}")
-    if value < 0 or value != value or value == float("inf"):
+    if value < 0 or value != value:
         raise Bad(f"expected a duration of 0 seconds or more, got {describe(value)}")
-    return float(value)
+    return _finite(value, "a duration in seconds")
 
 
 def positive_seconds(value: Any) -> float:
@@ -166,13 +179,23 @@ def text(value: Any) -> str:
 def size(value: Any) -> int:
     """Bytes from ``256MB`` (10^6), ``256MiB`` (2^20), ``1.5G`` or a plain number."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+        return _bounded_size(value, value)
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
             unit = (match.group(2) or "").lower()
-            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+            amount = float(match.group(1)) * _SIZE_UNITS[unit]  # inf for 400 digits
+            return _bounded_size(int(amount) if amount <= _MAX_SIZE else _MAX_SIZE + 1, value)
     raise Bad(f"expected a size such as 256MB or 256MiB, got {describe(value)}")
+
+
+_MAX_SIZE = 2**63 - 1  # what the engine's API (and a 64-bit int) can carry
+
+
+def _bounded_size(size: int, given: Any) -> int:
+    if size > _MAX_SIZE:
+        raise Bad(f"expected a size up to 8 EiB, got {describe(given)}")
+    return size
 
 
 def port(value: Any) -> int:
@@ -290,6 +313,10 @@ def section(
             out[key] = check(value)
         except Bad as exc:
             problems.add((*path, key), str(exc))
+        except (OverflowError, ValueError):
+            # A value no check foresaw (a number too large for its type): still a fault
+            # of the file, named, not a traceback.
+            problems.add((*path, key), f"out of range: {describe(value)}")
     return out
 
 

@@ -4,13 +4,19 @@ key paths instead of lines; and which keys a running service can take in place."
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, NeedsReload
 from .checks import Bad, Problems, describe, unknown_key
 from .model import KeyPath, ServiceConfig, SleepPolicy
-from .schema import SERVICE_FIELDS, parse_sleep_policy, replace, service_policy
+from .schema import (
+    SERVICE_FIELDS,
+    combination_faults,
+    parse_sleep_policy,
+    replace,
+    service_policy,
+)
 
 LIVE_KEYS = ("sleep_policy", "wake_timeout", "max_held_connections", "idle_connection_timeout")
 # What a reload may change on a running service without closing its listener or its
@@ -72,15 +78,38 @@ def update_service(
         values.update(sleep_policy=sleep, policy=name, policy_overrides=overrides)
     if problems.items:
         raise ConfigError(problems.items)
-    return dataclasses.replace(cfg, **values)
+    updated = dataclasses.replace(cfg, **values)
+    _check_combination(updated)
+    return updated
 
 
-def update_policy(policy: SleepPolicy, name: str, body: Any) -> SleepPolicy:
+def update_policy(
+    policy: SleepPolicy, name: str, body: Any, followers: Iterable[ServiceConfig] = ()
+) -> tuple[SleepPolicy, list[ServiceConfig]]:
+    """The named policy with a partial body applied, and each service following it as it
+    would then be; ConfigError when the policy, or a follower with it, breaks a rule."""
     problems = Problems(None, {})
     updated = parse_sleep_policy(body, ("policies", name), problems, base=policy)
     if problems.items:
         raise ConfigError(problems.items)
-    return updated
+    changed = [with_policy(cfg, updated) for cfg in followers]
+    faults: list[str] = []
+    for cfg in changed:
+        try:
+            _check_combination(cfg)
+        except ConfigError as exc:
+            faults += exc.problems
+    if faults:
+        raise ConfigError(faults)
+    return updated, changed
+
+
+def _check_combination(cfg: ServiceConfig) -> None:
+    problems = Problems(None, {})
+    for where, why in combination_faults(cfg.http, cfg.sleep_policy):
+        problems.add(("services", cfg.name, *where), why)
+    if problems.items:
+        raise ConfigError(problems.items)
 
 
 def with_policy(cfg: ServiceConfig, policy: SleepPolicy) -> ServiceConfig:

@@ -13,7 +13,10 @@ Two shapes of service entry load:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any, TypeVar, get_args
 
@@ -137,18 +140,47 @@ def parse_sleep_policy(
 ) -> SleepPolicy:
     values = section(data, path, SLEEP_FIELDS, problems) or {}
     policy: SleepPolicy = replace(base, values)
+    for key, why in policy_faults(policy):
+        problems.add((*path, key), why)
+    return policy
+
+
+def policy_faults(policy: SleepPolicy) -> list[tuple[str, str]]:
+    """(key, why) for each rule across a sleep policy's keys."""
+    faults = []
     if policy.stop_after is not None and policy.action is SleepAction.STOP:
-        problems.add(
-            (*path, "stop_after"),
-            "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
+        faults.append(
+            (
+                "stop_after",
+                "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
+            )
         )
     if policy.hibernate_after is not None and policy.action is SleepAction.STOP:
-        problems.add(
-            (*path, "hibernate_after"),
-            "hibernate_after gives a paused backend's memory back; it needs action 'pause' "
-            "or 'hibernate'",
+        faults.append(
+            (
+                "hibernate_after",
+                "hibernate_after gives a paused backend's memory back; it needs action 'pause' "
+                "or 'hibernate'",
+            )
         )
-    return policy
+    return faults
+
+
+def combination_faults(http: HttpSettings, sleep: SleepPolicy) -> list[tuple[KeyPath, str]]:
+    """(key path under the service, why) for each rule across a service's own keys: the
+    file and every live change (API, a named policy's edit) are held to the same ones."""
+    faults: list[tuple[KeyPath, str]] = [
+        (("sleep_policy", key), why) for key, why in policy_faults(sleep)
+    ]
+    if http.idle_connections == "allow-sleep" and sleep.action is SleepAction.STOP:
+        faults.append(
+            (
+                ("http", "idle_connections"),
+                "allow-sleep keeps connections open under a sleeping backend; "
+                "sleep action 'stop' would cut them: use action 'pause'",
+            )
+        )
+    return faults
 
 
 def service_policy(
@@ -310,12 +342,9 @@ def parse_service(
     if raw_http is not None and values.get("mode") != "http":
         problems.add((*path, "http"), "http settings need 'mode: http'")
     http = _parse_http(raw_http or {}, (*path, "http"), problems)
-    if http.idle_connections == "allow-sleep" and sleep.action is SleepAction.STOP:
-        problems.add(
-            (*path, "http", "idle_connections"),
-            "allow-sleep keeps connections open under a sleeping backend; "
-            "sleep action 'stop' would cut them: use action 'pause'",
-        )
+    for where, why in combination_faults(http, sleep):
+        if where[0] != "sleep_policy":  # the policy's own rules were checked with it
+            problems.add((*path, *where), why)
     if len(problems.items) > before or listen is None:
         return None
     return ServiceConfig(
@@ -421,21 +450,67 @@ def dependency_faults(services: Mapping[str, ServiceConfig]) -> list[tuple[str, 
     return faults
 
 
+@functools.cache
+def _bound(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a listener on ``host`` binds: localhost is what the resolver says
+    (the hosts file: 127.0.0.1, and ::1 where it lists it), as it is for the listener."""
+    if host == "localhost":
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            found = []
+        addresses = {ipaddress.ip_address(str(info[4][0])) for info in found}
+        return sorted(addresses, key=str) or [ipaddress.ip_address("127.0.0.1")]
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return []
+
+
+def overlaps(a: Address, b: Address) -> bool:
+    """Whether two listen addresses take the same port: the same address, or one is
+    the wildcard of the other's family (Linux refuses 127.0.0.1:P beside 0.0.0.0:P even
+    with SO_REUSEADDR; asyncio binds IPv6 sockets v6-only, so :: takes only IPv6)."""
+    if a.port != b.port:
+        return False
+    for x in _bound(a.host):
+        for y in _bound(b.host):
+            if x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified)):
+                return True
+    return False
+
+
+def _reaches(backend: Address, listen: Address) -> bool:
+    """Whether connecting to ``backend`` would reach the proxy's own ``listen``: the
+    same address, or a loopback one on a wildcard listener (loopback is this network
+    namespace's own; another host's address on a wildcard listener is not)."""
+    if backend.port != listen.port:
+        return False
+    for x in _bound(backend.host):
+        for y in _bound(listen.host):
+            local = x.is_loopback or x.is_unspecified
+            if x == y or (y.is_unspecified and x.version == y.version and local):
+                return True
+    return False
+
+
 def _check_listeners(
     services: Mapping[str, ServiceConfig], admin: AdminConfig, problems: Problems
 ) -> None:
-    taken: dict[tuple[str, int], str] = {(admin.listen.host, admin.listen.port): "admin.listen"}
+    taken: list[tuple[Address, str]] = [(admin.listen, "admin.listen")]
     for service in services.values():
-        key = (service.listen.host, service.listen.port)
-        owner = taken.get(key)
-        if owner is not None:
-            problems.add(
-                ("services", service.name, "listen"),
-                f"{service.listen} is already used by {owner}",
-            )
-        taken[key] = f"services.{service.name}.listen"
-        if service.backend is not None and service.backend == service.listen:
+        for address, owner in taken:
+            if overlaps(service.listen, address):
+                same = "" if address == service.listen else f" ({address}: the same port)"
+                problems.add(
+                    ("services", service.name, "listen"),
+                    f"{service.listen} is already used by {owner}{same}",
+                )
+                break
+        taken.append((service.listen, f"services.{service.name}.listen"))
+        if service.backend is not None and _reaches(service.backend, service.listen):
             problems.add(
                 ("services", service.name, "backend"),
-                "the backend cannot be the proxy's own listen address",
+                f"the backend {service.backend} is the proxy's own listen address "
+                f"({service.listen}): it would connect to itself",
             )
