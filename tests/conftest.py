@@ -83,13 +83,18 @@ def make_container(busybox_image: str) -> Iterator[Callable[..., str]]:
         paused: bool = False,
         name: str | None = None,
         labels: dict[str, str] | None = None,
+        shell: str | None = None,
     ) -> str:
+        """``shell``: a busybox sh script run instead of httpd ({httpd} in it: the httpd
+        command line, to exec once the script has done its part)."""
         name = name or f"wp-test-{uuid.uuid4().hex[:10]}"
         created.append(name)
         label_args = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
+        httpd = ["httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+        command = httpd if shell is None else ["sh", "-c", shell.format(httpd=" ".join(httpd))]
         docker(
             "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
-            *label_args, busybox_image, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www",
+            *label_args, busybox_image, *command,
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while not port_answers(port):

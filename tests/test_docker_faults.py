@@ -82,6 +82,54 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
 
 
 @pytest.mark.asyncio
+async def test_a_slow_container_is_running_only_once_ready_and_probes_never_restart_it(
+    make_container,
+):
+    # httpd ignores SIGTERM (the ignore survives exec) and listens 2 s after its start:
+    # a start outlasts wake_timeout, and a stop takes stop_timeout.
+    port, backend = free_port(), free_port()
+    name = make_container(backend, shell="trap '' TERM; sleep 2; exec {httpd}")
+    docker("stop", "-t", "0", name)
+    probe = b"GET /sse HTTP/1.1\r\nHost: web\r\nAccept: */*\r\n\r\n"
+    extra = (
+        "mode: http\n    wake_timeout: 1\n    stop_timeout: 2\n"
+        "    sleep_policy: {idle_timeout: 0.3, action: stop}"
+    )
+    async with running(config_from(services_yaml(("web", port, backend, name, extra)))) as proxy:
+        service = proxy.services["web"]
+        reply = await http_get(port, within=15)
+        assert reply.startswith(b"HTTP/1.1 504"), reply[:40]
+        # Before the fix the retry saw the container running and marked it so: 502s.
+        deadline = time.monotonic() + 15
+        while not port_answers(backend):
+            assert service.state is not State.RUNNING, "running before it listened"
+            assert time.monotonic() < deadline, "the container never listened"
+            await asyncio.sleep(0.02)
+        await wait_until(lambda: service.state is State.RUNNING, within=15)
+        assert (await http_get(port)).endswith(BODY)
+        woken = service.stats.wakes["ok"]
+
+        # The stop takes 2 s; gateway probes every 100 ms meet it in flight and are
+        # answered by the proxy (before the fix each one restarted the container).
+        answered_while_stopping = 0
+        deadline = time.monotonic() + 15
+        while not (answered_while_stopping and service.state is State.STOPPED):
+            assert time.monotonic() < deadline, service.state
+            stopping = service.state is State.STOPPING
+            async with asyncio.timeout(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(probe)
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.transport.abort()
+            # httpd answers /sse with a 404 while awake; the proxy's answer is an event stream.
+            by_proxy = head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+            answered_while_stopping += stopping and by_proxy
+            await asyncio.sleep(0.1)
+        assert service.stats.wakes["ok"] == woken, "a probe restarted the container"
+        assert container_status(name) == "exited"
+
+
+@pytest.mark.asyncio
 async def test_shutdown_can_leave_every_container_awake(make_container):
     """shutdown.backends: wake -- sleeping containers serve without the proxy afterwards."""
     port, backend = free_port(), free_port()
