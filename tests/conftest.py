@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,16 +61,96 @@ def docker_engine() -> None:
 
 @pytest.fixture(scope="session")
 def busybox_image(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
-    busybox = shutil.which("busybox") or "/bin/busybox"
-    context = tmp_path_factory.mktemp("busybox-image")
-    shutil.copy(busybox, context / "busybox")
-    (context / "www").mkdir()
-    (context / "www" / "index.html").write_text("hello from busybox\n")
-    (context / "Dockerfile").write_text(
-        'FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nENTRYPOINT ["/bin/busybox"]\n'
-    )
+    context = _busybox_context(tmp_path_factory.mktemp("busybox-image"))
     docker("build", "--network", "host", "-q", "-t", BUSYBOX_IMAGE, str(context), within=120)
     return BUSYBOX_IMAGE
+
+
+def _busybox_context(directory: Path) -> Path:
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", directory / "busybox")
+    (directory / "www").mkdir()
+    (directory / "www" / "index.html").write_text("hello from busybox\n")
+    (directory / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nENTRYPOINT ["/bin/busybox"]\n'
+    )
+    return directory
+
+
+class OwnEngine:
+    """A second dockerd this test run started (its own data root, exec root and socket),
+    for tests that stop or restart an engine: the machine's engine is never touched."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = f"unix://{root}/docker.sock"
+        self.argv = [
+            "dockerd", "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
+            "--pidfile", f"{root}/docker.pid", "-H", self.host, "--bridge=none",
+            "--iptables=false", "--ip-forward=false", "--live-restore",
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.root / "dockerd.log", "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while not self.answers():
+            assert self.process.poll() is None, (self.root / "dockerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the test's own dockerd did not answer"
+            time.sleep(0.2)
+
+    def answers(self) -> bool:
+        result = subprocess.run(
+            ["docker", "-H", self.host, "info"], capture_output=True, timeout=20
+        )
+        return result.returncode == 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        """SIGTERM this engine (ours: its pid was recorded when it started) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def own_engine(
+    docker_engine: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OwnEngine]:
+    if os.geteuid() != 0:
+        message = "a second dockerd needs root"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    # Short: a unix socket path is at most 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="wp-engine-", dir="/tmp"))
+    engine = OwnEngine(root)
+    engine.start()
+    try:
+        context = _busybox_context(tmp_path_factory.mktemp("own-engine-image"))
+        docker(
+            "build", "--network", "host", "-q", "-t", BUSYBOX_IMAGE, str(context),
+            within=120, host=engine.host,
+        )  # fmt: skip
+        yield engine
+    finally:
+        if engine.process is None or engine.process.poll() is not None:
+            engine.start()  # stopped by the test: back up, so its containers can be removed
+        ids = docker("ps", "-aq", host=engine.host).split()
+        if ids:
+            docker("rm", "-f", *ids, host=engine.host)
+        engine.stop()
+        # dockerd leaves mounts under its roots (the data root on itself, the netns).
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+            subprocess.run(["umount", mount], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -227,9 +227,10 @@ def in_ci() -> bool:
 # ---- Docker: the real engine, through its CLI
 
 
-def docker(*args: str, within: float = 60) -> str:
+def docker(*args: str, within: float = 60, host: str | None = None) -> str:
+    """The docker CLI; ``host``: another engine's socket (unix://...) than the default."""
     result = subprocess.run(
-        ["docker", *args],
+        ["docker", *(("-H", host) if host else ()), *args],
         capture_output=True,
         text=True,
         timeout=within,

@@ -237,6 +237,44 @@ def start_then_pause(port: int, admin: int) -> None:
     assert status == 200
 
 
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_sigterm_closes_what_outlives_the_grace_and_a_second_signal_skips_it(
+    tmp_path, second_signal
+):
+    admin, a, a_backend = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    grace = 60 if second_signal else 1
+    path.write_text(
+        config_text(admin, echo_service("a", a, a_backend), top=f"shutdown: {{grace: {grace}}}\n")
+    )
+    proxy = start_proxy(path, a)
+    try:
+        with socket.create_connection(("127.0.0.1", a), timeout=10) as sock:
+            sock.sendall(b"open\n")
+            assert sock.recv(100) == b"open\n"
+            proxy.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while port_answers(a):
+                assert time.monotonic() < deadline, "still accepting after SIGTERM"
+                time.sleep(0.05)
+            if second_signal:
+                proxy.send_signal(signal.SIGTERM)  # do not wait out the 60 s
+            started = time.monotonic()
+            sock.settimeout(20)
+            # The connection outlived the grace (or the wait was cut short): closed.
+            assert sock.recv(100) == b""
+            waited = time.monotonic() - started
+            _, err = proxy.communicate(timeout=20)
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.communicate()
+    assert proxy.returncode == 0, err
+    assert waited < 15, f"closed after {waited:.1f} s: the grace was {grace} s"
+    if not second_signal:
+        assert waited > 0.5, "closed before the grace ended"
+
+
 def test_sigkill_leaves_no_paused_command_behind_and_a_restart_serves(tmp_path):
     admin, port, backend = free_port(), free_port(), free_port()
     path = tmp_path / "config.yaml"
