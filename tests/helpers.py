@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,49 @@ async def wait_until(
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - the proxy exposes no event to await here
             await asyncio.sleep(interval)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self, out: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def proxy_log() -> Iterator[list[str]]:
+    """Every message the proxy logs (DEBUG too), in order: for what happened in what
+    order (a dependency running before its dependent's command even started)."""
+    messages: list[str] = []
+    logger = logging.getLogger("wakeproxy")
+    handler, level = _Recorder(messages), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def first_index(messages: list[str], text: str) -> int:
+    """Where the first message containing ``text`` is (an assertion names it if none)."""
+    for index, message in enumerate(messages):
+        if text in message:
+            return index
+    raise AssertionError(f"no log message contains {text!r}: {messages}")
+
+
+def engine_order(names: Iterable[str], action: str, since: float, until: float) -> list[str]:
+    """The containers in the order the engine reports ``action`` for them."""
+    filters = [arg for name in names for arg in ("--filter", f"container={name}")]
+    out = docker(
+        "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}", *filters,
+        "--filter", f"event={action}", "--format", "{{.Actor.Attributes.name}}",
+    )  # fmt: skip
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def proc_state(pid: int) -> str:

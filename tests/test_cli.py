@@ -24,6 +24,7 @@ from tests.helpers import (
     in_ci,
     pids_with,
     port_answers,
+    proc_state,
     service_yaml,
     start_proxy,
 )
@@ -85,8 +86,11 @@ def test_sigterm_shuts_down_cleanly_and_ends_the_commands(tmp_path):
             sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
         marker = f"--port {backend} "
-        assert len(pids_with(marker)) == 1
-        time.sleep(1.0)  # paused by now: SIGTERM must still end it (SIGCONT first)
+        [pid] = pids_with(marker)
+        deadline = time.monotonic() + 10
+        while proc_state(pid) not in ("T", "t"):  # SIGTERM must end it paused (SIGCONT first)
+            assert time.monotonic() < deadline, "the command was never paused"
+            time.sleep(0.02)
     finally:
         proxy.send_signal(signal.SIGTERM)
         _, err = proxy.communicate(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import orjson
@@ -13,6 +14,7 @@ from tests.helpers import (
     config_from,
     container_status,
     docker,
+    engine_order,
     free_port,
     http_get,
     port_answers,
@@ -165,9 +167,13 @@ async def test_bad_labels_fail_that_service_only_and_compose_depends_on_wakes_fi
         assert "unknown label 'wakeproxy.actoin' (did you mean 'wakeproxy.action'?)" in why, why
         assert "outside discovery.allowed_listen" in proxy.discovery.rejected[wide_name]
 
+        since = time.time()
         reply = await http_get(app_port, within=15)
         assert reply.endswith(BODY), reply
-        assert proxy.services[db_name].stats.wakes["ok"] == 1, "the dependency woke first"
+        assert proxy.services[db_name].stats.wakes["ok"] == 1
+        # The engine's own record: db was unpaused before app.
+        order = engine_order([db, app], "unpause", since - 1, time.time() + 1)
+        assert order == [db, app], order
         assert container_status(db) == "running" and container_status(app) == "running"
 
         listed = await admin_json(admin, "/services")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import resource
 import signal
@@ -305,6 +306,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False  # open: nothing to read yet
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.settimeout(5)
+
+
 def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
     admin, port, backend = free_port(), free_port(), free_port()
     path = tmp_path / "config.yaml"
@@ -331,7 +344,14 @@ def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
             sock.settimeout(5)
             sock.connect(("127.0.0.1", port))
             clients.append(sock)
-        time.sleep(0.5)
+        # The limit was really hit: the proxy's descriptors reached it, and clients past
+        # it were closed at once (EOF or reset) while the first ones stay open.
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proxy.pid}/fd")) < 60:
+            assert time.monotonic() < deadline, os.listdir(f"/proc/{proxy.pid}/fd")
+            time.sleep(0.05)
+        closed = sum(_closed_by_peer(sock) for sock in clients)
+        assert 0 < closed < len(clients), closed
         before = _cpu_seconds(proxy.pid)
         time.sleep(2.0)
         spent = _cpu_seconds(proxy.pid) - before
@@ -380,7 +400,8 @@ async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monk
         await echo_once(b, b"the other service serves\n")
 
         monkeypatch.setattr(service.runtime, "start", real_start)
-        await asyncio.sleep(0.6)  # the first retry of the back-off re-reads the state
+        # The back-off's retry re-reads the state: stopped (nothing runs), so it can start.
+        await wait_until(lambda: service.state is State.STOPPED, within=10)
         await echo_once(a, b"recovered\n")
 
         # A forwarding callback that raises: that connection ends, nothing else does.
@@ -431,7 +452,10 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
         proxy.wait(timeout=10)
         assert proxy.stderr is not None
         proxy.stderr.close()  # the orphan still holds the pipe's write end: no EOF to wait for
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while len(pids_with(marker)) != 1:  # sh goes with the proxy (PDEATHSIG)
+            assert time.monotonic() < deadline, pids_with(marker)
+            time.sleep(0.02)
         [orphan] = pids_with(marker)  # sh is gone; the frozen server is not
         assert Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
         # Before the fix only the identical command's leftovers were found.

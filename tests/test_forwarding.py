@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 
 import pytest
 
@@ -127,25 +129,81 @@ async def test_backend_speaking_first_and_closing():
         server.close()
 
 
-async def test_client_reset_closes_the_backend_side():
-    backend_done = asyncio.Event()
+async def test_backend_half_close_passes_through_and_the_client_can_still_send():
+    after_eof = asyncio.Queue()
 
-    async def wait_for_end(reader, writer):
-        try:
-            await reader.read(-1)
-        finally:
-            backend_done.set()
+    async def speak_then_half_close(reader, writer):
+        writer.write(b"early")
+        writer.write_eof()  # done sending; still reading
+        await writer.drain()
+        await after_eof.put(await reader.read(-1))
 
-    server, port = await serve(wait_for_end)
+    server, port = await serve(speak_then_half_close)
     service = await start_proxy(port)
     try:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
-        writer.write(b"x")
-        await wait_until(lambda: service.stats.connections["forwarded"] == 1, within=2)
-        writer.transport.abort()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
         async with asyncio.timeout(5):
-            await backend_done.wait()
-        await wait_until(lambda: service.attached == 0, within=2)
+            assert await reader.read(-1) == b"early", "the backend's EOF reached the client"
+            writer.write(b"late")  # the other direction is still open
+            writer.write_eof()
+            assert await after_eof.get() == b"late"
+        writer.close()
+        await wait_until(lambda: service.attached == 0 and not service.connections, within=2)
+    finally:
+        await service.close()
+        server.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0: the peer reads a reset (RST), not an end of stream (FIN)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_a_reset_passes_through_as_a_reset_and_a_close_as_a_close():
+    ended: asyncio.Queue[str] = asyncio.Queue()
+
+    async def watch(reader, writer):
+        try:
+            ended.put_nowait("fin" if await reader.read(-1) == b"x" else "data?")
+        except ConnectionResetError:
+            ended.put_nowait("rst")
+
+    server, port = await serve(watch)
+    service = await start_proxy(port)
+    try:
+        for how, expected in (("reset", "rst"), ("close", "fin")):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+            writer.write(b"x")
+            await wait_until(lambda: service.forwarding == 1, within=2)
+            await asyncio.sleep(0.05)  # the x reached the backend
+            if how == "reset":
+                _reset(writer)
+            else:
+                writer.close()
+            async with asyncio.timeout(5):
+                assert await ended.get() == expected, how
+            await wait_until(lambda: service.attached == 0, within=2)
+    finally:
+        await service.close()
+        server.close()
+
+
+async def test_a_backend_reset_reaches_the_client_as_a_reset():
+    async def reset_at_once(reader, writer):
+        await reader.readexactly(1)
+        _reset(writer)
+
+    server, port = await serve(reset_at_once)
+    service = await start_proxy(port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
+        writer.write(b"x")
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectionResetError):
+                await reader.read(-1)
+        writer.close()
     finally:
         await service.close()
         server.close()

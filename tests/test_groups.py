@@ -10,8 +10,10 @@ from tests.helpers import (
     backend_command,
     build,
     config_from,
+    first_index,
     free_port,
     http_get,
+    proxy_log,
     running,
     service,
     wait_until,
@@ -45,10 +47,14 @@ async def test_dependency_wakes_first_and_sleeps_only_after_its_dependent():
     async with running(config) as proxy:
         app, db = proxy.services["app"], proxy.services["db"]
         # One request to app: db is started first (app's wake waits for it).
-        reader, writer = await asyncio.open_connection("127.0.0.1", ports["app"][0])
-        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        await reader.readuntil(b"backend\n")
+        with proxy_log() as log:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ports["app"][0])
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            await reader.readuntil(b"backend\n")
         assert db.state is State.RUNNING and db.stats.wakes["ok"] == 1
+        db_ready = first_index(log, "db: waking -> running")
+        app_started = first_index(log, f"as pid {app.runtime.pid}")  # type: ignore[attr-defined]
+        assert db_ready < app_started, "app's command started before db was ready"
         # db gets no traffic of its own, yet stays awake while app is awake.
         await asyncio.sleep(1.0)
         assert app.state is State.RUNNING and db.state is State.RUNNING
@@ -58,8 +64,10 @@ async def test_dependency_wakes_first_and_sleeps_only_after_its_dependent():
         await wait_until(lambda: app.state is State.PAUSED, within=5)
         await wait_until(lambda: db.state is State.PAUSED, within=5)
         # Waking app again wakes db first.
-        assert (await http_get(ports["app"][0])).endswith(b"backend\n")
+        with proxy_log() as log:
+            assert (await http_get(ports["app"][0])).endswith(b"backend\n")
         assert db.state is State.RUNNING and db.stats.wakes["ok"] == 2
+        assert first_index(log, "db: awake after") < first_index(log, "app: awake after")
 
 
 async def test_api_sleep_of_a_needed_dependency_is_refused_unless_forced():

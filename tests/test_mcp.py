@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,12 +115,12 @@ async def test_gateway_probes_every_100ms_never_wake_a_paused_server():
         service = proxy.services["echo"]
         await paused(service)
         wakes = service.stats.wakes["ok"]
-        deadline = time.monotonic() + 2.0  # four idle timeouts
+        # Twenty probes 100 ms apart: four idle timeouts.
         probes = 0
         # As the gateway probes: a streamed GET with Accept */*, status read, connection dropped.
         no_reuse = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=no_reuse, timeout=5) as client:
-            while time.monotonic() < deadline:
+            for _ in range(20):
                 async with client.stream(
                     "GET", f"http://127.0.0.1:{port}/sse", headers={"Accept": "*/*"}
                 ) as response:
@@ -129,7 +128,6 @@ async def test_gateway_probes_every_100ms_never_wake_a_paused_server():
                     assert response.headers["content-type"].startswith("text/event-stream")
                 probes += 1
                 await asyncio.sleep(0.1)
-        assert probes >= 15
         assert service.state is State.PAUSED and service.stats.wakes["ok"] == wakes
         assert service.stats.connections["probe_answered"] == probes
         scrape = await http_get(proxy.config.admin.listen.port, "/metrics")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -68,6 +69,21 @@ def peer_reset(transport: asyncio.BaseTransport) -> bool:
     except OSError:
         return True  # the socket is gone already
     return bool(info) and info[0] == _TCP_CLOSE
+
+
+_LINGER_NOW = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a reset (RST), as the peer on the other side did: ``abort()`` alone
+    closes the socket with a FIN, and a reset would reach the other side as a clean end.
+    SO_LINGER 0 makes the close a reset; only on this rare path is the socket object
+    asked for (it costs a Python object per call on uvloop)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NOW)
+    cast(asyncio.WriteTransport, transport).abort()
 
 
 def _limit_buffers(transport: asyncio.BaseTransport) -> None:
@@ -203,7 +219,7 @@ class ClientSide(asyncio.Protocol):
         if upstream is not None:
             # A reset passes through as a reset; a clean close lets buffered bytes drain.
             if exc is not None:
-                upstream.abort()
+                reset(upstream)
             else:
                 upstream.close()
         self.settle()
@@ -260,7 +276,7 @@ class ClientSide(asyncio.Protocol):
         if transport is None or self.closed:
             return
         if exc is not None:
-            transport.abort()
+            reset(transport)
         else:
             transport.close()
 
