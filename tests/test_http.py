@@ -266,37 +266,6 @@ async def test_connections_holding_part_of_a_head_are_capped():
         writer.close()
 
 
-async def test_allow_sleep_never_pauses_under_a_response_it_cannot_frame():
-    # "Transfer-Encoding: gzip, chunked" is valid HTTP that h11 cannot follow. Before the
-    # fix the tracker gave up, the backend was paused mid-download and the client stalled.
-    port, backend = free_port(), free_port()
-    size = 2 << 20
-    command = " ".join(backend_command(backend, "http", "--size", str(size), "--delay", "0.05"))
-    config = http_config(
-        http_service(
-            "web", port, backend, "http: {idle_connections: allow-sleep}",
-            "sleep_policy: {idle_timeout: 0.2}", command=command,
-        )
-    )  # fmt: skip
-    async with running(config_from(config)) as proxy:
-        service = proxy.services["web"]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /gzip-chunked HTTP/1.1\r\nHost: x\r\n\r\n")
-        received = b""
-        async with asyncio.timeout(20):
-            while not received.endswith(b"\r\n0\r\n\r\n"):
-                data = await reader.read(65536)
-                assert data, "the backend closed mid-response"
-                received += data
-                assert service.state is State.RUNNING, "paused under a live response"
-        assert len(received) > size
-        # Its end could not be seen: the connection keeps the backend up until it closes.
-        await asyncio.sleep(1.5)
-        assert service.state is State.RUNNING
-        writer.close()
-        await wait_until(lambda: service.state is State.PAUSED, within=10)
-
-
 async def test_max_connections_refusal_is_counted_once_as_outcome_and_status():
     port, backend = free_port(), free_port()
     config = http_config(http_service("web", port, backend, "max_connections: 1"))

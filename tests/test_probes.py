@@ -139,3 +139,65 @@ async def test_a_request_pipelined_after_a_probe_is_woken_for_and_answered() -> 
             assert service.stats.wakes["ok"] == 1 and service.state is State.RUNNING
         finally:
             writer.close()
+
+
+async def test_probe_options_method_any_header_conditions_streams_and_no_default():
+    port, backend = free_port(), free_port()
+    probes = (
+        'http: {default_probe: false, probes: [{path: /live, method: "*", '
+        'headers: {user-agent: "!curl"}, body: "alive\\n"}, {path: /events, stream: true}]}'
+    )
+    config = http_config(
+        http_service(
+            "web", port, backend, probes, "sleep_policy: {action: stop}",
+            "idle_connection_timeout: 1",
+        )
+    )  # fmt: skip
+    async with running(config_from(config)) as proxy:
+        service = proxy.services["web"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # method "*": HEAD matches too, answered with the length and no body, so the
+            # connection's next answer is read right.
+            writer.write(b"HEAD /live HTTP/1.1\r\nHost: web\r\nUser-Agent: kube-probe\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert status(head) == 200 and b"Content-Length: 6" in head
+            # Probes answered on a kept-open connection count as traffic: it outlives
+            # idle_connection_timeout (1 s) while they come.
+            for _ in range(6):
+                writer.write(b"GET /live HTTP/1.1\r\nHost: web\r\n\r\n")
+                assert await read_response(reader) == (200, b"alive\n")
+                await asyncio.sleep(0.4)
+        finally:
+            writer.close()
+        events = await head_of(port, b"GET /events HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert status(events) == 200 and b"Content-Length" not in events, "an open stream"
+        assert service.stats.wakes["ok"] == 0 and service.state is State.STOPPED
+        # "!curl": a request from curl is no probe; with default_probe off the gateway's
+        # SSE check is a request too. Each wakes the backend.
+        curl = b"GET /live HTTP/1.1\r\nHost: web\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(curl)
+        assert (await asyncio.wait_for(reader.read(-1), 15)).endswith(BODY)
+        writer.close()
+        assert service.stats.wakes["ok"] == 1
+        await wait_until(lambda: not service.connections, within=5)
+        await service.sleep("stop")
+        reply = await head_of(port, GATEWAY_PROBE, within=15)
+        assert b"text/event-stream" not in reply, "forwarded: the default probe is off"
+        assert service.stats.wakes["ok"] == 2
+
+
+async def test_a_stream_probe_stays_open_until_the_client_goes():
+    port, backend = free_port(), free_port()
+    config = http_config(http_service("web", port, backend, "sleep_policy: {action: stop}"))
+    async with running(config_from(config)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GATEWAY_PROBE)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert status(head) == 200 and b"Content-Length" not in head
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)  # open, and nothing more comes
+        writer.close()
+        await wait_until(lambda: not proxy.services["web"].connections, within=5)
+        assert proxy.services["web"].stats.wakes["ok"] == 0

@@ -61,6 +61,7 @@ class RuntimeDriver:
         self._spawn = spawn
         self._wake_task: asyncio.Task[None] | None = None
         self._refreshing = False
+        self._verify_next = False
         # Keepalive probes on upstream sockets only for a backend across a network: on
         # loopback a vanished peer is a reset at once, and setting the options costs a
         # Python socket object per connection (about 10% of the CPU under churn).
@@ -118,6 +119,8 @@ class RuntimeDriver:
         if op is WakeOp.UNPAUSE:
             await self.runtime.unpause()
         elif op is WakeOp.START:
+            if self.backend is not None:
+                self.runtime.note_listeners(self.backend.port)
             await self.runtime.start()
             await self._after_start()
             return
@@ -150,7 +153,9 @@ class RuntimeDriver:
         readiness = self.cfg.readiness
         if self.backend is None or (not readiness.tcp and readiness.http is None):
             return True
-        return await probe(self.backend, readiness, self.cfg.connect_timeout)
+        if not await probe(self.backend, readiness, self.cfg.connect_timeout):
+            return False
+        return await self.runtime.foreign_listener(self.backend.port) is None
 
     async def _still_starting(self) -> bool:
         return await self.runtime.inspect() is State.RUNNING
@@ -187,9 +192,12 @@ class RuntimeDriver:
     def refresh(self, *, verify: bool = False) -> None:
         """Re-read the backend's state; reported as Observed. ``verify``: running
         counts only once one readiness probe passes."""
-        if not self._refreshing:
-            self._refreshing = True
-            self._spawn(self._refresh(verify))
+        if self._refreshing:
+            # One re-read at a time; a verify asked meanwhile runs right after it.
+            self._verify_next |= verify
+            return
+        self._refreshing = True
+        self._spawn(self._refresh(verify))
 
     async def _refresh(self, verify: bool) -> None:
         try:
@@ -206,3 +214,6 @@ class RuntimeDriver:
         finally:
             self._refreshing = False
         self._report(Observed(state, reason))
+        if self._verify_next:
+            self._verify_next = False
+            self.refresh(verify=True)

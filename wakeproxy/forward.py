@@ -109,7 +109,8 @@ class Owner(Protocol):
         """The connection needs the backend now: the service forwards, holds or refuses it."""
 
     def no_longer_needs(self, conn: ClientSide) -> None:
-        """allow-sleep: an attached connection went quiet; it no longer keeps the backend up."""
+        """An attached connection no longer keeps the backend up (mode http: quiet under
+        allow-sleep, or its probes were all answered)."""
 
     def connection_lost(self, conn: ClientSide) -> None: ...
 
@@ -130,6 +131,7 @@ class ClientSide(asyncio.Protocol):
         "_settle",
         "_settle_handle",
         "active",
+        "answered_bytes",
         "attached",
         "bytes_down",
         "bytes_up",
@@ -151,6 +153,9 @@ class ClientSide(asyncio.Protocol):
         self.attached = False
         # Carried activity (mode http: a real request, not a probe): its end is activity too.
         self.active = True
+        # Bytes the proxy answered itself on a connection kept open (mode http probes):
+        # they count as movement for idle_connection_timeout.
+        self.answered_bytes = 0
         self.closed = False
         self.bytes_up = 0
         self.bytes_down = 0
@@ -333,7 +338,7 @@ class ClientSide(asyncio.Protocol):
 
     def _idle_check(self, timeout: float) -> None:
         # Byte counters, not a per-chunk timestamp: the hot path only adds integers.
-        moved = self.bytes_up + self.bytes_down + self._pending_size
+        moved = self.bytes_up + self.bytes_down + self._pending_size + self.answered_bytes
         if moved == self._idle_mark:
             self._idle_handle = None
             self.owner.record(Outcome.IDLE_TIMEOUT)

@@ -364,7 +364,7 @@ class Service:
             waiter = self._settlers.add()
             try:
                 await asyncio.wait_for(waiter, left)
-            except TimeoutError:
+            except (TimeoutError, RuntimeFailure):  # slow, or the proxy shuts down
                 break
         return self.state
 

@@ -5,7 +5,8 @@ Modes:
           Content-Length or chunked body; GET /echo-head answers with the request head
           itself, POST /echo with the request body (either framing); GET /gzip-chunked
           streams --size bytes as "Transfer-Encoding: gzip, chunked" (framing h11 cannot
-          follow), 64 KiB every --delay seconds
+          follow), 64 KiB every --delay seconds; GET /slow sends a 10-byte body a byte
+          every --delay seconds; POST /accept answers 202 (a result that comes later)
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
@@ -49,6 +50,21 @@ async def send_gzip_chunked(writer, args) -> None:
     await writer.drain()
 
 
+async def send_slowly(writer, args) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    for _ in range(10):
+        await writer.drain()
+        await asyncio.sleep(args.delay)
+        writer.write(b"x")
+
+
+async def accept_for_later(writer, args) -> None:
+    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+
+
+SPECIAL = {b"/gzip-chunked": send_gzip_chunked, b"/slow": send_slowly, b"/accept": accept_for_later}
+
+
 async def handle(reader, writer, args) -> None:
     try:
         if args.mode == "http":
@@ -66,8 +82,11 @@ async def handle(reader, writer, args) -> None:
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
                 target = parts[1] if len(parts) > 1 else b""
-                if target == b"/gzip-chunked":
-                    await send_gzip_chunked(writer, args)
+                if target in SPECIAL:
+                    await SPECIAL[target](writer, args)
+                    await writer.drain()
+                    if b"connection: close" in lowered:
+                        break
                     continue
                 if target == b"/checksum":
                     digest = hashlib.sha256()

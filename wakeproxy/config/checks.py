@@ -96,7 +96,10 @@ def describe(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         # repr() of a huge int is slow, and refused past 4,300 digits.
         return f"a whole number of about {int(value.bit_length() * 0.30103) + 1} digits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int inside a list or mapping
+        return f"a {type(value).__name__} holding a number too large to print"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -100,7 +100,8 @@ class Probe:
     Matches on the method (None: any), the path (query ignored) and header conditions:
     name -> text the header must contain, or ``!text`` it must not contain (an absent
     header contains nothing). A ``stream`` answer stays open as an event stream until
-    the client goes away; otherwise the answer carries ``body`` and the connection closes.
+    the client goes away; otherwise the answer carries ``body`` (none for HEAD) and the
+    connection stays open for the client's next request, unless it asked to close.
     """
 
     path: str

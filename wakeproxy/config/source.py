@@ -44,6 +44,7 @@ def _key_lines(node: yaml.Node, path: KeyPath, out: dict[KeyPath, int], problems
 MAX_CONFIG_BYTES = 2 * 1024 * 1024
 MAX_NODES = 250_000  # scalars, mappings and sequences, with aliases expanded
 MAX_DEPTH = 40
+_MAX_NUMBER_TEXT = 100
 
 
 def _check_shape(root: yaml.Node, source: str) -> None:
@@ -91,6 +92,15 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader whose value errors name their line (an integer of 5,000 digits is
     refused by int() with a ValueError that would otherwise be a traceback)."""
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # YAML 1.1's base-60 integers (1:2:3) cost quadratic time to build: a 2 MiB
+        # one took minutes, holding the GIL. No setting needs a number this long.
+        if len(str(node.value)) > _MAX_NUMBER_TEXT:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of over {_MAX_NUMBER_TEXT} characters", node.start_mark
+            )
+        return int(super().construct_yaml_int(node))
+
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
@@ -98,6 +108,9 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read this value: {exc}", node.start_mark
             ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def parse_yaml(text: str, source: str) -> Config:

@@ -40,8 +40,9 @@ class Arrive:
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    """An attached connection no longer needs the backend: it closed, or (allow-sleep)
-    it has been quiet for idle_timeout. ``held``: it was waiting for a wake."""
+    """An attached connection no longer needs the backend: it closed, it has been quiet
+    for idle_timeout (allow-sleep), or the probes it carried were all answered.
+    ``held``: it was waiting for a wake."""
 
     held: bool = False
     activity: bool = False

@@ -93,6 +93,7 @@ def answer(
     headers: tuple[tuple[str, str], ...] = (),
     stream: bool = False,
     keep_alive: bool = False,
+    head_only: bool = False,
 ) -> bytes:
     """A complete response the proxy gives itself; it closes the connection after,
     unless ``keep_alive`` (a probe answered on a connection that stays open)."""
@@ -104,4 +105,5 @@ def answer(
         lines.append(f"Content-Length: {len(body.encode())}")
     if not keep_alive:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n" + ("" if stream else body)).encode()
+    # A HEAD answer says the body's length but carries none (RFC 9110 section 9.3.2).
+    return ("\r\n".join(lines) + "\r\n\r\n" + ("" if stream or head_only else body)).encode()

@@ -359,10 +359,22 @@ class HttpClientSide(ClientSide):
             return
         # Kept open: what the client sends next (pipelined already, or later) is
         # another request, forwarded or answered as usual.
-        if self.transport is not None and not self.closed:
-            self.transport.write(
-                answer(probe.status, probe.body, content_type=probe.content_type, keep_alive=True)
-            )
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self._backend_eof:
+            # The backend ended this connection's other half: nothing more can be sent.
+            transport.close()
+            return
+        data = answer(
+            probe.status,
+            probe.body,
+            content_type=probe.content_type,
+            keep_alive=True,
+            head_only=head.method == b"HEAD",
+        )
+        self.answered_bytes += len(data)
+        transport.write(data)
 
     def _respond(self, status: int, body: str, content_type: str, outcome: Outcome) -> None:
         self.owner.record(outcome, status)
@@ -397,10 +409,11 @@ class HttpClientSide(ClientSide):
         transport = self.transport
         if transport is None or self.closed:
             return
-        transport.write(data)
+        if not self._backend_eof:  # after write_eof nothing more can be written
+            transport.write(data)
         if self.upstream is not None:
             self.upstream.abort()
-        if close:
+        if close or self._backend_eof:
             transport.close()
 
     # ---- timers

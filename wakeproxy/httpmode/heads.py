@@ -70,11 +70,11 @@ def parse_head(raw: bytes) -> Head:
         # RFC 9112 section 6.1: a request with both may be a smuggling attempt, and an
         # intermediary must not forward both; refusing it is the safe choice.
         raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-    connection = headers.get(b"connection", b"").lower()
+    options = {token.strip() for token in headers.get(b"connection", b"").lower().split(b",")}
     if request.http_version == b"1.0":
-        keep_alive = b"keep-alive" in connection
+        keep_alive = b"keep-alive" in options
     else:
-        keep_alive = b"close" not in connection
+        keep_alive = b"close" not in options
     return Head(
         method=request.method,
         path=request.target.partition(b"?")[0],

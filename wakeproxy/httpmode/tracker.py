@@ -1,5 +1,6 @@
-"""Response framing on one connection (``idle_connections: allow-sleep`` only): how many
-requests still await the end of their response, so a backend is not paused under one."""
+"""Response framing on one connection: how many requests still await the end of their
+response, so a backend is not paused under one (``idle_connections: allow-sleep``: every
+request; otherwise a connection's probes, so one that carried only probes lets go)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
 
 
 class ResponseTracker:
-    """Follows response framing on one connection (allow-sleep only): how many requests
-    still await the end of their response. An event stream stops counting once its head
+    """Follows response framing on one connection: how many requests still await the
+    end of their response. An event stream stops counting once its head
     arrived: it may stay open for ever. A response whose framing h11 cannot follow
     (``Transfer-Encoding: gzip, chunked`` is valid HTTP) counts as in flight until the
     connection closes: its end cannot be seen, and a backend paused under it would stall

@@ -64,6 +64,10 @@ class Runtime(abc.ABC):
         """The backend's own memory cgroup, where one can be found (hibernation)."""
         return None
 
+    def note_listeners(self, port: int) -> None:
+        """Before a start: remember who already listens on ``port`` (not the backend)."""
+        return None
+
     async def foreign_listener(self, port: int) -> str | None:
         """Why the listener on ``port`` is not this backend's, or None: it is, or the
         runtime cannot tell (readiness then trusts the connect)."""

@@ -174,6 +174,7 @@ class ProcessRuntime(Runtime):
         self._watchers: set[asyncio.Task[None]] = set()
         self._token = ""
         self._foreign: tuple[frozenset[int], str] | None = None
+        self._before_start: set[int] = set()
 
     @property
     def pid(self) -> int | None:
@@ -249,9 +250,12 @@ class ProcessRuntime(Runtime):
         self._token = token
         path = _record_path(token)
         me = os.getpid()
+        started = _start_time(me)
+        if started is None:
+            return  # no /proc: a record could not tell this proxy from a reused pid
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            path.write_text(f"{me} {_start_time(me)} {self.command[0]}\n")
+            path.write_text(f"{me} {started} {self.command[0]}\n")
         except OSError as exc:
             log.debug("cannot record run %s in %s: %s", token, path, exc)
 
@@ -261,16 +265,25 @@ class ProcessRuntime(Runtime):
                 _record_path(self._token).unlink()
             self._token = ""
 
+    def note_listeners(self, port: int) -> None:
+        self._before_start = listening_inodes(port)
+
     async def foreign_listener(self, port: int) -> str | None:
+        """A listener that was there before the start and is not the command's own.
+        One that appeared since is taken as the command's: a command may publish its
+        port through a helper it does not own (``docker run -p`` and docker-proxy)."""
         inodes = listening_inodes(port)
         if not inodes:
             return None  # not seen from here (another network namespace): trust the connect
+        if inodes - self._before_start:
+            return None  # a listener that appeared with this start
         if self._alive():
             pids = self.cgroup.pids() if self.cgroup is not None else await self.pids()
             ours = socket_inodes(pids)
             if ours is None or ours & inodes:
                 return None
-        # Else the command has exited already (it could not bind): the listener is not its.
+        # A listener from before the start that is not the command's (a frozen leftover,
+        # an unrelated server), or the command has exited (it could not bind).
         key = frozenset(inodes)
         if self._foreign is None or self._foreign[0] != key:
             # Who holds it: a full /proc scan, once per listener seen.
