@@ -16,10 +16,12 @@ from tests.helpers import (
     backend_command,
     config_from,
     config_text,
+    first_index,
     free_port,
     http_get,
     port_answers,
     proc_state,
+    proxy_log,
     running,
     service,
     service_yaml,
@@ -289,3 +291,28 @@ async def test_each_command_has_its_own_memory_cgroup_removed_when_it_ends_and_s
         assert mine.parent == own.path and runtime.pid in runtime.cgroup.pids()
         assert not stale.exists(), "the empty leftover is removed when the proxy starts"
     assert not mine.exists(), "the command's cgroup goes with it"
+
+
+async def test_stop_of_a_paused_command_that_ignores_sigterm_ends_with_sigkill():
+    # SIGCONT first (a stopped process keeps SIGTERM pending for ever), then SIGTERM,
+    # then SIGKILL once stop_timeout passed.
+    port, backend = free_port(), free_port()
+    command = backend_command(backend, "http", "--term-delay", "60")
+    config = config_from(
+        service_yaml(port, backend, command=command, stop_timeout=1, wake_timeout=15)
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).startswith(b"HTTP/1.1 200")
+        pid = service.runtime.pid  # type: ignore[attr-defined]
+        await wait_until(lambda: not service.connections, within=5)
+        await service.sleep("pause")
+        assert proc_state(pid) in ("T", "t")
+        with proxy_log() as log:
+            started = time.monotonic()
+            await service.sleep("stop")
+            took = time.monotonic() - started
+        assert service.state is State.STOPPED
+        await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), within=5)
+        assert took >= 0.9, f"ended after {took:.2f} s: before stop_timeout"
+        first_index(log, "did not end within 1.0s of SIGTERM; sending SIGKILL")

@@ -194,3 +194,122 @@ async def test_api_wake_and_repr():
         assert runtime.calls["start"] == 1 and h.service.state is State.RUNNING
         await h.service.wake()
         assert runtime.calls["start"] == 1
+
+
+async def test_a_refused_connect_is_counted_and_the_state_re_read():
+    runtime = FakeRuntime(State.RUNNING)
+    async with Harness(runtime, settings(sleep_policy="{idle_timeout: 600}")) as h:
+        assert await h.roundtrip() == b"ping"
+        h.server.close()
+        await h.server.wait_closed()
+        runtime.state = State.STOPPED  # gone behind the proxy's back, nothing reported
+        inspected = runtime.calls["inspect"]
+        assert await h.roundtrip() == b"", "refused: closed"
+        assert h.service.stats.connections["backend_error"] == 1
+        await wait_until(lambda: h.service.state is State.STOPPED, within=5)
+        assert runtime.calls["inspect"] == inspected + 1, "one re-read"
+        # The re-read state is what the next connection acts on: it starts the backend.
+        h.server = await echo_server(h.backend_port)
+        assert await h.roundtrip() == b"ping"
+        assert runtime.calls["start"] == 1
+
+
+class CountingBackend:
+    """Accepts connections and answers each first read after ``delay``: how many are
+    connected and not yet answered at once, and in what order their first bytes came."""
+
+    def __init__(self, delay: float, *, speak: bool = True) -> None:
+        self.delay = delay
+        self.speak = speak
+        self.unanswered = 0
+        self.peak = 0
+        self.order: list[bytes] = []
+        self.accepted = 0
+        self.accept_times: list[float] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.accept_times.append(asyncio.get_running_loop().time())
+        self.unanswered += 1
+        self.peak = max(self.peak, self.unanswered)
+        try:
+            if not self.speak:
+                await reader.read()  # a server that never speaks first
+                return
+            first = await reader.readline()
+            self.order.append(first.strip())
+            await asyncio.sleep(self.delay)
+            writer.write(b"ok\n")
+            await writer.drain()
+            self.unanswered -= 1
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def _paced_service(
+    backend: CountingBackend, concurrency: int
+) -> tuple[Service, asyncio.Server]:
+    port, backend_port = free_port(), free_port()
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", backend_port, backlog=1024)
+    cfg = config_from(
+        f"services:\n  web:\n    listen: 127.0.0.1:{port}\n"
+        f"    backend: 127.0.0.1:{backend_port}\n    container: fake\n"
+        f"    connect_concurrency: {concurrency}\n    wake_timeout: 15\n"
+    ).services["web"]
+    service = lone_service(cfg, FakeRuntime(State.PAUSED, delay=0.3))
+    await service.start()
+    return service, server
+
+
+async def test_release_keeps_connect_concurrency_until_first_bytes_and_late_ones_queue():
+    backend = CountingBackend(delay=0.05)
+    service, server = await _paced_service(backend, concurrency=4)
+    port = service.cfg.listen.port
+    clients = []
+    try:
+        for index in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"%d\n" % index)
+            clients.append((reader, writer))
+        await wait_until(lambda: service.held == 30, within=5)
+        # One more arrives while the release drains: it joins the end of the queue.
+        await wait_until(lambda: backend.accepted >= 4, within=10)
+        late = await asyncio.open_connection("127.0.0.1", port)
+        late[1].write(b"late\n")
+        clients.append(late)
+        for reader, _ in clients:
+            assert await asyncio.wait_for(reader.readline(), 15) == b"ok\n"
+        # Never more than connect_concurrency connected and unanswered at once: a slot
+        # is given back at the backend's first byte, not when the connect completes.
+        assert 2 <= backend.peak <= 4, backend.peak
+        assert backend.order[-1] == b"late", backend.order
+        assert sorted(backend.order[:-1], key=int) == [b"%d" % i for i in range(30)]
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await service.close()
+        server.close()
+
+
+async def test_release_gives_a_slot_back_100_ms_after_a_connect_when_the_backend_is_silent():
+    backend = CountingBackend(delay=0, speak=False)
+    service, server = await _paced_service(backend, concurrency=2)
+    port = service.cfg.listen.port
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(8):  # they send nothing: the backend never answers first
+            clients.append(await asyncio.open_connection("127.0.0.1", port))  # noqa: PERF401
+        await wait_until(lambda: service.held == 8, within=5)
+        await wait_until(lambda: backend.accepted == 8, within=10)
+        times = backend.accept_times
+        # Two at a time, each pair ~100 ms (SETTLE_AFTER) after the one before.
+        spread = times[-1] - times[0]
+        assert spread >= 0.25, f"8 connects in {spread:.3f} s: slots were not held"
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await service.close()
+        server.close()
