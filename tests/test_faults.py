@@ -140,6 +140,57 @@ async def test_reload_applies_a_new_file_without_dropping_unchanged_services(tmp
         writer.close()
 
 
+def put(admin: int, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=body, method="PUT")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.asyncio
+async def test_reload_keeps_live_changes_names_restart_needs_and_closes_what_it_replaces(
+    tmp_path,
+):
+    admin = free_port()
+    x, x_backend, y, y_backend = (free_port() for _ in range(4))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_text(admin, echo_service("x", x, x_backend), echo_service("y", y, y_backend))
+    )
+    async with running(load_config(path)) as proxy:
+        status, _ = await asyncio.to_thread(
+            put, admin, "/services/x/config", b'{"sleep_policy": {"idle_timeout": 123}}'
+        )
+        assert status == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", y)
+        await echo(reader, writer, b"before\n")
+        # x unchanged in the file; y changed in a key a running service cannot take
+        # (backlog: it is replaced); admin changed (only a restart applies it).
+        text = config_text(
+            admin, echo_service("x", x, x_backend), echo_service("y", y, y_backend, "backlog: 64")
+        ).replace("admin:\n", "admin:\n  token_file: /dev/null\n", 1)
+        path.write_text(text)
+        status, result = await asyncio.to_thread(post, admin, "/reload")
+        assert status == 200, result
+        assert (result["unchanged"], result["replaced"]) == (["x"], ["y"])
+        assert result["needs_restart"] == ["admin"]
+        assert proxy.services["x"].cfg.sleep_policy.idle_timeout == 123, "the live change kept"
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "the replaced one's connection"
+        writer.close()
+        await echo_once(y, b"the new y serves\n")
+
+        # The CLI on a bad file: exit status 1 and the problems, the running config kept.
+        path.write_text(config_text(admin, echo_service("x", x, x_backend, "backlog: lots")))
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [*WAKEPROXY, "reload", "--admin", f"http://127.0.0.1:{admin}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        output = result.stdout + result.stderr
+        assert f"{path}:8: services.x.backlog: expected a whole number, got 'lots'" in output
+        assert set(proxy.services) == {"x", "y"}
+
+
 @pytest.mark.asyncio
 async def test_max_connections_refuses_past_the_limit_and_http_reads_503():
     tcp, tcp_backend, web, web_backend = free_port(), free_port(), free_port(), free_port()

@@ -238,6 +238,28 @@ async def test_request_framing_that_could_smuggle_is_refused_and_bodies_pass_int
         assert reply.endswith(b"\r\n\r\nhello world"), reply
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n",
+    ],
+)
+async def test_after_an_upgrade_or_connect_the_connection_is_plain_bytes(request_head):
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        assert status(head) in (101, 200), head
+        # Not HTTP: parsed as a request head it would be a 400 and a close.
+        raw = b"\x00\xff GARBAGE\r\n\r\nGET nothing\n" * 100
+        writer.write(raw)
+        assert await asyncio.wait_for(reader.readexactly(len(raw)), 10) == raw
+        writer.close()
+        assert proxy.services["web"].stats.http_answers[400] == 0
+
+
 async def test_connections_holding_part_of_a_head_are_capped():
     port, backend = free_port(), free_port()
     settings = "http: {max_partial_heads: 2, header_timeout: 5}"

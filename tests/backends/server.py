@@ -6,7 +6,8 @@ Modes:
           itself, POST /echo with the request body (either framing); GET /gzip-chunked
           streams --size bytes as "Transfer-Encoding: gzip, chunked" (framing h11 cannot
           follow), 64 KiB every --delay seconds; GET /slow sends a 10-byte body a byte
-          every --delay seconds; POST /accept answers 202 (a result that comes later)
+          every --delay seconds; POST /accept answers 202 (a result that comes later);
+          a request with "Connection: upgrade" (101) or CONNECT (200) then echoes raw bytes
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
@@ -82,6 +83,15 @@ async def handle(reader, writer, args) -> None:
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
                 target = parts[1] if len(parts) > 1 else b""
+                if b"connection: upgrade" in lowered or head.startswith(b"CONNECT "):
+                    # Another protocol from here on: echo raw bytes (WebSocket, a tunnel).
+                    tunnel = head.startswith(b"CONNECT ")
+                    status = b"200 OK" if tunnel else b"101 Switching Protocols"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nConnection: upgrade\r\n\r\n")
+                    while data := await reader.read(65536):
+                        writer.write(data)
+                        await writer.drain()
+                    break
                 if target in SPECIAL:
                     await SPECIAL[target](writer, args)
                     await writer.drain()
