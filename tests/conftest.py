@@ -107,6 +107,24 @@ class OwnEngine:
         )
         return result.returncode == 0
 
+    def httpd(
+        self, port: int, *, paused: bool = False, labels: dict[str, str] | None = None
+    ) -> str:
+        """busybox httpd on this engine (host network, 127.0.0.1 only); its name."""
+        name = f"wp-own-{uuid.uuid4().hex[:10]}"
+        label_args = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
+        docker(
+            "run", "-d", "--network", "host", "--name", name, *label_args, BUSYBOX_IMAGE,
+            "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www", host=self.host,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not port_answers(port):
+            assert time.monotonic() < deadline, f"container {name} never listened on {port}"
+            time.sleep(0.02)
+        if paused:
+            docker("pause", name, host=self.host)
+        return name
+
     @property
     def pid(self) -> int:
         assert self.process is not None

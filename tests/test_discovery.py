@@ -22,6 +22,7 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy.core.states import State
+from wakeproxy.runtimes.docker import DockerEngine
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"
@@ -183,3 +184,44 @@ async def test_bad_labels_fail_that_service_only_and_compose_depends_on_wakes_fi
         assert "wakeproxy.idle_timeout" in refused[bad_name]["reason"]
         metrics = await http_get(admin, "/metrics")
         assert f'wakeproxy_discovery_rejected{{service="{bad_name}"}} 1.0'.encode() in metrics
+
+
+@pytest.mark.engine_restart
+@pytest.mark.timeout(240)
+async def test_missed_events_are_caught_by_the_periodic_re_read_and_after_the_engine_returns(
+    own_engine, monkeypatch
+):
+    monkeypatch.setenv("DOCKER_HOST", own_engine.host)
+    original = DockerEngine._dispatch
+
+    def deaf(self: DockerEngine, event: dict) -> None:
+        """The engine's events still move states, but never cue discovery: missed."""
+        cue, self.on_labelled_change = self.on_labelled_change, None
+        try:
+            original(self, event)
+        finally:
+            self.on_labelled_change = cue
+
+    monkeypatch.setattr(DockerEngine, "_dispatch", deaf)
+    admin, port, backend = free_port(), free_port(), free_port()
+    periodic = discovery_yaml(admin).replace("interval: 600", "interval: 1")
+    async with running(config_from(periodic)) as proxy:
+        assert "late" not in proxy.services
+        name = own_engine.httpd(backend, labels=labels_for("late", port, backend))
+        # No event cued a re-read: the periodic one (every second) finds it.
+        await wait_until(lambda: "late" in proxy.services, within=10)
+        assert (await http_get(port)).endswith(BODY)
+
+    async with running(config_from(discovery_yaml(admin))) as proxy:
+        assert "late" in proxy.services, "found by the start-up listing"
+        docker("rm", "-f", name, host=own_engine.host)
+        await asyncio.sleep(1.0)
+        assert "late" in proxy.services, "stale: no event and no periodic re-read (600 s)"
+        engine = proxy.engine
+        assert engine is not None
+        await asyncio.to_thread(own_engine.stop)
+        await wait_until(lambda: not engine.up, within=10)
+        await asyncio.to_thread(own_engine.start)
+        # The re-read after the engine came back sees it is gone.
+        await wait_until(lambda: "late" not in proxy.services, within=30, interval=0.1)
+        assert not port_answers(port)

@@ -9,14 +9,12 @@ machine's engine is never signalled. It runs after every other test (marker
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import urllib.request
 
 import pytest
 
-from tests.conftest import BUSYBOX_IMAGE
 from tests.helpers import (
     config_from,
     container_status,
@@ -188,22 +186,6 @@ def test_sigkill_and_restart_with_paused_stopped_and_running_containers(make_con
         second.communicate(timeout=30)
 
 
-def _own_container(engine, port: int, *, paused: bool = False) -> str:
-    """busybox httpd on the test's own engine (host network, 127.0.0.1 only)."""
-    name = f"wp-own-{os.urandom(5).hex()}"
-    docker(
-        "run", "-d", "--network", "host", "--name", name, BUSYBOX_IMAGE,
-        "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www", host=engine.host,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not port_answers(port):
-        assert time.monotonic() < deadline, f"container {name} never listened on {port}"
-        time.sleep(0.02)
-    if paused:
-        docker("pause", name, host=engine.host)
-    return name
-
-
 @pytest.mark.engine_restart
 @pytest.mark.timeout(240)
 @pytest.mark.asyncio
@@ -214,8 +196,8 @@ async def test_engine_restart_keeps_forwarding_fails_wakes_cleanly_and_recovers(
     # machine's engine, which other work may use, is never signalled.
     monkeypatch.setenv("DOCKER_HOST", own_engine.host)
     live, live_backend, cold, cold_backend = (free_port() for _ in range(4))
-    running_one = _own_container(own_engine, live_backend)
-    paused_one = _own_container(own_engine, cold_backend, paused=True)
+    running_one = own_engine.httpd(live_backend)
+    paused_one = own_engine.httpd(cold_backend, paused=True)
     config = config_from(
         services_yaml(
             ("live", live, live_backend, running_one, "sleep_policy: {idle_timeout: 600}"),
