@@ -13,13 +13,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import (
     backend_command,
     config_from,
+    config_text,
     free_port,
     http_get,
     running,
+    service,
     service_yaml,
     wait_until,
 )
 from wakeproxy import admin
+from wakeproxy.config import load_config
 from wakeproxy.core.states import State
 from wakeproxy.errors import ConfigError
 
@@ -178,6 +181,47 @@ async def test_public_admin_address_without_token_is_refused(monkeypatch, tmp_pa
         assert (await call(proxy, "POST", "/services/web/sleep", token="nope"))[0] == 401
 
 
+def series(scrape: bytes, service: str) -> list[str]:
+    """The sample names and labels that belong to one service."""
+    return [
+        f"{sample.name}{sorted(sample.labels.items())}"
+        for family in text_string_to_metric_families(scrape.split(b"\r\n\r\n", 1)[1].decode())
+        for sample in family.samples
+        if sample.labels.get("service") == service
+    ]
+
+
+async def test_stop_after_is_its_own_sleep_reason_and_a_removed_service_leaves_no_series(
+    tmp_path,
+):
+    admin_port, a, a_backend, b, b_backend = (free_port() for _ in range(5))
+    text = config_text(
+        service(
+            "a", a, a_backend, command=backend_command(a_backend, "http"),
+            sleep_policy={"idle_timeout": 0.2, "stop_after": 0.3},
+        ),
+        service("b", b, b_backend, command=backend_command(b_backend, "http")),
+        admin=admin_port,
+    )  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    async with running(load_config(path)) as proxy:
+        assert (await http_get(a)).startswith(b"HTTP/1.1 200")
+        await wait_until(lambda: proxy.services["a"].state is State.STOPPED, within=10)
+        scrape = await http_get(admin_port, "/metrics")
+        for action, reason in (("pause", "idle"), ("stop", "stop_after")):
+            sample = (
+                f'wakeproxy_sleeps_total{{action="{action}",reason="{reason}",service="a"}} 1.0'
+            )
+            assert sample.encode() in scrape, (sample, scrape.decode()[:2000])
+        assert series(scrape, "b"), "b has series while it is configured"
+        path.write_text(text.split("  b:")[0])  # the same file without b
+        await proxy.reload()
+        scrape = await http_get(admin_port, "/metrics")
+        assert series(scrape, "b") == [], "a removed service's series go away"
+        assert series(scrape, "a")
+
+
 async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
     monkeypatch.setattr(admin, "HEAD_TIMEOUT", 0.3)
     port, config = web()
@@ -192,6 +236,14 @@ async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
         slow_body = b"PUT /services/web/config HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{"
         status, _, body = await call(proxy, "PUT", "", raw=slow_body)
         assert status == 408 and b"request body" in body
+        big = b"{" + b" " * (1024 * 1024) + b"}"
+        huge_body = (
+            b"PUT /services/web/config HTTP/1.1\r\nHost: a\r\n"
+            + f"Content-Length: {len(big)}\r\n\r\n".encode()
+            + big
+        )
+        status, _, body = await call(proxy, "PUT", "", raw=huge_body)
+        assert status == 413 and b"over 1 MiB" in body
         assert (await call(proxy, "GET", "/health"))[0] == 200
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
 
