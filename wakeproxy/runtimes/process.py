@@ -279,11 +279,10 @@ class ProcessRuntime(Runtime):
             return None  # a listener that appeared with this start
         if self._alive():
             pids = self.cgroup.pids() if self.cgroup is not None else await self.pids()
-            ours = socket_inodes(pids)
-            if ours is None or ours & inodes:
+            if (socket_inodes(pids) or set()) & inodes:
                 return None
-        # A listener from before the start that is not the command's (a frozen leftover,
-        # an unrelated server), or the command has exited (it could not bind).
+        # Only listeners from before the start, none of them the command's (unreadable
+        # descriptors too: a command that just exited, its pids already gone).
         key = frozenset(inodes)
         if self._foreign is None or self._foreign[0] != key:
             # Who holds it: a full /proc scan, once per listener seen.
