@@ -61,6 +61,57 @@ def test_check_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2(tmp_path):
         )
 
 
+def test_check_reports_what_run_refuses_and_warns_of_a_missing_executable(tmp_path):
+    # Before the fix check passed all of these; run refused the first two at start.
+    public = write(
+        tmp_path,
+        "admin: {listen: 0.0.0.0:9000}\n"
+        "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n",
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WAKEPROXY_ADMIN_TOKEN"}
+    result = cli("check", "-c", str(public), env=env)
+    assert result.returncode == 2
+    why = "admin.listen: 0.0.0.0:9000 is not a loopback address and no admin token"
+    assert why in result.stderr
+    missing = write(
+        tmp_path,
+        "services:\n"
+        "  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, command: [no-such-server-xyz]}\n"
+        "  b: {listen: 127.0.0.1:3, backend: 127.0.0.1:4, command: [./bin/nope]}\n",
+    )
+    result = cli("check", "-c", str(missing))
+    assert result.returncode == 0 and "ok, 2 service(s)" in result.stdout
+    assert "warning: services.a.command: 'no-such-server-xyz' is not on PATH" in result.stderr
+    assert "warning: services.b.command: './bin/nope' does not exist" in result.stderr
+
+
+def test_every_fault_of_a_file_in_one_pass(tmp_path):
+    # A service with faults of its own still takes part in the checks across services:
+    # before, the clash and the unknown dependency showed only once its fault was fixed.
+    bad = write(
+        tmp_path,
+        """
+        services:
+          a:
+            listen: 127.0.0.1:7000
+            backend: 127.0.0.1:7001
+            container: a
+            backlog: lots
+            depends_on: [ghost]
+          b: {listen: 127.0.0.1:7000, backend: 127.0.0.1:7002, container: b}
+        """,
+    )
+    result = cli("check", "-c", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert any("services.a.backlog: expected a whole number" in line for line in lines), lines
+    assert any("services.a.depends_on: no service named 'ghost'" in line for line in lines)
+    assert any(
+        "services.b.listen: 127.0.0.1:7000 is already used by services.a.listen" in line
+        for line in lines
+    ), lines
+
+
 def test_config_path_from_the_environment(tmp_path):
     good = write(
         tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n"

@@ -59,18 +59,25 @@ def load_token(cfg: AdminConfig) -> str | None:
     return None
 
 
+def checked_token(cfg: AdminConfig) -> str | None:
+    """The token, or ConfigError: an unreadable token file, or a public admin address
+    without a token (anyone who reaches it could pause or stop services)."""
+    token = load_token(cfg)
+    if token is None and not is_loopback(cfg.listen.host):
+        raise ConfigError(
+            [
+                f"admin.listen: {cfg.listen} is not a loopback address and no admin token is "
+                f"set: anyone who reaches it could pause or stop services. Set {TOKEN_ENV} "
+                "or admin.token_file, or listen on 127.0.0.1"
+            ]
+        )
+    return token
+
+
 class AdminServer:
     def __init__(self, proxy: Proxy, cfg: AdminConfig) -> None:
         self.cfg = cfg
-        token = load_token(cfg)
-        if token is None and not is_loopback(cfg.listen.host):
-            raise ConfigError(
-                [
-                    f"admin.listen: {cfg.listen} is not a loopback address and no admin token is "
-                    f"set: anyone who reaches it could pause or stop services. Set {TOKEN_ENV} "
-                    "or admin.token_file, or listen on 127.0.0.1"
-                ]
-            )
+        token = checked_token(cfg)
         self.api = Api(proxy, token=token, protect_reads=cfg.protect_reads)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()

@@ -20,6 +20,7 @@ from .client import DEFAULT_ADMIN
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError
 from .logs import setup_logging
+from .preflight import preflight
 
 log = logging.getLogger("wakeproxy")
 
@@ -160,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return EXIT_CONFIG
     if args.command == "check":
+        errors, warnings = preflight(config)
+        for problem in errors:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        for warning in warnings:
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
+        if errors:
+            return EXIT_CONFIG
         print(f"{args.config}: ok, {len(config.services)} service(s)")
         return 0
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)

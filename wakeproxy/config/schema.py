@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from typing import Any, TypeVar, get_args
+from typing import Any, Protocol, TypeVar, get_args
 
 from ..core.states import SleepAction
 from ..errors import ConfigError
@@ -274,8 +274,23 @@ def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:
     return replace(Readiness(), values)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sketch:
+    """What the checks across services need of one, kept for a service with faults of
+    its own too: every fault of a file is reported in one pass."""
+
+    name: str
+    listen: Address | None
+    backend: Address | None
+    depends_on: tuple[str, ...]
+
+
 def parse_service(
-    name: Any, data: Any, problems: Problems, policies: Mapping[str, SleepPolicy]
+    name: Any,
+    data: Any,
+    problems: Problems,
+    policies: Mapping[str, SleepPolicy],
+    sketches: dict[str, Sketch] | None = None,
 ) -> ServiceConfig | None:
     path: KeyPath = ("services", str(name))
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -288,6 +303,15 @@ def parse_service(
     values = section(data, path, SERVICE_FIELDS, problems)
     if values is None:
         return None
+    if sketches is not None:
+        port = values.get("port")
+        seed_listen = Address("0.0.0.0", port) if isinstance(port, int) else None
+        sketches[name] = Sketch(
+            name,
+            values.get("listen", seed_listen),
+            values.get("backend"),
+            tuple(values.get("depends_on", ())),
+        )
     # A key given with a bad value was reported already: do not also call it missing.
     given = set(data)
     before = len(problems.items)
@@ -387,6 +411,7 @@ def build_config(
 
     policies = _parse_policies(top.get("policies", {}), problems)
     services: dict[str, ServiceConfig] = {}
+    sketches: dict[str, Sketch] = {}
     raw_services = top.get("services")
     if raw_services is None and discovery_values.get("docker_labels"):
         pass  # labelled containers are the services
@@ -398,13 +423,14 @@ def build_config(
         )
     else:
         for name, entry in raw_services.items():
-            service = parse_service(name, entry, problems, policies)
+            service = parse_service(name, entry, problems, policies, sketches)
             if service is not None:
                 services[service.name] = service
 
     admin = replace(AdminConfig(), admin_values)
-    _check_listeners(services, admin, problems)
-    _check_dependencies(services, problems)
+    # Across services, those with faults of their own included: one pass, every fault.
+    _check_listeners(sketches, admin, problems)
+    _check_dependencies(sketches, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
@@ -418,12 +444,20 @@ def build_config(
     )
 
 
-def _check_dependencies(services: Mapping[str, ServiceConfig], problems: Problems) -> None:
+def _check_dependencies(services: Mapping[str, Sketch], problems: Problems) -> None:
     for name, message in dependency_faults(services):
         problems.add(("services", name, "depends_on"), message)
 
 
-def dependency_faults(services: Mapping[str, ServiceConfig]) -> list[tuple[str, str]]:
+class _Dependent(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def depends_on(self) -> tuple[str, ...]: ...
+
+
+def dependency_faults(services: Mapping[str, _Dependent]) -> list[tuple[str, str]]:
     """(service, why) for each dependency that does not exist or closes a cycle."""
     faults: list[tuple[str, str]] = []
     for service in services.values():
@@ -495,10 +529,12 @@ def _reaches(backend: Address, listen: Address) -> bool:
 
 
 def _check_listeners(
-    services: Mapping[str, ServiceConfig], admin: AdminConfig, problems: Problems
+    services: Mapping[str, Sketch], admin: AdminConfig, problems: Problems
 ) -> None:
     taken: list[tuple[Address, str]] = [(admin.listen, "admin.listen")]
     for service in services.values():
+        if service.listen is None:
+            continue
         for address, owner in taken:
             if overlaps(service.listen, address):
                 same = "" if address == service.listen else f" ({address}: the same port)"
