@@ -256,6 +256,16 @@ def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(t
         assert "removed: a" in result.stdout
         assert not port_answers(a)
 
+        # Refused through the CLI (so the API): the proxy's own log says so too.
+        good = path.read_text()
+        path.write_text(good.replace("services:", "services:\n  bad: {backlog: lots}", 1))
+        result = subprocess.run(
+            [*WAKEPROXY, "reload", "--admin", f"http://127.0.0.1:{admin}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 1
+        path.write_text(good)
+
         with socket.create_connection(("127.0.0.1", b), timeout=10) as sock:
             sock.sendall(b"before\n")
             assert sock.recv(100) == b"before\n"
@@ -275,6 +285,8 @@ def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(t
             proxy.communicate()
     assert proxy.returncode == 0, err
     assert "reloaded" in err
+    assert "reload refused, the running config is kept:" in err
+    assert "services.bad.backlog: expected a whole number, got 'lots'" in err
     # Our connection, and maybe a just-closed port check still finishing its half-close.
     assert re.search(r"waiting up to 20s for [12] open connection\(s\)", err), err
 

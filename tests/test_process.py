@@ -27,6 +27,8 @@ from tests.helpers import (
     service_yaml,
     wait_until,
 )
+from wakeproxy.api import service_status
+from wakeproxy.client import format_status
 from wakeproxy.core.states import State
 from wakeproxy.memory import cgroup_of
 from wakeproxy.runtimes.process import ProcessRuntime
@@ -100,6 +102,12 @@ async def test_missing_command_fails_fast_with_a_clear_reason():
         assert service.state is State.FAILED
         assert "cannot run '/nonexistent/server': No such file or directory" in service.reason
         assert service.stats.connections["backend_error"] == 1
+        # The retry re-reads the state (stopped: nothing runs); the status keeps why.
+        await wait_until(lambda: service.state is State.STOPPED, within=10)
+        status = service_status(service)
+        assert status["reason"] == "state re-read"
+        assert status["last_error"]["reason"].startswith("cannot run '/nonexistent/server'")
+        assert "; last error: cannot run '/nonexistent/server'" in format_status([status])
 
 
 async def test_command_that_dies_at_boot_fails_before_wake_timeout():
@@ -111,7 +119,7 @@ async def test_command_that_dies_at_boot_fails_before_wake_timeout():
         started = loop.time()
         assert await http_get(port) == b""
         assert loop.time() - started < 5, "a dead command must not wait for wake_timeout (15 s)"
-        assert "stopped while starting" in service.reason
+        assert "stopped while starting (exited with status 3)" in service.reason
 
 
 async def test_after_a_wake_timeout_a_command_that_never_listens_never_reads_running():

@@ -290,7 +290,18 @@ def service_status(service: Service) -> dict[str, Any]:
         "wakes": service.stats.wakes[WakeResult.OK],
         "last_wake_ms": round(last_wake * 1000, 3) if last_wake is not None else None,
         "memory": service.hibernator.describe(),
+        "last_error": _last_error(service),
     }
+
+
+def _last_error(service: Service) -> dict[str, Any] | None:
+    """Why it last failed, kept until a wake succeeds (a retry's re-read replaces the
+    reason, not this)."""
+    error = service.stats.last_error
+    if error is None:
+        return None
+    at, reason = error
+    return {"reason": reason, "at": round(at, 3)}
 
 
 async def backend_health(service: Service) -> dict[str, Any]:

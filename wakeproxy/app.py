@@ -185,7 +185,14 @@ class Proxy:
             raise ConfigError(["the proxy was not started from a file: nothing to reload"])
         async with self._reloading:
             # In a thread: parsing a large file must not stall every service's traffic.
-            new = await asyncio.to_thread(load_config, self.config.source)
+            try:
+                new = await asyncio.to_thread(load_config, self.config.source)
+            except ConfigError as exc:
+                # Logged here whoever asked (SIGHUP, the API, `wakeproxy reload`).
+                log.error("reload refused, the running config is kept:")
+                for problem in exc.problems:
+                    log.error("%s", problem)
+                raise
             old = self.config
             result = ReloadResult(
                 needs_restart=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -87,12 +88,9 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 
 async def _reload(proxy: Proxy) -> None:
-    try:
+    # A refused reload is logged by the proxy itself, whoever asked for it.
+    with contextlib.suppress(ConfigError):
         await proxy.reload()
-    except ConfigError as exc:
-        log.error("reload refused, the running config is kept:")
-        for problem in exc.problems:
-            log.error("%s", problem)
 
 
 async def _serve(config: Config) -> int:

@@ -48,6 +48,15 @@ def _cell(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _why(service: dict[str, Any]) -> str:
+    reason = str(service.get("reason", ""))
+    error = service.get("last_error")
+    if error and service.get("state") != "failed":
+        # Failed, then re-read as stopped: the reason alone would lose why.
+        reason += f"; last error: {error['reason']}"
+    return reason
+
+
 def format_status(services: list[dict[str, Any]]) -> str:
     head = ("SERVICE", "STATE", "OPEN", "HELD", "WAKES", "LAST WAKE", "SLEEPS IN", "BACKEND", "WHY")
     rows = [
@@ -60,7 +69,7 @@ def format_status(services: list[dict[str, Any]]) -> str:
             _cell(s["last_wake_ms"], " ms"),
             _cell(s["sleeps_in_s"], " s"),
             _cell(s["backend"]),
-            s.get("reason", ""),
+            _why(s),
         )
         for s in services
     ]

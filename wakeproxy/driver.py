@@ -157,8 +157,12 @@ class RuntimeDriver:
             return False
         return await self.runtime.foreign_listener(self.backend.port) is None
 
-    async def _still_starting(self) -> bool:
-        return await self.runtime.inspect() is State.RUNNING
+    async def _still_starting(self) -> str | None:
+        """None while the backend runs, else why it stopped while starting."""
+        if await self.runtime.inspect() is State.RUNNING:
+            return None
+        how = self.runtime.exit_reason
+        return "the backend stopped while starting" + (f" ({how})" if how else "")
 
     # ---- sleep
 

@@ -46,7 +46,7 @@ async def wait_ready(
     readiness: Readiness,
     *,
     connect_timeout: float,
-    still_starting: Callable[[], Awaitable[bool]],
+    still_starting: Callable[[], Awaitable[str | None]],
     foreign: Callable[[int], Awaitable[str | None]] | None = None,
 ) -> None:
     """Return once a probe passes against the backend's own listener (``foreign``
@@ -60,6 +60,6 @@ async def wait_ready(
             if problem is None:
                 return
         attempts += 1
-        if attempts % _ALIVE_EVERY == 0 and not await still_starting():
-            raise OperationFailed(problem or "the backend stopped while starting")
+        if attempts % _ALIVE_EVERY == 0 and (stopped := await still_starting()) is not None:
+            raise OperationFailed(problem or stopped)
         await asyncio.sleep(readiness.interval)

@@ -451,6 +451,8 @@ class Service:
 
     def _transitioned(self, before: State, after: State, reason: str) -> None:
         self.stats.record_transition(before, after, self.loop.time())
+        if after is State.FAILED:
+            self.stats.record_error(reason)
         self._settlers.settle()
         if after is State.STOPPED:
             self.hibernator.forget()

@@ -53,6 +53,8 @@ class ServiceStats:
     hibernate_fallbacks: collections.Counter[str] = field(default_factory=collections.Counter)
     # Events the core had no transition for: a bug somewhere, never silently dropped.
     unexpected: collections.Counter[str] = field(default_factory=collections.Counter)
+    # (wall-clock time, why) of the last failure, until a wake succeeds.
+    last_error: tuple[float, str] | None = None
 
     @property
     def last_wake_s(self) -> float | None:
@@ -68,9 +70,15 @@ class ServiceStats:
         if status is not None:
             self.http_answers[status] += 1
 
+    def record_error(self, reason: str) -> None:
+        """The service failed: kept until a wake succeeds, so the status still says why
+        once a retry re-read the state ("stopped: state re-read")."""
+        self.last_error = (time.time(), reason)
+
     def record_wake(self, result: WakeResult, seconds: float) -> None:
         self.wakes[result] += 1
         if result is WakeResult.OK:
+            self.last_error = None
             self.wake_seconds.append(seconds)
             self.wake_buckets[bisect.bisect_left(WAKE_BUCKETS, seconds)] += 1
             self.wake_sum += seconds

@@ -30,6 +30,9 @@ class Runtime(abc.ABC):
         self.on_change: ChangeCallback = _ignore_change
         # Why memory_cgroup() finds none, where the runtime knows (said when hibernating).
         self.cgroup_problem = ""
+        # How the backend last ended on its own, where the runtime knows ("exited with
+        # status 3"): said when it stops while starting.
+        self.exit_reason = ""
 
     @abc.abstractmethod
     async def inspect(self) -> State:

@@ -217,6 +217,7 @@ class ProcessRuntime(Runtime):
         self.cgroup = cgroup
         self._proc = proc
         self._paused = False
+        self.exit_reason = ""
         self._record(token)
         log.debug("started %s as pid %d", self.command[0], proc.pid)
         task = asyncio.create_task(self._watch_exit(proc))
@@ -294,6 +295,9 @@ class ProcessRuntime(Runtime):
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if proc is self._proc and not self._stopping:
+            self.exit_reason = (
+                f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            )
             # Ended without being asked to: the state follows, the next connection starts it.
             self._kill_stragglers(proc.pid)
             self._forget()
