@@ -1,4 +1,5 @@
 # wakeproxy as one container next to the services it sleeps and wakes.
+#   ./dev image       (offline: makes a local Python base when python:3.12-slim cannot be pulled)
 #   docker build -t wakeproxy .            (BASE_IMAGE: any Debian-like Python 3.11+ image)
 #   docker run --network host -v /var/run/docker.sock:/var/run/docker.sock \
 #     --group-add "$(stat -c %g /var/run/docker.sock)" \
@@ -21,10 +22,10 @@ RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels wakepro
 # Not root: access to the Docker socket comes from its group (--group-add, see README).
 USER wakeproxy
 ENV WAKEPROXY_CONFIG=/etc/wakeproxy/config.yaml \
-    WAKEPROXY_ADMIN=http://127.0.0.1:9000 \
     PYTHONUNBUFFERED=1
-# Docker 20.10 runs the first check only after one interval: keep it short.
+# Docker 20.10 runs the first check only after one interval: keep it short. The admin
+# address comes from the config's admin.listen ($WAKEPROXY_ADMIN overrides it).
 HEALTHCHECK --interval=2s --timeout=2s --start-period=2s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['WAKEPROXY_ADMIN'] + '/health', timeout=1)"]
+    CMD ["wakeproxy", "health"]
 ENTRYPOINT ["wakeproxy"]
 CMD ["run"]

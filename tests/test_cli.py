@@ -258,6 +258,19 @@ def test_status_sleep_and_wake_commands(tmp_path):
         result = cli("sleep", "web", "--admin", admin, env=env)
         assert (result.returncode, result.stdout) == (0, "web: paused\n"), result.stderr
         assert cli("status", "--admin", admin).stdout.splitlines()[1].split()[1] == "paused"
+        # Refused with a connection open: the hint names the CLI's flag, not the API's.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
+            result = cli("sleep", "web", "--admin", admin, env=env)
+            assert result.returncode == 1
+            assert "409: 1 connection(s) open; add --force to sleep anyway" in result.stderr
+            assert "?force" not in result.stderr
+            result = cli("sleep", "web", "--force", "--admin", admin, env=env)
+            assert (result.returncode, result.stdout) == (0, "web: paused\n"), result.stderr
+        result = cli("reload", "--admin", admin, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "no changes; 1 unchanged, 0 failed, 0 needing a restart\n"
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.communicate(timeout=30)

@@ -21,6 +21,7 @@ from tests.helpers import (
     docker,
     free_port,
     http_get,
+    in_ci,
     port_answers,
     running,
     start_proxy,
@@ -231,3 +232,17 @@ async def test_engine_restart_keeps_forwarding_fails_wakes_cleanly_and_recovers(
         assert (await http_get(cold, within=15)).endswith(BODY)
         assert (await http_get(live)).endswith(BODY)
         assert len(asyncio.all_tasks()) <= tasks_before + 2, "no task leaked"
+
+
+@pytest.mark.engine_restart
+def test_the_machine_engine_was_never_stopped_or_restarted(docker_engine):
+    """Runs last: the engine the suite found (pid and start time from its pid file) is the
+    one still running, so no test stopped, killed or restarted it."""
+    from tests import conftest
+
+    if conftest.MACHINE_ENGINE is None:
+        message = "no /var/run/docker.pid: cannot tell the machine's engine"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    assert conftest.engine_identity() == conftest.MACHINE_ENGINE

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -19,6 +20,9 @@ from .admin import TOKEN_ENV
 from .app import ListenError, Proxy
 from .client import DEFAULT_ADMIN
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config.checks import Bad
+from .config.checks import address as check_address
+from .config.schema import overlaps
 from .errors import ConfigError
 from .logs import setup_logging
 from .preflight import preflight
@@ -39,13 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     default = os.environ.get("WAKEPROXY_CONFIG", DEFAULT_CONFIG_PATH)
     run = commands.add_parser("run", help="run the proxy in the foreground")
     check = commands.add_parser("check", help="validate a config file and exit")
-    for sub in (run, check):
+    health = commands.add_parser(
+        "health", help="exit 0 if the proxy's admin API answers (a container health check)"
+    )
+    for sub in (run, check, health):
         sub.add_argument(
             "-c",
             "--config",
             default=default,
             help=f"config file (default: $WAKEPROXY_CONFIG or {DEFAULT_CONFIG_PATH})",
         )
+    run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="the admin API's address instead of the config's admin.listen",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", choices=["text", "json"])
     status = commands.add_parser("status", help="show every service (through the admin API)")
@@ -65,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("name", help="the service")
     sleep.add_argument("--force", action="store_true", help="even with connections open")
     return parser
+
+
+def with_admin_listen(config: Config, text: str) -> Config:
+    """``config`` with the admin API on ``text``, held to admin.listen's rules."""
+    try:
+        listen = check_address(text)
+    except Bad as exc:
+        raise ConfigError([f"--admin-listen: {exc}"]) from None
+    for service in config.services.values():
+        if overlaps(listen, service.listen):
+            raise ConfigError(
+                [f"--admin-listen: {listen} is already used by services.{service.name}.listen"]
+            )
+    return dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=listen))
 
 
 def _load(path: str) -> Config | None:
@@ -158,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    if getattr(args, "admin_listen", None):
+        try:
+            config = with_admin_listen(config, args.admin_listen)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return EXIT_CONFIG
+    if args.command == "health":
+        return client.health(config.admin)
     if args.command == "check":
         errors, warnings = preflight(config)
         for problem in errors:

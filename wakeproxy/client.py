@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from .admin import TOKEN_ENV
+from .config import Address, AdminConfig
 
 DEFAULT_ADMIN = os.environ.get("WAKEPROXY_ADMIN", "http://127.0.0.1:9000")
 EXIT_API_ERROR = 1
@@ -40,6 +41,29 @@ def request(admin: str, method: str, path: str, token: str | None) -> tuple[int,
         return exc.code, orjson.loads(exc.read() or b"{}")
 
 
+def admin_url(listen: Address) -> str:
+    """Where a client on this host reaches an admin API listening on ``listen``."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+    return f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
+
+
+def health(admin: AdminConfig) -> int:
+    """``wakeproxy health``: 0 when the admin API answers /health, else 1 (the image's
+    HEALTHCHECK). The address is the config's admin.listen; $WAKEPROXY_ADMIN overrides."""
+    url = os.environ.get("WAKEPROXY_ADMIN") or admin_url(admin.listen)
+    try:
+        token = client_token(admin.token_file)
+        req = urllib.request.Request(url.rstrip("/") + "/health")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, timeout=2) as response:
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"wakeproxy: unhealthy: {url}/health: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return EXIT_API_ERROR
+    return 0 if ok else EXIT_API_ERROR
+
+
 def _cell(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -55,6 +79,26 @@ def _why(service: dict[str, Any]) -> str:
         # Failed, then re-read as stopped: the reason alone would lose why.
         reason += f"; last error: {error['reason']}"
     return reason
+
+
+def format_reload(result: dict[str, Any]) -> str:
+    """What a reload did: each kind of change that happened, or "no changes", and the
+    counts of what stayed, failed or needs a restart."""
+    lines = [
+        f"{key}: {', '.join(result[key])}"
+        for key in ("added", "removed", "replaced", "updated")
+        if result[key]
+    ]
+    lines += [f"failed: {name}: {why}" for name, why in result["failed"].items()]
+    if result["needs_restart"]:
+        lines.append(f"needs a restart: {', '.join(result['needs_restart'])}")
+    changed = any(result[key] for key in ("added", "removed", "replaced", "updated"))
+    summary = (
+        f"{len(result['unchanged'])} unchanged, {len(result['failed'])} failed, "
+        f"{len(result['needs_restart'])} needing a restart"
+    )
+    lines.append(("" if changed else "no changes; ") + summary)
+    return "\n".join(lines)
 
 
 def format_status(services: list[dict[str, Any]]) -> str:
@@ -95,19 +139,17 @@ def run(command: str, admin: str, token_file: str | None, name: str | None, forc
         print(f"wakeproxy: cannot reach the admin API at {admin}: {reason}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if status != 200:
-        print(f"wakeproxy: {status}: {body.get('error', body)}", file=sys.stderr)
+        error = str(body.get("error", body))
+        # The API's hint names its query parameter; here the flag is what to type.
+        error = error.replace("add ?force=true to sleep anyway", "add --force to sleep anyway")
+        print(f"wakeproxy: {status}: {error}", file=sys.stderr)
         for problem in body.get("problems", ()):
             print(problem, file=sys.stderr)
         return EXIT_API_ERROR
     if command == "status":
         print(format_status(body["services"]))
     elif command == "reload":
-        for key in ("added", "removed", "replaced", "updated"):
-            print(f"{key}: {', '.join(body[key]) or '-'}")
-        for name, why in body["failed"].items():
-            print(f"failed: {name}: {why}")
-        if body["needs_restart"]:
-            print(f"needs a restart: {', '.join(body['needs_restart'])}")
+        print(format_reload(body))
     else:
         print(f"{body['name']}: {body['state']}")
     return 0
