@@ -112,6 +112,17 @@ def test_every_fault_of_a_file_in_one_pass(tmp_path):
     ), lines
 
 
+def test_admin_listen_override_is_held_to_the_files_rules(tmp_path):
+    config = write(
+        tmp_path, "services:\n  a: {listen: 127.0.0.1:7300, backend: 127.0.0.1:2, container: a}\n"
+    )
+    result = cli("run", "-c", str(config), "--admin-listen", "127.0.0.1:7300")
+    assert result.returncode == 2
+    assert "--admin-listen: 127.0.0.1:7300 is already used by services.a.listen" in result.stderr
+    result = cli("run", "-c", str(config), "--admin-listen", "nowhere")
+    assert result.returncode == 2 and "--admin-listen: expected host:port" in result.stderr
+
+
 def test_config_path_from_the_environment(tmp_path):
     good = write(
         tmp_path, "services:\n  a: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: a}\n"
