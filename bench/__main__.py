@@ -211,8 +211,8 @@ def scenario_cold_wake(report: Report, args: argparse.Namespace, workdir: Path) 
         "Per round: the engine's own unpause (Engine API) timed; the same burst through HAProxy "
         "to the running container; then the container paused and the burst sent through "
         "wakeproxy. Medians over rounds (p50 over all cold connections). Targets: cold p50 "
-        "(N=1) <= engine unpause p50 + 3 ms; p99 (N=1000, with connect_concurrency 1024, not "
-        "the default 64) <= HAProxy's p99 + 15 ms; one unpause per burst; nothing failed."
+        "(N=1) <= engine unpause p50 + 3 ms; p99 (N=1000, wakeproxy at its defaults) <= "
+        "HAProxy's p99 + 15 ms; one unpause per burst; nothing failed."
     )
     report.table(title, note, commands, coldwake.table(rows))
     targets.cold(report, rows)

@@ -247,8 +247,9 @@ def run(sizes: list[int], rounds: int, workdir: Path) -> tuple[list[Row], list[s
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     commands = [
         f"docker run -d --network host {IMAGE} PORT   # bench/wakeserver.c, backlog 4096",
-        "wakeproxy: container runtime, connect_concurrency 1024 (backlog 4096), pause followed "
-        "from engine events",
+        "wakeproxy: container runtime at its defaults (release paced to the accept queue, "
+        "read from the kernel; early connects during the unpause), pause followed from engine "
+        "events",
         "client: N asyncio connections at once, GET /, time to the first response byte",
     ]
     return rows, commands

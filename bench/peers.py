@@ -150,9 +150,15 @@ def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
 
 
 def wakeproxy_container(
-    workdir: Path, backend_port: int, container: str, action: str = "pause"
+    workdir: Path,
+    backend_port: int,
+    container: str,
+    action: str = "pause",
+    concurrency: int | None = None,
 ) -> Peer:
-    """wakeproxy in front of a container, with the docker runtime (cold-wake rows)."""
+    """wakeproxy in front of a container, with the docker runtime (cold-wake rows): at
+    its defaults (the release paced to the backend's accept queue, early connects during
+    the unpause) unless ``concurrency`` sets connect_concurrency."""
     port = free_port()
     config = workdir / f"wakeproxy-cold-{action}.yaml"
     config.write_text(
@@ -163,10 +169,7 @@ def wakeproxy_container(
         f"    backend: 127.0.0.1:{backend_port}\n"
         f"    container: {container}\n"
         f"    sleep_policy: {{idle_timeout: 3600, action: {action}}}\n"
-        # wakeserver listens with a backlog of 4096: release held connections 1024 at a
-        # time (the README's rule: at or below the backend's backlog; the default 64
-        # suits shallow backlogs and measured +52 ms on the 1000-burst p99 here).
-        "    connect_concurrency: 1024\n"
+        + (f"    connect_concurrency: {concurrency}\n" if concurrency else "")
     )
     argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
     return Peer("wakeproxy", argv, port)

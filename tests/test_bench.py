@@ -47,7 +47,7 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
         "| **no** |"
     )
     assert rows[6].endswith("| not run: no Docker engine | **not run** |")
-    assert "(connect_concurrency 1024, not the default)" in rows[7]
+    assert "5. cold wake p99, 1000 at once (defaults)" in rows[7]
     assert [row.rsplit("|", 2)[1].strip() for row in rows].count("yes") == 2
 
 
@@ -148,7 +148,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     ):
         assert f"| {figure}" in verdicts, figure
     burst = (
-        "| 5. cold wake p99, 1000 at once (connect_concurrency 1024, not the default) "
+        "| 5. cold wake p99, 1000 at once (defaults) "
         "| <= HAProxy warm p99 + 15 ms; 1 unpause per round; 0 failed "
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )

@@ -136,3 +136,31 @@ async def test_start_up_reads_states_and_addresses_in_one_listing(make_container
     }
     assert address_of(bridge) == "10.9.0.4"  # parsed only: no traffic goes there
     assert address_of({"NetworkSettings": {"Networks": {}}}) is None
+
+
+async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make_container):
+    # No connect_concurrency: the window is read from the kernel at the release (busybox
+    # httpd listens with a backlog of 9). Past it, SYNs would be dropped and retried a
+    # second later; within it, no client waits that long.
+    port, backend = free_port(), free_port()
+    name = make_container(backend, paused=True)
+    config = config_from(
+        service_yaml(
+            port, backend, container=name, wake_timeout=15, sleep_policy="{idle_timeout: 1}"
+        )
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert service.cfg.connect_concurrency is None
+
+        async def timed() -> tuple[float, bytes]:
+            started = time.monotonic()
+            reply = await http_get(port, within=30)
+            return time.monotonic() - started, reply
+
+        results = await asyncio.gather(*(timed() for _ in range(200)))
+        assert all(reply.endswith(BODY) for _, reply in results)
+        assert service.admission.window == 9, service.admission.window
+        slowest = max(seconds for seconds, _ in results)
+        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
+        assert service.stats.wakes["ok"] == 1

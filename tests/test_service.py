@@ -1,13 +1,18 @@
 """The service glue driven through real loopback sockets, with the in-memory runtime.
 
-The fake runtime only stands in for pause/unpause (the backend server keeps running),
-so these tests check decisions: single flight, overflow, timeouts, back-off, the idle
-timer and races. The real runtimes are tested in test_process.py and test_docker.py.
+The fake runtime only stands in for pause/unpause; the backend server (an echo server in
+this process) behaves as a frozen one would: its kernel accepts connections, but it
+answers nothing until the fake's state is running again. These tests check decisions:
+single flight, overflow, timeouts, back-off, the idle timer and races. The real runtimes
+are tested in test_process.py and test_docker.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 
 import pytest
 
@@ -38,7 +43,7 @@ class Harness:
             f"    backend: 127.0.0.1:{self.backend_port}\n"
             "    container: fake\n" + self.extra
         ).services["web"]
-        self.server = await echo_server(self.backend_port)
+        self.server = await frozen_echo(self.backend_port, self.runtime)
         self.service = lone_service(cfg, self.runtime)
         await self.service.start()
         return self
@@ -50,6 +55,23 @@ class Harness:
     async def roundtrip(self, payload: bytes = b"ping", within: float = 5.0) -> bytes:
         """Send, half-close, read to EOF: b'' means the proxy closed without forwarding."""
         return await exchange(self.port, payload, within=within, half_close=True)
+
+
+async def frozen_echo(port: int, runtime: FakeRuntime) -> asyncio.Server:
+    """An echo backend that, like a paused process, answers only while the fake runs."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await wait_until(lambda: runtime.state is State.RUNNING, within=60, interval=0.005)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
 
 
 def settings(**values: object) -> str:
@@ -129,7 +151,7 @@ async def test_connection_during_pause_waits_then_wakes():
         await wait_until(lambda: h.service.state is State.PAUSING, within=2)
         assert await h.roundtrip(b"race") == b"race"
         assert runtime.calls["pause"] == 1 and runtime.calls["unpause"] == 1
-        assert h.service.state is State.RUNNING
+        await wait_until(lambda: h.service.state is State.RUNNING, within=2)
 
 
 async def test_stop_after_stops_a_paused_backend():
@@ -313,3 +335,116 @@ async def test_release_gives_a_slot_back_100_ms_after_a_connect_when_the_backend
             writer.close()
         await service.close()
         server.close()
+
+
+class QueueOnlyBackend:
+    """A listener with a small backlog that accepts nothing until the fake runs again,
+    as a paused process does: the kernel completes handshakes into its accept queue,
+    up to the backlog, and drops SYNs past it."""
+
+    def __init__(self, runtime: FakeRuntime, backlog: int) -> None:
+        self.runtime = runtime
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        """Once running: accept and echo each connection's first read, then close."""
+        loop = asyncio.get_running_loop()
+        await wait_until(lambda: self.runtime.state is State.RUNNING, within=60)
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            self.accepted.append(conn)
+            task = loop.create_task(self._echo(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _echo(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            data = await loop.sock_recv(conn, 65536)
+            await loop.sock_sendall(conn, data)
+        conn.close()
+
+
+async def _thawing(runtime: FakeRuntime, backend: QueueOnlyBackend) -> Service:
+    cfg = config_from(
+        f"services:\n  web:\n    listen: 127.0.0.1:{free_port()}\n"
+        f"    backend: 127.0.0.1:{backend.port}\n    container: fake\n    wake_timeout: 15\n"
+    ).services["web"]
+    service = lone_service(cfg, runtime)
+    await service.start()
+    return service
+
+
+async def _clients(port: int, count: int) -> list[tuple[float, bytes]]:
+    async def one(index: int) -> tuple[float, bytes]:
+        started = time.monotonic()
+        reply = await exchange(port, b"c%d" % index, within=20, half_close=True)
+        return time.monotonic() - started, reply
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def test_held_connections_connect_during_the_thaw_up_to_the_backlog_and_none_is_lost():
+    runtime = FakeRuntime(State.PAUSED, delay=0.3)  # a slow unpause: all arrive during it
+    backend = QueueOnlyBackend(runtime, backlog=8)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    try:
+        results = await _clients(service.cfg.listen.port, 30)
+        assert [reply for _, reply in results] == [b"c%d" % i for i in range(30)]
+        # Early: as many as the accept queue took, no more (a 9th would be a dropped SYN).
+        assert service.admission.early_connects == 8
+        slowest = max(seconds for seconds, _ in results)
+        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped"
+        assert service.stats.connections["forwarded"] == 30
+        assert runtime.calls["unpause"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_a_wake_that_fails_after_early_connects_closes_them_all():
+    runtime = FakeRuntime(State.PAUSED, delay=0.3)
+    runtime.fail.add("unpause")
+    backend = QueueOnlyBackend(runtime, backlog=16)
+    service = await _thawing(runtime, backend)
+    try:
+        results = await _clients(service.cfg.listen.port, 5)
+        assert [reply for _, reply in results] == [b""] * 5, "closed, nothing forwarded"
+        assert service.admission.early_connects == 5
+        counts = service.stats.connections
+        assert (counts["backend_error"], counts["forwarded"]) == (5, 0), dict(counts)
+        # The early upstream connections were closed too: each reads its end at once.
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            conn, _ = await asyncio.wait_for(loop.sock_accept(backend.sock), 5)
+            with conn:
+                data = await asyncio.wait_for(loop.sock_recv(conn, 100), 5)
+                rest = await asyncio.wait_for(loop.sock_recv(conn, 100), 5) if data else b""
+                assert rest == b"", "the proxy left an early connection open"
+    finally:
+        await service.close()
+        backend.sock.close()
+
+
+async def test_a_stopped_backend_gets_no_early_connect_even_with_a_listener_in_view():
+    runtime = FakeRuntime(State.STOPPED, delay=0.3)  # a start: nothing may connect before it
+    backend = QueueOnlyBackend(runtime, backlog=16)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    try:
+        results = await _clients(service.cfg.listen.port, 5)
+        assert [reply for _, reply in results] == [b"c%d" % i for i in range(5)]
+        assert service.admission.early_connects == 0
+        assert runtime.calls["start"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()

@@ -2,11 +2,24 @@
 the pace the backend accepts them, and refused with a counted outcome when it will not
 serve them.
 
-Release pacing: at most ``connect_concurrency`` upstream connects in flight, and a
-released connection keeps its slot until the backend sends its first byte (or
+Release pacing: at most a window of upstream connects in flight, and a released
+connection keeps its slot until the backend sends its first byte (or
 ``forward.SETTLE_AFTER`` after its connect completed). A just-woken backend with a
 shallow listen backlog is fed at the pace it accepts instead of being flooded into
 one-second SYN retries. Connections that arrive while the queue drains join its end.
+
+The window is ``connect_concurrency`` when set; by default it is what the backend's
+accept queue takes at the moment of the release, read from the kernel (``backlog``):
+9 for busybox httpd, 4096 for a server listening with that backlog. Where the listener
+cannot be seen (another network namespace) it is ``FALLBACK_WINDOW``.
+
+Early connects: while an unpause is in flight the backend's listener exists and its
+kernel completes handshakes into the accept queue, frozen or not. So held connections
+are connected then, up to the room that queue has (read once, as the thaw starts), with
+their buffered bytes; after the unpause the backend finds them waiting, instead of the
+connects, accepts and answers all starting behind the wake. The rest follow as before.
+A stopped backend (a start: nothing listens yet) and one whose listener cannot be seen
+get no early connect. If the wake fails they are closed with the other held ones.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .backlog import accept_room
 from .config import Address
 from .core.states import Outcome
 from .errors import OperationFailed, RuntimeFailure
@@ -30,6 +44,10 @@ log = logging.getLogger("wakeproxy.service")
 _BACKEND_ERROR_LOG_EVERY = 5.0
 # How often held connections whose reading is paused are checked for a reset client.
 RESET_CHECK_EVERY = 0.2
+# The release window where the backend's accept queue cannot be read, and the most it
+# may be where it can (each connect in flight is a descriptor of the proxy's).
+FALLBACK_WINDOW = 64
+MAX_WINDOW = 4096
 
 
 class Admission:
@@ -44,7 +62,7 @@ class Admission:
         spawn: Callable[[Coroutine[Any, Any, None]], object],
         on_connect_error: Callable[[], None],
         connect_timeout: float,
-        concurrency: int,
+        concurrency: int | None,
     ) -> None:
         self.name = name
         self.stats = stats
@@ -52,13 +70,19 @@ class Admission:
         self._spawn = spawn
         self._on_connect_error = on_connect_error
         self.connect_timeout = connect_timeout
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # None: the backend's accept queue, read at release
+        self.window = concurrency or FALLBACK_WINDOW
         self._held: dict[ClientSide, None] = {}
         self._queue: collections.deque[ClientSide] = collections.deque()
         self._connecting = 0
         self._last_error_log = 0.0
         self._errors_unlogged = 0
         self._reset_check: asyncio.TimerHandle | None = None
+        # During an unpause: how many more early connects its accept queue takes, and the
+        # held connections connected early (counted forwarded only once released).
+        self._thaw_room = 0
+        self._early: set[ClientSide] = set()
+        self.early_connects = 0  # in total, for the API and the tests
 
     @property
     def held(self) -> int:
@@ -66,6 +90,8 @@ class Admission:
 
     def hold(self, conn: ClientSide) -> None:
         self._held[conn] = None
+        if self._thaw_room:
+            self._connect_early(conn)
         if self._reset_check is None:
             loop = asyncio.get_running_loop()
             self._reset_check = loop.call_later(RESET_CHECK_EVERY, self._check_resets)
@@ -95,8 +121,31 @@ class Admission:
         """Close one connection the backend will not serve, counting why."""
         self.stats.record(outcome, conn.refuse(outcome))
 
+    def thaw(self) -> None:
+        """An unpause is starting: connect the held connections now, up to the room in
+        the backend's accept queue (none where it cannot be read)."""
+        backend = self._backend()
+        room = accept_room(backend) if backend is not None else None
+        if room is None:
+            return
+        self._thaw_room = min(room, self.concurrency or MAX_WINDOW, MAX_WINDOW)
+        for conn in list(self._held):
+            self._connect_early(conn)
+
+    def _connect_early(self, conn: ClientSide) -> None:
+        if self._thaw_room <= 0 or conn in self._early or conn.upstream is not None:
+            return
+        self._thaw_room -= 1
+        self._early.add(conn)
+        self.early_connects += 1
+        self._connecting += 1
+        conn.arm_settle(self._settled)
+        self._spawn(self._open_upstream(conn))
+
     def refuse_held(self, outcome: Outcome, reason: str) -> None:
         """Close every held connection (the wake failed), saying why once."""
+        self._thaw_room = 0
+        self._early.clear()  # refused with the others: never counted as forwarded
         held = list(self._held)
         self._held.clear()
         for conn in held:
@@ -121,18 +170,37 @@ class Admission:
 
     def release(self) -> None:
         """The backend is ready: forward every held connection, paced."""
+        self._thaw_room = 0
+        self.window = self._window()
         held = list(self._held)
         self._held.clear()
         for conn in held:
-            if conn.upstream is not None:
+            if conn in self._early:
+                # Connected during the thaw (or its connect still in flight: counted
+                # when it completes).
+                self._early.discard(conn)
+                if conn.upstream is not None:
+                    self.stats.record(Outcome.FORWARDED)
+            elif conn.upstream is not None:
                 conn.resume()
             else:
                 self._queue.append(conn)
         self._pump()
 
+    def _window(self) -> int:
+        if self.concurrency is not None:
+            return self.concurrency
+        backend = self._backend()
+        room = accept_room(backend) if backend is not None else None
+        if room is None:
+            return FALLBACK_WINDOW
+        # Connects still in flight (early ones waiting in the accept queue) are in the
+        # queue's count and in ours: what is left is the room, on top of those.
+        return min(room + self._connecting, MAX_WINDOW)
+
     def _pump(self) -> None:
         queue = self._queue
-        while queue and self._connecting < self.concurrency:
+        while queue and self._connecting < self.window:
             conn = queue.popleft()
             if conn.closed:
                 continue
@@ -155,13 +223,15 @@ class Admission:
                 )
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
+            self._early.discard(conn)
             if conn.closed:
                 return
             self.refuse(conn, Outcome.BACKEND_ERROR)
             self._log_connect_error(backend, exc)
             self._on_connect_error()
             return
-        self.stats.record(Outcome.FORWARDED)
+        if conn not in self._early:  # an early one is counted once released
+            self.stats.record(Outcome.FORWARDED)
 
     def _log_connect_error(self, backend: Address | None, exc: BaseException) -> None:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__

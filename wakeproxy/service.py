@@ -40,6 +40,7 @@ from .core.actions import (
     Transition,
     Unexpected,
     WakeEnded,
+    WakeOp,
 )
 from .core.events import (
     Arrive,
@@ -376,6 +377,7 @@ class Service:
         self.probe_rules = compile_probes(cfg.http.matchers)
         self.admission.connect_timeout = cfg.connect_timeout
         self.admission.concurrency = cfg.connect_concurrency
+        self.admission.window = cfg.connect_concurrency or self.admission.window
         self.feed(Reconfigured(policy_of(cfg)))
 
     def recheck(self) -> None:
@@ -407,6 +409,9 @@ class Service:
                 self.admission.release()
             case RunWake(op):
                 self.driver.wake(op)
+                if op is WakeOp.UNPAUSE:
+                    # The listener exists, frozen: held connections can connect now.
+                    self.admission.thaw()
             case CancelWake():
                 self.driver.cancel_wake()
             case Reclaim():

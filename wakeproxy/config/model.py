@@ -166,7 +166,8 @@ class ServiceConfig:
     backlog: int = 4096
     connect_timeout: float = 5.0
     idle_connection_timeout: float = 3600.0
-    connect_concurrency: int = 64
+    # None: paced to the backend's accept queue, read from the kernel (see backlog.py).
+    connect_concurrency: int | None = None
     sleep_policy: SleepPolicy = SleepPolicy()
     wake_timeout: float = 30.0
     max_held_connections: int = 1024
