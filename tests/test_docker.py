@@ -49,7 +49,8 @@ async def test_burst_of_200_on_a_paused_container_one_unpause_then_paused_again(
         replies = await asyncio.gather(*(http_get(port, within=30) for _ in range(200)))
         assert [r.endswith(BODY) for r in replies].count(True) == 200
         assert all(r.split(b"\r\n", 1)[0].endswith(b" 200 OK") for r in replies)
-        assert service.stats.wakes["ok"] == 1
+        # The answer can come before the engine tells the proxy the unpause ended.
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
         assert service.stats.last_wake_s is not None
 
         await wait_until(lambda: service.state is State.PAUSED, within=10)
@@ -83,7 +84,8 @@ async def test_stop_action_then_start_with_readiness(make_container):
         # A connect to a starting container proves nothing: the readiness probe waits.
         assert (await http_get(port, within=20)).endswith(BODY)
         assert container_status(name) == "running"
-        assert service.stats.wakes["ok"] == 1
+        # The answer can come before the engine tells the proxy the unpause ended.
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
 
 
 async def test_killed_container_state_follows_and_next_connection_starts_it(make_container):
@@ -160,7 +162,11 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
 
         results = await asyncio.gather(*(timed() for _ in range(200)))
         assert all(reply.endswith(BODY) for _, reply in results)
-        assert service.admission.window == 9, service.admission.window
+        # Early connects, then the window, stay within what busybox's queue takes (9,
+        # and the one more Linux lets in).
+        assert 1 <= service.admission.early_connects <= 9, service.admission.early_connects
+        assert service.admission.window <= 10, service.admission.window
         slowest = max(seconds for seconds, _ in results)
         assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
-        assert service.stats.wakes["ok"] == 1
+        # The answer can come before the engine tells the proxy the unpause ended.
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)

@@ -81,7 +81,10 @@ class Admission:
         # During an unpause: how many more early connects its accept queue takes, and the
         # held connections connected early (counted forwarded only once released).
         self._thaw_room = 0
-        self._early: set[ClientSide] = set()
+        # Connected early -> whether its connect completed (None: refused meanwhile, as
+        # the wake failed); counted forwarded exactly once: at the release if it had
+        # completed, else when it does; never if refused.
+        self._early: dict[ClientSide, bool | None] = {}
         self.early_connects = 0  # in total, for the API and the tests
 
     @property
@@ -112,6 +115,8 @@ class Admission:
 
     def forget(self, conn: ClientSide) -> bool:
         """A connection went away; whether it was held."""
+        if conn in self._early:
+            self._drop_early(conn)  # its client left before the release: not forwarded
         if conn not in self._held:
             return False
         del self._held[conn]
@@ -132,11 +137,17 @@ class Admission:
         for conn in list(self._held):
             self._connect_early(conn)
 
+    def _drop_early(self, conn: ClientSide) -> None:
+        if self._early[conn]:
+            del self._early[conn]  # connected already: nothing more will report
+        else:
+            self._early[conn] = None  # still connecting: its completion counts nothing
+
     def _connect_early(self, conn: ClientSide) -> None:
         if self._thaw_room <= 0 or conn in self._early or conn.upstream is not None:
             return
         self._thaw_room -= 1
-        self._early.add(conn)
+        self._early[conn] = False
         self.early_connects += 1
         self._connecting += 1
         conn.arm_settle(self._settled)
@@ -145,7 +156,8 @@ class Admission:
     def refuse_held(self, outcome: Outcome, reason: str) -> None:
         """Close every held connection (the wake failed), saying why once."""
         self._thaw_room = 0
-        self._early.clear()  # refused with the others: never counted as forwarded
+        for conn in list(self._early):
+            self._drop_early(conn)  # refused with the others: never counted forwarded
         held = list(self._held)
         self._held.clear()
         for conn in held:
@@ -178,8 +190,7 @@ class Admission:
             if conn in self._early:
                 # Connected during the thaw (or its connect still in flight: counted
                 # when it completes).
-                self._early.discard(conn)
-                if conn.upstream is not None:
+                if self._early.pop(conn) is True:
                     self.stats.record(Outcome.FORWARDED)
             elif conn.upstream is not None:
                 conn.resume()
@@ -223,15 +234,19 @@ class Admission:
                 )
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
-            self._early.discard(conn)
+            self._early.pop(conn, None)
             if conn.closed:
                 return
             self.refuse(conn, Outcome.BACKEND_ERROR)
             self._log_connect_error(backend, exc)
             self._on_connect_error()
             return
-        if conn not in self._early:  # an early one is counted once released
+        if conn not in self._early:
             self.stats.record(Outcome.FORWARDED)
+        elif self._early[conn] is None:
+            del self._early[conn]  # refused while it connected
+        else:
+            self._early[conn] = True  # counted at the release
 
     def _log_connect_error(self, backend: Address | None, exc: BaseException) -> None:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
