@@ -116,7 +116,11 @@ class Admission:
     def forget(self, conn: ClientSide) -> bool:
         """A connection went away; whether it was held."""
         if conn in self._early:
-            self._drop_early(conn)  # its client left before the release: not forwarded
+            # Its client left before the release: forwarded if it was connected (it may
+            # even have been answered: a container can run before the engine says so).
+            if self._early[conn]:
+                self.stats.record(Outcome.FORWARDED)
+            self._drop_early(conn)
         if conn not in self._held:
             return False
         del self._held[conn]
@@ -144,10 +148,12 @@ class Admission:
             self._early[conn] = None  # still connecting: its completion counts nothing
 
     def _connect_early(self, conn: ClientSide) -> None:
+        """Connect a held connection now, during the unpause (its bytes go with it)."""
         if self._thaw_room <= 0 or conn in self._early or conn.upstream is not None:
             return
         self._thaw_room -= 1
         self._early[conn] = False
+        conn.early = True
         self.early_connects += 1
         self._connecting += 1
         conn.arm_settle(self._settled)
@@ -189,9 +195,12 @@ class Admission:
         for conn in held:
             if conn in self._early:
                 # Connected during the thaw (or its connect still in flight: counted
-                # when it completes).
+                # when it completes). The backend runs: its slot's clock starts now.
+                conn.early = False
                 if self._early.pop(conn) is True:
                     self.stats.record(Outcome.FORWARDED)
+                    conn.start_settle_clock()
+                    conn.resume()
             elif conn.upstream is not None:
                 conn.resume()
             else:
@@ -207,7 +216,7 @@ class Admission:
             return FALLBACK_WINDOW
         # Connects still in flight (early ones waiting in the accept queue) are in the
         # queue's count and in ours: what is left is the room, on top of those.
-        return min(room + self._connecting, MAX_WINDOW)
+        return max(1, min(room + self._connecting, MAX_WINDOW))
 
     def _pump(self) -> None:
         queue = self._queue
@@ -234,8 +243,14 @@ class Admission:
                 )
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
-            self._early.pop(conn, None)
-            if conn.closed:
+            early = conn in self._early
+            dropped = early and self._early.pop(conn) is None
+            if early and not dropped and conn in self._held:
+                # An early connect that failed while the wake goes on (a connect past
+                # a full queue timed out): it stays held, and the release tries again.
+                conn.early = False
+                return
+            if conn.closed or dropped:
                 return
             self.refuse(conn, Outcome.BACKEND_ERROR)
             self._log_connect_error(backend, exc)

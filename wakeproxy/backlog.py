@@ -11,6 +11,7 @@ the answer is None and the pacing keeps its fallback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 import struct
@@ -32,17 +33,40 @@ _MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 
 def accept_room(address: Address) -> int | None:
     """How many more connections the accept queue of the TCP listener ``address``
-    reaches takes now (its limit less those waiting in it, at least 1), or None when it
+    reaches takes now (its limit less those waiting in it; 0 when full), or None when it
     cannot be seen (another network namespace, not Linux, no listener)."""
     try:
         ip = ipaddress.ip_address("127.0.0.1" if address.host == "localhost" else address.host)
     except ValueError:
         return None
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    for found_ip, port, queued, limit in _listeners(family):
-        if port == address.port and (found_ip == ip or found_ip.is_unspecified):
-            return max(1, limit - queued)
+    if not _local(ip):
+        # Another host's or another namespace's address (a container's on a bridge): a
+        # wildcard listener here on that port is not the one it reaches (often our own).
+        return None
+    families = [socket.AF_INET, socket.AF_INET6] if ip.version == 4 else [socket.AF_INET6]
+    for family in families:  # an IPv4 client may reach a dual-stack [::] listener
+        for found_ip, port, queued, limit in _listeners(family):
+            exact = found_ip == ip and family == _family(ip)
+            if port == address.port and (exact or found_ip.is_unspecified):
+                return max(0, limit - queued)
     return None
+
+
+def _family(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+
+@functools.lru_cache(maxsize=256)
+def _local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is an address of this network namespace (one can bind to it)."""
+    if ip.is_loopback:
+        return True
+    try:
+        with socket.socket(_family(ip), socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
 
 
 def _listeners(

@@ -136,6 +136,7 @@ class ClientSide(asyncio.Protocol):
         "bytes_down",
         "bytes_up",
         "closed",
+        "early",
         "owner",
         "transport",
         "upstream",
@@ -157,6 +158,9 @@ class ClientSide(asyncio.Protocol):
         # they count as movement for idle_connection_timeout.
         self.answered_bytes = 0
         self.closed = False
+        # Connected during an unpause (Admission): held until the wake ends, its release
+        # slot's fallback clock not started while the backend is frozen.
+        self.early = False
         self.bytes_up = 0
         self.bytes_down = 0
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -245,9 +249,14 @@ class ClientSide(asyncio.Protocol):
         """The backend connection is up: flush what was held and start forwarding."""
         self.upstream = upstream
         self._flush(upstream)
-        if self._settle is not None:
-            # The slot's fallback clock starts once the connect completed: a connect
-            # stuck in SYN retries (the backend's accept queue is full) keeps its slot.
+        if not self.early:
+            self.start_settle_clock()
+
+    def start_settle_clock(self) -> None:
+        """The slot's fallback clock starts once the connect completed (a connect stuck
+        in SYN retries keeps its slot), and for an early connect only once the backend
+        runs: while it is frozen nothing can answer."""
+        if self._settle is not None and self._settle_handle is None:
             loop = asyncio.get_running_loop()
             self._settle_handle = loop.call_later(SETTLE_AFTER, self.settle)
 

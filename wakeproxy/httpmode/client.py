@@ -307,6 +307,7 @@ class HttpClientSide(ClientSide):
         elif not self.attached or (
             self.upstream is not None
             and not self._gated
+            and not self.early  # held, connected during the unpause: already waiting
             and self.http_owner.state is not State.RUNNING
         ):
             # allow-sleep: a quiet connection needs the backend again, or the backend was
