@@ -212,6 +212,7 @@ async def test_missed_events_are_caught_by_the_periodic_re_read_and_after_the_en
         name = own_engine.httpd(backend, labels=labels_for("late", port, backend))
         # No event cued a re-read: the periodic one (every second) finds it.
         await wait_until(lambda: "late" in proxy.services, within=10)
+        await wait_until(lambda: port_answers(port), within=10)  # listening a moment later
         assert (await http_get(port)).endswith(BODY)
 
     async with running(config_from(discovery_yaml(admin))) as proxy:
