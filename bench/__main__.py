@@ -92,10 +92,6 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
         extra = "    mode: http\n" if mode == "http" else ""
         started.append(proxy := peers.wakeproxy(workdir, backend.port, extra))
         contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
-        if churn:
-            # The runtime's own ceiling on connection churn: what wakeproxy adds shows.
-            started.append(bare := peers.bare(backend.port))
-            contenders["bare"] = bare.port
         connections = 50
 
         def measure(name: str, port: int) -> loadgen.WrkResult:
