@@ -111,7 +111,11 @@ class HttpClientSide(ClientSide):
         self._arm_header_timeout()
 
     def upstream_protocol(self) -> UpstreamSide:
-        return HttpUpstreamSide(self, self.tracker)
+        # Responses are followed only where something waits on their end: allow-sleep,
+        # or a connection of probes so far; elsewhere the plain side costs less per read.
+        if self._allow_sleep or self._probe_only:
+            return HttpUpstreamSide(self, self.tracker)
+        return UpstreamSide(self)
 
     # ---- client bytes
 
