@@ -100,6 +100,35 @@ def _busybox_context(directory: Path) -> Path:
     return directory
 
 
+def run_httpd(
+    port: int,
+    name: str,
+    *,
+    paused: bool = False,
+    labels: dict[str, str] | None = None,
+    shell: str | None = None,
+    host: str | None = None,
+) -> str:
+    """A busybox httpd container (host network, 127.0.0.1 only), once it listens; its
+    name. ``shell``: a busybox sh script run instead of httpd ({httpd} in it: the httpd
+    command line, to exec once the script has done its part). ``host``: another engine."""
+    labels = {"wakeproxy-test": "1", **(labels or {})}
+    label_args = [arg for k, v in labels.items() for arg in ("--label", f"{k}={v}")]
+    httpd = ["httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+    command = httpd if shell is None else ["sh", "-c", shell.format(httpd=" ".join(httpd))]
+    docker(
+        "run", "-d", "--network", "host", "--name", name, *label_args, BUSYBOX_IMAGE,
+        *command, host=host,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not port_answers(port):
+        assert time.monotonic() < deadline, f"container {name} never listened on {port}"
+        time.sleep(0.02)
+    if paused:
+        docker("pause", name, host=host)
+    return name
+
+
 class OwnEngine:
     """A second dockerd this test run started (its own data root, exec root and socket),
     for tests that stop or restart an engine: the machine's engine is never touched."""
@@ -136,18 +165,7 @@ class OwnEngine:
     ) -> str:
         """busybox httpd on this engine (host network, 127.0.0.1 only); its name."""
         name = f"wp-own-{uuid.uuid4().hex[:10]}"
-        label_args = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
-        docker(
-            "run", "-d", "--network", "host", "--name", name, *label_args, BUSYBOX_IMAGE,
-            "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www", host=self.host,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not port_answers(port):
-            assert time.monotonic() < deadline, f"container {name} never listened on {port}"
-            time.sleep(0.02)
-        if paused:
-            docker("pause", name, host=self.host)
-        return name
+        return run_httpd(port, name, paused=paused, labels=labels, host=self.host)
 
     @property
     def pid(self) -> int:
@@ -208,24 +226,9 @@ def make_container(busybox_image: str) -> Iterator[Callable[..., str]]:
         labels: dict[str, str] | None = None,
         shell: str | None = None,
     ) -> str:
-        """``shell``: a busybox sh script run instead of httpd ({httpd} in it: the httpd
-        command line, to exec once the script has done its part)."""
         name = name or f"wp-test-{uuid.uuid4().hex[:10]}"
         created.append(name)
-        label_args = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
-        httpd = ["httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
-        command = httpd if shell is None else ["sh", "-c", shell.format(httpd=" ".join(httpd))]
-        docker(
-            "run", "-d", "--network", "host", "--name", name, "--label", "wakeproxy-test=1",
-            *label_args, busybox_image, *command,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not port_answers(port):
-            assert time.monotonic() < deadline, f"container {name} never listened on {port}"
-            time.sleep(0.02)
-        if paused:
-            docker("pause", name)
-        return name
+        return run_httpd(port, name, paused=paused, labels=labels, shell=shell)
 
     yield make
     for name in created:
