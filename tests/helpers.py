@@ -157,12 +157,17 @@ async def exchange(
             writer.close()
 
 
-async def echo_server(port: int) -> asyncio.Server:
-    """A TCP echo backend on 127.0.0.1:port."""
+async def echo_server(
+    port: int, *, answers_while: Callable[[], bool] | None = None
+) -> asyncio.Server:
+    """A TCP echo backend on 127.0.0.1:port. ``answers_while``: it answers only while
+    this holds (a frozen process: the kernel accepts, nothing answers)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if answers_while is not None:
+                    await wait_until(answers_while, within=60, interval=0.005)
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:

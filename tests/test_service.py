@@ -43,7 +43,11 @@ class Harness:
             f"    backend: 127.0.0.1:{self.backend_port}\n"
             "    container: fake\n" + self.extra
         ).services["web"]
-        self.server = await frozen_echo(self.backend_port, self.runtime)
+        # As a paused process: it answers only while the fake runs.
+        running = self.runtime
+        self.server = await echo_server(
+            self.backend_port, answers_while=lambda: running.state is State.RUNNING
+        )
         self.service = lone_service(cfg, self.runtime)
         await self.service.start()
         return self
@@ -55,23 +59,6 @@ class Harness:
     async def roundtrip(self, payload: bytes = b"ping", within: float = 5.0) -> bytes:
         """Send, half-close, read to EOF: b'' means the proxy closed without forwarding."""
         return await exchange(self.port, payload, within=within, half_close=True)
-
-
-async def frozen_echo(port: int, runtime: FakeRuntime) -> asyncio.Server:
-    """An echo backend that, like a paused process, answers only while the fake runs."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                await wait_until(lambda: runtime.state is State.RUNNING, within=60, interval=0.005)
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
 
 
 def settings(**values: object) -> str:
