@@ -201,7 +201,15 @@ class Api:
             await _ACTIONS[action](service, force)
         except ServiceBusy as exc:
             why = f"{exc}; add ?force=true to {action} anyway" if exc.forceable else str(exc)
-            return error(409, why, name=name, state=service.state.value)
+            # reason and forceable apart: a client (the CLI) words its own hint.
+            return error(
+                409,
+                why,
+                name=name,
+                state=service.state.value,
+                reason=str(exc),
+                forceable=exc.forceable,
+            )
         except WakeTimeout as exc:
             return error(504, str(exc), name=name, state=service.state.value)
         except RuntimeFailure as exc:

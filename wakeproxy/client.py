@@ -140,8 +140,9 @@ def run(command: str, admin: str, token_file: str | None, name: str | None, forc
         return EXIT_UNREACHABLE
     if status != 200:
         error = str(body.get("error", body))
-        # The API's hint names its query parameter; here the flag is what to type.
-        error = error.replace("add ?force=true to sleep anyway", "add --force to sleep anyway")
+        if body.get("forceable"):
+            # The API's hint names its query parameter; here the flag is what to type.
+            error = f"{body['reason']}; add --force to {command} anyway"
         print(f"wakeproxy: {status}: {error}", file=sys.stderr)
         for problem in body.get("problems", ()):
             print(problem, file=sys.stderr)
