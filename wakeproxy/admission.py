@@ -71,7 +71,7 @@ class Admission:
         self._on_connect_error = on_connect_error
         self.connect_timeout = connect_timeout
         self.concurrency = concurrency  # None: the backend's accept queue, read at release
-        self.window = concurrency or FALLBACK_WINDOW
+        self.window = concurrency or FALLBACK_WINDOW  # set anew at every release
         self._held: dict[ClientSide, None] = {}
         self._queue: collections.deque[ClientSide] = collections.deque()
         self._connecting = 0

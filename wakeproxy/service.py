@@ -377,7 +377,6 @@ class Service:
         self.probe_rules = compile_probes(cfg.http.matchers)
         self.admission.connect_timeout = cfg.connect_timeout
         self.admission.concurrency = cfg.connect_concurrency
-        self.admission.window = cfg.connect_concurrency or self.admission.window
         self.feed(Reconfigured(policy_of(cfg)))
 
     def recheck(self) -> None:

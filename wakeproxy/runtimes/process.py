@@ -141,10 +141,8 @@ async def _remove_when_empty(cgroup: Cgroup) -> None:
 
 def _kernel_state(pid: int) -> str | None:
     """The kernel's one-letter state of a process; procfs reads never block on disk."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    fields = _stat(pid)
+    return fields[0] if fields else None
 
 
 class ProcessRuntime(Runtime):
