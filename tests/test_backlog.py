@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 
-from wakeproxy.backlog import accept_room
+from wakeproxy.backlog import AcceptQueue, accept_queue
 from wakeproxy.config import Address
 
 
@@ -18,27 +18,33 @@ def _listener(family: int, host: str, backlog: int) -> socket.socket:
     return sock
 
 
+def room(address: Address) -> int | None:
+    found = accept_queue(address)
+    return None if found is None else found.room
+
+
 def test_the_room_is_the_backlog_less_the_connections_waiting() -> None:
     with contextlib.ExitStack() as stack:
         v4 = stack.enter_context(_listener(socket.AF_INET, "127.0.0.1", 37))
         v6 = stack.enter_context(_listener(socket.AF_INET6, "::1", 11))
-        assert accept_room(Address("127.0.0.1", v4.getsockname()[1])) == 37
-        assert accept_room(Address("::1", v6.getsockname()[1])) == 11
+        assert accept_queue(Address("127.0.0.1", v4.getsockname()[1])) == AcceptQueue(0, 37)
+        assert accept_queue(Address("::1", v6.getsockname()[1])) == AcceptQueue(0, 11)
         small = stack.enter_context(_listener(socket.AF_INET, "127.0.0.1", 2))
         port = small.getsockname()[1]
         for _ in range(3):  # never accepted: they wait in the queue (Linux takes one more)
             client = stack.enter_context(socket.socket())
             client.connect(("127.0.0.1", port))
-        assert accept_room(Address("127.0.0.1", port)) == 0, "full"
+        assert accept_queue(Address("127.0.0.1", port)) == AcceptQueue(3, 2)
+        assert room(Address("127.0.0.1", port)) == 0, "full"
 
 
 def test_wildcard_listeners_count_only_for_addresses_of_this_namespace() -> None:
     with contextlib.ExitStack() as stack:
         wildcard = stack.enter_context(_listener(socket.AF_INET, "0.0.0.0", 7))
         port = wildcard.getsockname()[1]
-        assert accept_room(Address("127.0.0.1", port)) == 7
+        assert room(Address("127.0.0.1", port)) == 7
         # A container's address on a bridge reaches its own listener, not this one.
-        assert accept_room(Address("172.31.255.254", port)) is None
+        assert accept_queue(Address("172.31.255.254", port)) is None
         dual = stack.enter_context(_listener(socket.AF_INET6, "::", 5))
-        assert accept_room(Address("127.0.0.1", dual.getsockname()[1])) == 5, "dual-stack"
-        assert accept_room(Address("127.0.0.1", 1)) is None, "nothing listens"
+        assert room(Address("127.0.0.1", dual.getsockname()[1])) == 5, "dual-stack"
+        assert accept_queue(Address("127.0.0.1", 1)) is None, "nothing listens"

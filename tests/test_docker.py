@@ -162,10 +162,10 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
 
         results = await asyncio.gather(*(timed() for _ in range(200)))
         assert all(reply.endswith(BODY) for _, reply in results)
-        # Early connects, then the window, stay within what busybox's queue takes (9,
-        # and the one more Linux lets in).
+        # Early connects, then the window, stay within busybox's backlog (9), even when
+        # the container accepts early connects before the engine says it runs.
         assert 1 <= service.admission.early_connects <= 9, service.admission.early_connects
-        assert service.admission.window <= 10, service.admission.window
+        assert 1 <= service.admission.window <= 9, service.admission.window
         slowest = max(seconds for seconds, _ in results)
         assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
         # The answer can come before the engine tells the proxy the unpause ended.

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .backlog import accept_room
+from .backlog import accept_queue
 from .config import Address
 from .core.states import Outcome
 from .errors import OperationFailed, RuntimeFailure
@@ -134,10 +134,10 @@ class Admission:
         """An unpause is starting: connect the held connections now, up to the room in
         the backend's accept queue (none where it cannot be read)."""
         backend = self._backend()
-        room = accept_room(backend) if backend is not None else None
-        if room is None:
+        queue = accept_queue(backend) if backend is not None else None
+        if queue is None:
             return
-        self._thaw_room = min(room, self.concurrency or MAX_WINDOW, MAX_WINDOW)
+        self._thaw_room = min(queue.room, self.concurrency or MAX_WINDOW, MAX_WINDOW)
         for conn in list(self._held):
             self._connect_early(conn)
 
@@ -211,12 +211,14 @@ class Admission:
         if self.concurrency is not None:
             return self.concurrency
         backend = self._backend()
-        room = accept_room(backend) if backend is not None else None
-        if room is None:
+        queue = accept_queue(backend) if backend is not None else None
+        if queue is None:
             return FALLBACK_WINDOW
         # Connects still in flight (early ones waiting in the accept queue) are in the
-        # queue's count and in ours: what is left is the room, on top of those.
-        return max(1, min(room + self._connecting, MAX_WINDOW))
+        # queue's count and in ours: what is left is the room, on top of those. Early
+        # ones the backend has accepted already, unanswered, are in ours only: the
+        # window never passes the queue's limit, which all in flight may come to fill.
+        return max(1, min(queue.room + self._connecting, queue.limit, MAX_WINDOW))
 
     def _pump(self) -> None:
         queue = self._queue

@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import socket
 import struct
+from typing import NamedTuple
 
 from .config import Address
 
@@ -31,10 +32,22 @@ _REQUEST = struct.Struct("=BBBBI48x")
 _MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 
 
-def accept_room(address: Address) -> int | None:
-    """How many more connections the accept queue of the TCP listener ``address``
-    reaches takes now (its limit less those waiting in it; 0 when full), or None when it
-    cannot be seen (another network namespace, not Linux, no listener)."""
+class AcceptQueue(NamedTuple):
+    """A listener's accept queue: how many connections wait in it, and its limit (the
+    listen backlog; Linux lets one more in)."""
+
+    queued: int
+    limit: int
+
+    @property
+    def room(self) -> int:
+        """How many more connections it takes now (0 when full)."""
+        return max(0, self.limit - self.queued)
+
+
+def accept_queue(address: Address) -> AcceptQueue | None:
+    """The accept queue of the TCP listener ``address`` reaches, or None when it cannot
+    be seen (another network namespace, not Linux, no listener)."""
     try:
         ip = ipaddress.ip_address("127.0.0.1" if address.host == "localhost" else address.host)
     except ValueError:
@@ -48,7 +61,7 @@ def accept_room(address: Address) -> int | None:
         for found_ip, port, queued, limit in _listeners(family):
             exact = found_ip == ip and family == _family(ip)
             if port == address.port and (exact or found_ip.is_unspecified):
-                return max(0, limit - queued)
+                return AcceptQueue(queued, limit)
     return None
 
 
