@@ -166,6 +166,7 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
         # the container accepts early connects before the engine says it runs.
         assert 1 <= service.admission.early_connects <= 9, service.admission.early_connects
         assert 1 <= service.admission.window <= 9, service.admission.window
+        assert service.admission.describe()["window_from"] == "accept_queue"
         slowest = max(seconds for seconds, _ in results)
         assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
         # The answer can come before the engine tells the proxy the unpause ended.

@@ -17,8 +17,10 @@ import time
 import pytest
 
 from tests.helpers import config_from, echo_server, exchange, free_port, lone_service, wait_until
+from wakeproxy import admission
+from wakeproxy.api import service_status
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
-from wakeproxy.core.states import State
+from wakeproxy.core.states import SleepAction, State
 from wakeproxy.runtimes.fake import FakeRuntime
 from wakeproxy.service import Service
 
@@ -329,8 +331,9 @@ class QueueOnlyBackend:
     as a paused process does: the kernel completes handshakes into its accept queue,
     up to the backlog, and drops SYNs past it."""
 
-    def __init__(self, runtime: FakeRuntime, backlog: int) -> None:
+    def __init__(self, runtime: FakeRuntime, backlog: int, lag: float = 0.0) -> None:
         self.runtime = runtime
+        self.lag = lag  # how long after a wake it starts accepting
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(backlog)
@@ -340,10 +343,12 @@ class QueueOnlyBackend:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
-        """Once running: accept and echo each connection's first read, then close."""
+        """While running: accept and echo each connection's first read, then close."""
         loop = asyncio.get_running_loop()
-        await wait_until(lambda: self.runtime.state is State.RUNNING, within=60)
         while True:
+            if self.runtime.state is not State.RUNNING:
+                await wait_until(lambda: self.runtime.state is State.RUNNING, within=60)
+                await asyncio.sleep(self.lag)
             conn, _ = await loop.sock_accept(self.sock)
             self.accepted.append(conn)
             task = loop.create_task(self._echo(conn))
@@ -435,6 +440,52 @@ async def test_a_stopped_backend_gets_no_early_connect_even_with_a_listener_in_v
         assert [reply for _, reply in results] == [b"c%d" % i for i in range(5)]
         assert service.admission.early_connects == 0
         assert runtime.calls["start"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_syn_retries(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # As for a container in another network namespace: sock_diag cannot see its listener.
+    # The backend and the kernel's SYN drops past its backlog are real.
+    monkeypatch.setattr(admission, "accept_queue", lambda address: None)
+    runtime = FakeRuntime(State.PAUSED, delay=0.1)
+    backend = QueueOnlyBackend(runtime, backlog=4, lag=0.05)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    port = service.cfg.listen.port
+    try:
+        assert service.admission.learned == admission.FALLBACK_WINDOW
+        first = await _clients(port, 30)
+        assert service.stats.connections["forwarded"] == 30
+        assert service.admission.early_connects == 0, "no early connect where it cannot see"
+        # At the starting window all 30 went at once into a queue of 5 nothing accepted
+        # from yet: the rest were dropped and retried a second later (and some completed
+        # by a SYN cookie lost their bytes: the kernel's doing, which is why the window
+        # matters), and what was in flight when the first was sent is the window now.
+        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED
+        assert 1 <= service.admission.learned <= 10, service.admission.learned
+        learned = service.admission.learned
+        assert service_status(service)["release"] == {
+            "window": learned,
+            "window_from": "learned",
+            "early_connects": 0,
+        }
+        await service.sleep(SleepAction.PAUSE)
+        second = await _clients(port, 30)
+        assert [reply for _, reply in second] == [b"c%d" % i for i in range(30)]
+        slowest = max(seconds for seconds, _ in second)
+        assert slowest < 1.0, f"a client waited {slowest:.2f} s at the learned window"
+        assert runtime.calls["unpause"] == 2
+        assert service.stats.connections["forwarded"] == 60
+        assert service.admission.learned == learned, "no SYN retry, nothing more to learn"
+        # A start forgets it: the new process may listen with another backlog.
+        await service.sleep(SleepAction.STOP)
+        await service.wake()
+        assert service.admission.learned == admission.FALLBACK_WINDOW
     finally:
         serving.cancel()
         await service.close()

@@ -11,7 +11,17 @@ one-second SYN retries. Connections that arrive while the queue drains join its 
 The window is ``connect_concurrency`` when set; by default it is what the backend's
 accept queue takes at the moment of the release, read from the kernel (``backlog``):
 9 for busybox httpd, 4096 for a server listening with that backlog. Where the listener
-cannot be seen (another network namespace) it is ``FALLBACK_WINDOW``.
+cannot be seen (another network namespace) it starts at ``FALLBACK_WINDOW`` and is
+learned from the connects themselves: Linux retries a dropped SYN after one second, so
+a connect that took that long was sent into a full accept queue, and the connects in
+flight when it was sent are what the queue took. The window drops to that count and
+stays there from one release to the next; a start (a new process may listen with
+another backlog) begins again from ``FALLBACK_WINDOW``. It is never probed upwards: an
+overflowing accept queue costs more than a second. With SYN cookies on (Linux's
+default) connections completed by a cookie while the queue is full can lose their first
+bytes: 30 simultaneous connects, each sending 2 bytes then its FIN, to a listener with
+backlog 4 that accepts nothing for 50 ms: the server read 5 to 10 of them empty on
+kernel 6.18 (plain asyncio client, ``nstat`` counting TcpExtSyncookiesRecv).
 
 Early connects: while an unpause is in flight the backend's listener exists and its
 kernel completes handshakes into the accept queue, frozen or not. So held connections
@@ -48,6 +58,9 @@ RESET_CHECK_EVERY = 0.2
 # may be where it can (each connect in flight is a descriptor of the proxy's).
 FALLBACK_WINDOW = 64
 MAX_WINDOW = 4096
+# A connect that took this long had its first SYN dropped (Linux's initial SYN
+# retransmission timeout is 1 s; on loopback a handshake takes microseconds).
+SYN_RETRIED = 0.9
 
 
 class Admission:
@@ -72,6 +85,9 @@ class Admission:
         self.connect_timeout = connect_timeout
         self.concurrency = concurrency  # None: the backend's accept queue, read at release
         self.window = concurrency or FALLBACK_WINDOW  # set anew at every release
+        # Learned where the accept queue cannot be read: see the module's docstring.
+        self.learned = FALLBACK_WINDOW
+        self._learning = False  # this release's window is the learned one
         self._held: dict[ClientSide, None] = {}
         self._queue: collections.deque[ClientSide] = collections.deque()
         self._connecting = 0
@@ -208,12 +224,14 @@ class Admission:
         self._pump()
 
     def _window(self) -> int:
+        self._learning = False
         if self.concurrency is not None:
             return self.concurrency
         backend = self._backend()
         queue = accept_queue(backend) if backend is not None else None
         if queue is None:
-            return FALLBACK_WINDOW
+            self._learning = True
+            return self.learned
         # Connects still in flight (early ones waiting in the accept queue) are in the
         # queue's count and in ours: what is left is the room, on top of those. Early
         # ones the backend has accepted already, unanswered, are in ours only: the
@@ -226,23 +244,47 @@ class Admission:
             conn = queue.popleft()
             if conn.closed:
                 continue
+            in_flight = self._connecting
             self._connecting += 1
             conn.arm_settle(self._settled)
-            self._spawn(self._open_upstream(conn))
+            self._spawn(self._open_upstream(conn, in_flight if self._learning else None))
 
     def _settled(self) -> None:
         self._connecting -= 1
         self._pump()
 
-    async def _open_upstream(self, conn: ClientSide) -> None:
+    def describe(self) -> dict[str, object]:
+        """The API's view: the last release's window and where it came from."""
+        if self.concurrency is not None:
+            source = "connect_concurrency"
+        elif self._learning:
+            source = "learned"
+        else:
+            source = "accept_queue"
+        return {"window": self.window, "window_from": source, "early_connects": self.early_connects}
+
+    def starting(self) -> None:
+        """The backend is being started: what was learned of its backlog is forgotten."""
+        self.learned = FALLBACK_WINDOW
+
+    def _learn(self, seconds: float, in_flight: int) -> None:
+        """A paced connect completed in ``seconds``, sent with ``in_flight`` others."""
+        if seconds >= SYN_RETRIED:
+            self.learned = max(1, min(self.learned, in_flight))
+            if self._learning:
+                self.window = self.learned
+
+    async def _open_upstream(self, conn: ClientSide, in_flight: int | None = None) -> None:
+        """Connect ``conn`` upstream; ``in_flight``: the paced connects already in flight
+        when it was sent, where the window is learned."""
         backend = self._backend()
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             if backend is None:
                 raise OperationFailed("the backend address is not known yet")
             async with asyncio.timeout(self.connect_timeout):
-                await asyncio.get_running_loop().create_connection(
-                    conn.upstream_protocol, backend.host, backend.port
-                )
+                await loop.create_connection(conn.upstream_protocol, backend.host, backend.port)
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
             early = conn in self._early
@@ -258,6 +300,8 @@ class Admission:
             self._log_connect_error(backend, exc)
             self._on_connect_error()
             return
+        if in_flight is not None:
+            self._learn(loop.time() - sent, in_flight)
         if conn not in self._early:
             self.stats.record(Outcome.FORWARDED)
         elif self._early[conn] is None:

@@ -298,6 +298,7 @@ def service_status(service: Service) -> dict[str, Any]:
         "wakes": service.stats.wakes[WakeResult.OK],
         "last_wake_ms": round(last_wake * 1000, 3) if last_wake is not None else None,
         "memory": service.hibernator.describe(),
+        "release": service.admission.describe(),
         "last_error": _last_error(service),
     }
 

@@ -411,6 +411,8 @@ class Service:
                 if op is WakeOp.UNPAUSE:
                     # The listener exists, frozen: held connections can connect now.
                     self.admission.thaw()
+                elif op is WakeOp.START:
+                    self.admission.starting()
             case CancelWake():
                 self.driver.cancel_wake()
             case Reclaim():

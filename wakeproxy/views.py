@@ -31,6 +31,12 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def _significant(value: float) -> float:
+    """Six significant digits: GiB-hours of a short sleep are millionths, and a fixed
+    number of decimals would round most of them away."""
+    return float(f"{value:.6g}")
+
+
 def _percentiles(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
@@ -99,7 +105,7 @@ def cost(proxy: Proxy) -> dict[str, Any]:
             "memory_source": "reservation" if memory else None,
             "memory": s.hibernator.describe(),
             "memory_gib_hours_saved": (
-                round(stopped * memory / 2**30 / 3600, 6) if memory else None
+                _significant(stopped * memory / 2**30 / 3600) if memory else None
             ),
         }
 
