@@ -92,6 +92,9 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
         extra = "    mode: http\n" if mode == "http" else ""
         started.append(proxy := peers.wakeproxy(workdir, backend.port, extra))
         contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+        if churn:  # the runtime's own ceiling: what is left over it is wakeproxy's own
+            started.append(floor := peers.bare(backend.port))
+            contenders["bare uvloop"] = floor.port
         connections = 50
 
         def measure(name: str, port: int) -> loadgen.WrkResult:
@@ -124,6 +127,12 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             + (
                 " varied.lua gives every request its own query string, so every head is parsed."
                 if varied
+                else ""
+            )
+            + (
+                " `bare uvloop` is bench/bare.py: a Protocol-pair forwarder with nothing but"
+                " the connect and the copy, on the same loop."
+                if churn
                 else ""
             )
         )

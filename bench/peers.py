@@ -126,6 +126,13 @@ def haproxy(backend_port: int, mode: str = "tcp") -> Peer:
     return Peer("haproxy", ["haproxy", "-db", "-f", str(cfg)], port, env)
 
 
+def bare(backend_port: int) -> Peer:
+    """The bare uvloop forwarder (bench/bare.py): the runtime's own ceiling."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare", str(port), str(backend_port)]
+    return Peer("bare uvloop", argv, port)
+
+
 def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
     """wakeproxy forwarding to a backend that is already up (sleep disabled).
 

@@ -34,20 +34,25 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert report.verdict(targets.KEEPALIVE_RPS) == ("1.00 x", Status.MET)
     assert report.verdict(targets.KEEPALIVE_P99) == ("1.00 x", Status.MET)
     assert report.verdict(targets.CHURN) == ("2.00 x; errors: wakeproxy 7", Status.NOT_MET)
+    # Its second target compares with a contender that row did not run.
+    assert report.verdict(targets.CHURN_BARE) == (
+        "not run: no bare uvloop in this row",
+        Status.NOT_RUN,
+    )
     assert report.verdict(targets.COLD_ONE) == ("not run: no Docker engine", Status.NOT_RUN)
     # Rows never judged (3, 4, 4b, 7 here) read not run rather than vanishing.
     assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
     assert not report.all_met()
     section = report.targets_section()
-    assert "**Not all targets met: 2 met, 1 not met, 9 not run (of 12).**" in section
+    assert "**Not all targets met: 2 met, 1 not met, 10 not run (of 13).**" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
     assert len(rows) == len(targets.ALL)
     assert rows[2] == (
         "| 2. churn req/s | >= 0.8 x HAProxy; wakeproxy 0 errors | 2.00 x; errors: wakeproxy 7 "
         "| **no** |"
     )
-    assert rows[6].endswith("| not run: no Docker engine | **not run** |")
-    assert "5. cold wake p99, 1000 at once (defaults)" in rows[7]
+    assert rows[7].endswith("| not run: no Docker engine | **not run** |")
+    assert "5. cold wake p99, 1000 at once (defaults)" in rows[8]
     assert [row.rsplit("|", 2)[1].strip() for row in rows].count("yes") == 2
 
 
@@ -130,6 +135,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     for contender in ("direct", "haproxy", "wakeproxy"):
         assert report.count(f"| {contender} |") == 5
     assert report.count("| haproxy | ") == 5 and "| 1.00 |" in report
+    assert report.count("| bare uvloop |") == 1, "the churn row's runtime ceiling"
     # Through mode http every response was a 2xx (wrk counts others as errors).
     for section in report.split("## 4")[1:3]:
         wakeproxy_row = next(
@@ -153,7 +159,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
     assert burst in verdicts
-    assert "**Not all targets met:" in verdicts and "1 not run (of 12)" in verdicts
+    assert "**Not all targets met:" in verdicts and "1 not run (of 13)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"

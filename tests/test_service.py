@@ -13,16 +13,20 @@ import asyncio
 import contextlib
 import socket
 import time
+import types
 
 import pytest
 
 from tests.helpers import config_from, echo_server, exchange, free_port, lone_service, wait_until
 from wakeproxy import admission
+from wakeproxy.admission import Admission
 from wakeproxy.api import service_status
+from wakeproxy.config import Address
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.runtimes.fake import FakeRuntime
 from wakeproxy.service import Service
+from wakeproxy.stats import ServiceStats
 
 pytestmark = pytest.mark.asyncio
 
@@ -490,3 +494,39 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         serving.cancel()
         await service.close()
         backend.sock.close()
+
+
+class _Stalling:
+    """A loop whose connects never complete (SYNs that go unanswered), timers real."""
+
+    def __init__(self) -> None:
+        self.call_later = asyncio.get_running_loop().call_later
+
+    async def create_connection(self, *args: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_connect_past_connect_timeout_raises_timeout_and_an_outside_cancel_stays_one():
+    stats = ServiceStats()
+    gate = Admission(
+        "web",
+        stats,
+        backend=lambda: Address("127.0.0.1", 9),
+        spawn=asyncio.ensure_future,
+        on_connect_error=lambda: None,
+        connect_timeout=0.05,
+        concurrency=None,
+    )
+    conn = types.SimpleNamespace(upstream_protocol=lambda: None)
+    backend = Address("127.0.0.1", 9)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await gate._connect(_Stalling(), conn, backend)
+    assert 0.04 <= time.monotonic() - started < 5
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0, "our own cancel was taken back"
+    task = asyncio.create_task(gate._connect(_Stalling(), conn, backend))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -283,8 +283,7 @@ class Admission:
         try:
             if backend is None:
                 raise OperationFailed("the backend address is not known yet")
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(conn.upstream_protocol, backend.host, backend.port)
+            await self._connect(loop, conn, backend)
         except (OSError, TimeoutError, RuntimeFailure) as exc:
             conn.settle()
             early = conn in self._early
@@ -308,6 +307,32 @@ class Admission:
             del self._early[conn]  # refused while it connected
         else:
             self._early[conn] = True  # counted at the release
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, conn: ClientSide, backend: Address
+    ) -> None:
+        """create_connection within connect_timeout (TimeoutError past it). A timer that
+        cancels the task rather than ``asyncio.timeout``: under connection churn that
+        context manager's own Python code was about 7% of the proxy's CPU (py-spy)."""
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = loop.call_later(self.connect_timeout, expire)
+        try:
+            await loop.create_connection(conn.upstream_protocol, backend.host, backend.port)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            raise TimeoutError from None
+        finally:
+            handle.cancel()
 
     def _log_connect_error(self, backend: Address | None, exc: BaseException) -> None:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
