@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import build, service
 from wakeproxy.config import (
     Address,
     build_config,
@@ -15,6 +16,7 @@ from wakeproxy.config import (
     service_from_labels,
 )
 from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
+from wakeproxy.config.replicas import expand_all
 from wakeproxy.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "config" / "services.yml"
@@ -460,3 +462,63 @@ def test_an_oversized_file_is_refused_before_it_is_read_whole(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems == [f"{path}: the config is over 2 MiB"]
+
+
+def test_replica_faults_are_named_each_in_one_pass():
+    found = problems(
+        """
+        services:
+          same-port:
+            listen: 127.0.0.1:7200
+            backend: 127.0.0.1:7201
+            command: [python3, -m, http.server, "7201"]
+            replicas: {count: 3, max: 4, min: 5}
+          twice:
+            listen: 127.0.0.1:7210
+            backend: 127.0.0.1:7211
+            replicas: {containers: [a, b, a]}
+          one-container:
+            listen: 127.0.0.1:7220
+            backend: 127.0.0.1:7221
+            container: x
+            replicas: {count: 2}
+          grouped:
+            listen: 127.0.0.1:7230
+            backend: 127.0.0.1:7231
+            command: [server, --port, "{port}"]
+            group: g
+            replicas: {count: 2, target_inflight: 0}
+        """
+    )
+    assert found == [
+        "c.yaml:7: services.same-port.replicas: each replica listens on its own port: put "
+        "{port} in 'command' or 'env' (replica i gets the backend's port + i)",
+        "c.yaml:7: services.same-port.replicas.max: is 4, past the 3 replica(s) there are",
+        "c.yaml:7: services.same-port.replicas.min: is 5, past 'max' (4)",
+        "c.yaml:11: services.twice.replicas.containers: names the container 'a' twice",
+        "c.yaml:16: services.one-container.replicas: replicas of containers are listed in "
+        "'containers', one each",
+        "c.yaml:22: services.grouped.replicas.target_inflight: expected a whole number from 1 "
+        "to 1000000, got 0",
+    ], found
+
+
+def test_replicas_expand_to_one_config_each_with_its_port_container_and_name():
+    config = build(
+        service(
+            "web", 7300, 7301, command=["srv", "--port", "{port}", "--id", "{index}"],
+            env={"PORT": "{port}"}, replicas={"count": 3, "min": 1}, auto_start=False,
+        ),
+        service("db", 7310, 7311, command=["db"], depends_on=["web"]),
+    )  # fmt: skip
+    run = expand_all(config.services.values())
+    assert list(run) == ["web@1", "web@2", "web@3", "db"]
+    third = run["web@3"]
+    assert third.command == ("srv", "--port", "7303", "--id", "3")
+    assert third.env == {"PORT": "7303"} and str(third.backend) == "127.0.0.1:7303"
+    assert (third.replica_of, third.replica) == ("web", 3)
+    # min: the first is started with the proxy and never slept; the others sleep.
+    assert run["web@1"].auto_start and not run["web@1"].sleep_policy.enabled
+    assert not third.auto_start and third.sleep_policy.enabled
+    # A dependency on a service with replicas is one on its oldest replica.
+    assert run["db"].depends_on == ("web@1",)

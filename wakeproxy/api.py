@@ -19,11 +19,12 @@ import orjson
 
 from . import metrics, views
 from .config import update_policy, update_service
-from .core.states import SleepAction, SleepReason, State, WakeResult
+from .core.states import Outcome, SleepAction, SleepReason, State, WakeResult
 from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 
 if TYPE_CHECKING:
     from .app import Proxy
+    from .pool import Pool
     from .service import Service
 
 JSON = "application/json"
@@ -47,6 +48,8 @@ def error(status: int, message: str, **extra: Any) -> Response:
 
 _ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake|hibernate)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
+_SCALE = re.compile(r"^/services/([^/]+)/scale$")
+_REPLICAS = re.compile(r"^/services/([^/]+)/replicas$")
 _SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
 _POLICY = re.compile(r"^/policies/([^/]+)$")
 # How long an answer waits for an operation in flight to end before reporting it as is.
@@ -76,9 +79,9 @@ class Api:
         headers: dict[str, str],
         body: bytes = b"",
     ) -> Response:
-        if path in _READS:
+        if path in _READS or _REPLICAS.match(path):
             allowed = "GET"
-        elif _ACTION.match(path) or _ALL.match(path) or path == "/reload":
+        elif _ACTION.match(path) or _ALL.match(path) or _SCALE.match(path) or path == "/reload":
             allowed = "POST"
         elif _SERVICE_CONFIG.match(path) or _POLICY.match(path):
             allowed = "PUT"
@@ -108,6 +111,10 @@ class Api:
                 return self._put_policy(match.group(1), payload)
         if path == "/reload":
             return await self._reload()
+        if match := _SCALE.match(path):
+            return await self._scale(match.group(1), body)
+        if match := _REPLICAS.match(path):
+            return self._replicas(match.group(1))
         force = query.get("force", "false").lower() in ("1", "true", "yes")
         if match := _ACTION.match(path):
             return await self._act(match.group(1), match.group(2), force)
@@ -169,7 +176,7 @@ class Api:
     def _put_service(self, name: str, payload: Any) -> Response:
         service = self.proxy.services.get(name)
         if service is None:
-            return error(404, f"no such service: {name}")
+            return self._no_service(name)
         try:
             cfg = update_service(service.cfg, payload, self.proxy.policies)
         except ConfigError as exc:
@@ -193,10 +200,63 @@ class Api:
             service.reconfigure(cfg)
         return json_response(200, {"policies": {name: self._policies()[name]}})
 
+    def _no_service(self, name: str) -> Response:
+        pool = self.proxy.pools.get(name)
+        if pool is None:
+            return error(404, f"no such service: {name}")
+        names = ", ".join(r.name for r in pool.replicas)
+        return error(
+            404,
+            f"{name} has replicas ({names}): name one, or POST /services/{name}/scale",
+            replicas=[r.name for r in pool.replicas],
+        )
+
+    def _replicas(self, name: str) -> Response:
+        pool = self.proxy.pools.get(name)
+        if pool is None:
+            return error(404, f"no such service with replicas: {name}")
+        return json_response(200, pool_status(pool))
+
+    async def _scale(self, name: str, body: bytes) -> Response:
+        """Wake the first ``count`` replicas and put the others to sleep (unforced: one
+        with connections open stays, and says why). Not sticky: the idle timers and the
+        load go on deciding."""
+        pool = self.proxy.pools.get(name)
+        if pool is None:
+            return error(404, f"no such service with replicas: {name}")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return error(400, f"the body is not valid JSON: {exc}")
+        count = payload.get("count") if isinstance(payload, dict) else None
+        total = len(pool.replicas)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
+            return error(
+                400, f'expected {{"count": N}} with N from 0 to {total}, got {body[:100]!r}'
+            )
+        refused: dict[str, str] = {}
+
+        async def one(service: Service, awake: bool) -> None:
+            try:
+                if awake:
+                    await service.wake("api: scale")
+                else:
+                    await _sleep(service, False)
+            except (ServiceBusy, RuntimeFailure) as exc:
+                refused[service.name] = str(exc)
+
+        replicas = list(pool.replicas)
+        await asyncio.gather(*(one(r, True) for r in replicas[:count]))
+        for replica in reversed(replicas[count:]):
+            # Newest first, one by one: an older one does not sleep while a newer is awake.
+            await one(replica, False)
+            await replica.settled(SETTLE_WITHIN)
+        return json_response(200, {**pool_status(pool), "refused": refused})
+
     async def _act(self, name: str, action: str, force: bool) -> Response:
         service = self.proxy.services.get(name)
         if service is None:
-            return error(404, f"no such service: {name}")
+            return self._no_service(name)
         try:
             await _ACTIONS[action](service, force)
         except ServiceBusy as exc:
@@ -300,6 +360,33 @@ def service_status(service: Service) -> dict[str, Any]:
         "memory": service.hibernator.describe(),
         "release": service.admission.describe(),
         "last_error": _last_error(service),
+        "replica_of": service.cfg.replica_of,
+    }
+
+
+def pool_status(pool: Pool) -> dict[str, Any]:
+    """A service with replicas: its settings, and each replica's state and load."""
+    return {
+        "name": pool.name,
+        "listen": str(pool.cfg.listen),
+        "state": pool.state.value,
+        "min": pool.scaling.minimum,
+        "max": pool.scaling.maximum,
+        "target_inflight": pool.scaling.target,
+        "awake": pool.awake(),
+        "scale_ups": pool.scale_ups,
+        "replicas": [
+            {
+                "name": r.name,
+                "state": r.state.value,
+                "reason": r.reason,
+                "backend": str(r.backend) if r.backend is not None else None,
+                "attached": r.attached,
+                "held": r.held,
+                "forwarded": r.stats.connections[Outcome.FORWARDED],
+            }
+            for r in pool.replicas
+        ],
     }
 
 

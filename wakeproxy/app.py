@@ -14,23 +14,30 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .admin import AdminServer
 from .config import Address, Config, ServiceConfig, changes_in_place, load_config
+from .config.replicas import expand_all, replica_sets
 from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .memory import remove_stale_cgroups
+from .pool import Pool
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_leftovers
 from .service import Service
 
 log = logging.getLogger("wakeproxy")
+
+
+def _listener_of(cfg: ServiceConfig) -> tuple[object, ...]:
+    """What a pool's listener is made of: a change means a new listener."""
+    return (cfg.listen, cfg.mode, cfg.backlog)
 
 
 class ListenError(WakeproxyError):
@@ -82,7 +89,10 @@ class ReloadResult:
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
+        # What runs: every service, a replicated one as its replicas (SERVICE@N)...
         self.services: dict[str, Service] = {}
+        # ... behind its pool (listener and balancer), by the service's name.
+        self.pools: dict[str, Pool] = {}
         # Created in start(): it needs the running loop.
         self.coordinator: Coordinator | None = None
         self.engine: DockerEngine | None = None
@@ -98,7 +108,7 @@ class Proxy:
         self.coordinator = Coordinator()
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
-        configs = list(self.config.services.values())
+        configs = list(expand_all(self.config.services.values()).values())
         # Before any command starts: what a killed proxy left of its commands' cgroups.
         has_commands = any(cfg.runtime == "process" for cfg in configs)
         if has_commands:
@@ -124,10 +134,14 @@ class Proxy:
             for cfg in configs:
                 self.services[cfg.name] = self._service(cfg)
             # Wired before any starts: an auto_start wake must see its dependencies.
+            self._sync_pools(self.config.services)
             self._wire()
             for cfg in configs:
                 with _listening(f"service {cfg.name}", cfg.listen):
                     await self.services[cfg.name].start()
+            for pool in self.pools.values():
+                with _listening(f"service {pool.name}", pool.cfg.listen):
+                    await pool.start()
             if labels_on:
                 assert self.engine is not None
                 self.discovery = LabelDiscovery(self, self.config.discovery, self.engine)
@@ -171,6 +185,9 @@ class Proxy:
     async def remove_service(self, name: str) -> None:
         """Stop serving one service: its listener closes and its connections end."""
         service = self.services.pop(name)
+        for pool in self.pools.values():
+            if service in pool.replicas:  # no new connection is placed on it
+                pool.replicas.remove(service)
         await self._end(service)
         self._wire()
 
@@ -200,13 +217,16 @@ class Proxy:
                 ]
             )
             self.policies = dict(new.policies)
-            for name in old.services:
-                if name not in new.services:
+            # Replicas one by one: a replica set that changed adds and removes replicas,
+            # the others keep their connections.
+            old_run, new_run = expand_all(old.services.values()), expand_all(new.services.values())
+            for name in old_run:
+                if name not in new_run:
                     await self.remove_service(name)
                     result.removed.append(name)
             to_add: list[ServiceConfig] = []
-            for name, cfg in new.services.items():
-                before = old.services.get(name)
+            for name, cfg in new_run.items():
+                before = old_run.get(name)
                 running = self.services.get(name)
                 if before is None or running is None:
                     if running is not None:
@@ -225,6 +245,7 @@ class Proxy:
             if to_add:
                 await self._fresh_listing(to_add)
             result.failed = await self.add_services(to_add)
+            await self._restart_pools(new.services)
             self._wire()
             # Admin and discovery keep running as they started: they need a restart.
             self.config = dataclasses.replace(new, admin=old.admin, discovery=old.discovery)
@@ -256,23 +277,63 @@ class Proxy:
         except EngineUnavailable as exc:
             log.error("the Docker engine does not answer: %s", exc)
 
+    def _sync_pools(self, services: Mapping[str, ServiceConfig]) -> None:
+        """A pool per service with replicas, holding its replicas oldest first (those
+        running now); pools of services that no longer have replicas are dropped."""
+        sets = replica_sets({name: s.cfg for name, s in self.services.items()})
+        for name in list(self.pools):
+            if name not in sets or services.get(name) is None:
+                del self.pools[name]
+        for name, members in sets.items():
+            cfg = services.get(name)
+            if cfg is None or cfg.replicas is None:
+                continue
+            pool = self.pools.get(name)
+            if pool is None:
+                pool = self.pools[name] = Pool(cfg)
+            pool.update(cfg, [self.services[m] for m in members])
+
+    async def _restart_pools(self, services: Mapping[str, ServiceConfig]) -> None:
+        """After a reload: pools for new replicated services listen, pools of removed
+        ones close, one whose listener settings changed listens anew."""
+        before = dict(self.pools)
+        for name, pool in before.items():
+            cfg = services.get(name)
+            moved = (
+                cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(pool.cfg)
+            )
+            if moved:
+                await pool.close()
+                del self.pools[name]
+        self._sync_pools(services)
+        for name, pool in self.pools.items():
+            if before.get(name) is not pool:
+                with _listening(f"service {name}", pool.cfg.listen):
+                    await pool.start()
+
     async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, then give open connections up to ``grace`` seconds to end."""
+        for pool in self.pools.values():
+            pool.stop_accepting()
         for service in self.services.values():
             service.stop_accepting()
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
-        open_now = sum(len(s.connections) for s in self.services.values())
+        open_now = self._open_connections()
         if open_now:
             log.info("waiting up to %gs for %d open connection(s)", grace, open_now)
         deadline = asyncio.get_running_loop().time() + grace
-        while any(s.connections for s in self.services.values()):
+        while self._open_connections():
             if asyncio.get_running_loop().time() >= deadline or (hurry and hurry.is_set()):
-                left = sum(len(s.connections) for s in self.services.values())
+                left = self._open_connections()
                 log.warning("closing %d connection(s) still open", left)
                 return
             await asyncio.sleep(0.05)  # shutdown only: no event per connection needed
+
+    def _open_connections(self) -> int:
+        pooled = sum(len(pool.connections) for pool in self.pools.values())
+        return pooled + sum(len(service.connections) for service in self.services.values())
 
     async def wake_all(self, reason: str) -> None:
         """Wake every sleeping container (shutdown.backends: wake)."""
@@ -302,9 +363,12 @@ class Proxy:
             log.warning("%s: %s", service.name, exc)
 
     def _wire(self) -> None:
-        """Link dependencies and group members in the core (again after any change)."""
+        """Link dependencies, group members and replicas in the core (again after any
+        change)."""
         if self.coordinator is not None:
             self.coordinator.relink()
+            for pool in self.pools.values():
+                self.coordinator.order_replicas([r.name for r in pool.replicas])
 
     def _service(self, cfg: ServiceConfig) -> Service:
         assert self.coordinator is not None
@@ -339,6 +403,8 @@ class Proxy:
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
+        for pool in self.pools.values():
+            await pool.close()
         for service in self.services.values():
             await service.close()
         for service in self.services.values():

@@ -63,6 +63,10 @@ class Coordinator:
         }
         self._dispatch(self.core.relink(links, self._loop.time()), "", None)
 
+    def order_replicas(self, names: list[str]) -> None:
+        """One service's replicas, oldest first (the newest sleeps first)."""
+        self._dispatch(self.core.order_replicas(names, self._loop.time()), "", None)
+
     def feed(self, service: Service, event: Event, conn: ClientSide | None = None) -> list[Command]:
         """Decide on ``event`` and carry the actions out; returns them for the caller to read."""
         if self.services.get(service.name) is not service:

@@ -46,6 +46,36 @@ class ProxyCollector(Collector):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
+    def _pools(
+        self, connections: CounterMetricFamily, answers: CounterMetricFamily
+    ) -> Iterator[Metric]:
+        """Services with replicas: how many replicas are in each state, the wakes the
+        load asked for, and the outcomes decided before a replica took a connection
+        (each replica's own series are those of a service named SERVICE@N)."""
+        replicas = GaugeMetricFamily(
+            "wakeproxy_replicas",
+            "Replicas of a service in each state.",
+            labels=["service", "state"],
+        )
+        scale_ups = CounterMetricFamily(
+            "wakeproxy_replica_scale_ups",
+            "Replicas woken because the attached connections per awake replica passed "
+            "replicas.target_inflight.",
+            labels=["service"],
+        )
+        for pool in self.proxy.pools.values():
+            for each in State:
+                count = sum(r.state is each for r in pool.replicas)
+                replicas.add_metric([pool.name, each.value], count)
+            scale_ups.add_metric([pool.name], pool.scale_ups)
+            outcomes = HTTP_OUTCOMES if pool.cfg.mode == "http" else TCP_OUTCOMES
+            for outcome in outcomes:
+                connections.add_metric([pool.name, outcome.value], pool.stats.connections[outcome])
+            for code, count in sorted(pool.stats.http_answers.items()):
+                answers.add_metric([pool.name, str(code)], count)
+        yield replicas
+        yield scale_ups
+
     def collect(self) -> Iterator[Metric]:
         services = list(self.proxy.services.values())
         wake = HistogramMetricFamily(
@@ -160,6 +190,8 @@ class ProxyCollector(Collector):
             asleep.add_metric([service.name], service.asleep_seconds())
             for code, count in sorted(stats.http_answers.items()):
                 answers.add_metric([service.name, str(code)], count)
+        if self.proxy.pools:
+            yield from self._pools(connections, answers)
         yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
         yield answers
         yield unexpected

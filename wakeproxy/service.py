@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission
@@ -79,6 +79,18 @@ if TYPE_CHECKING:
     from .coordinator import Coordinator
 
 log = logging.getLogger("wakeproxy.service")
+
+
+async def open_listener(
+    cfg: ServiceConfig, protocol: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.Server:
+    """A service's listening socket (a service's own, or its replicas' pool's)."""
+    server = await asyncio.get_running_loop().create_server(
+        protocol, cfg.listen.host, cfg.listen.port, backlog=cfg.backlog, reuse_address=True
+    )
+    for sock in server.sockets:
+        set_keepalive(sock)
+    return server
 
 
 class Service:
@@ -196,28 +208,25 @@ class Service:
     # ---- start and close
 
     async def start(self) -> None:
-        """Open the listener (the timers were armed when the core took the service)."""
+        """Open the listener (the timers were armed when the core took the service); a
+        replica's listener is its pool's."""
         if self.backend is None and self.state in (State.RUNNING, State.PAUSED):
             try:
                 await self.driver.find_backend()
             except RuntimeFailure as exc:
                 self.feed(Observed(State.FAILED, str(exc)))
-        listen = self.cfg.listen
-        self._server = await self.loop.create_server(
-            (lambda: HttpClientSide(self))
-            if self.cfg.mode == "http"
-            else (lambda: ClientSide(self)),
-            listen.host,
-            listen.port,
-            backlog=self.cfg.backlog,
-            reuse_address=True,
-        )
-        for sock in self._server.sockets:
-            set_keepalive(sock)
+        if self.cfg.replica_of is None:
+            self._server = await open_listener(
+                self.cfg,
+                (lambda: HttpClientSide(self))
+                if self.cfg.mode == "http"
+                else (lambda: ClientSide(self)),
+            )
         log.info(
-            "%s: listening on %s for %s (%s: %s)",
+            "%s: %s %s for %s (%s: %s)",
             self.name,
-            listen,
+            "listening on" if self.cfg.replica_of is None else "a replica behind",
+            self.cfg.listen,
             self.runtime.describe(),
             self.state.value,
             self.reason,
@@ -283,6 +292,14 @@ class Service:
             self.admission.refuse(conn, Outcome.REJECTED_LIMIT)
             return False
         return True
+
+    def adopt(self, conn: ClientSide) -> None:
+        """A connection its service's pool placed on this replica: it reports here now."""
+        conn.owner = self
+        if isinstance(conn, HttpClientSide):
+            conn.http_owner = self
+        self.connections.add(conn)
+        self.stats.accepted += 1
 
     def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
         if not attached:

@@ -34,6 +34,7 @@ IN_PLACE_KEYS = (
     "http",
     "auto_start",
     "image",
+    "replicas",
     "resources",
 )
 

@@ -149,6 +149,26 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class Replicas:
+    """``replicas:``: several backends behind one listener, woken as the load needs.
+
+    Replica i (from 0) is the command with ``{port}`` (and ``{index}``, from 1) filled
+    in and the backend's port + i, or the i-th of ``containers``.
+    """
+
+    count: int
+    containers: tuple[str, ...] = ()
+    minimum: int = 0  # awake even when idle (started with the proxy, never slept)
+    maximum: int = 0  # awake at most; 0: count
+    # Attached connections per awake replica past which the next one is woken.
+    target_inflight: int = 10
+
+    @property
+    def most(self) -> int:
+        return self.maximum or self.count
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     listen: Address
@@ -187,6 +207,11 @@ class ServiceConfig:
     group: str | None = None
     # "config" (the YAML file) or "labels" (a labelled container, discovered).
     source: Source = "config"
+    replicas: Replicas | None = None
+    # Set on one replica's own config (see config.replicas.expand): the service it
+    # belongs to and its place, from 1 (oldest first).
+    replica_of: str | None = None
+    replica: int = 0
 
 
 @dataclass(frozen=True, slots=True)

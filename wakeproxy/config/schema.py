@@ -40,6 +40,7 @@ from .model import (
     Probe,
     Readiness,
     ReclaimMethod,
+    Replicas,
     Resources,
     RuntimeKind,
     ServiceConfig,
@@ -105,6 +106,27 @@ SERVICE_FIELDS: dict[str, Check] = {
     "resources": nested,
     "depends_on": check.names,
     "group": check.text,
+    "replicas": nested,
+}
+
+
+def _containers(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise check.Bad(f"expected a list of container names, got {describe(value)}")
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise check.Bad(f"expected container names (non-empty strings), got {describe(value)}")
+    if len(set(value)) != len(value):
+        twice = next(v for v in value if value.count(v) > 1)
+        raise check.Bad(f"names the container {twice!r} twice")
+    return tuple(value)
+
+
+_REPLICA_FIELDS: dict[str, Check] = {
+    "count": check.int_between(1, 256),
+    "containers": _containers,
+    "min": check.int_between(0, 256),
+    "max": check.int_between(1, 256),
+    "target_inflight": check.int_between(1, 1_000_000),
 }
 
 _ADMIN_FIELDS: dict[str, Check] = {
@@ -262,6 +284,53 @@ def _parse_http(data: Any, path: KeyPath, problems: Problems) -> HttpSettings:
     return replace(HttpSettings(probes=tuple(probes)), values)
 
 
+def _parse_replicas(
+    data: Any, path: KeyPath, problems: Problems, service: Mapping[str, Any]
+) -> Replicas | None:
+    """``replicas:``, checked against the service's own keys (``service``)."""
+    values = section(data, path, _REPLICA_FIELDS, problems)
+    if values is None or len(values) < len(data):
+        return None  # a key's fault is named: the rest would only add noise
+    containers: tuple[str, ...] = values.get("containers", ())
+    count = values.get("count", len(containers))
+    before = len(problems.items)
+    if containers:
+        if "count" in values and count != len(containers):
+            problems.add((*path, "count"), f"is {count} but 'containers' names {len(containers)}")
+        if "container" in service or "command" in service:
+            problems.add(path, "'containers' replaces the service's 'container'/'command'")
+    elif service.get("command") is not None:
+        if "count" not in values:
+            problems.add(path, "needs 'count' (how many copies of the command)")
+        placeholder = any("{port}" in arg for arg in service["command"]) or any(
+            "{port}" in value for value in service.get("env", {}).values()
+        )
+        if count > 1 and not placeholder:
+            problems.add(
+                path,
+                "each replica listens on its own port: put {port} in 'command' or 'env' "
+                "(replica i gets the backend's port + i)",
+            )
+    elif "container" in service:
+        problems.add(path, "replicas of containers are listed in 'containers', one each")
+    elif "count" not in values:
+        problems.add(path, "needs 'containers' (docker) or 'count' with a 'command'")
+    most = values.get("max", count)
+    if "max" in values and most > count:
+        problems.add((*path, "max"), f"is {most}, past the {count} replica(s) there are")
+    if values.get("min", 0) > most:
+        problems.add((*path, "min"), f"is {values['min']}, past 'max' ({most})")
+    if service.get("group") is not None:
+        problems.add(path, "a service with replicas cannot be in a 'group' yet")
+    if len(problems.items) > before or count == 0:
+        return None
+    named = {"min": "minimum", "max": "maximum", "target_inflight": "target_inflight"}
+    return replace(
+        Replicas(count=count, containers=containers),
+        {named[key]: value for key, value in values.items() if key in named},
+    )
+
+
 def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:
     values = section(data, path, _READINESS_FIELDS, problems) or {}
     if values.get("http") is not None:
@@ -325,8 +394,17 @@ def parse_service(
     )
     resources = replace(Resources(), res_values or {})
 
+    replicas = None
+    if "replicas" in values:
+        replicas = _parse_replicas(
+            values.pop("replicas"), (*path, "replicas"), problems, {**data, **values}
+        )
+        if replicas is None or replicas.containers:
+            given.add("container")  # given there (or its faults named there already)
     container = values.pop("container", None)
     command = values.pop("command", None)
+    if replicas is not None and replicas.containers:
+        container = replicas.containers[0]
     port = values.pop("port", None)
     listen = values.pop("listen", None)
     backend = values.pop("backend", None)
@@ -385,6 +463,7 @@ def parse_service(
         readiness=readiness,
         resources=resources,
         http=http,
+        replicas=replicas,
         **values,
     )
 

@@ -23,6 +23,8 @@ class Node:
         "hibernated",
         "last_activity",
         "name",
+        "newer",
+        "older",
         "pending",
         "policy",
         "reclaiming",
@@ -45,6 +47,10 @@ class Node:
         self.dependents: list[Node] = []
         # Every member of its group, itself included; (self,) without a group.
         self.group: tuple[Node, ...] = (self,)
+        # A replica's neighbours in its service's order: it does not sleep while the
+        # newer one is awake (the newest sleeps first).
+        self.newer: Node | None = None
+        self.older: Node | None = None
         # The wake operation waiting for dependencies to run first.
         self.pending: WakeOp | None = None
         self.wake_deadline = 0.0

@@ -22,12 +22,15 @@ The rules, each decided here and nowhere else:
 * **Escalation.** A backend paused for ``stop_after`` is stopped; one paused for
   ``hibernate_after`` (0 with ``action: hibernate``) has its memory given back. A wake
   during that reclaim cancels it first: the wake never waits for it.
+* **Replica order.** A replica does not sleep while the next newer replica of its
+  service is awake, so the newest sleeps first (``core.replicas`` decides the rest).
 * **The API's refusals.** A sleep asked for while connections are open or an awake
   service needs this one is refused unless forced; so is one while an operation runs.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 from .actions import (
@@ -74,6 +77,16 @@ Command = tuple[str, Action]
 _SETTLED_ASLEEP = ASLEEP | {State.FAILED}
 
 
+def _along(node: Node, link: str) -> list[Node]:
+    """``node`` and the replicas beyond it through ``link`` (newer or older)."""
+    chain: list[Node] = []
+    step: Node | None = node
+    while step is not None:
+        chain.append(step)
+        step = getattr(step, link)
+    return chain
+
+
 class Orchestrator:
     """All services' decisions. ``handle(name, event, now)`` returns (service, action) pairs.
 
@@ -103,8 +116,25 @@ class Orchestrator:
         return self._take()
 
     def remove(self, name: str) -> None:
-        """Forget a service; ``relink`` then drops the links to it."""
-        self.nodes.pop(name, None)
+        """Forget a service; ``relink`` then drops the links to it (a replica's
+        neighbours close ranks at once)."""
+        node = self.nodes.pop(name, None)
+        if node is not None:
+            if node.older is not None:
+                node.older.newer = node.newer
+            if node.newer is not None:
+                node.newer.older = node.older
+
+    def order_replicas(self, names: Sequence[str], now: float) -> list[Command]:
+        """One service's replicas, oldest first: each waits for the newer to sleep."""
+        nodes = [self.nodes[name] for name in names if name in self.nodes]
+        for node in nodes:
+            node.newer = node.older = None
+        for older, newer in itertools.pairwise(nodes):
+            older.newer, newer.older = newer, older
+        for node in nodes:
+            self._arm_idle(node, now)
+        return self._take()
 
     def relink(
         self, links: Mapping[str, tuple[Sequence[str], str | None]], now: float
@@ -283,7 +313,12 @@ class Orchestrator:
 
     @staticmethod
     def _awake_dependents(node: Node, outside: tuple[Node, ...] = ()) -> list[Node]:
-        return [d for d in node.dependents if d.unit.state in AWAKE and d not in outside]
+        """The awake services that need this one: its dependents, and for a replica
+        every newer one (one may be awake behind a failed or sleeping one)."""
+        needing = node.dependents
+        if node.newer is not None:
+            needing = [*needing, *_along(node.newer, "newer")]
+        return [d for d in needing if d.unit.state in AWAKE and d not in outside]
 
     def _arm_idle(self, node: Node, now: float) -> None:
         if node.unit.state is State.RUNNING and not node.attached and node.policy.sleeps:
@@ -422,6 +457,9 @@ class Orchestrator:
             # One fewer service needs its dependencies awake: they decide again.
             for dependency in node.depends_on:
                 self._arm_idle(dependency, now)
+            if node.older is not None:
+                for older in _along(node.older, "older"):
+                    self._arm_idle(older, now)
 
     def _fail_waiting_dependents(self, node: Node, why: str, now: float) -> None:
         """A dependency that failed fails the wakes waiting for it at once (their held

@@ -1,0 +1,153 @@
+"""Replicas in the decision core: where a connection goes, when another replica wakes,
+and the order they sleep in. Plain calls, a fake clock."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.helpers import FakeGlue
+from wakeproxy.core.actions import RunSleep
+from wakeproxy.core.events import Arrive, Leave, SleepDone, WakeDone
+from wakeproxy.core.node import Node
+from wakeproxy.core.policy import Policy
+from wakeproxy.core.replicas import Placement, Scaling, place
+from wakeproxy.core.states import State
+
+NAMES = ("web@1", "web@2", "web@3", "web@4")
+
+
+def nodes(*replicas: tuple[State, int]) -> list[Node]:
+    out = []
+    for i, (state, attached) in enumerate(replicas):
+        node = Node(f"web@{i + 1}", Policy(), state, "test", 0.0)
+        node.attached = attached
+        out.append(node)
+    return out
+
+
+def test_a_connection_goes_to_the_running_replica_with_the_fewest_attached():
+    pool = nodes((State.RUNNING, 3), (State.RUNNING, 1), (State.RUNNING, 1), (State.PAUSED, 0))
+    # The oldest on a tie: load gathers on the old ones, the new ones go idle first.
+    assert place(pool, Scaling(0, 4, 10)) == Placement(1)
+
+
+def test_with_nothing_awake_the_oldest_sleeping_replica_takes_it_and_nothing_else_wakes():
+    pool = nodes((State.FAILED, 0), (State.STOPPED, 0), (State.PAUSED, 0))
+    assert place(pool, Scaling(0, 3, 1)) == Placement(1)
+    # Only failed ones: the oldest (its back-off decides whether it holds or refuses).
+    assert place(nodes((State.FAILED, 0), (State.FAILED, 0)), Scaling(0, 2, 1)) == Placement(0)
+
+
+def test_a_waking_replica_holds_the_connection_when_none_runs():
+    pool = nodes((State.WAKING, 4), (State.WAKING, 2), (State.PAUSED, 0))
+    assert place(pool, Scaling(0, 3, 10)).serve == 1
+
+
+def test_past_the_target_the_next_replica_wakes_and_the_connection_is_not_held_for_it():
+    pool = nodes((State.RUNNING, 2), (State.PAUSED, 0), (State.STOPPED, 0))
+    # 2 attached + this one = 3 over 1 awake, target 2: wake the oldest sleeping one.
+    assert place(pool, Scaling(0, 3, 2)) == Placement(0, wake=1)
+    pool[0].attached = 1  # 2 over 1: at the target, not past it
+    assert place(pool, Scaling(0, 3, 2)) == Placement(0)
+
+
+def test_a_waking_replica_counts_as_awake_so_one_burst_wakes_one_more_not_all():
+    pool = nodes((State.RUNNING, 2), (State.WAKING, 0), (State.PAUSED, 0))
+    # 3 over 2 awake, target 2: no third yet.
+    assert place(pool, Scaling(0, 3, 2)) == Placement(0)
+    pool[0].attached = 4  # 5 over 2: now the third, while the running one serves
+    assert place(pool, Scaling(0, 3, 2)) == Placement(0, wake=2)
+
+
+def test_never_more_awake_than_max():
+    pool = nodes((State.RUNNING, 50), (State.RUNNING, 50), (State.PAUSED, 0))
+    assert place(pool, Scaling(0, 2, 1)) == Placement(0)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([State.RUNNING, State.WAKING, State.PAUSED, State.STOPPED]),
+            st.integers(0, 30),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 6),
+    st.integers(1, 8),
+)
+def test_placement_rules_hold_for_any_pool(replicas, most, target):
+    pool = nodes(*replicas)
+    placement = place(pool, Scaling(0, most, target))
+    states = [n.state for n in pool]
+    if State.RUNNING in states:
+        assert states[placement.serve] is State.RUNNING
+        fewest = min(n.attached for n in pool if n.state is State.RUNNING)
+        assert pool[placement.serve].attached == fewest
+    if placement.wake is not None:
+        assert states[placement.wake] in (State.PAUSED, State.STOPPED)
+        awake = sum(s in (State.RUNNING, State.WAKING) for s in states)
+        assert awake < most, "never past max"
+        assert placement.wake == min(
+            i for i, s in enumerate(states) if s in (State.PAUSED, State.STOPPED)
+        ), "the oldest sleeping one"
+
+
+def _pool(glue: FakeGlue, count: int, state: State = State.RUNNING) -> None:
+    for name in NAMES[:count]:
+        glue.add(name, state)
+    glue.core.order_replicas(list(NAMES[:count]), glue.now)
+
+
+def test_the_newest_replica_sleeps_first_and_each_older_one_after_it():
+    glue = FakeGlue()
+    _pool(glue, 3)
+    # All idle since 0: every deadline passes at 10, but only the newest may sleep.
+    glue.advance(10.0)
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == ["web@3"]
+    glue.feed("web@3", SleepDone())
+    glue.advance(glue.now)  # the older one's idle timer, armed again, fires at once
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == ["web@3", "web@2"]
+    glue.feed("web@2", SleepDone())
+    glue.advance(glue.now)
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == [
+        "web@3",
+        "web@2",
+        "web@1",
+    ]
+
+
+def test_an_older_replica_with_a_later_deadline_sleeps_on_its_own_timer():
+    glue = FakeGlue()
+    _pool(glue, 2)
+    glue.feed("web@1", Arrive())
+    glue.advance(5.0)
+    glue.feed("web@1", Leave(activity=True))  # web@1 idle from 5, web@2 from 0
+    glue.advance(10.0)
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == ["web@2"]
+    glue.feed("web@2", SleepDone())
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == ["web@2"], "not yet"
+    glue.advance(15.0)
+    assert [name for name, a in glue.log if isinstance(a, RunSleep)] == ["web@2", "web@1"]
+
+
+def test_an_awake_newer_replica_holds_an_older_one_and_a_removed_one_closes_ranks():
+    glue = FakeGlue()
+    _pool(glue, 3, State.PAUSED)
+    glue.feed("web@1", Arrive())
+    glue.feed("web@1", WakeDone())
+    glue.feed("web@3", Arrive())  # the load woke the newest (web@2 stays asleep)
+    glue.feed("web@3", WakeDone())
+    glue.feed("web@1", Leave(activity=True))
+    glue.advance(30.0)
+    assert not glue.actions("web@1", RunSleep), "web@3 is awake: web@1 waits"
+    glue.core.remove("web@2")
+    assert glue.core.nodes["web@1"].newer is glue.core.nodes["web@3"]
+    glue.feed("web@3", Leave(activity=True))
+    glue.advance(45.0)
+    assert glue.actions("web@3", RunSleep)
+    glue.feed("web@3", SleepDone())
+    glue.advance(glue.now)
+    assert glue.actions("web@1", RunSleep), "the newer one slept: web@1 follows"
+    assert glue.core.nodes["web@1"].state is State.PAUSING

@@ -1,0 +1,241 @@
+"""Replicas for real: several commands behind one listener, woken as the load grows, slept
+newest first as it falls, balanced by attached connections; the API and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.helpers import (
+    BACKEND,
+    PYTHON,
+    config_from,
+    config_text,
+    engine_order,
+    exchange,
+    free_port,
+    http_get,
+    proxy_log,
+    running,
+    service,
+    wait_until,
+)
+from wakeproxy import metrics
+from wakeproxy.config import load_config
+from wakeproxy.core.states import State
+
+pytestmark = pytest.mark.asyncio
+
+SERIAL = str(Path(__file__).parent / "backends" / "serial.py")
+
+
+def replicated(port: int, first: int, count: int, **replicas: object) -> str:
+    return config_text(
+        service(
+            "web",
+            port,
+            first,
+            command=[PYTHON, SERIAL, "--port", "{port}"],
+            replicas={"count": count, **replicas},
+            wake_timeout=15,
+            sleep_policy={"idle_timeout": 1},
+        )
+    )
+
+
+def answered_by(reply: bytes) -> int:
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+    return int(reply.rsplit(b"\r\n\r\n", 1)[1])
+
+
+async def test_replicas_wake_one_by_one_with_the_load_and_sleep_newest_first():
+    port, first = free_port(), free_port()
+    for _ in range(3):
+        free_port()  # the replicas' ports are first .. first + 3: keep them from others
+    config = config_from(replicated(port, first, 4, max=3, target_inflight=2))
+    async with running(config) as proxy:
+        pool = proxy.pools["web"]
+        replicas = [proxy.services[f"web@{i}"] for i in range(1, 5)]
+        assert [r.state for r in replicas] == [State.STOPPED] * 4
+        assert [str(r.backend) for r in replicas] == [f"127.0.0.1:{first + i}" for i in range(4)]
+
+        # One client at a time (and the one before it, still closing): one is enough.
+        for _ in range(10):
+            assert answered_by(await http_get(port)) == first
+        assert [r.state for r in replicas] == [State.RUNNING] + [State.STOPPED] * 3
+
+        # Eight clients for 2 s: 20 ms per request on each replica; the load wakes more.
+        most_awake = 0
+        seen: collections.Counter[int] = collections.Counter()
+        deadline = time.monotonic() + 2.0
+
+        async def client() -> None:
+            nonlocal most_awake
+            while time.monotonic() < deadline:
+                seen[answered_by(await http_get(port, within=20))] += 1
+                most_awake = max(most_awake, pool.awake())
+
+        await asyncio.gather(*(client() for _ in range(8)))
+        assert most_awake == 3, "woken up to max, never past it"
+        assert replicas[3].state is State.STOPPED and replicas[3].stats.wakes["ok"] == 0
+        assert set(seen) == {first, first + 1, first + 2}, f"balanced over all three: {seen}"
+        assert pool.scale_ups >= 2
+
+        # Load gone: each sleeps on its own idle timer, the newest first (in the log's
+        # order: two pauses can end within one poll).
+        with proxy_log() as messages:
+            await wait_until(lambda: all(r.state is State.PAUSED for r in replicas[:3]), within=20)
+        paused = [m.split(":")[0] for m in messages if m.endswith("pausing -> paused (idle)")]
+        assert paused == ["web@3", "web@2", "web@1"]
+        # The next request wakes the oldest again (an unpause).
+        assert answered_by(await http_get(port)) == first
+        assert replicas[0].stats.wakes["ok"] == 2
+
+
+async def test_min_replicas_run_from_the_start_and_never_sleep():
+    port, first = free_port(), free_port()
+    free_port()
+    config = config_from(replicated(port, first, 2, min=1, target_inflight=4))
+    async with running(config) as proxy:
+        one, two = proxy.services["web@1"], proxy.services["web@2"]
+        await wait_until(lambda: one.state is State.RUNNING, within=15)
+        assert answered_by(await http_get(port)) == first
+        await asyncio.sleep(1.6)  # past idle_timeout: only a replica above min may sleep
+        assert one.state is State.RUNNING and two.state is State.STOPPED
+        assert one.stats.sleeps.total() == 0
+
+
+async def api(proxy, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+    """One request to the proxy's admin API over HTTP."""
+    listen = proxy.config.admin.listen
+    reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    try:
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        async with asyncio.timeout(30):
+            response = await reader.read(-1)
+    finally:
+        writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(payload)
+
+
+async def test_the_api_lists_replicas_and_scales_them_by_hand():
+    port, first = free_port(), free_port()
+    for _ in range(2):
+        free_port()
+    async with running(config_from(replicated(port, first, 3))) as proxy:
+        status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 2}')
+        assert status == 200, scaled
+        assert [r["state"] for r in scaled["replicas"]] == ["running", "running", "stopped"]
+        assert scaled["refused"] == {} and scaled["max"] == 3 and scaled["awake"] == 2
+        # Two awake: connections spread over them (fewest attached first), none to the third.
+        replies = await asyncio.gather(*(http_get(port) for _ in range(6)))
+        assert {answered_by(r) for r in replies} == {first, first + 1}
+        status, listing = await api(proxy, "GET", "/services")
+        owners = {s["name"]: s["replica_of"] for s in listing["services"]}
+        assert owners == {"web@1": "web", "web@2": "web", "web@3": "web"}
+        status, shown = await api(proxy, "GET", "/services/web/replicas")
+        assert status == 200 and [r["name"] for r in shown["replicas"]] == list(owners)
+        assert sum(r["forwarded"] for r in shown["replicas"]) == 6
+        status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 0}')
+        assert [r["state"] for r in scaled["replicas"]] == ["paused", "paused", "stopped"]
+        status, wrong = await api(proxy, "POST", "/services/web/scale", b'{"count": 4}')
+        assert status == 400 and "from 0 to 3" in wrong["error"]
+        status, which = await api(proxy, "POST", "/services/web/wake")
+        assert status == 404 and which["replicas"] == ["web@1", "web@2", "web@3"]
+        text = metrics.render(proxy).decode()
+        assert 'wakeproxy_replicas{service="web",state="paused"} 2.0' in text
+        assert 'wakeproxy_replicas{service="web",state="stopped"} 1.0' in text
+        assert 'wakeproxy_connections_total{outcome="forwarded",service="web@1"}' in text
+
+
+async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connections(tmp_path):
+    port, first = free_port(), free_port()
+    for _ in range(2):
+        free_port()
+    path = tmp_path / "wakeproxy.yaml"
+
+    def write(count: int, target: int) -> None:
+        path.write_text(
+            config_text(
+                service(
+                    "web",
+                    port,
+                    first,
+                    command=[PYTHON, BACKEND, "--port", "{port}", "--mode", "echo"],
+                    replicas={"count": count, "target_inflight": target},
+                    sleep_policy={"idle_timeout": 60},
+                )
+            )
+        )
+
+    write(2, 10)
+    async with running(load_config(str(path))) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"before")
+            assert await asyncio.wait_for(reader.readexactly(6), 15) == b"before"
+            held_by = proxy.services["web@1"]
+            assert held_by.attached == 1
+
+            write(3, 1)  # one more replica, a new target: web@1 and web@2 change in place
+            result = await proxy.reload()
+            assert (result.added, result.updated) == (["web@3"], ["web@1", "web@2"])
+            pool = proxy.pools["web"]
+            assert [r.name for r in pool.replicas] == ["web@1", "web@2", "web@3"]
+            assert pool.scaling.target == 1 and proxy.services["web@1"] is held_by
+            writer.write(b"during")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"during"
+
+            write(1, 1)
+            result = await proxy.reload()
+            assert sorted(result.removed) == ["web@2", "web@3"]
+            assert [r.name for r in proxy.pools["web"].replicas] == ["web@1"]
+            writer.write(b"after!")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"after!"
+            # The listener stayed: a new connection is served too.
+            assert await exchange(port, b"new", half_close=True) == b"new"
+        finally:
+            writer.close()
+
+
+async def test_docker_replicas_woken_by_the_load_and_paused_newest_first(make_container):
+    port, first = free_port(), free_port()
+    free_port()
+    names = [make_container(first, paused=True), make_container(first + 1, paused=True)]
+    config = config_from(
+        config_text(
+            service(
+                "web",
+                port,
+                first,
+                replicas={"containers": names, "target_inflight": 1},
+                wake_timeout=15,
+                sleep_policy={"idle_timeout": 1},
+            )
+        )
+    )
+    since = time.time()
+    async with running(config) as proxy:
+        one, two = proxy.services["web@1"], proxy.services["web@2"]
+        assert (one.cfg.container, two.cfg.container) == tuple(names)
+        assert [one.state, two.state] == [State.PAUSED, State.PAUSED]
+        # A burst: the first connection wakes web@1 and is held; the next finds one
+        # replica waking with more attached than the target, and wakes web@2 beside it.
+        replies = await asyncio.gather(*(http_get(port, within=20) for _ in range(10)))
+        assert all(reply.endswith(b"hello from busybox\n") for reply in replies), replies
+        await wait_until(lambda: one.stats.wakes["ok"] == two.stats.wakes["ok"] == 1, within=10)
+        await wait_until(lambda: one.state is State.PAUSED and two.state is State.PAUSED, within=20)
+    until = time.time() + 1
+    # Asked for one right after the other: the engine may finish them in either order.
+    assert sorted(engine_order(names, "unpause", since, until)) == sorted(names)
+    assert engine_order(names, "pause", since, until) == [names[1], names[0]], "newest first"

@@ -1,0 +1,77 @@
+"""Where a service with replicas sends a new connection, and when it wakes another.
+
+Pure: it reads each replica's ``Node`` (state, attached connections) and returns a
+decision; the glue (``wakeproxy.pool``) carries it out. The rules:
+
+* **Balance.** A connection goes to the running replica with the fewest attached
+  connections (the oldest on a tie, so load gathers on the old ones and the newest go
+  idle first). With none running, to a waking one (it is held there), else to the
+  oldest sleeping one (its arrival wakes it), else to the oldest failed one (its
+  back-off decides).
+* **Scale up.** When the attached connections per awake (running or waking) replica,
+  this one counted, pass ``target``, the oldest sleeping replica is woken beside it, up
+  to ``maximum`` awake. The connection is not held for it: it goes to an awake one.
+* **Scale down** is the idle timers' (each replica sleeps on its own), in order: a
+  replica does not sleep while a newer one is awake (``Orchestrator.order_replicas``),
+  so the newest sleeps first. The first ``minimum`` never sleep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .node import Node
+from .states import ASLEEP, State
+
+_AWAKE_OR_WAKING = frozenset({State.RUNNING, State.WAKING})
+
+
+@dataclass(frozen=True, slots=True)
+class Scaling:
+    """``replicas: {min, max, target_inflight}``."""
+
+    minimum: int
+    maximum: int
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The replica (an index, oldest first) that takes the connection, and the one to
+    wake beside it (None: no scaling now)."""
+
+    serve: int
+    wake: int | None = None
+
+
+def place(replicas: Sequence[Node], scaling: Scaling) -> Placement:
+    """Where a new connection goes, and whether the load asks for one more replica."""
+    states = [node.unit.state for node in replicas]
+    serve = _least_attached(replicas, State.RUNNING)
+    if serve is None:
+        serve = _least_attached(replicas, State.WAKING)
+    if serve is None:
+        serve = _first(states, ASLEEP)
+        if serve is None:
+            serve = _first(states, frozenset({State.FAILED}))
+        # Nothing awake: this connection's own arrival wakes ``serve``; more follow
+        # from the load once it runs.
+        return Placement(0 if serve is None else serve)
+    awake = [i for i, state in enumerate(states) if state in _AWAKE_OR_WAKING]
+    load = sum(replicas[i].attached for i in awake) + 1
+    if load > len(awake) * scaling.target and len(awake) < scaling.maximum:
+        return Placement(serve, _first(states, ASLEEP))
+    return Placement(serve)
+
+
+def _least_attached(replicas: Sequence[Node], state: State) -> int | None:
+    best: int | None = None
+    for i, node in enumerate(replicas):
+        if node.unit.state is state and (best is None or node.attached < replicas[best].attached):
+            best = i
+    return best
+
+
+def _first(states: Sequence[State], among: frozenset[State]) -> int | None:
+    return next((i for i, state in enumerate(states) if state in among), None)

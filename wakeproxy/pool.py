@@ -1,0 +1,194 @@
+"""A service with replicas: one listener in front of several backends.
+
+Each replica is a ``Service`` of its own (named ``SERVICE@N``, no listener): its
+runtime, its state in the core, its held connections, its idle timer. The pool owns
+the listener and, when a connection first needs a backend, asks the core where it goes
+(``core.replicas.place``) and hands it over (``Service.adopt``): from then on the
+connection reports to that replica as it would to a one-backend service. A wake the
+load asks for runs beside it, in the background.
+
+Before that hand-over a connection is the pool's: the limit on open connections, mode
+http's probes answered while every replica sleeps, a request head still arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .config import ServiceConfig
+from .core.replicas import Scaling, place
+from .core.states import IN_FLIGHT, Outcome, State
+from .forward import ClientSide
+from .httpmode.answers import ProbeRule, compile_probes
+from .httpmode.client import HttpClientSide
+from .service import open_listener
+from .stats import ServiceStats
+
+if TYPE_CHECKING:
+    from .config.model import HttpSettings
+    from .service import Service
+
+log = logging.getLogger("wakeproxy.pool")
+
+
+def scaling_of(cfg: ServiceConfig) -> Scaling:
+    spec = cfg.replicas
+    assert spec is not None
+    return Scaling(spec.minimum, spec.most, spec.target_inflight)
+
+
+class Pool:
+    """The listener and the balancer of one service's replicas."""
+
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.scaling = scaling_of(cfg)
+        self.replicas: list[Service] = []
+        self.stats = ServiceStats()  # outcomes decided before a replica took over
+        self.connections: set[ClientSide] = set()  # not yet handed to a replica
+        self.partial_heads = 0
+        self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
+        self.scale_ups = 0
+        self._server: asyncio.Server | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} :{self.cfg.listen.port} replicas={len(self.replicas)}>"
+
+    def update(self, cfg: ServiceConfig, replicas: list[Service]) -> None:
+        """The replicas, oldest first, and the settings they share (after a reload)."""
+        self.cfg = cfg
+        self.scaling = scaling_of(cfg)
+        self.probe_rules = compile_probes(cfg.http.matchers)
+        self.replicas = replicas
+
+    # ---- start and close
+
+    async def start(self) -> None:
+        self._server = await open_listener(
+            self.cfg,
+            (lambda: HttpClientSide(self))
+            if self.cfg.mode == "http"
+            else (lambda: ClientSide(self)),
+        )
+        log.info(
+            "%s: listening on %s for %d replica(s) (%d to %d awake, next one past %d "
+            "attached connection(s) each)",
+            self.name,
+            self.cfg.listen,
+            len(self.replicas),
+            self.scaling.minimum,
+            self.scaling.maximum,
+            self.scaling.target,
+            extra={"service": self.name},
+        )
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.abort()
+
+    # ---- what the API and metrics read
+
+    @property
+    def state(self) -> State:
+        """running while any replica runs; else waking while one wakes; else the oldest
+        replica's (what a connection arriving now would find)."""
+        states = [r.state for r in self.replicas]
+        for wanted in (State.RUNNING, State.WAKING):
+            if wanted in states:
+                return wanted
+        return states[0] if states else State.FAILED
+
+    def awake(self) -> int:
+        return sum(r.state is State.RUNNING or r.state in IN_FLIGHT for r in self.replicas)
+
+    # ---- the connections' owner interface, until a replica takes one over
+
+    @property
+    def idle_connection_timeout(self) -> float:
+        return self.cfg.idle_connection_timeout
+
+    @property
+    def wake_on_connect(self) -> bool:
+        return self.cfg.mode == "tcp" and self.cfg.wake_on == "connect"
+
+    @property
+    def upstream_keepalive(self) -> bool:
+        return False  # read only once a replica took the connection over
+
+    @property
+    def http(self) -> HttpSettings:
+        return self.cfg.http
+
+    @property
+    def idle_delay(self) -> float:
+        return self.cfg.sleep_policy.idle_delay
+
+    def connection_made(self, conn: ClientSide) -> bool:
+        self.connections.add(conn)
+        self.stats.accepted += 1
+        limit = self.cfg.max_connections
+        if limit and len(self.connections) + sum(len(r.connections) for r in self.replicas) > limit:
+            self.stats.record(Outcome.REJECTED_LIMIT, conn.refuse(Outcome.REJECTED_LIMIT))
+            return False
+        return True
+
+    def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
+        if not self.replicas:
+            self.stats.record(Outcome.BACKEND_ERROR, conn.refuse(Outcome.BACKEND_ERROR))
+            return
+        placement = place([r.node for r in self.replicas], self.scaling)
+        replica = self.replicas[placement.serve]
+        self.connections.discard(conn)
+        replica.adopt(conn)
+        replica.needs_backend(conn, activity=activity, attached=attached)
+        if placement.wake is not None:
+            self.scale_ups += 1
+            woken = self.replicas[placement.wake]
+            awake = self.awake()
+            woken.wake_in_background(
+                f"scaling up: {sum(r.attached for r in self.replicas)} attached over "
+                f"{awake} awake replica(s), target {self.scaling.target} each"
+            )
+
+    def no_longer_needs(self, conn: ClientSide) -> None:
+        pass  # only a replica's connections need a backend
+
+    def connection_lost(self, conn: ClientSide) -> None:
+        self.connections.discard(conn)
+        self.stats.bytes_up += conn.bytes_up
+        self.stats.bytes_down += conn.bytes_down
+
+    def record(self, outcome: Outcome, status: int | None = None) -> None:
+        self.stats.record(outcome, status)
+
+    # mode http, before a request goes to a replica
+
+    def request_seen(self) -> None:
+        pass  # a replica's connections only
+
+    def result_due(self) -> None:
+        pass  # a replica's connections only
+
+    def wake_in_background(self, reason: str) -> None:
+        """A browser asked while every replica sleeps: wake the one a request would."""
+        if self.replicas:
+            placement = place([r.node for r in self.replicas], self.scaling)
+            self.replicas[placement.serve].wake_in_background(reason)
+
+    def head_started(self) -> bool:
+        if self.partial_heads >= self.cfg.http.max_partial_heads:
+            return False
+        self.partial_heads += 1
+        return True
+
+    def head_ended(self) -> None:
+        self.partial_heads -= 1
