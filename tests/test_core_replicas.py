@@ -11,7 +11,8 @@ from wakeproxy.core.actions import RunSleep
 from wakeproxy.core.events import Arrive, Leave, SleepDone, WakeDone
 from wakeproxy.core.node import Node
 from wakeproxy.core.policy import Policy
-from wakeproxy.core.replicas import Placement, Scaling, place
+from wakeproxy.core.replicas import Breaker, Placement, Scaling, place
+from wakeproxy.core.sessions import GONE, SessionPins, session_in_query, session_in_stream
 from wakeproxy.core.states import State
 
 NAMES = ("web@1", "web@2", "web@3", "web@4")
@@ -94,6 +95,35 @@ def test_placement_rules_hold_for_any_pool(replicas, most, target):
         ), "the oldest sleeping one"
 
 
+def test_a_breaker_opens_lets_one_trial_through_after_its_back_off_and_closes_on_success():
+    breaker = Breaker()
+    assert breaker.usable(0.0)
+    breaker.failed(10.0)
+    assert not breaker.usable(10.5) and breaker.usable(11.0), "open for 1 s"
+    breaker.chosen()
+    assert breaker.state == "half_open" and not breaker.usable(11.0), "one trial at a time"
+    breaker.failed(11.2)
+    assert breaker.until == 13.2, "the back-off doubles"
+    breaker.chosen()
+    breaker.succeeded()
+    assert breaker.state == "closed" and breaker.failures == 0 and breaker.usable(13.3)
+    for _ in range(10):
+        breaker.failed(100.0)
+    assert breaker.until == 130.0, "at most 30 s"
+    assert breaker.opened == 12
+
+
+def test_placement_skips_an_open_circuit_for_serving_and_waking_unless_all_are_open():
+    pool = nodes((State.RUNNING, 0), (State.RUNNING, 5))
+    assert place(pool, Scaling(0, 2, 10), [False, True]) == Placement(1)
+    assert place(pool, Scaling(0, 2, 10), [False, False]) == Placement(0), "all open"
+    pool = nodes((State.RUNNING, 3), (State.PAUSED, 0), (State.PAUSED, 0))
+    assert place(pool, Scaling(0, 3, 1), [True, False, True]) == Placement(0, wake=2)
+    # A skipped replica that is awake still counts against max.
+    pool = nodes((State.RUNNING, 3), (State.RUNNING, 0), (State.PAUSED, 0))
+    assert place(pool, Scaling(0, 2, 1), [True, False, True]) == Placement(0)
+
+
 def _pool(glue: FakeGlue, count: int, state: State = State.RUNNING) -> None:
     for name in NAMES[:count]:
         glue.add(name, state)
@@ -151,3 +181,31 @@ def test_an_awake_newer_replica_holds_an_older_one_and_a_removed_one_closes_rank
     glue.advance(glue.now)
     assert glue.actions("web@1", RunSleep), "the newer one slept: web@1 follows"
     assert glue.core.nodes["web@1"].state is State.PAUSING
+
+
+def test_session_pins_follow_their_replica_expire_when_idle_and_stay_bounded():
+    pins = SessionPins(idle=60.0, limit=3)
+    pins.pin(b"a", "web@2", 0, now=0.0)
+    assert pins.where(b"a", {"web@2": 0}, now=30.0) == "web@2"
+    assert pins.where(b"a", {"web@2": 0}, now=89.0) == "web@2", "use renews it"
+    assert pins.where(b"a", {"web@2": 0}, now=150.0) is None, "idle past 60 s: forgotten"
+    pins.pin(b"b", "web@1", 4, now=0.0)
+    # Its replica stopped or failed since (a new incarnation), or is gone: the session
+    # died with it, said once; the pin is dropped.
+    assert pins.where(b"b", {"web@1": 5}, now=1.0) is GONE and pins.lost == 1
+    assert pins.where(b"b", {"web@1": 5}, now=1.0) is None
+    pins.pin(b"c", "web@3", 0, now=0.0)
+    assert pins.where(b"c", {}, now=1.0) is GONE
+    for name in (b"1", b"2", b"3", b"4"):
+        pins.pin(name, "web@1", 0, now=2.0)
+    assert len(pins) == 3 and pins.where(b"1", {"web@1": 0}, now=3.0) is None, "LRU out"
+    pins.unpin(b"4")
+    assert pins.by_replica() == {"web@1": 2}
+
+
+def test_the_sse_session_is_read_from_the_endpoint_event_and_the_query():
+    start = b"event: endpoint\r\ndata: /messages/?session_id=6d1f0c2e9a\r\n\r\n"
+    assert session_in_stream(b"HTTP/1.1 200 OK\r\n\r\n" + start) == b"6d1f0c2e9a"
+    assert session_in_stream(b"data: session_id=x\r\n") is None, "only the endpoint event"
+    assert session_in_query(b"session_id=ab-12_3&x=1") == b"ab-12_3"
+    assert session_in_query(b"other=1") is None

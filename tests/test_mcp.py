@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +33,8 @@ from tests.helpers import (
     running,
     wait_until,
 )
-from wakeproxy.core.states import State
+from wakeproxy.core.states import Outcome, State
+from wakeproxy.runtimes.process import ProcessRuntime
 from wakeproxy.service import Service
 
 pytestmark = pytest.mark.asyncio
@@ -227,3 +230,68 @@ async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_pr
             assert container_status(name) == "running"
     finally:
         docker("rm", "-f", name)
+
+
+async def whoami(session: ClientSession, within: float = 30) -> int:
+    result = await asyncio.wait_for(session.call_tool("whoami", {}), within)
+    assert not result.isError, result
+    return int(result.content[0].text)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("transport", ["sse", "streamable-http"])
+async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
+    port, first = free_port(), free_port()
+    for _ in range(2):
+        free_port()
+    command = [PYTHON, MCP_SERVER, "--port", "{port}", "--transport", transport]
+    config = config_from(
+        "\n".join(
+            [
+                "services:",
+                "  tools:",
+                f"    listen: 127.0.0.1:{port}",
+                f"    backend: 127.0.0.1:{first}",
+                "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
+                "    mode: http",
+                "    wake_timeout: 30",
+                "    replicas: {count: 3, min: 3, target_inflight: 100}",
+            ]
+        )
+    )
+    async with running(config) as proxy:
+        replicas = [proxy.services[f"tools@{i}"] for i in (1, 2, 3)]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=60)
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [await stack.enter_async_context(mcp_session(port, transport))]
+            sessions += [await stack.enter_async_context(mcp_session(port, transport))]
+            sessions += [await stack.enter_async_context(mcp_session(port, transport))]
+            # Every call of a session lands where it began; the three spread (each one's
+            # open stream counts on its replica, so the next goes to another).
+            homes = []
+            for session in sessions:
+                answers = {await whoami(session) for _ in range(4)}
+                assert len(answers) == 1, answers
+                homes.append(answers.pop())
+            assert sorted(homes) == [first, first + 1, first + 2], homes
+            assert len(proxy.pools["tools"].sessions) >= 3
+            # The first session's replica dies: that session gets an error, never
+            # another replica's answer.
+            dead = replicas[homes[0] - first]
+            runtime = dead.runtime
+            assert isinstance(runtime, ProcessRuntime) and runtime.pid is not None
+            os.kill(runtime.pid, signal.SIGKILL)
+            await wait_until(lambda: dead.state is not State.RUNNING, within=10)
+            with pytest.raises(Exception):  # noqa: B017 - the SDK's error varies by transport
+                await whoami(sessions[0], within=10)
+            pool = proxy.pools["tools"]
+            if transport == "streamable-http":
+                # The proxy itself said 404 (the MCP spec's "unknown session").
+                assert pool.sessions.lost == 1
+                assert pool.stats.connections[Outcome.SESSION_GONE] == 1
+            else:
+                # Its event stream ended with the replica: the pin went with it.
+                assert pool.sessions.by_replica().get(dead.name, 0) == 0
+            # The others are untouched, and a new session works (on a live replica).
+            assert await whoami(sessions[1]) == homes[1]
+            fresh = await stack.enter_async_context(mcp_session(port, transport))
+            assert await whoami(fresh) in (first, first + 1, first + 2)

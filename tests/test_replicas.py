@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tests.helpers import (
 from wakeproxy import metrics
 from wakeproxy.config import load_config
 from wakeproxy.core.states import State
+from wakeproxy.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.asyncio
 
@@ -239,3 +242,51 @@ async def test_docker_replicas_woken_by_the_load_and_paused_newest_first(make_co
     # Asked for one right after the other: the engine may finish them in either order.
     assert sorted(engine_order(names, "unpause", since, until)) == sorted(names)
     assert engine_order(names, "pause", since, until) == [names[1], names[0]], "newest first"
+
+
+async def test_a_replica_that_refuses_connects_is_skipped_and_its_clients_moved_until_it_is_back():
+    port, first = free_port(), free_port()
+    for _ in range(2):
+        free_port()
+    config = config_from(replicated(port, first, 3, min=3, target_inflight=10))
+    async with running(config) as proxy:
+        pool = proxy.pools["web"]
+        replicas = [proxy.services[f"web@{i}"] for i in range(1, 4)]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
+        second = replicas[1].runtime
+        assert isinstance(second, ProcessRuntime) and second.pid is not None
+        started = time.monotonic()
+        failed = 0
+        answers: list[tuple[float, int]] = []
+
+        async def client() -> None:
+            nonlocal failed
+            while (now := time.monotonic() - started) < 5.5:
+                reply = await http_get(port, within=20)
+                if reply.startswith(b"HTTP/1.1 200"):
+                    answers.append((now, answered_by(reply)))
+                else:
+                    failed += 1
+
+        async def break_and_mend() -> tuple[int, int]:
+            await asyncio.sleep(0.5)
+            in_flight = replicas[1].attached  # requests already sent to it
+            os.kill(second.pid, signal.SIGUSR1)  # the process lives, its connects are refused
+            await wait_until(lambda: pool.breakers["web@2"].state != "closed", within=5)
+            await asyncio.sleep(1.5)
+            os.kill(second.pid, signal.SIGUSR2)
+            return in_flight, pool.moved
+
+        clients = [asyncio.create_task(client()) for _ in range(6)]
+        in_flight, moved = await break_and_mend()
+        await asyncio.gather(*clients)
+        # Only requests already on the replica when its listener went can fail; every
+        # connection whose connect was refused went to another replica instead.
+        assert failed <= in_flight, (failed, in_flight)
+        assert moved >= 1 and pool.breakers["web@2"].opened >= 1
+        # Its circuit closed again after a back-off, on a trial connection, and it serves.
+        assert pool.breakers["web@2"].state == "closed"
+        assert any(at > 4.0 and who == first + 1 for at, who in answers), "web@2 is back"
+        assert replicas[1].state is State.RUNNING
+        text = metrics.render(proxy).decode()
+        assert 'wakeproxy_circuit_open_total{replica="web@2",service="web"}' in text

@@ -366,6 +366,7 @@ def service_status(service: Service) -> dict[str, Any]:
 
 def pool_status(pool: Pool) -> dict[str, Any]:
     """A service with replicas: its settings, and each replica's state and load."""
+    sessions = pool.sessions.by_replica()
     return {
         "name": pool.name,
         "listen": str(pool.cfg.listen),
@@ -375,6 +376,8 @@ def pool_status(pool: Pool) -> dict[str, Any]:
         "target_inflight": pool.scaling.target,
         "awake": pool.awake(),
         "scale_ups": pool.scale_ups,
+        "moved": pool.moved,
+        "sessions_lost": pool.sessions.lost,
         "replicas": [
             {
                 "name": r.name,
@@ -384,6 +387,8 @@ def pool_status(pool: Pool) -> dict[str, Any]:
                 "attached": r.attached,
                 "held": r.held,
                 "forwarded": r.stats.connections[Outcome.FORWARDED],
+                "circuit": pool.breakers[r.name].state,
+                "sessions": sessions.get(r.name, 0),
             }
             for r in pool.replicas
         ],

@@ -137,6 +137,7 @@ class ClientSide(asyncio.Protocol):
         "bytes_up",
         "closed",
         "early",
+        "moves",
         "owner",
         "transport",
         "upstream",
@@ -161,6 +162,9 @@ class ClientSide(asyncio.Protocol):
         # Connected during an unpause (Admission): held until the wake ends, its release
         # slot's fallback clock not started while the backend is frozen.
         self.early = False
+        # Times it was moved to another replica after a connect failed (nothing had gone
+        # upstream yet, so no client sees it).
+        self.moves = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self._idle_handle: asyncio.TimerHandle | None = None

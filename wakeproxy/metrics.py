@@ -63,7 +63,22 @@ class ProxyCollector(Collector):
             "replicas.target_inflight.",
             labels=["service"],
         )
+        circuits = CounterMetricFamily(
+            "wakeproxy_circuit_open",
+            "Times a replica's circuit opened (a connect to it failed).",
+            labels=["service", "replica"],
+        )
+        moved = CounterMetricFamily(
+            "wakeproxy_replica_moves",
+            "Connections moved to another replica after their connect failed (before any "
+            "byte went upstream).",
+            labels=["service"],
+        )
         for pool in self.proxy.pools.values():
+            moved.add_metric([pool.name], pool.moved)
+            for replica in pool.replicas:
+                breaker = pool.breakers[replica.name]
+                circuits.add_metric([pool.name, replica.name], breaker.opened)
             for each in State:
                 count = sum(r.state is each for r in pool.replicas)
                 replicas.add_metric([pool.name, each.value], count)
@@ -73,8 +88,7 @@ class ProxyCollector(Collector):
                 connections.add_metric([pool.name, outcome.value], pool.stats.connections[outcome])
             for code, count in sorted(pool.stats.http_answers.items()):
                 answers.add_metric([pool.name, str(code)], count)
-        yield replicas
-        yield scale_ups
+        yield from (replicas, scale_ups, circuits, moved)
 
     def collect(self) -> Iterator[Metric]:
         services = list(self.proxy.services.values())

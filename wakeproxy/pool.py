@@ -18,7 +18,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from .config import ServiceConfig
-from .core.replicas import Scaling, place
+from .core.replicas import Breaker, Placement, Scaling, place
+from .core.sessions import GONE, Gone, SessionPins, session_in_query
 from .core.states import IN_FLIGHT, Outcome, State
 from .forward import ClientSide
 from .httpmode.answers import ProbeRule, compile_probes
@@ -31,6 +32,15 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger("wakeproxy.pool")
+
+
+def _session_of(conn: ClientSide) -> bytes | None:
+    """The MCP session a connection's first request names (streamable HTTP's header,
+    SSE's query), or None."""
+    if not isinstance(conn, HttpClientSide) or conn.head is None:
+        return None
+    head = conn.head
+    return head.get(b"mcp-session-id") or session_in_query(head.query) or None
 
 
 def scaling_of(cfg: ServiceConfig) -> Scaling:
@@ -52,6 +62,9 @@ class Pool:
         self.partial_heads = 0
         self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self.scale_ups = 0
+        self.moved = 0  # connections moved to another replica after a failed connect
+        self.breakers: dict[str, Breaker] = {}
+        self.sessions = SessionPins()
         self._server: asyncio.Server | None = None
 
     def __repr__(self) -> str:
@@ -63,6 +76,16 @@ class Pool:
         self.scaling = scaling_of(cfg)
         self.probe_rules = compile_probes(cfg.http.matchers)
         self.replicas = replicas
+        for replica in replicas:
+            replica.pool = self
+            self.breakers.setdefault(replica.name, Breaker())
+        for name in set(self.breakers) - {r.name for r in replicas}:
+            del self.breakers[name]
+
+    def _place(self) -> Placement:
+        now = asyncio.get_running_loop().time()
+        usable = [self.breakers[r.name].usable(now) for r in self.replicas]
+        return place([r.node for r in self.replicas], self.scaling, usable)
 
     # ---- start and close
 
@@ -145,8 +168,23 @@ class Pool:
         if not self.replicas:
             self.stats.record(Outcome.BACKEND_ERROR, conn.refuse(Outcome.BACKEND_ERROR))
             return
-        placement = place([r.node for r in self.replicas], self.scaling)
+        session = _session_of(conn)
+        if session is not None:
+            pinned = self._pinned(session)
+            if isinstance(pinned, Gone):
+                # Its replica is gone or was restarted: the session died with it. Never
+                # another replica silently: the client is told, and starts a new one.
+                self.connections.discard(conn)
+                self.stats.record(Outcome.SESSION_GONE, conn.refuse(Outcome.SESSION_GONE))
+                return
+            if pinned is not None:
+                self.connections.discard(conn)
+                pinned.adopt(conn)
+                pinned.needs_backend(conn, activity=activity, attached=attached)
+                return
+        placement = self._place()
         replica = self.replicas[placement.serve]
+        self.breakers[replica.name].chosen()
         self.connections.discard(conn)
         replica.adopt(conn)
         replica.needs_backend(conn, activity=activity, attached=attached)
@@ -158,6 +196,68 @@ class Pool:
                 f"scaling up: {sum(r.attached for r in self.replicas)} attached over "
                 f"{awake} awake replica(s), target {self.scaling.target} each"
             )
+
+    # ---- MCP sessions (mode http)
+
+    def _pinned(self, session: bytes) -> Service | Gone | None:
+        now = asyncio.get_running_loop().time()
+        incarnations = {r.name: r.incarnation for r in self.replicas}
+        where = self.sessions.where(session, incarnations, now)
+        if isinstance(where, str):
+            return next(r for r in self.replicas if r.name == where)
+        if where is GONE:
+            log.info(
+                "%s: a request of session %s, whose replica is gone: 404",
+                self.name,
+                session[:16].decode("ascii", "replace"),
+                extra={"service": self.name},
+            )
+        return where
+
+    def session_started(self, replica: Service, session: bytes) -> None:
+        now = asyncio.get_running_loop().time()
+        self.sessions.pin(session, replica.name, replica.incarnation, now)
+
+    def session_ended(self, session: bytes) -> None:
+        self.sessions.unpin(session)
+
+    # ---- the replicas' reports
+
+    def connected(self, replica: Service) -> None:
+        breaker = self.breakers.get(replica.name)
+        if breaker is not None and breaker.state != "closed":
+            breaker.succeeded()
+            log.info("%s: circuit closed again", replica.name, extra={"service": replica.name})
+
+    def connect_failed(self, replica: Service, conn: ClientSide) -> bool:
+        """``replica`` could not connect ``conn`` (nothing went upstream): open its
+        circuit and move the connection to another replica; False when none is left to
+        try (the replica refuses it)."""
+        breaker = self.breakers.get(replica.name)
+        if breaker is not None:
+            was = breaker.state
+            breaker.failed(asyncio.get_running_loop().time())
+            if was != "open":
+                log.warning(
+                    "%s: circuit open for %.0f s after a failed connect",
+                    replica.name,
+                    breaker.until - asyncio.get_running_loop().time(),
+                    extra={"service": replica.name},
+                )
+        others = [r for r in self.replicas if r is not replica]
+        if conn.moves >= len(others) or not others or conn.closed:
+            return False
+        placement = self._place()
+        target = self.replicas[placement.serve]
+        if target is replica:
+            return False  # every circuit is open: no better choice than this one
+        conn.moves += 1
+        self.moved += 1
+        replica.give_up(conn)
+        self.breakers[target.name].chosen()
+        target.adopt(conn)
+        target.needs_backend(conn, activity=True, attached=False)
+        return True
 
     def no_longer_needs(self, conn: ClientSide) -> None:
         pass  # only a replica's connections need a backend
@@ -181,8 +281,7 @@ class Pool:
     def wake_in_background(self, reason: str) -> None:
         """A browser asked while every replica sleeps: wake the one a request would."""
         if self.replicas:
-            placement = place([r.node for r in self.replicas], self.scaling)
-            self.replicas[placement.serve].wake_in_background(reason)
+            self.replicas[self._place().serve].wake_in_background(reason)
 
     def head_started(self) -> bool:
         if self.partial_heads >= self.cfg.http.max_partial_heads:

@@ -77,6 +77,7 @@ from .waiters import Waiters
 if TYPE_CHECKING:
     from .config.model import HttpSettings
     from .coordinator import Coordinator
+    from .pool import Pool
 
 log = logging.getLogger("wakeproxy.service")
 
@@ -137,7 +138,12 @@ class Service:
             on_connect_error=self._connect_failed,
             connect_timeout=cfg.connect_timeout,
             concurrency=cfg.connect_concurrency,
+            retry=self._move_to_another if cfg.replica_of is not None else None,
+            on_connected=self._connected if cfg.replica_of is not None else None,
         )
+        self.pool: Pool | None = None  # a replica's (set by the pool)
+        # Bumped when the backend stops or fails: its MCP sessions died with it.
+        self.incarnation = 0
         self.hibernator = Hibernator(
             self.name,
             runtime,
@@ -298,8 +304,32 @@ class Service:
         conn.owner = self
         if isinstance(conn, HttpClientSide):
             conn.http_owner = self
+            pool = self.pool
+            if pool is not None and conn.sse_session is None:
+                conn.watch_sessions(
+                    lambda session, stream: self._session_started(conn, session, stream),
+                    pool.session_ended,
+                )
         self.connections.add(conn)
         self.stats.accepted += 1
+
+    def _session_started(self, conn: HttpClientSide, session: bytes, stream: bool) -> None:
+        if self.pool is not None:
+            self.pool.session_started(self, session)
+            if stream:
+                conn.sse_session = session  # an SSE session ends with its stream
+
+    def give_up(self, conn: ClientSide) -> None:
+        """The connection moves to another replica: it no longer needs this one."""
+        self.connections.discard(conn)
+        self.feed(Leave(held=self.admission.forget(conn), activity=False))
+
+    def _move_to_another(self, conn: ClientSide) -> bool:
+        return self.pool is not None and self.pool.connect_failed(self, conn)
+
+    def _connected(self) -> None:
+        if self.pool is not None:
+            self.pool.connected(self)
 
     def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
         if not attached:
@@ -311,6 +341,8 @@ class Service:
 
     def connection_lost(self, conn: ClientSide) -> None:
         self.connections.discard(conn)
+        if isinstance(conn, HttpClientSide) and conn.sse_session and self.pool is not None:
+            self.pool.session_ended(conn.sse_session)
         self.stats.bytes_up += conn.bytes_up
         self.stats.bytes_down += conn.bytes_down
         if conn.attached:
@@ -474,6 +506,8 @@ class Service:
 
     def _transitioned(self, before: State, after: State, reason: str) -> None:
         self.stats.record_transition(before, after, self.loop.time())
+        if after in (State.STOPPED, State.FAILED):
+            self.incarnation += 1
         if after is State.FAILED:
             self.stats.record_error(reason)
         self._settlers.settle()

@@ -27,6 +27,11 @@ def main() -> None:
         """Upper-case the text."""
         return text.upper() + "!"
 
+    @server.tool()
+    def whoami() -> str:
+        """Which server answered (replica tests): its port."""
+        return str(args.port)
+
     server.run(transport=args.transport)
 
 

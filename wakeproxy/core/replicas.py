@@ -14,6 +14,11 @@ decision; the glue (``wakeproxy.pool``) carries it out. The rules:
 * **Scale down** is the idle timers' (each replica sleeps on its own), in order: a
   replica does not sleep while a newer one is awake (``Orchestrator.order_replicas``),
   so the newest sleeps first. The first ``minimum`` never sleep.
+* **Circuit breaker.** A replica whose connect failed (refused, reset, timed out) is
+  skipped for a back-off (``Breaker``: open), 1 s doubling to 30 s; then one trial
+  connection may go to it (half-open): it closes the circuit when its connect completes,
+  reopens it when it fails. A replica skipped this way is neither served nor woken, unless
+  every replica is.
 """
 
 from __future__ import annotations
@@ -45,8 +50,59 @@ class Placement:
     wake: int | None = None
 
 
-def place(replicas: Sequence[Node], scaling: Scaling) -> Placement:
-    """Where a new connection goes, and whether the load asks for one more replica."""
+BREAKER_FIRST = 1.0
+BREAKER_MAX = 30.0
+
+
+class Breaker:
+    """One replica's circuit: closed (used), open (skipped until ``until``), half-open
+    (one trial connection in flight)."""
+
+    __slots__ = ("failures", "opened", "state", "until")
+
+    def __init__(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.until = 0.0
+        self.opened = 0  # times it opened, for the metrics
+
+    def usable(self, now: float) -> bool:
+        """Whether a connection may go to this replica now (read-only)."""
+        return self.state == "closed" or (self.state == "open" and now >= self.until)
+
+    def chosen(self) -> None:
+        """A connection was placed on it: past the back-off, that one is the trial."""
+        if self.state == "open":
+            self.state = "half_open"
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.state = "open"
+        self.opened += 1
+        self.until = now + min(BREAKER_FIRST * 2 ** (self.failures - 1), BREAKER_MAX)
+
+    def succeeded(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+
+
+def place(
+    replicas: Sequence[Node], scaling: Scaling, usable: Sequence[bool] | None = None
+) -> Placement:
+    """Where a new connection goes, and whether the load asks for one more replica.
+
+    ``usable``: per replica, whether its circuit lets a connection go there (all True
+    when None, or when none is).
+    """
+    if usable is not None and any(usable) and not all(usable):
+        kept = [i for i, ok in enumerate(usable) if ok]
+        inner = place([replicas[i] for i in kept], scaling)
+        wake = None if inner.wake is None else kept[inner.wake]
+        # The skipped ones still count against max while awake.
+        awake_now = sum(n.unit.state in _AWAKE_OR_WAKING for n in replicas)
+        if wake is not None and awake_now >= scaling.maximum:
+            wake = None
+        return Placement(kept[inner.serve], wake)
     states = [node.unit.state for node in replicas]
     serve = _least_attached(replicas, State.RUNNING)
     if serve is None:

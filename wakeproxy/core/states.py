@@ -56,6 +56,8 @@ class Outcome(enum.StrEnum):
     HEADER_TOO_LARGE = "header_too_large"
     HEADER_TIMEOUT = "header_timeout"
     WAITING_PAGE = "waiting_page"
+    # replicas: a request of an MCP session whose replica is gone or was restarted
+    SESSION_GONE = "session_gone"
 
 
 class SleepAction(enum.StrEnum):

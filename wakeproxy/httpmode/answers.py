@@ -21,6 +21,8 @@ REFUSALS: dict[Outcome, tuple[int, str]] = {
     Outcome.REJECTED_LIMIT: (503, "too many connections for this service; retry shortly"),
     Outcome.WAKE_TIMEOUT: (504, "the backend did not wake in time"),
     Outcome.BACKEND_ERROR: (502, "the backend could not be reached"),
+    # The MCP spec's answer for a session the server does not know: start a new one.
+    Outcome.SESSION_GONE: (404, "session not found: its replica is gone; start a new session"),
 }
 WAITING_PAGE = (
     '<!doctype html><meta http-equiv="refresh" content="2"><title>Starting</title>'

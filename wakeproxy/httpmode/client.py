@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..core.states import NOT_SERVING, Outcome, State
@@ -69,10 +70,12 @@ class HttpClientSide(ClientSide):
         "_quiet_handle",
         "_remaining",
         "_request_activity",
+        "_session_ended",
         "_wanted_backend",
         "answered",
         "http_owner",
         "last_request",
+        "sse_session",
         "tracker",
     )
 
@@ -105,6 +108,24 @@ class HttpClientSide(ClientSide):
         self.tracker = ResponseTracker()
         self.tracker.on_202 = owner.result_due
         self.tracker.on_idle = self._responses_done
+        # Replicas: the MCP session this connection's event stream carries (SSE), and
+        # whom to tell when a request ends a session (DELETE).
+        self.sse_session: bytes | None = None
+        self._session_ended: Callable[[bytes], None] | None = None
+
+    @property
+    def head(self) -> Head | None:
+        """The request head being handled (the last one read)."""
+        return self._last_head
+
+    def watch_sessions(
+        self, started: Callable[[bytes, bool], None], ended: Callable[[bytes], None]
+    ) -> None:
+        """Replicas: report the MCP sessions this connection's responses start (their
+        Mcp-Session-Id header, an event stream's endpoint event) and the DELETEs that
+        end one. Every response is then followed (an h11 parse each)."""
+        self.tracker.on_session = started
+        self._session_ended = ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -113,7 +134,7 @@ class HttpClientSide(ClientSide):
     def upstream_protocol(self) -> UpstreamSide:
         # Responses are followed only where something waits on their end: allow-sleep,
         # or a connection of probes so far; elsewhere the plain side costs less per read.
-        if self._allow_sleep or self._probe_only:
+        if self._allow_sleep or self._probe_only or self._session_ended is not None:
             return HttpUpstreamSide(self, self.tracker)
         return UpstreamSide(self)
 
@@ -236,7 +257,12 @@ class HttpClientSide(ClientSide):
         self._need_backend(self._request_activity and known)
         if http.forwarded_headers:
             raw = self._with_forwarded(raw, head)
-        if self._allow_sleep or self._probe_only:
+        if self._session_ended is not None:
+            self.tracker.methods.append(method)
+            session = head.get(b"mcp-session-id")
+            if method == b"DELETE" and session:
+                self._session_ended(session)
+        elif self._allow_sleep or self._probe_only:
             self.tracker.methods.append(method)
         self._send_up(raw)
         if known and self._request_activity:

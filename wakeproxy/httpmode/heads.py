@@ -31,6 +31,7 @@ class Head:
     length: int
     # HTTP/1.1 without "Connection: close", or HTTP/1.0 with "Connection: keep-alive".
     keep_alive: bool = True
+    query: bytes = b""  # the target after "?"
 
     def get(self, name: bytes) -> bytes:
         return self.headers.get(name, b"")
@@ -78,6 +79,7 @@ def parse_head(raw: bytes) -> Head:
     return Head(
         method=request.method,
         path=request.target.partition(b"?")[0],
+        query=request.target.partition(b"?")[2],
         headers=headers,
         chunked=b"transfer-encoding" in headers,  # h11 allows only "chunked"
         length=int(length) if length else 0,

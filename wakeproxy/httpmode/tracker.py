@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from ..core.sessions import SSE_SCAN_LIMIT, session_in_stream
 from ..forward import UpstreamSide
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ class ResponseTracker:
     connection closes: its end cannot be seen, and a backend paused under it would stall
     the download."""
 
-    __slots__ = ("_parser", "broken", "methods", "on_202", "on_idle")
+    __slots__ = ("_parser", "_scan", "broken", "methods", "on_202", "on_idle", "on_session")
 
     def __init__(self) -> None:
         self.methods: collections.deque[bytes] = collections.deque()
@@ -33,12 +34,25 @@ class ResponseTracker:
         self.on_202: Callable[[], None] | None = None
         # Called when the last awaited response ended.
         self.on_idle: Callable[[], None] | None = None
+        # Replicas (mode http): called with the MCP session a response starts, and
+        # whether it came in an event stream's endpoint event (SSE) or a header.
+        self.on_session: Callable[[bytes, bool], None] | None = None
+        # The start of an event stream, searched for its endpoint event.
+        self._scan: bytearray | None = None
+
+    @property
+    def scanning(self) -> bool:
+        return self._scan is not None
 
     @property
     def inflight(self) -> int:
         return 1 if self.broken else len(self.methods)
 
     def feed(self, data: bytes) -> None:
+        if self._scan is not None:
+            self._scan_stream(data)
+            return
+        chunk = data
         while (data or self._parser is not None) and self.methods and not self.broken:
             if self._parser is None:
                 self._parser = h11.Connection(h11.CLIENT)
@@ -58,10 +72,21 @@ class ResponseTracker:
                         if accepted and self.on_202 is not None:
                             self.on_202()
                         content_type = b"".join(v for k, v in event.headers if k == b"content-type")
+                        if self.on_session is not None:
+                            session = b"".join(
+                                v for k, v in event.headers if k == b"mcp-session-id"
+                            )
+                            if session and event.status_code < 300:
+                                self.on_session(session, False)
                         if b"text/event-stream" in content_type:
-                            # Open for as long as the client keeps it: nothing after it.
+                            # Open for as long as the client keeps it: nothing after it
+                            # but, for replicas, the endpoint event naming its session.
+                            opened_by = self.methods[0]
                             self.methods.clear()
                             self._parser = None
+                            if self.on_session is not None and opened_by == b"GET":
+                                self._scan = bytearray()
+                                self._scan_stream(chunk)
                             return
                     elif isinstance(event, h11.EndOfMessage):
                         self.methods.popleft()
@@ -78,6 +103,16 @@ class ResponseTracker:
                 # Not HTTP we can follow: in flight until the connection closes.
                 self.broken = True
                 return
+
+    def _scan_stream(self, data: bytes) -> None:
+        scan = self._scan
+        assert scan is not None
+        scan += data[: SSE_SCAN_LIMIT - len(scan)]
+        session = session_in_stream(bytes(scan))
+        if session is not None or len(scan) >= SSE_SCAN_LIMIT:
+            self._scan = None
+            if session is not None and self.on_session is not None:
+                self.on_session(session, True)
 
     def closed(self) -> None:
         """The backend closed: a close-delimited body ends here."""
@@ -96,7 +131,7 @@ class HttpUpstreamSide(UpstreamSide):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.tracker.methods:
+        if self.tracker.methods or self.tracker.scanning:
             self.tracker.feed(data)
 
     def eof_received(self) -> bool:
