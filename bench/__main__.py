@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import coldwake, hibernate, loadgen, peers, plots, scale, targets
+from bench import coldwake, hibernate, loadgen, peers, plots, replicas, scale, targets
 from bench.report import Report, Row, Target
 
 T = TypeVar("T")
@@ -290,6 +290,30 @@ def scenario_hibernate(report: Report, args: argparse.Namespace, workdir: Path) 
     targets.hibernate(report, result)
 
 
+def scenario_replicas(report: Report, args: argparse.Namespace) -> None:
+    title = "9. Replicas"
+    progress(f"{title}: 1, 2 and 4 replicas of a one-request-at-a-time backend")
+    result = replicas.run(args.rounds, max(args.seconds, 1.0))
+    note = (
+        f"wrk -t1 -c{replicas.CLIENTS} `Connection: close` through one service whose replicas"
+        " each serve one request at a time, 20 ms each (tests/backends/serial.py: at most 50"
+        " req/s per replica), all awake (`min` = count); rounds alternate; medians. Then a"
+        " load step (1 client, then 16; `min: 0`, `target_inflight: 2`):"
+        f" {_ms_or_none(result.step_ms)} from the step to a second replica's first answer."
+        " Then 3 replicas under 8 clients, the second one's process killed halfway:"
+        f" {result.killed_errors} request(s) failed, {result.killed_in_flight} were in flight"
+        f" on it, {result.moved} connection(s) moved to another replica after a refused"
+        " connect."
+    )
+    commands = [".venv/bin/python -m bench.replicas --rounds 3 --seconds 4"]
+    report.table(title, note, commands, replicas.table(result))
+    targets.replicas(report, result)
+
+
+def _ms_or_none(value: float | None) -> str:
+    return "no second replica answered" if value is None else f"{value:.0f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -314,6 +338,7 @@ def main() -> None:
         scenario_start_wake(report, args, workdir)
         scenario_scale(report, args, workdir)
         scenario_hibernate(report, args, workdir)
+        scenario_replicas(report, args)
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")

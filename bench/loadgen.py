@@ -46,6 +46,12 @@ def wrk_command(
 
 def run_wrk(argv: list[str]) -> WrkResult:
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """wrk's report: req/s, latency percentiles, and errors (socket errors plus answers
+    that were not 2xx or 3xx)."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     percentiles = {int(q): _ms(v) for q, v in re.findall(r"\s(50|75|90|99)%\s+(\S+)", out)}
     p50, p99 = percentiles[50], percentiles[99]

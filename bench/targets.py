@@ -14,6 +14,7 @@ import statistics
 from bench.coldwake import Row as ColdRow
 from bench.hibernate import Result as HibernateResult
 from bench.loadgen import WrkResult
+from bench.replicas import ReplicaResult
 from bench.report import Report, Target
 from bench.scale import ScaleResult
 
@@ -47,13 +48,22 @@ HIBERNATE_MEMORY = Target(
 HIBERNATE_WAKE = Target(
     "8. small-request wake after hibernate", "<= 100 ms p50, with and without prefetch"
 )
+REPLICAS_SCALE = Target(
+    "9. req/s with 4 replicas of a one-request-at-a-time backend",
+    ">= 3.6 x one replica's; 0 errors",
+)
+REPLICAS_FAILOVER = Target(
+    "9. a replica killed under load",
+    "failed requests <= those in flight on it (none not yet forwarded)",
+)
 HIBERNATE_LOAD = Target(
     "8. keep-alive p99 while 50 hibernate at once",
     "<= 2 x its p99 alone; all 50 hibernated; 0 wrk errors",
 )
 ALL = (
     KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, CHURN_BARE, BULK, HTTP, HTTP_VARIED, COLD_ONE,
-    COLD_BURST, SCALE, HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD,
+    COLD_BURST, SCALE, HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD, REPLICAS_SCALE,
+    REPLICAS_FAILOVER,
 )  # fmt: skip
 
 # Per wrk row: (target, figure, bound, reference). req/s must reach the bound x the
@@ -181,3 +191,15 @@ def hibernate(report: Report, result: HibernateResult) -> None:
         f"{ratio:.2f} x; {load.hibernated} hibernated; {load.errors} wrk errors",
         ratio <= 2.0 and everyone and load.errors == 0,
     )
+
+
+def replicas(report: Report, result: ReplicaResult) -> None:
+    """Row 9: throughput scaling and failover."""
+    one, four = median(result.rps[1]), median(result.rps[4])
+    ratio = four / one if one else math.nan
+    errors = sum(result.errors.values())
+    noted = f"; errors: {errors}" if errors else ""
+    report.judge(REPLICAS_SCALE, f"{ratio:.2f} x{noted}", ratio >= 3.6 and errors == 0)
+    failed, in_flight = result.killed_errors, result.killed_in_flight
+    measured = f"{failed} failed, {in_flight} in flight on it, {result.moved} moved"
+    report.judge(REPLICAS_FAILOVER, measured, 0 <= failed <= in_flight)

@@ -13,6 +13,7 @@ from bench import loadgen, targets
 from bench.coldwake import Row as ColdRow
 from bench.loadgen import WrkResult
 from bench.peers import free_port
+from bench.replicas import ReplicaResult
 from bench.report import Report, Status
 
 
@@ -44,7 +45,7 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
     assert not report.all_met()
     section = report.targets_section()
-    assert "**Not all targets met: 2 met, 1 not met, 10 not run (of 13).**" in section
+    assert "**Not all targets met: 2 met, 1 not met, 12 not run (of 15).**" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
     assert len(rows) == len(targets.ALL)
     assert rows[2] == (
@@ -54,6 +55,28 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert rows[7].endswith("| not run: no Docker engine | **not run** |")
     assert "5. cold wake p99, 1000 at once (defaults)" in rows[8]
     assert [row.rsplit("|", 2)[1].strip() for row in rows].count("yes") == 2
+
+
+def test_replica_targets_count_errors_and_failures_beyond_the_requests_in_flight(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", [targets.REPLICAS_SCALE, targets.REPLICAS_FAILOVER])
+    result = ReplicaResult(
+        rps={1: [50.0], 2: [99.0], 4: [190.0]},
+        errors={1: 0, 2: 0, 4: 0},
+        killed_in_flight=2,
+        killed_errors=3,
+        moved=1,
+    )
+    targets.replicas(report, result)
+    assert report.verdict(targets.REPLICAS_SCALE) == ("3.80 x", Status.MET)
+    assert report.verdict(targets.REPLICAS_FAILOVER) == (
+        "3 failed, 2 in flight on it, 1 moved",
+        Status.NOT_MET,
+    )
+    result.errors[4] = 1  # fast enough, but a request failed
+    result.killed_errors = 2
+    targets.replicas(report, result)
+    assert report.verdict(targets.REPLICAS_SCALE) == ("3.80 x; errors: 1", Status.NOT_MET)
+    assert report.verdict(targets.REPLICAS_FAILOVER)[1] is Status.MET
 
 
 def test_targets_all_met_only_when_every_row_is_clean(tmp_path):
@@ -159,7 +182,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
     assert burst in verdicts
-    assert "**Not all targets met:" in verdicts and "1 not run (of 13)" in verdicts
+    assert "**Not all targets met:" in verdicts and "1 not run (of 15)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"
@@ -169,6 +192,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     start = report.split("## 6. Stop/start wake", 1)[1].split("## 7.", 1)[0]
     assert "Not run" not in start and "| 1 |" in start
     assert start.split("| 1 |", 1)[1].splitlines()[0].rstrip().endswith("| 0 |")
+    assert "## 9. Replicas" in report and "| 4 |" in report.split("## 9. Replicas", 1)[1]
     scaled = report.split("## 7. Scale", 1)[1]
     assert "| 1050 |" in scaled and "failed" not in scaled.split("| 1050 |", 1)[1].splitlines()[0]
     # The cold-wake row ran on the real engine: N=1 and N=10, one unpause per burst, none failed.

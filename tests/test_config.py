@@ -482,6 +482,9 @@ def test_replica_faults_are_named_each_in_one_pass():
             backend: 127.0.0.1:7221
             container: x
             replicas: {count: 2}
+          seed:
+            port: 7240
+            replicas: {count: 2}
           grouped:
             listen: 127.0.0.1:7230
             backend: 127.0.0.1:7231
@@ -498,7 +501,9 @@ def test_replica_faults_are_named_each_in_one_pass():
         "c.yaml:11: services.twice.replicas.containers: names the container 'a' twice",
         "c.yaml:16: services.one-container.replicas: replicas of containers are listed in "
         "'containers', one each",
-        "c.yaml:22: services.grouped.replicas.target_inflight: expected a whole number from 1 "
+        "c.yaml:19: services.seed.replicas: 'count' copies need a 'command' (containers are "
+        "listed in 'containers')",
+        "c.yaml:25: services.grouped.replicas.target_inflight: expected a whole number from 1 "
         "to 1000000, got 0",
     ], found
 

@@ -100,16 +100,23 @@ def test_a_breaker_opens_lets_one_trial_through_after_its_back_off_and_closes_on
     assert breaker.usable(0.0)
     breaker.failed(10.0)
     assert not breaker.usable(10.5) and breaker.usable(11.0), "open for 1 s"
-    breaker.chosen()
+    breaker.failed(10.6)  # a connect sent before it opened, failing after: no doubling
+    assert breaker.until == 11.0 and breaker.opened == 1
+    breaker.chosen(11.0)
     assert breaker.state == "half_open" and not breaker.usable(11.0), "one trial at a time"
     breaker.failed(11.2)
-    assert breaker.until == 13.2, "the back-off doubles"
-    breaker.chosen()
+    assert breaker.until == 13.2, "the trial failed: the back-off doubles"
+    # A trial that never reports (its client left while the replica woke): after
+    # TRIAL_WITHIN another one may go.
+    breaker.chosen(13.2)
+    assert not breaker.usable(20.0) and breaker.usable(13.2 + Breaker.TRIAL_WITHIN)
     breaker.succeeded()
     assert breaker.state == "closed" and breaker.failures == 0 and breaker.usable(13.3)
+    now = 100.0
     for _ in range(10):
-        breaker.failed(100.0)
-    assert breaker.until == 130.0, "at most 30 s"
+        breaker.chosen(now)
+        breaker.failed(now)
+    assert breaker.until == now + 30.0, "at most 30 s"
     assert breaker.opened == 12
 
 
@@ -185,22 +192,25 @@ def test_an_awake_newer_replica_holds_an_older_one_and_a_removed_one_closes_rank
 
 def test_session_pins_follow_their_replica_expire_when_idle_and_stay_bounded():
     pins = SessionPins(idle=60.0, limit=3)
-    pins.pin(b"a", "web@2", 0, now=0.0)
+    pins.pin(b"a", "web@2", 0, now=0.0, streaming=False)
     assert pins.where(b"a", {"web@2": 0}, now=30.0) == "web@2"
     assert pins.where(b"a", {"web@2": 0}, now=89.0) == "web@2", "use renews it"
     assert pins.where(b"a", {"web@2": 0}, now=150.0) is None, "idle past 60 s: forgotten"
-    pins.pin(b"b", "web@1", 4, now=0.0)
+    pins.pin(b"b", "web@1", 4, now=0.0, streaming=False)
     # Its replica stopped or failed since (a new incarnation), or is gone: the session
     # died with it, said once; the pin is dropped.
     assert pins.where(b"b", {"web@1": 5}, now=1.0) is GONE and pins.lost == 1
     assert pins.where(b"b", {"web@1": 5}, now=1.0) is None
-    pins.pin(b"c", "web@3", 0, now=0.0)
+    pins.pin(b"c", "web@3", 0, now=0.0, streaming=False)
     assert pins.where(b"c", {}, now=1.0) is GONE
     for name in (b"1", b"2", b"3", b"4"):
-        pins.pin(name, "web@1", 0, now=2.0)
+        pins.pin(name, "web@1", 0, now=2.0, streaming=False)
     assert len(pins) == 3 and pins.where(b"1", {"web@1": 0}, now=3.0) is None, "LRU out"
     pins.unpin(b"4")
     assert pins.by_replica() == {"web@1": 2}
+    # An SSE session with its stream open lives however long since its last lookup.
+    pins.pin(b"s", "web@2", 0, now=0.0, streaming=True)
+    assert pins.where(b"s", {"web@2": 0}, now=10_000.0) == "web@2"
 
 
 def test_the_sse_session_is_read_from_the_endpoint_event_and_the_query():

@@ -25,6 +25,7 @@ from mcp.client.sse import sse_client
 from tests.helpers import (
     PYTHON,
     config_from,
+    consecutive_ports,
     container_status,
     docker,
     free_port,
@@ -240,9 +241,7 @@ async def whoami(session: ClientSession, within: float = 30) -> int:
 
 @pytest.mark.parametrize("transport", ["sse", "streamable-http"])
 async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
-    port, first = free_port(), free_port()
-    for _ in range(2):
-        free_port()
+    port, first = free_port(), consecutive_ports(3)
     command = [PYTHON, MCP_SERVER, "--port", "{port}", "--transport", transport]
     config = config_from(
         "\n".join(

@@ -18,6 +18,7 @@ from tests.helpers import (
     PYTHON,
     config_from,
     config_text,
+    consecutive_ports,
     engine_order,
     exchange,
     free_port,
@@ -57,9 +58,7 @@ def answered_by(reply: bytes) -> int:
 
 
 async def test_replicas_wake_one_by_one_with_the_load_and_sleep_newest_first():
-    port, first = free_port(), free_port()
-    for _ in range(3):
-        free_port()  # the replicas' ports are first .. first + 3: keep them from others
+    port, first = free_port(), consecutive_ports(4)
     config = config_from(replicated(port, first, 4, max=3, target_inflight=2))
     async with running(config) as proxy:
         pool = proxy.pools["web"]
@@ -101,8 +100,7 @@ async def test_replicas_wake_one_by_one_with_the_load_and_sleep_newest_first():
 
 
 async def test_min_replicas_run_from_the_start_and_never_sleep():
-    port, first = free_port(), free_port()
-    free_port()
+    port, first = free_port(), consecutive_ports(2)
     config = config_from(replicated(port, first, 2, min=1, target_inflight=4))
     async with running(config) as proxy:
         one, two = proxy.services["web@1"], proxy.services["web@2"]
@@ -132,9 +130,7 @@ async def api(proxy, method: str, path: str, body: bytes = b"") -> tuple[int, di
 
 
 async def test_the_api_lists_replicas_and_scales_them_by_hand():
-    port, first = free_port(), free_port()
-    for _ in range(2):
-        free_port()
+    port, first = free_port(), consecutive_ports(3)
     async with running(config_from(replicated(port, first, 3))) as proxy:
         status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 2}')
         assert status == 200, scaled
@@ -162,9 +158,7 @@ async def test_the_api_lists_replicas_and_scales_them_by_hand():
 
 
 async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connections(tmp_path):
-    port, first = free_port(), free_port()
-    for _ in range(2):
-        free_port()
+    port, first = free_port(), consecutive_ports(3)
     path = tmp_path / "wakeproxy.yaml"
 
     def write(count: int, target: int) -> None:
@@ -212,8 +206,7 @@ async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connectio
 
 
 async def test_docker_replicas_woken_by_the_load_and_paused_newest_first(make_container):
-    port, first = free_port(), free_port()
-    free_port()
+    port, first = free_port(), consecutive_ports(2)
     names = [make_container(first, paused=True), make_container(first + 1, paused=True)]
     config = config_from(
         config_text(
@@ -245,9 +238,7 @@ async def test_docker_replicas_woken_by_the_load_and_paused_newest_first(make_co
 
 
 async def test_a_replica_that_refuses_connects_is_skipped_and_its_clients_moved_until_it_is_back():
-    port, first = free_port(), free_port()
-    for _ in range(2):
-        free_port()
+    port, first = free_port(), consecutive_ports(3)
     config = config_from(replicated(port, first, 3, min=3, target_inflight=10))
     async with running(config) as proxy:
         pool = proxy.pools["web"]
@@ -290,3 +281,32 @@ async def test_a_replica_that_refuses_connects_is_skipped_and_its_clients_moved_
         assert replicas[1].state is State.RUNNING
         text = metrics.render(proxy).decode()
         assert 'wakeproxy_circuit_open_total{replica="web@2",service="web"}' in text
+
+
+async def test_a_reload_that_drops_the_replicas_serves_the_same_address_with_one_backend(
+    tmp_path,
+):
+    port, first = free_port(), consecutive_ports(2)
+    path = tmp_path / "wakeproxy.yaml"
+    path.write_text(replicated(port, first, 2))
+    async with running(load_config(str(path))) as proxy:
+        assert answered_by(await http_get(port)) == first
+        # The same listen address, no replicas: the pool's listener closes before the
+        # one-backend service opens it.
+        path.write_text(
+            config_text(
+                service(
+                    "web", port, first, command=[PYTHON, SERIAL, "--port", str(first)],
+                    wake_timeout=15,
+                )
+            )
+        )  # fmt: skip
+        result = await proxy.reload()
+        assert result.failed == {} and result.added == ["web"], result
+        assert proxy.pools == {} and list(proxy.services) == ["web"]
+        assert answered_by(await http_get(port)) == first
+        # And back: replicas again on that address.
+        path.write_text(replicated(port, first, 2))
+        result = await proxy.reload()
+        assert result.failed == {} and sorted(result.added) == ["web@1", "web@2"], result
+        assert answered_by(await http_get(port)) == first

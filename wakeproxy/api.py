@@ -231,9 +231,8 @@ class Api:
         count = payload.get("count") if isinstance(payload, dict) else None
         total = len(pool.replicas)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
-            return error(
-                400, f'expected {{"count": N}} with N from 0 to {total}, got {body[:100]!r}'
-            )
+            given = body[:100].decode("utf-8", "replace")
+            return error(400, f'expected {{"count": N}} with N from 0 to {total}, got {given}')
         refused: dict[str, str] = {}
 
         async def one(service: Service, awake: bool) -> None:
@@ -248,6 +247,9 @@ class Api:
         replicas = list(pool.replicas)
         await asyncio.gather(*(one(r, True) for r in replicas[:count]))
         for replica in reversed(replicas[count:]):
+            if replica.cfg.replica <= pool.scaling.minimum:
+                refused[replica.name] = f"within replicas.min ({pool.scaling.minimum}): never slept"
+                continue
             # Newest first, one by one: an older one does not sleep while a newer is awake.
             await one(replica, False)
             await replica.settled(SETTLE_WITHIN)

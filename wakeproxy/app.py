@@ -220,6 +220,12 @@ class Proxy:
             # Replicas one by one: a replica set that changed adds and removes replicas,
             # the others keep their connections.
             old_run, new_run = expand_all(old.services.values()), expand_all(new.services.values())
+            # Departing replicas leave their pools first: nothing new is placed on them
+            # while the others are removed. Pools going away (or moving) free their
+            # listeners before anything else wants the address.
+            for pool in self.pools.values():
+                pool.replicas = [r for r in pool.replicas if r.name in new_run]
+            await self._close_pools(new.services)
             for name in old_run:
                 if name not in new_run:
                     await self.remove_service(name)
@@ -245,7 +251,7 @@ class Proxy:
             if to_add:
                 await self._fresh_listing(to_add)
             result.failed = await self.add_services(to_add)
-            await self._restart_pools(new.services)
+            result.failed.update(await self._open_pools(new.services))
             self._wire()
             # Admin and discovery keep running as they started: they need a restart.
             self.config = dataclasses.replace(new, admin=old.admin, discovery=old.discovery)
@@ -293,11 +299,10 @@ class Proxy:
                 pool = self.pools[name] = Pool(cfg)
             pool.update(cfg, [self.services[m] for m in members])
 
-    async def _restart_pools(self, services: Mapping[str, ServiceConfig]) -> None:
-        """After a reload: pools for new replicated services listen, pools of removed
-        ones close, one whose listener settings changed listens anew."""
-        before = dict(self.pools)
-        for name, pool in before.items():
+    async def _close_pools(self, services: Mapping[str, ServiceConfig]) -> None:
+        """Reload, first: the pools of services that lost their replicas or are gone
+        close, and one whose listener settings changed (it listens anew later)."""
+        for name, pool in list(self.pools.items()):
             cfg = services.get(name)
             moved = (
                 cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(pool.cfg)
@@ -305,11 +310,25 @@ class Proxy:
             if moved:
                 await pool.close()
                 del self.pools[name]
+
+    async def _open_pools(self, services: Mapping[str, ServiceConfig]) -> dict[str, str]:
+        """Reload, last: pools for the replicated services that have none listen; returns
+        name -> why for those that cannot (their replicas are removed with them)."""
+        before = dict(self.pools)
         self._sync_pools(services)
-        for name, pool in self.pools.items():
-            if before.get(name) is not pool:
+        failed: dict[str, str] = {}
+        for name, pool in list(self.pools.items()):
+            if before.get(name) is pool:
+                continue
+            try:
                 with _listening(f"service {name}", pool.cfg.listen):
                     await pool.start()
+            except ListenError as exc:
+                failed[name] = str(exc)
+                del self.pools[name]
+                for replica in list(pool.replicas):
+                    await self.remove_service(replica.name)
+        return failed
 
     async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, then give open connections up to ``grace`` seconds to end."""

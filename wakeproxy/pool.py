@@ -122,13 +122,13 @@ class Pool:
 
     @property
     def state(self) -> State:
-        """running while any replica runs; else waking while one wakes; else the oldest
-        replica's (what a connection arriving now would find)."""
-        states = [r.state for r in self.replicas]
-        for wanted in (State.RUNNING, State.WAKING):
-            if wanted in states:
-                return wanted
-        return states[0] if states else State.FAILED
+        """running while any replica runs; else the state of the replica a connection
+        arriving now would go to (what it would find)."""
+        if not self.replicas:
+            return State.FAILED
+        if any(r.state is State.RUNNING for r in self.replicas):
+            return State.RUNNING
+        return self.replicas[self._place().serve].state
 
     def awake(self) -> int:
         return sum(r.state is State.RUNNING or r.state in IN_FLIGHT for r in self.replicas)
@@ -168,7 +168,7 @@ class Pool:
         if not self.replicas:
             self.stats.record(Outcome.BACKEND_ERROR, conn.refuse(Outcome.BACKEND_ERROR))
             return
-        session = _session_of(conn)
+        session = _session_of(conn)  # a pinned session goes home, whatever its circuit
         if session is not None:
             pinned = self._pinned(session)
             if isinstance(pinned, Gone):
@@ -184,7 +184,7 @@ class Pool:
                 return
         placement = self._place()
         replica = self.replicas[placement.serve]
-        self.breakers[replica.name].chosen()
+        self.breakers[replica.name].chosen(asyncio.get_running_loop().time())
         self.connections.discard(conn)
         replica.adopt(conn)
         replica.needs_backend(conn, activity=activity, attached=attached)
@@ -214,9 +214,9 @@ class Pool:
             )
         return where
 
-    def session_started(self, replica: Service, session: bytes) -> None:
+    def session_started(self, replica: Service, session: bytes, *, streaming: bool) -> None:
         now = asyncio.get_running_loop().time()
-        self.sessions.pin(session, replica.name, replica.incarnation, now)
+        self.sessions.pin(session, replica.name, replica.incarnation, now, streaming=streaming)
 
     def session_ended(self, session: bytes) -> None:
         self.sessions.unpin(session)
@@ -254,7 +254,7 @@ class Pool:
         conn.moves += 1
         self.moved += 1
         replica.give_up(conn)
-        self.breakers[target.name].chosen()
+        self.breakers[target.name].chosen(asyncio.get_running_loop().time())
         target.adopt(conn)
         target.needs_backend(conn, activity=True, attached=False)
         return True

@@ -14,6 +14,7 @@ pattern), so idle CPU is nothing however many services there are.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 log = logging.getLogger("wakeproxy.service")
+_INCARNATIONS = itertools.count(1)
 
 
 async def open_listener(
@@ -142,8 +144,9 @@ class Service:
             on_connected=self._connected if cfg.replica_of is not None else None,
         )
         self.pool: Pool | None = None  # a replica's (set by the pool)
-        # Bumped when the backend stops or fails: its MCP sessions died with it.
-        self.incarnation = 0
+        # New when the backend stops or fails (its MCP sessions died with it), and for a
+        # new Service: unique in the process, so a replaced replica's old pins never match.
+        self.incarnation = next(_INCARNATIONS)
         self.hibernator = Hibernator(
             self.name,
             runtime,
@@ -304,6 +307,7 @@ class Service:
         conn.owner = self
         if isinstance(conn, HttpClientSide):
             conn.http_owner = self
+            conn.tracker.on_202 = self.result_due  # bound to the pool when it was made
             pool = self.pool
             if pool is not None and conn.sse_session is None:
                 conn.watch_sessions(
@@ -315,7 +319,7 @@ class Service:
 
     def _session_started(self, conn: HttpClientSide, session: bytes, stream: bool) -> None:
         if self.pool is not None:
-            self.pool.session_started(self, session)
+            self.pool.session_started(self, session, streaming=stream)
             if stream:
                 conn.sse_session = session  # an SSE session ends with its stream
 
@@ -507,7 +511,7 @@ class Service:
     def _transitioned(self, before: State, after: State, reason: str) -> None:
         self.stats.record_transition(before, after, self.loop.time())
         if after in (State.STOPPED, State.FAILED):
-            self.incarnation += 1
+            self.incarnation = next(_INCARNATIONS)
         if after is State.FAILED:
             self.stats.record_error(reason)
         self._settlers.settle()

@@ -315,6 +315,10 @@ def _parse_replicas(
         problems.add(path, "replicas of containers are listed in 'containers', one each")
     elif "count" not in values:
         problems.add(path, "needs 'containers' (docker) or 'count' with a 'command'")
+    else:
+        problems.add(
+            path, "'count' copies need a 'command' (containers are listed in 'containers')"
+        )
     most = values.get("max", count)
     if "max" in values and most > count:
         problems.add((*path, "max"), f"is {most}, past the {count} replica(s) there are")

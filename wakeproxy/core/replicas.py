@@ -59,6 +59,9 @@ class Breaker:
     (one trial connection in flight)."""
 
     __slots__ = ("failures", "opened", "state", "until")
+    # A trial that never reports (its client left while the replica woke, the wake
+    # failed) would keep the circuit half-open for good: after this long, another.
+    TRIAL_WITHIN = 10.0
 
     def __init__(self) -> None:
         self.state = "closed"
@@ -67,15 +70,21 @@ class Breaker:
         self.opened = 0  # times it opened, for the metrics
 
     def usable(self, now: float) -> bool:
-        """Whether a connection may go to this replica now (read-only)."""
-        return self.state == "closed" or (self.state == "open" and now >= self.until)
+        """Whether a connection may go to this replica now (read-only): closed, or past
+        the back-off (open), or past a trial's time (half-open)."""
+        return self.state == "closed" or now >= self.until
 
-    def chosen(self) -> None:
+    def chosen(self, now: float) -> None:
         """A connection was placed on it: past the back-off, that one is the trial."""
-        if self.state == "open":
+        if self.state != "closed":
             self.state = "half_open"
+            self.until = now + self.TRIAL_WITHIN
 
     def failed(self, now: float) -> None:
+        """A connect to it failed. While open already (connects sent before it opened
+        failing one after another) the back-off is not doubled again."""
+        if self.state == "open":
+            return
         self.failures += 1
         self.state = "open"
         self.opened += 1

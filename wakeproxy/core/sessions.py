@@ -57,6 +57,9 @@ class Pin:
     # The replica's incarnation when the session began: a restart ends its sessions.
     incarnation: int
     used: float
+    # An SSE session's stream is open: its POSTs (answered 202 on a kept-alive
+    # connection) may never look it up again, yet it lives; it ends with its stream.
+    streaming: bool = False
 
 
 class SessionPins:
@@ -71,8 +74,10 @@ class SessionPins:
     def __len__(self) -> int:
         return len(self._pins)
 
-    def pin(self, session: bytes, replica: str, incarnation: int, now: float) -> None:
-        self._pins[session] = Pin(replica, incarnation, now)
+    def pin(
+        self, session: bytes, replica: str, incarnation: int, now: float, *, streaming: bool
+    ) -> None:
+        self._pins[session] = Pin(replica, incarnation, now, streaming)
         self._pins.move_to_end(session)
         while len(self._pins) > self.limit:
             self._pins.popitem(last=False)
@@ -88,7 +93,7 @@ class SessionPins:
         pin = self._pins.get(session)
         if pin is None:
             return None
-        if now - pin.used > self.idle:
+        if now - pin.used > self.idle and not pin.streaming:
             del self._pins[session]
             return None
         if incarnations.get(pin.replica) != pin.incarnation:

@@ -76,7 +76,8 @@ class ResponseTracker:
                             session = b"".join(
                                 v for k, v in event.headers if k == b"mcp-session-id"
                             )
-                            if session and event.status_code < 300:
+                            # A DELETE's answer names the session it just ended.
+                            if session and event.status_code < 300 and self.methods[0] != b"DELETE":
                                 self.on_session(session, False)
                         if b"text/event-stream" in content_type:
                             # Open for as long as the client keeps it: nothing after it
