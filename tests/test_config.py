@@ -16,7 +16,13 @@ from wakeproxy.config import (
     service_from_labels,
 )
 from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
-from wakeproxy.config.replicas import expand_all
+from wakeproxy.config.replicas import (
+    COMPOSE_NUMBER,
+    COMPOSE_PROJECT,
+    COMPOSE_SERVICE,
+    compose_members,
+    expand_all,
+)
 from wakeproxy.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "config" / "services.yml"
@@ -527,3 +533,29 @@ def test_replicas_expand_to_one_config_each_with_its_port_container_and_name():
     assert not third.auto_start and third.sleep_policy.enabled
     # A dependency on a service with replicas is one on its oldest replica.
     assert run["db"].depends_on == ("web@1",)
+
+
+def test_compose_replicas_are_that_services_containers_in_the_listing_named_by_number():
+    config = build(
+        service(
+            "tools", 7400,
+            replicas={"compose_service": "tools", "compose_project": "p", "port": 8000, "min": 1},
+        )
+    )  # fmt: skip
+
+    def entry(name: str, project: str, svc: str, number: str) -> dict:
+        labels = {COMPOSE_SERVICE: svc, COMPOSE_PROJECT: project, COMPOSE_NUMBER: number}
+        return {"Names": [f"/{name}"], "Labels": labels}
+
+    listing = [
+        entry("p_tools_2", "p", "tools", "2"),
+        entry("p_tools_1", "p", "tools", "1"),
+        entry("q_tools_1", "q", "tools", "1"),  # another project's
+        entry("p_db_1", "p", "db", "1"),  # another service's
+    ]
+    run = expand_all(config.services.values(), lambda spec: compose_members(listing, spec))
+    assert list(run) == ["tools@1", "tools@2"]
+    second = run["tools@2"]
+    assert (second.container, second.backend, second.backend_port) == ("p_tools_2", None, 8000)
+    assert run["tools@1"].auto_start and not run["tools@1"].sleep_policy.enabled, "min: 1"
+    assert not second.auto_start and second.sleep_policy.enabled

@@ -7,7 +7,9 @@ import asyncio
 import collections
 import os
 import signal
+import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -19,6 +21,7 @@ from tests.helpers import (
     config_from,
     config_text,
     consecutive_ports,
+    docker,
     engine_order,
     exchange,
     free_port,
@@ -36,6 +39,7 @@ from wakeproxy.runtimes.process import ProcessRuntime
 pytestmark = pytest.mark.asyncio
 
 SERIAL = str(Path(__file__).parent / "backends" / "serial.py")
+ROOT = Path(__file__).parent.parent
 
 
 def replicated(port: int, first: int, count: int, **replicas: object) -> str:
@@ -310,3 +314,75 @@ async def test_a_reload_that_drops_the_replicas_serves_the_same_address_with_one
         result = await proxy.reload()
         assert result.failed == {} and sorted(result.added) == ["web@1", "web@2"], result
         assert answered_by(await http_get(port)) == first
+
+
+async def test_compose_scale_replicas_follow_their_containers_and_are_woken_and_slept(
+    busybox_image,
+):
+    # The compose file users run, with a local image. Host networking (this machine has
+    # no bridge) gives every container the same address, so no traffic is sent: the
+    # engine's own events show the wakes and sleeps.
+    project = f"wp-test-{uuid.uuid4().hex[:8]}"
+    compose = ["docker-compose", "-p", project, "-f", str(ROOT / "config" / "replicas-compose.yml")]
+    env = {
+        **os.environ,
+        "TOOLS_IMAGE": busybox_image,
+        "TOOLS_COMMAND": "sleep 3600",
+        "NETWORK_MODE": "host",
+    }
+
+    def compose_run(*args: str) -> None:
+        subprocess.run([*compose, *args], env=env, check=True, capture_output=True, timeout=180)
+
+    def containers() -> list[str]:
+        return sorted(
+            docker("ps", "-a", "--filter", f"label=com.docker.compose.project={project}",
+                   "--format", "{{.Names}}").split()
+        )  # fmt: skip
+
+    compose_run("up", "-d", "--scale", "tools=3", "tools")
+    try:
+        names = containers()
+        assert len(names) == 3
+        for name in names:
+            docker("pause", name)
+        config = config_from(
+            config_text(
+                service(
+                    "tools",
+                    free_port(),
+                    replicas={
+                        "compose_service": "tools",
+                        "compose_project": project,
+                        "port": free_port(),
+                    },
+                    sleep_policy={"idle_timeout": 1},
+                )
+            )
+        )
+        since = time.time()
+        async with running(config) as proxy:
+            pool = proxy.pools["tools"]
+            assert [r.name for r in pool.replicas] == ["tools@1", "tools@2", "tools@3"]
+            assert [r.cfg.container for r in pool.replicas] == names
+            assert all(r.state is State.PAUSED for r in pool.replicas) and pool.scaling.maximum == 3
+            status, scaled = await api(proxy, "POST", "/services/tools/scale", b'{"count": 2}')
+            assert status == 200, scaled
+            assert [r["state"] for r in scaled["replicas"]] == ["running", "running", "paused"]
+            # Idle: they pause again by themselves, the newest first.
+            await wait_until(lambda: all(r.state is State.PAUSED for r in pool.replicas), within=20)
+            until = time.time() + 1
+            assert sorted(engine_order(names, "unpause", since, until)) == names[:2]
+            assert engine_order(names[:2], "pause", since, until) == [names[1], names[0]]
+            # Scaled up by compose: the new container becomes a replica (running, it
+            # sleeps on its idle timer); scaled down: the removed ones leave the pool.
+            compose_run("up", "-d", "--scale", "tools=4", "tools")
+            await wait_until(lambda: len(pool.replicas) == 4, within=20)
+            assert pool.replicas[3].name == "tools@4" and pool.scaling.maximum == 4
+            await wait_until(lambda: pool.replicas[3].state is State.PAUSED, within=20)
+            compose_run("up", "-d", "--scale", "tools=2", "tools")
+            await wait_until(lambda: len(pool.replicas) == 2, within=30)
+            assert [r.name for r in pool.replicas] == ["tools@1", "tools@2"]
+            assert sorted(proxy.services) == ["tools@1", "tools@2"]
+    finally:
+        compose_run("down", "-t", "0")

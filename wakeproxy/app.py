@@ -20,7 +20,8 @@ from typing import Any
 
 from .admin import AdminServer
 from .config import Address, Config, ServiceConfig, changes_in_place, load_config
-from .config.replicas import expand_all, replica_sets
+from .config.model import Replicas
+from .config.replicas import Members, compose_members, expand, expand_all, replica_sets
 from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
@@ -101,6 +102,16 @@ class Proxy:
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
+        # The engine's last listing: compose replicas are its containers.
+        self._listing: list[dict[str, Any]] = []
+        self._compose_cue = asyncio.Event()
+        self._compose_task: asyncio.Task[None] | None = None
+
+    def _members(self, spec: Replicas) -> Members:
+        return compose_members(self._listing, spec)
+
+    def _has_compose(self, services: Mapping[str, ServiceConfig]) -> bool:
+        return any(c.replicas is not None and c.replicas.discovered for c in services.values())
 
     async def start(self) -> None:
         limit = raise_open_file_limit()
@@ -108,7 +119,7 @@ class Proxy:
         self.coordinator = Coordinator()
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
-        configs = list(expand_all(self.config.services.values()).values())
+        configs = list(self.config.services.values())  # expanded once the engine answered
         # Before any command starts: what a killed proxy left of its commands' cgroups.
         has_commands = any(cfg.runtime == "process" for cfg in configs)
         if has_commands:
@@ -130,6 +141,8 @@ class Proxy:
                     "until it does",
                     exc,
                 )
+        self._listing = listing or []
+        configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
             for cfg in configs:
                 self.services[cfg.name] = self._service(cfg)
@@ -156,8 +169,50 @@ class Proxy:
             raise
         if self.engine is not None:
             self.engine.start_events()
+            self.engine.on_compose_change = self._compose_cue.set
+            self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
         if self.discovery is not None:
             self.discovery.start()
+
+    async def _follow_compose(self) -> None:
+        """Compose replicas follow their containers: a container of a compose service
+        created or removed (``docker compose up --scale``) adds or removes a replica;
+        the others keep their connections."""
+        while True:
+            await self._compose_cue.wait()
+            await asyncio.sleep(0.2)  # one re-read for a burst of events (a scale of 10)
+            self._compose_cue.clear()
+            if not self._has_compose(self.config.services) or self.engine is None:
+                continue
+            try:
+                async with self._reloading:
+                    self._listing = await self.engine.refresh_snapshot()
+                    await self._resync_compose()
+            except EngineUnavailable as exc:
+                log.warning("compose replicas: %s", exc)
+            except Exception:
+                log.exception("compose replicas: re-read failed; retrying at the next event")
+
+    async def _resync_compose(self) -> None:
+        services = self.config.services
+        wanted: dict[str, ServiceConfig] = {}
+        for cfg in services.values():
+            if cfg.replicas is not None and cfg.replicas.discovered:
+                wanted.update((r.name, r) for r in expand(cfg, self._members(cfg.replicas)))
+        owners = {cfg.name for cfg in services.values() if cfg.replicas and cfg.replicas.discovered}
+        for name, service in list(self.services.items()):
+            if service.cfg.replica_of in owners and name not in wanted:
+                log.info("%s: its container is gone; replica removed", name)
+                await self.remove_service(name)
+        new = [cfg for name, cfg in wanted.items() if name not in self.services]
+        for cfg in new:
+            log.info("%s: container %s found; replica added", cfg.name, cfg.container)
+        await self.add_services(new)
+        self._sync_pools(services)
+        self._wire()
+        for cfg in new:
+            # Events between the listing and the registration went nowhere: re-read.
+            self.services[cfg.name].recheck()
 
     async def add_services(self, configs: list[ServiceConfig]) -> dict[str, str]:
         """Start services while the proxy runs; returns name -> why for those that cannot listen.
@@ -219,7 +274,11 @@ class Proxy:
             self.policies = dict(new.policies)
             # Replicas one by one: a replica set that changed adds and removes replicas,
             # the others keep their connections.
-            old_run, new_run = expand_all(old.services.values()), expand_all(new.services.values())
+            if self._has_compose(new.services):
+                await self._fresh_listing([], force=True)
+            # Both against the current listing (compose replicas: the containers now).
+            old_run = expand_all(old.services.values(), self._members)
+            new_run = expand_all(new.services.values(), self._members)
             # Departing replicas leave their pools first: nothing new is placed on them
             # while the others are removed. Pools going away (or moving) free their
             # listeners before anything else wants the address.
@@ -271,33 +330,34 @@ class Proxy:
         )
         return result
 
-    async def _fresh_listing(self, configs: list[ServiceConfig]) -> None:
+    async def _fresh_listing(self, configs: list[ServiceConfig], *, force: bool = False) -> None:
         """Read container states before adding docker services (one listing)."""
-        if not any(cfg.runtime == "docker" for cfg in configs):
+        if not force and not any(cfg.runtime == "docker" for cfg in configs):
             return
         if self.engine is None:
             self.engine = DockerEngine()
             self.engine.start_events()
         try:
-            await self.engine.refresh_snapshot()
+            self._listing = await self.engine.refresh_snapshot()
         except EngineUnavailable as exc:
             log.error("the Docker engine does not answer: %s", exc)
 
     def _sync_pools(self, services: Mapping[str, ServiceConfig]) -> None:
-        """A pool per service with replicas, holding its replicas oldest first (those
-        running now); pools of services that no longer have replicas are dropped."""
+        """A pool per service with replicas (compose replicas: even while it has no
+        container), holding its replicas oldest first; the pools of services that no
+        longer have replicas close."""
         sets = replica_sets({name: s.cfg for name, s in self.services.items()})
         for name in list(self.pools):
-            if name not in sets or services.get(name) is None:
-                del self.pools[name]
-        for name, members in sets.items():
             cfg = services.get(name)
             if cfg is None or cfg.replicas is None:
+                self.pools.pop(name).close()
+        for name, cfg in services.items():
+            if cfg.replicas is None:
                 continue
             pool = self.pools.get(name)
             if pool is None:
                 pool = self.pools[name] = Pool(cfg)
-            pool.update(cfg, [self.services[m] for m in members])
+            pool.update(cfg, [self.services[m] for m in sets.get(name, [])])
 
     async def _close_pools(self, services: Mapping[str, ServiceConfig]) -> None:
         """Reload, first: the pools of services that lost their replicas or are gone
@@ -308,7 +368,7 @@ class Proxy:
                 cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(pool.cfg)
             )
             if moved:
-                await pool.close()
+                pool.close()
                 del self.pools[name]
 
     async def _open_pools(self, services: Mapping[str, ServiceConfig]) -> dict[str, str]:
@@ -416,6 +476,11 @@ class Proxy:
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
+        if self._compose_task is not None:
+            self._compose_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compose_task
+            self._compose_task = None
         if self.discovery is not None:
             await self.discovery.close()
             self.discovery = None
@@ -423,7 +488,7 @@ class Proxy:
             await self.admin.close()
             self.admin = None
         for pool in self.pools.values():
-            await pool.close()
+            pool.close()
         for service in self.services.values():
             await service.close()
         for service in self.services.values():

@@ -43,10 +43,12 @@ def _session_of(conn: ClientSide) -> bytes | None:
     return head.get(b"mcp-session-id") or session_in_query(head.query) or None
 
 
-def scaling_of(cfg: ServiceConfig) -> Scaling:
+def scaling_of(cfg: ServiceConfig, replicas: int = 0) -> Scaling:
+    """The config's scaling; ``max`` unset for compose replicas: as many as there are."""
     spec = cfg.replicas
     assert spec is not None
-    return Scaling(spec.minimum, spec.most, spec.target_inflight)
+    most = spec.maximum or (replicas if spec.discovered else spec.count)
+    return Scaling(spec.minimum, most, spec.target_inflight)
 
 
 class Pool:
@@ -73,7 +75,7 @@ class Pool:
     def update(self, cfg: ServiceConfig, replicas: list[Service]) -> None:
         """The replicas, oldest first, and the settings they share (after a reload)."""
         self.cfg = cfg
-        self.scaling = scaling_of(cfg)
+        self.scaling = scaling_of(cfg, len(replicas))
         self.probe_rules = compile_probes(cfg.http.matchers)
         self.replicas = replicas
         for replica in replicas:
@@ -113,7 +115,7 @@ class Pool:
             self._server.close()
             self._server = None
 
-    async def close(self) -> None:
+    def close(self) -> None:
         self.stop_accepting()
         for conn in list(self.connections):
             conn.abort()

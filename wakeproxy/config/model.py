@@ -153,11 +153,15 @@ class Replicas:
     """``replicas:``: several backends behind one listener, woken as the load needs.
 
     Replica i (from 0) is the command with ``{port}`` (and ``{index}``, from 1) filled
-    in and the backend's port + i, or the i-th of ``containers``.
+    in and the backend's port + i, or the i-th of ``containers``; or, for
+    ``compose_service``, every container ``docker compose`` runs for that service
+    (``--scale``), found by its labels as they come and go, each at its own address.
     """
 
     count: int
     containers: tuple[str, ...] = ()
+    compose_service: str | None = None
+    compose_project: str | None = None  # None: any project
     minimum: int = 0  # awake even when idle (started with the proxy, never slept)
     maximum: int = 0  # awake at most; 0: count
     # Attached connections per awake replica past which the next one is woken.
@@ -166,6 +170,11 @@ class Replicas:
     @property
     def most(self) -> int:
         return self.maximum or self.count
+
+    @property
+    def discovered(self) -> bool:
+        """The replicas are the engine's containers of a compose service."""
+        return self.compose_service is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,23 +9,48 @@ balancer are the pool's (``wakeproxy.pool``); what the replicas differ in is her
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from .model import Address, ServiceConfig
+from .model import Address, Replicas, ServiceConfig
 
 SEPARATOR = "@"
+# What docker compose (v1 and v2) labels each container of a service with.
+COMPOSE_SERVICE = "com.docker.compose.service"
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_NUMBER = "com.docker.compose.container-number"
+# A compose service's containers: (name, container number), in number order.
+Members = Sequence[tuple[str, int]]
 
 
 def replica_name(service: str, index: int) -> str:
     return f"{service}{SEPARATOR}{index}"
 
 
-def expand(cfg: ServiceConfig) -> list[ServiceConfig]:
+def compose_members(listing: Iterable[Mapping[str, Any]], spec: Replicas) -> list[tuple[str, int]]:
+    """The containers of ``spec``'s compose service in one engine listing, by number."""
+    found = []
+    for entry in listing:
+        labels = entry.get("Labels") or {}
+        if labels.get(COMPOSE_SERVICE) != spec.compose_service:
+            continue
+        if spec.compose_project is not None and labels.get(COMPOSE_PROJECT) != spec.compose_project:
+            continue
+        names = entry.get("Names") or [str(entry.get("Id", ""))]
+        number = str(labels.get(COMPOSE_NUMBER, ""))
+        found.append((str(names[0]).lstrip("/"), int(number) if number.isdigit() else 0))
+    return sorted(found, key=lambda member: (member[1], member[0]))
+
+
+def expand(cfg: ServiceConfig, members: Members = ()) -> list[ServiceConfig]:
     """The configs the proxy runs for one configured service: itself without replicas,
-    else one per replica."""
+    else one per replica (for compose replicas, one per container in ``members``, named
+    by its container number so a container keeps its name as others come and go)."""
     spec = cfg.replicas
     if spec is None:
         return [cfg]
+    if spec.discovered:
+        return [_compose_replica(cfg, spec, name, number) for name, number in members]
     out: list[ServiceConfig] = []
     for i in range(spec.count):
         index = i + 1
@@ -53,7 +78,28 @@ def expand(cfg: ServiceConfig) -> list[ServiceConfig]:
     return out
 
 
-def expand_all(services: Iterable[ServiceConfig]) -> dict[str, ServiceConfig]:
+def _compose_replica(
+    cfg: ServiceConfig, spec: Replicas, container: str, number: int
+) -> ServiceConfig:
+    sleep = cfg.sleep_policy
+    if number <= spec.minimum:
+        sleep = dataclasses.replace(sleep, enabled=False)
+    return dataclasses.replace(
+        cfg,
+        name=replica_name(cfg.name, number),
+        container=container,
+        backend=None,  # its own address, read from Docker
+        sleep_policy=sleep,
+        auto_start=number <= spec.minimum or (number == 1 and cfg.auto_start),
+        replica_of=cfg.name,
+        replica=number,
+    )
+
+
+def expand_all(
+    services: Iterable[ServiceConfig],
+    members: Callable[[Replicas], Members] | None = None,
+) -> dict[str, ServiceConfig]:
     """Every config the proxy runs, by name (a service's replicas in their order).
 
     A dependency on a service with replicas is one on its oldest replica: the one its
@@ -66,7 +112,9 @@ def expand_all(services: Iterable[ServiceConfig]) -> dict[str, ServiceConfig]:
         if replicated & set(cfg.depends_on):
             depends_on = tuple(replica_name(d, 1) if d in replicated else d for d in cfg.depends_on)
             cfg = dataclasses.replace(cfg, depends_on=depends_on)
-        out.update((r.name, r) for r in expand(cfg))
+        spec = cfg.replicas
+        found = members(spec) if spec is not None and spec.discovered and members else ()
+        out.update((r.name, r) for r in expand(cfg, found))
     return out
 
 

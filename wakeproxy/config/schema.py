@@ -127,6 +127,9 @@ _REPLICA_FIELDS: dict[str, Check] = {
     "min": check.int_between(0, 256),
     "max": check.int_between(1, 256),
     "target_inflight": check.int_between(1, 1_000_000),
+    "compose_service": check.text,
+    "compose_project": check.text,
+    "port": check.port,
 }
 
 _ADMIN_FIELDS: dict[str, Check] = {
@@ -294,7 +297,24 @@ def _parse_replicas(
     containers: tuple[str, ...] = values.get("containers", ())
     count = values.get("count", len(containers))
     before = len(problems.items)
-    if containers:
+    compose = values.get("compose_service")
+    if compose is not None:
+        clash = [k for k in ("count", "containers") if k in values] + [
+            k for k in ("container", "command", "backend") if k in service
+        ]
+        if clash:
+            problems.add(
+                path,
+                f"compose_service finds its containers (each at its own address, on "
+                f"replicas.port): drop {', '.join(repr(k) for k in clash)}",
+            )
+        if "port" not in values:
+            problems.add(path, "needs 'port' (where each compose container's server listens)")
+        count = 0
+    elif "port" in values or "compose_project" in values:
+        key = "port" if "port" in values else "compose_project"
+        problems.add((*path, key), "is for compose_service replicas only")
+    elif containers:
         if "count" in values and count != len(containers):
             problems.add((*path, "count"), f"is {count} but 'containers' names {len(containers)}")
         if "container" in service or "command" in service:
@@ -320,15 +340,21 @@ def _parse_replicas(
             path, "'count' copies need a 'command' (containers are listed in 'containers')"
         )
     most = values.get("max", count)
-    if "max" in values and most > count:
+    if "max" in values and most > count and compose is None:
         problems.add((*path, "max"), f"is {most}, past the {count} replica(s) there are")
-    if values.get("min", 0) > most:
+    if values.get("min", 0) > most and (compose is None or "max" in values):
         problems.add((*path, "min"), f"is {values['min']}, past 'max' ({most})")
     if service.get("group") is not None:
         problems.add(path, "a service with replicas cannot be in a 'group' yet")
-    if len(problems.items) > before or count == 0:
+    if len(problems.items) > before or (count == 0 and compose is None):
         return None
-    named = {"min": "minimum", "max": "maximum", "target_inflight": "target_inflight"}
+    named = {
+        "min": "minimum",
+        "max": "maximum",
+        "target_inflight": "target_inflight",
+        "compose_service": "compose_service",
+        "compose_project": "compose_project",
+    }
     return replace(
         Replicas(count=count, containers=containers),
         {named[key]: value for key, value in values.items() if key in named},
@@ -403,8 +429,10 @@ def parse_service(
         replicas = _parse_replicas(
             values.pop("replicas"), (*path, "replicas"), problems, {**data, **values}
         )
-        if replicas is None or replicas.containers:
+        if replicas is None or replicas.containers or replicas.discovered:
             given.add("container")  # given there (or its faults named there already)
+        if replicas is None or replicas.discovered:
+            given.add("backend")  # compose containers: each at its own address
     container = values.pop("container", None)
     command = values.pop("command", None)
     if replicas is not None and replicas.containers:
@@ -440,6 +468,8 @@ def parse_service(
     if backend is None and "backend" not in given and (runtime == "process" or port is None):
         problems.add(path, "needs 'backend' (where the service's own server listens)")
     backend_port = backend.port if backend is not None else (port or 0)
+    if replicas is not None and replicas.discovered:
+        backend_port = data["replicas"]["port"]
 
     if values.get("mode") is None and seed_form:
         # The seed's services are MCP servers behind the gateway: probes must not wake them.

@@ -117,6 +117,8 @@ class DockerEngine:
         # Called when a container labelled wakeproxy.enable is created, removed or
         # renamed, and after a reconnect (events may have been missed): discovery's cue.
         self.on_labelled_change: Callable[[], None] | None = None
+        # Likewise for a container of a docker compose service (compose replicas).
+        self.on_compose_change: Callable[[], None] | None = None
 
     @property
     def client(self) -> aiodocker.Docker:
@@ -188,6 +190,8 @@ class DockerEngine:
                     self._reconcile("re-read after the engine came back")
                     if self.on_labelled_change is not None:
                         self.on_labelled_change()
+                    if self.on_compose_change is not None:
+                        self.on_compose_change()
                 first = False
                 await self._read_events()
                 log.warning("the Docker event stream ended; reconnecting")
@@ -229,6 +233,12 @@ class DockerEngine:
             and self.on_labelled_change is not None
         ):
             self.on_labelled_change()
+        if (
+            action in ("create", "destroy", "rename")
+            and "com.docker.compose.service" in attributes
+            and self.on_compose_change is not None
+        ):
+            self.on_compose_change()
         state = _EVENTS.get(action)
         if state is None:
             return
