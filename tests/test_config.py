@@ -491,7 +491,7 @@ def test_replica_faults_are_named_each_in_one_pass():
           seed:
             port: 7240
             replicas: {count: 2}
-          grouped:
+          zero-target:
             listen: 127.0.0.1:7230
             backend: 127.0.0.1:7231
             command: [server, --port, "{port}"]
@@ -509,7 +509,7 @@ def test_replica_faults_are_named_each_in_one_pass():
         "'containers', one each",
         "c.yaml:19: services.seed.replicas: 'count' copies need a 'command' (containers are "
         "listed in 'containers')",
-        "c.yaml:25: services.grouped.replicas.target_inflight: expected a whole number from 1 "
+        "c.yaml:25: services.zero-target.replicas.target_inflight: expected a whole number from 1 "
         "to 1000000, got 0",
     ], found
 
@@ -533,6 +533,11 @@ def test_replicas_expand_to_one_config_each_with_its_port_container_and_name():
     assert not third.auto_start and third.sleep_policy.enabled
     # A dependency on a service with replicas is one on its oldest replica.
     assert run["db"].depends_on == ("web@1",)
+    grouped = build(
+        service("web", 7320, 7321, command=["srv", "{port}"], replicas={"count": 2}, group="g"),
+    )
+    run = expand_all(grouped.services.values())
+    assert (run["web@1"].group, run["web@2"].group) == ("g", None), "the oldest stands for it"
 
 
 def test_compose_replicas_are_that_services_containers_in_the_listing_named_by_number():
@@ -553,9 +558,37 @@ def test_compose_replicas_are_that_services_containers_in_the_listing_named_by_n
         entry("q_tools_1", "q", "tools", "1"),  # another project's
         entry("p_db_1", "p", "db", "1"),  # another service's
     ]
-    run = expand_all(config.services.values(), lambda spec: compose_members(listing, spec))
+    run = expand_all(config.services.values(), lambda cfg: compose_members(listing, cfg.replicas))
     assert list(run) == ["tools@1", "tools@2"]
     second = run["tools@2"]
     assert (second.container, second.backend, second.backend_port) == ("p_tools_2", None, 8000)
     assert run["tools@1"].auto_start and not run["tools@1"].sleep_policy.enabled, "min: 1"
     assert not second.auto_start and second.sleep_policy.enabled
+
+
+def test_engine_faults_name_the_engine_and_the_known_ones():
+    found = problems(
+        """
+        engines:
+          far: {host: "tcp://10.0.0.2:2376", cert_path: /etc/wakeproxy/far}
+          bad: {host: "10.0.0.3:2375"}
+          sock: {host: "unix:///run/other.sock", cert_path: /x}
+          none: {tls_verify: false}
+        services:
+          a: {listen: 127.0.0.1:7500, backend: 127.0.0.1:7501, container: a, engine: farr}
+          b: {listen: 127.0.0.1:7502, backend: 127.0.0.1:7503, command: [srv], engine: far}
+        """
+    )
+    assert found == [
+        "c.yaml:4: engines.bad.host: expected unix:///path or tcp://HOST:PORT, got '10.0.0.3:2375'",
+        "c.yaml:5: engines.sock.cert_path: TLS certificates are for a tcp:// host",
+        "c.yaml:6: engines.none: needs 'host' (unix:///path/docker.sock or tcp://HOST:PORT)",
+        "c.yaml:8: services.a.engine: no engine 'farr'; engines: far, local",
+        "c.yaml:9: services.b.engine: an engine is for containers; a command runs here",
+    ], found
+    config = build(
+        service("a", 7510, 7511, container="a", engine="far"),
+        engines={"far": {"host": "tcp://10.0.0.2:2376", "cert_path": "/etc/far"}},
+    )
+    assert config.services["a"].engine == "far"
+    assert config.engines["far"].cert_path == "/etc/far" and config.engines["far"].tls_verify

@@ -386,3 +386,44 @@ async def test_compose_scale_replicas_follow_their_containers_and_are_woken_and_
             assert sorted(proxy.services) == ["tools@1", "tools@2"]
     finally:
         compose_run("down", "-t", "0")
+
+
+async def test_active_health_checks_open_and_close_a_circuit_with_no_client_traffic():
+    port, first = free_port(), consecutive_ports(2)
+    config = config_from(replicated(port, first, 2, min=2, health_interval=0.2))
+    async with running(config) as proxy:
+        pool = proxy.pools["web"]
+        replicas = [proxy.services["web@1"], proxy.services["web@2"]]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
+        second = replicas[1].runtime
+        assert isinstance(second, ProcessRuntime) and second.pid is not None
+        os.kill(second.pid, signal.SIGUSR1)  # its listener goes; the process lives
+        await wait_until(lambda: pool.breakers["web@2"].state == "open", within=5)
+        assert replicas[1].stats.accepted == 0, "no client found it: the checks did"
+        await asyncio.sleep(1.2)  # past the first back-off: the failing checks keep it open
+        assert not pool.breakers["web@2"].usable(asyncio.get_running_loop().time())
+        replies = await asyncio.gather(*(http_get(port) for _ in range(4)))
+        assert {answered_by(r) for r in replies} == {first}
+        os.kill(second.pid, signal.SIGUSR2)
+        await wait_until(lambda: pool.breakers["web@2"].state == "closed", within=5)
+        text = metrics.render(proxy).decode()
+        assert 'wakeproxy_replica_connections_total{replica="web@1",service="web"} 4.0' in text
+
+
+async def test_in_a_group_the_oldest_replica_wakes_and_sleeps_with_the_group():
+    port, first = free_port(), consecutive_ports(2)
+    db_port, db_backend = free_port(), free_port()
+    common = {"group": "g", "wake_timeout": 15, "sleep_policy": {"idle_timeout": 1}}
+    text = config_text(
+        service("web", port, first, command=[PYTHON, SERIAL, "--port", "{port}"],
+                replicas={"count": 2}, **common),
+        service("db", db_port, db_backend, command=[PYTHON, SERIAL, "--port", str(db_backend)],
+                **common),
+    )  # fmt: skip
+    async with running(config_from(text)) as proxy:
+        db, one, two = (proxy.services[n] for n in ("db", "web@1", "web@2"))
+        assert answered_by(await http_get(port)) == first
+        await wait_until(lambda: db.state is State.RUNNING, within=15)  # woken with its group
+        assert two.state is State.STOPPED, "the group wakes the oldest replica, not all"
+        await wait_until(lambda: one.state is db.state is State.PAUSED, within=20)
+        assert db.stats.sleeps.total() == one.stats.sleeps.total() == 1

@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .admin import AdminServer
 from .config import Address, Config, ServiceConfig, changes_in_place, load_config
-from .config.model import Replicas
+from .config.model import LOCAL_ENGINE
 from .config.replicas import Members, compose_members, expand, expand_all, replica_sets
 from .coordinator import Coordinator
 from .core.states import State
@@ -96,19 +96,52 @@ class Proxy:
         self.pools: dict[str, Pool] = {}
         # Created in start(): it needs the running loop.
         self.coordinator: Coordinator | None = None
-        self.engine: DockerEngine | None = None
+        # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
+        self.engines: dict[str, DockerEngine] = {}
         self.admin: AdminServer | None = None
         self.discovery: LabelDiscovery | None = None
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
-        # The engine's last listing: compose replicas are its containers.
-        self._listing: list[dict[str, Any]] = []
+        # Each engine's last listing: compose replicas are its containers.
+        self._listings: dict[str, list[dict[str, Any]]] = {}
         self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
 
-    def _members(self, spec: Replicas) -> Members:
-        return compose_members(self._listing, spec)
+    @property
+    def engine(self) -> DockerEngine | None:
+        """The local engine (label discovery's), when one is in use."""
+        return self.engines.get(LOCAL_ENGINE)
+
+    def _members(self, cfg: ServiceConfig) -> Members:
+        assert cfg.replicas is not None
+        return compose_members(self._listings.get(cfg.engine, []), cfg.replicas)
+
+    def _engine_names(self, configs: Iterable[ServiceConfig]) -> set[str]:
+        return {cfg.engine for cfg in configs if cfg.runtime == "docker"}
+
+    def _engine(self, name: str) -> DockerEngine:
+        """The engine named ``name`` (made on first use; its events follow once running)."""
+        engine = self.engines.get(name)
+        if engine is None:
+            engine = self.engines[name] = DockerEngine(self.config.engines.get(name))
+            engine.on_compose_change = self._compose_cue.set
+        return engine
+
+    async def _list(self, names: Iterable[str]) -> None:
+        """One listing per engine; an engine that does not answer fails only its own
+        services (their state reads failed, retried with back-off)."""
+        for name in sorted(names):
+            engine = self._engine(name)
+            try:
+                self._listings[name] = await engine.refresh_snapshot()
+            except EngineUnavailable as exc:
+                log.error(
+                    "the Docker engine %s does not answer: %s; its services are failed "
+                    "until it does",
+                    name,
+                    exc,
+                )
 
     def _has_compose(self, services: Mapping[str, ServiceConfig]) -> bool:
         return any(c.replicas is not None and c.replicas.discovered for c in services.values())
@@ -129,19 +162,9 @@ class Proxy:
                 )
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
-        listing: list[dict[str, Any]] | None = None
         labels_on = self.config.discovery.docker_labels
-        if labels_on or any(cfg.runtime == "docker" for cfg in configs):
-            self.engine = DockerEngine()
-            try:
-                listing = await self.engine.refresh_snapshot()
-            except EngineUnavailable as exc:
-                log.error(
-                    "the Docker engine does not answer: %s; docker services are failed "
-                    "until it does",
-                    exc,
-                )
-        self._listing = listing or []
+        await self._list(self._engine_names(configs) | ({LOCAL_ENGINE} if labels_on else set()))
+        listing = self._listings.get(LOCAL_ENGINE) if labels_on else None
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
             for cfg in configs:
@@ -167,9 +190,9 @@ class Proxy:
         except BaseException:
             await self.close()
             raise
-        if self.engine is not None:
-            self.engine.start_events()
-            self.engine.on_compose_change = self._compose_cue.set
+        for engine in self.engines.values():
+            engine.start_events()
+        if self.engines:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
         if self.discovery is not None:
             self.discovery.start()
@@ -182,11 +205,12 @@ class Proxy:
             await self._compose_cue.wait()
             await asyncio.sleep(0.2)  # one re-read for a burst of events (a scale of 10)
             self._compose_cue.clear()
-            if not self._has_compose(self.config.services) or self.engine is None:
+            if not self._has_compose(self.config.services):
                 continue
             try:
                 async with self._reloading:
-                    self._listing = await self.engine.refresh_snapshot()
+                    compose = [c for c in self.config.services.values() if c.replicas]
+                    await self._list(self._engine_names(compose))
                     await self._resync_compose()
             except EngineUnavailable as exc:
                 log.warning("compose replicas: %s", exc)
@@ -198,7 +222,7 @@ class Proxy:
         wanted: dict[str, ServiceConfig] = {}
         for cfg in services.values():
             if cfg.replicas is not None and cfg.replicas.discovered:
-                wanted.update((r.name, r) for r in expand(cfg, self._members(cfg.replicas)))
+                wanted.update((r.name, r) for r in expand(cfg, self._members(cfg)))
         owners = {cfg.name for cfg in services.values() if cfg.replicas and cfg.replicas.discovered}
         for name, service in list(self.services.items()):
             if service.cfg.replica_of in owners and name not in wanted:
@@ -268,14 +292,16 @@ class Proxy:
             old = self.config
             result = ReloadResult(
                 needs_restart=[
-                    k for k in ("admin", "discovery") if getattr(new, k) != getattr(old, k)
+                    k
+                    for k in ("admin", "discovery", "engines")
+                    if getattr(new, k) != getattr(old, k)
                 ]
             )
             self.policies = dict(new.policies)
             # Replicas one by one: a replica set that changed adds and removes replicas,
             # the others keep their connections.
             if self._has_compose(new.services):
-                await self._fresh_listing([], force=True)
+                await self._fresh_listing(c for c in new.services.values() if c.replicas)
             # Both against the current listing (compose replicas: the containers now).
             old_run = expand_all(old.services.values(), self._members)
             new_run = expand_all(new.services.values(), self._members)
@@ -307,13 +333,23 @@ class Proxy:
                     await self.remove_service(name)
                     to_add.append(cfg)
                     result.replaced.append(name)
+            # The engines are the ones the proxy started with (a change needs a restart).
+            known = {LOCAL_ENGINE, *old.engines}
+            unreachable = {
+                cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
+                for cfg in to_add
+                if cfg.runtime == "docker" and cfg.engine not in known
+            }
+            to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
             if to_add:
                 await self._fresh_listing(to_add)
-            result.failed = await self.add_services(to_add)
+            result.failed = {**unreachable, **await self.add_services(to_add)}
             result.failed.update(await self._open_pools(new.services))
             self._wire()
             # Admin and discovery keep running as they started: they need a restart.
-            self.config = dataclasses.replace(new, admin=old.admin, discovery=old.discovery)
+            self.config = dataclasses.replace(
+                new, admin=old.admin, discovery=old.discovery, engines=old.engines
+            )
             if self.discovery is not None:
                 self.discovery.poke()
         log.info(
@@ -330,17 +366,16 @@ class Proxy:
         )
         return result
 
-    async def _fresh_listing(self, configs: list[ServiceConfig], *, force: bool = False) -> None:
-        """Read container states before adding docker services (one listing)."""
-        if not force and not any(cfg.runtime == "docker" for cfg in configs):
-            return
-        if self.engine is None:
-            self.engine = DockerEngine()
-            self.engine.start_events()
-        try:
-            self._listing = await self.engine.refresh_snapshot()
-        except EngineUnavailable as exc:
-            log.error("the Docker engine does not answer: %s", exc)
+    async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
+        """Read container states before adding docker services (one listing per
+        engine they use); an engine new to the proxy starts its events too."""
+        names = self._engine_names(configs)
+        new = names - set(self.engines)
+        await self._list(names)
+        for name in new:
+            self.engines[name].start_events()
+        if new and self._compose_task is None:
+            self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
 
     def _sync_pools(self, services: Mapping[str, ServiceConfig]) -> None:
         """A pool per service with replicas (compose replicas: even while it has no
@@ -471,8 +506,9 @@ class Proxy:
                 # even where the policy never hibernates.
                 own_cgroup=True,
             )
-        assert self.engine is not None and cfg.container is not None
-        return DockerRuntime(self.engine, cfg.container, stop_timeout=cfg.stop_timeout)
+        assert cfg.container is not None
+        engine = self._engine(cfg.engine)
+        return DockerRuntime(engine, cfg.container, stop_timeout=cfg.stop_timeout)
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
@@ -496,6 +532,6 @@ class Proxy:
                 await service.runtime.close()
             except WakeproxyError as exc:
                 log.warning("%s: %s", service.name, exc)
-        if self.engine is not None:
-            await self.engine.close()
-            self.engine = None
+        for engine in self.engines.values():
+            await engine.close()
+        self.engines.clear()

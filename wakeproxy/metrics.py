@@ -74,11 +74,18 @@ class ProxyCollector(Collector):
             "byte went upstream).",
             labels=["service"],
         )
+        placed = CounterMetricFamily(
+            "wakeproxy_replica_connections",
+            "Connections placed on each replica (mode http: each carries its requests to "
+            "that one replica).",
+            labels=["service", "replica"],
+        )
         for pool in self.proxy.pools.values():
             moved.add_metric([pool.name], pool.moved)
             for replica in pool.replicas:
                 breaker = pool.breakers[replica.name]
                 circuits.add_metric([pool.name, replica.name], breaker.opened)
+                placed.add_metric([pool.name, replica.name], pool.placed[replica.name])
             for each in State:
                 count = sum(r.state is each for r in pool.replicas)
                 replicas.add_metric([pool.name, each.value], count)
@@ -88,7 +95,7 @@ class ProxyCollector(Collector):
                 connections.add_metric([pool.name, outcome.value], pool.stats.connections[outcome])
             for code, count in sorted(pool.stats.http_answers.items()):
                 answers.add_metric([pool.name, str(code)], count)
-        yield from (replicas, scale_ups, circuits, moved)
+        yield from (replicas, scale_ups, circuits, moved, placed)
 
     def collect(self) -> Iterator[Metric]:
         services = list(self.proxy.services.values())
@@ -225,11 +232,13 @@ class ProxyCollector(Collector):
             for name in sorted(discovery.rejected):
                 refused.add_metric([name], 1.0)
             yield refused
-        engine = self.proxy.engine
-        if engine is not None:
-            yield GaugeMetricFamily(
-                "wakeproxy_engine_up", "1 while the Docker engine answers.", value=float(engine.up)
+        if self.proxy.engines:
+            engines_up = GaugeMetricFamily(
+                "wakeproxy_engine_up", "1 while the Docker engine answers.", labels=["engine"]
             )
+            for name, engine in sorted(self.proxy.engines.items()):
+                engines_up.add_metric([name], float(engine.up))
+            yield engines_up
 
 
 def render(proxy: Proxy) -> bytes:

@@ -14,6 +14,7 @@ http's probes answered while every replica sleeps, a request head still arriving
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from .core.states import IN_FLIGHT, Outcome, State
 from .forward import ClientSide
 from .httpmode.answers import ProbeRule, compile_probes
 from .httpmode.client import HttpClientSide
+from .readiness import probe
 from .service import open_listener
 from .stats import ServiceStats
 
@@ -67,7 +69,9 @@ class Pool:
         self.moved = 0  # connections moved to another replica after a failed connect
         self.breakers: dict[str, Breaker] = {}
         self.sessions = SessionPins()
+        self.placed: collections.Counter[str] = collections.Counter()  # per replica
         self._server: asyncio.Server | None = None
+        self._health: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} :{self.cfg.listen.port} replicas={len(self.replicas)}>"
@@ -109,6 +113,47 @@ class Pool:
             self.scaling.target,
             extra={"service": self.name},
         )
+        spec = self.cfg.replicas
+        if spec is not None and spec.health_interval > 0:
+            self._health = asyncio.create_task(self._check_health(), name=f"{self.name}-health")
+
+    async def _check_health(self) -> None:
+        """Active health checks: the readiness probe against every running replica each
+        health_interval; a failure opens its circuit, a pass closes it. Not activity: the
+        probes go to the backends directly, not through the proxy."""
+        while True:
+            spec = self.cfg.replicas
+            interval = spec.health_interval if spec is not None else 0.0
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
+            running = [
+                (r, r.backend)
+                for r in self.replicas
+                if r.state is State.RUNNING and r.backend is not None
+            ]
+            timeout = min(self.cfg.connect_timeout, interval)
+            results = await asyncio.gather(
+                *(probe(backend, r.cfg.readiness, timeout) for r, backend in running)
+            )
+            now = asyncio.get_running_loop().time()
+            for (replica, _), healthy in zip(running, results, strict=True):
+                breaker = self.breakers.get(replica.name)
+                if breaker is None:
+                    continue
+                if healthy and breaker.state != "closed":
+                    breaker.succeeded()
+                    log.info("%s: health check passed: circuit closed", replica.name)
+                elif not healthy and breaker.state == "open":
+                    # Still failing: no trial connection while the checks say so.
+                    breaker.until = max(breaker.until, now + interval)
+                elif not healthy:
+                    breaker.failed(now)
+                    log.warning(
+                        "%s: health check failed: circuit open",
+                        replica.name,
+                        extra={"service": replica.name},
+                    )
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -117,6 +162,9 @@ class Pool:
 
     def close(self) -> None:
         self.stop_accepting()
+        if self._health is not None:
+            self._health.cancel()
+            self._health = None
         for conn in list(self.connections):
             conn.abort()
 
@@ -181,6 +229,7 @@ class Pool:
                 return
             if pinned is not None:
                 self.connections.discard(conn)
+                self.placed[pinned.name] += 1
                 pinned.adopt(conn)
                 pinned.needs_backend(conn, activity=activity, attached=attached)
                 return
@@ -188,6 +237,7 @@ class Pool:
         replica = self.replicas[placement.serve]
         self.breakers[replica.name].chosen(asyncio.get_running_loop().time())
         self.connections.discard(conn)
+        self.placed[replica.name] += 1
         replica.adopt(conn)
         replica.needs_backend(conn, activity=activity, attached=attached)
         if placement.wake is not None:
@@ -257,6 +307,7 @@ class Pool:
         self.moved += 1
         replica.give_up(conn)
         self.breakers[target.name].chosen(asyncio.get_running_loop().time())
+        self.placed[target.name] += 1
         target.adopt(conn)
         target.needs_backend(conn, activity=True, attached=False)
         return True

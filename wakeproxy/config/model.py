@@ -148,6 +148,24 @@ class Resources:
     memory: int | None = None
 
 
+# The engine a service uses unless it names another: DOCKER_HOST (and DOCKER_CERT_PATH,
+# DOCKER_TLS_VERIFY), else the local socket. ``engines:`` may define it too.
+LOCAL_ENGINE = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """One Docker engine of ``engines:``: ``host`` as DOCKER_HOST spells it
+    (``unix:///path``, ``tcp://HOST:PORT``); with ``cert_path`` (a directory holding
+    ca.pem, cert.pem and key.pem, as DOCKER_CERT_PATH) TLS with client certificates,
+    the engine's certificate verified against ca.pem unless ``tls_verify: false``."""
+
+    name: str
+    host: str
+    cert_path: str | None = None
+    tls_verify: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Replicas:
     """``replicas:``: several backends behind one listener, woken as the load needs.
@@ -162,6 +180,9 @@ class Replicas:
     containers: tuple[str, ...] = ()
     compose_service: str | None = None
     compose_project: str | None = None  # None: any project
+    # Seconds between active health checks of the running replicas (the readiness
+    # probe); 0: none, a replica's circuit opens only when a connect to it fails.
+    health_interval: float = 0.0
     minimum: int = 0  # awake even when idle (started with the proxy, never slept)
     maximum: int = 0  # awake at most; 0: count
     # Attached connections per awake replica past which the next one is woken.
@@ -217,6 +238,8 @@ class ServiceConfig:
     # "config" (the YAML file) or "labels" (a labelled container, discovered).
     source: Source = "config"
     replicas: Replicas | None = None
+    # docker: the engine (of ``engines:``) the container is on.
+    engine: str = LOCAL_ENGINE
     # Set on one replica's own config (see config.replicas.expand): the service it
     # belongs to and its place, from 1 (oldest first).
     replica_of: str | None = None
@@ -295,4 +318,5 @@ class Config:
     log: LogConfig = LogConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    engines: Mapping[str, EngineConfig] = field(default_factory=dict)
     source: str | None = None

@@ -71,6 +71,9 @@ def expand(cfg: ServiceConfig, members: Members = ()) -> list[ServiceConfig]:
                 sleep_policy=sleep,
                 # min: woken with the proxy; auto_start: the first one is.
                 auto_start=i < spec.minimum or (i == 0 and cfg.auto_start),
+                # In a group the oldest replica stands for the service: the group's wake
+                # wakes it, and it sleeps with the group once the newer ones slept.
+                group=cfg.group if i == 0 else None,
                 replica_of=cfg.name,
                 replica=index,
             )
@@ -91,6 +94,7 @@ def _compose_replica(
         backend=None,  # its own address, read from Docker
         sleep_policy=sleep,
         auto_start=number <= spec.minimum or (number == 1 and cfg.auto_start),
+        group=cfg.group if number == 1 else None,
         replica_of=cfg.name,
         replica=number,
     )
@@ -98,7 +102,7 @@ def _compose_replica(
 
 def expand_all(
     services: Iterable[ServiceConfig],
-    members: Callable[[Replicas], Members] | None = None,
+    members: Callable[[ServiceConfig], Members] | None = None,
 ) -> dict[str, ServiceConfig]:
     """Every config the proxy runs, by name (a service's replicas in their order).
 
@@ -113,7 +117,7 @@ def expand_all(
             depends_on = tuple(replica_name(d, 1) if d in replicated else d for d in cfg.depends_on)
             cfg = dataclasses.replace(cfg, depends_on=depends_on)
         spec = cfg.replicas
-        found = members(spec) if spec is not None and spec.discovered and members else ()
+        found = members(cfg) if spec is not None and spec.discovered and members else ()
         out.update((r.name, r) for r in expand(cfg, found))
     return out
 

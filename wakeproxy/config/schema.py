@@ -25,10 +25,12 @@ from ..errors import ConfigError
 from . import checks as check
 from .checks import Check, Problems, describe, nested, section
 from .model import (
+    LOCAL_ENGINE,
     Address,
     AdminConfig,
     Config,
     DiscoveryConfig,
+    EngineConfig,
     HttpSettings,
     IdleConnections,
     KeyPath,
@@ -107,6 +109,13 @@ SERVICE_FIELDS: dict[str, Check] = {
     "depends_on": check.names,
     "group": check.text,
     "replicas": nested,
+    "engine": check.text,
+}
+
+_ENGINE_FIELDS: dict[str, Check] = {
+    "host": check.text,
+    "cert_path": check.text,
+    "tls_verify": check.boolean,
 }
 
 
@@ -130,6 +139,7 @@ _REPLICA_FIELDS: dict[str, Check] = {
     "compose_service": check.text,
     "compose_project": check.text,
     "port": check.port,
+    "health_interval": check.seconds,
 }
 
 _ADMIN_FIELDS: dict[str, Check] = {
@@ -151,6 +161,7 @@ _SHUTDOWN_FIELDS: dict[str, Check] = {
     "backends": check.choice(*get_args(ShutdownBackends)),
 }
 _TOP_FIELDS: dict[str, Check] = {
+    "engines": nested,
     "shutdown": nested,
     "discovery": nested,
     "policies": nested,
@@ -344,8 +355,6 @@ def _parse_replicas(
         problems.add((*path, "max"), f"is {most}, past the {count} replica(s) there are")
     if values.get("min", 0) > most and (compose is None or "max" in values):
         problems.add((*path, "min"), f"is {values['min']}, past 'max' ({most})")
-    if service.get("group") is not None:
-        problems.add(path, "a service with replicas cannot be in a 'group' yet")
     if len(problems.items) > before or (count == 0 and compose is None):
         return None
     named = {
@@ -354,11 +363,49 @@ def _parse_replicas(
         "target_inflight": "target_inflight",
         "compose_service": "compose_service",
         "compose_project": "compose_project",
+        "health_interval": "health_interval",
     }
     return replace(
         Replicas(count=count, containers=containers),
         {named[key]: value for key, value in values.items() if key in named},
     )
+
+
+def _parse_engines(data: Any, problems: Problems) -> dict[str, EngineConfig]:
+    if not isinstance(data, dict):
+        problems.add(("engines",), f"expected a mapping of engine names, got {describe(data)}")
+        return {}
+    engines: dict[str, EngineConfig] = {}
+    for name, entry in data.items():
+        path: KeyPath = ("engines", str(name))
+        values = section(entry, path, _ENGINE_FIELDS, problems)
+        if values is None:
+            continue
+        host = values.get("host")
+        if host is None:
+            if isinstance(entry, dict) and "host" not in entry:
+                problems.add(path, "needs 'host' (unix:///path/docker.sock or tcp://HOST:PORT)")
+            continue
+        if not host.startswith(("unix://", "tcp://")):
+            problems.add((*path, "host"), f"expected unix:///path or tcp://HOST:PORT, got {host!r}")
+            continue
+        if "cert_path" in values and not host.startswith("tcp://"):
+            problems.add((*path, "cert_path"), "TLS certificates are for a tcp:// host")
+            continue
+        engines[str(name)] = replace(EngineConfig(name=str(name), host=host), values)
+    return engines
+
+
+def _check_engines(
+    services: Mapping[str, ServiceConfig], engines: Mapping[str, EngineConfig], problems: Problems
+) -> None:
+    known = {LOCAL_ENGINE, *engines}
+    for cfg in services.values():
+        path: KeyPath = ("services", cfg.name, "engine")
+        if cfg.runtime == "process" and cfg.engine != LOCAL_ENGINE:
+            problems.add(path, "an engine is for containers; a command runs here")
+        elif cfg.engine not in known:
+            problems.add(path, f"no engine {cfg.engine!r}; engines: {', '.join(sorted(known))}")
 
 
 def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:
@@ -523,6 +570,7 @@ def build_config(
     )
 
     policies = _parse_policies(top.get("policies", {}), problems)
+    engines = _parse_engines(top.get("engines", {}), problems)
     services: dict[str, ServiceConfig] = {}
     sketches: dict[str, Sketch] = {}
     raw_services = top.get("services")
@@ -544,10 +592,12 @@ def build_config(
     # Across services, those with faults of their own included: one pass, every fault.
     _check_listeners(sketches, admin, problems)
     _check_dependencies(sketches, problems)
+    _check_engines(services, engines, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
         services=services,
+        engines=engines,
         policies=policies,
         admin=admin,
         log=replace(LogConfig(), log_values),

@@ -15,8 +15,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import aiodocker
@@ -24,6 +26,7 @@ import aiohttp
 import orjson
 
 from ..config import LABEL_PREFIX
+from ..config.model import LOCAL_ENGINE, EngineConfig
 from ..core.states import State
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed
 from ..memory import Cgroup, cgroup_of
@@ -59,6 +62,21 @@ _ECHO = {"pause": "pause", "unpause": "unpause", "start": "start", "stop": "die"
 _ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
 _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 10.0
+
+
+def _tls_context(cfg: EngineConfig) -> ssl.SSLContext:
+    """TLS with client certificates, as the docker CLI reads DOCKER_CERT_PATH."""
+    assert cfg.cert_path is not None
+    base = Path(cfg.cert_path)
+    try:
+        context = ssl.create_default_context(cafile=str(base / "ca.pem"))
+        context.load_cert_chain(str(base / "cert.pem"), str(base / "key.pem"))
+    except (OSError, ssl.SSLError) as exc:
+        raise EngineUnavailable(f"engine {cfg.name}: its certificates in {base}: {exc}") from exc
+    if not cfg.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def address_of(info: dict[str, Any]) -> str | None:
@@ -102,7 +120,10 @@ class _EventStream(Protocol):
 class DockerEngine:
     """One connection to the engine, shared by all docker runtimes."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: EngineConfig | None = None) -> None:
+        # None: the local engine as DOCKER_HOST (or the default socket) names it.
+        self.cfg = cfg
+        self.name = cfg.name if cfg is not None else LOCAL_ENGINE
         self._client: aiodocker.Docker | None = None
         self._runtimes: dict[str, DockerRuntime] = {}
         # Name or id -> (state, address) from the last listing.
@@ -123,8 +144,18 @@ class DockerEngine:
     @property
     def client(self) -> aiodocker.Docker:
         if self._client is None:
-            # DOCKER_HOST is honoured by aiodocker itself.
-            self._client = aiodocker.Docker()
+            cfg = self.cfg
+            if cfg is None:
+                # DOCKER_HOST (DOCKER_CERT_PATH, DOCKER_TLS_VERIFY) honoured by aiodocker.
+                self._client = aiodocker.Docker()
+            elif cfg.host.startswith("tcp://"):
+                tls = _tls_context(cfg) if cfg.cert_path is not None else None
+                scheme = "https://" if tls is not None else "http://"
+                self._client = aiodocker.Docker(
+                    url=scheme + cfg.host.removeprefix("tcp://"), ssl_context=tls
+                )
+            else:
+                self._client = aiodocker.Docker(url=cfg.host)
         return self._client
 
     def register(self, runtime: DockerRuntime) -> None:
