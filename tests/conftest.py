@@ -9,6 +9,7 @@ from a Python base made locally with debootstrap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -133,14 +134,16 @@ class OwnEngine:
     """A second dockerd this test run started (its own data root, exec root and socket),
     for tests that stop or restart an engine: the machine's engine is never touched."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, live_restore: bool = True) -> None:
         self.root = root
         self.host = f"unix://{root}/docker.sock"
         self.argv = [
             "dockerd", "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
             "--pidfile", f"{root}/docker.pid", "-H", self.host, "--bridge=none",
-            "--iptables=false", "--ip-forward=false", "--live-restore",
+            "--iptables=false", "--ip-forward=false",
         ]  # fmt: skip
+        if live_restore:  # containers outlive a restart (swarm mode refuses it)
+            self.argv.append("--live-restore")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -183,6 +186,25 @@ class OwnEngine:
 def own_engine(
     docker_engine: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OwnEngine]:
+    yield from _own_engine(tmp_path_factory, live_restore=True)
+
+
+@pytest.fixture
+def own_swarm(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnEngine]:
+    """A second dockerd of the test's own as a single-node swarm manager (advertised on
+    127.0.0.1); it leaves the swarm before it stops."""
+    for engine in _own_engine(tmp_path_factory, live_restore=False):
+        docker("swarm", "init", "--advertise-addr", "127.0.0.1", host=engine.host, within=60)
+        try:
+            yield engine
+        finally:
+            with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+                docker("swarm", "leave", "--force", host=engine.host, within=60)
+
+
+def _own_engine(
+    tmp_path_factory: pytest.TempPathFactory, *, live_restore: bool
+) -> Iterator[OwnEngine]:
     if os.geteuid() != 0:
         message = "a second dockerd needs root"
         if in_ci():
@@ -190,7 +212,7 @@ def own_engine(
         pytest.skip(message)
     # Short: a unix socket path is at most 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="wp-engine-", dir="/tmp"))
-    engine = OwnEngine(root)
+    engine = OwnEngine(root, live_restore=live_restore)
     engine.start()
     try:
         context = _busybox_context(tmp_path_factory.mktemp("own-engine-image"))

@@ -592,3 +592,32 @@ def test_engine_faults_name_the_engine_and_the_known_ones():
     )
     assert config.services["a"].engine == "far"
     assert config.engines["far"].cert_path == "/etc/far" and config.engines["far"].tls_verify
+
+
+def test_a_swarm_service_needs_action_stop_and_nothing_else_as_its_backend():
+    found = problems(
+        """
+        services:
+          a: {listen: 127.0.0.1:7600, backend: 127.0.0.1:7601, swarm_service: web}
+          b:
+            listen: 127.0.0.1:7602
+            backend: 127.0.0.1:7603
+            swarm_service: web
+            container: web
+            sleep_policy: {action: stop}
+          c: {listen: 127.0.0.1:7604, backend: 127.0.0.1:7605, container: c, swarm_replicas: 2}
+        """
+    )
+    assert found == [
+        "c.yaml:3: services.a.sleep_policy.action: a Swarm service sleeps by scaling to 0: "
+        "set 'action: stop'",
+        "c.yaml:4: services.b: set one of 'swarm_service', 'container' or 'command' (and no "
+        "'replicas')",
+        "c.yaml:10: services.c.swarm_replicas: is for a 'swarm_service'",
+    ], found
+    config = build(
+        service("web", 7610, 7611, swarm_service="web", swarm_replicas=2,
+                sleep_policy={"action": "stop"}),
+    )  # fmt: skip
+    cfg = config.services["web"]
+    assert (cfg.runtime, cfg.swarm_service, cfg.swarm_replicas) == ("swarm", "web", 2)

@@ -31,6 +31,7 @@ from .pool import Pool
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_leftovers
+from .runtimes.swarm import SwarmRuntime
 from .service import Service
 
 log = logging.getLogger("wakeproxy")
@@ -118,7 +119,7 @@ class Proxy:
         return compose_members(self._listings.get(cfg.engine, []), cfg.replicas)
 
     def _engine_names(self, configs: Iterable[ServiceConfig]) -> set[str]:
-        return {cfg.engine for cfg in configs if cfg.runtime == "docker"}
+        return {cfg.engine for cfg in configs if cfg.runtime in ("docker", "swarm")}
 
     def _engine(self, name: str) -> DockerEngine:
         """The engine named ``name`` (made on first use; its events follow once running)."""
@@ -133,6 +134,10 @@ class Proxy:
         services (their state reads failed, retried with back-off)."""
         for name in sorted(names):
             engine = self._engine(name)
+            if any(
+                c.runtime == "swarm" and c.engine == name for c in self.config.services.values()
+            ):
+                await engine.refresh_swarm()
             try:
                 self._listings[name] = await engine.refresh_snapshot()
             except EngineUnavailable as exc:
@@ -338,7 +343,7 @@ class Proxy:
             unreachable = {
                 cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
                 for cfg in to_add
-                if cfg.runtime == "docker" and cfg.engine not in known
+                if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
             }
             to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
             if to_add:
@@ -505,6 +510,14 @@ class Proxy:
                 # Measured memory for every command, and hibernation on demand (the API)
                 # even where the policy never hibernates.
                 own_cgroup=True,
+            )
+        if cfg.runtime == "swarm":
+            assert cfg.swarm_service is not None
+            return SwarmRuntime(
+                self._engine(cfg.engine),
+                cfg.swarm_service,
+                replicas=cfg.swarm_replicas,
+                stop_timeout=cfg.stop_timeout,
             )
         assert cfg.container is not None
         engine = self._engine(cfg.engine)

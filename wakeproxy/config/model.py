@@ -25,7 +25,7 @@ Priority = Literal["low", "normal", "high"]
 # until memory pressure), or the first that works, in that order.
 ReclaimMethod = Literal["auto", "cgroup", "pageout"]
 IdleConnections = Literal["keep-awake", "allow-sleep"]
-RuntimeKind = Literal["docker", "process"]
+RuntimeKind = Literal["docker", "process", "swarm"]
 Source = Literal["config", "labels"]
 ShutdownBackends = Literal["as-is", "wake"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -238,8 +238,11 @@ class ServiceConfig:
     # "config" (the YAML file) or "labels" (a labelled container, discovered).
     source: Source = "config"
     replicas: Replicas | None = None
-    # docker: the engine (of ``engines:``) the container is on.
+    # docker: the engine (of ``engines:``) the container is on; swarm: a manager's.
     engine: str = LOCAL_ENGINE
+    # swarm runtime: the Swarm service, and its replica count while awake.
+    swarm_service: str | None = None
+    swarm_replicas: int = 1
     # Set on one replica's own config (see config.replicas.expand): the service it
     # belongs to and its place, from 1 (oldest first).
     replica_of: str | None = None

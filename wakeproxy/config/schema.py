@@ -110,6 +110,8 @@ SERVICE_FIELDS: dict[str, Check] = {
     "group": check.text,
     "replicas": nested,
     "engine": check.text,
+    "swarm_service": check.text,
+    "swarm_replicas": check.int_between(1, 1000),
 }
 
 _ENGINE_FIELDS: dict[str, Check] = {
@@ -480,6 +482,20 @@ def parse_service(
             given.add("container")  # given there (or its faults named there already)
         if replicas is None or replicas.discovered:
             given.add("backend")  # compose containers: each at its own address
+    swarm_service = values.get("swarm_service")
+    if swarm_service is not None:
+        if given & {"container", "command", "replicas"}:
+            problems.add(
+                path, "set one of 'swarm_service', 'container' or 'command' (and no 'replicas')"
+            )
+        if sleep.action is not SleepAction.STOP:
+            problems.add(
+                (*path, "sleep_policy", "action"),
+                "a Swarm service sleeps by scaling to 0: set 'action: stop'",
+            )
+        given.add("container")  # the swarm service is this one's backend
+    elif "swarm_replicas" in values:
+        problems.add((*path, "swarm_replicas"), "is for a 'swarm_service'")
     container = values.pop("container", None)
     command = values.pop("command", None)
     if replicas is not None and replicas.containers:
@@ -495,8 +511,10 @@ def parse_service(
         )
     elif not given & {"container", "command", "port"}:
         problems.add(path, "needs 'container' (docker runtime) or 'command' (process runtime)")
-    runtime: RuntimeKind = "process" if command is not None else "docker"
-    if seed_form:
+    runtime: RuntimeKind = (
+        "process" if command is not None else "swarm" if swarm_service is not None else "docker"
+    )
+    if seed_form and swarm_service is None:
         container = name
     if runtime == "process" and port is not None:
         problems.add(

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import aiodocker
 import aiohttp
@@ -31,6 +31,9 @@ from ..core.states import State
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed
 from ..memory import Cgroup, cgroup_of
 from .base import Runtime
+
+if TYPE_CHECKING:
+    from .swarm import SwarmRuntime
 
 log = logging.getLogger("wakeproxy.runtime.docker")
 
@@ -126,6 +129,11 @@ class DockerEngine:
         self.name = cfg.name if cfg is not None else LOCAL_ENGINE
         self._client: aiodocker.Docker | None = None
         self._runtimes: dict[str, DockerRuntime] = {}
+        # Swarm services (a manager engine), by name; their replica counts and running
+        # tasks from the last listing, and why it failed (not a manager, say).
+        self._swarm: dict[str, SwarmRuntime] = {}
+        self.swarm_snapshot: dict[str, tuple[int | None, int]] = {}
+        self.swarm_error: str | None = None
         # Name or id -> (state, address) from the last listing.
         self._snapshot: dict[str, tuple[State, str | None]] = {}
         # Wall-clock time just before the last listing: the event stream replays from
@@ -164,6 +172,38 @@ class DockerEngine:
     def unregister(self, runtime: DockerRuntime) -> None:
         if self._runtimes.get(runtime.ref) is runtime:
             del self._runtimes[runtime.ref]
+
+    def register_swarm(self, runtime: SwarmRuntime) -> None:
+        self._swarm[runtime.service] = runtime
+
+    def unregister_swarm(self, runtime: SwarmRuntime) -> None:
+        if self._swarm.get(runtime.service) is runtime:
+            del self._swarm[runtime.service]
+
+    async def refresh_swarm(self) -> None:
+        """Every Swarm service's replica count and running tasks, in two calls (start-up,
+        reconnects). A failure is kept for the swarm services (this engine may not be a
+        manager); the containers' listing does not depend on it."""
+        try:
+            with map_docker_errors("listing Swarm services"):
+                services = await self.client.services.list()
+                tasks = await self.client.tasks.list(filters={"desired-state": "running"})
+        except (EngineUnavailable, OperationFailed) as exc:
+            self.swarm_error = str(exc)
+            return
+        running: collections.Counter[str] = collections.Counter(
+            str(t.get("ServiceID"))
+            for t in tasks
+            if (t.get("Status") or {}).get("State") == "running"
+        )
+        snapshot: dict[str, tuple[int | None, int]] = {}
+        for service in services:
+            spec = service.get("Spec") or {}
+            replicated = (spec.get("Mode") or {}).get("Replicated")
+            count = None if replicated is None else int(replicated.get("Replicas", 0))
+            snapshot[str(spec.get("Name"))] = (count, running[str(service.get("ID"))])
+        self.swarm_snapshot = snapshot
+        self.swarm_error = None
 
     async def refresh_snapshot(self) -> list[dict[str, Any]]:
         """Read every container's state in one call (start-up, reconnects, discovery).
@@ -219,6 +259,8 @@ class DockerEngine:
                 if not first:
                     await self.refresh_snapshot()
                     self._reconcile("re-read after the engine came back")
+                    for swarm in list(self._swarm.values()):
+                        swarm.outside_change()
                     if self.on_labelled_change is not None:
                         self.on_labelled_change()
                     if self.on_compose_change is not None:
@@ -242,7 +284,7 @@ class DockerEngine:
         events = cast(_EventStream, self.client.events)
         subscriber = events.subscribe(
             since=f"{self._snapshot_at:.6f}",
-            filters=orjson.dumps({"type": ["container"]}).decode(),
+            filters=orjson.dumps({"type": ["container", "service"]}).decode(),
         )
         try:
             # None: the stream ended (the engine went away, or closed it).
@@ -258,6 +300,11 @@ class DockerEngine:
         action = str(event.get("Action") or event.get("status") or "")
         actor = event.get("Actor") or {}
         attributes = actor.get("Attributes") or {}
+        if event.get("Type") == "service":
+            swarm = self._swarm.get(str(attributes.get("name", "")))
+            if swarm is not None and action in ("update", "remove"):
+                swarm.service_event()
+            return
         if (
             action in ("create", "destroy", "rename")
             and _LABEL_ENABLE in attributes
