@@ -298,7 +298,7 @@ def scenario_replicas(report: Report, args: argparse.Namespace) -> None:
         f"wrk -t1 -c{replicas.CLIENTS} `Connection: close` through one service whose replicas"
         " each serve one request at a time, 20 ms each (tests/backends/serial.py: at most 50"
         " req/s per replica), all awake (`min` = count); rounds alternate; medians. Then a"
-        " load step (1 client, then 16; `min: 0`, `target_inflight: 2`):"
+        " load step (1 client, then 16; `min: 0`, `target_inflight: 4`):"
         f" {_ms_or_none(result.step_ms)} from the step to a second replica's first answer."
         " Then 3 replicas under 8 clients, the second one's process killed halfway:"
         f" {result.killed_errors} request(s) failed, {result.killed_in_flight} were in flight"

@@ -122,31 +122,38 @@ class Proxy:
         return {cfg.engine for cfg in configs if cfg.runtime in ("docker", "swarm")}
 
     def _engine(self, name: str) -> DockerEngine:
-        """The engine named ``name`` (made on first use; its events follow once running)."""
+        """The engine named ``name`` (made on first use; its events follow once running):
+        ``local`` or one of the ``engines:`` the proxy started with."""
         engine = self.engines.get(name)
         if engine is None:
-            engine = self.engines[name] = DockerEngine(self.config.engines.get(name))
+            cfg = self.config.engines.get(name)
+            if cfg is None and name != LOCAL_ENGINE:
+                raise EngineUnavailable(f"engine {name!r} is not one the proxy started with")
+            engine = self.engines[name] = DockerEngine(cfg)
             engine.on_compose_change = self._compose_cue.set
         return engine
 
-    async def _list(self, names: Iterable[str]) -> None:
-        """One listing per engine; an engine that does not answer fails only its own
-        services (their state reads failed, retried with back-off)."""
-        for name in sorted(names):
-            engine = self._engine(name)
-            if any(
-                c.runtime == "swarm" and c.engine == name for c in self.config.services.values()
-            ):
-                await engine.refresh_swarm()
-            try:
-                self._listings[name] = await engine.refresh_snapshot()
-            except EngineUnavailable as exc:
-                log.error(
-                    "the Docker engine %s does not answer: %s; its services are failed "
-                    "until it does",
-                    name,
-                    exc,
-                )
+    async def _list(self, configs: Iterable[ServiceConfig], *, local: bool = False) -> None:
+        """One listing per engine ``configs`` use (and the local one with ``local``), all
+        at once; an engine that does not answer fails only its own services (their
+        state reads failed, retried with back-off)."""
+        configs = list(configs)
+        names = self._engine_names(configs) | ({LOCAL_ENGINE} if local else set())
+        swarm = {c.engine for c in configs if c.runtime == "swarm"}
+        await asyncio.gather(*(self._list_one(name, name in swarm) for name in sorted(names)))
+
+    async def _list_one(self, name: str, swarm: bool) -> None:
+        engine = self._engine(name)
+        if swarm:
+            await engine.refresh_swarm()
+        try:
+            self._listings[name] = await engine.refresh_snapshot()
+        except EngineUnavailable as exc:
+            log.error(
+                "the Docker engine %s does not answer: %s; its services are failed until it does",
+                name,
+                exc,
+            )
 
     def _has_compose(self, services: Mapping[str, ServiceConfig]) -> bool:
         return any(c.replicas is not None and c.replicas.discovered for c in services.values())
@@ -168,7 +175,7 @@ class Proxy:
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
         labels_on = self.config.discovery.docker_labels
-        await self._list(self._engine_names(configs) | ({LOCAL_ENGINE} if labels_on else set()))
+        await self._list(configs, local=labels_on)
         listing = self._listings.get(LOCAL_ENGINE) if labels_on else None
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
@@ -215,7 +222,7 @@ class Proxy:
             try:
                 async with self._reloading:
                     compose = [c for c in self.config.services.values() if c.replicas]
-                    await self._list(self._engine_names(compose))
+                    await self._list(compose)
                     await self._resync_compose()
             except EngineUnavailable as exc:
                 log.warning("compose replicas: %s", exc)
@@ -229,6 +236,8 @@ class Proxy:
             if cfg.replicas is not None and cfg.replicas.discovered:
                 wanted.update((r.name, r) for r in expand(cfg, self._members(cfg)))
         owners = {cfg.name for cfg in services.values() if cfg.replicas and cfg.replicas.discovered}
+        known = {LOCAL_ENGINE, *self.config.engines}
+        wanted = {name: cfg for name, cfg in wanted.items() if cfg.engine in known}
         for name, service in list(self.services.items()):
             if service.cfg.replica_of in owners and name not in wanted:
                 log.info("%s: its container is gone; replica removed", name)
@@ -374,9 +383,10 @@ class Proxy:
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
         """Read container states before adding docker services (one listing per
         engine they use); an engine new to the proxy starts its events too."""
+        configs = list(configs)
         names = self._engine_names(configs)
         new = names - set(self.engines)
-        await self._list(names)
+        await self._list(configs)
         for name in new:
             self.engines[name].start_events()
         if new and self._compose_task is None:
@@ -468,7 +478,7 @@ class Proxy:
             *(
                 one(s)
                 for s in self.services.values()
-                if s.runtime.kind == "docker" and s.state in asleep
+                if s.runtime.kind in ("docker", "swarm") and s.state in asleep
             )
         )
 

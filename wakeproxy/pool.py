@@ -87,6 +87,8 @@ class Pool:
             self.breakers.setdefault(replica.name, Breaker())
         for name in set(self.breakers) - {r.name for r in replicas}:
             del self.breakers[name]
+        if self._server is not None:
+            self._start_checks()  # health_interval set by a reload
 
     def _place(self) -> Placement:
         now = asyncio.get_running_loop().time()
@@ -113,8 +115,11 @@ class Pool:
             self.scaling.target,
             extra={"service": self.name},
         )
+        self._start_checks()
+
+    def _start_checks(self) -> None:
         spec = self.cfg.replicas
-        if spec is not None and spec.health_interval > 0:
+        if spec is not None and spec.health_interval > 0 and self._health is None:
             self._health = asyncio.create_task(self._check_health(), name=f"{self.name}-health")
 
     async def _check_health(self) -> None:
@@ -122,38 +127,46 @@ class Pool:
         health_interval; a failure opens its circuit, a pass closes it. Not activity: the
         probes go to the backends directly, not through the proxy."""
         while True:
-            spec = self.cfg.replicas
-            interval = spec.health_interval if spec is not None else 0.0
-            if interval <= 0:
-                return
-            await asyncio.sleep(interval)
-            running = [
-                (r, r.backend)
-                for r in self.replicas
-                if r.state is State.RUNNING and r.backend is not None
-            ]
-            timeout = min(self.cfg.connect_timeout, interval)
-            results = await asyncio.gather(
-                *(probe(backend, r.cfg.readiness, timeout) for r, backend in running)
-            )
-            now = asyncio.get_running_loop().time()
-            for (replica, _), healthy in zip(running, results, strict=True):
-                breaker = self.breakers.get(replica.name)
-                if breaker is None:
-                    continue
-                if healthy and breaker.state != "closed":
-                    breaker.succeeded()
-                    log.info("%s: health check passed: circuit closed", replica.name)
-                elif not healthy and breaker.state == "open":
-                    # Still failing: no trial connection while the checks say so.
-                    breaker.until = max(breaker.until, now + interval)
-                elif not healthy:
-                    breaker.failed(now)
-                    log.warning(
-                        "%s: health check failed: circuit open",
-                        replica.name,
-                        extra={"service": replica.name},
-                    )
+            try:
+                if not await self._check_once():
+                    return
+            except Exception:  # a bug must not end the checks silently
+                log.exception("%s: health check failed to run", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _check_once(self) -> bool:
+        """One round of checks, after health_interval; False once checks are off."""
+        spec = self.cfg.replicas
+        interval = spec.health_interval if spec is not None else 0.0
+        if interval <= 0:
+            self._health = None
+            return False
+        await asyncio.sleep(interval)
+        running = [(r, r.backend) for r in self.replicas if r.state is State.RUNNING and r.backend]
+        timeout = min(self.cfg.connect_timeout, interval)
+        results = await asyncio.gather(
+            *(probe(backend, r.cfg.readiness, timeout) for r, backend in running if backend)
+        )
+        now = asyncio.get_running_loop().time()
+        for (replica, _), healthy in zip(running, results, strict=True):
+            breaker = self.breakers.get(replica.name)
+            if breaker is None:
+                continue
+            if healthy and breaker.state != "closed":
+                breaker.succeeded()
+                log.info("%s: health check passed: circuit closed", replica.name)
+            elif not healthy and breaker.state == "open":
+                # Still failing: no trial connection while the checks say so (until past
+                # the next round, which takes a probe's time on top).
+                breaker.until = max(breaker.until, now + 2 * interval + timeout)
+            elif not healthy:
+                breaker.failed(now)
+                log.warning(
+                    "%s: health check failed: circuit open",
+                    replica.name,
+                    extra={"service": replica.name},
+                )
+        return True
 
     def stop_accepting(self) -> None:
         if self._server is not None:

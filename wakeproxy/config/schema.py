@@ -494,6 +494,9 @@ def parse_service(
                 "a Swarm service sleeps by scaling to 0: set 'action: stop'",
             )
         given.add("container")  # the swarm service is this one's backend
+        if "backend" not in given:
+            problems.add(path, "needs 'backend' (where the Swarm service's tasks listen)")
+            given.add("backend")
     elif "swarm_replicas" in values:
         problems.add((*path, "swarm_replicas"), "is for a 'swarm_service'")
     container = values.pop("container", None)

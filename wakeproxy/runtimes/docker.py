@@ -63,6 +63,9 @@ _LISTED_FIELDS = ("Id", "Names", "State", "Labels", "HostConfig", "NetworkSettin
 # The engine event each of our own operations causes: its echo, not someone else's change.
 _ECHO = {"pause": "pause", "unpause": "unpause", "start": "start", "stop": "die"}
 _ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
+# A named engine that drops packets (not refuses) must not hold the proxy for minutes:
+# connecting is bounded; reads are not (the event stream stays open for ever).
+_API_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0, sock_connect=5.0)
 _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 10.0
 
@@ -156,14 +159,21 @@ class DockerEngine:
             if cfg is None:
                 # DOCKER_HOST (DOCKER_CERT_PATH, DOCKER_TLS_VERIFY) honoured by aiodocker.
                 self._client = aiodocker.Docker()
-            elif cfg.host.startswith("tcp://"):
-                tls = _tls_context(cfg) if cfg.cert_path is not None else None
-                scheme = "https://" if tls is not None else "http://"
+            elif cfg.host.startswith("tcp://") and cfg.cert_path is not None:
                 self._client = aiodocker.Docker(
-                    url=scheme + cfg.host.removeprefix("tcp://"), ssl_context=tls
+                    url="https://" + cfg.host.removeprefix("tcp://"),
+                    ssl_context=_tls_context(cfg),
+                    timeout=_API_TIMEOUT,
+                )
+            elif cfg.host.startswith("tcp://"):
+                # Plain HTTP, said so: not the local engine's DOCKER_TLS_VERIFY settings.
+                self._client = aiodocker.Docker(
+                    url="http://" + cfg.host.removeprefix("tcp://"),
+                    connector=aiohttp.TCPConnector(ssl=False),
+                    timeout=_API_TIMEOUT,
                 )
             else:
-                self._client = aiodocker.Docker(url=cfg.host)
+                self._client = aiodocker.Docker(url=cfg.host, timeout=_API_TIMEOUT)
         return self._client
 
     def register(self, runtime: DockerRuntime) -> None:
@@ -303,7 +313,7 @@ class DockerEngine:
         if event.get("Type") == "service":
             swarm = self._swarm.get(str(attributes.get("name", "")))
             if swarm is not None and action in ("update", "remove"):
-                swarm.service_event()
+                swarm.outside_change()
             return
         if (
             action in ("create", "destroy", "rename")

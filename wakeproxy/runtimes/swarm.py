@@ -3,10 +3,12 @@
 The engine wakeproxy talks to must be a manager of the swarm. A wake sets the service's
 replica count to its awake count (``swarm_replicas``, 1) and returns: readiness then
 probes the backend address until a task answers (a task reports "running" before its
-server listens, so the probe is the proof). A sleep (``action: stop``) scales it to 0 and
-waits until no task runs. The state is the service's spec and its running tasks; a
-change made outside the proxy (someone scales by hand, a task dies) comes through the
-engine's service events.
+server listens, so the probe is the proof). A sleep (``action: stop``) scales it to 0
+and waits until none of its tasks is left running (a task told to shut down runs on for
+its grace period). The state is the service's spec: scaled up reads running, at 0
+stopped, gone failed. A spec changed outside the proxy (scaled by hand, removed) comes
+through the engine's service events and is read again; Docker has no event for a task,
+so a task that dies and is replaced is Swarm's business, not the proxy's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..core.states import State
-from ..errors import OperationFailed
+from ..errors import OperationFailed, RuntimeFailure
 from .base import Runtime
 from .docker import map_docker_errors
 
@@ -25,19 +27,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wakeproxy.runtime.swarm")
 _POLL = 0.05
-# Following a scale-up made outside the proxy: how long, how often.
-_FOLLOW_FOR, _FOLLOW_EVERY = 60.0, 0.2
+# Task states after which nothing of the task runs any more.
+_ENDED = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove"})
+# Tries of a scale whose service version moved meanwhile (another update won the race).
+_SCALE_TRIES = 3
 
 
-def state_of(spec_replicas: int | None, running: int) -> tuple[State, str]:
-    """The state a service's desired replica count and running tasks add up to."""
+def state_of(spec_replicas: int | None) -> tuple[State, str]:
+    """The state a service's desired replica count stands for."""
     if spec_replicas is None:
         return State.FAILED, "not a replicated Swarm service (global mode?)"
-    if running > 0:
-        return State.RUNNING, f"{running} task(s) running"
     if spec_replicas == 0:
         return State.STOPPED, "scaled to 0"
-    return State.STOPPED, f"scaled to {spec_replicas}, no task running yet"
+    return State.RUNNING, f"scaled to {spec_replicas}"
 
 
 class SwarmRuntime(Runtime):
@@ -53,8 +55,6 @@ class SwarmRuntime(Runtime):
         self.service = service
         self.replicas = replicas
         self.stop_timeout = stop_timeout
-        # Service updates our own scaling causes, not yet seen: echoes, not news.
-        self._echoes = 0
         self._inspecting: asyncio.Task[None] | None = None
         engine.register_swarm(self)
 
@@ -66,60 +66,53 @@ class SwarmRuntime(Runtime):
         entry = self.engine.swarm_snapshot.get(self.service)
         if entry is None:
             return State.FAILED, f"no Swarm service {self.service!r}"
-        return state_of(*entry)
+        return state_of(entry[0])
 
     async def _service(self) -> dict[str, Any]:
         with map_docker_errors(f"reading Swarm service {self.service}"):
             return dict(await self.engine.client.services.inspect(self.service))
 
-    async def _running_tasks(self) -> int:
+    async def _live_tasks(self) -> int:
+        """Tasks of the service not yet ended (running, or shutting down)."""
         with map_docker_errors(f"reading the tasks of Swarm service {self.service}"):
-            tasks = await self.engine.client.tasks.list(
-                filters={"service": self.service, "desired-state": "running"}
-            )
-        return sum(
-            1
-            for t in tasks
-            if (t.get("Status") or {}).get("State") == "running"
-            and t.get("DesiredState") == "running"
-        )
+            tasks = await self.engine.client.tasks.list(filters={"service": self.service})
+        return sum(1 for t in tasks if (t.get("Status") or {}).get("State") not in _ENDED)
 
     async def inspect(self) -> State:
         """running while the service is scaled up (its tasks may still be starting:
         readiness tells when one serves), stopped at 0."""
-        desired = _replicas(await self._service())
-        if desired is None:
-            return State.FAILED
-        return State.RUNNING if desired > 0 else State.STOPPED
+        return state_of(_replicas(await self._service()))[0]
 
     async def _scale(self, count: int) -> None:
-        info = await self._service()
-        spec = info["Spec"]
-        if _replicas(info) is None:
-            raise OperationFailed(f"Swarm service {self.service} is not replicated: cannot scale")
-        spec["Mode"]["Replicated"]["Replicas"] = count
-        version = info["Version"]["Index"]
-        self._echoes += 1
-        try:
-            with map_docker_errors(f"scaling Swarm service {self.service} to {count}"):
-                await self.engine.client._query_json(
-                    f"services/{info['ID']}/update",
-                    method="POST",
-                    params={"version": version},
-                    data=spec,
-                )
-        except BaseException:
-            self._echoes -= 1
-            raise
+        for attempt in range(_SCALE_TRIES):
+            info = await self._service()
+            if _replicas(info) is None:
+                raise OperationFailed(f"Swarm service {self.service} is not replicated")
+            spec = info["Spec"]
+            spec["Mode"]["Replicated"]["Replicas"] = count
+            try:
+                with map_docker_errors(f"scaling Swarm service {self.service} to {count}"):
+                    await self.engine.client._query_json(
+                        f"services/{info['ID']}/update",
+                        method="POST",
+                        params={"version": info["Version"]["Index"]},
+                        data=spec,
+                    )
+                return
+            except OperationFailed as exc:
+                # "update out of sequence": someone updated it between our read and write.
+                if "out of sequence" not in str(exc) or attempt == _SCALE_TRIES - 1:
+                    raise
 
     async def start(self) -> None:
         await self._scale(self.replicas)
 
     async def stop(self) -> None:
         await self._scale(0)
-        deadline = asyncio.get_running_loop().time() + self.stop_timeout + 10.0
-        while await self._running_tasks():
-            if asyncio.get_running_loop().time() > deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout + 10.0
+        while await self._live_tasks():
+            if loop.time() > deadline:
                 raise OperationFailed(f"Swarm service {self.service}: tasks still running")
             await asyncio.sleep(_POLL)
 
@@ -129,32 +122,18 @@ class SwarmRuntime(Runtime):
     async def unpause(self) -> None:
         await self.start()
 
-    def service_event(self) -> None:
-        """The engine saw this service updated: ours (an echo) or someone else's."""
-        if self._echoes > 0:
-            self._echoes -= 1
-            return
-        self.outside_change()
-
     def outside_change(self) -> None:
-        """Re-read the service (updated outside the proxy, or after a reconnect)."""
+        """Read the service again: its spec changed (ours or someone else's: an update
+        of our own, seen while our operation runs, is ignored by the core), or the
+        engine came back."""
         if self._inspecting is None or self._inspecting.done():
-            self._inspecting = asyncio.get_running_loop().create_task(self._follow_outside())
+            self._inspecting = asyncio.get_running_loop().create_task(self._read_again())
 
-    async def _follow_outside(self) -> None:
-        """Scaled up outside: the update comes before any task runs, so follow it until
-        one does (or ``_FOLLOW_FOR``); then report the state it came to."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _FOLLOW_FOR
+    async def _read_again(self) -> None:
         try:
-            while True:
-                desired = _replicas(await self._service())
-                state, why = state_of(desired, await self._running_tasks())
-                if not desired or state is State.RUNNING or loop.time() > deadline:
-                    break
-                await asyncio.sleep(_FOLLOW_EVERY)
-        except Exception as exc:  # the engine went away: its reconnect re-reads
-            log.warning("%s: %s", self.service, exc)
+            state, why = state_of(_replicas(await self._service()))
+        except RuntimeFailure as exc:  # removed (BackendMissing), or the engine is away
+            self.on_change(State.FAILED, str(exc))
             return
         self.on_change(state, f"changed outside the proxy: {why}")
 
