@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import coldwake, hibernate, loadgen, peers, plots, replicas, scale, targets
+from bench import coldwake, hibernate, loadgen, peers, plots, replicas, scale, swarm, targets
 from bench.report import Report, Row, Target
 
 T = TypeVar("T")
@@ -310,6 +310,26 @@ def scenario_replicas(report: Report, args: argparse.Namespace) -> None:
     targets.replicas(report, result)
 
 
+def scenario_swarm(report: Report, args: argparse.Namespace) -> None:
+    title = "10. Swarm wake from 0"
+    why = swarm.available()
+    if why is not None:
+        report.not_run(targets.SWARM_WAKE, why)
+        return
+    rounds = max(args.rounds, 5) if not args.quick else 2
+    progress(f"{title}: a second dockerd as a single-node swarm, {rounds} round(s)")
+    result = swarm.run(rounds)
+    note = (
+        "A second dockerd started by the harness, `swarm init --advertise-addr 127.0.0.1`, a"
+        " busybox httpd service with host networking at 0 replicas. Per round: `docker"
+        " service scale NAME=1` to the first response byte (raw), back to 0, then one request"
+        " through wakeproxy (`swarm_service`, `action: stop`), which scales it itself; medians."
+    )
+    commands = [".venv/bin/python -m bench.swarm --rounds 5"]
+    report.table(title, note, commands, swarm.table(result))
+    targets.swarm(report, result)
+
+
 def _ms_or_none(value: float | None) -> str:
     return "no second replica answered" if value is None else f"{value:.0f} ms"
 
@@ -339,6 +359,7 @@ def main() -> None:
         scenario_scale(report, args, workdir)
         scenario_hibernate(report, args, workdir)
         scenario_replicas(report, args)
+        scenario_swarm(report, args)
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")

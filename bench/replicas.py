@@ -86,6 +86,8 @@ class ReplicatedProxy(peers.Peer):
         )
         argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config)]
         super().__init__("wakeproxy", [*argv, "--log-level", "warning"], port)
+        # The service listens before the admin API does: wait for that too.
+        peers.wait_port(self.admin_port, self.proc, "wakeproxy admin")
 
     def replicas(self) -> list[dict[str, object]]:
         url = f"http://127.0.0.1:{self.admin_port}/services/web/replicas"

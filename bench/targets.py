@@ -17,6 +17,7 @@ from bench.loadgen import WrkResult
 from bench.replicas import ReplicaResult
 from bench.report import Report, Target
 from bench.scale import ScaleResult
+from bench.swarm import SwarmResult
 
 KEEPALIVE_RPS = Target("1. keep-alive req/s, tcp mode", ">= 0.95 x HAProxy; wakeproxy 0 errors")
 KEEPALIVE_P99 = Target("1. keep-alive p99 latency", "<= 1.3 x HAProxy; wakeproxy 0 errors")
@@ -56,6 +57,10 @@ REPLICAS_FAILOVER = Target(
     "9. a replica killed under load",
     "failed requests <= those in flight on it (none not yet forwarded)",
 )
+SWARM_WAKE = Target(
+    "10. Swarm service woken from 0, first response",
+    "<= raw docker service scale + 50 ms; 1 scale-up per wake; 0 failed",
+)
 HIBERNATE_LOAD = Target(
     "8. keep-alive p99 while 50 hibernate at once",
     "<= 2 x its p99 alone; all 50 hibernated; 0 wrk errors",
@@ -63,7 +68,7 @@ HIBERNATE_LOAD = Target(
 ALL = (
     KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, CHURN_BARE, BULK, HTTP, HTTP_VARIED, COLD_ONE,
     COLD_BURST, SCALE, HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD, REPLICAS_SCALE,
-    REPLICAS_FAILOVER,
+    REPLICAS_FAILOVER, SWARM_WAKE,
 )  # fmt: skip
 
 # Per wrk row: (target, figure, bound, reference). req/s must reach the bound x the
@@ -203,3 +208,12 @@ def replicas(report: Report, result: ReplicaResult) -> None:
     failed, in_flight = result.killed_errors, result.killed_in_flight
     measured = f"{failed} failed, {in_flight} in flight on it, {result.moved} moved"
     report.judge(REPLICAS_FAILOVER, measured, 0 <= failed <= in_flight)
+
+
+def swarm(report: Report, result: SwarmResult) -> None:
+    """Row 10: the proxied wake over the raw scale, medians; every wake one scale-up."""
+    diff = (median(result.proxied) - median(result.raw)) * 1000
+    ups = "/".join(map(str, result.scale_ups))
+    clean = result.failed == 0 and all(n == 1 for n in result.scale_ups) and bool(result.raw)
+    measured = f"{diff:+.1f} ms; scale-ups {ups}; {result.failed} failed"
+    report.judge(SWARM_WAKE, measured, diff <= 50 and clean)

@@ -15,6 +15,7 @@ from bench.loadgen import WrkResult
 from bench.peers import free_port
 from bench.replicas import ReplicaResult
 from bench.report import Report, Status
+from bench.swarm import SwarmResult
 
 
 def wrk(rps: float, p99_ms: float, errors: int = 0) -> WrkResult:
@@ -45,7 +46,7 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
     assert not report.all_met()
     section = report.targets_section()
-    assert "**Not all targets met: 2 met, 1 not met, 12 not run (of 15).**" in section
+    assert "**Not all targets met: 2 met, 1 not met, 13 not run (of 16).**" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
     assert len(rows) == len(targets.ALL)
     assert rows[2] == (
@@ -77,6 +78,16 @@ def test_replica_targets_count_errors_and_failures_beyond_the_requests_in_flight
     targets.replicas(report, result)
     assert report.verdict(targets.REPLICAS_SCALE) == ("3.80 x; errors: 1", Status.NOT_MET)
     assert report.verdict(targets.REPLICAS_FAILOVER)[1] is Status.MET
+
+
+def test_the_swarm_target_needs_one_scale_up_per_wake_and_no_failure(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", [targets.SWARM_WAKE])
+    result = SwarmResult(raw=[0.5, 0.5], proxied=[0.52, 0.53], scale_ups=[1, 1])
+    targets.swarm(report, result)
+    assert report.verdict(targets.SWARM_WAKE) == ("+25.0 ms; scale-ups 1/1; 0 failed", Status.MET)
+    result.scale_ups = [1, 2]  # fast, but one wake scaled twice
+    targets.swarm(report, result)
+    assert report.verdict(targets.SWARM_WAKE)[1] is Status.NOT_MET
 
 
 def test_targets_all_met_only_when_every_row_is_clean(tmp_path):
@@ -182,7 +193,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
     assert burst in verdicts
-    assert "**Not all targets met:" in verdicts and "1 not run (of 15)" in verdicts
+    assert "**Not all targets met:" in verdicts and "1 not run (of 16)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"
@@ -193,6 +204,8 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     assert "Not run" not in start and "| 1 |" in start
     assert start.split("| 1 |", 1)[1].splitlines()[0].rstrip().endswith("| 0 |")
     assert "## 9. Replicas" in report and "| 4 |" in report.split("## 9. Replicas", 1)[1]
+    # Row 10 ran on a swarm of the harness's own (a second dockerd, removed again).
+    assert "## 10. Swarm wake from 0" in report and "| 10. Swarm service woken" in report
     scaled = report.split("## 7. Scale", 1)[1]
     assert "| 1050 |" in scaled and "failed" not in scaled.split("| 1050 |", 1)[1].splitlines()[0]
     # The cold-wake row ran on the real engine: N=1 and N=10, one unpause per burst, none failed.

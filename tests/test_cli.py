@@ -316,3 +316,22 @@ def test_compose_example_parses_and_its_services_yml_loads():
     }
     result = cli("check", "-c", str(root / "config/services.yml"))
     assert result.returncode == 0 and "ok, 2 service(s)" in result.stdout
+
+
+def test_the_stack_and_replica_examples_parse_and_their_configs_load():
+    root = Path(__file__).parent.parent
+    if shutil.which("docker-compose") is None:
+        if in_ci():
+            pytest.fail("docker-compose is missing (./dev test installs it)")
+        pytest.skip("docker-compose is not installed")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(root / "config/wakeproxy-stack.yml"), "config"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stack = yaml.safe_load(result.stdout)["services"]
+    assert stack["web"]["deploy"]["replicas"] == 0
+    assert stack["wakeproxy"]["deploy"]["placement"]["constraints"] == ["node.role == manager"]
+    for name, count in (("stack.yaml", 1), ("replicas.yaml", 1)):
+        result = cli("check", "-c", str(root / "config" / name))
+        assert result.returncode == 0 and f"ok, {count} service(s)" in result.stdout, name

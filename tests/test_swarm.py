@@ -31,7 +31,8 @@ def create_service(swarm, name: str, port: int, replicas: int = 0, labels=()) ->
     label_args = [arg for label in labels for arg in ("--label", label)]
     docker(
         "service", "create", "--detach", "--name", name, "--network", "host",
-        "--replicas", str(replicas), "--no-resolve-image", *label_args, BUSYBOX_IMAGE,
+        "--replicas", str(replicas), "--no-resolve-image", "--stop-grace-period", "0s",
+        *label_args, BUSYBOX_IMAGE,
         "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www",
         host=swarm.host, within=60,
     )  # fmt: skip
