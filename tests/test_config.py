@@ -598,7 +598,11 @@ def test_a_swarm_service_needs_action_stop_and_nothing_else_as_its_backend():
     found = problems(
         """
         services:
-          a: {listen: 127.0.0.1:7600, backend: 127.0.0.1:7601, swarm_service: web}
+          a:
+            listen: 127.0.0.1:7600
+            backend: 127.0.0.1:7601
+            swarm_service: web
+            sleep_policy: {action: hibernate}
           b:
             listen: 127.0.0.1:7602
             backend: 127.0.0.1:7603
@@ -609,11 +613,12 @@ def test_a_swarm_service_needs_action_stop_and_nothing_else_as_its_backend():
         """
     )
     assert found == [
-        "c.yaml:3: services.a.sleep_policy.action: a Swarm service sleeps by scaling to 0: "
-        "set 'action: stop'",
-        "c.yaml:4: services.b: set one of 'swarm_service', 'container' or 'command' (and no "
+        "c.yaml:7: services.a.sleep_policy.action: a Swarm service sleeps by scaling to 0 "
+        "(action: stop) or by pausing its tasks on this engine's node (action: pause); it does "
+        "not hibernate",
+        "c.yaml:8: services.b: set one of 'swarm_service', 'container' or 'command' (and no "
         "'replicas')",
-        "c.yaml:10: services.c.swarm_replicas: is for a 'swarm_service'",
+        "c.yaml:14: services.c.swarm_replicas: is for a 'swarm_service'",
     ], found
     config = build(
         service("web", 7610, 7611, swarm_service="web", swarm_replicas=2,

@@ -488,10 +488,11 @@ def parse_service(
             problems.add(
                 path, "set one of 'swarm_service', 'container' or 'command' (and no 'replicas')"
             )
-        if sleep.action is not SleepAction.STOP:
+        if sleep.action is SleepAction.HIBERNATE or sleep.hibernate_after is not None:
             problems.add(
                 (*path, "sleep_policy", "action"),
-                "a Swarm service sleeps by scaling to 0: set 'action: stop'",
+                "a Swarm service sleeps by scaling to 0 (action: stop) or by pausing its "
+                "tasks on this engine's node (action: pause); it does not hibernate",
             )
         given.add("container")  # the swarm service is this one's backend
         if "backend" not in given:

@@ -135,7 +135,8 @@ class DockerEngine:
         # Swarm services (a manager engine), by name; their replica counts and running
         # tasks from the last listing, and why it failed (not a manager, say).
         self._swarm: dict[str, SwarmRuntime] = {}
-        self.swarm_snapshot: dict[str, tuple[int | None, int]] = {}
+        # Service name -> (desired replicas, running tasks, their container ids).
+        self.swarm_snapshot: dict[str, tuple[int | None, int, tuple[str, ...]]] = {}
         self.swarm_error: str | None = None
         # Name or id -> (state, address) from the last listing.
         self._snapshot: dict[str, tuple[State, str | None]] = {}
@@ -201,17 +202,19 @@ class DockerEngine:
         except (EngineUnavailable, OperationFailed) as exc:
             self.swarm_error = str(exc)
             return
-        running: collections.Counter[str] = collections.Counter(
-            str(t.get("ServiceID"))
-            for t in tasks
-            if (t.get("Status") or {}).get("State") == "running"
-        )
-        snapshot: dict[str, tuple[int | None, int]] = {}
+        running: collections.defaultdict[str, list[str]] = collections.defaultdict(list)
+        for t in tasks:
+            status = t.get("Status") or {}
+            if status.get("State") == "running":
+                cid = str((status.get("ContainerStatus") or {}).get("ContainerID", ""))
+                running[str(t.get("ServiceID"))].append(cid)
+        snapshot: dict[str, tuple[int | None, int, tuple[str, ...]]] = {}
         for service in services:
             spec = service.get("Spec") or {}
             replicated = (spec.get("Mode") or {}).get("Replicated")
             count = None if replicated is None else int(replicated.get("Replicas", 0))
-            snapshot[str(spec.get("Name"))] = (count, running[str(service.get("ID"))])
+            ids = tuple(running[str(service.get("ID"))])
+            snapshot[str(spec.get("Name"))] = (count, len(ids), ids)
         self.swarm_snapshot = snapshot
         self.swarm_error = None
 

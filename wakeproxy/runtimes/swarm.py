@@ -5,7 +5,10 @@ replica count to its awake count (``swarm_replicas``, 1) and returns: readiness 
 probes the backend address until a task answers (a task reports "running" before its
 server listens, so the probe is the proof). A sleep (``action: stop``) scales it to 0
 and waits until none of its tasks is left running (a task told to shut down runs on for
-its grace period). The state is the service's spec: scaled up reads running, at 0
+its grace period). ``action: pause`` instead pauses the service's running task
+containers, which must run on the node of the engine wakeproxy talks to (a task on
+another node fails the pause, saying so); a wake unpauses them. The state is the
+service's spec: scaled up reads running (paused while we froze its tasks), at 0
 stopped, gone failed. A spec changed outside the proxy (scaled by hand, removed) comes
 through the engine's service events and is read again; Docker has no event for a task,
 so a task that dies and is replaced is Swarm's business, not the proxy's.
@@ -56,6 +59,8 @@ class SwarmRuntime(Runtime):
         self.replicas = replicas
         self.stop_timeout = stop_timeout
         self._inspecting: asyncio.Task[None] | None = None
+        # The task containers our pause froze (unpaused by a wake or before a stop).
+        self._paused: tuple[str, ...] = ()
         engine.register_swarm(self)
 
     def initial_state(self) -> tuple[State, str]:
@@ -66,7 +71,12 @@ class SwarmRuntime(Runtime):
         entry = self.engine.swarm_snapshot.get(self.service)
         if entry is None:
             return State.FAILED, f"no Swarm service {self.service!r}"
-        return state_of(entry[0])
+        desired, _, containers = entry
+        frozen = [self.engine.snapshot_state(cid) is State.PAUSED for cid in containers]
+        if desired and frozen and all(frozen):
+            self._paused = containers
+            return State.PAUSED, "its task containers are paused"
+        return state_of(desired)
 
     async def _service(self) -> dict[str, Any]:
         with map_docker_errors(f"reading Swarm service {self.service}"):
@@ -80,8 +90,9 @@ class SwarmRuntime(Runtime):
 
     async def inspect(self) -> State:
         """running while the service is scaled up (its tasks may still be starting:
-        readiness tells when one serves), stopped at 0."""
-        return state_of(_replicas(await self._service()))[0]
+        readiness tells when one serves), paused while we froze its tasks, stopped at 0."""
+        state = state_of(_replicas(await self._service()))[0]
+        return State.PAUSED if state is State.RUNNING and self._paused else state
 
     async def _scale(self, count: int) -> None:
         for attempt in range(_SCALE_TRIES):
@@ -108,6 +119,8 @@ class SwarmRuntime(Runtime):
         await self._scale(self.replicas)
 
     async def stop(self) -> None:
+        if self._paused:
+            await self.unpause()  # a frozen task cannot be shut down
         await self._scale(0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stop_timeout + 10.0
@@ -117,10 +130,38 @@ class SwarmRuntime(Runtime):
             await asyncio.sleep(_POLL)
 
     async def pause(self) -> None:
-        raise OperationFailed("a Swarm service sleeps by scaling to 0 (action: stop)")
+        """Freeze the service's running task containers (all on this engine's node)."""
+        with map_docker_errors(f"reading the tasks of Swarm service {self.service}"):
+            info = await self.engine.client.system.info()
+            tasks = await self.engine.client.tasks.list(
+                filters={"service": self.service, "desired-state": "running"}
+            )
+        node = str((info.get("Swarm") or {}).get("NodeID", ""))
+        containers = []
+        for task in tasks:
+            status = task.get("Status") or {}
+            if status.get("State") != "running":
+                continue
+            if str(task.get("NodeID")) != node:
+                raise OperationFailed(
+                    f"a task of Swarm service {self.service} runs on another node: "
+                    "action: pause needs its tasks on this engine's node (or use action: stop)"
+                )
+            containers.append(str((status.get("ContainerStatus") or {}).get("ContainerID")))
+        for cid in containers:
+            with map_docker_errors(f"pausing task container {cid[:12]} of {self.service}"):
+                await self.engine.client.containers.container(cid).pause()
+        self._paused = tuple(containers)
 
     async def unpause(self) -> None:
-        await self.start()
+        """Thaw what our pause froze; a service slept by a stop is scaled up instead."""
+        if not self._paused:
+            await self.start()
+            return
+        for cid in self._paused:
+            with map_docker_errors(f"unpausing task container {cid[:12]} of {self.service}"):
+                await self.engine.client.containers.container(cid).unpause()
+        self._paused = ()
 
     def outside_change(self) -> None:
         """Read the service again: its spec changed (ours or someone else's: an update
@@ -135,6 +176,8 @@ class SwarmRuntime(Runtime):
         except RuntimeFailure as exc:  # removed (BackendMissing), or the engine is away
             self.on_change(State.FAILED, str(exc))
             return
+        if state is State.RUNNING and self._paused:
+            state, why = State.PAUSED, "its task containers are paused"
         self.on_change(state, f"changed outside the proxy: {why}")
 
     async def close(self) -> None:
