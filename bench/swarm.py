@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import coldwake, peers
+from bench import coldwake, peers, wake
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.core.states import State
 
-IMAGE = "wakeproxy-bench/busybox:1"
+IMAGE = wake.IMAGE
 
 
 @dataclass
@@ -93,18 +93,6 @@ def own_swarm() -> Iterator[str]:
         for mount in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
             subprocess.run(["umount", mount], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _build(host: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        context = Path(tmp)
-        shutil.copy(shutil.which("busybox") or "/bin/busybox", context / "busybox")
-        (context / "www").mkdir()
-        (context / "www" / "index.html").write_text("hello\n")
-        (context / "Dockerfile").write_text(
-            'FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nENTRYPOINT ["/bin/busybox"]\n'
-        )
-        _docker(host, "build", "--network", "host", "-q", "-t", IMAGE, str(context))
 
 
 async def _first_byte_after(start: float, port: int, within: float = 30) -> float:
@@ -184,7 +172,7 @@ async def _until_closed(port: int) -> None:
 
 def run(rounds: int) -> SwarmResult:
     with own_swarm() as host:
-        _build(host)
+        wake.build_image(host)
         return asyncio.run(_measure(host, rounds))
 
 

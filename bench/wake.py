@@ -36,7 +36,8 @@ def docker(*args: str) -> str:
     return out.stdout.strip()
 
 
-def build_image() -> None:
+def build_image(host: str | None = None) -> None:
+    """The busybox httpd image (FROM scratch), on the default engine or ``host``'s."""
     with tempfile.TemporaryDirectory() as tmp:
         context = Path(tmp)
         shutil.copy(shutil.which("busybox") or "/bin/busybox", context / "busybox")
@@ -45,7 +46,8 @@ def build_image() -> None:
         (context / "Dockerfile").write_text(
             'FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nENTRYPOINT ["/bin/busybox"]\n'
         )
-        docker("build", "--network", "host", "-q", "-t", IMAGE, str(context))
+        engine = ["-H", host] if host is not None else []
+        docker(*engine, "build", "--network", "host", "-q", "-t", IMAGE, str(context))
 
 
 async def first_byte(port: int) -> float:
