@@ -89,15 +89,16 @@ class ReplicatedProxy(peers.Peer):
         # The service listens before the admin API does: wait for that too.
         peers.wait_port(self.admin_port, self.proc, "wakeproxy admin")
 
-    def replicas(self) -> list[dict[str, object]]:
-        url = f"http://127.0.0.1:{self.admin_port}/services/web/replicas"
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return list(json.load(answer)["replicas"])
-
     def status(self) -> dict[str, object]:
+        """GET /services/web/replicas."""
         url = f"http://127.0.0.1:{self.admin_port}/services/web/replicas"
         with urllib.request.urlopen(url, timeout=10) as answer:
             return dict(json.load(answer))
+
+    def replicas(self) -> list[dict[str, object]]:
+        found = self.status()["replicas"]
+        assert isinstance(found, list)
+        return found
 
     def wait_running(self, count: int, within: float = 30) -> None:
         deadline = time.monotonic() + within
