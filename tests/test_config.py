@@ -626,3 +626,19 @@ def test_a_swarm_service_needs_action_stop_and_nothing_else_as_its_backend():
     )  # fmt: skip
     cfg = config.services["web"]
     assert (cfg.runtime, cfg.swarm_service, cfg.swarm_replicas) == ("swarm", "web", 2)
+
+
+def test_two_services_on_one_swarm_service_are_refused_on_one_engine_not_on_two():
+    found = problems(
+        """
+        engines: {far: {host: "tcp://10.0.0.2:2375"}}
+        services:
+          a: {listen: 127.0.0.1:7620, backend: 127.0.0.1:7621, swarm_service: web}
+          b: {listen: 127.0.0.1:7622, backend: 127.0.0.1:7623, swarm_service: web}
+          c: {listen: 127.0.0.1:7624, backend: 127.0.0.1:7625, swarm_service: web, engine: far}
+        """
+    )
+    assert found == [
+        "c.yaml:5: services.b.swarm_service: Swarm service 'web' is already service 'a''s: "
+        "one wakeproxy service per Swarm service"
+    ], found

@@ -163,11 +163,10 @@ async def test_bad_labels_fail_that_service_only_and_compose_depends_on_wakes_fi
         assert proxy.services[app_name].cfg.depends_on == (db_name,)
         assert proxy.services[db_name].state is State.PAUSED
         assert bad_name not in proxy.services and wide_name not in proxy.services
-        assert proxy.discovery is not None
-        why = proxy.discovery.rejected[bad_name]
+        why = proxy.rejected[bad_name]
         assert "label wakeproxy.idle_timeout: expected a duration" in why, why
         assert "unknown label 'wakeproxy.actoin' (did you mean 'wakeproxy.action'?)" in why, why
-        assert "outside discovery.allowed_listen" in proxy.discovery.rejected[wide_name]
+        assert "outside discovery.allowed_listen" in proxy.rejected[wide_name]
 
         since = time.time()
         reply = await http_get(app_port, within=15)

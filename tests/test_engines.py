@@ -16,6 +16,7 @@ from tests.helpers import (
 )
 from wakeproxy import metrics
 from wakeproxy.core.states import State
+from wakeproxy.runtimes.docker import _clock_offset
 
 pytestmark = pytest.mark.asyncio
 BODY = b"hello from busybox\n"
@@ -66,3 +67,11 @@ async def test_a_service_on_each_of_two_engines_and_a_stopped_engine_fails_only_
         await wait_until(lambda: far.state is State.PAUSED, within=60)
         assert (await http_get(far_port, within=30)).endswith(BODY)
         assert 'wakeproxy_engine_up{engine="second"} 1.0' in metrics.render(proxy).decode()
+
+
+async def test_a_remote_engines_clock_offset_is_read_from_its_system_time():
+    # 2026-12-02T03:00:00Z; the engine reports nanoseconds.
+    at = 1_796_180_400.0
+    assert _clock_offset("2026-12-02T03:00:02.500000000Z", at) == pytest.approx(2.5)
+    assert _clock_offset("2026-12-02T04:00:00+01:00", at + 10) == pytest.approx(-10)
+    assert _clock_offset("", at) == 0.0 and _clock_offset("yesterday", at) == 0.0

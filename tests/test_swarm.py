@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+import yaml
 
 from tests.conftest import BUSYBOX_IMAGE
 from tests.helpers import (
@@ -117,3 +118,96 @@ async def test_with_action_pause_its_task_containers_on_this_node_are_paused_and
             host=swarm.host,
         )  # fmt: skip
         assert len(events.split()) == 1, "woken by unpausing its task, not a new one"
+
+
+def stack_file(path, backend: int, listen: int) -> str:
+    """A stack of two services at 0 replicas on host networking, wakeproxy.* in
+    deploy.labels: ``web`` whole, ``typo`` with a misspelt label."""
+    labels = {
+        "wakeproxy.enable": "true",
+        "wakeproxy.listen": f"127.0.0.1:{listen}",
+        "wakeproxy.backend": f"127.0.0.1:{backend}",
+        "wakeproxy.action": "stop",
+        "wakeproxy.idle_timeout": "1",
+        "wakeproxy.wake_timeout": "30",
+    }
+    command = ["httpd", "-f", "-p", f"127.0.0.1:{backend}", "-h", "/www"]
+    common = {
+        "image": BUSYBOX_IMAGE,
+        "command": command,
+        "stop_grace_period": "0s",
+        "networks": ["hostnet"],
+    }
+    stack = {
+        "version": "3.8",
+        "services": {
+            "web": {**common, "deploy": {"replicas": 0, "labels": labels}},
+            "typo": {
+                **common,
+                "deploy": {
+                    "replicas": 0,
+                    "labels": {**labels, "wakeproxy.listen": f"127.0.0.1:{free_port()}",
+                               "wakeproxy.idle_timout": "1"},
+                },
+            },
+        },
+        "networks": {"hostnet": {"external": True, "name": "host"}},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(stack))
+    return str(path)
+
+
+async def test_a_stack_deployed_with_wakeproxy_labels_is_discovered_woken_and_slept(
+    own_swarm, tmp_path
+):
+    swarm = own_swarm
+    stack = f"wp{uuid.uuid4().hex[:6]}"
+    port, backend = free_port(), free_port()
+    config = config_from(
+        config_text(
+            engines={"swarm": {"host": swarm.host}},
+            discovery={
+                "docker_labels": True,
+                "allowed_listen": ["127.0.0.0/8:1024-65535"],
+                "interval": 600,  # longer than the test: the service events do the work
+            },
+        )
+    )
+    plain, plain_port, plain_backend = f"lab-{stack}", free_port(), free_port()
+    async with running(config) as proxy:
+        assert not proxy.services
+        # A labelled container on the same (not the local) engine: discovered there too.
+        docker(
+            "run", "-d", "--network", "host", "--name", plain,
+            "--label", "wakeproxy.enable=true",
+            "--label", f"wakeproxy.listen=127.0.0.1:{plain_port}",
+            "--label", f"wakeproxy.port={plain_backend}",
+            BUSYBOX_IMAGE, "httpd", "-f", "-p", f"127.0.0.1:{plain_backend}", "-h", "/www",
+            host=swarm.host,
+        )  # fmt: skip
+        await wait_until(lambda: plain in proxy.services, within=20)
+        assert proxy.services[plain].cfg.engine == "swarm"
+        assert (await http_get(plain_port, within=20)).endswith(BODY)
+        file = stack_file(tmp_path / "stack.yml", backend, port)
+        docker("stack", "deploy", "-c", file, stack, host=swarm.host, within=60)
+        name = f"{stack}_web"
+        await wait_until(lambda: name in proxy.services, within=20)
+        web = proxy.services[name]
+        assert web.runtime.kind == "swarm" and web.cfg.engine == "swarm"
+        assert web.state is State.STOPPED
+        # The misspelt label: refused, named, the other service unaffected.
+        await wait_until(lambda: f"{stack}_typo" in proxy.rejected, within=20)
+        why = proxy.rejected[f"{stack}_typo"]
+        assert f"Swarm service {stack}_typo" in why and "wakeproxy.idle_timout" in why
+        assert (await http_get(port, within=40)).endswith(BODY)
+        assert web.stats.wakes["ok"] == 1
+        await wait_until(lambda: web.state is State.STOPPED, within=40)  # scaled to 0 again
+        replicas = docker(
+            "service", "inspect", "-f", "{{.Spec.Mode.Replicated.Replicas}}", name,
+            host=swarm.host,
+        )  # fmt: skip
+        assert replicas == "0"
+        # The stack removed: its service goes, and with it the listener.
+        docker("stack", "rm", stack, host=swarm.host, within=60)
+        await wait_until(lambda: name not in proxy.services, within=20)
+        assert not port_answers(port)

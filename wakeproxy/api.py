@@ -150,7 +150,7 @@ class Api:
             return json_response(200, {"policies": self._policies()})
         services = list(self.proxy.services.values())
         # Labelled containers refused by discovery are listed too: users look here first.
-        rejected = self.proxy.discovery.rejected if self.proxy.discovery is not None else {}
+        rejected = self.proxy.rejected
         refused = [
             {"name": name, "state": State.FAILED.value, "source": "labels", "reason": why}
             for name, why in sorted(rejected.items())

@@ -100,7 +100,8 @@ class Proxy:
         # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
         self.engines: dict[str, DockerEngine] = {}
         self.admin: AdminServer | None = None
-        self.discovery: LabelDiscovery | None = None
+        # Label discovery, one per engine (discovery.docker_labels), by engine name.
+        self.discoveries: dict[str, LabelDiscovery] = {}
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
@@ -108,6 +109,11 @@ class Proxy:
         self._listings: dict[str, list[dict[str, Any]]] = {}
         self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
+
+    @property
+    def rejected(self) -> dict[str, str]:
+        """What label discovery could not serve, on every engine: service name -> why."""
+        return {n: why for d in self.discoveries.values() for n, why in d.rejected.items()}
 
     @property
     def engine(self) -> DockerEngine | None:
@@ -133,13 +139,17 @@ class Proxy:
             engine.on_compose_change = self._compose_cue.set
         return engine
 
-    async def _list(self, configs: Iterable[ServiceConfig], *, local: bool = False) -> None:
-        """One listing per engine ``configs`` use (and the local one with ``local``), all
-        at once; an engine that does not answer fails only its own services (their
-        state reads failed, retried with back-off)."""
+    async def _list(self, configs: Iterable[ServiceConfig], *, every: bool = False) -> None:
+        """One listing per engine ``configs`` use (with ``every``: of every engine, and
+        their Swarm services: label discovery's first read), all at once; an engine
+        that does not answer fails only its own services (their state reads failed,
+        retried with back-off)."""
         configs = list(configs)
-        names = self._engine_names(configs) | ({LOCAL_ENGINE} if local else set())
+        names = self._engine_names(configs)
         swarm = {c.engine for c in configs if c.runtime == "swarm"}
+        if every:
+            names |= {LOCAL_ENGINE, *self.config.engines}
+            swarm |= names
         await asyncio.gather(*(self._list_one(name, name in swarm) for name in sorted(names)))
 
     async def _list_one(self, name: str, swarm: bool) -> None:
@@ -175,8 +185,7 @@ class Proxy:
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
         labels_on = self.config.discovery.docker_labels
-        await self._list(configs, local=labels_on)
-        listing = self._listings.get(LOCAL_ENGINE) if labels_on else None
+        await self._list(configs, every=labels_on)
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
             for cfg in configs:
@@ -190,12 +199,13 @@ class Proxy:
             for pool in self.pools.values():
                 with _listening(f"service {pool.name}", pool.cfg.listen):
                     await pool.start()
-            if labels_on:
-                assert self.engine is not None
-                self.discovery = LabelDiscovery(self, self.config.discovery, self.engine)
+            for name in sorted(self.engines) if labels_on else ():
+                discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
+                self.discoveries[name] = discovery
+                listing = self._listings.get(name)
                 if listing is not None:
                     # The same listing: labelled containers are served from the start.
-                    await self.discovery.apply(listing)
+                    await discovery.apply(listing)
             with _listening("admin API", self.config.admin.listen):
                 await admin.start()
             self.admin = admin
@@ -206,8 +216,8 @@ class Proxy:
             engine.start_events()
         if self.engines:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
-        if self.discovery is not None:
-            self.discovery.start()
+        for discovery in self.discoveries.values():
+            discovery.start()
 
     async def _follow_compose(self) -> None:
         """Compose replicas follow their containers: a container of a compose service
@@ -364,8 +374,8 @@ class Proxy:
             self.config = dataclasses.replace(
                 new, admin=old.admin, discovery=old.discovery, engines=old.engines
             )
-            if self.discovery is not None:
-                self.discovery.poke()
+            for discovery in self.discoveries.values():
+                discovery.poke()
         log.info(
             "reloaded %s: %d added, %d removed, %d replaced, %d updated, %d unchanged%s",
             new.source,
@@ -540,9 +550,9 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._compose_task
             self._compose_task = None
-        if self.discovery is not None:
-            await self.discovery.close()
-            self.discovery = None
+        for discovery in self.discoveries.values():
+            await discovery.close()
+        self.discoveries.clear()
         if self.admin is not None:
             await self.admin.close()
             self.admin = None

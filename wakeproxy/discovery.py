@@ -1,4 +1,5 @@
-"""Label discovery: containers labelled ``wakeproxy.enable=true`` become services.
+"""Label discovery: containers and Swarm services labelled ``wakeproxy.enable=true``
+become services, on every engine the proxy talks to (one discovery per engine).
 
 Off unless ``discovery.docker_labels`` is set: whoever can create containers could
 otherwise open listeners on the proxy, and ``discovery.allowed_listen`` bounds what a
@@ -6,10 +7,17 @@ label may ask for. Labels take the YAML's keys and pass the same checks; a bad l
 fails that one service (listed by the API with the reason) and the others run.
 
 The engine's event stream is the fast path: a labelled container created, renamed or
-removed cues a re-read. Every re-read is one container listing compared with what
-runs: new services start, services whose labels changed are replaced, services whose
-container is gone stop listening. A periodic re-read is the safety net for missed
-events. YAML wins where both name the same service (or the same container).
+removed, or any Swarm service created, updated or removed (a service event does not
+carry its labels), cues a re-read. Every re-read is one container listing (and, on a
+Swarm manager, one service listing) compared with what runs: new services start,
+services whose labels changed are replaced, services whose container is gone stop
+listening. A periodic re-read is the safety net for missed events. YAML wins where both
+name the same service (or the same container); a name or address another engine's
+discovery already serves is refused here.
+
+A Swarm service's labels are its own (``deploy.labels`` in a stack file), not its task
+containers': a task container labelled ``wakeproxy.enable`` is skipped, saying where
+the labels belong (each task would otherwise become a service of its own).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .config import (
     COMPOSE_DEPENDS_ON_LABEL,
     LABEL_PREFIX,
+    SWARM_SERVICE_LABEL,
     Address,
     DiscoveryConfig,
     ServiceConfig,
@@ -31,6 +40,7 @@ from .config import (
     label_service_name,
     service_from_labels,
 )
+from .config.model import LOCAL_ENGINE
 from .errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
@@ -39,19 +49,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wakeproxy.discovery")
 
-# What a discovered service was built from: its container, its labels and the
-# dependencies they resolved to. A change in any of these replaces the service; a live
-# change through the API (policy, timeouts) does not count as one.
+# What a discovered service was built from: its container (or Swarm service), its labels
+# and the dependencies they resolved to. A change in any of these replaces the service; a
+# live change through the API (policy, timeouts) does not count as one.
 _Origin = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]
+# A labelled container or Swarm service: its name, whether a Swarm service, its labels.
+_Labelled = tuple[str, bool, Mapping[str, str]]
 
 
-def _origin(container: str, labels: Mapping[str, str], cfg: ServiceConfig) -> _Origin:
+def _subject(cfg: ServiceConfig) -> str:
+    """What a discovered service stands for, as messages name it."""
+    if cfg.swarm_service is not None:
+        return f"Swarm service {cfg.swarm_service}"
+    return f"container {cfg.container}"
+
+
+def _origin(labels: Mapping[str, str], cfg: ServiceConfig) -> _Origin:
     own = sorted(
         (k, v)
         for k, v in labels.items()
         if k.startswith(LABEL_PREFIX) or k == COMPOSE_DEPENDS_ON_LABEL
     )
-    return container, tuple(own), cfg.depends_on
+    return _subject(cfg), tuple(own), cfg.depends_on
 
 
 class LabelDiscovery:
@@ -62,7 +81,7 @@ class LabelDiscovery:
         # Labelled containers that could not become services: service name -> why.
         self.rejected: dict[str, str] = {}
         self._origins: dict[str, _Origin] = {}
-        self._skipped: set[str] = set()  # named by the YAML too: logged once
+        self._skipped: set[str] = set()  # named by the YAML too, or a task: logged once
         self._cue = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         engine.on_labelled_change = self._cue.set
@@ -97,22 +116,31 @@ class LabelDiscovery:
             except Exception:
                 log.exception("label discovery failed; retrying at the next re-read")
 
+    def _mine(self, cfg: ServiceConfig) -> bool:
+        return cfg.source == "labels" and cfg.engine == self.engine.name
+
     async def reconcile(self) -> None:
-        """Re-read the labelled containers and make the running services match."""
+        """Re-read the labelled containers and services and make the running ones match."""
+        await self.engine.refresh_swarm()  # not a manager: no Swarm services, said once
         await self.apply(await self.engine.refresh_snapshot())
 
     async def apply(self, containers: list[dict[str, Any]]) -> None:
-        """Make the discovered services match ``containers`` (one engine listing)."""
+        """Make the discovered services match ``containers`` (one engine listing) and the
+        engine's last listing of Swarm services."""
         wanted, labels_of, rejected = self._wanted(containers)
         proxy = self.proxy
         for gone in [n for n in self._origins if n not in proxy.services]:
             del self._origins[gone]  # replaced by the file's service of that name
-        for name in [n for n, s in proxy.services.items() if s.cfg.source == "labels"]:
+        for name in [n for n, s in proxy.services.items() if self._mine(s.cfg)]:
             cfg = wanted.get(name)
-            origin = _origin(cfg.container or "", labels_of[name], cfg) if cfg else None
+            origin = _origin(labels_of[name], cfg) if cfg else None
             if origin == self._origins.get(name):
                 continue
-            why = "its container is gone" if cfg is None else "its labels changed"
+            why = (
+                f"{_subject(proxy.services[name].cfg)} is gone"
+                if cfg is None
+                else "its labels changed"
+            )
             log.info("%s: %s; closing its listener", name, why, extra={"service": name})
             self._origins.pop(name, None)
             await proxy.remove_service(name)
@@ -122,11 +150,11 @@ class LabelDiscovery:
             if cfg.name in failed:
                 rejected[cfg.name] = failed[cfg.name]
                 continue
-            self._origins[cfg.name] = _origin(cfg.container or "", labels_of[cfg.name], cfg)
+            self._origins[cfg.name] = _origin(labels_of[cfg.name], cfg)
             log.info(
-                "%s: discovered from container %s, listening on %s",
+                "%s: discovered from %s, listening on %s",
                 cfg.name,
-                cfg.container,
+                _subject(cfg),
                 cfg.listen,
                 extra={"service": cfg.name},
             )
@@ -137,42 +165,77 @@ class LabelDiscovery:
                 log.error("%s: not served: %s", name, why, extra={"service": name})
         self.rejected = rejected
 
+    def _labelled(self, containers: list[dict[str, Any]]) -> list[_Labelled]:
+        """(container or Swarm service name, is a Swarm service, labels) of each one
+        labelled wakeproxy.enable."""
+        labelled: list[_Labelled] = []
+        for entry in containers:
+            labels = entry.get("Labels") or {}
+            if not label_enabled(labels):
+                continue
+            names = entry.get("Names") or ()
+            container = str(names[0]).lstrip("/") if names else str(entry["Id"])[:12]
+            task_of = labels.get(SWARM_SERVICE_LABEL)
+            if task_of is not None:
+                if container not in self._skipped:
+                    log.warning(
+                        "container %s: a task of Swarm service %s; wakeproxy.* labels belong "
+                        "on the service (deploy.labels in a stack file), not its containers",
+                        container,
+                        task_of,
+                    )
+                    self._skipped.add(container)
+                continue
+            labelled.append((container, False, labels))
+        for service, labels in sorted(self.engine.swarm_labels.items()):
+            if label_enabled(labels):
+                labelled.append((service, True, labels))
+        return labelled
+
     def _wanted(
         self, containers: list[dict[str, Any]]
     ) -> tuple[dict[str, ServiceConfig], dict[str, Mapping[str, str]], dict[str, str]]:
         """The services the labels ask for, their labels, and the refused ones with why."""
         proxy = self.proxy
         configured = {n: s.cfg for n, s in proxy.services.items() if s.cfg.source == "config"}
-        controlled = {cfg.container: name for name, cfg in configured.items() if cfg.container}
-        labelled: list[tuple[str, Mapping[str, str]]] = []
-        for entry in containers:
-            labels = entry.get("Labels") or {}
-            if label_enabled(labels):
-                names = entry.get("Names") or ()
-                container = str(names[0]).lstrip("/") if names else str(entry["Id"])[:12]
-                labelled.append((container, labels))
-        managed = set(configured) | {label_service_name(c, labels) for c, labels in labelled}
+        # Another engine's discoveries: theirs as long as they run.
+        others = {
+            n: s.cfg
+            for n, s in proxy.services.items()
+            if s.cfg.source == "labels" and not self._mine(s.cfg)
+        }
+        controlled = {
+            (cfg.swarm_service is not None, cfg.swarm_service or cfg.container): name
+            for name, cfg in configured.items()
+            if cfg.engine == self.engine.name and (cfg.container or cfg.swarm_service)
+        }
+        labelled = self._labelled(containers)
+        managed = (
+            set(configured) | set(others) | {label_service_name(c, lb) for c, _, lb in labelled}
+        )
+        engine = None if self.engine.name == LOCAL_ENGINE else self.engine.name
 
         wanted: dict[str, ServiceConfig] = {}
         labels_of: dict[str, Mapping[str, str]] = {}
         rejected: dict[str, str] = {}
-        for container, labels in labelled:
+        for container, swarm, labels in labelled:
             name = label_service_name(container, labels)
-            owner = name if name in configured else controlled.get(container)
+            subject = f"Swarm service {container}" if swarm else f"container {container}"
+            owner = name if name in configured else controlled.get((swarm, container))
             if owner is not None:
                 if container not in self._skipped:
-                    log.info(
-                        "container %s: labelled, but the config file's service %s wins",
-                        container,
-                        owner,
-                    )
+                    log.info("%s: labelled, but the config file's service %s wins", subject, owner)
                     self._skipped.add(container)
                 continue
-            if name in wanted or name in rejected:
-                other = wanted.pop(name).container if name in wanted else "another container"
+            if name in others:
                 rejected[name] = (
-                    f"containers {other} and {container} both ask for the name {name!r}"
+                    f"{subject} asks for the name {name!r}, already served from "
+                    f"{_subject(others[name])} on engine {others[name].engine}"
                 )
+                continue
+            if name in wanted or name in rejected:
+                other = _subject(wanted.pop(name)) if name in wanted else "another one"
+                rejected[name] = f"{other} and {subject} both ask for the name {name!r}"
                 continue
             try:
                 wanted[name] = service_from_labels(
@@ -181,6 +244,8 @@ class LabelDiscovery:
                     policies=proxy.policies,
                     allowed_listen=self.cfg.allowed_listen,
                     managed=managed,
+                    swarm=swarm,
+                    engine=engine,
                 )
                 labels_of[name] = labels
             except ConfigError as exc:
@@ -188,12 +253,11 @@ class LabelDiscovery:
 
         taken: dict[Address, str] = {proxy.config.admin.listen: "the admin API"}
         taken.update({cfg.listen: f"service {name}" for name, cfg in configured.items()})
+        taken.update({cfg.listen: f"service {name}" for name, cfg in others.items()})
         for name, cfg in sorted(wanted.items()):
             owner = taken.get(cfg.listen)
             if owner is not None:
-                rejected[name] = (
-                    f"container {cfg.container}: {cfg.listen} is already used by {owner}"
-                )
+                rejected[name] = f"{_subject(cfg)}: {cfg.listen} is already used by {owner}"
                 del wanted[name]
             else:
                 taken[cfg.listen] = f"service {name}"
@@ -201,10 +265,10 @@ class LabelDiscovery:
         # Drop services whose dependencies are missing or circular until none are left.
         while faults := [
             (name, why)
-            for name, why in dependency_faults({**configured, **wanted})
+            for name, why in dependency_faults({**configured, **others, **wanted})
             if name in wanted
         ]:
             for name, why in faults:
                 if name in wanted:
-                    rejected[name] = f"container {wanted.pop(name).container}: {why}"
+                    rejected[name] = f"{_subject(wanted.pop(name))}: {why}"
         return wanted, labels_of, rejected

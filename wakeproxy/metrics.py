@@ -222,14 +222,14 @@ class ProxyCollector(Collector):
         )
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
-        discovery = self.proxy.discovery
-        if discovery is not None:
+        if self.proxy.discoveries:
             refused = GaugeMetricFamily(
                 "wakeproxy_discovery_rejected",
-                "1 for each labelled container discovery could not serve (see GET /services).",
+                "1 for each labelled container or Swarm service discovery could not serve "
+                "(see GET /services).",
                 labels=["service"],
             )
-            for name in sorted(discovery.rejected):
+            for name in sorted(self.proxy.rejected):
                 refused.add_metric([name], 1.0)
             yield refused
         if self.proxy.engines:

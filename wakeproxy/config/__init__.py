@@ -6,7 +6,7 @@ and all faults of a file are reported together rather than the first one alone.
 
 ``model`` holds the types; ``checks`` the validators; ``schema`` the sections and the
 rules across keys; ``source`` reads YAML with lines; ``live`` applies the admin API's
-changes; ``labels`` reads container labels.
+changes; ``labels`` reads container and Swarm service labels.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from .labels import (
     COMPOSE_DEPENDS_ON_LABEL,
     LABEL_PREFIX,
+    SWARM_SERVICE_LABEL,
     label_enabled,
     label_service_name,
     service_from_labels,
@@ -52,6 +53,7 @@ __all__ = [
     "IN_PLACE_KEYS",
     "LABEL_PREFIX",
     "LIVE_KEYS",
+    "SWARM_SERVICE_LABEL",
     "Address",
     "AdminConfig",
     "Config",

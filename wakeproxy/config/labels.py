@@ -1,5 +1,5 @@
-"""Container labels (discovery): the same keys and checks as a YAML service entry, with
-errors that name the container and the label."""
+"""Labels (discovery) on a container or a Swarm service: the same keys and checks as a
+YAML service entry, with errors that name the container (or Swarm service) and the label."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from .schema import parse_service
 LABEL_PREFIX = "wakeproxy."
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
 COMPOSE_DEPENDS_ON_LABEL = "com.docker.compose.depends_on"
+# On every task container of a Swarm service: the service's own labels are what counts.
+SWARM_SERVICE_LABEL = "com.docker.swarm.service.name"
 # wakeproxy.KEY -> where the value goes in a YAML service entry.
 _LABEL_SERVICE_KEYS = (
     "port", "listen", "backend", "mode", "wake_on", "backlog", "connect_timeout",
@@ -41,6 +43,7 @@ _LABEL_PATHS: dict[str, KeyPath] = {
     },
     "policy": ("sleep_policy", "use"),
     "readiness": ("readiness", "http"),
+    "swarm_replicas": ("swarm_replicas",),
 }
 # Labels that are text as they stand; the others are read as YAML scalars (300, 1.5, true).
 _LABEL_TEXT = {
@@ -54,7 +57,8 @@ def label_enabled(labels: Mapping[str, str]) -> bool:
 
 
 def label_service_name(container: str, labels: Mapping[str, str]) -> str:
-    """wakeproxy.name, else the compose service, else the container's name."""
+    """wakeproxy.name, else the compose service, else the container's (or Swarm
+    service's) name."""
     return (
         labels.get(LABEL_PREFIX + "name")
         or labels.get(COMPOSE_SERVICE_LABEL)
@@ -77,8 +81,12 @@ def service_from_labels(
     policies: Mapping[str, SleepPolicy],
     allowed_listen: tuple[ListenRange, ...],
     managed: Collection[str] = (),
+    swarm: bool = False,
+    engine: str | None = None,
 ) -> ServiceConfig:
-    """A service for a labelled container; ConfigError naming the container and label.
+    """A service for a labelled container (with ``swarm``: a labelled Swarm service, so
+    ``container`` is its name) on ``engine`` (None: the local one); ConfigError naming
+    the container and label.
 
     Dependencies from compose's own depends_on label count only where they name a
     service the proxy manages (``managed``): compose also lists databases and the like
@@ -86,7 +94,10 @@ def service_from_labels(
     """
     name = label_service_name(container, labels)
     where_label: dict[KeyPath, str] = {}
-    entry: dict[str, Any] = {"container": container}
+    entry: dict[str, Any] = {"swarm_service" if swarm else "container": container}
+    if engine is not None:
+        entry["engine"] = engine
+    subject = f"Swarm service {container}" if swarm else f"container {container}"
     problems: list[str] = []
     for key, text in labels.items():
         if not key.startswith(LABEL_PREFIX):
@@ -99,7 +110,7 @@ def service_from_labels(
             known = ", ".join(LABEL_PREFIX + k for k in sorted({*_LABEL_PATHS, *_LABEL_OWN}))
             close = difflib.get_close_matches(short, list(_LABEL_PATHS), n=1)
             hint = f" (did you mean {LABEL_PREFIX + close[0]!r}?)" if close else ""
-            problems.append(f"container {container}: unknown label {key!r}{hint}; known: {known}")
+            problems.append(f"{subject}: unknown label {key!r}{hint}; known: {known}")
             continue
         if short == "depends_on":
             value: Any = [part.strip() for part in text.split(",") if part.strip()]
@@ -114,7 +125,7 @@ def service_from_labels(
         target[str(path[-1])] = value
     if "port" not in entry and "listen" not in entry:
         problems.append(
-            f"container {container}: needs label {LABEL_PREFIX}port (listen and backend port) "
+            f"{subject}: needs label {LABEL_PREFIX}port (listen and backend port) "
             f"or {LABEL_PREFIX}listen with {LABEL_PREFIX}backend"
         )
         raise ConfigError(problems)
@@ -131,10 +142,10 @@ def service_from_labels(
         for end in range(len(path), 2, -1):
             label = where_label.get(path[:end])
             if label is not None:
-                return f"container {container}: label {label}"
+                return f"{subject}: label {label}"
         if len(path) >= 3 and path[2] == "depends_on":
-            return f"container {container}: label {COMPOSE_DEPENDS_ON_LABEL}"
-        return f"container {container}"
+            return f"{subject}: label {COMPOSE_DEPENDS_ON_LABEL}"
+        return subject
 
     collected = Problems(None, {}, where)
     service = parse_service(name, entry, collected, policies)
@@ -145,7 +156,7 @@ def service_from_labels(
         ranges = ", ".join(str(r) for r in allowed_listen) or "none"
         raise ConfigError(
             [
-                f"container {container}: label {label}: listening on {service.listen} is "
+                f"{subject}: label {label}: listening on {service.listen} is "
                 f"outside discovery.allowed_listen ({ranges})"
             ]
         )

@@ -402,12 +402,22 @@ def _check_engines(
     services: Mapping[str, ServiceConfig], engines: Mapping[str, EngineConfig], problems: Problems
 ) -> None:
     known = {LOCAL_ENGINE, *engines}
+    swarm: dict[tuple[str, str], str] = {}
     for cfg in services.values():
         path: KeyPath = ("services", cfg.name, "engine")
         if cfg.runtime == "process" and cfg.engine != LOCAL_ENGINE:
             problems.add(path, "an engine is for containers; a command runs here")
         elif cfg.engine not in known:
             problems.add(path, f"no engine {cfg.engine!r}; engines: {', '.join(sorted(known))}")
+        if cfg.swarm_service is not None:
+            # Each would scale it on its own idle clock: one would sleep it under the other.
+            owner = swarm.setdefault((cfg.engine, cfg.swarm_service), cfg.name)
+            if owner != cfg.name:
+                problems.add(
+                    ("services", cfg.name, "swarm_service"),
+                    f"Swarm service {cfg.swarm_service!r} is already service {owner!r}'s: "
+                    "one wakeproxy service per Swarm service",
+                )
 
 
 def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:

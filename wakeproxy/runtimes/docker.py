@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -85,6 +86,15 @@ def _tls_context(cfg: EngineConfig) -> ssl.SSLContext:
     return context
 
 
+def _clock_offset(system_time: str, now: float) -> float:
+    """Seconds the engine's clock (its ``SystemTime``, RFC 3339) is ahead of ours; 0 if
+    it cannot be read. Good to the API round trip, well inside the replay's margin."""
+    try:
+        return datetime.fromisoformat(system_time).timestamp() - now
+    except ValueError:
+        return 0.0
+
+
 def address_of(info: dict[str, Any]) -> str | None:
     """A container's address from an inspect or a listing entry (both carry the same fields)."""
     if (info.get("HostConfig") or {}).get("NetworkMode") == "host":
@@ -137,6 +147,8 @@ class DockerEngine:
         self._swarm: dict[str, SwarmRuntime] = {}
         # Service name -> (desired replicas, running tasks, their container ids).
         self.swarm_snapshot: dict[str, tuple[int | None, int, tuple[str, ...]]] = {}
+        # Service name -> its labels (label discovery); empty where not a manager.
+        self.swarm_labels: dict[str, dict[str, str]] = {}
         self.swarm_error: str | None = None
         # Name or id -> (state, address) from the last listing.
         self._snapshot: dict[str, tuple[State, str | None]] = {}
@@ -148,10 +160,16 @@ class DockerEngine:
         # Why the last listing failed (None once one succeeded).
         self.error: str | None = None
         # Called when a container labelled wakeproxy.enable is created, removed or
-        # renamed, and after a reconnect (events may have been missed): discovery's cue.
+        # renamed, a Swarm service is created, updated or removed, and after a reconnect
+        # (events may have been missed): discovery's cue.
         self.on_labelled_change: Callable[[], None] | None = None
         # Likewise for a container of a docker compose service (compose replicas).
         self.on_compose_change: Callable[[], None] | None = None
+
+    @property
+    def remote(self) -> bool:
+        """On another host (``tcp://``): its clock is not ours."""
+        return self.cfg is not None and self.cfg.host.startswith("tcp://")
 
     @property
     def client(self) -> aiodocker.Docker:
@@ -201,6 +219,7 @@ class DockerEngine:
                 tasks = await self.client.tasks.list(filters={"desired-state": "running"})
         except (EngineUnavailable, OperationFailed) as exc:
             self.swarm_error = str(exc)
+            self.swarm_labels = {}
             return
         running: collections.defaultdict[str, list[str]] = collections.defaultdict(list)
         for t in tasks:
@@ -209,13 +228,16 @@ class DockerEngine:
                 cid = str((status.get("ContainerStatus") or {}).get("ContainerID", ""))
                 running[str(t.get("ServiceID"))].append(cid)
         snapshot: dict[str, tuple[int | None, int, tuple[str, ...]]] = {}
+        labels: dict[str, dict[str, str]] = {}
         for service in services:
             spec = service.get("Spec") or {}
+            labels[str(spec.get("Name"))] = dict(spec.get("Labels") or {})
             replicated = (spec.get("Mode") or {}).get("Replicated")
             count = None if replicated is None else int(replicated.get("Replicas", 0))
             ids = tuple(running[str(service.get("ID"))])
             snapshot[str(spec.get("Name"))] = (count, len(ids), ids)
         self.swarm_snapshot = snapshot
+        self.swarm_labels = labels
         self.swarm_error = None
 
     async def refresh_snapshot(self) -> list[dict[str, Any]]:
@@ -226,7 +248,16 @@ class DockerEngine:
         listed_at = time.time() - 1.0  # the engine's clock granularity, with margin
         try:
             with map_docker_errors("listing containers"):
-                listed = await self.client.containers.list(all=True)
+                if self.remote:
+                    # The replay starts at the engine's time, not ours: a host whose clock
+                    # is behind would otherwise lose the events between listing and
+                    # subscription.
+                    listed, info = await asyncio.gather(
+                        self.client.containers.list(all=True), self.client.system.info()
+                    )
+                    listed_at += _clock_offset(str(info.get("SystemTime", "")), time.time())
+                else:
+                    listed = await self.client.containers.list(all=True)
             # The fields a listing entry carries that the proxy reads (state, names,
             # labels, network addresses), through the container's public mapping.
             containers = [{k: c[k] for k in _LISTED_FIELDS if k in c} for c in listed]
@@ -317,6 +348,9 @@ class DockerEngine:
             swarm = self._swarm.get(str(attributes.get("name", "")))
             if swarm is not None and action in ("update", "remove"):
                 swarm.outside_change()
+            # A service event names the service, not its labels: any may be labelled.
+            if action in ("create", "update", "remove") and self.on_labelled_change is not None:
+                self.on_labelled_change()
             return
         if (
             action in ("create", "destroy", "rename")
