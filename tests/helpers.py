@@ -128,14 +128,19 @@ def write_config(path: Path, *services: dict[str, Any], **kw: Any) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Proxy]:
-    """The proxy in this test's event loop, closed afterwards. Every test that runs one
-    also checks that the decision core met no event it has no transition for."""
+async def running(
+    config: Config, *, wall_clock: Callable[[], float] | None = None
+) -> AsyncIterator[Proxy]:
+    """The proxy in this test's event loop, closed afterwards (``wall_clock``: what its
+    schedules read as the time). Every test that runs one also checks that the decision
+    core met no event it has no transition for."""
     if config.admin == AdminConfig():
         # Not the default port 9000: a developer's own proxy may be using it.
         admin = dataclasses.replace(config.admin, listen=Address("127.0.0.1", free_port()))
         config = dataclasses.replace(config, admin=admin)
     proxy = Proxy(config)
+    if wall_clock is not None:
+        proxy.wall_clock = wall_clock
     await proxy.start()
     unexpected: dict[str, object] = {}
     try:

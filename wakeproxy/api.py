@@ -50,6 +50,7 @@ _ACTION = re.compile(r"^/services/([^/]+)/(start|stop|sleep|wake|hibernate)$")
 _ALL = re.compile(r"^/services/(sleep-all|wake-all)$")
 _SCALE = re.compile(r"^/services/([^/]+)/scale$")
 _REPLICAS = re.compile(r"^/services/([^/]+)/replicas$")
+_PREDICTION = re.compile(r"^/services/([^/]+)/prediction$")
 _SERVICE_CONFIG = re.compile(r"^/services/([^/]+)/config$")
 _POLICY = re.compile(r"^/policies/([^/]+)$")
 # How long an answer waits for an operation in flight to end before reporting it as is.
@@ -79,7 +80,7 @@ class Api:
         headers: dict[str, str],
         body: bytes = b"",
     ) -> Response:
-        if path in _READS or _REPLICAS.match(path):
+        if path in _READS or _REPLICAS.match(path) or _PREDICTION.match(path):
             allowed = "GET"
         elif _ACTION.match(path) or _ALL.match(path) or _SCALE.match(path) or path == "/reload":
             allowed = "POST"
@@ -115,6 +116,8 @@ class Api:
             return await self._scale(match.group(1), body)
         if match := _REPLICAS.match(path):
             return self._replicas(match.group(1))
+        if match := _PREDICTION.match(path):
+            return self._prediction(match.group(1))
         force = query.get("force", "false").lower() in ("1", "true", "yes")
         if match := _ACTION.match(path):
             return await self._act(match.group(1), match.group(2), force)
@@ -167,7 +170,7 @@ class Api:
     def _policies(self) -> dict[str, Any]:
         return {
             name: {
-                **dataclasses.asdict(policy),
+                **policy.view(),
                 "used_by": [s.name for s in self.proxy.services.values() if s.cfg.policy == name],
             }
             for name, policy in self.proxy.policies.items()
@@ -210,6 +213,16 @@ class Api:
             f"{name} has replicas ({names}): name one, or POST /services/{name}/scale",
             replicas=[r.name for r in pool.replicas],
         )
+
+    def _prediction(self, name: str) -> Response:
+        """One service's schedules, learned tables, lead time and accounting."""
+        predictions = self.proxy.predictions
+        table = predictions.table(name) if predictions is not None else {}
+        if not table:
+            if name in self.proxy.services:
+                return error(404, f"{name}: a replica; prediction is its service's pool's")
+            return self._no_service(name)
+        return json_response(200, table)
 
     def _replicas(self, name: str) -> Response:
         pool = self.proxy.pools.get(name)
@@ -334,7 +347,7 @@ _ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
 def live_settings(service: Service) -> dict[str, Any]:
     cfg = service.cfg
     return {
-        "sleep_policy": {**dataclasses.asdict(cfg.sleep_policy), "use": cfg.policy},
+        "sleep_policy": {**cfg.sleep_policy.view(), "use": cfg.policy},
         "wake_timeout": cfg.wake_timeout,
         "max_held_connections": cfg.max_held_connections,
         "idle_connection_timeout": cfg.idle_connection_timeout,

@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .memory import remove_stale_cgroups
 from .pool import Pool
+from .predictions import Predictions
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_leftovers
@@ -102,6 +104,10 @@ class Proxy:
         self.admin: AdminServer | None = None
         # Label discovery, one per engine (discovery.docker_labels), by engine name.
         self.discoveries: dict[str, LabelDiscovery] = {}
+        # Schedules and learned wakes (created in start(): it needs the running loop).
+        self.predictions: Predictions | None = None
+        # The wall clock schedules read (a test moves it next to a window's edge).
+        self.wall_clock: Callable[[], float] = time.time
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
@@ -172,6 +178,7 @@ class Proxy:
         limit = raise_open_file_limit()
         log.debug("open-file limit: %d", limit)
         self.coordinator = Coordinator()
+        self.predictions = Predictions(self.config.prediction, self.wall_clock)
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
@@ -218,6 +225,7 @@ class Proxy:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
         for discovery in self.discoveries.values():
             discovery.start()
+        self.predictions.start()
 
     async def _follow_compose(self) -> None:
         """Compose replicas follow their containers: a container of a compose service
@@ -513,7 +521,14 @@ class Proxy:
         assert self.coordinator is not None
         runtime = self._runtime(cfg)
         initial, reason = runtime.initial_state()
-        return Service(cfg, runtime, self.coordinator, initial=initial, reason=reason)
+        return Service(
+            cfg,
+            runtime,
+            self.coordinator,
+            initial=initial,
+            reason=reason,
+            predictions=self.predictions,
+        )
 
     def _runtime(self, cfg: ServiceConfig) -> Runtime:
         if cfg.runtime == "process":
@@ -545,6 +560,9 @@ class Proxy:
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
+        if self.predictions is not None:
+            # First: saved with every service's name, before they detach.
+            await self.predictions.close()
         if self._compose_task is not None:
             self._compose_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

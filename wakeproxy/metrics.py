@@ -46,6 +46,38 @@ class ProxyCollector(Collector):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
+    def _predictions(self) -> Iterator[Metric]:
+        """Predicted wakes by kind (schedule, arrivals, chain) and what became of them."""
+        assert self.proxy.predictions is not None
+        core = self.proxy.predictions.core
+        labels = ["service", "kind"]
+        families = {
+            "predicted": CounterMetricFamily(
+                "wakeproxy_predicted_wakes", "Wakes made ahead of a request.", labels=labels
+            ),
+            "used": CounterMetricFamily(
+                "wakeproxy_predicted_wakes_used",
+                "Predicted wakes a request came to before the backend slept again.",
+                labels=labels,
+            ),
+            "wasted": CounterMetricFamily(
+                "wakeproxy_predicted_wakes_wasted",
+                "Predicted wakes that slept again with no request.",
+                labels=labels,
+            ),
+            "awake_seconds": CounterMetricFamily(
+                "wakeproxy_predicted_awake_seconds",
+                "Seconds awake on predictions: from the wake to the first request (used) "
+                "or to the sleep (wasted).",
+                labels=labels,
+            ),
+        }
+        for name in sorted(self.proxy.predictions.services):
+            for kind, counts in core.stats(name).get("kinds", {}).items():
+                for key, family in families.items():
+                    family.add_metric([name, kind], counts[key])
+        yield from families.values()
+
     def _pools(
         self, connections: CounterMetricFamily, answers: CounterMetricFamily
     ) -> Iterator[Metric]:
@@ -211,6 +243,16 @@ class ProxyCollector(Collector):
             asleep.add_metric([service.name], service.asleep_seconds())
             for code, count in sorted(stats.http_answers.items()):
                 answers.add_metric([service.name, str(code)], count)
+        found = CounterMetricFamily(
+            "wakeproxy_requests_found_asleep",
+            "Connections held for a wake: they found their backend asleep (or waking).",
+            labels=["service"],
+        )
+        for service in services:
+            found.add_metric([service.name], service.stats.found_asleep)
+        yield found
+        if self.proxy.predictions is not None and self.proxy.predictions.active:
+            yield from self._predictions()
         if self.proxy.pools:
             yield from self._pools(connections, answers)
         yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)

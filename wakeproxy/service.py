@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from .config.model import HttpSettings
     from .coordinator import Coordinator
     from .pool import Pool
+    from .predictions import Predictions
 
 log = logging.getLogger("wakeproxy.service")
 _INCARNATIONS = itertools.count(1)
@@ -107,6 +108,7 @@ class Service:
         *,
         initial: State,
         reason: str,
+        predictions: Predictions | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.cfg = cfg
@@ -144,6 +146,7 @@ class Service:
             on_connected=self._connected if cfg.replica_of is not None else None,
         )
         self.pool: Pool | None = None  # a replica's (set by the pool)
+        self.predictions = predictions
         # New when the backend stops or fails (its MCP sessions died with it), and for a
         # new Service: unique in the process, so a replaced replica's old pins never match.
         self.incarnation = next(_INCARNATIONS)
@@ -242,6 +245,8 @@ class Service:
             extra={"service": self.name, "state": self.state.value},
         )
         self.hibernator.check_setup()
+        if self.predictions is not None:
+            self.predictions.attach(self)
         if self.cfg.auto_start:
             self.wake_in_background("auto_start")
 
@@ -256,6 +261,8 @@ class Service:
         # From here on no timer is armed and no runtime call starts: connections closed
         # below report back later, and the runtime itself is being closed.
         self._closing = True
+        if self.predictions is not None:
+            self.predictions.detach(self)
         self.stop_accepting()
         for handle in self._timers.values():
             handle.cancel()
@@ -338,6 +345,9 @@ class Service:
     def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
         if not attached:
             self.stats.record_connection()
+            predictions = self.predictions
+            if predictions is not None and predictions.active:
+                predictions.arrived(self)
         self.feed(Arrive(activity, attached), conn)
 
     def no_longer_needs(self, conn: ClientSide) -> None:
@@ -365,6 +375,19 @@ class Service:
 
     def wake_in_background(self, reason: str) -> None:
         self._spawn(self._wake_quietly(reason))
+
+    def sleep_in_background(self, reason: SleepReason) -> None:
+        """Sleep by the policy's action if nothing needs the backend (a refusal is no
+        fault: the idle timer sleeps it later)."""
+        self._spawn(self._sleep_quietly(reason))
+
+    async def _sleep_quietly(self, reason: SleepReason) -> None:
+        try:
+            await self.sleep(self.cfg.sleep_policy.action, reason)
+        except ServiceBusy:
+            pass
+        except RuntimeFailure as exc:
+            log.warning("%s: sleep failed: %s", self.name, exc, extra={"service": self.name})
 
     def head_started(self) -> bool:
         """mode http: one more connection holds part of a request head (bounded: up to
@@ -431,6 +454,8 @@ class Service:
         self.admission.connect_timeout = cfg.connect_timeout
         self.admission.concurrency = cfg.connect_concurrency
         self.feed(Reconfigured(policy_of(cfg)))
+        if self.predictions is not None:
+            self.predictions.attach(self)  # new windows or predict settings
 
     def recheck(self) -> None:
         """Re-read the backend's state (a runtime registered after the listing it came from)."""
@@ -451,6 +476,7 @@ class Service:
                 self.admission.forward(conn)
             case Hold():
                 assert conn is not None
+                self.stats.found_asleep += 1
                 self.admission.hold(conn)
             case Reject(outcome, reason, held):
                 if held:
@@ -520,6 +546,9 @@ class Service:
         elif after is State.WAKING:
             # perf_counter: uvloop's loop.time() counts whole milliseconds.
             self._wake_started = time.perf_counter()
+        predictions = self.predictions
+        if predictions is not None and predictions.active:
+            predictions.state_changed(self, before, after)
         log.info(
             "%s: %s -> %s (%s)",
             self.name,
@@ -539,6 +568,8 @@ class Service:
         self.stats.record_wake(result, elapsed)
         if result is WakeResult.OK:
             self.hibernator.woke()
+            if self.predictions is not None and self.predictions.active:
+                self.predictions.woke(self, elapsed)
             log.info(
                 "%s: awake after %.1f ms (%d held)",
                 self.name,

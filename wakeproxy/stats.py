@@ -34,6 +34,8 @@ class ServiceStats:
     # mode http: responses the proxy gave itself (probes, errors), by status.
     http_answers: collections.Counter[int] = field(default_factory=collections.Counter)
     accepted: int = 0
+    # Connections held for a wake: they found the backend asleep (or waking).
+    found_asleep: int = 0
     # Bytes of connections that ended; open ones are added when read (Service.bytes_moved).
     bytes_up: int = 0
     bytes_down: int = 0

@@ -16,6 +16,8 @@ import shlex
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from ..core.predict import PredictSettings
+from ..core.schedule import Window, load_zone, parse_window
 from .model import Address, KeyPath, ListenRange
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -353,3 +355,64 @@ def header_conditions(value: Any) -> dict[str, str]:
             f"got {describe(value)}"
         )
     return {k.lower(): v.lower() for k, v in value.items()}
+
+
+# ---- prediction (sleep_policy.keep_awake, asleep_windows, predict)
+
+
+def windows(value: Any) -> tuple[Window, ...]:
+    """Weekly windows: a list of ``[DAYS] HH:MM-HH:MM [ZONE]`` (a single one may stand alone)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise Bad(
+            f'expected a list of windows like "mon-fri 08:00-18:00 Europe/Berlin", '
+            f"got {describe(value)}"
+        )
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise Bad(f"expected a window as text, got {describe(item)}")
+        try:
+            out.append(parse_window(item))
+        except ValueError as exc:
+            raise Bad(str(exc)) from None
+    return tuple(out)
+
+
+def zone(value: Any) -> str:
+    """An IANA time zone name (Europe/Berlin, UTC)."""
+    name = text(value)
+    try:
+        load_zone(name)
+    except ValueError as exc:
+        raise Bad(str(exc)) from None
+    return name
+
+
+_PREDICT_FIELDS: dict[str, Check] = {
+    "arrivals": boolean,
+    "chains": boolean,
+    "threshold": number,
+    "chain_window": positive_seconds,
+    "min_wake_time": seconds,
+    "min_samples": int_between(1, 1_000_000),
+}
+
+
+def predict(value: Any) -> PredictSettings:
+    """``{arrivals, chains, threshold, chain_window, min_wake_time, min_samples}``."""
+    if not isinstance(value, dict):
+        raise Bad(f"expected a mapping of settings, got {describe(value)}")
+    values: dict[str, Any] = {}
+    for key, item in value.items():
+        field = _PREDICT_FIELDS.get(key) if isinstance(key, str) else None
+        if field is None:
+            raise Bad(unknown_key(key, _PREDICT_FIELDS))
+        try:
+            values[key] = field(item)
+        except Bad as exc:
+            raise Bad(f"{key}: {exc}") from None
+    try:
+        return PredictSettings(**values)
+    except ValueError as exc:
+        raise Bad(str(exc)) from None

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ..core.predict import PredictSettings
+from ..core.schedule import Window
 from ..core.states import SleepAction
 
 KeyPath = tuple[str | int, ...]
@@ -65,6 +67,20 @@ class SleepPolicy:
     # After a wake from hibernation, fetch the swapped pages back in the background.
     prefetch: bool = False
     memory_reservation: int | None = None
+    # Weekly windows: kept awake inside (woken at the start, never slept by the idle
+    # timer), or left asleep (slept at the start, never woken but by a request).
+    keep_awake: tuple[Window, ...] = ()
+    asleep_windows: tuple[Window, ...] = ()
+    # Wakes ahead of learned arrivals and of services that usually follow this one.
+    predict: PredictSettings = field(default_factory=PredictSettings)
+
+    def view(self) -> dict[str, Any]:
+        """JSON-able, as the API shows it (and takes it back): windows as their text."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["keep_awake"] = [w.text for w in self.keep_awake]
+        out["asleep_windows"] = [w.text for w in self.asleep_windows]
+        out["predict"] = asdict(self.predict)
+        return out
 
     @property
     def hibernates_after(self) -> float | None:
@@ -305,6 +321,17 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PredictionConfig:
+    # Where the learned tables are kept across restarts (None: in memory only). Not
+    # writable: one warning, and the proxy runs with them in memory.
+    state_file: str | None = "/var/lib/wakeproxy/prediction.json"
+    # The zone of the learned 15-minute slots of the week (people keep local hours).
+    timezone: str = "UTC"
+    # Seconds between saves of changed tables (and one at shutdown).
+    save_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     # Seconds open connections may take to finish after SIGTERM before they are closed.
     grace: float = 10.0
@@ -321,5 +348,6 @@ class Config:
     log: LogConfig = LogConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    prediction: PredictionConfig = PredictionConfig()
     engines: Mapping[str, EngineConfig] = field(default_factory=dict)
     source: str | None = None

@@ -38,6 +38,7 @@ from .model import (
     LogFormat,
     LogLevel,
     Mode,
+    PredictionConfig,
     Priority,
     Probe,
     Readiness,
@@ -67,6 +68,9 @@ SLEEP_FIELDS: dict[str, Check] = {
     "reclaim": check.choice(*get_args(ReclaimMethod)),
     "prefetch": check.boolean,
     "memory_reservation": check.size,
+    "keep_awake": check.windows,
+    "asleep_windows": check.windows,
+    "predict": check.predict,
 }
 
 _READINESS_FIELDS: dict[str, Check] = {
@@ -162,7 +166,13 @@ _SHUTDOWN_FIELDS: dict[str, Check] = {
     "grace": check.seconds,
     "backends": check.choice(*get_args(ShutdownBackends)),
 }
+_PREDICTION_FIELDS: dict[str, Check] = {
+    "state_file": lambda v: None if v is None else check.text(v),
+    "timezone": check.zone,
+    "save_interval": check.positive_seconds,
+}
 _TOP_FIELDS: dict[str, Check] = {
+    "prediction": nested,
     "engines": nested,
     "shutdown": nested,
     "discovery": nested,
@@ -600,6 +610,9 @@ def build_config(
     discovery_values = (
         section(top.get("discovery", {}), ("discovery",), _DISCOVERY_FIELDS, problems) or {}
     )
+    prediction_values = (
+        section(top.get("prediction", {}), ("prediction",), _PREDICTION_FIELDS, problems) or {}
+    )
 
     policies = _parse_policies(top.get("policies", {}), problems)
     engines = _parse_engines(top.get("engines", {}), problems)
@@ -635,6 +648,7 @@ def build_config(
         log=replace(LogConfig(), log_values),
         discovery=replace(DiscoveryConfig(), discovery_values),
         shutdown=replace(ShutdownConfig(), shutdown_values),
+        prediction=replace(PredictionConfig(), prediction_values),
         source=source,
     )
 

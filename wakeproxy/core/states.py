@@ -75,6 +75,7 @@ class SleepReason(enum.StrEnum):
     API = "api"
     STOP_AFTER = "stop_after"  # paused for sleep_policy.stop_after, then stopped
     EXTERNAL = "external"  # put to sleep by someone else (docker pause, a crash)
+    SCHEDULE = "schedule"  # an asleep window began (sleep_policy.asleep_windows)
 
 
 class WakeResult(enum.StrEnum):

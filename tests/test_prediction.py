@@ -1,0 +1,168 @@
+"""Prediction with real processes: keep-awake windows, chains, the state file, the API.
+
+The schedules read the proxy's wall clock; a test that needs a window's edge within
+seconds moves that clock (``running(wall_clock=...)``) to just before a whole minute,
+since windows are written to the minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from tests.helpers import (
+    backend_command,
+    config_from,
+    config_text,
+    free_port,
+    http_get,
+    running,
+    service,
+    wait_until,
+)
+from wakeproxy.core.states import SleepAction, SleepReason, State
+
+pytestmark = pytest.mark.asyncio
+
+
+def shifted_clock(lead: float) -> tuple[float, object]:
+    """A wall clock that reads ``lead`` seconds before the next whole minute now, and
+    that minute (epoch seconds)."""
+    real = time.time()
+    edge = (real // 60 + 2) * 60  # at least a minute ahead: the window before it is whole
+    offset = edge - lead - real
+    return edge, lambda: time.time() + offset
+
+
+def hhmm(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M")
+
+
+def command_service(name: str, policy: dict[str, object], **more: object) -> dict[str, object]:
+    port, backend = free_port(), free_port()
+    return service(
+        name, port, backend, command=backend_command(backend, "http"),
+        readiness={"http": "/"}, wake_timeout=15, sleep_policy=policy, **more,
+    )  # fmt: skip
+
+
+async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_another(tmp_path):
+    edge, clock = shifted_clock(lead=4.0)
+    before, after = hhmm(edge - 60), hhmm(edge + 60)
+    config = config_from(
+        config_text(
+            command_service(
+                "kept", {"idle_timeout": 0.5, "action": "stop",
+                         "keep_awake": [f"{before}-{hhmm(edge)} UTC"]},
+            ),
+            command_service(
+                "starts", {"idle_timeout": 0.5, "action": "stop",
+                           "keep_awake": [f"{hhmm(edge)}-{after} UTC"]},
+            ),
+            prediction={"state_file": str(tmp_path / "prediction.json")},
+        )
+    )  # fmt: skip
+    async with running(config, wall_clock=clock) as proxy:
+        kept, starts = proxy.services["kept"], proxy.services["starts"]
+        # Inside its window from the start: woken with no connection, held past its
+        # idle timeout (0.5 s) until the window ends 4 s later.
+        await wait_until(lambda: kept.state is State.RUNNING, within=10)
+        assert starts.state is State.STOPPED
+        await asyncio.sleep(max(0.0, edge - clock() - 1.5))
+        assert kept.state is State.RUNNING and kept.attached == 0
+        assert starts.state is State.STOPPED
+        # The edge: one window ends (slept on its idle clock), the next begins (woken).
+        await wait_until(lambda: kept.state is State.STOPPED, within=10)
+        assert clock() >= edge - 0.05
+        await wait_until(lambda: starts.state is State.RUNNING, within=10)
+        assert clock() >= edge - 0.05
+        assert kept.stats.sleeps[(SleepAction.STOP, SleepReason.IDLE)] == 1
+        # Inside its window a request finds it awake: the predicted wake was used.
+        assert (await http_get(starts.cfg.listen.port)).endswith(b"hello from the backend\n")
+        table = proxy.predictions.table("starts")
+        assert table["accounting"]["kinds"]["schedule"]["used"] == 1
+        assert starts.stats.found_asleep == 0
+        kept_books = proxy.predictions.table("kept")["accounting"]["kinds"]["schedule"]
+        assert (kept_books["predicted"], kept_books["wasted"]) == (1, 1)
+        assert kept_books["awake_seconds"] >= 2.0
+        await asyncio.sleep(1.0)
+        assert starts.state is State.RUNNING  # held to its window's end, a minute on
+
+
+async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
+    policy = {"idle_timeout": 0.3, "action": "pause"}
+    config = config_from(
+        config_text(
+            # An episode of git: a request after its own chain_window (1 s) of quiet.
+            command_service("git", {**policy, "predict": {"chain_window": 1.0}}),
+            command_service(
+                "files",
+                {**policy, "predict": {"chains": True, "chain_window": 1.0, "min_samples": 2}},
+            ),
+            prediction={"state_file": str(tmp_path / "prediction.json")},
+        )
+    )
+    async with running(config) as proxy:
+        git, files = proxy.services["git"], proxy.services["files"]
+        for _ in range(2):  # two episodes of git, each followed by files
+            await http_get(git.cfg.listen.port, within=15)
+            await http_get(files.cfg.listen.port, within=15)
+            await asyncio.sleep(1.2)  # past the chain window: the next request is a new episode
+            await wait_until(lambda: files.state is State.PAUSED, within=10)
+        assert proxy.predictions.table("files")["leaders"][0]["service"] == "git"
+        found_before = files.stats.found_asleep
+        await http_get(git.cfg.listen.port, within=15)
+        # files is woken with no request of its own.
+        await wait_until(lambda: files.state is State.RUNNING, within=10)
+        books = proxy.predictions.table("files")["accounting"]["kinds"]["chain"]
+        assert books["predicted"] == 1
+        await http_get(files.cfg.listen.port, within=15)
+        assert files.stats.found_asleep == found_before  # it was awake
+        books = proxy.predictions.table("files")["accounting"]["kinds"]["chain"]
+        assert books["used"] == 1
+        metrics = (await http_get(proxy.config.admin.listen.port, "/metrics")).decode()
+        assert 'wakeproxy_predicted_wakes_used_total{kind="chain",service="files"} 1.0' in metrics
+
+
+async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(tmp_path, caplog):
+    state = tmp_path / "state" / "prediction.json"
+    config = config_from(
+        config_text(
+            command_service("web", {"idle_timeout": 0.3, "predict": {"arrivals": True}}),
+            prediction={"state_file": str(state), "timezone": "Europe/Berlin"},
+        )
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        await http_get(web.cfg.listen.port, within=15)
+        await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
+    saved = orjson.loads(state.read_bytes())
+    assert saved["version"] == 1 and saved["zone"] == "Europe/Berlin"
+    assert len(saved["arrivals"]["web"]) == 1  # this slot of the week
+    assert len(saved["wake_times"]["web"]) == 1
+
+    async with running(config) as proxy:
+        admin = proxy.config.admin.listen.port
+        raw = await http_get(admin, "/services/web/prediction")
+        table = orjson.loads(raw.split(b"\r\n\r\n", 1)[1])
+        assert [s["p"] for s in table["slots"]] == [pytest.approx(0.3)]
+        assert table["wake"]["samples"] == 1
+        missing = await http_get(admin, "/services/nope/prediction")
+        assert b" 404 " in missing.split(b"\r\n", 1)[0]
+
+    state.write_bytes(b'{"version": 1, "zone": "Europe/Berlin", "arrivals": [')
+    caplog.set_level(logging.INFO, logger="wakeproxy.prediction")
+    caplog.clear()
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        assert proxy.predictions.table("web")["slots"] == []
+        await http_get(web.cfg.listen.port, within=15)  # serves as ever
+    lines = [r for r in caplog.records if r.name == "wakeproxy.prediction"]
+    assert [r.levelname for r in lines] == ["WARNING"], [r.getMessage() for r in lines]
+    assert "not used" in lines[0].getMessage() and str(state) in lines[0].getMessage()
+    assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole

@@ -1,0 +1,194 @@
+"""The predictor's saved state, checked on the way in.
+
+``Predictor.to_state`` writes (JSON-able)::
+
+    {"version": 1, "zone": "Europe/Berlin",
+     "services": [name, ...],                       # least recently used first
+     "arrivals": {name: [[slot, p, week], ...]},    # slot 0..671, 0 < p <= 1
+     "chains": {"episodes": {name: [n, when]},      # n(A), decayed as of when
+                "pairs": [[leader, follower, n, when], ...]},
+     "wake_times": {name: [seconds, ...]}}          # the last 16 wakes
+
+``check`` refuses anything else with a ValueError naming where and what (a wrong version,
+a wrong type, a slot out of range, NaN, more than the bounds allow, a name the services
+list lacks): the glue logs that one line and starts empty. Nothing past the bounds is
+iterated, so a huge input costs no more than a small one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .arrivals import SLOTS
+from .schedule import load_zone
+
+VERSION = 1
+WAKE_SAMPLES = 16
+MAX_NAME = 256
+_LAST_WEEK = 600_000  # past datetime's year 9999
+_MAX_COUNT = 1e12
+_MAX_TIME = 1e11  # epoch seconds: year 5138
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    zone: str
+    services: list[str]
+    arrivals: dict[str, list[tuple[int, float, int]]]
+    episodes: list[tuple[str, float, float]]
+    pairs: list[tuple[str, str, float, float]]
+    wake_times: dict[str, list[float]]
+
+
+def _fail(where: str, problem: str) -> ValueError:
+    return ValueError(f"state: {where}: {problem}")
+
+
+def _get(data: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
+    if key not in data:
+        raise _fail(where or "top", f"no {key!r}")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise _fail(f"{where}{key}", f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _sized(value: list[Any] | dict[str, Any], most: int, where: str) -> None:
+    if len(value) > most:
+        raise _fail(where, f"{len(value)} entries (expected at most {most})")
+
+
+def _number(value: object, where: str, low: float, high: float) -> float:
+    # bool is an int: refused, as True is no count.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(where, f"expected a number, got {type(value).__name__}")
+    number = float(value)
+    if not low <= number <= high:  # NaN fails too
+        raise _fail(where, f"{value!r} (expected {low:g} .. {high:g})")
+    return number
+
+
+def _integer(value: object, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, f"expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise _fail(where, f"{value} (expected {low} .. {high})")
+    return value
+
+
+def _row(value: object, size: int, where: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) != size:
+        raise _fail(where, f"expected a list of {size}")
+    return value
+
+
+def _known(name: str, services: set[str], where: str) -> str:
+    if name not in services:
+        raise _fail(where, f"service {name!r} is not in services")
+    return name
+
+
+def check(data: object, max_services: int, max_pairs: int, max_slots: int) -> State:
+    """The state in ``data``, or ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise _fail("top", f"expected an object, got {type(data).__name__}")
+    if "version" not in data:
+        raise _fail("top", "no 'version'")
+    version = data["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+        raise _fail("version", f"{version!r} (expected {VERSION})")
+    zone = _get(data, "zone", str)
+    try:
+        load_zone(zone)
+    except ValueError as exc:
+        raise _fail("zone", str(exc)) from None
+    names = _get(data, "services", list)
+    _sized(names, max_services, "services")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            raise _fail(f"services[{i}]", f"expected a name of 1 .. {MAX_NAME} characters")
+    services = set(names)
+    if len(services) != len(names):
+        raise _fail("services", "a name twice")
+    return State(
+        zone,
+        list(names),
+        _arrivals(_get(data, "arrivals", dict), services, max_slots),
+        *_chains(_get(data, "chains", dict), services, max_pairs),
+        _wake_times(_get(data, "wake_times", dict), services),
+    )
+
+
+def _arrivals(
+    data: dict[str, Any], services: set[str], max_slots: int
+) -> dict[str, list[tuple[int, float, int]]]:
+    _sized(data, len(services), "arrivals")
+    out: dict[str, list[tuple[int, float, int]]] = {}
+    total = 0
+    for name, rows in data.items():
+        where = f"arrivals[{name!r}]"
+        _known(name, services, where)
+        if not isinstance(rows, list):
+            raise _fail(where, f"expected a list, got {type(rows).__name__}")
+        _sized(rows, SLOTS, where)
+        total += len(rows)
+        if total > max_slots:
+            raise _fail("arrivals", f"more than {max_slots} slots")
+        table: dict[int, tuple[int, float, int]] = {}
+        for i, row in enumerate(rows):
+            slot, p, week = _row(row, 3, f"{where}[{i}]")
+            slot = _integer(slot, f"{where}[{i}] slot", 0, SLOTS - 1)
+            if slot in table:
+                raise _fail(f"{where}[{i}]", f"slot {slot} twice")
+            p = _number(p, f"{where}[{i}] p", math.ulp(0.0), 1.0)
+            table[slot] = (slot, p, _integer(week, f"{where}[{i}] week", 0, _LAST_WEEK))
+        out[name] = list(table.values())
+    return out
+
+
+def _chains(
+    data: dict[str, Any], services: set[str], max_pairs: int
+) -> tuple[list[tuple[str, float, float]], list[tuple[str, str, float, float]]]:
+    counts = _get(data, "episodes", dict, "chains.")
+    _sized(counts, len(services), "chains.episodes")
+    episodes = []
+    for name, row in counts.items():
+        where = f"chains.episodes[{name!r}]"
+        _known(name, services, where)
+        value, when = _row(row, 2, where)
+        value = _number(value, f"{where} n", 0.0, _MAX_COUNT)
+        episodes.append((name, value, _number(when, f"{where} when", 0.0, _MAX_TIME)))
+    rows = _get(data, "pairs", list, "chains.")
+    _sized(rows, max_pairs, "chains.pairs")
+    pairs = []
+    seen: set[tuple[str, str]] = set()
+    for i, row in enumerate(rows):
+        where = f"chains.pairs[{i}]"
+        leader, follower, value, when = _row(row, 4, where)
+        if not isinstance(leader, str) or not isinstance(follower, str) or leader == follower:
+            raise _fail(where, "expected two different service names first")
+        _known(leader, services, where)
+        _known(follower, services, where)
+        if leader not in counts:
+            raise _fail(where, f"leader {leader!r} has no chains.episodes count")
+        if (leader, follower) in seen:
+            raise _fail(where, f"pair {leader!r} -> {follower!r} twice")
+        seen.add((leader, follower))
+        value = _number(value, f"{where} n", 0.0, _MAX_COUNT)
+        pairs.append((leader, follower, value, _number(when, f"{where} when", 0.0, _MAX_TIME)))
+    return episodes, pairs
+
+
+def _wake_times(data: dict[str, Any], services: set[str]) -> dict[str, list[float]]:
+    _sized(data, len(services), "wake_times")
+    out = {}
+    for name, wakes in data.items():
+        where = f"wake_times[{name!r}]"
+        _known(name, services, where)
+        if not isinstance(wakes, list):
+            raise _fail(where, f"expected a list, got {type(wakes).__name__}")
+        _sized(wakes, WAKE_SAMPLES, where)
+        out[name] = [_number(w, f"{where}[{i}]", 0.0, 86400.0) for i, w in enumerate(wakes)]
+    return out
