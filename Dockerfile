@@ -18,7 +18,10 @@ FROM ${BASE_IMAGE}
 COPY --from=build /wheels /wheels
 RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels wakeproxy \
     && rm -rf /wheels \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin wakeproxy
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin wakeproxy \
+    && install -d -o wakeproxy -g wakeproxy /var/lib/wakeproxy
+# The learned prediction tables (prediction.state_file): mount a volume to keep them.
+VOLUME /var/lib/wakeproxy
 # Not root: access to the Docker socket comes from its group (--group-add, see README).
 USER wakeproxy
 ENV WAKEPROXY_CONFIG=/etc/wakeproxy/config.yaml \

@@ -368,9 +368,40 @@ def test_labels_take_the_yaml_keys_and_checks():
     assert cfg.depends_on == ("cache", "db"), "compose's redis is not managed: ignored"
 
 
+def test_labels_take_windows_split_on_semicolons_and_a_predict_mapping():
+    cfg = service_from_labels(
+        "c1",
+        {
+            "wakeproxy.enable": "true",
+            "wakeproxy.port": "8080",
+            "wakeproxy.keep_awake": "mon,wed 08:00-12:00 Europe/Berlin; fri 22:00-02:00",
+            "wakeproxy.predict": "{arrivals: true, threshold: 0.6}",
+        },
+        policies={},
+        allowed_listen=DEFAULT_ALLOWED_LISTEN,
+    )
+    policy = cfg.sleep_policy
+    assert [w.text for w in policy.keep_awake] == [
+        "mon,wed 08:00-12:00 Europe/Berlin",
+        "fri 22:00-02:00",
+    ]
+    assert policy.predict.arrivals and policy.predict.threshold == 0.6
+
+
 @pytest.mark.parametrize(
     ("labels", "messages"),
     [
+        (
+            {"wakeproxy.port": "8080", "wakeproxy.asleep_windows": "sat-sun 25:00-26:00"},
+            [
+                "container c1: label wakeproxy.asleep_windows: \"sat-sun 25:00-26:00\": bad "
+                "time '25:00'"
+            ],
+        ),
+        (
+            {"wakeproxy.port": "8080", "wakeproxy.predict": "arrivals"},
+            ["container c1: label wakeproxy.predict: expected a mapping of settings, got"],
+        ),
         (
             {"wakeproxy.port": "8080", "wakeproxy.idle_timeout": "soon", "wakeproxy.actoin": "x"},
             [

@@ -25,6 +25,7 @@ from tests.helpers import (
     service,
     wait_until,
 )
+from tests.test_admin import put
 from wakeproxy.core.states import SleepAction, SleepReason, State
 
 pytestmark = pytest.mark.asyncio
@@ -166,3 +167,30 @@ async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(
     assert [r.levelname for r in lines] == ["WARNING"], [r.getMessage() for r in lines]
     assert "not used" in lines[0].getMessage() and str(state) in lines[0].getMessage()
     assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole
+
+
+async def test_a_policys_windows_change_live_through_the_api(tmp_path):
+    now = time.time() // 60 * 60
+    later = f"{hhmm(now + 3 * 3600)}-{hhmm(now + 4 * 3600)} UTC"
+    config = config_from(
+        config_text(
+            command_service("web", {"use": "office"}),
+            policies={"office": {"idle_timeout": 0.5, "action": "stop", "keep_awake": [later]}},
+            prediction={"state_file": str(tmp_path / "prediction.json")},
+        )
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        await asyncio.sleep(0.3)
+        assert web.state is State.STOPPED
+        status, body = await put(proxy, "/policies/office", b'{"keep_awake": ["mon-fry 8:00"]}')
+        assert status == 400 and "unknown day 'fry'" in body["problems"][0]
+        now_on = f"{hhmm(now)}-{hhmm(now + 120)} UTC"  # holds the whole test
+        payload = orjson.dumps({"keep_awake": [now_on]})
+        status, body = await put(proxy, "/policies/office", payload)
+        assert status == 200 and body["policies"]["office"]["keep_awake"] == [now_on]
+        # The new window holds now: woken with no request, and kept past its idle timeout.
+        await wait_until(lambda: web.state is State.RUNNING, within=10)
+        assert proxy.predictions.table("web")["keep_awake"] == [now_on]
+        await asyncio.sleep(1.0)
+        assert web.state is State.RUNNING

@@ -73,6 +73,7 @@ class Predictions:
         self._handled: dict[str, float] = {}
         self._dirty = False
         self._loaded = False
+        self._configured: set[str] = set()  # names configured in the core
         self._saver: asyncio.Task[None] | None = None
         self._save_error: str | None = None
 
@@ -105,7 +106,6 @@ class Predictions:
         path = self.cfg.state_file
         if path is None or not self._dirty:
             return
-        self.core.retain(self.services)  # what removed services learned goes
         target = Path(path)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,13 +129,22 @@ class Predictions:
         self._dirty = False
         self._save_error = None
 
+    def tidy(self) -> None:
+        """Forget services that left and did not come back (a reload or a discovery
+        replaces a service by closing it and adding it again: both keep what it learned)."""
+        for name in self._configured - self.services.keys():
+            self.core.forget(name)
+        self._configured &= self.services.keys()
+        self.core.retain(self.services)  # and what a state file knew of services now gone
+
     async def _save_every(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.save_interval)
+            self.tidy()
             self.save()
 
     def start(self) -> None:
-        if self._saver is None and self.cfg.state_file is not None:
+        if self._saver is None:
             self._saver = self.loop.create_task(self._save_every(), name="prediction-state")
 
     async def close(self) -> None:
@@ -156,6 +165,7 @@ class Predictions:
         if service.cfg.replica_of is not None:
             return  # replicas follow the load (their pool), not predictions
         self.services[service.name] = service
+        self._configured.add(service.name)
         policy = service.cfg.sleep_policy
         self.core.configure(service.name, policy.predict, policy.keep_awake, policy.asleep_windows)
         self.active = any(uses_prediction(s.cfg) for s in self.services.values())

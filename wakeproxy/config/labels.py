@@ -39,6 +39,9 @@ _LABEL_PATHS: dict[str, KeyPath] = {
             "hibernate_after",
             "reclaim",
             "prefetch",
+            "keep_awake",
+            "asleep_windows",
+            "predict",
         )
     },
     "policy": ("sleep_policy", "use"),
@@ -72,6 +75,15 @@ def _label_scalar(text: str) -> Any:
     except yaml.YAMLError:
         return text
     return value if isinstance(value, int | float | bool) else text
+
+
+def _label_mapping(text: str) -> Any:
+    """A YAML flow mapping (``{arrivals: true, threshold: 0.6}``); else the text, which
+    the key's check then refuses, naming the label."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def service_from_labels(
@@ -114,6 +126,11 @@ def service_from_labels(
             continue
         if short == "depends_on":
             value: Any = [part.strip() for part in text.split(",") if part.strip()]
+        elif short in ("keep_awake", "asleep_windows"):
+            # Windows hold commas (mon,wed 08:00-12:00): several are split on ";".
+            value = [part.strip() for part in text.split(";") if part.strip()]
+        elif short == "predict":
+            value = _label_mapping(text)
         elif short in _LABEL_TEXT:
             value = text.strip()
         else:
