@@ -4,6 +4,7 @@ Each scenario runs every contender (direct to the backend, HAProxy 2.6 with one 
 wakeproxy) in the same run on the same backend, alternating their order round by round,
 and reports medians and the ratio to HAProxy measured in that run: the machine's two
 cores are shared by load generator, proxy and backend, so only ratios mean anything.
+Row 11 is no contest: a replay of weeks of traffic in simulated time (bench/predict.py).
 Writes a Markdown report (``--out``, default bench/RESULTS.md). All traffic: 127.0.0.1.
 """
 
@@ -20,7 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import coldwake, hibernate, loadgen, peers, plots, replicas, scale, swarm, targets
+from bench import (
+    coldwake,
+    hibernate,
+    loadgen,
+    peers,
+    plots,
+    predict,
+    replicas,
+    scale,
+    swarm,
+    targets,
+)
 from bench.report import Report, Row, Target
 
 T = TypeVar("T")
@@ -330,6 +342,44 @@ def scenario_swarm(report: Report, args: argparse.Namespace) -> None:
     targets.swarm(report, result)
 
 
+def scenario_predict(report: Report) -> None:
+    title = "11. Prediction replay"
+    progress(f"{title}: {predict.TRACE.name}, prediction off and on, in simulated time")
+    result = predict.run()
+    note = (
+        f"{result.requests} requests to seven MCP servers over {result.weeks} weeks"
+        " (bench/predict_trace.py: Europe/Berlin working hours, habits at fixed times,"
+        " irregular sessions, chains git -> filesystem p 0.8 and search -> docs p 0.6,"
+        " noise), replayed through the proxy's own decision core and prediction glue on a"
+        f" simulated clock: `action: stop`, idle_timeout {result.idle_timeout:g} s, every"
+        f" wake a {result.wake:g} s start; on: `predict: {{arrivals: true, chains: true,"
+        f" threshold: {result.threshold:g}}}` for every service. Figures of the last week"
+        f" (from {result.measured_week}); the weeks before it are the learning period."
+        " Cold: held, having found the backend asleep or waking. Used/wasted: the"
+        " predictor's own books, with the awake hours it counts on them."
+    )
+    commands = [
+        ".venv/bin/python -m bench.predict_trace --weeks 3 --seed 1 --out bench/predict-trace.csv",
+        ".venv/bin/python -m bench.predict",
+    ]
+    report.table(title, note, commands, predict.table(result))
+    report.table(
+        f"{title}: per service",
+        "The same week, per service: cold requests and awake hours, prediction off -> on.",
+        commands[1:],
+        predict.service_table(result),
+    )
+    report.table(
+        f"{title}: by cause",
+        "The same week, by where each request came from in the trace (a habit at a fixed"
+        " time, a session at a random time of the working day, a chained follower, noise):"
+        " cold requests, prediction off -> on. Only habits and chains carry a signal.",
+        commands[1:],
+        predict.cause_table(result),
+    )
+    targets.predict(report, result)
+
+
 def _ms_or_none(value: float | None) -> str:
     return "no second replica answered" if value is None else f"{value:.0f} ms"
 
@@ -360,6 +410,7 @@ def main() -> None:
         scenario_hibernate(report, args, workdir)
         scenario_replicas(report, args)
         scenario_swarm(report, args)
+        scenario_predict(report)
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")

@@ -14,6 +14,7 @@ import statistics
 from bench.coldwake import Row as ColdRow
 from bench.hibernate import Result as HibernateResult
 from bench.loadgen import WrkResult
+from bench.predict import PredictResult
 from bench.replicas import ReplicaResult
 from bench.report import Report, Target
 from bench.scale import ScaleResult
@@ -65,10 +66,13 @@ HIBERNATE_LOAD = Target(
     "8. keep-alive p99 while 50 hibernate at once",
     "<= 2 x its p99 alone; all 50 hibernated; 0 wrk errors",
 )
+PREDICT = Target(
+    "11. Prediction replay", "cold first requests >= 50% fewer, awake time <= +20%; 0 failed"
+)
 ALL = (
     KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, CHURN_BARE, BULK, HTTP, HTTP_VARIED, COLD_ONE,
     COLD_BURST, SCALE, HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD, REPLICAS_SCALE,
-    REPLICAS_FAILOVER, SWARM_WAKE,
+    REPLICAS_FAILOVER, SWARM_WAKE, PREDICT,
 )  # fmt: skip
 
 # Per wrk row: (target, figure, bound, reference). req/s must reach the bound x the
@@ -217,3 +221,17 @@ def swarm(report: Report, result: SwarmResult) -> None:
     clean = result.failed == 0 and all(n == 1 for n in result.scale_ups) and bool(result.raw)
     measured = f"{diff:+.1f} ms; scale-ups {ups}; {result.failed} failed"
     report.judge(SWARM_WAKE, measured, diff <= 50 and clean)
+
+
+def predict(report: Report, result: PredictResult) -> None:
+    """Row 11, of the measured week: the cold requests prediction took away, the awake
+    time it added; a request the replay failed (a wake that did not finish) in either
+    run fails the target."""
+    off, on = result.off.total, result.on.total
+    failed = off.failed + on.failed
+    measured = (
+        f"{result.cold_removed:.0%} fewer ({off.cold} -> {on.cold}), "
+        f"awake {result.extra_awake:+.0%}" + (f"; {failed} failed" if failed else "")
+    )
+    met = result.cold_removed >= 0.5 and result.extra_awake <= 0.2 and failed == 0
+    report.judge(PREDICT, measured, met)

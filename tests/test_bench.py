@@ -46,7 +46,7 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
     assert not report.all_met()
     section = report.targets_section()
-    assert "**Not all targets met: 2 met, 1 not met, 13 not run (of 16).**" in section
+    assert "**Not all targets met: 2 met, 1 not met, 14 not run (of 17).**" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
     assert len(rows) == len(targets.ALL)
     assert rows[2] == (
@@ -193,7 +193,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
     assert burst in verdicts
-    assert "**Not all targets met:" in verdicts and "1 not run (of 16)" in verdicts
+    assert "**Not all targets met:" in verdicts and "1 not run (of 17)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"

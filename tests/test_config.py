@@ -394,7 +394,7 @@ def test_labels_take_windows_split_on_semicolons_and_a_predict_mapping():
         (
             {"wakeproxy.port": "8080", "wakeproxy.asleep_windows": "sat-sun 25:00-26:00"},
             [
-                "container c1: label wakeproxy.asleep_windows: \"sat-sun 25:00-26:00\": bad "
+                'container c1: label wakeproxy.asleep_windows: "sat-sun 25:00-26:00": bad '
                 "time '25:00'"
             ],
         ),
@@ -672,4 +672,24 @@ def test_two_services_on_one_swarm_service_are_refused_on_one_engine_not_on_two(
     assert found == [
         "c.yaml:5: services.b.swarm_service: Swarm service 'web' is already service 'a''s: "
         "one wakeproxy service per Swarm service"
+    ], found
+
+
+def test_prediction_keys_are_refused_on_replicas_and_discovery_engines_must_exist():
+    found = problems(
+        """
+        discovery: {docker_labels: true, engines: [local, far]}
+        services:
+          pool:
+            listen: 127.0.0.1:7630
+            backend: 127.0.0.1:7631
+            command: ["srv", "{port}"]
+            replicas: {count: 2}
+            sleep_policy: {keep_awake: ["mon-fri 08:00-18:00"]}
+        """
+    )
+    assert found == [
+        "c.yaml:9: services.pool.sleep_policy: keep_awake, asleep_windows and predict are not "
+        "for a service with replicas (its replicas follow the load)",
+        "c.yaml:2: discovery.engines: no engine 'far'; engines: local",
     ], found

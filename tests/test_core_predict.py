@@ -573,3 +573,11 @@ def test_more_services_than_the_bound_is_refused():
     state = _valid()
     with pytest.raises(ValueError, match=r"services: 3 entries \(expected at most 2\)"):
         Predictor.from_state(state, max_services=2)
+
+
+def test_a_state_with_a_probability_that_would_round_to_zero_is_refused():
+    state = Predictor("UTC").to_state()
+    state["services"] = ["a"]
+    state["arrivals"] = {"a": [[3, 1e-9, 2900]]}
+    with pytest.raises(ValueError, match="p"):
+        Predictor.from_state(state)

@@ -53,7 +53,7 @@ def command_service(name: str, policy: dict[str, object], **more: object) -> dic
 
 
 async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_another(tmp_path):
-    edge, clock = shifted_clock(lead=4.0)
+    edge, clock = shifted_clock(lead=8.0)
     before, after = hhmm(edge - 60), hhmm(edge + 60)
     config = config_from(
         config_text(
@@ -65,15 +65,21 @@ async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_
                 "starts", {"idle_timeout": 0.5, "action": "stop",
                            "keep_awake": [f"{hhmm(edge)}-{after} UTC"]},
             ),
+            command_service(
+                "night", {"idle_timeout": 600, "action": "stop",
+                          "asleep_windows": [f"{hhmm(edge)}-{after} UTC"]},
+            ),
             prediction={"state_file": str(tmp_path / "prediction.json")},
         )
     )  # fmt: skip
     async with running(config, wall_clock=clock) as proxy:
         kept, starts = proxy.services["kept"], proxy.services["starts"]
+        night = proxy.services["night"]
         # Inside its window from the start: woken with no connection, held past its
-        # idle timeout (0.5 s) until the window ends 4 s later.
+        # idle timeout (0.5 s) until the window ends 8 s later.
         await wait_until(lambda: kept.state is State.RUNNING, within=10)
         assert starts.state is State.STOPPED
+        assert (await http_get(night.cfg.listen.port, within=15)).endswith(b"backend\n")
         await asyncio.sleep(max(0.0, edge - clock() - 1.5))
         assert kept.state is State.RUNNING and kept.attached == 0
         assert starts.state is State.STOPPED
@@ -83,6 +89,11 @@ async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_
         await wait_until(lambda: starts.state is State.RUNNING, within=10)
         assert clock() >= edge - 0.05
         assert kept.stats.sleeps[(SleepAction.STOP, SleepReason.IDLE)] == 1
+        # Its asleep window began: slept at once, though its idle timeout is 10 minutes.
+        await wait_until(lambda: night.state is State.STOPPED, within=10)
+        assert night.stats.sleeps[(SleepAction.STOP, SleepReason.SCHEDULE)] == 1
+        # A request inside it still wakes it; then its idle clock decides, not the window.
+        assert (await http_get(night.cfg.listen.port, within=15)).endswith(b"backend\n")
         # Inside its window a request finds it awake: the predicted wake was used.
         assert (await http_get(starts.cfg.listen.port)).endswith(b"hello from the backend\n")
         table = proxy.predictions.table("starts")
@@ -93,6 +104,7 @@ async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_
         assert kept_books["awake_seconds"] >= 2.0
         await asyncio.sleep(1.0)
         assert starts.state is State.RUNNING  # held to its window's end, a minute on
+        assert night.state is State.RUNNING
 
 
 async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
@@ -101,20 +113,28 @@ async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
         config_text(
             # An episode of git: a request after its own chain_window (1 s) of quiet.
             command_service("git", {**policy, "predict": {"chain_window": 1.0}}),
+            # files follows git when its request comes within 5 s of git's.
             command_service(
                 "files",
-                {**policy, "predict": {"chains": True, "chain_window": 1.0, "min_samples": 2}},
+                {**policy, "predict": {"chains": True, "chain_window": 5.0, "min_samples": 2}},
             ),
             prediction={"state_file": str(tmp_path / "prediction.json")},
         )
     )
     async with running(config) as proxy:
         git, files = proxy.services["git"], proxy.services["files"]
-        for _ in range(2):  # two episodes of git, each followed by files
-            await http_get(git.cfg.listen.port, within=15)
-            await http_get(files.cfg.listen.port, within=15)
-            await asyncio.sleep(1.2)  # past the chain window: the next request is a new episode
-            await wait_until(lambda: files.state is State.PAUSED, within=10)
+        # Started once and paused: from here on a wake is an unpause (milliseconds).
+        # That is git's first episode, followed by files (within 5 s).
+        for warm in (git, files):
+            await http_get(warm.cfg.listen.port, within=15)
+            await wait_until(lambda w=warm: w.state is State.PAUSED, within=10)
+        await asyncio.sleep(1.2)  # past git's window: its next request is a new episode
+        # The second, followed too: two of two, enough for min_samples 2.
+        await http_get(git.cfg.listen.port, within=15)
+        await http_get(files.cfg.listen.port, within=15)
+        await asyncio.sleep(1.2)
+        await wait_until(lambda: files.state is State.PAUSED, within=10)
+        assert proxy.predictions.table("files")["accounting"]["predicted"] == 0
         assert proxy.predictions.table("files")["leaders"][0]["service"] == "git"
         found_before = files.stats.found_asleep
         await http_get(git.cfg.listen.port, within=15)
@@ -194,3 +214,7 @@ async def test_a_policys_windows_change_live_through_the_api(tmp_path):
         assert proxy.predictions.table("web")["keep_awake"] == [now_on]
         await asyncio.sleep(1.0)
         assert web.state is State.RUNNING
+        # The window removed: the hold goes with it, and the idle timeout (0.5 s) applies.
+        status, body = await put(proxy, "/policies/office", b'{"keep_awake": []}')
+        assert status == 200
+        await wait_until(lambda: web.state is State.STOPPED, within=10)

@@ -168,6 +168,7 @@ async def test_a_stack_deployed_with_wakeproxy_labels_is_discovered_woken_and_sl
             engines={"swarm": {"host": swarm.host}},
             discovery={
                 "docker_labels": True,
+                "engines": ["swarm"],  # not the machine's engine: the suite's other tests use it
                 "allowed_listen": ["127.0.0.0/8:1024-65535"],
                 "interval": 600,  # longer than the test: the service events do the work
             },

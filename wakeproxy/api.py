@@ -220,7 +220,7 @@ class Api:
         table = predictions.table(name) if predictions is not None else {}
         if not table:
             if name in self.proxy.services:
-                return error(404, f"{name}: a replica; prediction is its service's pool's")
+                return error(404, f"{name}: a replica; replicas are not predicted")
             return self._no_service(name)
         return json_response(200, table)
 

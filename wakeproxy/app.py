@@ -145,25 +145,25 @@ class Proxy:
             engine.on_compose_change = self._compose_cue.set
         return engine
 
-    async def _list(self, configs: Iterable[ServiceConfig], *, every: bool = False) -> None:
-        """One listing per engine ``configs`` use (with ``every``: of every engine, and
+    async def _list(self, configs: Iterable[ServiceConfig], *, labels: Iterable[str] = ()) -> None:
+        """One listing per engine ``configs`` use (and of the ``labels`` engines, with
         their Swarm services: label discovery's first read), all at once; an engine
         that does not answer fails only its own services (their state reads failed,
         retried with back-off)."""
         configs = list(configs)
-        names = self._engine_names(configs)
-        swarm = {c.engine for c in configs if c.runtime == "swarm"}
-        if every:
-            names |= {LOCAL_ENGINE, *self.config.engines}
-            swarm |= names
+        names = self._engine_names(configs) | set(labels)
+        swarm = {c.engine for c in configs if c.runtime == "swarm"} | set(labels)
         await asyncio.gather(*(self._list_one(name, name in swarm) for name in sorted(names)))
 
     async def _list_one(self, name: str, swarm: bool) -> None:
         engine = self._engine(name)
-        if swarm:
-            await engine.refresh_swarm()
         try:
-            self._listings[name] = await engine.refresh_snapshot()
+            if swarm:  # both at once: an engine that does not answer costs one timeout
+                _, self._listings[name] = await asyncio.gather(
+                    engine.refresh_swarm(), engine.refresh_snapshot()
+                )
+            else:
+                self._listings[name] = await engine.refresh_snapshot()
         except EngineUnavailable as exc:
             log.error(
                 "the Docker engine %s does not answer: %s; its services are failed until it does",
@@ -191,8 +191,8 @@ class Proxy:
                 )
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
-        labels_on = self.config.discovery.docker_labels
-        await self._list(configs, every=labels_on)
+        labelled = self.config.discovery.engine_names(self.config.engines)
+        await self._list(configs, labels=labelled)
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
             for cfg in configs:
@@ -206,7 +206,7 @@ class Proxy:
             for pool in self.pools.values():
                 with _listening(f"service {pool.name}", pool.cfg.listen):
                     await pool.start()
-            for name in sorted(self.engines) if labels_on else ():
+            for name in labelled:
                 discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
                 self.discoveries[name] = discovery
                 listing = self._listings.get(name)
@@ -460,6 +460,8 @@ class Proxy:
 
     async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, then give open connections up to ``grace`` seconds to end."""
+        if self.predictions is not None:
+            self.predictions.stop()  # a proxy shutting down wakes nothing ahead
         for pool in self.pools.values():
             pool.stop_accepting()
         for service in self.services.values():
@@ -561,7 +563,7 @@ class Proxy:
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
         if self.predictions is not None:
-            # First: saved with every service's name, before they detach.
+            # First: no predicted wake while services close; the tables are saved.
             await self.predictions.close()
         if self._compose_task is not None:
             self._compose_task.cancel()

@@ -121,8 +121,11 @@ class LabelDiscovery:
 
     async def reconcile(self) -> None:
         """Re-read the labelled containers and services and make the running ones match."""
-        await self.engine.refresh_swarm()  # not a manager: no Swarm services, said once
-        await self.apply(await self.engine.refresh_snapshot())
+        _, listing = await asyncio.gather(
+            self.engine.refresh_swarm(),  # not a manager: no Swarm services
+            self.engine.refresh_snapshot(),
+        )
+        await self.apply(listing)
 
     async def apply(self, containers: list[dict[str, Any]]) -> None:
         """Make the discovered services match ``containers`` (one engine listing) and the
@@ -169,6 +172,8 @@ class LabelDiscovery:
         """(container or Swarm service name, is a Swarm service, labels) of each one
         labelled wakeproxy.enable."""
         labelled: list[_Labelled] = []
+        present = {str(n).lstrip("/") for e in containers for n in e.get("Names") or ()}
+        self._skipped &= present | self.engine.swarm_labels.keys()  # task names come and go
         for entry in containers:
             labels = entry.get("Labels") or {}
             if not label_enabled(labels):

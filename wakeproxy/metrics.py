@@ -72,8 +72,12 @@ class ProxyCollector(Collector):
                 labels=labels,
             ),
         }
-        for name in sorted(self.proxy.predictions.services):
-            for kind, counts in core.stats(name).get("kinds", {}).items():
+        predictions = self.proxy.predictions
+        for name in sorted(predictions.services):
+            stats = core.stats(name)
+            if name not in predictions.using and not stats.get("predicted"):
+                continue  # no series for services that never predict
+            for kind, counts in stats.get("kinds", {}).items():
                 for key, family in families.items():
                     family.add_metric([name, kind], counts[key])
         yield from families.values()

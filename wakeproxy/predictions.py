@@ -1,4 +1,4 @@
-"""The asyncio side of prediction: one timer per service, the state file, the books.
+"""The asyncio side of prediction: one timer per service, the holds, the state file.
 
 Decisions are the pure ``core.predict.Predictor``'s; this glue feeds it what the
 services saw (a new connection, a finished wake, a sleep) with the wall-clock time and
@@ -7,20 +7,28 @@ carries out what it answers:
 * **Timed wakes.** Each service with a schedule or learned arrivals has one timer, at
   its next keep-awake start, asleep-window start or predicted arrival (whichever comes
   first; never further than an hour, so a clock step or a DST change is caught). When it
-  fires: a service asleep inside a keep-awake window or ahead of a likely slot is woken
-  and held awake (the core's ``busy_until``: its idle timer does not sleep it before the
-  window's or slot's end); one awake inside a keep-awake window is only held; one inside
-  an asleep window with no connection open is put to sleep (reason ``schedule``).
+  fires for a wake: a service asleep inside a keep-awake window or ahead of a likely slot
+  is woken and held awake; when it fires for an asleep window's start: a service with no
+  connection open is put to sleep (reason ``schedule``; otherwise its idle timer sleeps
+  it later). A timed wake is carried out once: a service put to sleep inside a window it
+  was awake in (the API, someone outside) stays asleep until the next start.
 * **Chains.** A request that starts an episode of A wakes, in the background, each B
   that usually follows A, held for B's ``chain_window``.
-* **Accounting.** A predicted wake carried out is opened in the core; the service's next
-  request makes it used, its sleep before one wasted (``wakeproxy_predicted_*``).
-* **State.** The learned tables are read from ``prediction.state_file`` at the start (a
-  missing or unreadable file: one log line, empty tables, never a failed start) and
-  written atomically (a temporary file renamed over it) every ``save_interval`` when they
-  changed, and at shutdown.
-
-Nothing runs while no service uses prediction: the per-connection hook is one flag test.
+* **Holds.** One per service (the core's ``HoldAwake``), replaced each time: the later of
+  the keep-awake window's end (while inside one) and an open prediction's end. A
+  prediction's hold ends with its first request (used: from then on the request's own
+  idle clock counts, so the books' awake seconds are all the awake time the prediction
+  added), its sleep or a failed wake (wasted); a window shortened through the API lets
+  go at once.
+* **State.** The learned tables are read from ``prediction.state_file`` once a service
+  uses prediction (a missing or unreadable file: one log line, empty tables, never a
+  failed start) and written atomically (a temporary file renamed over it, off the event
+  loop) every ``save_interval`` when they changed, and at shutdown. A service gone for an
+  hour is forgotten (a reload or a discovery replaces a service by closing it and adding
+  it again; an engine down at start-up lists its services late).
+* **Never in the way.** A fault in prediction is logged and the connection, the wake or
+  the state change that called it goes on. Nothing runs while no service uses prediction:
+  the per-connection hook is one flag test. A proxy shutting down wakes nothing.
 """
 
 from __future__ import annotations
@@ -31,25 +39,59 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import orjson
 
 from .config.model import PredictionConfig, ServiceConfig
-from .core.events import ResultDue
+from .core.events import Event, HoldAwake
 from .core.predict import Prediction, Predictor
 from .core.states import ASLEEP, SleepReason, State
-
-if TYPE_CHECKING:
-    from .service import Service
 
 log = logging.getLogger("wakeproxy.prediction")
 # A timer never sleeps longer than this: wall-clock steps and DST changes are re-read.
 _LONGEST = 3600.0
 # A timer that fires this early still counts as due (loop and wall clocks differ).
 _EARLY = 0.01
+# A service absent this long is forgotten, with what it learned.
+_FORGET_AFTER = 3600.0
+_SETTLED = ASLEEP | {State.FAILED}
+
+
+class Handle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Timers(Protocol):
+    """What the glue uses of an event loop (bench/predict.py replays on a simulated one)."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Handle: ...
+
+
+class Predicted(Protocol):
+    """What the glue uses of a service (``Service``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cfg(self) -> ServiceConfig: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def attached(self) -> int: ...
+
+    def feed(self, event: Event) -> object: ...
+
+    def wake_in_background(self, reason: str) -> None: ...
+
+    def sleep_in_background(self, reason: SleepReason) -> None: ...
 
 
 def uses_prediction(cfg: ServiceConfig) -> bool:
@@ -58,24 +100,50 @@ def uses_prediction(cfg: ServiceConfig) -> bool:
     return bool(policy.keep_awake or policy.asleep_windows or predict.arrivals or predict.chains)
 
 
+@contextlib.contextmanager
+def _guarded(what: str, name: str) -> Iterator[None]:
+    """Prediction never breaks what called it (a connection, a wake, a timer)."""
+    try:
+        yield
+    except Exception:
+        log.exception("%s: prediction failed while %s; carrying on", name, what)
+
+
 class Predictions:
-    def __init__(self, cfg: PredictionConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: PredictionConfig,
+        clock: Callable[[], float] = time.time,
+        loop: Timers | None = None,
+    ) -> None:
         self.cfg = cfg
         # Wall-clock seconds: windows and slots are wall-clock times (tests shift it).
         self.clock = clock
-        self.loop = asyncio.get_running_loop()
+        self.loop: Timers = loop if loop is not None else asyncio.get_running_loop()
         self.core = Predictor(cfg.timezone)
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, Predicted] = {}
         # True while any service uses prediction: the hooks do nothing otherwise.
         self.active = False
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        # Per service, the ``until`` of the last prediction carried out: not twice.
+        self.closed = False
+        self._using: set[str] = set()
+        self._timers: dict[str, Handle] = {}
+        # Per service: why its timer is armed ("wake" or "asleep"); the ``until`` of
+        # the last timed wake carried out (not twice); the open prediction's end (its
+        # hold) and the hold last fed.
+        self._armed_for: dict[str, str] = {}
         self._handled: dict[str, float] = {}
+        self._predicted: dict[str, float] = {}
+        self._fed: dict[str, float] = {}
+        self._absent: dict[str, float] = {}  # name -> since when no service has it
         self._dirty = False
         self._loaded = False
-        self._configured: set[str] = set()  # names configured in the core
         self._saver: asyncio.Task[None] | None = None
         self._save_error: str | None = None
+
+    @property
+    def using(self) -> frozenset[str]:
+        """The services with a schedule or a predict setting on."""
+        return frozenset(self._using)
 
     # ---- the state file
 
@@ -101,18 +169,23 @@ class Predictions:
                 slots,
             )
 
-    def save(self) -> None:
-        """Write the tables atomically: a reader (or a crash) sees the old or the new file."""
-        path = self.cfg.state_file
-        if path is None or not self._dirty:
-            return
-        target = Path(path)
+    def _snapshot(self) -> bytes | None:
+        """The tables to write, or None when nothing changed (or there is no file)."""
+        if self.cfg.state_file is None or not self._dirty:
+            return None
+        self._dirty = False
+        return orjson.dumps(self.core.to_state())
+
+    def _write(self, data: bytes) -> None:
+        """Atomically: a reader (or a crash) sees the old file or the new one."""
+        assert self.cfg.state_file is not None
+        target = Path(self.cfg.state_file)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
             try:
                 with os.fdopen(fd, "wb") as out:
-                    out.write(orjson.dumps(self.core.to_state()))
+                    out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(tmp, target)
@@ -123,52 +196,72 @@ class Predictions:
         except OSError as exc:
             why = f"{type(exc).__name__}: {exc}"
             if why != self._save_error:  # once per distinct failure, not every interval
-                log.warning("prediction: cannot write %s (%s); tables kept in memory", path, why)
+                log.warning("prediction: cannot write %s (%s); tables kept in memory", target, why)
             self._save_error = why
+            self._dirty = True  # tried again at the next interval
             return
-        self._dirty = False
         self._save_error = None
 
     def tidy(self) -> None:
-        """Forget services that left and did not come back (a reload or a discovery
-        replaces a service by closing it and adding it again: both keep what it learned)."""
-        for name in self._configured - self.services.keys():
-            self.core.forget(name)
-        self._configured &= self.services.keys()
-        self.core.retain(self.services)  # and what a state file knew of services now gone
+        """Forget the services (and what a state file knew of others) absent for an hour."""
+        now = self.clock()
+        known = set(self.core.learned()) | set(self.core.configured())
+        for name in known - self.services.keys():
+            since = self._absent.setdefault(name, now)
+            if now - since >= _FORGET_AFTER:
+                self.core.forget(name)
+                del self._absent[name]
+                self._dirty = True
+        for name in [n for n in self._absent if n in self.services or n not in known]:
+            del self._absent[name]
 
     async def _save_every(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.save_interval)
-            self.tidy()
-            self.save()
+            with _guarded("saving its state", "prediction"):
+                self.tidy()
+                data = self._snapshot()
+                if data is not None:
+                    # A few MB at most; the write and fsync off the loop.
+                    await asyncio.to_thread(self._write, data)
 
     def start(self) -> None:
         if self._saver is None:
-            self._saver = self.loop.create_task(self._save_every(), name="prediction-state")
+            self._saver = asyncio.create_task(self._save_every(), name="prediction-state")
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """Shutting down: no timer fires, no hook acts any more."""
+        self.closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+
+    async def close(self) -> None:
+        self.stop()
         if self._saver is not None:
             self._saver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._saver
             self._saver = None
-        self.save()
+        data = self._snapshot()
+        if data is not None:
+            self._write(data)
 
     # ---- services
 
-    def attach(self, service: Service) -> None:
+    def attach(self, service: Predicted) -> None:
         """A service starts (or took new settings): configure it and arm its timer."""
-        if service.cfg.replica_of is not None:
-            return  # replicas follow the load (their pool), not predictions
-        self.services[service.name] = service
-        self._configured.add(service.name)
+        if service.cfg.replica_of is not None or self.closed:
+            return  # replicas follow the load (their pool), not predictions (check says so)
+        name = service.name
+        self.services[name] = service
         policy = service.cfg.sleep_policy
-        self.core.configure(service.name, policy.predict, policy.keep_awake, policy.asleep_windows)
-        self.active = any(uses_prediction(s.cfg) for s in self.services.values())
+        self.core.configure(name, policy.predict, policy.keep_awake, policy.asleep_windows)
+        if uses_prediction(service.cfg):
+            self._using.add(name)
+        else:
+            self._using.discard(name)
+        self.active = bool(self._using)
         if self.active and not self._loaded:
             # Read once the first service uses prediction (no file touched before).
             self._loaded = True
@@ -178,114 +271,162 @@ class Predictions:
                 self.core.configure(other.name, p.predict, p.keep_awake, p.asleep_windows)
         self.rearm(service)
 
-    def detach(self, service: Service) -> None:
-        """A service closes; what it learned stays until the next save (a reload may
-        bring it back under the same name)."""
-        if self.services.get(service.name) is service:
-            del self.services[service.name]
-            handle = self._timers.pop(service.name, None)
-            if handle is not None:
-                handle.cancel()
-            self._handled.pop(service.name, None)
-            self.active = any(uses_prediction(s.cfg) for s in self.services.values())
-
-    # ---- what services report
-
-    def arrived(self, service: Service) -> None:
-        """A new connection needs ``service``'s backend."""
-        for prediction in self.core.arrived(service.name, self.clock()):
-            self._carry_out(prediction)
-        self._dirty = True
-
-    def woke(self, service: Service, seconds: float) -> None:
-        self.core.woke(service.name, self.clock(), seconds)
-        self._dirty = True
-
-    def state_changed(self, service: Service, before: State, after: State) -> None:
-        if after in ASLEEP and before not in ASLEEP:
-            self.core.slept(service.name, self.clock())
-            self.rearm(service)
-        elif after is State.RUNNING:
-            self.rearm(service)  # inside a keep-awake window: held from now
-
-    # ---- timers
-
-    def rearm(self, service: Service) -> None:
-        """Arm ``service``'s one timer for its next timed event (and hold it awake now
-        when it is inside a keep-awake window)."""
+    def detach(self, service: Predicted) -> None:
+        """A service closes; what it learned stays (a reload may bring it back)."""
         name = service.name
+        if self.services.get(name) is not service:
+            return
+        del self.services[name]
         handle = self._timers.pop(name, None)
         if handle is not None:
             handle.cancel()
-        if self.services.get(name) is not service or not uses_prediction(service.cfg):
+        for table in (self._armed_for, self._handled, self._predicted, self._fed):
+            table.pop(name, None)
+        self._using.discard(name)
+        self.active = bool(self._using)
+
+    # ---- what services report
+
+    def arrived(self, service: Predicted) -> None:
+        """A new connection needs ``service``'s backend."""
+        if self.closed:
+            return
+        with _guarded("reading a request", service.name):
+            for prediction in self.core.arrived(service.name, self.clock()):
+                self._carry_out(prediction, timed=False)
+            self._settled()
+            self._dirty = True
+
+    def woke(self, service: Predicted, seconds: float) -> None:
+        with _guarded("reading a wake", service.name):
+            self.core.woke(service.name, self.clock(), seconds)
+            self._dirty = True
+
+    def state_changed(self, service: Predicted, before: State, after: State) -> None:
+        if self.closed or self.services.get(service.name) is not service:
+            return
+        with _guarded("following a state change", service.name):
+            name = service.name
+            now = self.clock()
+            if after in _SETTLED and before not in _SETTLED:
+                if before is not State.WAKING and self.core.hold_until(name, now) > now:
+                    # Put to sleep inside a keep-awake window (the API, someone outside):
+                    # that occurrence is done with; the next start wakes it again.
+                    wake = self.core.next_wake(name, now)
+                    if wake is not None and wake.kind == "schedule":
+                        self._handled[name] = wake.until
+                self.core.slept(name, now)  # an open prediction: wasted
+                self._settled()
+                self.rearm(service)
+            elif after is State.RUNNING:
+                self.rearm(service)  # inside a keep-awake window: held from now
+
+    # ---- timers
+
+    def rearm(self, service: Predicted) -> None:
+        """Feed the service's hold and arm its one timer for its next timed event."""
+        name = service.name
+        if self.services.get(name) is not service:
+            return
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+        if self.closed or name not in self._using:
+            if name not in self._using:  # prediction turned off: a hold it had goes
+                self._predicted.pop(name, None)
+                self._hold(service)
             return
         now = self.clock()
+        self._hold(service)
         hold = self.core.hold_until(name, now)
-        if hold > now and service.state in (State.RUNNING, State.WAKING):
-            self._hold(service, hold)
-            after = hold  # nothing to wake before the window ends
-        else:
-            after = now
-        due = [now + _LONGEST]
+        # Awake inside a keep-awake window: nothing to wake before it ends.
+        after = hold if hold > now and service.state in (State.RUNNING, State.WAKING) else now
+        due: list[tuple[float, str]] = [(now + _LONGEST, "check")]
         wake = self.core.next_wake(name, after)
         if (
             wake is not None
             and wake.at <= now
             and (service.state not in ASLEEP or self._handled.get(name) == wake.until)
         ):
-            # Due, but carried out already (the wake is on its way) or nothing to wake
-            # (awake, or failed: its back-off decides): the one after it.
+            # Due, but carried out already (the wake is on its way, or it was put to
+            # sleep since) or nothing to wake (awake, or failed: its back-off decides).
             wake = self.core.next_wake(name, wake.until)
         if wake is not None:
-            due.append(wake.at)
+            due.append((wake.at, "wake"))
         asleep = self.core.asleep_start(name, now)
         if asleep is not None:
-            due.append(asleep)
-        at = max(min(due), now)
-        self._timers[name] = self.loop.call_at(self.loop.time() + (at - now), self._fire, service)
+            due.append((asleep, "asleep"))
+        at, why = min(due)
+        self._armed_for[name] = why
+        self._timers[name] = self.loop.call_at(
+            self.loop.time() + (max(at, now) - now), self._fire, service
+        )
 
-    def _fire(self, service: Service) -> None:
-        self._timers.pop(service.name, None)
-        now = self.clock()
+    def _fire(self, service: Predicted) -> None:
         name = service.name
-        if (
-            self.core.sleep_now(name, now)
-            and service.state is State.RUNNING
-            and service.attached == 0
-        ):
-            service.sleep_in_background(SleepReason.SCHEDULE)
-        else:
-            wake = self.core.next_wake(name, now)
-            if wake is not None and wake.at <= now + _EARLY:
-                self._carry_out(wake)
+        self._timers.pop(name, None)
+        why = self._armed_for.pop(name, "check")
+        with _guarded("acting on its timer", name):
+            now = self.clock()
+            if why == "asleep":
+                if (
+                    self.core.sleep_now(name, now)
+                    and service.state is State.RUNNING
+                    and service.attached == 0
+                ):
+                    service.sleep_in_background(SleepReason.SCHEDULE)
+            else:
+                wake = self.core.next_wake(name, now)
+                if (
+                    wake is not None
+                    and wake.at <= now + _EARLY
+                    and self._handled.get(name) != wake.until
+                ):
+                    self._carry_out(wake, timed=True)
         self.rearm(service)
 
-    def _carry_out(self, prediction: Prediction) -> None:
-        """Wake the prediction's service if it sleeps (counted), and hold it awake until
-        the prediction's end either way."""
+    def _carry_out(self, prediction: Prediction, *, timed: bool) -> None:
+        """Wake the prediction's service if it sleeps (counted) and hold it awake until
+        the prediction's end."""
         service = self.services.get(prediction.service)
         if service is None:
             return
-        self._handled[service.name] = prediction.until
-        state = service.state
-        if state in ASLEEP:
-            if self.core.predicted(service.name, self.clock(), prediction):
-                log.info(
-                    "%s: waking ahead: %s",
-                    service.name,
-                    prediction.reason,
-                    extra={"service": service.name, "reason": prediction.reason},
-                )
-            self._hold(service, prediction.until)
-            service.wake_in_background(f"predicted: {prediction.reason}")
-        elif state in (State.RUNNING, State.WAKING) and prediction.kind != "arrivals":
-            # Kept awake through the window, or through the chain's: an awake service is
-            # not held for a likely slot (that would be awake time no wake accounts for).
-            self._hold(service, prediction.until)
+        name = service.name
+        if timed:
+            self._handled[name] = prediction.until
+        if service.state not in ASLEEP:
+            return  # awake already: no wake to count, and no hold its requests would not give
+        if self.core.predicted(name, self.clock(), prediction):
+            if prediction.kind != "schedule":  # a window's hold follows the window (live)
+                self._predicted[name] = prediction.until
+            log.info(
+                "%s: waking ahead: %s",
+                name,
+                prediction.reason,
+                extra={"service": name, "reason": prediction.reason},
+            )
+        self._hold(service)
+        service.wake_in_background(f"predicted: {prediction.reason}")
 
-    def _hold(self, service: Service, until: float) -> None:
-        """No idle sleep before wall-clock ``until``."""
-        service.feed(ResultDue(self.loop.time() + (until - self.clock())))
+    def _settled(self) -> None:
+        """Predicted wakes that were used or wasted: their holds end."""
+        for outcome in self.core.drain_outcomes():
+            self._predicted.pop(outcome.service, None)
+            service = self.services.get(outcome.service)
+            if service is not None:
+                self._hold(service)
+
+    def _hold(self, service: Predicted) -> None:
+        """Feed the service's hold if it changed: the later of its keep-awake window's
+        end and its open prediction's (0: none)."""
+        now = self.clock()
+        name = service.name
+        until = max(self.core.hold_until(name, now), self._predicted.get(name, 0.0))
+        if until <= now:
+            until = 0.0
+        if self._fed.get(name, 0.0) != until:
+            self._fed[name] = until
+            service.feed(HoldAwake(self.loop.time() + (until - now) if until else 0.0))
 
     # ---- views
 

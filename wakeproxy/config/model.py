@@ -7,7 +7,7 @@ body of the admin API (``live``); the rest of the proxy reads only these types.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -318,6 +318,14 @@ class DiscoveryConfig:
     # Seconds between full re-reads of the labelled containers (the event stream is the
     # fast path; this is the safety net).
     interval: float = 30.0
+    # The engines whose labels count (None: every engine, local and engines:).
+    engines: tuple[str, ...] | None = None
+
+    def engine_names(self, engines: Iterable[str]) -> list[str]:
+        """Which engines label discovery reads, of ``engines`` (``engines:``'s names)."""
+        if not self.docker_labels:
+            return []
+        return sorted(self.engines if self.engines is not None else {LOCAL_ENGINE, *engines})
 
 
 @dataclass(frozen=True, slots=True)

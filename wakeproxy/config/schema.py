@@ -161,6 +161,7 @@ _DISCOVERY_FIELDS: dict[str, Check] = {
     "docker_labels": check.boolean,
     "allowed_listen": check.listen_ranges,
     "interval": check.positive_seconds,
+    "engines": check.names,
 }
 _SHUTDOWN_FIELDS: dict[str, Check] = {
     "grace": check.seconds,
@@ -502,6 +503,13 @@ def parse_service(
             given.add("container")  # given there (or its faults named there already)
         if replicas is None or replicas.discovered:
             given.add("backend")  # compose containers: each at its own address
+        predict = sleep.predict
+        if sleep.keep_awake or sleep.asleep_windows or predict.arrivals or predict.chains:
+            problems.add(
+                (*path, "sleep_policy"),
+                "keep_awake, asleep_windows and predict are not for a service with replicas "
+                "(its replicas follow the load)",
+            )
     swarm_service = values.get("swarm_service")
     if swarm_service is not None:
         if given & {"container", "command", "replicas"}:
@@ -638,6 +646,13 @@ def build_config(
     _check_listeners(sketches, admin, problems)
     _check_dependencies(sketches, problems)
     _check_engines(services, engines, problems)
+    known = {LOCAL_ENGINE, *engines}
+    for name in discovery_values.get("engines") or ():
+        if name not in known:
+            problems.add(
+                ("discovery", "engines"),
+                f"no engine {name!r}; engines: {', '.join(sorted(known))}",
+            )
     if problems.items:
         raise ConfigError(problems.items)
     return Config(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -126,32 +126,36 @@ class Arrivals:
         read = ((s, self.read(e, self._target(s, e, now))) for s, e in table.items())
         return heapq.nlargest(n, read, key=lambda item: (item[1], -item[0]))
 
-    def upcoming(self, name: str, now: float, threshold: float) -> list[Likely]:
+    def upcoming(self, name: str, now: float, threshold: float) -> Iterator[Likely]:
         """Slot occurrences within the next week (at most one a slot, the first not yet
         requested and existing that day, not ended) whose p passes ``threshold``,
-        soonest first."""
+        soonest first. Lazy: slots are taken in their order from now, so the caller's
+        first hit costs one wall-clock computation, not one per likely slot."""
         self.prune(name, now)
         table = self._tables.get(name)
         if not table:
-            return []
-        local = datetime.fromtimestamp(now, self.tz)
-        monday = _monday(local)
-        week = _week(monday)
-        found = []
-        for slot, entry in table.items():
-            for k in (0, 1):
+            return
+        current, week = self.where(now)
+        monday = _monday(datetime.fromtimestamp(now, self.tz))
+        done = current in table and table[current][1] == week  # had its request already
+
+        def order(slot: int) -> int:
+            # This week's slots from the current one on, then next week's up to it (the
+            # current one's next week last when this week's had its request).
+            return SLOTS if slot == current and done else (slot - current) % SLOTS
+
+        for slot in sorted(table, key=order):
+            entry = table[slot]
+            first = 0 if slot > current or (slot == current and not done) else 1
+            for k in range(first, 2):
                 p = self.read(entry, week + k)
                 if p < threshold:
                     break  # next week's is no likelier
                 start, end = self._span(monday + timedelta(days=7 * k), slot)
                 if end <= start or end <= now:
                     continue  # skipped by a DST gap that day, or over
-                if start <= now and entry[1] == week + k:
-                    continue  # this occurrence had its request already
-                found.append(Likely(slot, start, end, p))
+                yield Likely(slot, start, end, p)
                 break
-        found.sort(key=lambda likely: likely.start)
-        return found
 
     def _span(self, monday: date, slot: int) -> tuple[float, float]:
         day = monday + timedelta(days=slot // 96)
@@ -179,7 +183,7 @@ class Arrivals:
         fade = -math.log(1.0 - self.alpha)
 
         def rank(item: tuple[str, int, tuple[float, int]]) -> float:
-            return math.log(item[2][0]) + item[2][1] * fade
+            return math.log(max(item[2][0], 1e-300)) + item[2][1] * fade
 
         everything = ((n, s, e) for n, t in self._tables.items() for s, e in t.items())
         for name, slot, _ in heapq.nsmallest(self.max_slots // 10 + 1, everything, key=rank):

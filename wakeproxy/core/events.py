@@ -55,6 +55,15 @@ class ResultDue:
     until: float
 
 
+@dataclass(frozen=True, slots=True)
+class HoldAwake:
+    """Prediction: no idle sleep before ``until`` (a keep-awake window's end, a likely
+    slot's, a chain's window); replaces the last hold, so a shortened window or a used
+    prediction lets go (0: no hold)."""
+
+    until: float
+
+
 # ---- requests without a connection
 
 
@@ -138,6 +147,7 @@ Event = (
     Arrive
     | Leave
     | ResultDue
+    | HoldAwake
     | WakeRequested
     | SleepRequested
     | WakeDone

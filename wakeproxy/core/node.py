@@ -21,6 +21,7 @@ class Node:
         "held",
         "hibernate_now",
         "hibernated",
+        "hold_until",
         "last_activity",
         "name",
         "newer",
@@ -43,6 +44,8 @@ class Node:
         self.last_activity = now
         # mode http: no idle sleep before this (a result may still be due, inflight_grace).
         self.busy_until = 0.0
+        # Prediction's hold (a keep-awake window, a predicted wake): replaced, not raised.
+        self.hold_until = 0.0
         self.depends_on: tuple[Node, ...] = ()
         self.dependents: list[Node] = []
         # Every member of its group, itself included; (self,) without a group.
@@ -73,7 +76,7 @@ class Node:
     @property
     def deadline(self) -> float:
         """Loop time from which the idle policy may put the backend to sleep."""
-        return max(self.last_activity + self.policy.idle_delay, self.busy_until)
+        return max(self.last_activity + self.policy.idle_delay, self.busy_until, self.hold_until)
 
     def touch(self, now: float) -> None:
         """Activity on an attached connection (a request): only the idle clock moves.

@@ -9,7 +9,8 @@ a service that falls asleep lets what it depends on reconsider its own sleep.
 The rules, each decided here and nowhere else:
 
 * **Gate.** A service never sleeps while a connection is attached (held or
-  forwarding). Its idle deadline is ``max(last activity + idle delay, busy_until)``;
+  forwarding). Its idle deadline is ``max(last activity + idle delay, busy_until,
+  hold_until)`` (a 202's grace; prediction's hold, replaced rather than raised);
   one timer per service, armed when the last connection leaves and re-armed when it
   fires early (activity only stamps the time).
 * **Dependents' veto.** A service does not sleep while a service that depends on it
@@ -53,6 +54,7 @@ from .actions import (
 from .events import (
     Arrive,
     Event,
+    HoldAwake,
     Leave,
     Observed,
     Reclaimed,
@@ -192,6 +194,9 @@ class Orchestrator:
             case ResultDue(until):
                 # The idle timer, when it fires early, re-arms for the later deadline.
                 node.busy_until = max(node.busy_until, until)
+            case HoldAwake(until):
+                node.hold_until = until
+                self._arm_idle(node, now)  # an earlier deadline needs the timer moved
             case SleepRequested():
                 self._sleep_requested(node, event, now)
             case TimerFired(timer):

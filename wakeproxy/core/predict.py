@@ -186,6 +186,13 @@ class Predictor:
             del self._windows[settings.chain_window]
         self._chains_on -= settings.chains
 
+    def configured(self) -> list[str]:
+        return list(self._services)
+
+    def learned(self) -> list[str]:
+        """Names with learned state (slots, counts, wake times), least recently used first."""
+        return list(self._seen)
+
     def retain(self, names: Iterable[str]) -> None:
         """Forget the learned state of every service not in ``names`` (after loading a
         state written before services were removed)."""

@@ -17,7 +17,6 @@ iterated, so a huge input costs no more than a small one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +141,8 @@ def _arrivals(
             slot = _integer(slot, f"{where}[{i}] slot", 0, SLOTS - 1)
             if slot in table:
                 raise _fail(f"{where}[{i}]", f"slot {slot} twice")
-            p = _number(p, f"{where}[{i}] p", math.ulp(0.0), 1.0)
+            # Stored rounded to 1e-6: anything smaller would read back as 0.
+            p = _number(p, f"{where}[{i}] p", 1e-6, 1.0)
             table[slot] = (slot, p, _integer(week, f"{where}[{i}] week", 0, _LAST_WEEK))
         out[name] = list(table.values())
     return out

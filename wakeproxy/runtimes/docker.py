@@ -150,6 +150,8 @@ class DockerEngine:
         # Service name -> its labels (label discovery); empty where not a manager.
         self.swarm_labels: dict[str, dict[str, str]] = {}
         self.swarm_error: str | None = None
+        # Monotonic time before which a non-manager is not asked for Swarm services again.
+        self._not_manager_until = 0.0
         # Name or id -> (state, address) from the last listing.
         self._snapshot: dict[str, tuple[State, str | None]] = {}
         # Wall-clock time just before the last listing: the event stream replays from
@@ -213,13 +215,19 @@ class DockerEngine:
         """Every Swarm service's replica count and running tasks, in two calls (start-up,
         reconnects). A failure is kept for the swarm services (this engine may not be a
         manager); the containers' listing does not depend on it."""
+        if time.monotonic() < self._not_manager_until:
+            return  # asked a minute ago: not a manager (label discovery re-reads often)
         try:
             with map_docker_errors("listing Swarm services"):
                 services = await self.client.services.list()
                 tasks = await self.client.tasks.list(filters={"desired-state": "running"})
         except (EngineUnavailable, OperationFailed) as exc:
             self.swarm_error = str(exc)
-            self.swarm_labels = {}
+            if "not a swarm manager" in str(exc):
+                self.swarm_labels = {}
+                self._not_manager_until = time.monotonic() + 60.0
+            # Else (no leader for a moment, a timeout): the last labels stand, so label
+            # discovery does not take a failed listing for services that went away.
             return
         running: collections.defaultdict[str, list[str]] = collections.defaultdict(list)
         for t in tasks:
