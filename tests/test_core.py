@@ -24,6 +24,7 @@ from wakeproxy.core.actions import (
 )
 from wakeproxy.core.events import (
     Arrive,
+    HoldAwake,
     Leave,
     Observed,
     Reclaimed,
@@ -238,6 +239,29 @@ def test_busy_until_holds_sleep_off_after_a_202():
     glue.advance(59.0)
     assert sleeps(glue, "web") == []
     glue.advance(60.0)
+    assert sleeps(glue, "web") == [PAUSE]
+
+
+def test_a_hold_is_replaced_not_raised_so_a_shorter_one_sleeps_sooner():
+    glue = FakeGlue()
+    glue.add("web", idle_delay=1.0)
+    glue.feed("web", HoldAwake(until=60.0))
+    glue.advance(30.0)
+    assert sleeps(glue, "web") == []
+    glue.feed("web", HoldAwake(until=40.0))  # a window shortened: the timer moves earlier
+    glue.advance(39.0)
+    assert sleeps(glue, "web") == []
+    glue.advance(40.0)
+    assert sleeps(glue, "web") == [PAUSE]
+
+
+def test_a_released_hold_leaves_the_idle_clock_to_decide():
+    glue = FakeGlue()
+    glue.add("web", idle_delay=1.0)
+    glue.feed("web", HoldAwake(until=60.0))
+    glue.advance(10.0)
+    glue.feed("web", HoldAwake(until=0.0))  # the prediction used (or the window gone)
+    glue.advance(10.0)
     assert sleeps(glue, "web") == [PAUSE]
 
 

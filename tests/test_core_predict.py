@@ -579,5 +579,5 @@ def test_a_state_with_a_probability_that_would_round_to_zero_is_refused():
     state = Predictor("UTC").to_state()
     state["services"] = ["a"]
     state["arrivals"] = {"a": [[3, 1e-9, 2900]]}
-    with pytest.raises(ValueError, match="p"):
+    with pytest.raises(ValueError, match=r"arrivals.* p: 1e-09 \(expected 1e-06 \.\. 1\)"):
         Predictor.from_state(state)

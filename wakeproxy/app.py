@@ -158,12 +158,7 @@ class Proxy:
     async def _list_one(self, name: str, swarm: bool) -> None:
         engine = self._engine(name)
         try:
-            if swarm:  # both at once: an engine that does not answer costs one timeout
-                _, self._listings[name] = await asyncio.gather(
-                    engine.refresh_swarm(), engine.refresh_snapshot()
-                )
-            else:
-                self._listings[name] = await engine.refresh_snapshot()
+            self._listings[name] = await engine.refresh_all(swarm=swarm)
         except EngineUnavailable as exc:
             log.error(
                 "the Docker engine %s does not answer: %s; its services are failed until it does",

@@ -121,11 +121,7 @@ class LabelDiscovery:
 
     async def reconcile(self) -> None:
         """Re-read the labelled containers and services and make the running ones match."""
-        _, listing = await asyncio.gather(
-            self.engine.refresh_swarm(),  # not a manager: no Swarm services
-            self.engine.refresh_snapshot(),
-        )
-        await self.apply(listing)
+        await self.apply(await self.engine.refresh_all(swarm=True, often=True))
 
     async def apply(self, containers: list[dict[str, Any]]) -> None:
         """Make the discovered services match ``containers`` (one engine listing) and the

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import orjson
 
 from .config.model import PredictionConfig, ServiceConfig
+from .config.schema import predicts
 from .core.events import Event, HoldAwake
 from .core.predict import Prediction, Predictor
 from .core.states import ASLEEP, SleepReason, State
@@ -58,6 +59,10 @@ _EARLY = 0.01
 # A service absent this long is forgotten, with what it learned.
 _FORGET_AFTER = 3600.0
 _SETTLED = ASLEEP | {State.FAILED}
+# What a timed or chained prediction wakes (failed: its retry, below).
+_WAKEABLE = _SETTLED
+# A timed wake that failed is tried again this long after (its window or slot still on).
+_RETRY = 30.0
 
 
 class Handle(Protocol):
@@ -95,9 +100,7 @@ class Predicted(Protocol):
 
 
 def uses_prediction(cfg: ServiceConfig) -> bool:
-    policy = cfg.sleep_policy
-    predict = policy.predict
-    return bool(policy.keep_awake or policy.asleep_windows or predict.arrivals or predict.chains)
+    return predicts(cfg.sleep_policy)
 
 
 @contextlib.contextmanager
@@ -135,9 +138,11 @@ class Predictions:
         self._predicted: dict[str, float] = {}
         self._fed: dict[str, float] = {}
         self._absent: dict[str, float] = {}  # name -> since when no service has it
+        self._retry_at: dict[str, float] = {}  # a failed timed wake: not before
         self._dirty = False
         self._loaded = False
         self._saver: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None  # a save in its thread
         self._save_error: str | None = None
 
     @property
@@ -222,8 +227,10 @@ class Predictions:
                 self.tidy()
                 data = self._snapshot()
                 if data is not None:
-                    # A few MB at most; the write and fsync off the loop.
-                    await asyncio.to_thread(self._write, data)
+                    # A few MB at most; the write and fsync off the loop. Shielded: a
+                    # shutdown waits for it rather than racing it with its own save.
+                    self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+                    await asyncio.shield(self._writing)
 
     def start(self) -> None:
         if self._saver is None:
@@ -243,6 +250,8 @@ class Predictions:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._saver
             self._saver = None
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
         data = self._snapshot()
         if data is not None:
             self._write(data)
@@ -253,6 +262,10 @@ class Predictions:
         """A service starts (or took new settings): configure it and arm its timer."""
         if service.cfg.replica_of is not None or self.closed:
             return  # replicas follow the load (their pool), not predictions (check says so)
+        with _guarded("taking its settings", service.name):
+            self._attach(service)
+
+    def _attach(self, service: Predicted) -> None:
         name = service.name
         self.services[name] = service
         policy = service.cfg.sleep_policy
@@ -309,7 +322,11 @@ class Predictions:
             name = service.name
             now = self.clock()
             if after in _SETTLED and before not in _SETTLED:
-                if before is not State.WAKING and self.core.hold_until(name, now) > now:
+                if before is State.WAKING and after is State.FAILED and name in self._handled:
+                    # A timed wake failed: tried again in a while, its window or slot still on.
+                    del self._handled[name]
+                    self._retry_at[name] = now + _RETRY
+                elif before is not State.WAKING and self.core.hold_until(name, now) > now:
                     # Put to sleep inside a keep-awake window (the API, someone outside):
                     # that occurrence is done with; the next start wakes it again.
                     wake = self.core.next_wake(name, now)
@@ -325,9 +342,13 @@ class Predictions:
 
     def rearm(self, service: Predicted) -> None:
         """Feed the service's hold and arm its one timer for its next timed event."""
-        name = service.name
-        if self.services.get(name) is not service:
+        if self.services.get(service.name) is not service:
             return
+        with _guarded("arming its timer", service.name):
+            self._rearm(service)
+
+    def _rearm(self, service: Predicted) -> None:
+        name = service.name
         handle = self._timers.pop(name, None)
         if handle is not None:
             handle.cancel()
@@ -343,16 +364,22 @@ class Predictions:
         after = hold if hold > now and service.state in (State.RUNNING, State.WAKING) else now
         due: list[tuple[float, str]] = [(now + _LONGEST, "check")]
         wake = self.core.next_wake(name, after)
-        if (
-            wake is not None
-            and wake.at <= now
-            and (service.state not in ASLEEP or self._handled.get(name) == wake.until)
-        ):
-            # Due, but carried out already (the wake is on its way, or it was put to
-            # sleep since) or nothing to wake (awake, or failed: its back-off decides).
-            wake = self.core.next_wake(name, wake.until)
+        if wake is not None and wake.at <= now:
+            if service.state in _WAKEABLE and self._handled.get(name) != wake.until:
+                pass  # due now
+            else:
+                if service.state not in _WAKEABLE:
+                    # Awake: nothing to wake, and an idle sleep inside this occurrence is
+                    # final for it (no stop and start again within one slot).
+                    self._handled[name] = wake.until
+                # Carried out already (the wake is on its way, or it was put to sleep
+                # since): the one after it.
+                wake = self.core.next_wake(name, wake.until)
         if wake is not None:
-            due.append((wake.at, "wake"))
+            at = wake.at
+            if service.state is State.FAILED:
+                at = max(at, self._retry_at.get(name, 0.0))
+            due.append((at, "wake"))
         asleep = self.core.asleep_start(name, now)
         if asleep is not None:
             due.append((asleep, "asleep"))
@@ -394,8 +421,15 @@ class Predictions:
         name = service.name
         if timed:
             self._handled[name] = prediction.until
-        if service.state not in ASLEEP:
-            return  # awake already: no wake to count, and no hold its requests would not give
+        if service.state is State.FAILED and not timed:
+            return  # a failed backend is retried by its timed wakes (spaced by _RETRY)
+        if service.state not in _WAKEABLE:
+            if prediction.kind == "chain":
+                # Awake: kept so for the chain's window (no wake to count, and it expires
+                # by itself); not for a likely slot, which its requests decide.
+                self._predicted[name] = max(self._predicted.get(name, 0.0), prediction.until)
+                self._hold(service)
+            return
         if self.core.predicted(name, self.clock(), prediction):
             if prediction.kind != "schedule":  # a window's hold follows the window (live)
                 self._predicted[name] = prediction.until

@@ -11,9 +11,11 @@ from ..errors import ConfigError, NeedsReload
 from .checks import Bad, Problems, describe, unknown_key
 from .model import KeyPath, ServiceConfig, SleepPolicy
 from .schema import (
+    NOT_FOR_REPLICAS,
     SERVICE_FIELDS,
     combination_faults,
     parse_sleep_policy,
+    predicts,
     replace,
     service_policy,
 )
@@ -109,6 +111,8 @@ def _check_combination(cfg: ServiceConfig) -> None:
     problems = Problems(None, {})
     for where, why in combination_faults(cfg.http, cfg.sleep_policy):
         problems.add(("services", cfg.name, *where), why)
+    if (cfg.replicas is not None or cfg.replica_of is not None) and predicts(cfg.sleep_policy):
+        problems.add(("services", cfg.name, "sleep_policy"), NOT_FOR_REPLICAS)
     if problems.items:
         raise ConfigError(problems.items)
 

@@ -194,6 +194,18 @@ def parse_sleep_policy(
     return policy
 
 
+NOT_FOR_REPLICAS = (
+    "keep_awake, asleep_windows and predict are not for a service with replicas "
+    "(its replicas follow the load)"
+)
+
+
+def predicts(policy: SleepPolicy) -> bool:
+    """Whether the policy wakes ahead or by schedule (windows, arrivals, chains)."""
+    predict = policy.predict
+    return bool(policy.keep_awake or policy.asleep_windows or predict.arrivals or predict.chains)
+
+
 def policy_faults(policy: SleepPolicy) -> list[tuple[str, str]]:
     """(key, why) for each rule across a sleep policy's keys."""
     faults = []
@@ -503,13 +515,8 @@ def parse_service(
             given.add("container")  # given there (or its faults named there already)
         if replicas is None or replicas.discovered:
             given.add("backend")  # compose containers: each at its own address
-        predict = sleep.predict
-        if sleep.keep_awake or sleep.asleep_windows or predict.arrivals or predict.chains:
-            problems.add(
-                (*path, "sleep_policy"),
-                "keep_awake, asleep_windows and predict are not for a service with replicas "
-                "(its replicas follow the load)",
-            )
+        if predicts(sleep):
+            problems.add((*path, "sleep_policy"), NOT_FOR_REPLICAS)
     swarm_service = values.get("swarm_service")
     if swarm_service is not None:
         if given & {"container", "command", "replicas"}:

@@ -111,10 +111,12 @@ class Arrivals:
         table[slot] = (round((1.0 - self.alpha) * self.read(entry, week) + self.alpha, 6), week)
         return True
 
-    def _target(self, slot: int, entry: tuple[float, int], now: float) -> int:
+    @staticmethod
+    def _target(slot: int, entry: tuple[float, int], where: tuple[int, int]) -> int:
         """The week of the slot's next occurrence not yet requested: this week's while it
-        is ahead (or now and without a request yet), else next week's."""
-        current, week = self.where(now)
+        is ahead (or now and without a request yet), else next week's. ``where``: now's
+        (slot, week), computed once by the caller."""
+        current, week = where
         if slot > current or (slot == current and entry[1] < week):
             return week
         return week + 1
@@ -123,14 +125,17 @@ class Arrivals:
         """The ``n`` likeliest slots (slot, p for its next occurrence), likeliest first."""
         self.prune(name, now)
         table = self._tables.get(name, {})
-        read = ((s, self.read(e, self._target(s, e, now))) for s, e in table.items())
+        where = self.where(now)
+        read = ((s, self.read(e, self._target(s, e, where))) for s, e in table.items())
         return heapq.nlargest(n, read, key=lambda item: (item[1], -item[0]))
 
     def upcoming(self, name: str, now: float, threshold: float) -> Iterator[Likely]:
         """Slot occurrences within the next week (at most one a slot, the first not yet
         requested and existing that day, not ended) whose p passes ``threshold``,
-        soonest first. Lazy: slots are taken in their order from now, so the caller's
-        first hit costs one wall-clock computation, not one per likely slot."""
+        soonest first (but for a slot inside a DST gap this week, whose next week's
+        occurrence comes in this week's place: the caller compares starts anyway). Lazy:
+        slots are taken in their order from now, so the caller's first hit costs one
+        wall-clock computation, not one per likely slot."""
         self.prune(name, now)
         table = self._tables.get(name)
         if not table:
@@ -167,7 +172,8 @@ class Arrivals:
         table = self._tables.get(name)
         if table is None:
             return
-        gone = [s for s, e in table.items() if self.read(e, self._target(s, e, now)) < FLOOR]
+        where = self.where(now)
+        gone = [s for s, e in table.items() if self.read(e, self._target(s, e, where)) < FLOOR]
         for slot in gone:
             del table[slot]
         self._count -= len(gone)

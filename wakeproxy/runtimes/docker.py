@@ -211,12 +211,27 @@ class DockerEngine:
         if self._swarm.get(runtime.service) is runtime:
             del self._swarm[runtime.service]
 
+    async def refresh_all(self, *, swarm: bool, often: bool = False) -> list[dict[str, Any]]:
+        """The containers' listing (returned) and, with ``swarm``, the Swarm services', at
+        once: an engine that does not answer costs one timeout. ``often``: label
+        discovery's re-read, which asks a non-manager for Swarm services once a minute."""
+        if not swarm or (often and time.monotonic() < self._not_manager_until):
+            return await self.refresh_snapshot()
+        # Both finish before either's error is raised: the Swarm services read their
+        # state (or the engine's error) from what both found.
+        services, listing = await asyncio.gather(
+            self.refresh_swarm(), self.refresh_snapshot(), return_exceptions=True
+        )
+        for outcome in (listing, services):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(listing, list)
+        return listing
+
     async def refresh_swarm(self) -> None:
         """Every Swarm service's replica count and running tasks, in two calls (start-up,
         reconnects). A failure is kept for the swarm services (this engine may not be a
         manager); the containers' listing does not depend on it."""
-        if time.monotonic() < self._not_manager_until:
-            return  # asked a minute ago: not a manager (label discovery re-reads often)
         try:
             with map_docker_errors("listing Swarm services"):
                 services = await self.client.services.list()
@@ -309,6 +324,7 @@ class DockerEngine:
         while True:
             try:
                 if not first:
+                    self._not_manager_until = 0.0  # it may have joined a swarm meanwhile
                     await self.refresh_snapshot()
                     self._reconcile("re-read after the engine came back")
                     for swarm in list(self._swarm.values()):
