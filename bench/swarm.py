@@ -32,6 +32,7 @@ from bench import coldwake, peers, wake
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.core.states import State
+from wakeproxy.errors import WakeproxyError
 from wakeproxy.service import Service
 
 IMAGE = wake.IMAGE
@@ -43,6 +44,7 @@ class SwarmResult:
     proxied: list[float] = field(default_factory=list)  # a request through the proxy
     failed: int = 0
     scale_ups: list[int] = field(default_factory=list)  # service updates per proxied wake
+    errors: list[str] = field(default_factory=list)  # why rounds failed
 
 
 def available() -> str | None:
@@ -139,11 +141,12 @@ async def _measure(host: str, rounds: int) -> SwarmResult:
         for _ in range(rounds):
             try:
                 await _round(host, name, port, backend, web, result)
-            except TimeoutError as exc:
-                # A task that does not go (or come) within a minute: this round fails,
-                # the row goes on (the swarm's own slowness on a loaded machine).
+            except (TimeoutError, WakeproxyError) as exc:
+                # A task that does not go (or come) in time: this round fails, the row
+                # goes on (and says why).
                 print(f"swarm round failed: {exc or 'timed out'}", file=sys.stderr)
                 result.failed += 1
+                result.errors.append(str(exc) or "timed out")
     finally:
         await proxy.close()
     return result
@@ -201,7 +204,7 @@ def table(result: SwarmResult) -> list[dict[str, str]]:
             "through wakeproxy, ms (median)": f"{proxied:.0f}",
             "difference ms": f"{proxied - raw:+.0f}",
             "scale-ups per wake": "/".join(map(str, result.scale_ups)),
-            "failed": str(result.failed),
+            "failed": str(result.failed) + (f" ({result.errors[0]})" if result.errors else ""),
         }
     ]
 

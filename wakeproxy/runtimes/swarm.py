@@ -82,11 +82,12 @@ class SwarmRuntime(Runtime):
         with map_docker_errors(f"reading Swarm service {self.service}"):
             return dict(await self.engine.client.services.inspect(self.service))
 
-    async def _live_tasks(self) -> int:
-        """Tasks of the service not yet ended (running, or shutting down)."""
+    async def _live_tasks(self) -> list[str]:
+        """The states of the service's tasks not yet ended (running, or shutting down)."""
         with map_docker_errors(f"reading the tasks of Swarm service {self.service}"):
             tasks = await self.engine.client.tasks.list(filters={"service": self.service})
-        return sum(1 for t in tasks if (t.get("Status") or {}).get("State") not in _ENDED)
+        states = [str((t.get("Status") or {}).get("State")) for t in tasks]
+        return [state for state in states if state not in _ENDED]
 
     async def inspect(self) -> State:
         """running while the service is scaled up (its tasks may still be starting:
@@ -124,9 +125,12 @@ class SwarmRuntime(Runtime):
         await self._scale(0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stop_timeout + 10.0
-        while await self._live_tasks():
+        while live := await self._live_tasks():
             if loop.time() > deadline:
-                raise OperationFailed(f"Swarm service {self.service}: tasks still running")
+                raise OperationFailed(
+                    f"Swarm service {self.service}: scaled to 0, but after "
+                    f"{self.stop_timeout + 10.0:g} s tasks are still {', '.join(live)}"
+                )
             await asyncio.sleep(_POLL)
 
     async def pause(self) -> None:
