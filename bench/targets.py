@@ -197,7 +197,8 @@ def hibernate(report: Report, result: HibernateResult) -> None:
     everyone = load.hibernated == 50 * len(load.busy_p99_ms)
     report.judge(
         HIBERNATE_LOAD,
-        f"{ratio:.2f} x; {load.hibernated} hibernated; {load.errors} wrk errors",
+        f"{ratio:.2f} x; {load.hibernated} of {50 * len(load.busy_p99_ms)} hibernated "
+        f"({len(load.busy_p99_ms)} rounds of 50); {load.errors} wrk errors",
         ratio <= 2.0 and everyone and load.errors == 0,
     )
 
