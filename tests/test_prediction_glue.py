@@ -198,3 +198,20 @@ def test_after_stop_nothing_fires_and_no_hook_acts():
     glue.arrived(b["web"])
     glue.state_changed(b["web"], State.STOPPED, State.RUNNING)
     assert b["web"].wakes == [] and b["web"].holds == []
+
+
+def test_a_wake_due_while_the_backend_goes_to_sleep_happens_once_it_is_asleep():
+    loop, glue, b = setup(web={"predict": {"arrivals": True}})
+    web = b["web"]
+    for week in (3, 2, 1):
+        glue.core.arrived("web", MONDAY + 360 - week * WEEK)
+    for _ in range(WAKE_SAMPLES):
+        glue.core.woke("web", MONDAY - WEEK, 2.0)
+    web.state = State.RUNNING
+    glue.rearm(web)
+    web.state = State.PAUSING  # its idle timer, just before the wake ahead comes due
+    loop.run_until(MONDAY + 58)  # 08:59:58: due at 08:59:56
+    assert web.wakes == []
+    move(glue, web, State.PAUSED)
+    loop.run_until(loop.now)
+    assert len(web.wakes) == 1

@@ -368,9 +368,10 @@ class Predictions:
             if service.state in _WAKEABLE and self._handled.get(name) != wake.until:
                 pass  # due now
             else:
-                if service.state not in _WAKEABLE:
+                if service.state in (State.RUNNING, State.WAKING):
                     # Awake: nothing to wake, and an idle sleep inside this occurrence is
-                    # final for it (no stop and start again within one slot).
+                    # final for it (no stop and start again within one slot). Going to
+                    # sleep (pausing, stopping): rearmed once asleep, and woken then.
                     self._handled[name] = wake.until
                 # Carried out already (the wake is on its way, or it was put to sleep
                 # since): the one after it.
@@ -419,6 +420,8 @@ class Predictions:
         if service is None:
             return
         name = service.name
+        if service.state in (State.PAUSING, State.STOPPING):
+            return  # going to sleep: its rearm once asleep wakes it (timed) or not (chain)
         if timed:
             self._handled[name] = prediction.until
         if service.state is State.FAILED and not timed:
