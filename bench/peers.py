@@ -4,6 +4,7 @@ on 127.0.0.1, started and stopped by the harness."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,6 +43,30 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+def consecutive_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (replicas listen on backend + i),
+    below the kernel's ephemeral range (32768 up): there any outgoing connection on the
+    machine may take one meanwhile. None of them is handed out again."""
+    start = random.randrange(20000, 31000)
+    for first in range(start, start + 1000):
+        ports = range(first, first + count)
+        if any(port in _HANDED_OUT for port in ports):
+            continue
+        if all(_bindable(port) for port in ports):
+            _HANDED_OUT.update(ports)
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports from {start}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_port(

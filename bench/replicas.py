@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,34 +41,12 @@ class ReplicaResult:
     moved: int = 0
 
 
-def consecutive_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports (the replicas' backends), below the
-    kernel's ephemeral range (32768 up), where an outgoing connection may take one."""
-    for first in range(20000, 32000 - count):
-        ports = range(first, first + count)
-        if any(port in peers._HANDED_OUT for port in ports):
-            continue
-        if all(_free(port) for port in ports):
-            peers._HANDED_OUT.update(ports)
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports from 20000 to 32000")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 class ReplicatedProxy(peers.Peer):
     """wakeproxy with one service of ``count`` serial replicas."""
 
     def __init__(self, workdir: Path, count: int, *, minimum: int, target: int) -> None:
         self.admin_port = peers.free_port()
-        self.first = consecutive_ports(count)
+        self.first = peers.consecutive_ports(count)
         port = peers.free_port()
         config = workdir / f"replicas-{count}-{minimum}-{target}.yaml"
         command = json.dumps([sys.executable, SERIAL, "--port", "{port}"])

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from typing import Any
 
 import yaml
 
+# Ports: the bench harness's (one registry: never the same port twice in a process).
+from bench.peers import consecutive_ports as consecutive_ports
+from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_yaml
 from wakeproxy.coordinator import Coordinator
@@ -39,43 +41,6 @@ from wakeproxy.service import Service
 BACKEND = str(Path(__file__).parent / "backends" / "server.py")
 PYTHON = sys.executable
 WAKEPROXY = [sys.executable, "-m", "wakeproxy"]
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now, never one handed out before in this process: binding port 0
-    twice in a row can return the same port, and one config often needs several."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
-
-def consecutive_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports (replicas listen on backend + i),
-    below the kernel's ephemeral range (32768 up): there any outgoing connection on the
-    machine may take one meanwhile. None of them is handed out again."""
-    start = random.randrange(20000, 31000)
-    for first in range(start, start + 1000):
-        ports = range(first, first + count)
-        if any(port in _HANDED_OUT for port in ports):
-            continue
-        if all(_bindable(port) for port in ports):
-            _HANDED_OUT.update(ports)
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports from {start}")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # ---- config: one builder
