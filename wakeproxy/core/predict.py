@@ -27,7 +27,8 @@ books. The rules:
   it used (the awake seconds: from the wake to the request), its sleep before any request
   makes it wasted (to the sleep). A request after the prediction's ``until`` but before
   the sleep still counts as used: it found its backend awake thanks to it. Outcomes are
-  queued for the glue's metrics (``drain_outcomes``) and summed (``stats``).
+  queued for the glue, which ends their holds (``drain_outcomes``), and summed for the
+  metrics (``stats``).
 * **Bounded.** At most ``max_services`` services have learned state (slots, wake times,
   counts): past it the least recently requested (or woken) one loses all of it. Pairs,
   slots and open episodes have their own bounds. The settings are the glue's config and
@@ -284,7 +285,7 @@ class Predictor:
         self._outcomes.append(Outcome(name, kind, result, seconds))
 
     def drain_outcomes(self) -> list[Outcome]:
-        """Outcomes since the last call (the glue increments its metrics with them)."""
+        """Outcomes since the last call (the glue ends the holds of these predictions)."""
         out = list(self._outcomes)
         self._outcomes.clear()
         return out

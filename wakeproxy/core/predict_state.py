@@ -89,6 +89,15 @@ def _known(name: str, services: set[str], where: str) -> str:
     return name
 
 
+def _service_list(name: str, value: object, services: set[str], where: str, most: int) -> list[Any]:
+    """A per-service list: of a listed service, a list, at most ``most`` long."""
+    _known(name, services, where)
+    if not isinstance(value, list):
+        raise _fail(where, f"expected a list, got {type(value).__name__}")
+    _sized(value, most, where)
+    return value
+
+
 def check(data: object, max_services: int, max_pairs: int, max_slots: int) -> State:
     """The state in ``data``, or ValueError saying what is wrong."""
     if not isinstance(data, dict):
@@ -128,10 +137,7 @@ def _arrivals(
     total = 0
     for name, rows in data.items():
         where = f"arrivals[{name!r}]"
-        _known(name, services, where)
-        if not isinstance(rows, list):
-            raise _fail(where, f"expected a list, got {type(rows).__name__}")
-        _sized(rows, SLOTS, where)
+        rows = _service_list(name, rows, services, where, SLOTS)
         total += len(rows)
         if total > max_slots:
             raise _fail("arrivals", f"more than {max_slots} slots")
@@ -186,9 +192,6 @@ def _wake_times(data: dict[str, Any], services: set[str]) -> dict[str, list[floa
     out = {}
     for name, wakes in data.items():
         where = f"wake_times[{name!r}]"
-        _known(name, services, where)
-        if not isinstance(wakes, list):
-            raise _fail(where, f"expected a list, got {type(wakes).__name__}")
-        _sized(wakes, WAKE_SAMPLES, where)
+        wakes = _service_list(name, wakes, services, where, WAKE_SAMPLES)
         out[name] = [_number(w, f"{where}[{i}]", 0.0, 86400.0) for i, w in enumerate(wakes)]
     return out
