@@ -40,6 +40,19 @@ def create_service(swarm, name: str, port: int, replicas: int = 0, labels=()) ->
     )  # fmt: skip
 
 
+def swarm_config(swarm, name: str, port: int, backend: int, action: str):
+    """One service "web" on the Swarm service ``name`` of the test's swarm engine."""
+    return config_from(
+        config_text(
+            service(
+                "web", port, backend, swarm_service=name, engine="swarm", wake_timeout=30,
+                sleep_policy={"idle_timeout": 1, "action": action},
+            ),
+            engines={"swarm": {"host": swarm.host}},
+        )
+    )  # fmt: skip
+
+
 def update_events(swarm, name: str, since: float) -> int:
     out = docker(
         "events", "--since", f"{since:.3f}", "--until", f"{time.time() + 1:.3f}",
@@ -57,15 +70,7 @@ async def test_a_swarm_service_at_zero_is_scaled_up_once_for_a_burst_and_back_to
     name = f"wp-{uuid.uuid4().hex[:8]}"
     port, backend = free_port(), free_port()
     create_service(swarm, name, backend)
-    config = config_from(
-        config_text(
-            service(
-                "web", port, backend, swarm_service=name, engine="swarm", wake_timeout=30,
-                sleep_policy={"idle_timeout": 1, "action": "stop"},
-            ),
-            engines={"swarm": {"host": swarm.host}},
-        )
-    )  # fmt: skip
+    config = swarm_config(swarm, name, port, backend, "stop")
     since = time.time()
     async with running(config) as proxy:
         web = proxy.services["web"]
@@ -93,15 +98,7 @@ async def test_with_action_pause_its_task_containers_on_this_node_are_paused_and
     (task,) = docker(
         "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={name}", host=swarm.host
     ).split()
-    config = config_from(
-        config_text(
-            service(
-                "web", port, backend, swarm_service=name, engine="swarm", wake_timeout=30,
-                sleep_policy={"idle_timeout": 1, "action": "pause"},
-            ),
-            engines={"swarm": {"host": swarm.host}},
-        )
-    )  # fmt: skip
+    config = swarm_config(swarm, name, port, backend, "pause")
     since = time.time()
     async with running(config) as proxy:
         web = proxy.services["web"]
