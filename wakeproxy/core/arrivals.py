@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -79,8 +79,10 @@ class Arrivals:
         """Slots stored in all."""
         return self._count
 
-    def names(self) -> list[str]:
-        return list(self._tables)
+    @property
+    def tables(self) -> Mapping[str, Mapping[int, tuple[float, int]]]:
+        """Every service's slots: slot -> (p, the last week it had a request). Read only."""
+        return self._tables
 
     def where(self, now: float) -> tuple[int, int]:
         """(slot, week) of ``now`` on the zone's wall clock."""
@@ -197,9 +199,6 @@ class Arrivals:
             self._count -= 1
             if not self._tables[name]:
                 del self._tables[name]
-
-    def export(self, name: str) -> list[list[float | int]]:
-        return [[slot, p, last] for slot, (p, last) in self._tables.get(name, {}).items()]
 
     def load(self, name: str, rows: Iterable[tuple[int, float, int]]) -> None:
         """Slots read from a state (validated by the caller; rounded as when recorded);

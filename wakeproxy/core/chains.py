@@ -202,13 +202,13 @@ class Chains:
         for leader in list(self._leaders.get(name, ())):
             self._unpair(leader, name)
 
-    def export(self) -> dict[str, object]:
-        return {
-            "episodes": {a: [c.value, c.when] for a, c in self._episodes.items()},
-            "pairs": [
-                [a, b, c.value, c.when] for a, bs in self._pairs.items() for b, c in bs.items()
-            ],
-        }
+    def counts(
+        self,
+    ) -> tuple[dict[str, tuple[float, float]], list[tuple[str, str, float, float]]]:
+        """A copy of the counts: n(A) as (value, when), and (A, B, value, when) per pair."""
+        episodes = {a: (c.value, c.when) for a, c in self._episodes.items()}
+        pairs = [(a, b, c.value, c.when) for a, bs in self._pairs.items() for b, c in bs.items()]
+        return episodes, pairs
 
     def load(
         self,

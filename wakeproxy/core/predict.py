@@ -94,6 +94,36 @@ def _trusted(episodes: float, min_samples: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a predictor learned, copied (``Predictor.snapshot``)."""
+
+    zone: str
+    services: list[str]
+    arrivals: dict[str, dict[int, tuple[float, int]]]  # name -> slot -> (p, last week)
+    chains: tuple[dict[str, tuple[float, float]], list[tuple[str, str, float, float]]]
+    wake_times: dict[str, list[float]]
+
+    def state(self) -> dict[str, Any]:
+        """The JSON-able form ``Predictor.from_state`` reads."""
+        episodes, pairs = self.chains
+        return {
+            "version": predict_state.VERSION,
+            "zone": self.zone,
+            "services": self.services,
+            "arrivals": {
+                name: [[slot, p, last] for slot, (p, last) in table.items()]
+                for name, table in self.arrivals.items()
+                if table
+            },
+            "chains": {
+                "episodes": {a: [value, when] for a, (value, when) in episodes.items()},
+                "pairs": [list(pair) for pair in pairs],
+            },
+            "wake_times": self.wake_times,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """Wake ``service`` at ``at``; the prediction holds until ``until``."""
 
@@ -471,14 +501,20 @@ class Predictor:
 
     def to_state(self) -> dict[str, Any]:
         """Everything learned, JSON-able (see ``from_state``)."""
-        return {
-            "version": predict_state.VERSION,
-            "zone": self.zone,
-            "services": list(self._seen),
-            "arrivals": {name: self.arrivals.export(name) for name in self.arrivals.names()},
-            "chains": self.chains.export(),
-            "wake_times": {name: list(wakes) for name, wakes in self._wakes.items()},
-        }
+        return self.snapshot().state()
+
+    def snapshot(self) -> Snapshot:
+        """A copy of what was learned, cheap enough for the event loop (the slot tables
+        are copied whole, their entries being tuples); ``Snapshot.state`` turns it into
+        ``to_state``'s form anywhere, a thread included: about 60 ms of Python near the
+        bounds, against 13 ms for this copy."""
+        return Snapshot(
+            zone=self.zone,
+            services=list(self._seen),
+            arrivals={name: dict(table) for name, table in self.arrivals.tables.items()},
+            chains=self.chains.counts(),
+            wake_times={name: list(wakes) for name, wakes in self._wakes.items()},
+        )
 
     @classmethod
     def from_state(
