@@ -228,8 +228,8 @@ class Predictions:
                 self.tidy()
                 snapshot = self._snapshot()
                 if snapshot is not None:
-                    # Only the copy on the loop (13 ms near the bounds); its JSON form
-                    # (about 60 ms there), the write and the fsync in a thread. Shielded: a shutdown
+                    # Only the copy on the loop (13-34 ms near the bounds); its JSON form
+                    # (31-77 ms there), the write and the fsync in a thread. Shielded: a shutdown
                     # waits for it rather than racing it with its own save.
                     self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, snapshot))
                     await asyncio.shield(self._writing)

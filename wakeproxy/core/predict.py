@@ -506,8 +506,8 @@ class Predictor:
     def snapshot(self) -> Snapshot:
         """A copy of what was learned, cheap enough for the event loop (the slot tables
         are copied whole, their entries being tuples); ``Snapshot.state`` turns it into
-        ``to_state``'s form anywhere, a thread included: about 60 ms of Python near the
-        bounds, against 13 ms for this copy."""
+        ``to_state``'s form anywhere, a thread included: 31-77 ms of Python near the
+        bounds, against 13-34 ms for this copy (``python -m bench.predict_cost``)."""
         return Snapshot(
             zone=self.zone,
             services=list(self._seen),
