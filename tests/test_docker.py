@@ -171,3 +171,46 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
         assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
         # The answer can come before the engine tells the proxy the unpause ended.
         await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
+
+
+async def test_the_kernels_freezer_is_read_for_a_container(make_container):
+    from wakeproxy.memory import frozen
+
+    name = make_container(free_port())
+    pid = int(docker("inspect", "-f", "{{.State.Pid}}", name))
+    assert frozen(pid) is False
+    docker("pause", name)
+    assert frozen(pid) is True
+    docker("unpause", name)
+    assert frozen(pid) is False
+    assert frozen(2**22 + 1) is None  # above pid_max: no such process
+
+
+async def test_pauses_and_wakes_back_to_back_never_leave_a_request_on_a_frozen_backend(
+    make_container,
+):
+    # dockerd sets its paused flag when the call returns and again when containerd's
+    # late event arrives; a pause, a wake and a pause a few ms apart let the late event
+    # flip the flag for a moment (in 4 of 400 pauses, measured), so an unpause is
+    # refused "not paused" while the cgroup is frozen, or an "unpause" event is emitted
+    # for a frozen container. Either used to leave the request on a frozen backend.
+    from wakeproxy.core.states import SleepAction
+    from wakeproxy.memory import frozen
+
+    port, backend = free_port(), free_port()
+    name = make_container(backend)
+    async with running(docker_config(port, backend, name, "{enabled: false}")) as proxy:
+        service = proxy.services["web"]
+        for _ in range(200):
+            # The reply can come before the unpause call returns: settle first.
+            await service.settled(5)
+            await service.sleep(SleepAction.PAUSE, force=True)
+            await service.wake()
+            await service.sleep(SleepAction.PAUSE, force=True)
+            assert (await http_get(port, within=10)).endswith(BODY)
+        await wait_until(lambda: service.state is State.RUNNING, within=5)
+        pid = int(docker("inspect", "-f", "{{.State.Pid}}", name))
+        assert frozen(pid) is False
+        wakes = service.stats.wakes
+        assert wakes["failed"] == wakes["timeout"] == 0
+        assert wakes["ok"] >= 120

@@ -194,16 +194,17 @@ def _mounts() -> list[tuple[str, str, str, str]]:
     return found
 
 
-def _memory_mount() -> tuple[Path, str, int] | None:
-    """Where the memory controller is mounted: (mount point, its root, version)."""
+def _mount_of(controller: str) -> tuple[Path, str, int] | None:
+    """Where a controller is mounted: (mount point, its root, version). v2's freezer is
+    part of every cgroup, not a listed controller."""
     mounts = _mounts()
     for point, root, fstype, options in mounts:
-        if fstype == "cgroup" and "memory" in options.split(","):
+        if fstype == "cgroup" and controller in options.split(","):
             return Path(point), root, 1
     for point, root, fstype, _ in mounts:
         if fstype == "cgroup2":
-            controllers = _read_text(Path(point) / "cgroup.controllers")
-            if "memory" in controllers.split():
+            controllers = _read_text(Path(point) / "cgroup.controllers").split()
+            if controller == "freezer" or controller in controllers:
                 return Path(point), root, 2
     return None
 
@@ -215,9 +216,10 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def cgroup_of(pid: int | str) -> Cgroup | None:
-    """The memory cgroup a process is in, where this process can see its hierarchy."""
-    mount = _memory_mount()
+def _cgroup_dir(pid: int | str, controller: str) -> tuple[Path, int] | None:
+    """The directory of a process's cgroup in a controller's hierarchy, and its
+    version, where this process can see that hierarchy."""
+    mount = _mount_of(controller)
     if mount is None:
         return None
     point, root, version = mount
@@ -226,14 +228,39 @@ def cgroup_of(pid: int | str) -> Cgroup | None:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        if (version == 1 and "memory" in parts[1].split(",")) or (version == 2 and parts[0] == "0"):
+        if (version == 1 and controller in parts[1].split(",")) or (
+            version == 2 and parts[0] == "0"
+        ):
             wanted = parts[2]
     if wanted is None:
         return None
     # A mount of a sub-tree (inside a container) shows paths relative to its root.
     relative = wanted[len(root) :] if root != "/" and wanted.startswith(root) else wanted
     path = point / relative.lstrip("/")
-    return Cgroup(path, version) if path.is_dir() else None
+    return (path, version) if path.is_dir() else None
+
+
+def cgroup_of(pid: int | str) -> Cgroup | None:
+    """The memory cgroup a process is in, where this process can see its hierarchy."""
+    found = _cgroup_dir(pid, "memory")
+    return Cgroup(*found) if found is not None else None
+
+
+_FREEZER_V1 = {"FROZEN": True, "FREEZING": True, "THAWED": False}
+
+
+def frozen(pid: int | str) -> bool | None:
+    """Whether the kernel holds a process's cgroup frozen (what ``docker pause`` does),
+    or None where the freezer hierarchy is not visible. The kernel's answer, where the
+    engine's own paused flag can lag it (runtimes/docker.py says when)."""
+    found = _cgroup_dir(pid, "freezer")
+    if found is None:
+        return None
+    path, version = found
+    if version == 1:
+        return _FREEZER_V1.get(_read_text(path / "freezer.state").strip())
+    value = _stat_field(path / "cgroup.events", "frozen")
+    return None if value is None else value == 1
 
 
 _STALE_AFTER = 60.0  # seconds: never a cgroup another proxy is just moving a command into

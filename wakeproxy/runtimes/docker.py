@@ -29,8 +29,8 @@ import orjson
 from ..config import LABEL_PREFIX
 from ..config.model import LOCAL_ENGINE, EngineConfig
 from ..core.states import State
-from ..errors import BackendMissing, EngineUnavailable, OperationFailed
-from ..memory import Cgroup, cgroup_of
+from ..errors import BackendMissing, EngineUnavailable, OperationFailed, RuntimeFailure
+from ..memory import Cgroup, cgroup_of, frozen
 from .base import Runtime
 
 if TYPE_CHECKING:
@@ -64,6 +64,15 @@ _LISTED_FIELDS = ("Id", "Names", "State", "Labels", "HostConfig", "NetworkSettin
 # The engine event each of our own operations causes: its echo, not someone else's change.
 _ECHO = {"pause": "pause", "unpause": "unpause", "start": "start", "stop": "die"}
 _ENGINE_DOWN_STATUS = 900  # aiodocker's status for "cannot connect"
+# dockerd sets a container's paused flag twice: when its pause (unpause) call returns,
+# and again when containerd's paused (resumed) event reaches it. A pause and an unpause a
+# few ms apart let the late event flip the flag back: it says running while the cgroup
+# is frozen (an unpause is refused "not paused"), or paused while it runs (a pause is
+# refused "already paused"), until the other late event puts it right. Measured here
+# (Docker 20.10, 200 rounds of pause, unpause, pause, unpause back to back): 4 of 400
+# pauses came with a second pause and unpause event. Waits before each new try, ~0.8 s
+# in all; the kernel's freezer decides who is right.
+_FLAG_LAG_DELAYS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 # A named engine that drops packets (not refuses) must not hold the proxy for minutes:
 # connecting is bounded; reads are not (the event stream stays open for ever).
 _API_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5.0, sock_connect=5.0)
@@ -121,6 +130,15 @@ def map_docker_errors(what: str) -> Iterator[None]:
         raise OperationFailed(f"{what}: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise EngineUnavailable(f"{what}: the Docker engine does not answer ({exc})") from exc
+
+
+def _conflict(exc: OperationFailed) -> bool:
+    """The engine refused for the container's paused flag: 409 "already paused", and
+    "is not paused", which Docker 20.10 sends as a 500."""
+    cause = exc.__cause__
+    if not isinstance(cause, aiodocker.DockerError):
+        return False
+    return cause.status == 409 or (cause.status == 500 and "is not paused" in cause.message)
 
 
 class _Subscriber(Protocol):
@@ -430,6 +448,7 @@ class DockerRuntime(Runtime):
         # Engine events our own operations will cause, not yet seen: echoes to ignore.
         # Counted, not timed: the engine's clock may not be ours (a remote engine).
         self._echoes: collections.Counter[str] = collections.Counter()
+        self._confirming: set[asyncio.Task[None]] = set()
         engine.register(self)
 
     def _container(self) -> aiodocker.docker.DockerContainer:
@@ -455,7 +474,27 @@ class DockerRuntime(Runtime):
         if self._echoes[action] > 0:
             self._echoes[action] -= 1
             return
+        if action == "unpause":
+            # Believed once the kernel agrees: a late flip of the engine's flag (see
+            # _FLAG_LAG_DELAYS) also reads "unpause", and taken for news it would have
+            # the proxy forward connections to a frozen backend.
+            task = asyncio.get_running_loop().create_task(self._confirm_unpause(reason))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+            return
         self.on_change(state, reason)
+
+    async def _confirm_unpause(self, reason: str) -> None:
+        try:
+            state, kernel_frozen = await self._flag_and_freezer()
+        except RuntimeFailure:
+            self.on_change(State.RUNNING, reason)  # cannot check: as the engine said
+            return
+        if state is State.RUNNING and kernel_frozen is not True:
+            self.on_change(State.RUNNING, reason)
+        elif kernel_frozen:
+            log.debug("%s: unpause event while its cgroup is frozen: ignored", self.ref)
+        # Paused, stopped or gone again by now: that change's own event tells.
 
     def initial_state(self) -> tuple[State, str]:
         """From the engine's bulk listing (never one inspect per container)."""
@@ -472,17 +511,48 @@ class DockerRuntime(Runtime):
         return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
 
     async def pause(self) -> None:
-        async with self._own("pause", "pausing"):
-            await self._container().pause()
+        await self._freeze(True)
 
     async def unpause(self) -> None:
-        try:
-            async with self._own("unpause", "unpausing"):
-                await self._container().unpause()
-        except OperationFailed:
-            # 409 "not paused": someone else woke it; that is what we wanted.
-            if await self.inspect() is not State.RUNNING:
-                raise
+        await self._freeze(False)
+
+    async def _freeze(self, freeze: bool) -> None:
+        """Pause or unpause. A refusal (409 "already paused", "not paused") is checked:
+        when the container already is as wanted, engine and kernel agreeing, someone
+        else did it, which is what we wanted; when the engine's flag has changed since
+        or disagrees with the kernel's freezer, the flag lags (see _FLAG_LAG_DELAYS)
+        and the call is made again."""
+        operation, what = ("pause", "pausing") if freeze else ("unpause", "unpausing")
+        wanted = State.PAUSED if freeze else State.RUNNING
+        for delay in (*_FLAG_LAG_DELAYS, None):
+            try:
+                async with self._own(operation, what):
+                    await getattr(self._container(), operation)()
+                return
+            except OperationFailed as exc:
+                if not _conflict(exc):
+                    raise
+                state, kernel_frozen = await self._flag_and_freezer()
+                if state not in (State.RUNNING, State.PAUSED):
+                    raise  # stopped, restarting: the refusal stands
+                if state is wanted and kernel_frozen in (None, freeze):
+                    return
+                if delay is None:
+                    raise OperationFailed(
+                        f"{exc}; the engine's paused flag did not settle within "
+                        f"{sum(_FLAG_LAG_DELAYS):.1f} s (it says {state.value}, the "
+                        f"kernel {'frozen' if kernel_frozen else 'thawed'})"
+                    ) from exc
+                log.debug("%s %s: the engine's paused flag lags the kernel", what, self.ref)
+            await asyncio.sleep(delay)
+
+    async def _flag_and_freezer(self) -> tuple[State, bool | None]:
+        """The engine's state and, where this process can see it, the kernel's."""
+        with map_docker_errors(f"inspecting container {self.ref}"):
+            info = await self._container().show()
+        state = _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
+        pid = int(info["State"].get("Pid") or 0)
+        return state, frozen(pid) if pid else None
 
     async def start(self) -> None:
         async with self._own("start", "starting"):
@@ -527,6 +597,8 @@ class DockerRuntime(Runtime):
     async def close(self) -> None:
         # The container stays as it is; only its events stop coming here.
         self.engine.unregister(self)
+        for task in list(self._confirming):
+            task.cancel()
 
     def describe(self) -> str:
         return f"docker {self.ref}"
