@@ -141,6 +141,56 @@ def _conflict(exc: OperationFailed) -> bool:
     return cause.status == 409 or (cause.status == 500 and "is not paused" in cause.message)
 
 
+async def set_paused(
+    container: aiodocker.docker.DockerContainer,
+    freeze: bool,
+    what: str,
+    own: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None,
+) -> None:
+    """Pause (``freeze``) or unpause a container; ``what`` names it in errors, ``own``
+    wraps each call (the runtime's echo bookkeeping). A refusal ("already paused",
+    "not paused") is checked: when the container already is as wanted, engine and
+    kernel agreeing, someone else did it, which is what we wanted; when the engine's
+    flag has changed since or disagrees with the kernel's freezer, the flag lags (see
+    _FLAG_LAG_DELAYS) and the call is made again."""
+    operation, verb = ("pause", "pausing") if freeze else ("unpause", "unpausing")
+    wanted = State.PAUSED if freeze else State.RUNNING
+    for delay in (*_FLAG_LAG_DELAYS, None):
+        try:
+            async with own(operation) if own is not None else contextlib.nullcontext():
+                with map_docker_errors(f"{verb} {what}"):
+                    await (container.pause() if freeze else container.unpause())
+            return
+        except OperationFailed as exc:
+            if not _conflict(exc):
+                raise
+            state, kernel_frozen = await flag_and_freezer(container, what)
+            if state not in (State.RUNNING, State.PAUSED):
+                raise  # stopped, restarting: the refusal stands
+            if state is wanted and kernel_frozen in (None, freeze):
+                return
+            if delay is None:
+                raise OperationFailed(
+                    f"{exc}; the engine's paused flag did not settle within "
+                    f"{sum(_FLAG_LAG_DELAYS):.1f} s (it says {state.value}, the "
+                    f"kernel {'frozen' if kernel_frozen else 'thawed'})"
+                ) from exc
+            log.debug("%s %s: the engine's paused flag lags the kernel", verb, what)
+        await asyncio.sleep(delay)
+
+
+async def flag_and_freezer(
+    container: aiodocker.docker.DockerContainer, what: str
+) -> tuple[State, bool | None]:
+    """A container's state as the engine says and, where this process can see its
+    cgroup, whether the kernel holds it frozen."""
+    with map_docker_errors(f"inspecting {what}"):
+        info = await container.show()
+    state = _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
+    pid = int(info["State"].get("Pid") or 0)
+    return state, frozen(pid) if pid else None
+
+
 class _Subscriber(Protocol):
     async def get(self) -> dict[str, Any] | None: ...
 
@@ -455,13 +505,12 @@ class DockerRuntime(Runtime):
         return self.engine.client.containers.container(self.ref)
 
     @contextlib.asynccontextmanager
-    async def _own(self, operation: str, what: str) -> AsyncIterator[None]:
+    async def _own(self, operation: str) -> AsyncIterator[None]:
         """Run one of our operations; its engine event is then an echo, not news."""
         echo = _ECHO[operation]
         self._echoes[echo] += 1
         try:
-            with map_docker_errors(f"{what} container {self.ref}"):
-                yield
+            yield
         except BaseException:
             self._forget_echo(echo)  # it failed: the engine reports nothing
             raise
@@ -486,7 +535,7 @@ class DockerRuntime(Runtime):
 
     async def _confirm_unpause(self, reason: str) -> None:
         try:
-            state, kernel_frozen = await self._flag_and_freezer()
+            state, kernel_frozen = await flag_and_freezer(self._container(), self.ref)
         except RuntimeFailure:
             self.on_change(State.RUNNING, reason)  # cannot check: as the engine said
             return
@@ -511,56 +560,20 @@ class DockerRuntime(Runtime):
         return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
 
     async def pause(self) -> None:
-        await self._freeze(True)
+        await set_paused(self._container(), True, f"container {self.ref}", self._own)
 
     async def unpause(self) -> None:
-        await self._freeze(False)
-
-    async def _freeze(self, freeze: bool) -> None:
-        """Pause or unpause. A refusal (409 "already paused", "not paused") is checked:
-        when the container already is as wanted, engine and kernel agreeing, someone
-        else did it, which is what we wanted; when the engine's flag has changed since
-        or disagrees with the kernel's freezer, the flag lags (see _FLAG_LAG_DELAYS)
-        and the call is made again."""
-        operation, what = ("pause", "pausing") if freeze else ("unpause", "unpausing")
-        wanted = State.PAUSED if freeze else State.RUNNING
-        for delay in (*_FLAG_LAG_DELAYS, None):
-            try:
-                async with self._own(operation, what):
-                    await getattr(self._container(), operation)()
-                return
-            except OperationFailed as exc:
-                if not _conflict(exc):
-                    raise
-                state, kernel_frozen = await self._flag_and_freezer()
-                if state not in (State.RUNNING, State.PAUSED):
-                    raise  # stopped, restarting: the refusal stands
-                if state is wanted and kernel_frozen in (None, freeze):
-                    return
-                if delay is None:
-                    raise OperationFailed(
-                        f"{exc}; the engine's paused flag did not settle within "
-                        f"{sum(_FLAG_LAG_DELAYS):.1f} s (it says {state.value}, the "
-                        f"kernel {'frozen' if kernel_frozen else 'thawed'})"
-                    ) from exc
-                log.debug("%s %s: the engine's paused flag lags the kernel", what, self.ref)
-            await asyncio.sleep(delay)
-
-    async def _flag_and_freezer(self) -> tuple[State, bool | None]:
-        """The engine's state and, where this process can see it, the kernel's."""
-        with map_docker_errors(f"inspecting container {self.ref}"):
-            info = await self._container().show()
-        state = _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
-        pid = int(info["State"].get("Pid") or 0)
-        return state, frozen(pid) if pid else None
+        await set_paused(self._container(), False, f"container {self.ref}", self._own)
 
     async def start(self) -> None:
-        async with self._own("start", "starting"):
-            await self._container().start()
+        async with self._own("start"):
+            with map_docker_errors(f"starting container {self.ref}"):
+                await self._container().start()
 
     async def stop(self) -> None:
-        async with self._own("stop", "stopping"):
-            await self._container().stop(t=int(self.stop_timeout))
+        async with self._own("stop"):
+            with map_docker_errors(f"stopping container {self.ref}"):
+                await self._container().stop(t=int(self.stop_timeout))
 
     async def _main_pid(self) -> int:
         with map_docker_errors(f"inspecting container {self.ref}"):

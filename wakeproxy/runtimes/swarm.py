@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.states import State
 from ..errors import OperationFailed, RuntimeFailure
 from .base import Runtime
-from .docker import map_docker_errors
+from .docker import map_docker_errors, set_paused
 
 if TYPE_CHECKING:
     from .docker import DockerEngine
@@ -153,8 +153,8 @@ class SwarmRuntime(Runtime):
                 )
             containers.append(str((status.get("ContainerStatus") or {}).get("ContainerID")))
         for cid in containers:
-            with map_docker_errors(f"pausing task container {cid[:12]} of {self.service}"):
-                await self.engine.client.containers.container(cid).pause()
+            container = self.engine.client.containers.container(cid)
+            await set_paused(container, True, f"task container {cid[:12]} of {self.service}")
         self._paused = tuple(containers)
 
     async def unpause(self) -> None:
@@ -163,8 +163,8 @@ class SwarmRuntime(Runtime):
             await self.start()
             return
         for cid in self._paused:
-            with map_docker_errors(f"unpausing task container {cid[:12]} of {self.service}"):
-                await self.engine.client.containers.container(cid).unpause()
+            container = self.engine.client.containers.container(cid)
+            await set_paused(container, False, f"task container {cid[:12]} of {self.service}")
         self._paused = ()
 
     def outside_change(self) -> None:
