@@ -196,11 +196,14 @@ def _mounts() -> list[tuple[str, str, str, str]]:
 
 def _mount_of(controller: str) -> tuple[Path, str, int] | None:
     """Where a controller is mounted: (mount point, its root, version). v2's freezer is
-    part of every cgroup, not a listed controller."""
+    part of every cgroup, not a listed controller, but the one that freezes only on a
+    host with no v1 hierarchy (on a hybrid one runc freezes through v1)."""
     mounts = _mounts()
     for point, root, fstype, options in mounts:
         if fstype == "cgroup" and controller in options.split(","):
             return Path(point), root, 1
+    if controller == "freezer" and any(fstype == "cgroup" for _, _, fstype, _ in mounts):
+        return None
     for point, root, fstype, _ in mounts:
         if fstype == "cgroup2":
             controllers = _read_text(Path(point) / "cgroup.controllers").split()
@@ -216,9 +219,9 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _cgroup_dir(pid: int | str, controller: str) -> tuple[Path, int] | None:
+def _cgroup_dir(pid: int | str, controller: str, owner: str = "") -> tuple[Path, int] | None:
     """The directory of a process's cgroup in a controller's hierarchy, and its
-    version, where this process can see that hierarchy."""
+    version, where this process can see that hierarchy (and its path names ``owner``)."""
     mount = _mount_of(controller)
     if mount is None:
         return None
@@ -232,7 +235,7 @@ def _cgroup_dir(pid: int | str, controller: str) -> tuple[Path, int] | None:
             version == 2 and parts[0] == "0"
         ):
             wanted = parts[2]
-    if wanted is None:
+    if wanted is None or owner not in wanted:
         return None
     # A mount of a sub-tree (inside a container) shows paths relative to its root.
     relative = wanted[len(root) :] if root != "/" and wanted.startswith(root) else wanted
@@ -249,18 +252,22 @@ def cgroup_of(pid: int | str) -> Cgroup | None:
 _FREEZER_V1 = {"FROZEN": True, "FREEZING": True, "THAWED": False}
 
 
-def frozen(pid: int | str) -> bool | None:
-    """Whether the kernel holds a process's cgroup frozen (what ``docker pause`` does),
-    or None where the freezer hierarchy is not visible. The kernel's answer, where the
-    engine's own paused flag can lag it (runtimes/docker.py says when)."""
-    found = _cgroup_dir(pid, "freezer")
+def frozen(pid: int | str, owner: str) -> bool | None:
+    """Whether the kernel holds a process's cgroup frozen or freezing (what ``docker
+    pause`` does), or None where that cannot be read here: no freezer hierarchy
+    visible, or the process's cgroup path does not name ``owner`` (a container's id:
+    its engine's pid names another process where this one has its own pid namespace).
+    The kernel's answer, where the engine's paused flag can lag it (runtimes/docker.py
+    says when)."""
+    found = _cgroup_dir(pid, "freezer", owner)
     if found is None:
         return None
     path, version = found
     if version == 1:
         return _FREEZER_V1.get(_read_text(path / "freezer.state").strip())
-    value = _stat_field(path / "cgroup.events", "frozen")
-    return None if value is None else value == 1
+    # cgroup.freeze: what was asked (runc writes it), so freezing counts as in v1.
+    value = _read_text(path / "cgroup.freeze").strip()
+    return {"1": True, "0": False}.get(value)
 
 
 _STALE_AFTER = 60.0  # seconds: never a cgroup another proxy is just moving a command into

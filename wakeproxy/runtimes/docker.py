@@ -132,29 +132,41 @@ def map_docker_errors(what: str) -> Iterator[None]:
         raise EngineUnavailable(f"{what}: the Docker engine does not answer ({exc})") from exc
 
 
-def _conflict(exc: OperationFailed) -> bool:
-    """The engine refused for the container's paused flag: 409 "already paused", and
-    "is not paused", which Docker 20.10 sends as a 500."""
+# Refusals for the paused flag, not the container's state (restarting, not running):
+# dockerd's own (409 "already paused"; "is not paused", a 500 in Docker 20.10), and
+# containerd's when dockerd's flag let the call through to a task already so.
+_FLAG_REFUSALS = (
+    "is already paused",
+    "is not paused",
+    "cannot pause a paused container",
+    "cannot resume a running process",
+)
+
+
+def _flag_refusal(exc: OperationFailed) -> bool:
     cause = exc.__cause__
-    if not isinstance(cause, aiodocker.DockerError):
-        return False
-    return cause.status == 409 or (cause.status == 500 and "is not paused" in cause.message)
+    return isinstance(cause, aiodocker.DockerError) and any(
+        text in str(cause.message) for text in _FLAG_REFUSALS
+    )
 
 
 async def set_paused(
     container: aiodocker.docker.DockerContainer,
     freeze: bool,
     what: str,
+    *,
+    local: bool,
     own: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None,
 ) -> None:
-    """Pause (``freeze``) or unpause a container; ``what`` names it in errors, ``own``
-    wraps each call (the runtime's echo bookkeeping). A refusal ("already paused",
-    "not paused") is checked: when the container already is as wanted, engine and
-    kernel agreeing, someone else did it, which is what we wanted; when the engine's
-    flag has changed since or disagrees with the kernel's freezer, the flag lags (see
-    _FLAG_LAG_DELAYS) and the call is made again."""
+    """Pause (``freeze``) or unpause a container; ``what`` names it in errors, ``local``:
+    the engine runs on this host (its cgroups can be read here), ``own`` wraps each
+    call (the runtime's echo bookkeeping). A refusal for the paused flag ("already
+    paused", "not paused") is checked against the kernel's freezer: frozen (or
+    thawed) as wanted, someone else did it, which is what we wanted; not, the flag
+    lags (see _FLAG_LAG_DELAYS) and the call is made again. Where the freezer cannot
+    be read, the engine's flag is taken."""
     operation, verb = ("pause", "pausing") if freeze else ("unpause", "unpausing")
-    wanted = State.PAUSED if freeze else State.RUNNING
+    wanted = "paused" if freeze else "running"
     for delay in (*_FLAG_LAG_DELAYS, None):
         try:
             async with own(operation) if own is not None else contextlib.nullcontext():
@@ -162,33 +174,33 @@ async def set_paused(
                     await (container.pause() if freeze else container.unpause())
             return
         except OperationFailed as exc:
-            if not _conflict(exc):
+            if not _flag_refusal(exc):
                 raise
-            state, kernel_frozen = await flag_and_freezer(container, what)
-            if state not in (State.RUNNING, State.PAUSED):
-                raise  # stopped, restarting: the refusal stands
-            if state is wanted and kernel_frozen in (None, freeze):
+            status, kernel_frozen = await flag_and_freezer(container, what, local=local)
+            if status not in ("running", "paused"):
+                raise  # exited, restarting, being removed: the refusal stands
+            if kernel_frozen is freeze or (kernel_frozen is None and status == wanted):
                 return
             if delay is None:
+                kernel = {True: "frozen", False: "thawed", None: "unknown"}[kernel_frozen]
                 raise OperationFailed(
                     f"{exc}; the engine's paused flag did not settle within "
-                    f"{sum(_FLAG_LAG_DELAYS):.1f} s (it says {state.value}, the "
-                    f"kernel {'frozen' if kernel_frozen else 'thawed'})"
+                    f"{sum(_FLAG_LAG_DELAYS):.1f} s (it says {status}, the kernel {kernel})"
                 ) from exc
             log.debug("%s %s: the engine's paused flag lags the kernel", verb, what)
         await asyncio.sleep(delay)
 
 
 async def flag_and_freezer(
-    container: aiodocker.docker.DockerContainer, what: str
-) -> tuple[State, bool | None]:
-    """A container's state as the engine says and, where this process can see its
-    cgroup, whether the kernel holds it frozen."""
+    container: aiodocker.docker.DockerContainer, what: str, *, local: bool
+) -> tuple[str, bool | None]:
+    """A container's status as the engine says ("running", "paused", "exited", ...)
+    and, where this process can see its cgroup, whether the kernel holds it frozen."""
     with map_docker_errors(f"inspecting {what}"):
         info = await container.show()
-    state = _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
+    status = str(info["State"]["Status"])
     pid = int(info["State"].get("Pid") or 0)
-    return state, frozen(pid) if pid else None
+    return status, frozen(pid, str(info["Id"])) if pid and local else None
 
 
 class _Subscriber(Protocol):
@@ -499,6 +511,7 @@ class DockerRuntime(Runtime):
         # Counted, not timed: the engine's clock may not be ours (a remote engine).
         self._echoes: collections.Counter[str] = collections.Counter()
         self._confirming: set[asyncio.Task[None]] = set()
+        self._events_seen = 0  # every engine event for it, echoes too: orders _confirm
         engine.register(self)
 
     def _container(self) -> aiodocker.docker.DockerContainer:
@@ -520,30 +533,41 @@ class DockerRuntime(Runtime):
             self._echoes[echo] -= 1
 
     def engine_event(self, action: str, state: State, reason: str) -> None:
+        self._events_seen += 1
         if self._echoes[action] > 0:
             self._echoes[action] -= 1
             return
-        if action == "unpause":
+        if action in ("pause", "unpause"):
             # Believed once the kernel agrees: a late flip of the engine's flag (see
-            # _FLAG_LAG_DELAYS) also reads "unpause", and taken for news it would have
-            # the proxy forward connections to a frozen backend.
-            task = asyncio.get_running_loop().create_task(self._confirm_unpause(reason))
+            # _FLAG_LAG_DELAYS) reads the same, and taken for news an "unpause" would
+            # have the proxy forward connections to a frozen backend.
+            confirm = self._confirm(state, reason, self._events_seen)
+            task = asyncio.get_running_loop().create_task(confirm)
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)
             return
         self.on_change(state, reason)
 
-    async def _confirm_unpause(self, reason: str) -> None:
+    async def _confirm(self, state: State, reason: str, seen: int) -> None:
+        """Report an event's state if the kernel agrees and no newer event came
+        (``seen``: the count at this one)."""
         try:
-            state, kernel_frozen = await flag_and_freezer(self._container(), self.ref)
+            _, kernel_frozen = await flag_and_freezer(
+                self._container(), f"container {self.ref}", local=not self.engine.remote
+            )
+        except BackendMissing:
+            return  # removed: its destroy event tells
         except RuntimeFailure:
-            self.on_change(State.RUNNING, reason)  # cannot check: as the engine said
-            return
-        if state is State.RUNNING and kernel_frozen is not True:
-            self.on_change(State.RUNNING, reason)
-        elif kernel_frozen:
-            log.debug("%s: unpause event while its cgroup is frozen: ignored", self.ref)
-        # Paused, stopped or gone again by now: that change's own event tells.
+            kernel_frozen = None  # cannot check: as the engine said
+        except Exception:
+            log.exception("%s: reading its state after a %s event", self.ref, state.value)
+            kernel_frozen = None
+        if self._events_seen != seen:
+            return  # a newer event came meanwhile: it decides
+        if kernel_frozen is None or kernel_frozen is (state is State.PAUSED):
+            self.on_change(state, reason)
+        else:
+            log.debug("%s: %s event, but the kernel says otherwise: ignored", self.ref, reason)
 
     def initial_state(self) -> tuple[State, str]:
         """From the engine's bulk listing (never one inspect per container)."""
@@ -560,10 +584,14 @@ class DockerRuntime(Runtime):
         return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
 
     async def pause(self) -> None:
-        await set_paused(self._container(), True, f"container {self.ref}", self._own)
+        await self._set_paused(True)
 
     async def unpause(self) -> None:
-        await set_paused(self._container(), False, f"container {self.ref}", self._own)
+        await self._set_paused(False)
+
+    async def _set_paused(self, freeze: bool) -> None:
+        what, local = f"container {self.ref}", not self.engine.remote
+        await set_paused(self._container(), freeze, what, local=local, own=self._own)
 
     async def start(self) -> None:
         async with self._own("start"):

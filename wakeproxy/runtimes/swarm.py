@@ -154,7 +154,8 @@ class SwarmRuntime(Runtime):
             containers.append(str((status.get("ContainerStatus") or {}).get("ContainerID")))
         for cid in containers:
             container = self.engine.client.containers.container(cid)
-            await set_paused(container, True, f"task container {cid[:12]} of {self.service}")
+            what = f"task container {cid[:12]} of {self.service}"
+            await set_paused(container, True, what, local=not self.engine.remote)
         self._paused = tuple(containers)
 
     async def unpause(self) -> None:
@@ -164,7 +165,8 @@ class SwarmRuntime(Runtime):
             return
         for cid in self._paused:
             container = self.engine.client.containers.container(cid)
-            await set_paused(container, False, f"task container {cid[:12]} of {self.service}")
+            what = f"task container {cid[:12]} of {self.service}"
+            await set_paused(container, False, what, local=not self.engine.remote)
         self._paused = ()
 
     def outside_change(self) -> None:
