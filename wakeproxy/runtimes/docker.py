@@ -484,6 +484,7 @@ class DockerEngine:
     def _reconcile(self, reason: str) -> None:
         for ref, runtime in self._runtimes.items():
             state = self.snapshot_state(ref)
+            runtime.superseded()
             runtime.on_change(state or State.FAILED, reason if state else "container not found")
 
     async def close(self) -> None:
@@ -511,7 +512,9 @@ class DockerRuntime(Runtime):
         # Counted, not timed: the engine's clock may not be ours (a remote engine).
         self._echoes: collections.Counter[str] = collections.Counter()
         self._confirming: set[asyncio.Task[None]] = set()
-        self._events_seen = 0  # every engine event for it, echoes too: orders _confirm
+        # Counts what supersedes a pending _confirm: every engine event for it (echoes
+        # too), our own operations, fresh readings of its state.
+        self._news = 0
         engine.register(self)
 
     def _container(self) -> aiodocker.docker.DockerContainer:
@@ -522,26 +525,36 @@ class DockerRuntime(Runtime):
         """Run one of our operations; its engine event is then an echo, not news."""
         echo = _ECHO[operation]
         self._echoes[echo] += 1
+        self._news += 1
         try:
             yield
         except BaseException:
             self._forget_echo(echo)  # it failed: the engine reports nothing
             raise
+        finally:
+            self._news += 1
 
     def _forget_echo(self, echo: str) -> None:
         if self._echoes[echo] > 0:
             self._echoes[echo] -= 1
 
+    def superseded(self) -> None:
+        """A newer word on its state than any event still being confirmed."""
+        self._news += 1
+
     def engine_event(self, action: str, state: State, reason: str) -> None:
-        self._events_seen += 1
+        self._news += 1
         if self._echoes[action] > 0:
             self._echoes[action] -= 1
             return
-        if action in ("pause", "unpause"):
+        if action == "unpause":
             # Believed once the kernel agrees: a late flip of the engine's flag (see
-            # _FLAG_LAG_DELAYS) reads the same, and taken for news an "unpause" would
-            # have the proxy forward connections to a frozen backend.
-            confirm = self._confirm(state, reason, self._events_seen)
+            # _FLAG_LAG_DELAYS) reads the same, and taken for news it would have the
+            # proxy forward connections to a frozen backend. A "pause" is believed at
+            # once: wrongly believed, it costs one unpause that set_paused finds done,
+            # and deferred, it would come after the events behind it (a replay after
+            # start-up: create, start, pause).
+            confirm = self._confirm(state, reason, self._news)
             task = asyncio.get_running_loop().create_task(confirm)
             self._confirming.add(task)
             task.add_done_callback(self._confirming.discard)
@@ -562,7 +575,7 @@ class DockerRuntime(Runtime):
         except Exception:
             log.exception("%s: reading its state after a %s event", self.ref, state.value)
             kernel_frozen = None
-        if self._events_seen != seen:
+        if self._news != seen:
             return  # a newer event came meanwhile: it decides
         if kernel_frozen is None or kernel_frozen is (state is State.PAUSED):
             self.on_change(state, reason)
@@ -579,9 +592,15 @@ class DockerRuntime(Runtime):
         return state, "found at start-up"
 
     async def inspect(self) -> State:
-        with map_docker_errors(f"inspecting container {self.ref}"):
-            info = await self._container().show()
-        return _STATUS.get(str(info["State"]["Status"]), State.STOPPED)
+        """The engine's state, its paused flag checked against the kernel's freezer
+        where that can be read (see _FLAG_LAG_DELAYS)."""
+        self._news += 1
+        status, kernel_frozen = await flag_and_freezer(
+            self._container(), f"container {self.ref}", local=not self.engine.remote
+        )
+        if status in ("running", "paused") and kernel_frozen is not None:
+            return State.PAUSED if kernel_frozen else State.RUNNING
+        return _STATUS.get(status, State.STOPPED)
 
     async def pause(self) -> None:
         await self._set_paused(True)
@@ -638,8 +657,9 @@ class DockerRuntime(Runtime):
     async def close(self) -> None:
         # The container stays as it is; only its events stop coming here.
         self.engine.unregister(self)
-        for task in list(self._confirming):
+        for task in self._confirming:
             task.cancel()
+        await asyncio.gather(*self._confirming, return_exceptions=True)
 
     def describe(self) -> str:
         return f"docker {self.ref}"
