@@ -398,13 +398,15 @@ class Predictions:
         why = self._armed_for.pop(name, "check")
         with _guarded("acting on its timer", name):
             now = self.clock()
-            if why == "asleep":
-                if (
-                    self.core.sleep_now(name, now)
-                    and service.state is State.RUNNING
-                    and service.attached == 0
-                ):
+            if why == "asleep" and self.core.sleep_now(name, now):
+                if service.state is State.RUNNING and service.attached == 0:
                     service.sleep_in_background(SleepReason.SCHEDULE)
+                elif service.state is State.RUNNING:
+                    # Said, since it then stays awake to its idle timeout.
+                    log.info(
+                        "%s: its asleep window began with %d connection(s) open: not slept",
+                        name, service.attached, extra={"service": name},
+                    )  # fmt: skip
             else:
                 wake = self.core.next_wake(name, now)
                 if (
