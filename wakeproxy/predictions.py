@@ -49,7 +49,7 @@ from .config.model import PredictionConfig, ServiceConfig
 from .config.schema import predicts
 from .core.events import Event, HoldAwake
 from .core.predict import Prediction, Predictor, Snapshot
-from .core.states import ASLEEP, SleepReason, State
+from .core.states import ASLEEP, IN_FLIGHT, SleepReason, State
 
 log = logging.getLogger("wakeproxy.prediction")
 # A timer never sleeps longer than this: wall-clock steps and DST changes are re-read.
@@ -138,6 +138,7 @@ class Predictions:
         self._predicted: dict[str, float] = {}
         self._fed: dict[str, float] = {}
         self._absent: dict[str, float] = {}  # name -> since when no service has it
+        self._asleep_pending: set[str] = set()  # an asleep window began mid-operation
         self._retry_at: dict[str, float] = {}  # a failed timed wake: not before
         self._dirty = False
         self._loaded = False
@@ -297,6 +298,7 @@ class Predictions:
             handle.cancel()
         for table in (self._armed_for, self._handled, self._predicted, self._fed):
             table.pop(name, None)
+        self._asleep_pending.discard(name)
         self._using.discard(name)
         self.active = bool(self._using)
 
@@ -323,6 +325,11 @@ class Predictions:
         with _guarded("following a state change", service.name):
             name = service.name
             now = self.clock()
+            if after not in IN_FLIGHT and name in self._asleep_pending:
+                # An asleep window began while this was in flight: now it has settled.
+                self._asleep_pending.discard(name)
+                if self.core.sleep_now(name, now):
+                    self._asleep_window_began(service)
             if after in _SETTLED and before not in _SETTLED:
                 if before is State.WAKING and after is State.FAILED and name in self._handled:
                     # A timed wake failed: tried again in a while, its window or slot still on.
@@ -342,14 +349,14 @@ class Predictions:
 
     # ---- timers
 
-    def rearm(self, service: Predicted) -> None:
+    def rearm(self, service: Predicted, now: float | None = None) -> None:
         """Feed the service's hold and arm its one timer for its next timed event."""
         if self.services.get(service.name) is not service:
             return
         with _guarded("arming its timer", service.name):
-            self._rearm(service)
+            self._rearm(service, self.clock() if now is None else now)
 
-    def _rearm(self, service: Predicted) -> None:
+    def _rearm(self, service: Predicted, now: float) -> None:
         name = service.name
         handle = self._timers.pop(name, None)
         if handle is not None:
@@ -359,7 +366,6 @@ class Predictions:
                 self._predicted.pop(name, None)
                 self._hold(service)
             return
-        now = self.clock()
         self._hold(service)
         hold = self.core.hold_until(name, now)
         # Awake inside a keep-awake window: nothing to wake before it ends.
@@ -396,17 +402,17 @@ class Predictions:
         name = service.name
         self._timers.pop(name, None)
         why = self._armed_for.pop(name, "check")
+        # One instant for the decision and the rearm: read twice, a timer fired a moment
+        # before an asleep window's start found it "not yet", then "already begun", and
+        # armed the next day's.
+        now = self.clock()
+        asleep_began = False
         with _guarded("acting on its timer", name):
-            now = self.clock()
-            if why == "asleep" and self.core.sleep_now(name, now):
-                if service.state is State.RUNNING and service.attached == 0:
-                    service.sleep_in_background(SleepReason.SCHEDULE)
-                elif service.state is State.RUNNING:
-                    # Said, since it then stays awake to its idle timeout.
-                    log.info(
-                        "%s: its asleep window began with %d connection(s) open: not slept",
-                        name, service.attached, extra={"service": name},
-                    )  # fmt: skip
+            if why == "asleep":
+                # Timers may fire a millisecond early (uvloop counts whole ms).
+                asleep_began = self.core.sleep_now(name, now + _EARLY)
+                if asleep_began:
+                    self._asleep_window_began(service)
             else:
                 wake = self.core.next_wake(name, now)
                 if (
@@ -415,7 +421,22 @@ class Predictions:
                     and self._handled.get(name) != wake.until
                 ):
                     self._carry_out(wake, timed=True)
-        self.rearm(service)
+        # A start just handled is not armed again (fired early, it is still ahead).
+        self.rearm(service, now + _EARLY if asleep_began else now)
+
+    def _asleep_window_began(self, service: Predicted) -> None:
+        name = service.name
+        if service.state in IN_FLIGHT:
+            # Waking, pausing or stopping at the start: decided once it settles.
+            self._asleep_pending.add(name)
+        elif service.state is State.RUNNING and service.attached == 0:
+            service.sleep_in_background(SleepReason.SCHEDULE)
+        elif service.state is State.RUNNING:
+            # Said, since it then stays awake to its idle timeout.
+            log.info(
+                "%s: its asleep window began with %d connection(s) open: not slept",
+                name, service.attached, extra={"service": name},
+            )  # fmt: skip
 
     def _carry_out(self, prediction: Prediction, *, timed: bool) -> None:
         """Wake the prediction's service if it sleeps (counted) and hold it awake until
