@@ -189,6 +189,17 @@ def test_an_asleep_windows_timer_fired_a_moment_early_still_sleeps_it_once():
     assert web.sleeps == [SleepReason.SCHEDULE]
 
 
+def test_a_rearm_after_an_asleep_start_before_its_late_timer_ran_keeps_the_start():
+    loop, glue, b = setup(web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]})
+    web = b["web"]
+    web.state = State.RUNNING
+    glue.rearm(web)
+    loop.now = MONDAY + 60.005  # 5 ms past the start; the loop has not run the timer yet
+    glue.rearm(web)  # as a state change or a reconfigure does
+    loop.run_until(MONDAY + 61)
+    assert web.sleeps == [SleepReason.SCHEDULE]
+
+
 def test_a_service_in_flight_when_its_asleep_window_begins_is_decided_once_settled():
     loop, glue, b = setup(
         web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]},

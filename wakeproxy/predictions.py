@@ -10,8 +10,11 @@ carries out what it answers:
   fires for a wake: a service asleep inside a keep-awake window or ahead of a likely slot
   is woken and held awake; when it fires for an asleep window's start: a service with no
   connection open is put to sleep (reason ``schedule``; otherwise its idle timer sleeps
-  it later). A timed wake is carried out once: a service put to sleep inside a window it
-  was awake in (the API, someone outside) stays asleep until the next start.
+  it later; one waking or going to sleep right then is decided once it settles). A
+  timer may fire a little early or late: each fire reads the clock once, allows
+  ``_EARLY``, and a start come due is never re-armed past. A timed wake is carried
+  out once: a service put to sleep inside a window it was awake in (the API, someone
+  outside) stays asleep until the next start.
 * **Chains.** A request that starts an episode of A wakes, in the background, each B
   that usually follows A, held for B's ``chain_window``.
 * **Holds.** One per service (the core's ``HoldAwake``), replaced each time: the later of
@@ -134,6 +137,7 @@ class Predictions:
         # the last timed wake carried out (not twice); the open prediction's end (its
         # hold) and the hold last fed.
         self._armed_for: dict[str, str] = {}
+        self._armed_at: dict[str, float] = {}  # when it is armed for (wall clock)
         self._handled: dict[str, float] = {}
         self._predicted: dict[str, float] = {}
         self._fed: dict[str, float] = {}
@@ -296,7 +300,7 @@ class Predictions:
         handle = self._timers.pop(name, None)
         if handle is not None:
             handle.cancel()
-        for table in (self._armed_for, self._handled, self._predicted, self._fed):
+        for table in (self._armed_for, self._armed_at, self._handled, self._predicted, self._fed):
             table.pop(name, None)
         self._asleep_pending.discard(name)
         self._using.discard(name)
@@ -328,7 +332,7 @@ class Predictions:
             if after not in IN_FLIGHT and name in self._asleep_pending:
                 # An asleep window began while this was in flight: now it has settled.
                 self._asleep_pending.discard(name)
-                if self.core.sleep_now(name, now):
+                if self.core.sleep_now(name, now + _EARLY):
                     self._asleep_window_began(service)
             if after in _SETTLED and before not in _SETTLED:
                 if before is State.WAKING and after is State.FAILED and name in self._handled:
@@ -349,16 +353,26 @@ class Predictions:
 
     # ---- timers
 
-    def rearm(self, service: Predicted, now: float | None = None) -> None:
-        """Feed the service's hold and arm its one timer for its next timed event."""
+    def rearm(
+        self, service: Predicted, now: float | None = None, *, asleep_began: bool = False
+    ) -> None:
+        """Feed the service's hold and arm its one timer for its next timed event
+        (``asleep_began``: the timer just handled an asleep window's start)."""
         if self.services.get(service.name) is not service:
             return
         with _guarded("arming its timer", service.name):
-            self._rearm(service, self.clock() if now is None else now)
+            self._rearm(service, self.clock() if now is None else now, asleep_began)
 
-    def _rearm(self, service: Predicted, now: float) -> None:
+    def _rearm(self, service: Predicted, now: float, asleep_began: bool) -> None:
         name = service.name
         handle = self._timers.pop(name, None)
+        # An asleep start come due whose timer has not run yet (the loop is late): still
+        # due, or this rearm would arm the next one and the start would be lost.
+        start_due = (
+            handle is not None
+            and self._armed_for.get(name) == "asleep"
+            and self._armed_at.get(name, now + _LONGEST) <= now + _EARLY
+        )
         if handle is not None:
             handle.cancel()
         if self.closed or name not in self._using:
@@ -389,11 +403,14 @@ class Predictions:
             if service.state is State.FAILED:
                 at = max(at, self._retry_at.get(name, 0.0))
             due.append((at, "wake"))
-        asleep = self.core.asleep_start(name, now)
+        # A start just handled is not armed again (fired early, it is still ahead).
+        after_start = now + _EARLY if asleep_began else now
+        asleep = now if start_due else self.core.asleep_start(name, after_start)
         if asleep is not None:
             due.append((asleep, "asleep"))
         at, why = min(due)
         self._armed_for[name] = why
+        self._armed_at[name] = at
         self._timers[name] = self.loop.call_at(
             self.loop.time() + (max(at, now) - now), self._fire, service
         )
@@ -421,8 +438,7 @@ class Predictions:
                     and self._handled.get(name) != wake.until
                 ):
                     self._carry_out(wake, timed=True)
-        # A start just handled is not armed again (fired early, it is still ahead).
-        self.rearm(service, now + _EARLY if asleep_began else now)
+        self.rearm(service, now, asleep_began=asleep_began)
 
     def _asleep_window_began(self, service: Predicted) -> None:
         name = service.name
