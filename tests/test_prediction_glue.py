@@ -164,11 +164,17 @@ def test_a_sleep_inside_a_window_lasts_until_its_next_start():
     assert len(web.wakes) == 2  # Tuesday's start
 
 
-def test_an_asleep_window_sleeps_at_its_start_only():
+def running_before_its_asleep_window():
+    """web, running, its asleep window starting a minute later (Monday 09:00)."""
     loop, glue, b = setup(web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]})
     web = b["web"]
     web.state = State.RUNNING
     glue.rearm(web)
+    return loop, glue, web
+
+
+def test_an_asleep_window_sleeps_at_its_start_only():
+    loop, _, web = running_before_its_asleep_window()
     loop.run_until(MONDAY + 61)  # 09:00:01
     assert web.sleeps == [SleepReason.SCHEDULE]
     # Woken by a request inside it: its idle timer decides, not the hourly check.
@@ -179,10 +185,7 @@ def test_an_asleep_window_sleeps_at_its_start_only():
 def test_an_asleep_windows_timer_fired_a_moment_early_still_sleeps_it_once():
     # Read twice, the clock said "not yet" in the timer and "already begun" in its
     # rearm, which then armed the next day's start: the backend stayed awake (CI).
-    loop, glue, b = setup(web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]})
-    web = b["web"]
-    web.state = State.RUNNING
-    glue.rearm(web)
+    loop, _, web = running_before_its_asleep_window()
     # Fired 0.5 ms early: the timer reads 0.1 ms before the start, its rearm 0.3 ms after.
     loop.early, loop.tick = 0.0005, 0.0004
     loop.run_until(MONDAY + 61)
@@ -190,10 +193,7 @@ def test_an_asleep_windows_timer_fired_a_moment_early_still_sleeps_it_once():
 
 
 def test_a_rearm_after_an_asleep_start_before_its_late_timer_ran_keeps_the_start():
-    loop, glue, b = setup(web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]})
-    web = b["web"]
-    web.state = State.RUNNING
-    glue.rearm(web)
+    loop, glue, web = running_before_its_asleep_window()
     loop.now = MONDAY + 60.005  # 5 ms past the start; the loop has not run the timer yet
     glue.rearm(web)  # as a state change or a reconfigure does
     loop.run_until(MONDAY + 61)
