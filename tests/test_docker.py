@@ -174,7 +174,7 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
 
 
 async def test_the_kernels_freezer_is_read_for_a_container(make_container):
-    from wakeproxy.memory import frozen
+    from wakeproxy.memory import frozen, runs_in
 
     name = make_container(free_port())
     pid, cid = docker("inspect", "-f", "{{.State.Pid}} {{.Id}}", name).split()
@@ -184,6 +184,7 @@ async def test_the_kernels_freezer_is_read_for_a_container(make_container):
     docker("unpause", name)
     assert frozen(pid, cid) is False
     assert frozen(pid, "another-container") is None  # its cgroup names another id
+    assert runs_in(int(pid), cid) and not runs_in(int(pid), "another-container")
     assert frozen(2**22 + 1, cid) is None  # above pid_max: no such process
 
 

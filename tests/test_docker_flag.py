@@ -228,6 +228,16 @@ async def test_our_own_operations_echo_is_not_confirmed(runtime, kernel):
     assert container.calls == ["unpause"]
 
 
+async def test_an_engine_pid_that_is_not_the_containers_here_is_never_used(runtime, monkeypatch):
+    # Another pid namespace (or host): that number is some other process here, which
+    # hibernate would otherwise page out.
+    rt, container, _ = runtime
+    monkeypatch.setattr(docker, "runs_in", lambda pid, owner: False)
+    container.statuses.extend(["running"] * 3)  # pids() reads twice
+    assert await rt.pids() == []
+    assert await rt.memory_cgroup() is None
+
+
 # ---- the freezer lookup
 
 

@@ -243,6 +243,13 @@ def _cgroup_dir(pid: int | str, controller: str, owner: str = "") -> tuple[Path,
     return (path, version) if path.is_dir() else None
 
 
+def runs_in(pid: int, owner: str) -> bool:
+    """Whether process ``pid`` here is in a cgroup whose path names ``owner`` (a
+    container's id): a pid from an engine in another pid namespace, or on another host,
+    names some other process here, if any."""
+    return owner in _read_text(PROC / str(pid) / "cgroup")
+
+
 def cgroup_of(pid: int | str) -> Cgroup | None:
     """The memory cgroup a process is in, where this process can see its hierarchy."""
     found = _cgroup_dir(pid, "memory")

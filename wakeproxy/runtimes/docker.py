@@ -30,7 +30,7 @@ from ..config import LABEL_PREFIX
 from ..config.model import LOCAL_ENGINE, EngineConfig
 from ..core.states import State
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed, RuntimeFailure
-from ..memory import Cgroup, cgroup_of, frozen
+from ..memory import Cgroup, cgroup_of, frozen, runs_in
 from .base import Runtime
 
 if TYPE_CHECKING:
@@ -623,9 +623,15 @@ class DockerRuntime(Runtime):
                 await self._container().stop(t=int(self.stop_timeout))
 
     async def _main_pid(self) -> int:
+        """The container's main process as this host numbers it, or 0: the engine's pid
+        of a remote engine, or of one in another pid namespace, names another process
+        here (if any), never to be paged out or read as the container's."""
         with map_docker_errors(f"inspecting container {self.ref}"):
             info = await self._container().show()
-        return int(info["State"].get("Pid") or 0)
+        pid = int(info["State"].get("Pid") or 0)
+        if not pid or self.engine.remote or not runs_in(pid, str(info["Id"])):
+            return 0
+        return pid
 
     async def memory_cgroup(self) -> Cgroup | None:
         # Found through its main process, as the kernel places it (cgroupfs or systemd
