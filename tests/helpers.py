@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 # Ports: the bench harness's (one registry: never the same port twice in a process).
@@ -354,3 +355,35 @@ class FakeGlue:
 
     def clear(self) -> None:
         self.log.clear()
+
+
+async def admin_call(
+    proxy, method: str, path: str, *, token: str | None = None, raw: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to the admin API; returns status, headers and body."""
+    listen = proxy.config.admin.listen
+    reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    try:
+        if raw is None:
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            raw = f"{method} {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n".encode()
+        writer.write(raw)
+        async with asyncio.timeout(20):
+            response = await reader.read(-1)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+async def admin_put(proxy, path: str, payload: bytes, token: str | None = None):
+    """A PUT with a JSON body to the admin API; returns status and the JSON answer."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    raw = (
+        f"PUT {path} HTTP/1.1\r\nHost: a\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+    status, _, body = await admin_call(proxy, "PUT", path, raw=raw)
+    return status, orjson.loads(body)

@@ -11,6 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import (
+    admin_call,
+    admin_put,
     backend_command,
     config_from,
     config_text,
@@ -29,27 +31,6 @@ from wakeproxy.errors import ConfigError
 pytestmark = pytest.mark.asyncio
 
 
-async def call(
-    proxy, method: str, path: str, *, token: str | None = None, raw: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One request to the admin API; returns status, headers and body."""
-    listen = proxy.config.admin.listen
-    reader, writer = await asyncio.open_connection(listen.host, listen.port)
-    try:
-        if raw is None:
-            auth = f"Authorization: Bearer {token}\r\n" if token else ""
-            raw = f"{method} {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n".encode()
-        writer.write(raw)
-        async with asyncio.timeout(20):
-            response = await reader.read(-1)
-    finally:
-        writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
-
-
 def web(**settings):
     port, backend = free_port(), free_port()
     settings.setdefault("command", backend_command(backend, "http"))
@@ -61,31 +42,31 @@ def web(**settings):
 async def test_health_status_and_service_health():
     port, config = web()
     async with running(config) as proxy:
-        status, headers, body = await call(proxy, "GET", "/health")
+        status, headers, body = await admin_call(proxy, "GET", "/health")
         assert (status, headers["content-type"], body) == (
             200,
             "application/json",
             b'{"status":"ok"}',
         )
-        status, _, body = await call(proxy, "HEAD", "/health")
+        status, _, body = await admin_call(proxy, "HEAD", "/health")
         assert status == 200 and body == b""
-        _, _, body = await call(proxy, "GET", "/services")
+        _, _, body = await admin_call(proxy, "GET", "/services")
         (entry,) = orjson.loads(body)["services"]
         assert (
             entry["name"] == "web" and entry["state"] == "stopped" and entry["runtime"] == "process"
         )
         assert entry["wakes"] == 0 and entry["last_wake_ms"] is None and entry["held"] == 0
-        again = orjson.loads((await call(proxy, "GET", "/services/status"))[2])["services"][0]
+        again = orjson.loads((await admin_call(proxy, "GET", "/services/status"))[2])["services"][0]
         assert {**again, "last_activity": None} == {**entry, "last_activity": None}
-        _, _, body = await call(proxy, "GET", "/services/health")
+        _, _, body = await admin_call(proxy, "GET", "/services/health")
         assert orjson.loads(body)["services"][0]["health"] == "asleep"
 
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
-        _, _, body = await call(proxy, "GET", "/services")
+        _, _, body = await admin_call(proxy, "GET", "/services")
         entry = orjson.loads(body)["services"][0]
         assert entry["state"] == "running" and entry["wakes"] == 1 and entry["last_wake_ms"] > 0
         assert 0 < entry["sleeps_in_s"] <= 60
-        _, _, body = await call(proxy, "GET", "/services/health")
+        _, _, body = await admin_call(proxy, "GET", "/services/health")
         assert orjson.loads(body)["services"][0]["health"] == "reachable"
 
 
@@ -93,14 +74,14 @@ async def test_actions_change_state_and_refuse_with_open_connections():
     port, config = web()
     async with running(config) as proxy:
         service = proxy.services["web"]
-        status, _, body = await call(proxy, "POST", "/services/web/wake")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/wake")
         assert (status, orjson.loads(body)) == (200, {"name": "web", "state": "running"})
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         await reader.readuntil(b"backend\n")
-        status, _, body = await call(proxy, "POST", "/services/web/sleep")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/sleep")
         assert status == 409 and "1 connection(s) open" in orjson.loads(body)["error"]
-        status, _, body = await call(proxy, "POST", "/services/web/sleep?force=true")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/sleep?force=true")
         assert (status, orjson.loads(body)["state"]) == (200, "paused")
         # A FIN would leave the connection half-closed, waiting for the frozen backend's
         # reply (half-close passes through): reset it instead.
@@ -108,13 +89,13 @@ async def test_actions_change_state_and_refuse_with_open_connections():
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
         await wait_until(lambda: service.attached == 0, within=5)
-        status, _, body = await call(proxy, "POST", "/services/web/stop")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/stop")
         assert (status, orjson.loads(body)["state"]) == (200, "stopped")
         # Put to sleep by the API, it still wakes on its next connection.
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
-        status, _, body = await call(proxy, "POST", "/services/sleep-all")
+        status, _, body = await admin_call(proxy, "POST", "/services/sleep-all")
         assert orjson.loads(body) == {"services": [{"name": "web", "state": "paused"}]}
-        status, _, body = await call(proxy, "POST", "/services/wake-all")
+        status, _, body = await admin_call(proxy, "POST", "/services/wake-all")
         assert orjson.loads(body) == {"services": [{"name": "web", "state": "running"}]}
         assert (
             service.stats.sleeps[("pause", "api")] == 2
@@ -125,7 +106,7 @@ async def test_actions_change_state_and_refuse_with_open_connections():
 async def test_wake_timeout_is_504():
     _, config = web(command='["sleep", "30"]', readiness="{tcp: true}", wake_timeout=0.5)
     async with running(config) as proxy:
-        status, _, body = await call(proxy, "POST", "/services/web/start")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/start")
         assert status == 504
         assert orjson.loads(body)["error"] == "not ready within wake_timeout (0.5s)"
         assert proxy.services["web"].state is State.FAILED
@@ -134,13 +115,13 @@ async def test_wake_timeout_is_504():
 async def test_errors_404_405():
     _, config = web()
     async with running(config) as proxy:
-        status, _, body = await call(proxy, "POST", "/services/nope/wake")
+        status, _, body = await admin_call(proxy, "POST", "/services/nope/wake")
         assert (status, orjson.loads(body)) == (404, {"error": "no such service: nope"})
-        status, _, body = await call(proxy, "GET", "/nowhere")
+        status, _, body = await admin_call(proxy, "GET", "/nowhere")
         assert status == 404 and orjson.loads(body)["error"] == "no such endpoint: /nowhere"
-        status, headers, _ = await call(proxy, "GET", "/services/web/wake")
+        status, headers, _ = await admin_call(proxy, "GET", "/services/web/wake")
         assert status == 405 and headers["allow"] == "POST"
-        status, headers, _ = await call(proxy, "DELETE", "/health")
+        status, headers, _ = await admin_call(proxy, "DELETE", "/health")
         assert status == 405 and headers["allow"] == "GET"
 
 
@@ -148,18 +129,18 @@ async def test_token_guards_writes_and_optionally_reads(monkeypatch):
     monkeypatch.setenv("WAKEPROXY_ADMIN_TOKEN", "  s3cret\n")
     _, config = web()
     async with running(config) as proxy:
-        assert (await call(proxy, "GET", "/services"))[0] == 200
-        status, headers, _ = await call(proxy, "POST", "/services/web/wake")
+        assert (await admin_call(proxy, "GET", "/services"))[0] == 200
+        status, headers, _ = await admin_call(proxy, "POST", "/services/web/wake")
         assert status == 401 and headers["www-authenticate"].startswith("Bearer")
-        assert (await call(proxy, "POST", "/services/web/wake", token="wrong"))[0] == 401
-        assert (await call(proxy, "POST", "/services/web/wake", token="s3cret"))[0] == 200
+        assert (await admin_call(proxy, "POST", "/services/web/wake", token="wrong"))[0] == 401
+        assert (await admin_call(proxy, "POST", "/services/web/wake", token="s3cret"))[0] == 200
     port, backend = free_port(), free_port()
     text = service_yaml(port, backend, command='["sleep", "30"]').replace(
         "admin:\n", "admin:\n  protect_reads: true\n"
     )
     async with running(config_from(text)) as proxy:
-        assert (await call(proxy, "GET", "/metrics"))[0] == 401
-        assert (await call(proxy, "GET", "/metrics", token="s3cret"))[0] == 200
+        assert (await admin_call(proxy, "GET", "/metrics"))[0] == 401
+        assert (await admin_call(proxy, "GET", "/metrics", token="s3cret"))[0] == 200
 
 
 async def test_public_admin_address_without_token_is_refused(monkeypatch, tmp_path):
@@ -176,9 +157,9 @@ async def test_public_admin_address_without_token_is_refused(monkeypatch, tmp_pa
     token.write_text("t0ken\n")
     with_file = text.replace("admin:\n", f"admin:\n  token_file: {token}\n")
     async with running(config_from(with_file)) as proxy:
-        status, _, body = await call(proxy, "POST", "/services/web/sleep", token="t0ken")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/sleep", token="t0ken")
         assert (status, orjson.loads(body)["state"]) == (200, "stopped")
-        assert (await call(proxy, "POST", "/services/web/sleep", token="nope"))[0] == 401
+        assert (await admin_call(proxy, "POST", "/services/web/sleep", token="nope"))[0] == 401
 
 
 def series(scrape: bytes, service: str) -> list[str]:
@@ -226,15 +207,15 @@ async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
     monkeypatch.setattr(admin, "HEAD_TIMEOUT", 0.3)
     port, config = web()
     async with running(config) as proxy:
-        status, _, body = await call(proxy, "GET", "", raw=b"NOT HTTP AT ALL\r\n\r\n")
+        status, _, body = await admin_call(proxy, "GET", "", raw=b"NOT HTTP AT ALL\r\n\r\n")
         assert status == 400 and b"malformed request" in body
         flood = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"
-        status, _, body = await call(proxy, "GET", "", raw=flood)
+        status, _, body = await admin_call(proxy, "GET", "", raw=flood)
         assert status == 431 and b"16 KiB" in body
-        status, _, body = await call(proxy, "GET", "", raw=b"GET /health HTTP/1.1\r\nHo")
+        status, _, body = await admin_call(proxy, "GET", "", raw=b"GET /health HTTP/1.1\r\nHo")
         assert status == 408 and b"request head" in body
         slow_body = b"PUT /services/web/config HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{"
-        status, _, body = await call(proxy, "PUT", "", raw=slow_body)
+        status, _, body = await admin_call(proxy, "PUT", "", raw=slow_body)
         assert status == 408 and b"request body" in body
         big = b"{" + b" " * (1024 * 1024) + b"}"
         huge_body = (
@@ -242,9 +223,9 @@ async def test_hostile_clients_get_4xx_and_the_proxy_serves_on(monkeypatch):
             + f"Content-Length: {len(big)}\r\n\r\n".encode()
             + big
         )
-        status, _, body = await call(proxy, "PUT", "", raw=huge_body)
+        status, _, body = await admin_call(proxy, "PUT", "", raw=huge_body)
         assert status == 413 and b"over 1 MiB" in body
-        assert (await call(proxy, "GET", "/health"))[0] == 200
+        assert (await admin_call(proxy, "GET", "/health"))[0] == 200
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
 
 
@@ -254,7 +235,7 @@ async def test_metrics_match_what_happened():
         await asyncio.sleep(0.05)  # stopped for a measurable time first
         assert (await http_get(port)).endswith(b"backend\n")  # one cold request: one wake
         await wait_until(lambda: proxy.services["web"].attached == 0, within=5)
-        status, headers, body = await call(proxy, "GET", "/metrics")
+        status, headers, body = await admin_call(proxy, "GET", "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain")
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -283,16 +264,6 @@ async def test_metrics_match_what_happened():
     assert not any(k[0] == "wakeproxy_engine_up" for k in samples)  # no docker service
 
 
-async def put(proxy, path: str, payload: bytes, token: str | None = None):
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    raw = (
-        f"PUT {path} HTTP/1.1\r\nHost: a\r\n{auth}Content-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-    ).encode() + payload
-    status, _, body = await call(proxy, "PUT", path, raw=raw)
-    return status, orjson.loads(body)
-
-
 async def test_live_idle_timeout_change_takes_effect_at_once():
     port, config = web(sleep_policy="{idle_timeout: 600}")
     async with running(config) as proxy:
@@ -300,14 +271,14 @@ async def test_live_idle_timeout_change_takes_effect_at_once():
         assert (await http_get(port)).startswith(b"HTTP/1.1 200")
         await asyncio.sleep(0.3)
         assert service.state is State.RUNNING and service.sleeps_in() > 500
-        status, body = await put(
+        status, body = await admin_put(
             proxy, "/services/web/config", b'{"sleep_policy": {"idle_timeout": 0.5}}'
         )
         assert status == 200 and body["config"]["sleep_policy"]["idle_timeout"] == 0.5
         assert body["config"]["sleep_policy"]["action"] == "pause"  # the rest is kept
         # Idle for 0.3 s already: the new 0.5 s deadline is close, not 600 s away.
         await wait_until(lambda: service.state is State.PAUSED, within=3)
-        status, body = await put(
+        status, body = await admin_put(
             proxy, "/services/web/config", b'{"wake_timeout": 5, "max_held_connections": 2}'
         )
         assert status == 200 and service.cfg.wake_timeout == 5
@@ -317,7 +288,7 @@ async def test_live_idle_timeout_change_takes_effect_at_once():
 async def test_live_change_errors_read_like_the_yaml_ones():
     _, config = web()
     async with running(config) as proxy:
-        status, body = await put(
+        status, body = await admin_put(
             proxy, "/services/web/config", b'{"sleep_policy": {"idle_timeout": "soon"}}'
         )
         assert status == 400
@@ -325,13 +296,13 @@ async def test_live_change_errors_read_like_the_yaml_ones():
             "services.web.sleep_policy.idle_timeout: expected a duration in seconds "
             "(a number), got 'soon'"
         ]
-        status, body = await put(proxy, "/services/web/config", b'{"listen": "127.0.0.1:1"}')
+        status, body = await admin_put(proxy, "/services/web/config", b'{"listen": "127.0.0.1:1"}')
         assert status == 409 and body["error"].startswith("listen needs a reload")
-        status, body = await put(proxy, "/services/web/config", b'{"idle_timout": 1}')
+        status, body = await admin_put(proxy, "/services/web/config", b'{"idle_timout": 1}')
         assert status == 400 and "unknown key 'idle_timout'" in body["problems"][0]
-        status, body = await put(proxy, "/services/web/config", b"{nope")
+        status, body = await admin_put(proxy, "/services/web/config", b"{nope")
         assert status == 400 and body["error"].startswith("the body is not valid JSON")
-        status, body = await put(proxy, "/services/ghost/config", b"{}")
+        status, body = await admin_put(proxy, "/services/ghost/config", b"{}")
         assert status == 404
         assert proxy.services["web"].cfg.sleep_policy.idle_timeout == 60  # unchanged
 
@@ -360,15 +331,15 @@ async def test_live_changes_are_held_to_the_files_rules_across_keys():
     )
     async with running(config) as proxy:
         web = proxy.services["web"]
-        status, body = await put(
+        status, body = await admin_put(
             proxy, "/services/web/config", b'{"sleep_policy": {"action": "stop"}}'
         )
         assert (status, body["problems"]) == (400, [why])
-        status, body = await put(proxy, "/policies/shared", b'{"action": "stop"}')
+        status, body = await admin_put(proxy, "/policies/shared", b'{"action": "stop"}')
         assert (status, body["problems"]) == (400, [why])
         assert proxy.policies["shared"].action == "pause", "a refused edit changes nothing"
         assert web.cfg.sleep_policy.action == "pause"
-        status, _ = await put(proxy, "/policies/shared", b'{"idle_timeout": 5}')
+        status, _ = await admin_put(proxy, "/policies/shared", b'{"idle_timeout": 5}')
         assert status == 200 and web.cfg.sleep_policy.idle_timeout == 5
 
 
@@ -394,19 +365,19 @@ async def test_named_policy_change_updates_every_user_live():
     async with running(config) as proxy:
         a, b = proxy.services["a"], proxy.services["b"]
         assert b.cfg.sleep_policy.stop_after == 1200 and b.cfg.sleep_policy.idle_timeout == 600
-        _, _, body = await call(proxy, "GET", "/policies")
+        _, _, body = await admin_call(proxy, "GET", "/policies")
         policies = orjson.loads(body)["policies"]
         assert policies["mcp-default"]["used_by"] == ["a", "b"]
         assert policies["mcp-default"]["idle_timeout"] == 600
         await http_get(port_a)
         await http_get(port_b)
-        status, body = await put(proxy, "/policies/mcp-default", b'{"idle_timeout": 0.3}')
+        status, body = await admin_put(proxy, "/policies/mcp-default", b'{"idle_timeout": 0.3}')
         assert status == 200 and body["policies"]["mcp-default"]["idle_timeout"] == 0.3
         await wait_until(lambda: a.state is State.PAUSED and b.state is State.PAUSED, within=5)
         assert b.cfg.sleep_policy.stop_after == 1200  # its own override still wins
-        status, body = await put(proxy, "/policies/mcp-default", b'{"action": "stop"}')
+        status, body = await admin_put(proxy, "/policies/mcp-default", b'{"action": "stop"}')
         assert status == 400 and "stop_after turns a paused backend" in body["problems"][0]
-        assert (await put(proxy, "/policies/none", b"{}"))[0] == 404
+        assert (await admin_put(proxy, "/policies/none", b"{}"))[0] == 404
 
 
 async def test_json_views_match_what_happened():
@@ -416,12 +387,12 @@ async def test_json_views_match_what_happened():
         for _ in range(3):
             assert (await http_get(port)).endswith(b"backend\n")
         await wait_until(lambda: proxy.services["web"].attached == 0, within=5)
-        status, _, body = await call(proxy, "POST", "/services/web/sleep")
+        status, _, body = await admin_call(proxy, "POST", "/services/web/sleep")
         assert status == 200
         await asyncio.sleep(0.1)
         views = {}
         for name in ("performance", "resources", "cost", "trends"):
-            status, headers, body = await call(proxy, "GET", f"/metrics/{name}")
+            status, headers, body = await admin_call(proxy, "GET", f"/metrics/{name}")
             assert status == 200 and headers["content-type"] == "application/json"
             (views[name],) = orjson.loads(body)["services"]
             if name == "trends":

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from tests.helpers import (
+    admin_put,
     backend_command,
     config_from,
     config_text,
@@ -25,7 +26,6 @@ from tests.helpers import (
     service,
     wait_until,
 )
-from tests.test_admin import put
 from wakeproxy.core.states import SleepAction, SleepReason, State
 
 pytestmark = pytest.mark.asyncio
@@ -203,11 +203,13 @@ async def test_a_policys_windows_change_live_through_the_api(tmp_path):
         web = proxy.services["web"]
         await asyncio.sleep(0.3)
         assert web.state is State.STOPPED
-        status, body = await put(proxy, "/policies/office", b'{"keep_awake": ["mon-fry 8:00"]}')
+        status, body = await admin_put(
+            proxy, "/policies/office", b'{"keep_awake": ["mon-fry 8:00"]}'
+        )
         assert status == 400 and "unknown day 'fry'" in body["problems"][0]
         now_on = f"{hhmm(now)}-{hhmm(now + 120)} UTC"  # holds the whole test
         payload = orjson.dumps({"keep_awake": [now_on]})
-        status, body = await put(proxy, "/policies/office", payload)
+        status, body = await admin_put(proxy, "/policies/office", payload)
         assert status == 200 and body["policies"]["office"]["keep_awake"] == [now_on]
         # The new window holds now: woken with no request, and kept past its idle timeout.
         await wait_until(lambda: web.state is State.RUNNING, within=10)
@@ -215,6 +217,6 @@ async def test_a_policys_windows_change_live_through_the_api(tmp_path):
         await asyncio.sleep(1.0)
         assert web.state is State.RUNNING
         # The window removed: the hold goes with it, and the idle timeout (0.5 s) applies.
-        status, body = await put(proxy, "/policies/office", b'{"keep_awake": []}')
+        status, body = await admin_put(proxy, "/policies/office", b'{"keep_awake": []}')
         assert status == 200
         await wait_until(lambda: web.state is State.STOPPED, within=10)
