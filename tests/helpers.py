@@ -29,6 +29,7 @@ from bench.peers import consecutive_ports as consecutive_ports
 from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_yaml
+from wakeproxy.config.model import McpConfig
 from wakeproxy.coordinator import Coordinator
 from wakeproxy.core.actions import Action, ArmTimer
 from wakeproxy.core.events import Event, Timer, TimerFired
@@ -66,6 +67,9 @@ def config_text(*services: dict[str, Any], admin: int | None = None, **top: Any)
     merged: dict[str, Any] = {}
     for entry in services:
         merged.update(entry)
+    # What MCP servers answered is kept in memory unless a test names a file: the
+    # default path is shared by every proxy on the machine.
+    top.setdefault("mcp", {"state_file": None})
     data: dict[str, Any] = {"admin": {"listen": f"127.0.0.1:{admin or free_port()}"}, **top}
     if services or "discovery" not in top:
         data["services"] = merged
@@ -104,6 +108,9 @@ async def running(
         # Not the default port 9000: a developer's own proxy may be using it.
         admin = dataclasses.replace(config.admin, listen=Address("127.0.0.1", free_port()))
         config = dataclasses.replace(config, admin=admin)
+    if config.mcp == McpConfig():
+        # In memory: the default state file is shared by every proxy on the machine.
+        config = dataclasses.replace(config, mcp=McpConfig(state_file=None))
     proxy = Proxy(config)
     if wall_clock is not None:
         proxy.wall_clock = wall_clock

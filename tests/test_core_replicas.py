@@ -12,7 +12,14 @@ from wakeproxy.core.events import Arrive, Leave, SleepDone, WakeDone
 from wakeproxy.core.node import Node
 from wakeproxy.core.policy import Policy
 from wakeproxy.core.replicas import Breaker, Placement, Scaling, place
-from wakeproxy.core.sessions import GONE, SessionPins, session_in_query, session_in_stream
+from wakeproxy.core.sessions import (
+    GONE,
+    SSE_SCAN_LIMIT,
+    EndpointScan,
+    Session,
+    Sessions,
+    session_in_query,
+)
 from wakeproxy.core.states import State
 
 NAMES = ("web@1", "web@2", "web@3", "web@4")
@@ -190,32 +197,86 @@ def test_an_awake_newer_replica_holds_an_older_one_and_a_removed_one_closes_rank
     assert glue.core.nodes["web@1"].state is State.PAUSING
 
 
-def test_session_pins_follow_their_replica_expire_when_idle_and_stay_bounded():
-    pins = SessionPins(idle=60.0, limit=3)
-    pins.pin(b"a", "web@2", 0, now=0.0, streaming=False)
-    assert pins.where(b"a", {"web@2": 0}, now=30.0) == "web@2"
-    assert pins.where(b"a", {"web@2": 0}, now=89.0) == "web@2", "use renews it"
-    assert pins.where(b"a", {"web@2": 0}, now=150.0) is None, "idle past 60 s: forgotten"
-    pins.pin(b"b", "web@1", 4, now=0.0, streaming=False)
-    # Its replica stopped or failed since (a new incarnation), or is gone: the session
-    # died with it, said once; the pin is dropped.
-    assert pins.where(b"b", {"web@1": 5}, now=1.0) is GONE and pins.lost == 1
-    assert pins.where(b"b", {"web@1": 5}, now=1.0) is None
-    pins.pin(b"c", "web@3", 0, now=0.0, streaming=False)
-    assert pins.where(b"c", {}, now=1.0) is GONE
-    for name in (b"1", b"2", b"3", b"4"):
-        pins.pin(name, "web@1", 0, now=2.0, streaming=False)
-    assert len(pins) == 3 and pins.where(b"1", {"web@1": 0}, now=3.0) is None, "LRU out"
-    pins.unpin(b"4")
-    assert pins.by_replica() == {"web@1": 2}
+def _pin(sessions: Sessions, sid: bytes, replica: str, incarnation: int, now: float, **kw):
+    session = Session("127.0.0.1", now, replica, incarnation, sid, **kw)
+    sessions.add(sid, session)
+
+
+def test_session_pins_follow_their_replica_and_expire_when_idle():
+    pins = Sessions(idle=60.0)
+    _pin(pins, b"a", "web@2", 1, now=0.0)
+    assert pins.where(b"a", {"web@2": 1}, now=30.0, resume=True) == "web@2"
+    assert pins.where(b"a", {"web@2": 1}, now=89.0, resume=True) == "web@2", "use renews it"
+    assert pins.where(b"a", {"web@2": 1}, now=150.0, resume=True) is None, "idle past 60 s"
+    _pin(pins, b"b", "web@1", 4, now=0.0)
+    # Its replica stopped or failed since (a new incarnation), or is gone: a session
+    # with no initialize held died with it, said once; the pin is dropped.
+    assert pins.where(b"b", {"web@1": 5}, now=1.0, resume=True) is GONE and pins.lost == 1
+    assert pins.where(b"b", {"web@1": 5}, now=1.0, resume=True) is None
+    _pin(pins, b"c", "web@3", 1, now=0.0)
+    assert pins.where(b"c", {}, now=1.0, resume=True) is GONE
+    # One whose initialize is held is opened again wherever its request goes (resumed),
+    # unless resuming is off.
+    _pin(pins, b"d", "web@1", 4, now=0.0, init=b"POST /mcp ...")
+    assert pins.where(b"d", {"web@1": 5}, now=1.0, resume=False) is GONE
+    _pin(pins, b"d", "web@1", 4, now=0.0, init=b"POST /mcp ...")
+    assert pins.where(b"d", {"web@1": 5}, now=1.0, resume=True) is None
+    assert pins.by_replica() == {}, "no longer placed"
+    pins.materialized(b"d", b"server-d", 7, "web@2")
+    assert pins.where(b"server-d", {"web@2": 7}, now=2.0, resume=True) == "web@2", "by alias"
+    assert pins.by_replica() == {"web@2": 1}
+    pins.end(b"server-d")
+    assert len(pins) == 0 and pins.by_replica() == {}
     # An SSE session with its stream open lives however long since its last lookup.
-    pins.pin(b"s", "web@2", 0, now=0.0, streaming=True)
-    assert pins.where(b"s", {"web@2": 0}, now=10_000.0) == "web@2"
+    _pin(pins, b"s", "web@2", 1, now=0.0, streaming=True)
+    assert pins.where(b"s", {"web@2": 1}, now=10_000.0, resume=True) == "web@2"
+
+
+def test_a_full_table_evicts_idle_sessions_only_and_each_client_has_a_share():
+    # A client opening sessions to flush others' pins: the table never drops one in use
+    # or with an open stream; past its share a client is refused; both are counted.
+    pins = Sessions(limit=3, per_peer=2)
+    assert pins.admit("10.0.0.1", now=0.0)
+    _pin(pins, b"old", "web@1", 1, now=0.0)
+    _pin(pins, b"stream", "web@1", 1, now=0.0, streaming=True)
+    _pin(pins, b"busy", "web@2", 1, now=50.0)
+    assert not pins.admit("10.0.0.9", now=55.0), "full, and nothing idle for 60 s"
+    assert pins.refused == 1 and len(pins) == 3
+    assert pins.admit("10.0.0.9", now=61.0), "'old' idle 61 s: it makes room"
+    assert pins.evicted == 1 and pins.get(b"old", 61.0) is None
+    assert pins.get(b"stream", 61.0) is not None and pins.get(b"busy", 61.0) is not None
+    mine = Sessions(per_peer=2)
+    for sid in (b"x", b"y"):
+        assert mine.admit("10.0.0.2", now=0.0)
+        mine.add(sid, Session("10.0.0.2", 0.0))
+    assert not mine.admit("10.0.0.2", now=0.0), "its share is used"
+    assert mine.admit("10.0.0.3", now=0.0), "another client is not held back"
+    mine.end(b"x")
+    assert mine.admit("10.0.0.2", now=0.0), "a session ended: room again"
 
 
 def test_the_sse_session_is_read_from_the_endpoint_event_and_the_query():
     start = b"event: endpoint\r\ndata: /messages/?session_id=6d1f0c2e9a\r\n\r\n"
-    assert session_in_stream(b"HTTP/1.1 200 OK\r\n\r\n" + start) == b"6d1f0c2e9a"
-    assert session_in_stream(b"data: session_id=x\r\n") is None, "only the endpoint event"
+    assert EndpointScan().feed(start) == b"6d1f0c2e9a"
+    assert EndpointScan().feed(b"data: /messages/?session_id=x\r\n\r\n") is None, "no event"
+    # An id split across reads is taken whole, never by its first part.
+    scan = EndpointScan()
+    assert scan.feed(b"event: endpoint\r\ndata: /messages/?session_id=6d1f") is None
+    assert scan.feed(b"0c2e9a\r\n") == b"6d1f0c2e9a"
+    # A CRLF split between two reads ends one line, not two (an empty line would end
+    # the event before its data).
+    scan = EndpointScan()
+    assert scan.feed(b"event: endpoint\r") is None
+    assert scan.feed(b"\ndata: /messages/?session_id=6d1f0c2e9a\n") == b"6d1f0c2e9a"
+    # Keepalive comments before the event are skipped, not counted toward the limit.
+    scan = EndpointScan()
+    for _ in range(2000):
+        assert scan.feed(b": ping - 2026-12-06 08:00:00.000000+00:00\r\n\r\n") is None
+    assert not scan.exhausted
+    assert scan.feed(start) == b"6d1f0c2e9a"
+    # Bounded: a stream whose start never names a session is given up on.
+    scan = EndpointScan()
+    scan.feed(b"data: " + b"x" * SSE_SCAN_LIMIT + b"\n")
+    assert scan.exhausted
     assert session_in_query(b"session_id=ab-12_3&x=1") == b"ab-12_3"
     assert session_in_query(b"other=1") is None

@@ -253,6 +253,8 @@ async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
                 "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
                 "    mode: http",
                 "    wake_timeout: 30",
+                # A session whose replica died is not opened again on another (below).
+                "    http: {mcp_resume: false}",
                 "    replicas: {count: 3, min: 3, target_inflight: 100}",
             ]
         )

@@ -27,6 +27,7 @@ from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
+from .httpmode.mcpfront import McpFront, McpStore
 from .memory import remove_stale_cgroups
 from .pool import Pool
 from .predictions import Predictions
@@ -106,6 +107,8 @@ class Proxy:
         self.discoveries: dict[str, LabelDiscovery] = {}
         # Schedules and learned wakes (created in start(): it needs the running loop).
         self.predictions: Predictions | None = None
+        # What each service's MCP server answered to session set-up (read in start()).
+        self.mcp_store = McpStore(config.mcp)
         # The wall clock schedules read (a test moves it next to a window's edge).
         self.wall_clock: Callable[[], float] = time.time
         # Named policies as changed through the API (the file's until a reload).
@@ -187,6 +190,8 @@ class Proxy:
         if has_commands and (swept := remove_stale_cgroups()):
             log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
         labelled = self.config.discovery.engine_names(self.config.engines)
+        if any(cfg.mode == "http" and cfg.http.mcp != "off" for cfg in configs):
+            await self.mcp_store.load()
         await self._list(configs, labels=labelled)
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
@@ -419,7 +424,7 @@ class Proxy:
                 continue
             pool = self.pools.get(name)
             if pool is None:
-                pool = self.pools[name] = Pool(cfg)
+                pool = self.pools[name] = Pool(cfg, self._front(cfg))
             pool.update(cfg, [self.services[m] for m in sets.get(name, [])])
 
     async def _close_pools(self, services: Mapping[str, ServiceConfig]) -> None:
@@ -518,6 +523,9 @@ class Proxy:
         assert self.coordinator is not None
         runtime = self._runtime(cfg)
         initial, reason = runtime.initial_state()
+        front = None
+        if cfg.mode == "http" and cfg.replica_of is None:
+            front = self._front(cfg)
         return Service(
             cfg,
             runtime,
@@ -525,7 +533,12 @@ class Proxy:
             initial=initial,
             reason=reason,
             predictions=self.predictions,
+            front=front,
         )
+
+    def _front(self, cfg: ServiceConfig) -> McpFront:
+        """MCP sessions in front of a mode-http listener (a service's, or its pool's)."""
+        return McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
 
     def _runtime(self, cfg: ServiceConfig) -> Runtime:
         if cfg.runtime == "process":
@@ -575,6 +588,7 @@ class Proxy:
             pool.close()
         for service in self.services.values():
             await service.close()
+        await self.mcp_store.close()
         for service in self.services.values():
             try:
                 await service.runtime.close()

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from .config import ServiceConfig
 from .core.replicas import Breaker, Placement, Scaling, place
-from .core.sessions import GONE, Gone, SessionPins, session_in_query
+from .core.sessions import GONE, Gone, Sessions, session_in_query
 from .core.states import IN_FLIGHT, Outcome, State
 from .forward import ClientSide
 from .httpmode.answers import ProbeRule, compile_probes
@@ -31,6 +32,7 @@ from .stats import ServiceStats
 
 if TYPE_CHECKING:
     from .config.model import HttpSettings
+    from .httpmode.mcpfront import McpFront
     from .service import Service
 
 log = logging.getLogger("wakeproxy.pool")
@@ -56,7 +58,7 @@ def scaling_of(cfg: ServiceConfig, replicas: int = 0) -> Scaling:
 class Pool:
     """The listener and the balancer of one service's replicas."""
 
-    def __init__(self, cfg: ServiceConfig) -> None:
+    def __init__(self, cfg: ServiceConfig, front: McpFront) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.scaling = scaling_of(cfg)
@@ -68,7 +70,10 @@ class Pool:
         self.scale_ups = 0
         self.moved = 0  # connections moved to another replica after a failed connect
         self.breakers: dict[str, Breaker] = {}
-        self.sessions = SessionPins()
+        # MCP sessions (mode http): pinned to the replica holding each, or virtual
+        # (answered by the proxy) until their first real request places them.
+        self.mcp = front
+        front.asleep = self._sleeps
         self.placed: collections.Counter[str] = collections.Counter()  # per replica
         self._server: asyncio.Server | None = None
         self._health: asyncio.Task[None] | None = None
@@ -76,9 +81,14 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self.name} :{self.cfg.listen.port} replicas={len(self.replicas)}>"
 
+    @property
+    def sessions(self) -> Sessions:
+        return self.mcp.sessions
+
     def update(self, cfg: ServiceConfig, replicas: list[Service]) -> None:
         """The replicas, oldest first, and the settings they share (after a reload)."""
         self.cfg = cfg
+        self.mcp.settings = cfg.http
         self.scaling = scaling_of(cfg, len(replicas))
         self.probe_rules = compile_probes(cfg.http.matchers)
         self.replicas = replicas
@@ -93,7 +103,9 @@ class Pool:
     def _place(self) -> Placement:
         now = asyncio.get_running_loop().time()
         usable = [self.breakers[r.name].usable(now) for r in self.replicas]
-        return place([r.node for r in self.replicas], self.scaling, usable)
+        held = self.sessions.by_replica() if len(self.sessions) else {}
+        sessions = [held.get(r.name, 0) for r in self.replicas]
+        return place([r.node for r in self.replicas], self.scaling, usable, sessions)
 
     # ---- start and close
 
@@ -175,6 +187,7 @@ class Pool:
 
     def close(self) -> None:
         self.stop_accepting()
+        self.mcp.close()
         if self._health is not None:
             self._health.cancel()
             self._health = None
@@ -218,6 +231,19 @@ class Pool:
     def idle_delay(self) -> float:
         return self.cfg.sleep_policy.idle_delay
 
+    def _sleeps(self, replica: str | None) -> bool:
+        """Whether MCP set-up is answered by the proxy: for a new session always (it is
+        placed with its first real request: set-up wakes no replica and counts toward
+        no scale-up, whichever are awake), for one placed while its replica sleeps."""
+        if replica is None:
+            return True
+        held = next((r for r in self.replicas if r.name == replica), None)
+        return held is None or held.mcp_sleeps
+
+    @property
+    def replicated(self) -> bool:
+        return True
+
     def connection_made(self, conn: ClientSide) -> bool:
         self.connections.add(conn)
         self.stats.accepted += 1
@@ -253,7 +279,8 @@ class Pool:
         self.placed[replica.name] += 1
         replica.adopt(conn)
         replica.needs_backend(conn, activity=activity, attached=attached)
-        if placement.wake is not None:
+        if placement.wake is not None and activity:
+            # Only real work scales up (never a probe's or a session set-up's connection).
             self.scale_ups += 1
             woken = self.replicas[placement.wake]
             awake = self.awake()
@@ -265,9 +292,9 @@ class Pool:
     # ---- MCP sessions (mode http)
 
     def _pinned(self, session: bytes) -> Service | Gone | None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()  # the sessions' clock (httpmode.mcpfront's too)
         incarnations = {r.name: r.incarnation for r in self.replicas}
-        where = self.sessions.where(session, incarnations, now)
+        where = self.sessions.where(session, incarnations, now, resume=self.mcp.resume)
         if isinstance(where, str):
             return next(r for r in self.replicas if r.name == where)
         if where is GONE:
@@ -278,13 +305,6 @@ class Pool:
                 extra={"service": self.name},
             )
         return where
-
-    def session_started(self, replica: Service, session: bytes, *, streaming: bool) -> None:
-        now = asyncio.get_running_loop().time()
-        self.sessions.pin(session, replica.name, replica.incarnation, now, streaming=streaming)
-
-    def session_ended(self, session: bytes) -> None:
-        self.sessions.unpin(session)
 
     # ---- the replicas' reports
 

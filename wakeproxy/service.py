@@ -78,6 +78,7 @@ from .waiters import Waiters
 if TYPE_CHECKING:
     from .config.model import HttpSettings
     from .coordinator import Coordinator
+    from .httpmode.mcpfront import McpFront
     from .pool import Pool
     from .predictions import Predictions
 
@@ -109,6 +110,7 @@ class Service:
         initial: State,
         reason: str,
         predictions: Predictions | None = None,
+        front: McpFront | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.cfg = cfg
@@ -147,6 +149,10 @@ class Service:
         )
         self.pool: Pool | None = None  # a replica's (set by the pool)
         self.predictions = predictions
+        # Mode http: MCP sessions in front of it (a replica's are its pool's).
+        self._front = front
+        if front is not None:
+            front.asleep = lambda _: self.mcp_sleeps
         # New when the backend stops or fails (its MCP sessions died with it), and for a
         # new Service: unique in the process, so a replaced replica's old pins never match.
         self.incarnation = next(_INCARNATIONS)
@@ -264,6 +270,8 @@ class Service:
         if self.predictions is not None:
             self.predictions.detach(self)
         self.stop_accepting()
+        if self._front is not None:
+            self._front.close()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -299,6 +307,20 @@ class Service:
     def idle_delay(self) -> float:
         return self.cfg.sleep_policy.idle_delay
 
+    @property
+    def mcp(self) -> McpFront | None:
+        return self._front if self.pool is None else self.pool.mcp
+
+    @property
+    def mcp_sleeps(self) -> bool:
+        """MCP set-up is answered by the proxy: the backend is asleep, going there or on
+        its way back. A failed one is not covered for: health checks see it as it is."""
+        return self.state is not State.RUNNING and self.state is not State.FAILED
+
+    @property
+    def replicated(self) -> bool:
+        return False  # a replica's connections were made by its pool
+
     def connection_made(self, conn: ClientSide) -> bool:
         self.connections.add(conn)
         self.stats.accepted += 1
@@ -314,21 +336,10 @@ class Service:
         conn.owner = self
         if isinstance(conn, HttpClientSide):
             conn.http_owner = self
-            conn.tracker.on_202 = self.result_due  # bound to the pool when it was made
-            pool = self.pool
-            if pool is not None and conn.sse_session is None:
-                conn.watch_sessions(
-                    lambda session, stream: self._session_started(conn, session, stream),
-                    pool.session_ended,
-                )
+            if conn.tracker.on_202 is not None:
+                conn.tracker.on_202 = self.result_due  # bound to the pool when it was made
         self.connections.add(conn)
         self.stats.accepted += 1
-
-    def _session_started(self, conn: HttpClientSide, session: bytes, stream: bool) -> None:
-        if self.pool is not None:
-            self.pool.session_started(self, session, streaming=stream)
-            if stream:
-                conn.sse_session = session  # an SSE session ends with its stream
 
     def give_up(self, conn: ClientSide) -> None:
         """The connection moves to another replica: it no longer needs this one."""
@@ -355,8 +366,8 @@ class Service:
 
     def connection_lost(self, conn: ClientSide) -> None:
         self.connections.discard(conn)
-        if isinstance(conn, HttpClientSide) and conn.sse_session and self.pool is not None:
-            self.pool.session_ended(conn.sse_session)
+        if isinstance(conn, HttpClientSide) and conn.sse_session and conn.mcp is not None:
+            conn.mcp.sessions.end(conn.sse_session)  # an SSE session ends with its stream
         self.stats.bytes_up += conn.bytes_up
         self.stats.bytes_down += conn.bytes_down
         if conn.attached:
@@ -451,6 +462,8 @@ class Service:
         self.cfg = cfg
         self.driver.cfg = cfg
         self.probe_rules = compile_probes(cfg.http.matchers)
+        if self._front is not None:
+            self._front.settings = cfg.http
         self.admission.connect_timeout = cfg.connect_timeout
         self.admission.concurrency = cfg.connect_concurrency
         self.feed(Reconfigured(policy_of(cfg)))

@@ -27,6 +27,7 @@ Priority = Literal["low", "normal", "high"]
 # until memory pressure), or the first that works, in that order.
 ReclaimMethod = Literal["auto", "cgroup", "pageout"]
 IdleConnections = Literal["keep-awake", "allow-sleep"]
+McpMode = Literal["auto", "off"]
 RuntimeKind = Literal["docker", "process", "swarm"]
 Source = Literal["config", "labels"]
 ShutdownBackends = Literal["as-is", "wake"]
@@ -143,6 +144,13 @@ class HttpSettings:
     waiting_page: bool = False
     # Connections holding part of a request head (up to 16 KiB each) at most.
     max_partial_heads: int = 1024
+    # MCP over streamable HTTP: "auto" answers session set-up (initialize, ping,
+    # server/discover...) from what the server answered before while it sleeps, and
+    # wakes it for the first real request; "off" forwards everything.
+    mcp: McpMode = "auto"
+    # A session whose server was stopped (or whose replica went) is opened again on the
+    # new instance with the client's own initialize; False: the client gets a 404.
+    mcp_resume: bool = True
 
     @property
     def matchers(self) -> tuple[Probe, ...]:
@@ -340,6 +348,17 @@ class PredictionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class McpConfig:
+    # What each service's MCP server answered to set-up, across restarts (None: in
+    # memory only). Not writable: one warning, and it is kept in memory.
+    state_file: str | None = "/var/lib/wakeproxy/mcp.json"
+    # Sessions a service keeps (its clients' ids, replica pins, a replay's initialize),
+    # and how many one client address may hold.
+    max_sessions: int = 10_000
+    sessions_per_client: int = 1_000
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     # Seconds open connections may take to finish after SIGTERM before they are closed.
     grace: float = 10.0
@@ -357,5 +376,6 @@ class Config:
     discovery: DiscoveryConfig = DiscoveryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     prediction: PredictionConfig = PredictionConfig()
+    mcp: McpConfig = McpConfig()
     engines: Mapping[str, EngineConfig] = field(default_factory=dict)
     source: str | None = None

@@ -37,6 +37,8 @@ from .model import (
     LogConfig,
     LogFormat,
     LogLevel,
+    McpConfig,
+    McpMode,
     Mode,
     PredictionConfig,
     Priority,
@@ -172,8 +174,14 @@ _PREDICTION_FIELDS: dict[str, Check] = {
     "timezone": check.zone,
     "save_interval": check.positive_seconds,
 }
+_MCP_FIELDS: dict[str, Check] = {
+    "state_file": lambda v: None if v is None else check.text(v),
+    "max_sessions": check.int_between(1, 1_000_000),
+    "sessions_per_client": check.int_between(1, 1_000_000),
+}
 _TOP_FIELDS: dict[str, Check] = {
     "prediction": nested,
+    "mcp": nested,
     "engines": nested,
     "shutdown": nested,
     "discovery": nested,
@@ -300,6 +308,8 @@ _HTTP_FIELDS: dict[str, Check] = {
     "probes": nested,
     "waiting_page": check.boolean,
     "max_partial_heads": check.int_between(1, 10_000_000),
+    "mcp": check.choice(*get_args(McpMode)),
+    "mcp_resume": check.boolean,
 }
 
 
@@ -629,6 +639,8 @@ def build_config(
         section(top.get("prediction", {}), ("prediction",), _PREDICTION_FIELDS, problems) or {}
     )
 
+    mcp_values = section(top.get("mcp", {}), ("mcp",), _MCP_FIELDS, problems) or {}
+
     policies = _parse_policies(top.get("policies", {}), problems)
     engines = _parse_engines(top.get("engines", {}), problems)
     services: dict[str, ServiceConfig] = {}
@@ -671,6 +683,7 @@ def build_config(
         discovery=replace(DiscoveryConfig(), discovery_values),
         shutdown=replace(ShutdownConfig(), shutdown_values),
         prediction=replace(PredictionConfig(), prediction_values),
+        mcp=replace(McpConfig(), mcp_values),
         source=source,
     )
 

@@ -96,16 +96,22 @@ class Breaker:
 
 
 def place(
-    replicas: Sequence[Node], scaling: Scaling, usable: Sequence[bool] | None = None
+    replicas: Sequence[Node],
+    scaling: Scaling,
+    usable: Sequence[bool] | None = None,
+    sessions: Sequence[int] | None = None,
 ) -> Placement:
     """Where a new connection goes, and whether the load asks for one more replica.
 
     ``usable``: per replica, whether its circuit lets a connection go there (all True
-    when None, or when none is).
+    when None, or when none is). ``sessions``: per replica, the MCP sessions it holds:
+    among replicas with as few attached connections, the one holding fewest (a session
+    outlives its connections: sessions opened one after another spread).
     """
     if usable is not None and any(usable) and not all(usable):
         kept = [i for i, ok in enumerate(usable) if ok]
-        inner = place([replicas[i] for i in kept], scaling)
+        held = None if sessions is None else [sessions[i] for i in kept]
+        inner = place([replicas[i] for i in kept], scaling, sessions=held)
         wake = None if inner.wake is None else kept[inner.wake]
         # The skipped ones still count against max while awake.
         awake_now = sum(n.unit.state in _AWAKE_OR_WAKING for n in replicas)
@@ -113,9 +119,9 @@ def place(
             wake = None
         return Placement(kept[inner.serve], wake)
     states = [node.unit.state for node in replicas]
-    serve = _least_attached(replicas, State.RUNNING)
+    serve = _least_attached(replicas, State.RUNNING, sessions)
     if serve is None:
-        serve = _least_attached(replicas, State.WAKING)
+        serve = _least_attached(replicas, State.WAKING, sessions)
     if serve is None:
         serve = _first(states, ASLEEP)
         if serve is None:
@@ -130,12 +136,16 @@ def place(
     return Placement(serve)
 
 
-def _least_attached(replicas: Sequence[Node], state: State) -> int | None:
-    best: int | None = None
-    for i, node in enumerate(replicas):
-        if node.unit.state is state and (best is None or node.attached < replicas[best].attached):
-            best = i
-    return best
+def _least_attached(
+    replicas: Sequence[Node], state: State, sessions: Sequence[int] | None
+) -> int | None:
+    """The replica in ``state`` with the fewest attached connections, then sessions;
+    the oldest on a tie."""
+    candidates = [i for i, node in enumerate(replicas) if node.unit.state is state]
+    if not candidates:
+        return None
+    held = sessions or [0] * len(replicas)
+    return min(candidates, key=lambda i: (replicas[i].attached, held[i]))
 
 
 def _first(states: Sequence[State], among: frozenset[State]) -> int | None:

@@ -58,6 +58,8 @@ class Outcome(enum.StrEnum):
     WAITING_PAGE = "waiting_page"
     # replicas: a request of an MCP session whose replica is gone or was restarted
     SESSION_GONE = "session_gone"
+    # MCP session set-up the proxy answered itself (the server slept)
+    MCP_ANSWERED = "mcp_answered"
 
 
 class SleepAction(enum.StrEnum):

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..core.states import NOT_SERVING, Outcome, State
 from ..forward import HOLD_LIMIT, ClientSide, Owner, UpstreamSide
-from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer, session_only
+from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer
 from .chunks import BadChunk, ChunkedBody
-from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, parse_head
+from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, parse_head, with_header
+from .mcp import MAX_MESSAGE, Kind, Message, classify
+from .mcpfront import Backend, ReplayFailed
 from .tracker import HttpUpstreamSide, ResponseTracker
 
 if TYPE_CHECKING:
     from ..config import HttpSettings, Probe
+    from ..core.sessions import Session
+    from .mcpfront import Expected, McpFront
 
 # A JSON-RPC body read to classify a request; larger ones are real work by definition.
-MAX_CLASSIFIED_BODY = 64 * 1024
+MAX_CLASSIFIED_BODY = MAX_MESSAGE
 
-# Phases of the client's byte stream.
-_HEAD, _LENGTH, _CHUNKED, _OPAQUE = range(4)
+# Phases of the client's byte stream: a head; a body counted or chunked; an MCP
+# message read whole before anything is decided; another protocol (after an upgrade).
+_HEAD, _LENGTH, _CHUNKED, _OPAQUE, _MESSAGE = range(5)
 
 
 class HttpOwner(Owner, Protocol):
@@ -38,6 +42,15 @@ class HttpOwner(Owner, Protocol):
 
     @property
     def idle_delay(self) -> float: ...
+
+    @property
+    def mcp(self) -> McpFront | None:
+        """MCP sessions in front of this service (mode http): replicas' pins, and with
+        ``http.mcp`` on, the set-up the proxy answers itself."""
+
+    @property
+    def replicated(self) -> bool:
+        """The listener's service has replicas (a connection is placed on one)."""
 
     def request_seen(self) -> None:
         """A request that is activity, on an attached connection: the idle clock moves."""
@@ -60,21 +73,27 @@ class HttpClientSide(ClientSide):
         "_body",
         "_buf",
         "_chunks",
+        "_follow",
         "_gated",
         "_header_handle",
         "_last_head",
         "_last_raw",
+        "_message",
+        "_message_seen",
+        "_opened",
         "_partial",
         "_phase",
         "_probe_only",
         "_quiet_handle",
         "_remaining",
         "_request_activity",
-        "_session_ended",
+        "_stash",
+        "_suspended",
         "_wanted_backend",
         "answered",
         "http_owner",
         "last_request",
+        "mcp",
         "sse_session",
         "tracker",
     )
@@ -104,37 +123,42 @@ class HttpClientSide(ClientSide):
         # probe's response is under way.
         self._probe_only = True
         self._allow_sleep = owner.http.idle_connections == "allow-sleep"
+        # Whether the responses are followed (decided at the first request that goes
+        # to the backend, see upstream_protocol): then every request is expected.
+        self._follow: bool | None = None
         # Follows the responses of every request with allow-sleep, else of probes only.
         self.tracker = ResponseTracker()
-        self.tracker.on_202 = owner.result_due
+        if self._allow_sleep:
+            self.tracker.on_202 = owner.result_due
         self.tracker.on_idle = self._responses_done
-        # Replicas: the MCP session this connection's event stream carries (SSE), and
-        # whom to tell when a request ends a session (DELETE).
+        # MCP: the listener's sessions and learned answers; the message being read
+        # whole (head, raw head); sessions this connection opened; a request held
+        # while its session is opened on the server, and what came after it.
+        self.mcp = owner.mcp
+        self._message: tuple[Head, bytes] | None = None
+        self._message_seen = False
+        self._opened = 0
+        self._suspended = False
+        self._stash = bytearray()
+        # Replicas: the MCP session this connection's event stream carries (SSE).
         self.sse_session: bytes | None = None
-        self._session_ended: Callable[[bytes], None] | None = None
+        if owner.replicated:
+            self.tracker.on_session = self._session_seen
 
     @property
     def head(self) -> Head | None:
         """The request head being handled (the last one read)."""
         return self._last_head
 
-    def watch_sessions(
-        self, started: Callable[[bytes, bool], None], ended: Callable[[bytes], None]
-    ) -> None:
-        """Replicas: report the MCP sessions this connection's responses start (their
-        Mcp-Session-Id header, an event stream's endpoint event) and the DELETEs that
-        end one. Every response is then followed (an h11 parse each)."""
-        self.tracker.on_session = started
-        self._session_ended = ended
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._arm_header_timeout()
 
     def upstream_protocol(self) -> UpstreamSide:
-        # Responses are followed only where something waits on their end: allow-sleep,
-        # or a connection of probes so far; elsewhere the plain side costs less per read.
-        if self._allow_sleep or self._probe_only or self._session_ended is not None:
+        # Responses are followed only where something waits on their end or reads
+        # them: allow-sleep, a connection of probes so far, replicas' sessions, MCP
+        # messages; elsewhere the plain side costs less per read.
+        if self._follow:
             return HttpUpstreamSide(self, self.tracker)
         return UpstreamSide(self)
 
@@ -143,6 +167,13 @@ class HttpClientSide(ClientSide):
     def data_received(self, data: bytes) -> None:
         # A loop, not recursion: a thousand pipelined requests in one read stay flat.
         while data and not self.answered:
+            if self._suspended:
+                # A request waits for its session to open on the server: what follows
+                # it waits too (bounded: reading pauses).
+                self._stash += data
+                if len(self._stash) >= HOLD_LIMIT and self.transport is not None:
+                    self.transport.pause_reading()
+                return
             phase = self._phase
             if phase == _OPAQUE:
                 self._send_up(data)
@@ -151,6 +182,8 @@ class HttpClientSide(ClientSide):
                 data = self._length_body(data)
             elif phase == _CHUNKED:
                 data = self._chunked_body(data)
+            elif phase == _MESSAGE:
+                data = self._message_body(data)
             else:
                 data = self._head(data)
 
@@ -227,8 +260,7 @@ class HttpClientSide(ClientSide):
         probe = next((rule.probe for rule in owner.probe_rules if rule.matches(head)), None)
         # The proxy may answer only when nothing of this connection is with the backend:
         # behind a request that went there, its answer would overtake that response.
-        quiet = not self.attached and not self.tracker.methods and not self._pending
-        if probe is not None and quiet and owner.state in NOT_SERVING and not head.has_body:
+        if probe is not None and self._quiet and owner.state in NOT_SERVING and not head.has_body:
             self._answer_probe(probe, head)
             return
         if probe is None:
@@ -243,47 +275,73 @@ class HttpClientSide(ClientSide):
             owner.wake_in_background("a browser asked")
             self._respond(503, WAITING_PAGE, "text/html; charset=utf-8", Outcome.WAITING_PAGE)
             return
+        if probe is None and self.mcp is not None and self.mcp.on and self._mcp_head(head, raw):
+            return
         method = head.method
         # A probe is never activity; neither is opening an event stream or ending a
         # session (DELETE): the gateway's streamable-HTTP probe is made of those.
-        self._request_activity = (
+        activity = (
             probe is None
             and method != b"DELETE"
             and not (method == b"GET" and b"text/event-stream" in head.get(b"accept"))
         )
-        self._frame_body(head, raw)
+        self._frame_body(head, activity)
         # With a JSON body still to read, whether this is activity is known at its end.
-        known = self._body is None
-        self._need_backend(self._request_activity and known)
-        if http.forwarded_headers:
+        self._forward(head, raw, activity, counted=self._body is None)
+
+    @property
+    def _quiet(self) -> bool:
+        """Nothing of this connection is with the backend: the proxy may answer."""
+        return not self.attached and not self.tracker.methods and not self._pending
+
+    def _forward(
+        self,
+        head: Head,
+        raw: bytes,
+        activity: bool,
+        *,
+        counted: bool = True,
+        body: bytes = b"",
+        note: Expected | None = None,
+    ) -> None:
+        """The request goes to the backend (``counted``: whether it is activity is known
+        now; else at the end of its body)."""
+        self._request_activity = activity
+        self._need_backend(activity and counted)
+        if self.answered:
+            return  # refused on the way (a limit, no replica)
+        if self.http_owner.http.forwarded_headers:
             raw = self._with_forwarded(raw, head)
-        if self._session_ended is not None:
-            self.tracker.methods.append(method)
-            session = head.get(b"mcp-session-id")
-            if method == b"DELETE" and session:
-                self._session_ended(session)
-        elif self._allow_sleep or self._probe_only:
-            self.tracker.methods.append(method)
-        self._send_up(raw)
-        if known and self._request_activity:
+        if self._follow:
+            if note is not None:
+                note.backend = cast(Backend, self.owner)
+            self.tracker.expect(head.method, note)
+        session = head.get(b"mcp-session-id")
+        if session and self.mcp is not None:
+            opening, write_as = self.mcp.route_to(session, cast(Backend, self.owner))
+            if opening is not None:
+                self._open_session(session, opening, raw, body)
+                return
+            if write_as:
+                raw = with_header(raw, b"Mcp-Session-Id", write_as)
+            if head.method == b"DELETE":
+                self.mcp.sessions.end(session)
+        self._send_up(raw + body if body else raw)
+        if counted and activity:
             self._count_request()
-        if method == b"CONNECT" or b"upgrade" in head.get(b"connection").lower():
+        if head.method == b"CONNECT" or b"upgrade" in head.get(b"connection").lower():
             # Whatever follows is another protocol: forward it as it comes.
             self._phase = _OPAQUE
 
-    def _frame_body(self, head: Head, raw: bytes) -> None:
+    def _frame_body(self, head: Head, activity: bool) -> None:
         self._body = None
-        classify = (
-            head.method == b"POST"
-            and self._request_activity
-            and b"json" in head.get(b"content-type")
-        )
+        classify_it = head.method == b"POST" and activity and b"json" in head.get(b"content-type")
         if head.chunked:
             self._phase, self._chunks = _CHUNKED, ChunkedBody()
-            self._body = bytearray() if classify else None
+            self._body = bytearray() if classify_it else None
         elif head.length > 0:
             self._phase, self._remaining = _LENGTH, head.length
-            if classify and head.length <= MAX_CLASSIFIED_BODY:
+            if classify_it and head.length <= MAX_CLASSIFIED_BODY:
                 self._body = bytearray()
         else:
             self._phase = _HEAD
@@ -320,7 +378,7 @@ class HttpClientSide(ClientSide):
         self._phase = _HEAD
         body, self._body = self._body, None
         if body is not None:
-            self._request_activity = not session_only(bytes(body))
+            self._request_activity = classify(bytes(body)).activity
             self._count_request()
 
     def _count_request(self) -> None:
@@ -329,8 +387,152 @@ class HttpClientSide(ClientSide):
             self.active = True
             self.http_owner.request_seen()
 
+    # ---- MCP over streamable HTTP (see httpmode.mcpfront)
+
+    def _mcp_head(self, head: Head, raw: bytes) -> bool:
+        """An MCP request: a JSON POST is read whole before anything is decided; a GET
+        or DELETE naming a session is decided now. False: not MCP's."""
+        method = head.method
+        if method == b"POST":
+            if (
+                head.chunked
+                or not 0 < head.length <= MAX_MESSAGE
+                or b"json" not in head.get(b"content-type")
+            ):
+                return False
+            self._message = (head, raw)
+            self._body = bytearray()
+            self._phase, self._remaining = _MESSAGE, head.length
+            return True
+        if method in (b"GET", b"DELETE") and head.get(b"mcp-session-id"):
+            self._mcp_request(head, raw, b"", None)
+            return True
+        return False
+
+    def _message_body(self, data: bytes) -> bytes:
+        body = self._body
+        assert body is not None and self._message is not None
+        take = data[: self._remaining] if len(data) > self._remaining else data
+        self._remaining -= len(take)
+        body += take
+        if self._remaining:
+            return b""
+        (head, raw), self._message, self._body = self._message, None, None
+        self._phase = _HEAD
+        message = classify(bytes(body), head.get(b"mcp-method"))
+        self._mcp_request(head, raw, bytes(body), message)
+        return data[len(take) :]
+
+    def _mcp_request(self, head: Head, raw: bytes, body: bytes, message: Message | None) -> None:
+        front = self.mcp
+        assert front is not None
+        peer = self._peer()
+        reply = front.answer(head, message, raw + body, peer, self._opened, self._quiet)
+        if message is not None and message.kind is Kind.INITIALIZE:
+            self._opened += 1
+        if reply is not None:
+            self._reply(reply, head)
+            return
+        # Set-up and streams are never activity: only real work keeps a server awake.
+        activity = message is not None and message.activity
+        note = None
+        if message is not None:
+            note = front.expect(head, message, raw + body, peer)
+            self._message_seen = True
+        self._forward(head, raw, activity, body=body, note=note)
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else ""
+
+    def _reply(self, data: bytes, head: Head) -> None:
+        """An MCP answer the proxy gives itself; the connection stays open unless the
+        client asked to close it."""
+        status = int(data[9:12])
+        self.owner.record(Outcome.MCP_ANSWERED, status)
+        if not head.keep_alive:
+            self._write_answer(data, close=True)
+            return
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.answered_bytes += len(data)
+        transport.write(data)
+
+    def _open_session(self, sid: bytes, session: Session, raw: bytes, body: bytes) -> None:
+        """Hold this request (and what follows it) while its session is opened on the
+        backend it goes to; then write the server's id into it and send it."""
+        front = self.mcp
+        assert front is not None
+        self._suspended = True
+        backend = cast(Backend, self.owner)
+        front.spawn(self._opening(front, sid, session, backend, raw, body))
+
+    async def _opening(
+        self,
+        front: McpFront,
+        sid: bytes,
+        session: Session,
+        backend: Backend,
+        raw: bytes,
+        body: bytes,
+    ) -> None:
+        try:
+            server_id = await front.materialize(sid, session, backend)
+        except ReplayFailed as exc:
+            if not self.closed and not self.answered:
+                self.owner.record(Outcome.BACKEND_ERROR, exc.status)
+                if exc.answer:
+                    self._write_answer(exc.answer, close=True)
+                else:
+                    self._error(502, f"the backend refused the session: {exc}")
+            return
+        except TimeoutError:
+            if not self.closed and not self.answered:
+                status = self._error(504, "the backend did not open the session in time")
+                self.owner.record(Outcome.WAKE_TIMEOUT, status)
+            return
+        except Exception:  # the wake failed: the held connection was answered for it
+            if not self.closed and not self.answered:
+                self.owner.record(Outcome.BACKEND_ERROR, self._error(502, "the wake failed"))
+            return
+        if self.closed or self.answered:
+            return
+        if server_id and server_id != sid:
+            raw = with_header(raw, b"Mcp-Session-Id", server_id)
+        self._send_up(raw + body)
+        self._count_request()
+        self._suspended = False
+        stash = bytes(self._stash)
+        self._stash.clear()
+        if stash:
+            self.data_received(stash)
+        transport = self.transport
+        if transport is not None and not self._suspended and not self.reading_paused:
+            transport.resume_reading()
+
+    def _session_seen(self, session: bytes, stream: bool) -> None:
+        """Replicas: a response named an MCP session (its header; an SSE stream's
+        endpoint event): it is pinned to the replica this connection is on."""
+        front = self.mcp
+        if front is None:
+            return
+        backend = cast(Backend, self.owner)
+        if stream:
+            self.sse_session = session
+            front.streamed(session, self._peer(), backend)
+        else:
+            front.seen(session, self._peer(), backend)
+
     def _need_backend(self, activity: bool) -> None:
         """This request goes to the backend: attach, or wake it under an open connection."""
+        if self._follow is None:
+            self._follow = (
+                self._allow_sleep
+                or self._probe_only
+                or self.tracker.on_session is not None
+                or self._message_seen
+            )
         if not self._wanted_backend:
             self._wanted_backend = True
             self.attach(activity=activity)

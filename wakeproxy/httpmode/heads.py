@@ -85,3 +85,14 @@ def parse_head(raw: bytes) -> Head:
         length=int(length) if length else 0,
         keep_alive=keep_alive,
     )
+
+
+def with_header(raw: bytes, name: bytes, value: bytes) -> bytes:
+    """A request head (through its blank line) with header ``name`` set to ``value``:
+    every line of that name replaced by one, or one added after the request line."""
+    lines = raw.split(b"\n")
+    prefix = name.lower() + b":"
+    kept = [lines[0], *(line for line in lines[1:] if not line.lower().startswith(prefix))]
+    crlf = b"\r" if lines[0].endswith(b"\r") else b""
+    kept.insert(1, name + b": " + value + crlf)
+    return b"\n".join(kept)
