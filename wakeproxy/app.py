@@ -177,6 +177,8 @@ class Proxy:
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
+        # Read before any service attaches, in a thread: the loop is not held by it.
+        await self.predictions.preload(configs)
         # Before any command starts: what a killed proxy left of its commands' cgroups.
         has_commands = any(cfg.runtime == "process" for cfg in configs)
         if has_commands:
