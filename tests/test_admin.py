@@ -420,6 +420,38 @@ async def test_a_service_on_a_named_policy_with_schedule_overrides_takes_live_ed
         assert policy.predict.chains and len(policy.keep_awake) == 1
 
 
+async def test_live_edits_hold_durations_to_the_files_minimum():
+    # The API took wake_timeout 1e-9: every wake then failed at once.
+    port, backend = free_port(), free_port()
+    config = config_from(
+        f"""
+        policies:
+          shared: {{idle_timeout: 60}}
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+        """
+    )
+    async with running(config) as proxy:
+        status, body = await admin_put(proxy, "/services/web/config", b'{"wake_timeout": 1e-9}')
+        assert (status, body["problems"]) == (
+            400,
+            ["services.web.wake_timeout: expected a duration of at least 0.01 seconds, got 1e-09"],
+        )
+        edit = b'{"sleep_policy": {"idle_timeout": 0.001}}'
+        status, body = await admin_put(proxy, "/services/web/config", edit)
+        why = "idle_timeout: expected a duration of at least 0.01 seconds, got 0.001"
+        assert status == 400 and why in body["problems"][0]
+        status, body = await admin_put(proxy, "/policies/shared", b'{"idle_timeout": 0.001}')
+        assert status == 400 and body["problems"] == [
+            "policies.shared.idle_timeout: expected a duration of at least 0.01 seconds, got 0.001"
+        ]
+        cfg = proxy.services["web"].cfg
+        assert (cfg.wake_timeout, cfg.sleep_policy.idle_timeout) == (30, 300)  # unchanged
+
+
 async def test_json_views_match_what_happened():
     port, config = web(resources="{cpu: 0.5, memory: 256MiB}", sleep_policy="{idle_timeout: 60}")
     async with running(config) as proxy:
