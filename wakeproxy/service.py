@@ -355,6 +355,8 @@ class Service:
 
     def connection_lost(self, conn: ClientSide) -> None:
         self.connections.discard(conn)
+        if self.pool is not None and conn.upstream is not None:
+            self.pool.ended(self, conn)  # passive health: did the backend answer?
         if isinstance(conn, HttpClientSide) and conn.sse_session and self.pool is not None:
             self.pool.session_ended(conn.sse_session)
         self.stats.bytes_up += conn.bytes_up
