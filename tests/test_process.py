@@ -165,6 +165,32 @@ async def test_a_slow_command_counts_as_running_only_once_it_listens():
         writer.close()
 
 
+async def test_requests_during_a_slow_start_past_wake_timeout_wait_for_it_not_502():
+    # A command needing seconds to listen, wake_timeout 1: the first client's 504 is
+    # right, but every request inside the back-off that followed got an immediate 502
+    # while the process was alive and still starting. Now each is held for the start
+    # (its own wake_timeout: 504 if it is still not up), until one is answered.
+    port, backend = free_port(), free_port()
+    server = " ".join(backend_command(backend, "http"))
+    slow = f'["/bin/sh", "-c", "sleep 3; exec {server}"]'
+    config = config_from(
+        service_yaml(
+            port, backend, command=slow, mode="http", readiness="{http: /}", wake_timeout=1
+        )
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        statuses: list[int] = []
+        deadline = time.monotonic() + 40
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses
+            reply = await http_get(port, within=20)
+            statuses.append(int(reply.split(b" ", 2)[1]))
+        assert statuses[0] == 504 and set(statuses[:-1]) == {504}, statuses
+        assert service.stats.connections["backend_error"] == 0
+        assert service.stats.connections["wake_timeout"] == len(statuses) - 1
+
+
 async def test_readiness_never_passes_against_another_process_listener():
     # Something else holds the backend's port (here: this test). The command cannot
     # bind and exits; before the fix the connect to the other listener passed readiness.
