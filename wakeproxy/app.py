@@ -27,7 +27,6 @@ from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
-from .memory import remove_stale_cgroups
 from .pool import Pool
 from .predictions import Predictions
 from .runtimes.base import Runtime
@@ -179,15 +178,16 @@ class Proxy:
         configs = list(self.config.services.values())  # expanded once the engine answered
         # Read before any service attaches, in a thread: the loop is not held by it.
         await self.predictions.preload(configs)
-        # Before any command starts: what a killed proxy left of its commands' cgroups.
-        has_commands = any(cfg.runtime == "process" for cfg in configs)
-        if has_commands:
-            for command, ended in reap_leftovers():
+        # Before any command starts: what a killed proxy left of its commands, and
+        # their cgroups.
+        if any(cfg.runtime == "process" for cfg in configs):
+            runs, swept = await reap_leftovers()
+            for command, ended in runs:
                 log.warning(
                     "ended %d process(es) a killed proxy left of its command %r", ended, command
                 )
-        if has_commands and (swept := remove_stale_cgroups()):
-            log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
+            if swept:
+                log.info("removed %d memory cgroup(s) a killed proxy left", swept)
         labelled = self.config.discovery.engine_names(self.config.engines)
         await self._list(configs, labels=labelled)
         configs = list(expand_all(self.config.services.values(), self._members).values())
