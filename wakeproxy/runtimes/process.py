@@ -448,18 +448,22 @@ class ProcessRuntime(Runtime):
         self._signal_group(signal.SIGSTOP)
         self._paused = True
         assert self._proc is not None
-        await self._until_stopped(self._proc.pid)
+        members = self.cgroup.pids() if self.cgroup is not None else []
+        await self._until_stopped({self._proc.pid, *members})
 
     @staticmethod
-    async def _until_stopped(pid: int) -> None:
+    async def _until_stopped(pids: set[int]) -> None:
         # kill() returns before a process running on another core has stopped; report
-        # paused only once it is frozen (Linux /proc; elsewhere, trust the signal).
+        # paused only once the leader and every process of its cgroup are frozen
+        # (Linux /proc; elsewhere, trust the signal).
         for _ in range(_STOP_POLLS):
-            state = _kernel_state(pid)
-            if state is None or state in ("T", "t"):
+            pids = {pid for pid in pids if _kernel_state(pid) not in (None, "T", "t")}
+            if not pids:
                 return
             await asyncio.sleep(0.001)
-        log.warning("pid %d did not show as stopped %d ms after SIGSTOP", pid, _STOP_POLLS)
+        log.warning(
+            "pids %s did not show as stopped %d ms after SIGSTOP", sorted(pids), _STOP_POLLS
+        )
 
     async def unpause(self) -> None:
         self._signal_group(signal.SIGCONT)
