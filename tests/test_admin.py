@@ -380,6 +380,78 @@ async def test_named_policy_change_updates_every_user_live():
         assert (await admin_put(proxy, "/policies/none", b"{}"))[0] == 404
 
 
+async def test_a_service_on_a_named_policy_with_schedule_overrides_takes_live_edits():
+    # Overrides were kept parsed (windows, predict settings) and validated again as raw
+    # input on the next edit: every PUT to such a service answered 400, and a policy
+    # edit could not be carried to it either.
+    port, backend = free_port(), free_port()
+    config = config_from(
+        f"""
+        policies:
+          shared: {{idle_timeout: 600}}
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+            sleep_policy:
+              use: shared
+              keep_awake: ["sun 03:00-03:01"]
+              asleep_windows: ["sat 03:00-03:01"]
+              predict: {{chains: true, threshold: 0.7}}
+        """
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        status, body = await admin_put(
+            proxy, "/services/web/config", b'{"sleep_policy": {"idle_timeout": 30}}'
+        )
+        assert status == 200, body
+        assert body["config"]["sleep_policy"]["use"] == "shared"
+        policy = web.cfg.sleep_policy
+        assert policy.idle_timeout == 30 and len(policy.keep_awake) == 1
+        assert len(policy.asleep_windows) == 1 and policy.predict.threshold == 0.7
+        status, body = await admin_put(proxy, "/services/web/config", b'{"wake_timeout": 9}')
+        assert status == 200, body
+        status, body = await admin_put(proxy, "/policies/shared", b'{"min_sleep_time": 2}')
+        assert status == 200, body
+        policy = web.cfg.sleep_policy
+        assert (policy.min_sleep_time, policy.idle_timeout) == (2, 30)
+        assert policy.predict.chains and len(policy.keep_awake) == 1
+
+
+async def test_live_edits_hold_durations_to_the_files_minimum():
+    # The API took wake_timeout 1e-9: every wake then failed at once.
+    port, backend = free_port(), free_port()
+    config = config_from(
+        f"""
+        policies:
+          shared: {{idle_timeout: 60}}
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {backend_command(backend, "http")}
+        """
+    )
+    async with running(config) as proxy:
+        status, body = await admin_put(proxy, "/services/web/config", b'{"wake_timeout": 1e-9}')
+        assert (status, body["problems"]) == (
+            400,
+            ["services.web.wake_timeout: expected a duration of at least 0.01 seconds, got 1e-09"],
+        )
+        edit = b'{"sleep_policy": {"idle_timeout": 0.001}}'
+        status, body = await admin_put(proxy, "/services/web/config", edit)
+        why = "idle_timeout: expected a duration of at least 0.01 seconds, got 0.001"
+        assert status == 400 and why in body["problems"][0]
+        status, body = await admin_put(proxy, "/policies/shared", b'{"idle_timeout": 0.001}')
+        assert status == 400 and body["problems"] == [
+            "policies.shared.idle_timeout: expected a duration of at least 0.01 seconds, got 0.001"
+        ]
+        cfg = proxy.services["web"].cfg
+        assert (cfg.wake_timeout, cfg.sleep_policy.idle_timeout) == (30, 300)  # unchanged
+
+
 async def test_json_views_match_what_happened():
     port, config = web(resources="{cpu: 0.5, memory: 256MiB}", sleep_policy="{idle_timeout: 60}")
     async with running(config) as proxy:

@@ -286,6 +286,74 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert "nope.yaml: cannot read the config file: No such file or directory" in str(info.value)
 
 
+def test_every_duration_key_has_a_minimum_of_10_ms():
+    # Any positive number passed: wake_timeout 1e-9 failed every wake at once, a
+    # health_interval or readiness interval of 1e-9 spun a loop. Now at least 0.01 s;
+    # where 0 means none or at once, 0 still loads.
+    found = problems(
+        """
+        shutdown: {grace: 1.0e-9}
+        discovery: {interval: 1.0e-9}
+        prediction: {save_interval: 1.0e-9}
+        services:
+          web:
+            listen: 127.0.0.1:7001
+            backend: 127.0.0.1:7002
+            command: [x]
+            mode: http
+            http: {header_timeout: 0.001, inflight_grace: 1.0e-9}
+            connect_timeout: 1.0e-9
+            idle_connection_timeout: 1.0e-9
+            wake_timeout: 1.0e-9
+            stop_timeout: 0.005
+            readiness: {interval: 1.0e-9}
+            sleep_policy:
+              idle_timeout: 1.0e-9
+              min_sleep_time: 1.0e-9
+              stop_after: 1.0e-9
+              hibernate_after: 1.0e-9
+              predict: {chain_window: 1.0e-9, min_wake_time: 1.0e-9}
+          pool:
+            listen: 127.0.0.1:7003
+            backend: 127.0.0.1:7004
+            command: [x, "{port}"]
+            replicas: {count: 2, health_interval: 1.0e-9}
+        """
+    )
+    at_least, zero_or = "a duration of at least 0.01 seconds", "0 or a duration of at least 0.01"
+    expected = {
+        "shutdown.grace": zero_or,
+        "discovery.interval": at_least,
+        "prediction.save_interval": at_least,
+        "services.web.http.header_timeout": at_least,
+        "services.web.http.inflight_grace": zero_or,
+        "services.web.connect_timeout": at_least,
+        "services.web.idle_connection_timeout": zero_or,
+        "services.web.wake_timeout": at_least,
+        "services.web.stop_timeout": zero_or,
+        "services.web.readiness.interval": at_least,
+        "services.web.sleep_policy.idle_timeout": at_least,
+        "services.web.sleep_policy.min_sleep_time": zero_or,
+        "services.web.sleep_policy.stop_after": at_least,
+        "services.web.sleep_policy.hibernate_after": zero_or,
+        "services.web.sleep_policy.predict": "chain_window: expected " + at_least,
+        "services.pool.replicas.health_interval": zero_or,
+    }
+    for key, why in expected.items():
+        assert any(f" {key}: " in p and why in p for p in found), (key, found)
+    assert len(found) == len(expected), found
+    assert any("wake_timeout: expected a duration of at least 0.01 seconds, got 1e-09" in p
+               for p in found)  # fmt: skip
+    zeros = build(
+        service(
+            "web", 7001, 7002, command=["x"], idle_connection_timeout=0, stop_timeout=0,
+            wake_timeout=0.01, sleep_policy={"min_sleep_time": 0, "hibernate_after": 0},
+        ),
+        shutdown={"grace": 0},
+    )  # fmt: skip
+    assert zeros.services["web"].wake_timeout == 0.01
+
+
 def test_named_policies_and_their_errors():
     config = parse_yaml(
         textwrap.dedent(

@@ -116,6 +116,12 @@ def test_failed_wake_rejects_held_and_backs_off(timed_out):
         assert ArmTimer(Timer.RETRY, 1.0 + BACKOFF_FIRST) in out
     node = glue.core.nodes["web"]
     assert node.state is State.FAILED and node.held == 0
+    if timed_out:
+        # Not known dead (it may still be coming up): held for a wake of its own, even
+        # inside the back-off (see the slow-start tests below).
+        step = glue.feed("web", Arrive())
+        assert Hold() in step and RunWake(WakeOp.RECOVER) in step
+        return
     # Inside the back-off a new connection is refused at once, not held.
     assert glue.feed("web", Arrive()) == [
         Reject(Outcome.BACKEND_ERROR, node.unit.reason, held=False)
@@ -124,6 +130,69 @@ def test_failed_wake_rejects_held_and_backs_off(timed_out):
     glue.now = node.unit.retry_at
     step = glue.feed("web", Arrive())
     assert Hold() in step and RunWake(WakeOp.RECOVER) in step
+
+
+def test_a_slow_start_past_wake_timeout_holds_new_connections_for_it():
+    # A start needing 30 s with wake_timeout 3: the first client's 504 was right, but
+    # the back-off then refused every connection at once (502) though the process was
+    # alive and still starting. Each now waits for it, bounded by its own wake_timeout.
+    glue = FakeGlue()
+    glue.add("web", State.STOPPED, wake_timeout=3.0)
+    glue.feed("web", Arrive())
+    glue.advance(3.0)  # the start's first 3 s: 504 for the one held
+    node = glue.core.nodes["web"]
+    assert node.state is State.FAILED and node.unit.starting
+    assert glue.actions("web", CancelWake)
+    glue.clear()
+    glue.now = 3.2  # inside the 0.5 s back-off
+    step = glue.feed("web", Arrive())
+    assert Hold() in step and RunWake(WakeOp.RECOVER) in step
+    assert ArmTimer(Timer.WAKE, 6.2) in step, "its own wake_timeout, from its arrival"
+    assert glue.feed("web", Arrive()) == [Hold()], "one wake for them all"
+    glue.advance(6.2)  # still not ready: these two time out too, and the next is held
+    assert glue.actions("web", Reject) == [
+        Reject(Outcome.WAKE_TIMEOUT, "not ready within wake_timeout (3s)", held=True)
+    ]
+    for _ in range(3):  # the refused connections close
+        glue.feed("web", Leave())
+    assert Hold() in glue.feed("web", Arrive())
+    # The retry's re-read finds it running but not ready: still starting.
+    glue.feed("web", WakeFailed("not ready within wake_timeout (3s)", timed_out=True))
+    glue.feed("web", Observed(State.FAILED, "running, but not ready", starting=True))
+    assert node.unit.starting and Hold() in glue.feed("web", Arrive())
+    # Ready at last: the wake in flight releases what it holds.
+    glue.clear()
+    assert Release() in glue.feed("web", WakeDone())
+    assert node.state is State.RUNNING
+
+
+@pytest.mark.parametrize(
+    "dead",
+    [
+        WakeFailed("the backend stopped while starting (exit code 1)"),  # inside the wake
+        Observed(State.FAILED, "container removed"),  # gone (or the engine down)
+        Observed(State.STOPPED, "exited with code 1"),  # ended after its wake ran out
+    ],
+)
+def test_a_backend_known_dead_is_refused_at_once_inside_the_back_off(dead):
+    glue = FakeGlue()
+    glue.add("web", State.STOPPED, wake_timeout=3.0)
+    glue.feed("web", Arrive())
+    if isinstance(dead, WakeFailed):
+        glue.advance(1.0)
+    else:
+        glue.advance(3.0)  # timed out: still starting, until this report
+        glue.now = 3.1
+    glue.feed("web", dead)
+    unit = glue.core.nodes["web"].unit
+    assert unit.state is State.FAILED and not unit.starting
+    glue.now += 0.1
+    assert glue.feed("web", Arrive()) == [Reject(Outcome.BACKEND_ERROR, unit.reason, held=False)]
+    if isinstance(dead, Observed) and dead.state is State.STOPPED:
+        assert unit.reason == "the backend stopped while starting (exited with code 1)"
+        # Its re-read after the back-off finds it stopped: the next connection starts it.
+        glue.feed("web", Observed(State.STOPPED, "exited with code 1"))
+        assert RunWake(WakeOp.START) in glue.feed("web", Arrive())
 
 
 def test_backoff_doubles_and_is_capped():

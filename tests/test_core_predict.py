@@ -487,6 +487,28 @@ def test_a_state_read_in_another_zone_keeps_the_chains_not_the_slots():
     assert restored.table("a", now)["followers"] == predictor.table("a", now)["followers"]
 
 
+def test_a_future_dated_state_is_read_as_of_now_so_it_decays():
+    # A state written by a clock ahead of ours (or by hand) dated its counts and slots
+    # later than now: counts decay only from their time and a slot takes no request
+    # before its week, so they stayed at full weight until the clock got there.
+    predictor, _ = rich()  # a and b: chains learned on monday(4); web: Mondays 09:05
+    state = json.loads(json.dumps(predictor.to_state()))
+    now = monday(-20)  # twenty weeks before the state's dates
+    restored = configure_like(Predictor.from_state(state, now=now))
+    counts = restored.to_state()["chains"]
+    assert all(when <= now for _, when in counts["episodes"].values())
+    assert all(row[3] <= now for row in counts["pairs"])
+    # Three weeks on, the habit has missed two Mondays: no longer likely.
+    assert restored.next_wake("web", monday(-17, 8)) is None
+    assert predictor.next_wake("web", monday(5, 8)) is not None  # the state's own: likely
+    # A request in that slot is learned (a slot dated later took none).
+    assert restored.arrivals.record("web", monday(-17, 9, 5))
+    # Six episodes of a: below the 3 samples b asks for 10 days after now, as six
+    # learned now would be (as of its own date the state trusts the chain).
+    assert not restored.table("a", now + 10 * DAY)["followers"][0]["trusted"]
+    assert restored.arrived("a", now + 10 * DAY) == []
+
+
 def test_forget_and_retain_drop_what_was_learned():
     predictor, now = rich()
     predictor.forget("b")

@@ -127,6 +127,49 @@ def test_a_breaker_opens_lets_one_trial_through_after_its_back_off_and_closes_on
     assert breaker.opened == 12
 
 
+def test_a_connection_the_backend_ended_without_answering_opens_the_circuit():
+    # Passive health: a replica that accepts and closes at once completed every
+    # connect, so its circuit never opened while it drew the most connections.
+    breaker = Breaker()
+    assert breaker.ended(5.0, sent=80, received=0, by_backend=True) == "opened"
+    assert breaker.state == "open" and breaker.until == 6.0 and breaker.opened == 1
+    # Others already on it, ending the same way: still open, not doubled.
+    assert breaker.ended(5.5, sent=80, received=0, by_backend=True) is None
+    assert breaker.until == 6.0 and breaker.opened == 1
+    # The trial's connect completes: that proves nothing for such a backend.
+    breaker.chosen(6.0)
+    assert not breaker.connected() and breaker.state == "half_open"
+    # A silent trial reopens it, doubled.
+    assert breaker.ended(6.1, sent=80, received=0, by_backend=True) == "opened"
+    assert breaker.until == 8.1 and breaker.failures == 2
+    # A TCP health check (a connect) does not close it; an HTTP one (an answer) does.
+    assert not breaker.passed(response=False) and breaker.state == "open"
+    assert breaker.passed(response=True) and breaker.state == "closed"
+    # Reopened; a response byte on the trial closes it at once.
+    breaker.ended(9.0, sent=1, received=0, by_backend=True)
+    breaker.chosen(10.0)
+    assert breaker.answered() and breaker.state == "closed" and breaker.failures == 0
+    # ... as does a connection that ended with one.
+    breaker.ended(11.0, sent=1, received=0, by_backend=True)
+    assert breaker.ended(11.2, sent=1, received=9, by_backend=True) == "closed"
+    assert not breaker.silent
+
+
+def test_an_ending_that_says_nothing_of_the_backend_changes_nothing():
+    breaker = Breaker()
+    # The client left first, or sent nothing (a server-speaks-first protocol, a port scan).
+    assert breaker.ended(1.0, sent=80, received=0, by_backend=False) is None
+    assert breaker.ended(1.0, sent=0, received=0, by_backend=True) is None
+    assert breaker.ended(1.0, sent=80, received=5, by_backend=True) is None  # closed: stays
+    assert breaker.state == "closed" and breaker.opened == 0
+    # A circuit opened by a failed connect still closes on a completed one.
+    breaker.failed(2.0)
+    breaker.chosen(3.0)
+    assert breaker.connected() and breaker.state == "closed"
+    breaker.failed(4.0)
+    assert breaker.passed(response=False) and breaker.state == "closed"
+
+
 def test_placement_skips_an_open_circuit_for_serving_and_waking_unless_all_are_open():
     pool = nodes((State.RUNNING, 0), (State.RUNNING, 5))
     assert place(pool, Scaling(0, 2, 10), [False, True]) == Placement(1)

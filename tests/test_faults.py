@@ -7,6 +7,7 @@ reload and connection limits run in-process. All traffic is on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from tests.helpers import (
     free_port,
     pids_with,
     port_answers,
+    proc_state,
     running,
     start_proxy,
     wait_until,
@@ -36,6 +38,7 @@ from tests.helpers import (
 from wakeproxy.config import load_config
 from wakeproxy.core.states import State
 from wakeproxy.forward import ClientSide
+from wakeproxy.memory import cgroup_of
 
 
 def echo_service(name: str, port: int, backend: int, *lines: str) -> str:
@@ -534,3 +537,65 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
         proxy.send_signal(signal.SIGTERM)
         _, err = proxy.communicate(timeout=30)
     assert "ended 1 process(es) a killed proxy left of its command 'sh'" in err
+
+
+def test_a_restart_thaws_and_ends_what_left_the_environment_or_the_session(tmp_path):
+    """A command's children that reset their environment (env -i, sudo) or left its
+    session (setsid) are still in its memory cgroup: after a SIGKILL of the proxy the
+    next one thaws and ends them by that cgroup and removes it. Before, the env -i one
+    stayed frozen for ever (no token in its environment) and the setsid one was never
+    paused nor stopped with its command."""
+    own = cgroup_of("self")
+    if own is None or own.version != 1:
+        pytest.skip("no cgroup v1 memory hierarchy here: commands run without one")
+    admin, port, backend, other = free_port(), free_port(), free_port(), free_port()
+    echo = f"{PYTHON} {BACKEND} --mode echo --port"
+    script = f"env -i {echo} {backend} & setsid {echo} {other} & wait"
+    lines = [
+        "  a:",
+        f"    listen: 127.0.0.1:{port}",
+        f"    backend: 127.0.0.1:{backend}",
+        f"    command: {json.dumps(['sh', '-c', script])}",
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(admin, "\n".join(lines)))
+    markers = (f"--port {backend} ", f"--port {other} ")
+    proxy = start_proxy(path, port)
+    try:
+        start_then_pause(port, admin)
+        found = {pid for marker in markers for pid in pids_with(marker)}
+        children = sorted(p for p in found if Path(f"/proc/{p}/comm").read_text().strip() != "sh")
+        assert len(children) == 2, children
+        cgroups = {cgroup_of(pid).path for pid in children}  # type: ignore[union-attr]
+        [cgroup] = cgroups
+        assert cgroup.parent == own.path and cgroup.name.startswith("wakeproxy-")
+        # Both frozen: the setsid one too (it is in the cgroup, not in the group).
+        assert {proc_state(pid) for pid in children} == {"T"}
+        proxy.kill()
+        proxy.wait(timeout=10)
+        assert proxy.stderr is not None
+        proxy.stderr.close()  # the orphans hold the pipe's write end: no EOF to wait for
+        time.sleep(0.5)  # sh goes with the proxy (PDEATHSIG); the two stay, frozen
+        assert all(proc_state(pid) == "T" for pid in children)
+        proxy = start_proxy(path, port)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < deadline, [proc_state(p) for p in children]
+            time.sleep(0.02)
+        assert not cgroup.exists(), "the killed proxy's cgroup is removed"
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(b"again\n")  # the port is free again: a new command serves it
+            assert sock.recv(10) == b"again\n"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            _, err = proxy.communicate(timeout=30)
+        finally:
+            # A failed run must not leave its (frozen) servers, or its proxy, behind.
+            for pid in {pid for marker in markers for pid in pids_with(marker)}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if proxy.poll() is None:
+                proxy.kill()
+    assert "ended 2 process(es) a killed proxy left of its command 'sh'" in err
+    assert re.search(r"removed \d+ memory cgroup\(s\) a killed proxy left", err), err

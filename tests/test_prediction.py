@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -26,6 +28,8 @@ from tests.helpers import (
     service,
     wait_until,
 )
+from wakeproxy import predictions
+from wakeproxy.core.predict import Predictor, PredictSettings
 from wakeproxy.core.states import SleepAction, SleepReason, State
 
 pytestmark = pytest.mark.asyncio
@@ -187,6 +191,113 @@ async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(
     assert [r.levelname for r in lines] == ["WARNING"], [r.getMessage() for r in lines]
     assert "not used" in lines[0].getMessage() and str(state) in lines[0].getMessage()
     assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole
+
+
+def learned_state(name: str) -> bytes:
+    """A state file's bytes: ``name`` requested once in this slot of the week (UTC)."""
+    predictor = Predictor("UTC")
+    predictor.configure(name, PredictSettings(arrivals=True))
+    predictor.arrived(name, time.time())
+    return orjson.dumps(predictor.to_state())
+
+
+class FifoWatch:
+    """Whether anyone opened a FIFO for reading: a writer's non-blocking open succeeds
+    only then (ENXIO otherwise). It then closes at once, so the reader gets EOF and a
+    proxy that waited on it goes on (the unfixed one hung for ever there)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.opened, self.done = path, False, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.done.wait(0.01) and time.monotonic() < deadline:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                continue
+            self.opened = True
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "oversized"])
+async def test_a_state_file_that_is_no_regular_file_or_too_big_is_refused_unread(
+    tmp_path, caplog, monkeypatch, kind
+):
+    # The state file was read whole on the event loop: a FIFO hung the proxy's start for
+    # ever, a symlink to /dev/zero read until memory ran out, a 100 MB file took 3.7 s
+    # and 1.26 GB. Now: a regular file of at most 16 MiB, read in a thread.
+    state = tmp_path / "prediction.json"
+    watch = None
+    if kind == "fifo":
+        os.mkfifo(state)
+        watch = FifoWatch(state)
+    elif kind == "symlink":  # saves rename over the link: it is never what they write
+        (tmp_path / "elsewhere.json").write_bytes(learned_state("web"))
+        state.symlink_to(tmp_path / "elsewhere.json")
+    else:  # sparse: no disk used
+        state.touch()
+        os.truncate(state, predictions.MAX_STATE_BYTES + 1)
+    readers: list[int] = []
+    real_read = predictions.read_state
+
+    def read_state(path):
+        readers.append(threading.get_ident())
+        return real_read(path)
+
+    monkeypatch.setattr(predictions, "read_state", read_state)
+    config = config_from(
+        config_text(
+            command_service("web", {"idle_timeout": 60, "predict": {"arrivals": True}}),
+            prediction={"state_file": str(state)},
+        )
+    )
+    caplog.set_level(logging.INFO, logger="wakeproxy.prediction")
+    try:
+        async with running(config) as proxy:
+            assert proxy.predictions.table("web")["slots"] == []  # starts empty
+            web = proxy.services["web"]
+            assert (await http_get(web.cfg.listen.port, within=15)).endswith(b"backend\n")
+    finally:
+        if watch is not None:
+            watch.stop()
+    lines = [r for r in caplog.records if r.name == "wakeproxy.prediction"]
+    assert [r.levelname for r in lines] == ["WARNING"], [r.getMessage() for r in lines]
+    why = {
+        "fifo": "a FIFO, not a regular file",
+        "symlink": "a symbolic link, not a regular file",
+        "oversized": f"{predictions.MAX_STATE_BYTES + 1} bytes (at most",
+    }[kind]
+    assert str(state) in lines[0].getMessage() and why in lines[0].getMessage()
+    assert readers and threading.get_ident() not in readers  # read in a thread
+    if watch is not None:
+        assert not watch.opened, "the FIFO was opened for reading"
+    assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole at shutdown
+
+
+async def test_the_state_is_read_in_the_background_when_prediction_is_first_used_live(tmp_path):
+    # No service predicts at the start: the file is read once an API edit turns it on.
+    state = tmp_path / "prediction.json"
+    state.write_bytes(learned_state("web"))
+    config = config_from(
+        config_text(
+            command_service("web", {"idle_timeout": 60}),
+            prediction={"state_file": str(state)},
+        )
+    )
+    async with running(config) as proxy:
+        assert proxy.predictions.table("web")["slots"] == []
+        body = b'{"sleep_policy": {"predict": {"arrivals": true}}}'
+        status, _ = await admin_put(proxy, "/services/web/config", body)
+        assert status == 200
+        await wait_until(lambda: proxy.predictions.table("web")["slots"] != [], within=10)
+        [slot] = proxy.predictions.table("web")["slots"]
+        assert slot["p"] == pytest.approx(0.3)
 
 
 async def test_a_policys_windows_change_live_through_the_api(tmp_path):

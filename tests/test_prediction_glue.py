@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from datetime import UTC, datetime
+
+import pytest
 
 from tests.helpers import config_from, config_text, service
 from wakeproxy.core.events import HoldAwake
 from wakeproxy.core.predict import WAKE_SAMPLES
 from wakeproxy.core.states import SleepReason, State
-from wakeproxy.predictions import Predictions
+from wakeproxy.predictions import MAX_STATE_BYTES, Predictions, Refused, read_state
 
 # Monday 2026-06-01 08:59:00 UTC.
 MONDAY = datetime(2026, 6, 1, 8, 59, tzinfo=UTC).timestamp()
@@ -266,3 +269,33 @@ def test_a_wake_due_while_the_backend_goes_to_sleep_happens_once_it_is_asleep():
     move(glue, web, State.PAUSED)
     loop.run_until(loop.now)
     assert len(web.wakes) == 1
+
+
+def test_the_state_file_is_read_only_as_a_regular_file_within_its_bound(tmp_path):
+    # Read whole and unchecked, a symlink to /dev/zero read until memory ran out (not
+    # run against that code: it would exhaust the machine).
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, why in [
+        ("zero", "a symbolic link"),
+        ("fifo", "a FIFO"),
+        ("dir", "a device, socket or directory"),
+    ]:
+        with pytest.raises(Refused, match=why):
+            read_state(str(tmp_path / name))
+    with pytest.raises(Refused, match="a device, socket or directory"):
+        read_state("/dev/zero")
+    big = tmp_path / "big"
+    with open(big, "wb") as file:
+        file.truncate(MAX_STATE_BYTES + 1)  # sparse
+    with pytest.raises(Refused, match=f"{MAX_STATE_BYTES + 1} bytes"):
+        read_state(str(big))
+    # A symlinked state directory is followed like any directory; the file at its bound
+    # is read.
+    real = tmp_path / "real"
+    real.mkdir()
+    with open(real / "state.json", "wb") as file:
+        file.truncate(MAX_STATE_BYTES)
+    (tmp_path / "linked").symlink_to(real)
+    assert len(read_state(str(tmp_path / "linked" / "state.json"))) == MAX_STATE_BYTES

@@ -8,7 +8,9 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +32,8 @@ from tests.helpers import (
 from wakeproxy.api import service_status
 from wakeproxy.client import format_status
 from wakeproxy.core.states import State
-from wakeproxy.memory import cgroup_of
-from wakeproxy.runtimes.process import ProcessRuntime
+from wakeproxy.memory import Cgroup, cgroup_of
+from wakeproxy.runtimes.process import ProcessRuntime, reap_leftovers
 
 pytestmark = pytest.mark.asyncio
 
@@ -163,6 +165,32 @@ async def test_a_slow_command_counts_as_running_only_once_it_listens():
         writer.write(b"ping\n")
         assert await asyncio.wait_for(reader.readline(), 10) == b"ping\n"
         writer.close()
+
+
+async def test_requests_during_a_slow_start_past_wake_timeout_wait_for_it_not_502():
+    # A command needing seconds to listen, wake_timeout 1: the first client's 504 is
+    # right, but every request inside the back-off that followed got an immediate 502
+    # while the process was alive and still starting. Now each is held for the start
+    # (its own wake_timeout: 504 if it is still not up), until one is answered.
+    port, backend = free_port(), free_port()
+    server = " ".join(backend_command(backend, "http"))
+    slow = f'["/bin/sh", "-c", "sleep 3; exec {server}"]'
+    config = config_from(
+        service_yaml(
+            port, backend, command=slow, mode="http", readiness="{http: /}", wake_timeout=1
+        )
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        statuses: list[int] = []
+        deadline = time.monotonic() + 40
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, statuses
+            reply = await http_get(port, within=20)
+            statuses.append(int(reply.split(b" ", 2)[1]))
+        assert statuses[0] == 504 and set(statuses[:-1]) == {504}, statuses
+        assert service.stats.connections["backend_error"] == 0
+        assert service.stats.connections["wake_timeout"] == len(statuses) - 1
 
 
 async def test_readiness_never_passes_against_another_process_listener():
@@ -299,6 +327,143 @@ async def test_each_command_has_its_own_memory_cgroup_removed_when_it_ends_and_s
         assert mine.parent == own.path and runtime.pid in runtime.cgroup.pids()
         assert not stale.exists(), "the empty leftover is removed when the proxy starts"
     assert not mine.exists(), "the command's cgroup goes with it"
+
+
+def v1_cgroup():
+    own = cgroup_of("self")
+    if own is None or own.version != 1:
+        pytest.skip("no cgroup v1 memory hierarchy here: commands run without one")
+    return own
+
+
+async def test_a_child_that_left_the_session_pauses_and_stops_with_its_command():
+    # A child that calls setsid is out of the command's process group: it was neither
+    # paused nor stopped, kept the port, and every later wake failed ("port held by
+    # pid ..., not by this command"). It is in the command's cgroup: now it goes too.
+    v1_cgroup()
+    port, backend = free_port(), free_port()
+    server = " ".join(backend_command(backend, "http"))
+    command = f'["/bin/sh", "-c", "setsid {server} & wait"]'
+    config = config_from(
+        service_yaml(port, backend, command=command, readiness="{http: /}", stop_timeout=2)
+    )
+    async with running(config) as proxy:
+        service = proxy.services["web"]
+        assert (await http_get(port)).endswith(b"backend\n")
+        runtime = service.runtime
+        assert isinstance(runtime, ProcessRuntime) and runtime.cgroup is not None
+        cgroup = runtime.cgroup.path
+        [child] = [pid for pid in runtime.cgroup.pids() if pid != runtime.pid]
+        try:
+            assert os.getsid(child) == child, "the server is in a session of its own"
+            await wait_until(lambda: not service.connections, within=5)
+            await service.sleep("pause")
+            assert proc_state(child) == "T", "paused with its command"
+            await service.sleep("stop")
+            assert service.state is State.STOPPED
+            assert not cgroup.exists(), "every process of its cgroup ended, and it went"
+            await wait_until(lambda: not os.path.exists(f"/proc/{child}"), within=5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # a failed run leaves none
+                os.kill(child, signal.SIGKILL)
+        # The port is free: the next wake starts the command again and is answered.
+        assert (await http_get(port, within=20)).endswith(b"backend\n")
+        assert service.stats.wakes["failed"] == 0
+
+
+class Leftovers:
+    """wakeproxy-* cgroups under this process's, as proxies (killed or live) leave
+    them, with their run records in ``records``; ``close`` removes what is left."""
+
+    def __init__(self, own: Cgroup, records: Path) -> None:
+        self.own, self.records = own, records
+        self.spawned: list[subprocess.Popen[bytes]] = []
+        self.orphans: list[int] = []
+        self.paths: list[Path] = []
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        self.dead_owner = f"{ended.pid} 1"  # a proxy that is gone
+        started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        self.live_owner = f"{os.getpid()} {started}"  # this process: alive
+
+    def make(self, token: str, owner: str | None, *, orphan=False, child=False) -> Path:
+        path = self.own.path / f"wakeproxy-{token}"
+        path.mkdir()
+        self.paths.append(path)
+        if owner is not None:
+            (self.records / f"run-{token}").write_text(f"{owner} server\n")
+        if child:  # a live proxy's command: a child of that proxy (here: this test)
+            proc = subprocess.Popen(["sleep", "60"])
+            self.spawned.append(proc)
+            (path / "cgroup.procs").write_text(str(proc.pid))
+        if orphan:  # what a killed proxy left: frozen, its parent gone (init's now)
+            out = subprocess.run(
+                ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            pid = int(out.stdout)
+            os.kill(pid, signal.SIGSTOP)
+            self.orphans.append(pid)
+            (path / "cgroup.procs").write_text(str(pid))
+        return path
+
+    def close(self) -> None:
+        for proc in self.spawned:
+            proc.kill()
+            proc.wait()
+        for pid in self.orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for path in self.paths:
+            deadline = time.monotonic() + 5
+            while path.exists() and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):  # its process may still be leaving
+                    path.rmdir()
+                time.sleep(0.02)
+
+
+async def test_at_start_a_killed_proxys_cgroups_are_emptied_and_removed_a_live_ones_kept(
+    tmp_path, monkeypatch
+):
+    # A killed proxy's cgroups were emptied only through the environment (env -i, sudo:
+    # missed, frozen for ever) and, empty, removed only by a start 60 s later.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # this test's run records only
+    records = tmp_path / f"wakeproxy-{os.getuid()}"
+    records.mkdir()
+    left = Leftovers(v1_cgroup(), records)
+    token = "t" + os.urandom(4).hex()
+    try:
+        paths = {
+            # An empty one of a killed proxy, just made: removed at once.
+            "dead-empty": left.make(f"{token}a", left.dead_owner),
+            # A killed proxy's frozen orphan, whatever its environment: thawed, ended.
+            "dead-frozen": left.make(f"{token}b", left.dead_owner, orphan=True),
+            # No record (an older version's, a lost one), its process an orphan: ended.
+            "unrecorded-orphan": left.make(f"{token}c", None, orphan=True),
+            # A live proxy's (its record names this process): kept, its process too.
+            "live": left.make(f"{token}d", left.live_owner, child=True),
+            # No record, but its process is a child of a live process: kept.
+            "unrecorded-live": left.make(f"{token}e", None, child=True),
+            # No record, empty, just made (a command may be about to enter it): kept.
+            "unrecorded-fresh": left.make(f"{token}f", None),
+        }
+        runs, removed = await reap_leftovers()
+        assert sorted(runs) == [("(not recorded)", 1), ("server", 1)], runs
+        assert removed >= 3
+        for name in ("dead-empty", "dead-frozen", "unrecorded-orphan"):
+            assert not paths[name].exists(), name
+        for name in ("live", "unrecorded-live", "unrecorded-fresh"):
+            assert paths[name].exists(), name
+
+        def orphans_gone() -> bool:
+            return not any(os.path.exists(f"/proc/{pid}") for pid in left.orphans)
+
+        await wait_until(orphans_gone, within=5)
+        assert all(proc.poll() is None for proc in left.spawned), "a live one's runs on"
+        assert not (records / f"run-{token}a").exists(), "a dead run's record goes"
+        assert (records / f"run-{token}d").exists()
+    finally:
+        left.close()
 
 
 async def test_stop_of_a_paused_command_that_ignores_sigterm_ends_with_sigkill():

@@ -287,6 +287,90 @@ async def test_a_replica_that_refuses_connects_is_skipped_and_its_clients_moved_
         assert 'wakeproxy_circuit_open_total{replica="web@2",service="web"}' in text
 
 
+# Replica 2 accepts every connection and closes it at once, answering nothing, until
+# SIGUSR2 makes it answer like the others (its port); the others run serial.py.
+SILENT_SECOND = """
+import os, signal, socket, sys
+port, index = int(sys.argv[1]), sys.argv[2]
+if index != "2":
+    os.execv(sys.executable, [sys.executable, sys.argv[3], "--port", str(port)])
+good = []
+signal.signal(signal.SIGUSR2, lambda *_: good.append(1))
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", port))
+server.listen(1024)
+body = b"%d\\n" % port
+while True:
+    conn, _ = server.accept()
+    with conn:
+        if good:
+            conn.settimeout(5)
+            try:
+                while b"\\r\\n\\r\\n" not in conn.recv(65536):
+                    pass
+                conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n"
+                             b"Connection: close\\r\\n\\r\\n%s" % (len(body), body))
+            except OSError:
+                pass
+"""
+
+
+async def test_a_replica_that_accepts_and_closes_at_once_is_taken_out_until_it_answers():
+    # Least attached favours whoever ends connections fastest: a replica that accepts
+    # and closes at once drew 43% of the requests over 3 and its circuit never opened
+    # (every connect completed). Its silent ends now open the circuit; a response
+    # closes it again.
+    port, first = free_port(), consecutive_ports(3)
+    config = config_from(
+        config_text(
+            service(
+                "web", port, first,
+                command=[PYTHON, "-c", SILENT_SECOND, "{port}", "{index}", SERIAL],
+                replicas={"count": 3, "min": 3, "target_inflight": 100},
+                wake_timeout=15, sleep_policy={"idle_timeout": 60},
+            )
+        )
+    )  # fmt: skip
+    async with running(config) as proxy:
+        pool = proxy.pools["web"]
+        replicas = [proxy.services[f"web@{i}"] for i in range(1, 4)]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
+        breaker = pool.breakers["web@2"]
+        sent = 0
+        answers: collections.Counter[int] = collections.Counter()
+
+        async def client(total: int) -> None:
+            nonlocal sent
+            while sent < total:
+                sent += 1
+                reply = await http_get(port, within=20)
+                answers[answered_by(reply) if reply else 0] += 1
+
+        with proxy_log() as messages:
+            await asyncio.gather(*(client(90) for _ in range(6)))
+        placed = dict(pool.placed)
+        # The requests it drew: those placed before its first silent end, then one trial
+        # per back-off (1, 2, 4 ... s): a handful, not a third.
+        assert placed.get("web@2", 0) <= 15, placed
+        assert answers[0] == placed.get("web@2", 0), (answers, placed)  # each of them lost
+        assert breaker.opened >= 1 and breaker.state != "closed"
+        assert any("closed a connection without answering" in m for m in messages)
+        # Its connects still complete, and that closes nothing: a response will.
+        os.kill(replicas[1].runtime.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+
+        async def until_closed() -> None:
+            # Concurrent: a trial goes to it when it has the fewest attached.
+            while breaker.state != "closed" and time.monotonic() < deadline:
+                await http_get(port, within=20)
+
+        await asyncio.gather(*(until_closed() for _ in range(6)))
+        assert breaker.state == "closed"
+        replies = await asyncio.gather(*(http_get(port) for _ in range(6)))
+        assert first + 1 in {answered_by(r) for r in replies}
+
+
 async def test_a_reload_that_drops_the_replicas_serves_the_same_address_with_one_backend(
     tmp_path,
 ):

@@ -28,7 +28,6 @@ from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .httpmode.mcpfront import McpFront, McpStore
-from .memory import remove_stale_cgroups
 from .pool import Pool
 from .predictions import Predictions
 from .runtimes.base import Runtime
@@ -180,15 +179,18 @@ class Proxy:
         # Checked before anything listens: a public admin address needs a token.
         admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
-        # Before any command starts: what a killed proxy left of its commands' cgroups.
-        has_commands = any(cfg.runtime == "process" for cfg in configs)
-        if has_commands:
-            for command, ended in reap_leftovers():
+        # Read before any service attaches, in a thread: the loop is not held by it.
+        await self.predictions.preload(configs)
+        # Before any command starts: what a killed proxy left of its commands, and
+        # their cgroups.
+        if any(cfg.runtime == "process" for cfg in configs):
+            runs, swept = await reap_leftovers()
+            for command, ended in runs:
                 log.warning(
                     "ended %d process(es) a killed proxy left of its command %r", ended, command
                 )
-        if has_commands and (swept := remove_stale_cgroups()):
-            log.info("removed %d empty memory cgroup(s) a killed proxy left", swept)
+            if swept:
+                log.info("removed %d memory cgroup(s) a killed proxy left", swept)
         labelled = self.config.discovery.engine_names(self.config.engines)
         if any(cfg.mode == "http" and cfg.http.mcp != "off" for cfg in configs):
             await self.mcp_store.load()

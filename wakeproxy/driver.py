@@ -204,6 +204,7 @@ class RuntimeDriver:
         self._spawn(self._refresh(verify))
 
     async def _refresh(self, verify: bool) -> None:
+        starting = False
         try:
             state = await self.runtime.inspect()
             reason = "state re-read"
@@ -211,13 +212,14 @@ class RuntimeDriver:
                 await self._resolve_backend()
             if state is State.RUNNING and verify and not await self._ready_now():
                 state, reason = State.FAILED, "running, but not ready (its readiness check fails)"
+                starting = True  # alive: maybe still starting
         except RuntimeFailure as exc:
             state, reason = State.FAILED, str(exc)
         except Exception as exc:
             state, reason = State.FAILED, internal_error(self.name, "state re-read", exc)
         finally:
             self._refreshing = False
-        self._report(Observed(state, reason))
+        self._report(Observed(state, reason, starting))
         if self._verify_next:
             self._verify_next = False
             self.refresh(verify=True)

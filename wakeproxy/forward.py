@@ -133,11 +133,13 @@ class ClientSide(asyncio.Protocol):
         "active",
         "answered_bytes",
         "attached",
+        "backend_closed",
         "bytes_down",
         "bytes_up",
         "closed",
         "early",
         "moves",
+        "on_answer",
         "owner",
         "transport",
         "upstream",
@@ -167,6 +169,12 @@ class ClientSide(asyncio.Protocol):
         self.moves = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        # The backend ended it (a FIN, or a reset), not the client nor the proxy: a
+        # replica's passive health reads it with the byte counts.
+        self.backend_closed = False
+        # Called once at the backend's first byte (a replica's trial connection: its
+        # answer closes the circuit, however long the connection then lasts).
+        self.on_answer: Callable[[], None] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_mark = -1
         # Release slot (see Admission): given back once the backend has answered.
@@ -283,6 +291,7 @@ class ClientSide(asyncio.Protocol):
 
     def backend_eof(self) -> None:
         self._backend_eof = True
+        self.backend_closed = True
         transport = self.transport
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()
@@ -293,6 +302,9 @@ class ClientSide(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        if exc is not None:
+            # A reset from the backend (the proxy's own abort reports no exception).
+            self.backend_closed = True
         if exc is not None:
             reset(transport)
         else:
@@ -396,6 +408,9 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         if client._settle is not None:
             client.settle()
+        if client.on_answer is not None:
+            answered, client.on_answer = client.on_answer, None
+            answered()
         client.bytes_down += len(data)
         self.client_transport.write(data)
 

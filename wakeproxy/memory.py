@@ -22,7 +22,6 @@ import errno
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,24 +276,24 @@ def frozen(pid: int | str, owner: str) -> bool | None:
     return {"1": True, "0": False}.get(value)
 
 
-_STALE_AFTER = 60.0  # seconds: never a cgroup another proxy is just moving a command into
-
-
-def remove_stale_cgroups() -> int:
-    """Remove the empty ``wakeproxy-*`` cgroups a killed proxy left under this process's
-    (SIGKILL skips the clean-up). rmdir only succeeds on an empty one, so a live
-    command's is never touched. Returns how many went."""
+def command_cgroups() -> list[Cgroup]:
+    """The ``wakeproxy-*`` cgroups under this process's memory cgroup (v1): made for the
+    commands of this proxy, of another one running beside it in the same cgroup, or of
+    one killed before (SIGKILL skips the clean-up). Whose is whose: the caller's."""
     own = cgroup_of("self")
     if own is None or own.version != 1:
-        return 0
-    now, removed = time.time(), 0
-    with contextlib.suppress(OSError):
-        for entry in own.path.glob("wakeproxy-*"):
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > _STALE_AFTER:
-                    entry.rmdir()
-                    removed += 1
-    return removed
+        return []
+    try:
+        return [Cgroup(entry, 1) for entry in own.path.glob("wakeproxy-*") if entry.is_dir()]
+    except OSError:
+        return []
+
+
+def parent_pid(pid: int) -> int | None:
+    """A process's parent (its ppid field), or None once it is gone."""
+    # After the command name: state, ppid, ...
+    fields = _read_text(PROC / str(pid) / "stat").rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
 def child_cgroup(name: str) -> tuple[Cgroup | None, str]:

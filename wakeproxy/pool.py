@@ -164,9 +164,9 @@ class Pool:
             breaker = self.breakers.get(replica.name)
             if breaker is None:
                 continue
-            if healthy and breaker.state != "closed":
-                breaker.succeeded()
-                log.info("%s: health check passed: circuit closed", replica.name)
+            if healthy:
+                if breaker.passed(response=replica.cfg.readiness.http is not None):
+                    log.info("%s: health check passed: circuit closed", replica.name)
             elif not healthy and breaker.state == "open":
                 # Still failing: no trial connection while the checks say so (until past
                 # the next round, which takes a probe's time on top).
@@ -274,7 +274,7 @@ class Pool:
                 return
         placement = self._place()
         replica = self.replicas[placement.serve]
-        self.breakers[replica.name].chosen(asyncio.get_running_loop().time())
+        self._chosen(replica, conn)
         self.connections.discard(conn)
         self.placed[replica.name] += 1
         replica.adopt(conn)
@@ -310,9 +310,39 @@ class Pool:
 
     def connected(self, replica: Service) -> None:
         breaker = self.breakers.get(replica.name)
-        if breaker is not None and breaker.state != "closed":
-            breaker.succeeded()
+        if breaker is not None and breaker.connected():
             log.info("%s: circuit closed again", replica.name, extra={"service": replica.name})
+
+    def _chosen(self, replica: Service, conn: ClientSide) -> None:
+        breaker = self.breakers[replica.name]
+        breaker.chosen(asyncio.get_running_loop().time())
+        if breaker.state != "closed":  # a trial: its first response byte is reported
+            conn.on_answer = lambda: self._answered(replica)
+
+    def _answered(self, replica: Service) -> None:
+        breaker = self.breakers.get(replica.name)
+        if breaker is not None and breaker.answered():
+            log.info("%s: it answered: circuit closed again", replica.name)
+
+    def ended(self, replica: Service, conn: ClientSide) -> None:
+        """A connection forwarded to ``replica`` ended: its breaker decides what that says."""
+        breaker = self.breakers.get(replica.name)
+        if breaker is None:
+            return
+        now = asyncio.get_running_loop().time()
+        up, down = conn.bytes_up, conn.bytes_down
+        change = breaker.ended(now, sent=up, received=down, by_backend=conn.backend_closed)
+        if change == "closed":
+            log.info("%s: it answered: circuit closed again", replica.name)
+        elif change == "opened":
+            log.warning(
+                "%s: circuit open for %.0f s: it closed a connection without answering "
+                "(%d bytes sent, none back)",
+                replica.name,
+                breaker.until - now,
+                up,
+                extra={"service": replica.name},
+            )
 
     def connect_failed(self, replica: Service, conn: ClientSide) -> bool:
         """``replica`` could not connect ``conn`` (nothing went upstream): open its
@@ -339,7 +369,7 @@ class Pool:
         conn.moves += 1
         self.moved += 1
         replica.give_up(conn)
-        self.breakers[target.name].chosen(asyncio.get_running_loop().time())
+        self._chosen(target, conn)
         self.placed[target.name] += 1
         target.adopt(conn)
         target.needs_backend(conn, activity=True, attached=False)

@@ -24,8 +24,9 @@ carries out what it answers:
   added), its sleep or a failed wake (wasted); a window shortened through the API lets
   go at once.
 * **State.** The learned tables are read from ``prediction.state_file`` once a service
-  uses prediction (a missing or unreadable file: one log line, empty tables, never a
-  failed start) and written atomically (a temporary file renamed over it, off the event
+  uses prediction, in a thread and only from a regular file within ``MAX_STATE_BYTES``
+  (a missing, unreadable or refused file: one log line, empty tables, never a failed
+  start) and written atomically (a temporary file renamed over it, off the event
   loop) every ``save_interval`` when they changed, and at shutdown. A service gone for an
   hour is forgotten (a reload or a discovery replaces a service by closing it and adding
   it again; an engine down at start-up lists its services late).
@@ -38,11 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +69,58 @@ _SETTLED = ASLEEP | {State.FAILED}
 _WAKEABLE = _SETTLED
 # A timed wake that failed is tried again this long after (its window or slot still on).
 _RETRY = 30.0
+# A state file past this is refused unread. At the bounds (4,096 services, 10,000 pairs,
+# 65,536 slots) a state is 2.0 MB with short names and about 10 MB with every name at its
+# 256 characters; a bigger file is no state the proxy wrote (a 100 MB one took 3.7 s and
+# 1.26 GB to refuse when it was read whole).
+MAX_STATE_BYTES = 16 * 1024 * 1024
+
+
+class Refused(ValueError):
+    """A state file not read: not a regular file, or too big."""
+
+
+def read_state(path: str) -> bytes:
+    """The bytes of the state file: a regular file of at most ``MAX_STATE_BYTES``;
+    ``Refused`` saying why for anything else, OSError when it cannot be read.
+
+    lstat first, so nothing but a regular file is ever opened (opening a device can do
+    something by itself); then opened with O_NOFOLLOW and O_NONBLOCK and checked again
+    with fstat, so a file swapped in between is caught (a FIFO is opened without waiting
+    for a writer, and refused). Both look at the last component only: a state directory
+    that is a symlink (/var/lib/wakeproxy -> /srv/...) is followed as any directory, a
+    state file that is one is refused, since saves replace the file by a rename (the
+    link itself, never what it points to)."""
+    _regular(os.lstat(path), path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # it became a symlink since the lstat
+            raise Refused("a symbolic link, not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as file:
+        _regular(os.fstat(fd), path)
+        # Bounded even if the file grows while read.
+        data = file.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise Refused(f"more than {MAX_STATE_BYTES} bytes")
+    return data
+
+
+def _regular(info: os.stat_result, path: str) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise Refused("a symbolic link, not a regular file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device, socket or directory"
+        raise Refused(f"{kind}, not a regular file")
+    if info.st_size > MAX_STATE_BYTES:
+        raise Refused(f"{info.st_size} bytes (at most {MAX_STATE_BYTES} are read)")
+
+
+def _read_predictor(path: str, zone: str, now: float) -> Predictor:
+    """The predictor saved at ``path`` (run in a thread: the read, the JSON parse and the
+    checks of a near-full state take tens of milliseconds)."""
+    return Predictor.from_state(orjson.loads(read_state(path)), zone, now=now)
 
 
 class Handle(Protocol):
@@ -146,6 +201,7 @@ class Predictions:
         self._retry_at: dict[str, float] = {}  # a failed timed wake: not before
         self._dirty = False
         self._loaded = False
+        self._loading: asyncio.Future[None] | None = None  # a read begun after the start
         self._saver: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[None] | None = None  # a save in its thread
         self._save_error: str | None = None
@@ -157,32 +213,62 @@ class Predictions:
 
     # ---- the state file
 
-    def load(self) -> None:
-        """Read the learned tables; anything wrong is one log line and empty tables."""
+    async def load(self) -> None:
+        """Read the learned tables, off the event loop; anything wrong is one log line
+        and empty tables."""
         path = self.cfg.state_file
+        self._loaded = True
         if path is None:
             return
         try:
-            data = orjson.loads(Path(path).read_bytes())
-            self.core = Predictor.from_state(data, self.cfg.timezone)
+            loaded = await asyncio.to_thread(_read_predictor, path, self.cfg.timezone, self.clock())
         except FileNotFoundError:
             log.info("prediction: no state at %s yet; learning from scratch", path)
+            return
         except (OSError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
             log.warning("prediction: state %s not used (%s); learning from scratch", path, exc)
-        else:
-            services, pairs, slots = self.core.tracked()
-            log.info(
-                "prediction: state %s read (%d services, %d pairs, %d slots)",
-                path,
-                services,
-                pairs,
-                slots,
-            )
+            return
+        services, pairs, slots = loaded.tracked()
+        log.info(
+            "prediction: state %s read (%d services, %d pairs, %d slots)",
+            path,
+            services,
+            pairs,
+            slots,
+        )
+        self.core = loaded
+        for service in self.services.values():  # the loaded predictor knows none yet
+            p = service.cfg.sleep_policy
+            self.core.configure(service.name, p.predict, p.keep_awake, p.asleep_windows)
+        for service in list(self.services.values()):
+            self.rearm(service)
+
+    async def preload(self, configs: Iterable[ServiceConfig]) -> None:
+        """At start, before any service: the tables, if one of ``configs`` uses them."""
+        if any(uses_prediction(c) and c.replica_of is None for c in configs):
+            await self.load()
+
+    def _load_later(self) -> None:
+        """The first service using prediction came after the start (a reload, an API
+        edit, a discovered container): the tables are read in the background and
+        replace the ones begun meanwhile (what the services did during that read, tens
+        of milliseconds, is not learned). No save runs until then, so the file is never
+        overwritten with the empty tables."""
+        self._loaded = True
+        if self.cfg.state_file is None:
+            return
+        self._loading = asyncio.ensure_future(self._guarded_load())
+
+    async def _guarded_load(self) -> None:
+        with _guarded("reading its state", "prediction"):
+            await self.load()
 
     def _snapshot(self) -> Snapshot | None:
         """A copy of the tables to write, or None when nothing changed (or no file)."""
         if self.cfg.state_file is None or not self._dirty:
             return None
+        if self._loading is not None and not self._loading.done():
+            return None  # the saved tables are still being read: they are not these
         self._dirty = False
         return self.core.snapshot()
 
@@ -252,6 +338,8 @@ class Predictions:
 
     async def close(self) -> None:
         self.stop()
+        if self._loading is not None:
+            await asyncio.gather(self._loading, return_exceptions=True)
         if self._saver is not None:
             self._saver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -284,11 +372,7 @@ class Predictions:
         self.active = bool(self._using)
         if self.active and not self._loaded:
             # Read once the first service uses prediction (no file touched before).
-            self._loaded = True
-            self.load()
-            for other in self.services.values():  # the loaded predictor knows none yet
-                p = other.cfg.sleep_policy
-                self.core.configure(other.name, p.predict, p.keep_awake, p.asleep_windows)
+            self._load_later()
         self.rearm(service)
 
     def detach(self, service: Predicted) -> None:

@@ -366,6 +366,8 @@ class Service:
 
     def connection_lost(self, conn: ClientSide) -> None:
         self.connections.discard(conn)
+        if self.pool is not None and conn.upstream is not None:
+            self.pool.ended(self, conn)  # passive health: did the backend answer?
         if isinstance(conn, HttpClientSide) and conn.sse_session and conn.mcp is not None:
             conn.mcp.sessions.end(conn.sse_session)  # an SSE session ends with its stream
         self.stats.bytes_up += conn.bytes_up

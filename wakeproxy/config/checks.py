@@ -127,7 +127,13 @@ def number(value: Any) -> float:
     return _finite(value, "a number")
 
 
-def seconds(value: Any) -> float:
+# The shortest timeout, interval or delay any duration key takes (0 aside, where 0 means
+# none or at once). Below it a timer fires as soon as it is armed and a probe or health
+# loop spins: the API took `wake_timeout: 1e-9`, and every wake then failed at once.
+MIN_SECONDS = 0.01
+
+
+def _duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Bad(f"expected a duration in seconds (a number), got {describe(value)}")
     if value < 0 or value != value:
@@ -135,10 +141,23 @@ def seconds(value: Any) -> float:
     return _finite(value, "a duration in seconds")
 
 
+def seconds(value: Any) -> float:
+    """A duration where 0 means none (or at once): 0, or at least ``MIN_SECONDS``."""
+    duration = _duration(value)
+    if 0 < duration < MIN_SECONDS:
+        raise Bad(
+            f"expected 0 or a duration of at least {MIN_SECONDS:g} seconds, got {describe(value)}"
+        )
+    return duration
+
+
 def positive_seconds(value: Any) -> float:
-    duration = seconds(value)
+    """A duration that must pass: at least ``MIN_SECONDS``."""
+    duration = _duration(value)
     if duration <= 0:
         raise Bad(f"expected a duration above 0 seconds, got {describe(value)}")
+    if duration < MIN_SECONDS:
+        raise Bad(f"expected a duration of at least {MIN_SECONDS:g} seconds, got {describe(value)}")
     return duration
 
 

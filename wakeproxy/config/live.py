@@ -8,11 +8,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, NeedsReload
-from .checks import Bad, Problems, describe, unknown_key
+from .checks import Bad, Problems, describe, section, unknown_key
 from .model import KeyPath, ServiceConfig, SleepPolicy
 from .schema import (
     NOT_FOR_REPLICAS,
     SERVICE_FIELDS,
+    SLEEP_FIELDS,
     combination_faults,
     parse_sleep_policy,
     predicts,
@@ -118,5 +119,8 @@ def _check_combination(cfg: ServiceConfig) -> None:
 
 
 def with_policy(cfg: ServiceConfig, policy: SleepPolicy) -> ServiceConfig:
-    """``cfg`` following a changed named policy, its own overrides still winning."""
-    return dataclasses.replace(cfg, sleep_policy=replace(policy, cfg.policy_overrides))
+    """``cfg`` following a changed named policy, its own overrides still winning (they
+    are kept raw and were validated when given: parsed here again, they cannot fail)."""
+    path: KeyPath = ("services", cfg.name, "sleep_policy")
+    typed = section(cfg.policy_overrides, path, SLEEP_FIELDS, Problems(None, {})) or {}
+    return dataclasses.replace(cfg, sleep_policy=replace(policy, typed))

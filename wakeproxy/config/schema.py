@@ -270,9 +270,10 @@ def service_policy(
         return base, None, {}
     overrides = {k: v for k, v in data.items() if k != "use"}
     policy = parse_sleep_policy(overrides, path, problems, named)
-    # The typed overrides, kept so a later change of the named policy leaves them winning.
-    checked = section(overrides, path, SLEEP_FIELDS, Problems(None, {})) or {}
-    return policy, name, checked
+    # Kept as given (the form they are validated in), so a later change of the named
+    # policy leaves them winning and a live edit can merge them with its own raw keys
+    # and validate the whole again: parsed windows or predict settings are no valid input.
+    return policy, name, overrides
 
 
 def _parse_policies(data: Any, problems: Problems) -> dict[str, SleepPolicy]:

@@ -125,10 +125,13 @@ class ReclaimFailed:
 
 @dataclass(frozen=True, slots=True)
 class Observed:
-    """The runtime reports the backend's real state (an engine event, a re-read)."""
+    """The runtime reports the backend's real state (an engine event, a re-read).
+    ``starting``: with FAILED, it runs but is not ready yet (a re-read's readiness
+    check failed): still coming up, not dead."""
 
     state: State
     reason: str
+    starting: bool = False
 
 
 @dataclass(frozen=True, slots=True)

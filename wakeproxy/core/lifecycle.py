@@ -45,7 +45,16 @@ class IllegalTransition(Exception):
 class Lifecycle:
     """One backend. ``handle(event, now)`` returns the actions to perform."""
 
-    __slots__ = ("failures", "reason", "retry_at", "since", "sleeping_for", "state", "wake_pending")
+    __slots__ = (
+        "failures",
+        "reason",
+        "retry_at",
+        "since",
+        "sleeping_for",
+        "starting",
+        "state",
+        "wake_pending",
+    )
 
     def __init__(self, state: State, *, now: float, reason: str = "initial state") -> None:
         self.state = state
@@ -55,6 +64,12 @@ class Lifecycle:
         self.wake_pending = False
         self.failures = 0
         self.retry_at = now
+        # Failed, but not known dead: its wake ran out of wake_timeout, or a re-read
+        # found it running and not ready yet. A slow start goes on meanwhile, so a
+        # connection inside the back-off is held for it (a fresh wake, its own
+        # wake_timeout) instead of refused; the back-off refuses only for a backend
+        # known broken (it exited while starting, the container is gone, an engine error).
+        self.starting = False
         # Why the sleep in flight was asked for (counted when it succeeds).
         self.sleeping_for = SleepReason.IDLE
 
@@ -76,14 +91,14 @@ class Lifecycle:
                 self._go(State.RUNNING, "woken", now)
                 self.failures = 0
                 return ()
-            case WakeFailed(reason) if self.state is State.WAKING:
-                return self._fail(reason, now)
+            case WakeFailed(reason, timed_out) if self.state is State.WAKING:
+                return self._fail(reason, now, starting=timed_out)
             case SleepDone() if self.state in (State.PAUSING, State.STOPPING):
                 return self._slept(now)
             case SleepFailed(reason) if self.state in (State.PAUSING, State.STOPPING):
                 return self._sleep_failed(reason, now)
-            case Observed(state, reason) if state in _REPORTED:
-                return self._observed(state, reason, now)
+            case Observed(state, reason, starting) if state in _REPORTED:
+                return self._observed(state, reason, starting, now)
             case TimerFired(Timer.RETRY):
                 # Only a service still failed is re-read; anything else already moved on.
                 return (Refresh(verify=True),) if self.state is State.FAILED else ()
@@ -110,8 +125,9 @@ class Lifecycle:
             return (RunWake(WakeOp.START),)
         return (RunWake(WakeOp.RECOVER),)
 
-    def _fail(self, reason: str, now: float) -> tuple[Action, ...]:
+    def _fail(self, reason: str, now: float, *, starting: bool = False) -> tuple[Action, ...]:
         self._go(State.FAILED, reason, now)
+        self.starting = starting
         self.failures += 1
         delay = min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
         self.retry_at = now + delay
@@ -148,17 +164,25 @@ class Lifecycle:
             return (RunWake(WakeOp.RECOVER),)
         return self._fail(f"sleep failed: {reason}", now)
 
-    def _observed(self, state: State, reason: str, now: float) -> tuple[Action, ...]:
+    def _observed(
+        self, state: State, reason: str, starting: bool, now: float
+    ) -> tuple[Action, ...]:
         if self.state in IN_FLIGHT:
             # Our own operation is in flight; its result, not a report about it, decides.
             return ()
         if state is State.FAILED:
             # Also when already failed: a re-read that fails again backs off further.
-            return self._fail(reason, now)
+            return self._fail(reason, now, starting=starting)
         if state is self.state:
             return ()
+        if self.state is State.FAILED and self.starting and state in ASLEEP:
+            # It ended while still starting (after its wake ran out of time): known
+            # dead now, as a start that ends inside its wake. The back-off refuses; its
+            # re-read then finds it stopped and a connection starts it again.
+            return self._fail(f"the backend stopped while starting ({reason})", now)
         before = self.state
         self._go(state, reason, now)
+        self.starting = False
         self.failures = 0
         if before is State.RUNNING and state in ASLEEP:
             # Put to sleep by someone else (docker pause by hand, a crashed command).

@@ -225,8 +225,10 @@ class Orchestrator:
         unit = node.unit
         if unit.state is State.RUNNING:
             self._emit(node, Connect())
-        elif unit.state is State.FAILED and now < unit.retry_at:
-            # Back-off: a broken backend is not hammered by every new connection.
+        elif unit.state is State.FAILED and now < unit.retry_at and not unit.starting:
+            # Back-off: a broken backend is not hammered by every new connection. One
+            # still starting (its wake ran out of time) is not broken: the connection
+            # is held below for a fresh wake of its own, bounded by wake_timeout.
             self._emit(node, Reject(Outcome.BACKEND_ERROR, unit.reason, held=False))
         elif node.held >= node.policy.max_held:
             # Past the cap the connection is closed at once; nothing else waits on it.

@@ -526,12 +526,20 @@ class Predictor:
         max_pairs: int = MAX_PAIRS,
         max_slots: int = MAX_SLOTS,
         half_life: float = HALF_LIFE,
+        now: float | None = None,
     ) -> Predictor:
         """A predictor with what ``to_state`` wrote; ValueError naming what is wrong on
         anything malformed or past the bounds. ``zone``: the slots' zone now (None: the
         state's); when it differs from the state's, the learned slots are dropped (they
-        are wall-clock slots of the other zone) and the rest kept."""
+        are wall-clock slots of the other zone) and the rest kept. ``now``: the time it
+        is read at; a count or a slot dated later (a clock that was ahead when it was
+        written, a hand-made file) is taken as of ``now``: counts decay only from their
+        time on and a slot takes no request before its week, so a future date would keep
+        them at full weight, and the slot unchanged, until the clock got there."""
         state = predict_state.check(data, max_services, max_pairs, max_slots)
+        if now is not None:
+            week = Arrivals(load_zone(state.zone)).where(now)[1]
+            state = predict_state.clamped(state, now, week)
         predictor = cls(
             state.zone if zone is None else zone,
             max_services=max_services,

@@ -17,7 +17,7 @@ iterated, so a huge input costs no more than a small one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .arrivals import SLOTS
@@ -195,3 +195,17 @@ def _wake_times(data: dict[str, Any], services: set[str]) -> dict[str, list[floa
         wakes = _service_list(name, wakes, services, where, WAKE_SAMPLES)
         out[name] = [_number(w, f"{where}[{i}]", 0.0, 86400.0) for i, w in enumerate(wakes)]
     return out
+
+
+def clamped(state: State, now: float, week: int) -> State:
+    """``state`` with no time after ``now``: a count's ``when`` at most ``now``, a slot's
+    last week at most ``week`` (now's, in the state's zone)."""
+    return replace(
+        state,
+        arrivals={
+            name: [(slot, p, min(last, week)) for slot, p, last in rows]
+            for name, rows in state.arrivals.items()
+        },
+        episodes=[(name, value, min(when, now)) for name, value, when in state.episodes],
+        pairs=[(a, b, value, min(when, now)) for a, b, value, when in state.pairs],
+    )

@@ -19,6 +19,13 @@ decision; the glue (``wakeproxy.pool``) carries it out. The rules:
   connection may go to it (half-open): it closes the circuit when its connect completes,
   reopens it when it fails. A replica skipped this way is neither served nor woken, unless
   every replica is.
+* **Passive health.** A connection the backend ended (FIN or reset) without one byte of
+  response, though the client had sent it some, counts as a failed connect: a replica
+  that accepts and closes at once ends its connections fastest, so least-attached
+  balancing fed it the most (43% of the requests over 3 replicas) while its connects all
+  completed. A circuit opened that way is closed by a response byte (a connection that
+  ended with one), not by a connect, which proves nothing for such a backend; nor by a
+  TCP-only health check.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class Breaker:
     """One replica's circuit: closed (used), open (skipped until ``until``), half-open
     (one trial connection in flight)."""
 
-    __slots__ = ("failures", "opened", "state", "until")
+    __slots__ = ("failures", "opened", "silent", "state", "until")
     # A trial that never reports (its client left while the replica woke, the wake
     # failed) would keep the circuit half-open for good: after this long, another.
     TRIAL_WITHIN = 10.0
@@ -68,6 +75,8 @@ class Breaker:
         self.failures = 0
         self.until = 0.0
         self.opened = 0  # times it opened, for the metrics
+        # Opened (also) by a connection that ended silent: only a response closes it.
+        self.silent = False
 
     def usable(self, now: float) -> bool:
         """Whether a connection may go to this replica now (read-only): closed, or past
@@ -80,9 +89,11 @@ class Breaker:
             self.state = "half_open"
             self.until = now + self.TRIAL_WITHIN
 
-    def failed(self, now: float) -> None:
-        """A connect to it failed. While open already (connects sent before it opened
-        failing one after another) the back-off is not doubled again."""
+    def failed(self, now: float, *, silent: bool = False) -> None:
+        """A connect to it failed (``silent``: a connection ended with no response).
+        While open already (connects sent before it opened failing one after another)
+        the back-off is not doubled again."""
+        self.silent = self.silent or silent
         if self.state == "open":
             return
         self.failures += 1
@@ -93,6 +104,43 @@ class Breaker:
     def succeeded(self) -> None:
         self.state = "closed"
         self.failures = 0
+        self.silent = False
+
+    def connected(self) -> bool:
+        """A connect to it completed; True when that closed the circuit (not one opened
+        by silent connections: such a backend completes every connect)."""
+        if self.state == "closed" or self.silent:
+            return False
+        self.succeeded()
+        return True
+
+    def passed(self, *, response: bool) -> bool:
+        """An active health check passed (``response``: it read an answer, an HTTP
+        probe; a TCP one only connects); True when that closed the circuit."""
+        if self.state == "closed" or (self.silent and not response):
+            return False
+        self.succeeded()
+        return True
+
+    def answered(self) -> bool:
+        """A response byte came from it; True when that closed the circuit."""
+        if self.state == "closed":
+            return False
+        self.succeeded()
+        return True
+
+    def ended(self, now: float, *, sent: int, received: int, by_backend: bool) -> str | None:
+        """A connection to it ended: ``sent`` bytes to it, ``received`` from it,
+        ``by_backend``: it was the backend that closed (FIN or reset). Returns what
+        changed: "closed" (a response came), "opened" (none, for bytes sent, and the
+        backend closed) or None."""
+        if received:
+            return "closed" if self.answered() else None
+        if sent and by_backend:
+            was = self.state
+            self.failed(now, silent=True)
+            return "opened" if was != "open" else None
+        return None  # the client left first, or sent nothing: says nothing of the backend
 
 
 def place(

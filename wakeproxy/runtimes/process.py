@@ -4,6 +4,12 @@ Sleep by pause is SIGSTOP to the command's process group and a wake is SIGCONT, 
 a wake costs a signal, not a start. The command runs in its own session so the
 signals reach every process it spawned (``sh -c`` wrappers included). Commands
 belong to the proxy: ``close()`` ends them when the proxy exits.
+
+Where the command has a memory cgroup of its own (v1), the cgroup is who it is: a
+process that left the group (``setsid``) or its environment (``env -i``, sudo) is
+still in it, so signals, the stop and the reaping after a killed proxy go to every
+process in it. Without one (a v2-only host, no permission) the process group and the
+run's token in the environment are all there is.
 """
 
 from __future__ import annotations
@@ -16,13 +22,21 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..core.states import State
 from ..errors import BackendMissing, OperationFailed
 from ..listeners import describe_pid, holders, listening_inodes, socket_inodes
-from ..memory import Cgroup, child_cgroup, group_pids, remove_cgroup
+from ..memory import (
+    Cgroup,
+    child_cgroup,
+    command_cgroups,
+    group_pids,
+    parent_pid,
+    remove_cgroup,
+)
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.process")
@@ -82,61 +96,144 @@ def _record_path(token: str) -> Path:
     return _state_dir() / f"run-{token}"
 
 
-def reap_leftovers() -> list[tuple[str, int]]:
-    """End what killed proxies left of their commands, whatever the commands were.
+# An empty cgroup with no record is left this long: it may be another proxy's, made
+# for a command a moment ago by a version that recorded its run only afterwards.
+_STALE_AFTER = 60.0
 
-    PR_SET_PDEATHSIG ends a command's leader with the proxy, but processes it spawned
-    (``sh -c 'server & wait'``) survive it, frozen if it was paused, holding the
-    backend's port. Each start records its run's random token (put in the command's
-    environment, which its children inherit) with the proxy's pid and start time; a
-    record whose proxy is no longer alive names processes to end. A live proxy's
-    commands, and a reused pid, never match. Returns (command, processes ended) per
-    record reaped.
-    """
+
+def _records() -> dict[str, tuple[Path, bool, str]]:
+    """Every run record: token -> (its file, whether its proxy still runs, command)."""
     try:
-        records = list(_state_dir().glob("run-*"))
+        paths = list(_state_dir().glob("run-*"))
     except OSError:
-        return []
-    dead: dict[bytes, tuple[Path, str]] = {}
-    for record in records:
+        return {}
+    found = {}
+    for record in paths:
         try:
             owner, started, command = record.read_text().split(maxsplit=2)
         except (OSError, ValueError):
             continue
-        if owner.isdigit() and _start_time(int(owner)) == started:
-            continue  # its proxy still runs (this one included)
-        token = record.name.removeprefix("run-")
-        dead[f"{_TOKEN_ENV}={token}".encode()] = (record, command.strip())
-    if not dead:
-        return []
-    ended: dict[bytes, int] = dict.fromkeys(dead, 0)
+        # The pid alone could be reused: with its start time it is that proxy (or gone).
+        alive = owner.isdigit() and _start_time(int(owner)) == started
+        found[record.name.removeprefix("run-")] = (record, alive, command.strip())
+    return found
+
+
+def _abandoned(members: list[int]) -> bool:
+    """A cgroup with no record says whose it is by its processes: a live proxy's
+    command is a child of that proxy; a killed proxy's command died with it
+    (PR_SET_PDEATHSIG), so what is left has only its own members or init as parents."""
+    inside = set(members)
+    for pid in members:
+        parent = parent_pid(pid)
+        if parent is not None and parent not in inside and parent > 1:
+            return False
+    return True
+
+
+def _kill_all(pids: list[int]) -> int:
+    """SIGCONT (a frozen process thaws first) then SIGKILL each; how many were signalled."""
+    ended = 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+            ended += 1
+    return ended
+
+
+async def _empty_then_remove(cgroup: Cgroup, within: float = 2.0) -> int:
+    """Kill whatever is in ``cgroup`` (again for any process forked meanwhile) until it
+    is empty, then rmdir it; at most ``within`` seconds. Returns the processes killed."""
+    ended, seen = 0, set()
+    deadline = time.monotonic() + within
+    while True:
+        members = cgroup.pids()
+        fresh = [pid for pid in members if pid not in seen]
+        seen.update(fresh)
+        ended += _kill_all(fresh)
+        if not members:
+            remove_cgroup(cgroup)
+            if not cgroup.exists():
+                return ended
+        if time.monotonic() >= deadline:
+            return ended
+        await asyncio.sleep(0.01)
+
+
+def _reap_by_environ(tokens: set[str], killed: set[int]) -> dict[str, int]:
+    """Kill each process (not in ``killed`` already) whose environment holds one of
+    ``tokens``; how many per token. procfs reads: quick, never on disk."""
+    ended: dict[str, int] = {}
+    markers = {f"{_TOKEN_ENV}={token}".encode(): token for token in tokens}
+    if not markers:
+        return ended
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in killed:
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        for marker in dead:
+        for marker, token in markers.items():
             if marker in environ:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(int(entry.name), signal.SIGCONT)
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    ended[marker] += 1
-    for record, _ in dead.values():
-        with contextlib.suppress(OSError):
-            record.unlink()
-    return [(command, ended[marker]) for marker, (_, command) in dead.items() if ended[marker]]
+                ended[token] = ended.get(token, 0) + _kill_all([int(entry.name)])
+    return ended
 
 
-async def _remove_when_empty(cgroup: Cgroup) -> None:
-    """rmdir the command's cgroup; stragglers just sent SIGKILL take a moment to go.
-    Awaited (at most 2 s): a retry left to a timer never ran once the proxy exited."""
-    for _ in range(200):
-        remove_cgroup(cgroup)
+async def reap_leftovers() -> tuple[list[tuple[str, int]], int]:
+    """End what killed proxies left of their commands, whatever the commands were, and
+    remove their cgroups. Returns (command, processes ended) per run reaped, and how
+    many cgroups went.
+
+    PR_SET_PDEATHSIG ends a command's leader with the proxy, but processes it spawned
+    (``sh -c 'server & wait'``) survive it, frozen if it was paused, holding the
+    backend's port. Each start records its run's random token with the proxy's pid and
+    start time, then makes the command's cgroup ``wakeproxy-TOKEN``; a record whose
+    proxy is no longer alive names a run to end. A live proxy's commands, and a reused
+    pid, never match.
+
+    * By cgroup (v1): every process in a dead run's cgroup is thawed and killed, and
+      the cgroup removed, whatever its environment says (``env -i``, sudo) or its
+      session (``setsid``). A cgroup with no record (one from an older version, or a
+      record lost) is a dead run's when none of its processes has a parent outside it
+      but init (``_abandoned``); an empty one once ``_STALE_AFTER`` old.
+    * By environment, for runs without a cgroup: every process whose environment holds
+      a dead run's token.
+    """
+    records = _records()
+    commands = {token: command for token, (_, alive, command) in records.items() if not alive}
+    ended: dict[str, int] = {}
+    killed: set[int] = set()
+    removed = 0
+    now = time.time()
+    for cgroup in command_cgroups():
+        token = cgroup.path.name.removeprefix("wakeproxy-")
+        record = records.get(token)
+        members = cgroup.pids()
+        if record is not None:
+            if record[1]:
+                continue  # its proxy runs (this one included)
+        elif members:
+            if not _abandoned(members):
+                continue
+            commands[token] = "(not recorded)"
+        else:
+            with contextlib.suppress(OSError):
+                if now - cgroup.path.stat().st_mtime <= _STALE_AFTER:
+                    continue
+        killed.update(members)
+        ended[token] = ended.get(token, 0) + await _empty_then_remove(cgroup)
         if not cgroup.exists():
-            return
-        await asyncio.sleep(0.01)
+            removed += 1
+    for token, count in _reap_by_environ(set(commands), killed).items():
+        ended[token] = ended.get(token, 0) + count
+    for token in commands:
+        if token in records:
+            with contextlib.suppress(OSError):
+                records[token][0].unlink()
+    runs = [(commands[token], count) for token, count in ended.items() if count]
+    return runs, removed
 
 
 def _kernel_state(pid: int) -> str | None:
@@ -193,6 +290,9 @@ class ProcessRuntime(Runtime):
             return
         token = secrets.token_hex(8)
         env = {**os.environ, **self.env, _TOKEN_ENV: token}
+        # The record first: a cgroup never exists without the run that owns it (another
+        # proxy starting now would otherwise have to guess whether it is abandoned).
+        self._record(token)
         cgroup = self._new_cgroup(token)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -207,6 +307,7 @@ class ProcessRuntime(Runtime):
         except OSError as exc:
             if cgroup is not None:
                 remove_cgroup(cgroup)
+            self._forget()
             raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None
         if cgroup is not None and proc.pid not in cgroup.pids():
             self.cgroup_problem = f"the command could not enter {cgroup.path}"
@@ -216,7 +317,6 @@ class ProcessRuntime(Runtime):
         self._proc = proc
         self._paused = False
         self.exit_reason = ""
-        self._record(token)
         log.debug("started %s as pid %d", self.command[0], proc.pid)
         task = asyncio.create_task(self._watch_exit(proc))
         self._watchers.add(task)
@@ -227,13 +327,22 @@ class ProcessRuntime(Runtime):
             return None
         cgroup, problem = child_cgroup(f"wakeproxy-{token}")
         if cgroup is None:
+            if problem != self.cgroup_problem:  # said once, not at every start
+                log.info(
+                    "%s runs without a memory cgroup of its own (%s): only its process "
+                    "group is paused and stopped with it (a child that calls setsid is not)",
+                    self.command[0],
+                    problem,
+                )
             self.cgroup_problem = problem
         return cgroup
 
     async def _drop_cgroup(self) -> None:
+        """Kill what is left in the command's cgroup and remove it. Awaited (at most
+        2 s): a retry left to a timer never ran once the proxy exited."""
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is not None:
-            await _remove_when_empty(cgroup)
+            await _empty_then_remove(cgroup)
 
     async def memory_cgroup(self) -> Cgroup | None:
         return self.cgroup if self._alive() else None
@@ -242,6 +351,8 @@ class ProcessRuntime(Runtime):
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return []
+        if self.cgroup is not None and (members := self.cgroup.pids()):
+            return members
         return group_pids(proc.pid) or [proc.pid]
 
     def _record(self, token: str) -> None:
@@ -258,11 +369,14 @@ class ProcessRuntime(Runtime):
         except OSError as exc:
             log.debug("cannot record run %s in %s: %s", token, path, exc)
 
-    def _forget(self) -> None:
-        if self._token:
+    def _forget(self, token: str | None = None) -> None:
+        """Drop a run's record (``token``: that run's; a newer run may have begun)."""
+        token = self._token if token is None else token
+        if token:
             with contextlib.suppress(OSError):
-                _record_path(self._token).unlink()
-            self._token = ""
+                _record_path(token).unlink()
+            if token == self._token:
+                self._token = ""
 
     def note_listeners(self, port: int) -> None:
         self._before_start = listening_inodes(port)
@@ -298,11 +412,12 @@ class ProcessRuntime(Runtime):
             )
             # Ended without being asked to: the state follows, the next connection starts it.
             self._kill_stragglers(proc.pid)
-            self._forget()
+            token = self._token  # a start the state change allows records another
             self._proc = None
             self._paused = False
             self.on_change(State.STOPPED, f"command exited with status {code}")
             await self._drop_cgroup()
+            self._forget(token)  # after the cgroup: a record never names a cgroup still there
 
     def _signal_group(self, sig: signal.Signals) -> None:
         proc = self._proc
@@ -312,23 +427,43 @@ class ProcessRuntime(Runtime):
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             raise OperationFailed(f"cannot send {sig.name}: the command has exited") from None
+        self._signal_cgroup(sig)
+
+    def _signal_cgroup(self, sig: signal.Signals) -> None:
+        """``sig`` to every process in the command's cgroup: those that left its
+        process group (setsid) too; the group's own get it once more, to no effect."""
+        if self.cgroup is not None:
+            for pid in self.cgroup.pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    async def _until_everyone_gone(self, proc: asyncio.subprocess.Process) -> None:
+        """The leader has exited and its cgroup (if any) holds no process."""
+        await proc.wait()
+        # A v1 cgroup gives no event when it empties (short of a release agent): polled.
+        while self.cgroup is not None and self.cgroup.pids():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
     async def pause(self) -> None:
         self._signal_group(signal.SIGSTOP)
         self._paused = True
         assert self._proc is not None
-        await self._until_stopped(self._proc.pid)
+        members = self.cgroup.pids() if self.cgroup is not None else []
+        await self._until_stopped({self._proc.pid, *members})
 
     @staticmethod
-    async def _until_stopped(pid: int) -> None:
+    async def _until_stopped(pids: set[int]) -> None:
         # kill() returns before a process running on another core has stopped; report
-        # paused only once it is frozen (Linux /proc; elsewhere, trust the signal).
+        # paused only once the leader and every process of its cgroup are frozen
+        # (Linux /proc; elsewhere, trust the signal).
         for _ in range(_STOP_POLLS):
-            state = _kernel_state(pid)
-            if state is None or state in ("T", "t"):
+            pids = {pid for pid in pids if _kernel_state(pid) not in (None, "T", "t")}
+            if not pids:
                 return
             await asyncio.sleep(0.001)
-        log.warning("pid %d did not show as stopped %d ms after SIGSTOP", pid, _STOP_POLLS)
+        log.warning(
+            "pids %s did not show as stopped %d ms after SIGSTOP", sorted(pids), _STOP_POLLS
+        )
 
     async def unpause(self) -> None:
         self._signal_group(signal.SIGCONT)
@@ -341,12 +476,14 @@ class ProcessRuntime(Runtime):
             return
         self._stopping = True
         try:
-            with contextlib.suppress(ProcessLookupError):
+            for sig in (signal.SIGCONT, signal.SIGTERM):
                 # A stopped process keeps SIGTERM pending for ever: continue it first.
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                self._signal_cgroup(sig)
             try:
-                await asyncio.wait_for(proc.wait(), self.stop_timeout)
+                # Every process of its cgroup gets stop_timeout to end, not the leader only.
+                await asyncio.wait_for(self._until_everyone_gone(proc), self.stop_timeout)
             except TimeoutError:
                 log.warning(
                     "%s did not end within %.1fs of SIGTERM; sending SIGKILL",
@@ -357,18 +494,20 @@ class ProcessRuntime(Runtime):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
             self._kill_stragglers(proc.pid)
-            self._forget()
             await self._drop_cgroup()
+            self._forget()
         finally:
             self._proc = None
             self._paused = False
             self._stopping = False
 
-    @staticmethod
-    def _kill_stragglers(pgid: int) -> None:
-        # Children that ignored SIGTERM would outlive their leader; the group ends together.
+    def _kill_stragglers(self, pgid: int) -> None:
+        # Children that ignored SIGTERM would outlive their leader; the group ends
+        # together, and so does every process of its cgroup (thawed first).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+        if self.cgroup is not None:
+            _kill_all(self.cgroup.pids())
 
     async def close(self) -> None:
         await self.stop()
