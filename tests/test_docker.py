@@ -14,6 +14,7 @@ from tests.helpers import (
     engine_events,
     free_port,
     http_get,
+    listener_drops,
     running,
     service_yaml,
     wait_until,
@@ -142,8 +143,13 @@ async def test_start_up_reads_states_and_addresses_in_one_listing(make_container
 
 async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make_container):
     # No connect_concurrency: the window is read from the kernel at the release (busybox
-    # httpd listens with a backlog of 9). Past it, SYNs would be dropped and retried a
-    # second later; within it, no client waits that long.
+    # httpd listens with a backlog of 9). Past it, the backend's listener would drop SYNs
+    # (the client retries a second later); within it, the kernel drops none. The kernel's
+    # own count of drops at that listener is the fact checked (host networking: it is in
+    # this network namespace), not how long a client waited: a duration under 1 s was a
+    # bound a busy machine broke for other reasons too. (With two busy loops this count
+    # did show drops, 1 to 82 in 6 of 25 runs: the release then sent connects into a queue
+    # busybox had not yet accepted from; admission.py now waits for the kernel's room.)
     port, backend = free_port(), free_port()
     name = make_container(backend, paused=True)
     config = config_from(
@@ -154,21 +160,16 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
     async with running(config) as proxy:
         service = proxy.services["web"]
         assert service.cfg.connect_concurrency is None
+        dropped = listener_drops(backend)
 
-        async def timed() -> tuple[float, bytes]:
-            started = time.monotonic()
-            reply = await http_get(port, within=30)
-            return time.monotonic() - started, reply
-
-        results = await asyncio.gather(*(timed() for _ in range(200)))
-        assert all(reply.endswith(BODY) for _, reply in results)
+        replies = await asyncio.gather(*(http_get(port, within=30) for _ in range(200)))
+        assert all(reply.endswith(BODY) for reply in replies)
         # Early connects, then the window, stay within busybox's backlog (9), even when
         # the container accepts early connects before the engine says it runs.
         assert 1 <= service.admission.early_connects <= 9, service.admission.early_connects
         assert 1 <= service.admission.window <= 9, service.admission.window
         assert service.admission.describe()["window_from"] == "accept_queue"
-        slowest = max(seconds for seconds, _ in results)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
+        assert listener_drops(backend) == dropped, "the backend's listener dropped SYNs"
         # The answer can come before the engine tells the proxy the unpause ended.
         await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
 

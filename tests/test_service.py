@@ -17,7 +17,15 @@ import types
 
 import pytest
 
-from tests.helpers import config_from, echo_server, exchange, free_port, lone_service, wait_until
+from tests.helpers import (
+    config_from,
+    echo_server,
+    exchange,
+    free_port,
+    listener_drops,
+    lone_service,
+    wait_until,
+)
 from wakeproxy import admission
 from wakeproxy.admission import Admission
 from wakeproxy.api import service_status
@@ -392,6 +400,7 @@ async def test_held_connections_connect_during_the_thaw_up_to_the_backlog_and_no
     service = await _thawing(runtime, backend)
     serving = asyncio.create_task(backend.serve())
     try:
+        dropped = listener_drops(backend.port)
         results = await _clients(service.cfg.listen.port, 30)
         assert [reply for _, reply in results] == [b"c%d" % i for i in range(30)]
         # Early: as many as the accept queue took, no more (a 9th would be a dropped SYN).
@@ -400,10 +409,62 @@ async def test_held_connections_connect_during_the_thaw_up_to_the_backlog_and_no
         # slots while the backend was frozen, so the window after it is the queue's (not 1,
         # and never past its limit).
         assert service.admission.window == 8, service.admission.window
-        slowest = max(seconds for seconds, _ in results)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped"
+        # The kernel's count at the backend's listener, not a client's wait under 1 s.
+        assert listener_drops(backend.port) == dropped, "a SYN was dropped"
         assert service.stats.connections["forwarded"] == 30
         assert runtime.calls["unpause"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_a_backend_that_accepts_late_after_its_wake_gets_no_connect_past_its_queue():
+    # The backend runs again but accepts nothing for 0.5 s (a loaded machine: busybox's
+    # fork per connection behind two busy cores), well past the 100 ms after which a
+    # silent connection gives its release slot back. The slots alone then let the next
+    # window's connects into a queue still full of the early ones, and the kernel drops
+    # their SYNs (each client retries a second later). Connects go only into the room the
+    # kernel shows: the listener's own drop count stays 0, whatever the timing.
+    runtime = FakeRuntime(State.PAUSED, delay=0.2)
+    backend = QueueOnlyBackend(runtime, backlog=8, lag=0.5)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    try:
+        dropped = listener_drops(backend.port)
+        results = await _clients(service.cfg.listen.port, 30)
+        assert [reply for _, reply in results] == [b"c%d" % i for i in range(30)]
+        assert service.admission.early_connects == 8
+        assert listener_drops(backend.port) == dropped, "SYNs dropped at the backend's queue"
+        assert service.stats.connections["forwarded"] == 30
+        assert runtime.calls["unpause"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_connections_arriving_behind_a_release_are_paced_with_it_not_sent_past_it():
+    # Four held clients fill the accept queue during the thaw; the backend then accepts
+    # nothing for 0.5 s. Ten clients arriving meanwhile find it running and nothing
+    # queued: sent straight upstream they would meet the full queue (dropped SYNs,
+    # one-second retries). They wait behind the release's connects, for room.
+    runtime = FakeRuntime(State.PAUSED, delay=0.2)
+    backend = QueueOnlyBackend(runtime, backlog=4, lag=0.5)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    port = service.cfg.listen.port
+    try:
+        dropped = listener_drops(backend.port)
+        first = asyncio.ensure_future(_clients(port, 4))
+        await wait_until(lambda: service.state is State.RUNNING, within=15)
+        assert not backend.accepted, "the backend accepts only after its lag"
+        later = await _clients(port, 10)
+        assert [reply for _, reply in later] == [b"c%d" % i for i in range(10)]
+        assert [reply for _, reply in await first] == [b"c%d" % i for i in range(4)]
+        assert service.admission.early_connects == 4
+        assert listener_drops(backend.port) == dropped, "SYNs dropped at the backend's queue"
+        assert service.stats.connections["forwarded"] == 14
     finally:
         serving.cancel()
         await service.close()
@@ -463,6 +524,7 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
     port = service.cfg.listen.port
     try:
         assert service.admission.learned == admission.FALLBACK_WINDOW
+        dropped = listener_drops(backend.port)
         first = await _clients(port, 30)
         assert service.stats.connections["forwarded"] == 30
         assert service.admission.early_connects == 0, "no early connect where it cannot see"
@@ -470,7 +532,9 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         # from yet: the rest were dropped and retried a second later (and some completed
         # by a SYN cookie lost their bytes: the kernel's doing, which is why the window
         # matters), and what was in flight when the first was sent is the window now.
-        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED
+        assert listener_drops(backend.port) > dropped
+        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED  # a retry's floor
+        dropped = listener_drops(backend.port)
         assert 1 <= service.admission.learned <= 10, service.admission.learned
         learned = service.admission.learned
         assert service_status(service)["release"] == {
@@ -481,8 +545,9 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         await service.sleep(SleepAction.PAUSE)
         second = await _clients(port, 30)
         assert [reply for _, reply in second] == [b"c%d" % i for i in range(30)]
-        slowest = max(seconds for seconds, _ in second)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s at the learned window"
+        # At the learned window the kernel dropped nothing (its count, not a client's
+        # wait under a second, which a busy machine can stretch with no SYN dropped).
+        assert listener_drops(backend.port) == dropped, "a SYN dropped at the learned window"
         assert runtime.calls["unpause"] == 2
         assert service.stats.connections["forwarded"] == 60
         assert service.admission.learned == learned, "no SYN retry, nothing more to learn"
