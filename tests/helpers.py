@@ -286,11 +286,19 @@ def proc_state(pid: int) -> str:
 
 
 def start_proxy(
-    config: Path, port: int, *extra: str, prefix: tuple[str, ...] = ()
+    config: Path,
+    port: int,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
-    """``wakeproxy run`` as its own process (``prefix``: a wrapper such as setpriv)."""
+    """``wakeproxy run`` as its own process (``prefix``: a wrapper such as setpriv;
+    ``env``: its environment, else this one's)."""
     proc = subprocess.Popen(
-        [*prefix, *WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
+        [*prefix, *WAKEPROXY, "run", "-c", str(config), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     deadline = time.monotonic() + 15
     while not port_answers(port):
