@@ -18,7 +18,7 @@ from wakeproxy import metrics
 from wakeproxy.core.states import State
 from wakeproxy.runtimes.docker import _clock_offset
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"
 
 

@@ -209,6 +209,7 @@ async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connectio
             writer.close()
 
 
+@pytest.mark.docker
 async def test_docker_replicas_woken_by_the_load_and_paused_newest_first(make_container):
     port, first = free_port(), consecutive_ports(2)
     names = [make_container(first, paused=True), make_container(first + 1, paused=True)]
@@ -316,6 +317,7 @@ async def test_a_reload_that_drops_the_replicas_serves_the_same_address_with_one
         assert answered_by(await http_get(port)) == first
 
 
+@pytest.mark.docker
 async def test_compose_scale_replicas_follow_their_containers_and_are_woken_and_slept(
     busybox_image,
 ):
