@@ -14,6 +14,7 @@ from tests.helpers import (
     admin_call,
     admin_put,
     backend_command,
+    build,
     config_from,
     config_text,
     free_port,
@@ -123,6 +124,34 @@ async def test_errors_404_405():
         assert status == 405 and headers["allow"] == "POST"
         status, headers, _ = await admin_call(proxy, "DELETE", "/health")
         assert status == 405 and headers["allow"] == "GET"
+
+
+async def test_sleep_all_skips_the_services_whose_policy_never_sleeps():
+    # README: sleep-all skips services whose policy never sleeps (priority high, or
+    # sleeping disabled): they are neither put to sleep nor listed.
+    ports = {name: (free_port(), free_port()) for name in ("web", "always", "off")}
+    policies = {
+        "web": {"idle_timeout": 600},
+        "always": {"idle_timeout": 600, "priority": "high"},
+        "off": {"idle_timeout": 600, "enabled": False},
+    }
+    entries = [
+        service(
+            name, port, backend, command=backend_command(backend, "http"),
+            readiness={"http": "/"}, sleep_policy=policies[name],
+        )
+        for name, (port, backend) in ports.items()
+    ]  # fmt: skip
+    async with running(build(*entries)) as proxy:
+        for port, _ in ports.values():
+            assert (await http_get(port)).endswith(b"backend\n")
+        services = proxy.services
+        await wait_until(lambda: not any(s.attached for s in services.values()), within=10)
+        status, _, body = await admin_call(proxy, "POST", "/services/sleep-all")
+        assert status == 200
+        assert orjson.loads(body) == {"services": [{"name": "web", "state": "paused"}]}
+        assert services["always"].state is State.RUNNING and services["off"].state is State.RUNNING
+        assert not services["always"].stats.sleeps and not services["off"].stats.sleeps
 
 
 async def test_token_guards_writes_and_optionally_reads(monkeypatch):

@@ -441,6 +441,34 @@ def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
         proxy.communicate(timeout=30)
 
 
+def test_the_proxy_raises_its_open_file_limit_to_the_hard_limit_at_start(tmp_path):
+    # README: the proxy raises its open-file limit to the hard limit at start (two
+    # descriptors per connection). Started with soft 256, hard 4096: the kernel's own
+    # record of the running proxy's limits says 4096 for both.
+    admin, port, backend = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(admin, echo_service("a", port, backend)))
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    proxy = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(path)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=low_soft_limit,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not port_answers(port):
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proxy.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == ["4096", "4096"], line
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
+
+
 @pytest.mark.asyncio
 async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monkeypatch):
     a, a_backend, b, b_backend = (free_port() for _ in range(4))

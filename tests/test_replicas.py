@@ -161,6 +161,45 @@ async def test_the_api_lists_replicas_and_scales_them_by_hand():
         assert 'wakeproxy_connections_total{outcome="forwarded",service="web@1"}' in text
 
 
+async def test_scale_lists_the_replicas_it_could_not_put_to_sleep():
+    # README: scale puts the rest to sleep, newest first; one with open connections
+    # stays, listed in "refused" with the reason.
+    port, first = free_port(), consecutive_ports(3)
+    command = [PYTHON, BACKEND, "--port", "{port}", "--mode", "http"]
+    config = config_text(
+        service(
+            "web", port, first, command=command, replicas={"count": 3},
+            wake_timeout=15, sleep_policy={"idle_timeout": 600},
+        )
+    )  # fmt: skip
+    async with running(config_from(config)) as proxy:
+        replicas = [proxy.services[f"web@{i}"] for i in (1, 2, 3)]
+        status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 3}')
+        assert status == 200 and scaled["refused"] == {}
+        assert [r.state for r in replicas] == [State.RUNNING] * 3
+        # Three kept-alive connections: one on each replica (the fewest attached first).
+        clients = []
+        try:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                clients.append(writer)
+                writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                await asyncio.wait_for(reader.readuntil(b"backend\n"), 15)
+            assert [r.attached for r in replicas] == [1, 1, 1]
+            status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 1}')
+            assert status == 200
+            assert sorted(scaled["refused"]) == ["web@2", "web@3"], scaled["refused"]
+            assert all("1 connection(s) open" in why for why in scaled["refused"].values())
+            assert [r.state for r in replicas] == [State.RUNNING] * 3
+        finally:
+            for writer in clients:
+                writer.close()
+        await wait_until(lambda: not any(r.attached for r in replicas), within=15)
+        status, scaled = await api(proxy, "POST", "/services/web/scale", b'{"count": 1}')
+        assert status == 200 and scaled["refused"] == {}
+        assert [r.state for r in replicas] == [State.RUNNING, State.PAUSED, State.PAUSED]
+
+
 async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connections(tmp_path):
     port, first = free_port(), consecutive_ports(3)
     path = tmp_path / "wakeproxy.yaml"

@@ -633,6 +633,42 @@ class _Stalling:
         await asyncio.Event().wait()
 
 
+async def test_repeated_connect_errors_are_logged_at_most_once_per_5_s_with_a_count(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # README: repeated upstream connect errors are logged at most once per 5 s per
+    # service, with a count of those not logged. The clock is the test's.
+    now = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    gate = Admission(
+        "web", ServiceStats(), backend=lambda: None, spawn=asyncio.ensure_future,
+        on_connect_error=lambda: None, connect_timeout=1.0, concurrency=None,
+    )  # fmt: skip
+    backend = Address("127.0.0.1", 9)
+    refused = ConnectionRefusedError(111, "Connection refused")
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="wakeproxy.service"):
+        gate._log_connect_error(backend, refused)
+        for step in range(1, 50):  # 49 more within 4.9 s: none logged
+            now[0] = 1000.0 + step * 0.1
+            gate._log_connect_error(backend, refused)
+        assert logged() == [
+            "web: cannot connect to backend 127.0.0.1:9: [Errno 111] Connection refused"
+        ]
+        now[0] = 1005.0  # 5 s after the one logged: the next is, with the count
+        gate._log_connect_error(backend, TimeoutError())
+        assert logged()[1:] == ["web: cannot connect to backend 127.0.0.1:9: timed out (+49 more)"]
+        now[0] = 1009.9
+        gate._log_connect_error(backend, refused)
+        assert len(logged()) == 2
+        now[0] = 1010.0
+        gate._log_connect_error(backend, refused)
+        assert logged()[2].endswith("Connection refused (+1 more)")
+
+
 async def test_a_connect_past_connect_timeout_raises_timeout_and_an_outside_cancel_stays_one():
     stats = ServiceStats()
     gate = Admission(
