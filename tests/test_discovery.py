@@ -216,8 +216,11 @@ async def test_missed_events_are_caught_by_the_periodic_re_read_and_after_the_en
 
     async with running(config_from(discovery_yaml(admin))) as proxy:
         assert "late" in proxy.services, "found by the start-up listing"
+        late = proxy.services["late"]
         docker("rm", "-f", name, host=own_engine.host)
-        await asyncio.sleep(1.0)
+        # The engine's event reached the proxy (the service's state follows it), and yet
+        # discovery was not cued: still listed, stale (the periodic re-read is 600 s away).
+        await wait_until(lambda: late.state is State.FAILED, within=30)
         assert "late" in proxy.services, "stale: no event and no periodic re-read (600 s)"
         engine = proxy.engine
         assert engine is not None
@@ -226,4 +229,5 @@ async def test_missed_events_are_caught_by_the_periodic_re_read_and_after_the_en
         await asyncio.to_thread(own_engine.start)
         # The re-read after the engine came back sees it is gone.
         await wait_until(lambda: "late" not in proxy.services, within=30, interval=0.1)
-        assert not port_answers(port)
+        # Dropped from the table before its listener closes: wait for that too.
+        await wait_until(lambda: not port_answers(port), within=10)
