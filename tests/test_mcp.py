@@ -108,9 +108,12 @@ async def test_sdk_client_wakes_a_paused_mcp_server_once_and_calls_its_tool(tran
             assert await shout(session, "hello") == "HELLO!"
             assert service.stats.wakes["ok"] == wakes + 1, "one wake for the whole session"
             if transport == "sse":
-                # keep-awake (the default): the open stream keeps the backend running.
+                # keep-awake (the default): the open stream keeps the backend running. The
+                # proxy counts it as needing the backend (no idle deadline is due), and
+                # three idle timeouts later it still runs.
+                assert service.attached >= 1 and service.sleeps_in() is None
                 await asyncio.sleep(1.5)
-                assert service.state is State.RUNNING
+                assert service.state is State.RUNNING and service.sleeps_in() is None
                 assert await shout(session, "again") == "AGAIN!"
 
 
