@@ -177,7 +177,8 @@ async def test_a_reset_passes_through_as_a_reset_and_a_close_as_a_close():
             _reader, writer = await asyncio.open_connection("127.0.0.1", service.cfg.listen.port)
             writer.write(b"x")
             await wait_until(lambda: service.forwarding == 1, within=10)
-            await asyncio.sleep(0.05)  # the x reached the backend
+            # The x went upstream (the proxy's own count), before the reset or the close.
+            await wait_until(lambda: service.bytes_moved()[0] >= 1, within=10)
             if how == "reset":
                 _reset(writer)
             else:
