@@ -60,16 +60,16 @@ async def test_container_killed_removed_and_recreated_under_the_proxy(make_conta
 
         # A forwarding connection (request not sent yet) when the container is killed.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await wait_until(lambda: service.attached == 1 and not service.held, within=5)
+        await wait_until(lambda: service.attached == 1 and not service.held, within=30)
         docker("kill", name)
         assert await asyncio.wait_for(reader.read(), 5) == b"", "closed promptly"
         writer.close()
-        await wait_until(lambda: service.state is State.STOPPED, within=10)
+        await wait_until(lambda: service.state is State.STOPPED, within=30)
         assert (await http_get(port, within=20)).endswith(BODY), "the next connection starts it"
         assert container_status(name) == "running"
 
         docker("rm", "-f", name)
-        await wait_until(lambda: service.state is State.FAILED, within=10)
+        await wait_until(lambda: service.state is State.FAILED, within=30)
         assert "removed" in service.reason or "No such container" in service.reason
         assert await http_get(port) == b"", "refused at once, not held"
 
@@ -214,7 +214,7 @@ async def test_engine_restart_keeps_forwarding_fails_wakes_cleanly_and_recovers(
         tasks_before = len(asyncio.all_tasks())
         await asyncio.to_thread(own_engine.stop)
         try:
-            await wait_until(lambda: not engine.up, within=10)
+            await wait_until(lambda: not engine.up, within=30)
             # Forwarding to a running backend needs no engine.
             assert (await http_get(live)).endswith(BODY)
             # A wake cannot happen: the connection is closed, not held until wake_timeout

@@ -116,7 +116,7 @@ async def test_with_action_pause_its_task_containers_on_this_node_are_paused_and
         paused = docker("inspect", "-f", "{{.State.Paused}}", task, host=swarm.host)
         assert paused == "true"
         assert (await http_get(port, within=20)).endswith(BODY)
-        await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
+        await wait_until(lambda: web.stats.wakes["ok"] == 1, within=30)
         until = time.time() + 1
         events = docker(
             "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
