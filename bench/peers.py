@@ -17,9 +17,10 @@ HERE = Path(__file__).parent
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "iperf3": "iperf3"}
 
 
-def ensure_tools() -> None:
-    """Install Debian's packages for the peers that are missing (needs root)."""
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+def ensure_tools(tools: tuple[str, ...] = tuple(TOOLS)) -> None:
+    """Install Debian's packages for the peers that are missing (needs root); ``tools``:
+    only these (the tests install iperf3 alone for its own test)."""
+    missing = [TOOLS[tool] for tool in tools if shutil.which(tool) is None]
     if not missing:
         return
     print(f"bench: installing {' '.join(missing)} with apt-get", file=sys.stderr)

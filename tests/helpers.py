@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -181,6 +182,52 @@ async def echo_server(
     return await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
 
 
+def listener_drops(port: int) -> int:
+    """What the kernel dropped at the TCP listener on 127.0.0.1:``port`` (this network
+    namespace: the process runtime's commands, containers on host networking): a SYN or
+    a handshake's last ACK that met a full accept queue (``tcp_listendrop``: the
+    per-socket count behind the namespace-wide TcpExt ListenDrops, shown by ``ss -ltnm``
+    as ``d`` in ``skmem``). Per listener, so other work on the machine does not move it.
+    A dropped SYN is what a client sees as a one-second retry: this is that fact itself,
+    where a duration would only stand for it."""
+    from wakeproxy.backlog import _HEADER, _MESSAGE, _REQUEST
+
+    skmeminfo, drops = 7, 8  # INET_DIAG_SKMEMINFO: u32s, SK_MEMINFO_DROPS the 9th
+    listen_state = 1 << 10
+    request = _REQUEST.pack(
+        socket.AF_INET, socket.IPPROTO_TCP, 1 << (skmeminfo - 1), 0, listen_state
+    )
+    header = _HEADER.pack(_HEADER.size + len(request), 20, 0x1 | 0x300, 1, 0)  # dump
+    found: list[int] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as sock:  # sock_diag
+        sock.settimeout(5)
+        sock.send(header + request)
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+                if kind in (2, 3) or length < _HEADER.size:  # NLMSG_ERROR, NLMSG_DONE
+                    assert found, f"no TCP listener on 127.0.0.1:{port} here"
+                    return sum(found)
+                message = _MESSAGE.unpack_from(data, offset + _HEADER.size)
+                source = socket.inet_ntoa(message[6][:4])
+                if int.from_bytes(message[4], "big") == port and source in (
+                    "127.0.0.1",
+                    "0.0.0.0",
+                ):
+                    # The attributes after the message: (length, type, payload), aligned.
+                    attr = offset + _HEADER.size + _MESSAGE.size
+                    while attr + 4 <= offset + length:
+                        attr_len, attr_type = struct.unpack_from("=HH", data, attr)
+                        if attr_len < 4:
+                            break
+                        if attr_type == skmeminfo:
+                            found.append(struct.unpack_from("=I", data, attr + 4 + 4 * drops)[0])
+                        attr += (attr_len + 3) & ~3
+                offset += (length + 3) & ~3
+
+
 def port_answers(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -246,11 +293,19 @@ def proc_state(pid: int) -> str:
 
 
 def start_proxy(
-    config: Path, port: int, *extra: str, prefix: tuple[str, ...] = ()
+    config: Path,
+    port: int,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
-    """``wakeproxy run`` as its own process (``prefix``: a wrapper such as setpriv)."""
+    """``wakeproxy run`` as its own process (``prefix``: a wrapper such as setpriv;
+    ``env``: its environment, else this one's)."""
     proc = subprocess.Popen(
-        [*prefix, *WAKEPROXY, "run", "-c", str(config), *extra], stderr=subprocess.PIPE, text=True
+        [*prefix, *WAKEPROXY, "run", "-c", str(config), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     deadline = time.monotonic() + 15
     while not port_answers(port):

@@ -562,6 +562,26 @@ def test_group_sleep_never_pauses_a_member_an_awake_service_needs():
     assert sleeps(glue, "a") == [PAUSE] and sleeps(glue, "b") == [PAUSE]
 
 
+def test_a_group_never_sleeps_while_one_member_has_an_open_connection():
+    """The model test's invariant as a directed case (it found this only at 3,000
+    examples): b's connection has been open and quiet past b's own idle deadline when
+    a's timer fires. b is not ready: the group, b included, stays awake. Its close
+    lets the group sleep together after b's idle time."""
+    glue = FakeGlue()
+    glue.add("a", idle_delay=1.0)
+    glue.add("b", idle_delay=1.0)
+    glue.link({"a": ((), "g"), "b": ((), "g")})
+    glue.feed("b", Arrive())  # open from t=0, no byte since: b's deadline passes at 1.0
+    glue.advance(10.0)
+    assert sleeps(glue, "a") == [] and sleeps(glue, "b") == []
+    assert glue.core.nodes["b"].attached == 1
+    glue.feed("b", Leave(activity=True))
+    glue.advance(10.5)
+    assert sleeps(glue, "a") == [] and sleeps(glue, "b") == [], "b's idle time runs first"
+    glue.advance(11.0)
+    assert sleeps(glue, "a") == [PAUSE] and sleeps(glue, "b") == [PAUSE]
+
+
 def test_a_connection_to_one_member_wakes_the_whole_group():
     glue = FakeGlue()
     glue.add("a", State.PAUSED)

@@ -66,6 +66,14 @@ def test_a_pattern_predicts_from_its_third_week():
     assert wake is not None and wake.reason.endswith("p=0.51")
 
 
+def test_a_slot_at_exactly_the_threshold_is_woken_for():
+    # The threshold is the probability needed: p == threshold acts (the boundary).
+    for weeks, p in ((1, 0.3), (2, 0.51)):
+        wake = learned(weeks, threshold=p).next_wake("web", monday(weeks, 8))
+        assert wake is not None and wake.reason.endswith(f"p={p:.2f}"), (weeks, wake)
+        assert learned(weeks, threshold=p + 0.001).next_wake("web", monday(weeks, 8)) is None
+
+
 def test_a_fast_wake_or_none_measured_is_not_woken_ahead():
     assert learned(5, wake=0.1).next_wake("web", monday(5, 8)) is None  # < 0.2 s
     cheap = learned(5, wake=0.1, min_wake_time=0.05)
@@ -168,6 +176,18 @@ def test_a_then_b_five_times_predicts_b_when_a_comes():
     [follower] = predictor.table("a", now)["followers"]
     assert follower == {"service": "b", "p": 1.0, "n": follower["n"], "trusted": True}
     assert follower["n"] == pytest.approx(5.0, abs=0.02)  # 5, decayed over 50 minutes
+    assert predictor.arrived("a", now) == [
+        Prediction("b", now, now + 30.0, "chain", "chain a -> b p=1.00")
+    ]
+
+
+def test_a_follower_at_exactly_its_threshold_is_woken():
+    # The threshold is the probability needed: p == threshold acts. With threshold 1.0
+    # (allowed: "a probability in (0, 1]") a follower seen after every episode, p = 1.00,
+    # is woken; a strict comparison would never wake it.
+    predictor, now = chained(5, threshold=1.0)
+    [follower] = predictor.table("a", now)["followers"]
+    assert follower["p"] == 1.0
     assert predictor.arrived("a", now) == [
         Prediction("b", now, now + 30.0, "chain", "chain a -> b p=1.00")
     ]

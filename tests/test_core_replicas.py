@@ -3,7 +3,7 @@ and the order they sleep in. Plain calls, a fake clock."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.helpers import FakeGlue
@@ -73,10 +73,36 @@ def test_never_more_awake_than_max():
     assert place(pool, Scaling(0, 2, 1)) == Placement(0)
 
 
+def expected_placement(states: list[State], attached: list[int], most: int, target: int):
+    """The README's rules, written out independently of ``place``: serve the running
+    replica with the fewest attached (the oldest on a tie), else a waking one, else the
+    oldest sleeping one, else the oldest failed one; wake the oldest sleeping one beside
+    it when the attached connections of the awake ones plus this one pass ``target`` per
+    awake replica, fewer than ``most`` being awake (never with none awake: the arrival
+    itself wakes the one it is placed on)."""
+    asleep = [i for i, s in enumerate(states) if s in (State.PAUSED, State.STOPPED)]
+    for kind in (State.RUNNING, State.WAKING):
+        candidates = [i for i, s in enumerate(states) if s is kind]
+        if candidates:
+            serve = min(candidates, key=lambda i: (attached[i], i))
+            break
+    else:
+        failed = [i for i, s in enumerate(states) if s is State.FAILED]
+        return Placement(asleep[0] if asleep else failed[0])
+    awake = [i for i, s in enumerate(states) if s in (State.RUNNING, State.WAKING)]
+    load = sum(attached[i] for i in awake) + 1
+    wake = None
+    if load > len(awake) * target and len(awake) < most and asleep:
+        wake = asleep[0]
+    return Placement(serve, wake)
+
+
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from([State.RUNNING, State.WAKING, State.PAUSED, State.STOPPED]),
+            st.sampled_from(
+                [State.RUNNING, State.WAKING, State.PAUSED, State.STOPPED, State.FAILED]
+            ),
             st.integers(0, 30),
         ),
         min_size=1,
@@ -85,21 +111,18 @@ def test_never_more_awake_than_max():
     st.integers(1, 6),
     st.integers(1, 8),
 )
+@example([(State.RUNNING, 5), (State.PAUSED, 0)], 2, 1)  # a scale-up is due
+@example([(State.WAKING, 0), (State.RUNNING, 3), (State.STOPPED, 0)], 3, 1)
+@example([(State.FAILED, 0), (State.PAUSED, 0)], 2, 1)  # nothing awake: no second wake
 def test_placement_rules_hold_for_any_pool(replicas, most, target):
+    # Asserted whole for every pool (it used to assert only inside branches, so a
+    # place() that never woke a second replica passed).
     pool = nodes(*replicas)
-    placement = place(pool, Scaling(0, most, target))
-    states = [n.state for n in pool]
-    if State.RUNNING in states:
-        assert states[placement.serve] is State.RUNNING
-        fewest = min(n.attached for n in pool if n.state is State.RUNNING)
-        assert pool[placement.serve].attached == fewest
-    if placement.wake is not None:
-        assert states[placement.wake] in (State.PAUSED, State.STOPPED)
-        awake = sum(s in (State.RUNNING, State.WAKING) for s in states)
-        assert awake < most, "never past max"
-        assert placement.wake == min(
-            i for i, s in enumerate(states) if s in (State.PAUSED, State.STOPPED)
-        ), "the oldest sleeping one"
+    states = [state for state, _ in replicas]
+    attached = [count for _, count in replicas]
+    assert place(pool, Scaling(0, most, target)) == expected_placement(
+        states, attached, most, target
+    )
 
 
 def test_a_breaker_opens_lets_one_trial_through_after_its_back_off_and_closes_on_success():

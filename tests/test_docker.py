@@ -14,6 +14,7 @@ from tests.helpers import (
     engine_events,
     free_port,
     http_get,
+    listener_drops,
     running,
     service_yaml,
     wait_until,
@@ -50,10 +51,10 @@ async def test_burst_of_200_on_a_paused_container_one_unpause_then_paused_again(
         assert [r.endswith(BODY) for r in replies].count(True) == 200
         assert all(r.split(b"\r\n", 1)[0].endswith(b" 200 OK") for r in replies)
         # The answer can come before the engine tells the proxy the unpause ended.
-        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=30)
         assert service.stats.last_wake_s is not None
 
-        await wait_until(lambda: service.state is State.PAUSED, within=10)
+        await wait_until(lambda: service.state is State.PAUSED, within=30)
         assert container_status(name) == "paused"
         until = time.time()
     assert engine_events(name, "unpause", since, until) == 1
@@ -67,7 +68,7 @@ async def test_a_pause_made_by_hand_is_followed_and_woken(make_container):
         service = proxy.services["web"]
         assert service.state is State.RUNNING
         docker("pause", name)
-        await wait_until(lambda: service.state is State.PAUSED, within=5)
+        await wait_until(lambda: service.state is State.PAUSED, within=30)
         assert service.reason == "docker pause seen"
         assert (await http_get(port)).endswith(BODY)
         assert container_status(name) == "running"
@@ -85,7 +86,7 @@ async def test_stop_action_then_start_with_readiness(make_container):
         assert (await http_get(port, within=20)).endswith(BODY)
         assert container_status(name) == "running"
         # The answer can come before the engine tells the proxy the unpause ended.
-        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=30)
 
 
 async def test_killed_container_state_follows_and_next_connection_starts_it(make_container):
@@ -94,7 +95,7 @@ async def test_killed_container_state_follows_and_next_connection_starts_it(make
     async with running(docker_config(port, backend, name, "{enabled: false}")) as proxy:
         service = proxy.services["web"]
         docker("kill", name)
-        await wait_until(lambda: service.state is State.STOPPED, within=5)
+        await wait_until(lambda: service.state is State.STOPPED, within=30)
         assert (await http_get(port, within=20)).endswith(BODY)
         assert service.state is State.RUNNING
 
@@ -112,7 +113,7 @@ async def test_missing_container_fails_clearly_and_is_found_once_created(make_co
             f"inspecting container {name}: No such container: {name}",
         )
         make_container(backend, name=name)
-        await wait_until(lambda: service.state is State.RUNNING, within=10)
+        await wait_until(lambda: service.state is State.RUNNING, within=30)
         assert (await http_get(port)).endswith(BODY)
 
 
@@ -142,8 +143,13 @@ async def test_start_up_reads_states_and_addresses_in_one_listing(make_container
 
 async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make_container):
     # No connect_concurrency: the window is read from the kernel at the release (busybox
-    # httpd listens with a backlog of 9). Past it, SYNs would be dropped and retried a
-    # second later; within it, no client waits that long.
+    # httpd listens with a backlog of 9). Past it, the backend's listener would drop SYNs
+    # (the client retries a second later); within it, the kernel drops none. The kernel's
+    # own count of drops at that listener is the fact checked (host networking: it is in
+    # this network namespace), not how long a client waited: a duration under 1 s was a
+    # bound a busy machine broke for other reasons too. (With two busy loops this count
+    # did show drops, 1 to 82 in 6 of 25 runs: the release then sent connects into a queue
+    # busybox had not yet accepted from; admission.py now waits for the kernel's room.)
     port, backend = free_port(), free_port()
     name = make_container(backend, paused=True)
     config = config_from(
@@ -154,23 +160,18 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
     async with running(config) as proxy:
         service = proxy.services["web"]
         assert service.cfg.connect_concurrency is None
+        dropped = listener_drops(backend)
 
-        async def timed() -> tuple[float, bytes]:
-            started = time.monotonic()
-            reply = await http_get(port, within=30)
-            return time.monotonic() - started, reply
-
-        results = await asyncio.gather(*(timed() for _ in range(200)))
-        assert all(reply.endswith(BODY) for _, reply in results)
+        replies = await asyncio.gather(*(http_get(port, within=30) for _ in range(200)))
+        assert all(reply.endswith(BODY) for reply in replies)
         # Early connects, then the window, stay within busybox's backlog (9), even when
         # the container accepts early connects before the engine says it runs.
         assert 1 <= service.admission.early_connects <= 9, service.admission.early_connects
         assert 1 <= service.admission.window <= 9, service.admission.window
         assert service.admission.describe()["window_from"] == "accept_queue"
-        slowest = max(seconds for seconds, _ in results)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped and retried"
+        assert listener_drops(backend) == dropped, "the backend's listener dropped SYNs"
         # The answer can come before the engine tells the proxy the unpause ended.
-        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=5)
+        await wait_until(lambda: service.stats.wakes["ok"] == 1, within=30)
 
 
 async def test_the_kernels_freezer_is_read_for_a_container(make_container):
@@ -210,7 +211,7 @@ async def test_pauses_and_wakes_back_to_back_never_leave_a_request_on_a_frozen_b
             await service.wake()
             await service.sleep(SleepAction.PAUSE, force=True)
             assert (await http_get(port, within=10)).endswith(BODY)
-        await wait_until(lambda: service.state is State.RUNNING, within=5)
+        await wait_until(lambda: service.state is State.RUNNING, within=30)
         pid, cid = docker("inspect", "-f", "{{.State.Pid}} {{.Id}}", name).split()
         assert frozen(pid, cid) is False
         # About two wakes a round (the API's, the request's: not exactly, a late "pause"

@@ -18,7 +18,7 @@ from wakeproxy import metrics
 from wakeproxy.core.states import State
 from wakeproxy.runtimes.docker import _clock_offset
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"
 
 
@@ -47,7 +47,7 @@ async def test_a_service_on_each_of_two_engines_and_a_stopped_engine_fails_only_
         assert (near.state, far.state) == (State.PAUSED, State.PAUSED)
         assert (await http_get(near_port)).endswith(BODY)
         assert (await http_get(far_port)).endswith(BODY)
-        await wait_until(lambda: near.stats.wakes["ok"] == far.stats.wakes["ok"] == 1, within=10)
+        await wait_until(lambda: near.stats.wakes["ok"] == far.stats.wakes["ok"] == 1, within=30)
         await wait_until(lambda: near.state is far.state is State.PAUSED, within=20)
 
         # The second engine goes away: its service fails when it needs the engine; the
@@ -57,7 +57,7 @@ async def test_a_service_on_each_of_two_engines_and_a_stopped_engine_fails_only_
         await wait_until(lambda: far.state is State.FAILED, within=20)
         assert (await http_get(near_port)).endswith(BODY)
         # (the container can answer before the engine's reply to the unpause arrives)
-        await wait_until(lambda: near.stats.wakes["ok"] == 2, within=10)
+        await wait_until(lambda: near.stats.wakes["ok"] == 2, within=30)
         text = metrics.render(proxy).decode()
         assert 'wakeproxy_engine_up{engine="second"} 0.0' in text
         assert 'wakeproxy_engine_up{engine="local"} 1.0' in text

@@ -280,8 +280,11 @@ def test_sighup_and_wakeproxy_reload_then_sigterm_lets_open_connections_finish(t
             sock.sendall(b"during the grace\n")  # ...the open connection carries on
             assert sock.recv(100) == b"during the grace\n"
             assert proxy.poll() is None
-        # The last connection closed: the proxy exits without waiting out the 20 s.
-        _, err = proxy.communicate(timeout=10)
+        # The last connection closed: the proxy exits without waiting out the 20 s (its
+        # log would say it closed connections still open; the deadline is for a slow
+        # machine, the log line the fact).
+        _, err = proxy.communicate(timeout=60)
+        assert "still open" not in err, err
     finally:
         if proxy.poll() is None:
             proxy.kill()
@@ -444,6 +447,34 @@ def test_out_of_file_descriptors_neither_spins_nor_kills_the_listener(tmp_path):
         proxy.communicate(timeout=30)
 
 
+def test_the_proxy_raises_its_open_file_limit_to_the_hard_limit_at_start(tmp_path):
+    # README: the proxy raises its open-file limit to the hard limit at start (two
+    # descriptors per connection). Started with soft 256, hard 4096: the kernel's own
+    # record of the running proxy's limits says 4096 for both.
+    admin, port, backend = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(admin, echo_service("a", port, backend)))
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    proxy = subprocess.Popen(
+        [*WAKEPROXY, "run", "-c", str(path)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=low_soft_limit,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not port_answers(port):
+            assert proxy.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proxy.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == ["4096", "4096"], line
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
+
+
 @pytest.mark.asyncio
 async def test_failures_injected_in_a_runtime_and_a_callback_stay_contained(monkeypatch):
     a, a_backend, b, b_backend = (free_port() for _ in range(4))
@@ -511,7 +542,12 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config(f'["sh", "-c", "{server} & wait"]'))
     marker = f"--port {backend} "
-    proxy = start_proxy(path, port)
+    # The runs' records in a folder of this test's own: they are in /tmp/wakeproxy-UID,
+    # shared by every proxy of this user, and any proxy starting there between the kill
+    # and the restart (another test run, a developer's own) ends the orphan and logs the
+    # line in its log, not this one's (seen: 4 of 6 runs beside a loop starting proxies).
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    proxy = start_proxy(path, port, env=env)
     try:
         start_then_pause(port, admin)
         proxy.kill()
@@ -528,7 +564,7 @@ def test_a_restart_ends_what_a_killed_proxy_left_of_a_forking_command(tmp_path):
         path.write_text(
             config(f'["{PYTHON}", "{BACKEND}", "--port", "{backend}", "--mode", "echo"]')
         )
-        proxy = start_proxy(path, port)
+        proxy = start_proxy(path, port, env=env)
         assert not Path(f"/proc/{orphan}").exists() or pids_with(marker) != [orphan]
         with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
             sock.sendall(b"again\n")  # the port the orphan held is free: a new server starts

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from wakeproxy import hibernate
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.memory import meminfo, swap_total
 from wakeproxy.metrics import render
@@ -69,6 +71,41 @@ def holder(name: str, port: int, backend: int, mib: int = HOLD_MIB, **settings):
     )
 
 
+LOWEST_PRIORITY = hibernate._lowest_priority
+
+
+@pytest.fixture(autouse=True)
+def reclaim_at_the_tests_priority(monkeypatch: pytest.MonkeyPatch):
+    """The reclaim threads at this process's priority, in a pool of this test's own.
+
+    The proxy reclaims at nice 19 so that it yields the CPU to everything else
+    (test_the_reclaim_threads_run_at_nice_19 checks that). Beside two busy loops of the
+    same session that is about 1.5% of a core: the API's hibernate of 64 MiB took 10 to
+    19 s (0.15 to 0.3 s of CPU), 200 MiB more than 20 s, and these tests then measured
+    the machine's load, not what hibernation gives back. At the test's own priority the
+    reclaim gets its fair share."""
+    monkeypatch.setattr(hibernate, "_lowest_priority", lambda: None)
+    monkeypatch.setattr(hibernate, "_WORKERS", None)
+    yield
+    pool = hibernate._WORKERS
+    if pool is not None:
+        pool.shutdown(wait=True)  # a reclaim a wake interrupted has returned by now
+
+
+async def test_the_reclaim_threads_run_at_nice_19(monkeypatch: pytest.MonkeyPatch):
+    # The README's promise, checked on the threads themselves (the other tests here run
+    # them at the test's priority): the kernel's nice of each worker, read in it.
+    monkeypatch.setattr(hibernate, "_lowest_priority", LOWEST_PRIORITY)
+    pool = hibernate._workers()
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {pool.submit(nice).result(timeout=30) for _ in range(8)}
+    assert seen == {19}, seen
+    assert pool._max_workers == 2
+
+
 @pytest.fixture(scope="module")
 def swap():
     """Swap for the heap to go to: the machine's, or a file made here and removed after."""
@@ -89,9 +126,11 @@ def swap():
         path.unlink(missing_ok=True)
 
 
-async def test_without_swap_it_says_so_once_and_still_sleeps_and_wakes():
+async def test_without_swap_it_says_so_once_and_still_sleeps_and_wakes(monkeypatch):
     if swap_total() > 0:
-        pytest.skip("this machine has swap of its own: the no-swap case cannot be shown here")
+        # A machine with swap of its own (or this module's swap file, made by a test
+        # that ran first): the proxy is shown none, as it reads it, instead of skipping.
+        monkeypatch.setattr(hibernate, "swap_total", lambda: 0)
     port, backend = free_port(), free_port()
     config = build(holder("small", port, backend, mib=8, sleep_policy={"action": "hibernate"}))
     async with running(config) as proxy:
@@ -99,7 +138,7 @@ async def test_without_swap_it_says_so_once_and_still_sleeps_and_wakes():
         assert "no swap on this host" in small.hibernator.note
         assert (await http_get(port)).endswith(b"backend\n")
         await put_to_sleep(small, SleepAction.HIBERNATE)
-        await wait_until(lambda: small.hibernator.hibernated, within=10)
+        await wait_until(lambda: small.hibernator.hibernated, within=60)
         assert small.state is State.PAUSED
         assert small.hibernator.describe()["hibernate_note"].startswith("no swap")
         assert body(await http_get(port, "/checksum")) == expected_checksum(8)
@@ -123,7 +162,7 @@ async def memory_returns(available_before: int, freed: int) -> None:
     200 MiB process was killed, MemFree rose 127 MiB in 0.2 s, 204 MiB in 6 s)."""
     try:
         await wait_until(
-            lambda: meminfo("MemAvailable") - available_before >= freed * 0.6, within=15
+            lambda: meminfo("MemAvailable") - available_before >= freed * 0.6, within=60
         )
     except TimeoutError:
         gained = meminfo("MemAvailable") - available_before
@@ -149,12 +188,13 @@ async def big_backend():
         yield big, port, await settle_memory(big)
 
 
+@pytest.mark.timeout(600)  # 21 hibernations of 200 MiB: a minute beside two busy loops
 async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_heap(swap):
     async with big_backend() as (big, port, awake):
         assert awake > HOLD_MIB * MIB * 0.9, awake
         available = await settled_available()
         await put_to_sleep(big, SleepAction.HIBERNATE)
-        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        await wait_until(lambda: big.hibernator.hibernated, within=60)
         asleep = big.hibernator.memory()
         assert asleep is not None
         assert asleep.resident <= awake * 0.10, (awake, asleep)
@@ -169,7 +209,7 @@ async def test_process_backend_hibernates_gives_its_memory_back_and_keeps_its_he
 
         for cycle in range(20):
             await put_to_sleep(big, SleepAction.HIBERNATE)
-            await wait_until(lambda: big.hibernator.hibernated, within=20)
+            await wait_until(lambda: big.hibernator.hibernated, within=60)
             path = "/checksum" if cycle % 5 == 4 else "/"
             reply = await http_get(port, path, within=30)
             assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
@@ -182,13 +222,17 @@ async def test_a_wake_during_the_reclaim_wins_and_stops_it(swap):
     async with big_backend() as (big, port, awake):
         # The wake arrives while the reclaim runs (0.3-0.9 s for 200 MiB here).
         await put_to_sleep(big, SleepAction.HIBERNATE)
-        await wait_until(lambda: big.node.reclaiming, within=1, interval=0.001)
+        await wait_until(lambda: big.node.reclaiming, within=30, interval=0.001)
+        reclaim = big.hibernator._task
+        assert reclaim is not None
         reply = await http_get(port, "/checksum", within=30)
         assert body(reply) == CHECKSUM
         assert big.state is State.RUNNING and not big.node.reclaiming
         assert not big.hibernator.hibernated and not big.stats.hibernate_fallbacks
-        # The reclaim was stopped, not left paging the running backend out.
-        await asyncio.sleep(1.0)
+        # The reclaim was stopped, not left paging the running backend out: its task ends
+        # only once the worker is out of the kernel's reclaim (a fact, where a second's
+        # sleep only sampled it), and the heap the checksum read is still in RAM after.
+        await asyncio.wait_for(asyncio.wait({reclaim}), 60)
         use = big.hibernator.memory()
         assert use is not None and use.resident >= awake * 0.9, (awake, use)
         assert big.stats.wakes["ok"] == 2 and big.stats.wakes["failed"] == 0
@@ -202,7 +246,7 @@ async def test_action_hibernate_after_idle_and_the_metrics_report_it(swap):
     async with running(config) as proxy:
         big = proxy.services["big"]
         assert (await http_get(port, within=30)).endswith(b"backend\n")
-        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        await wait_until(lambda: big.hibernator.hibernated, within=60)
         assert big.stats.sleeps[(SleepAction.PAUSE, "idle")] == 1
         text = render(proxy).decode()
         assert 'wakeproxy_hibernations_total{method="cgroup",service="big"} 1.0' in text
@@ -229,17 +273,20 @@ async def test_without_cap_sys_nice_pageout_falls_back_to_pause_says_why_and_cou
     try:
         assert (await http_get(port, within=30)).endswith(b"backend\n")
         metrics = b""
-        for _ in range(200):
-            metrics = await http_get(admin, "/metrics")
-            if b'wakeproxy_hibernate_fallbacks_total{reason="pageout_refused"' in metrics:
-                break
-            await asyncio.sleep(0.05)
+        # Until the fallback is counted (idle 0.3 s, then the refused page-out), 60 s at most.
+        async with asyncio.timeout(60):
+            while b'wakeproxy_hibernate_fallbacks_total{reason="pageout_refused"' not in metrics:
+                metrics = await http_get(admin, "/metrics")
+                await asyncio.sleep(0.05)
         assert b'reason="pageout_refused",service="big"} 1.0' in metrics, metrics[-2000:]
         assert b'wakeproxy_service_state{service="big",state="paused"} 1.0' in metrics
         assert (await http_get(port)).endswith(b"backend\n"), "plainly paused: still wakes"
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        # Waited for off the loop: blocking it here kept the client's close (a callback
+        # of this loop) from being sent, and the proxy waited its whole 10 s grace for
+        # that connection.
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
     assert "cannot hibernate, staying paused" in err and "CAP_SYS_NICE" in err, err[-2000:]
 
 
@@ -250,7 +297,7 @@ async def test_pageout_with_the_capability_moves_pages_to_swap_and_says_they_sta
         big = proxy.services["big"]
         assert (await http_get(port, within=30)).endswith(b"backend\n")
         await put_to_sleep(big, SleepAction.PAUSE)
-        await wait_until(lambda: big.hibernator.hibernated, within=20)
+        await wait_until(lambda: big.hibernator.hibernated, within=60)
         assert big.stats.hibernations["pageout"] == 1
         assert "stay cached in RAM" in big.hibernator.note
         assert body(await http_get(port, "/checksum", within=30)) == expected_checksum(64)
@@ -277,7 +324,7 @@ async def test_docker_backend_hibernates_at_its_container_cgroup(python_base, sw
             available = await settled_available()
             for cycle in range(3):
                 await put_to_sleep(box, SleepAction.HIBERNATE)
-                await wait_until(lambda: box.hibernator.hibernated, within=30)
+                await wait_until(lambda: box.hibernator.hibernated, within=60)
                 assert docker("inspect", "-f", "{{.State.Status}}", name) == "paused"
                 asleep = box.hibernator.memory()
                 assert asleep is not None and asleep.resident <= awake * 0.10, (awake, asleep)
@@ -297,8 +344,11 @@ async def test_api_hibernate_answers_once_the_memory_is_given_back(swap):
         big = proxy.services["big"]
         assert (await http_get(port, within=30)).endswith(b"backend\n")
         await wait_until(lambda: big.attached == 0, within=5)
+        # Answered once the reclaim ended: a deadline for a busy machine, not a speed.
         reply = await exchange(
-            admin, b"POST /services/big/hibernate HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            admin,
+            b"POST /services/big/hibernate HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            within=60,
         )
         assert reply.startswith(b"HTTP/1.1 200"), reply
         answer = orjson.loads(body(reply))

@@ -88,14 +88,19 @@ async def test_probes_are_answered_while_asleep_and_never_count_as_activity():
         reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
         assert reply.endswith(BODY) and service.stats.wakes["ok"] == 1
 
-        # Probes every 100 ms (forwarded while awake) do not keep it awake...
-        deadline = time.monotonic() + 5
+        # Probes every 100 ms (forwarded while awake) do not keep it awake: none moves
+        # the idle clock (the proxy's own record), so it stops 0.5 s after the request.
+        # The deadline is for a slow machine; the fact is the unmoved clock.
+        await wait_until(lambda: not service.connections, within=10)  # the request's own
+        woken_activity = service.last_activity
+        deadline = time.monotonic() + 60
         answered_by_backend = 0
         while service.state is not State.STOPPED:
             assert time.monotonic() < deadline, "probes kept the backend awake"
             head = await head_of(port, GATEWAY_PROBE)
             assert status(head) == 200
             answered_by_backend += b"Content-Length" in head
+            assert service.last_activity == woken_activity, "a probe counted as activity"
             await asyncio.sleep(0.1)
         assert answered_by_backend >= 1, "while awake, probes reach the backend"
         # ...and once it sleeps they are answered without waking it.
@@ -263,13 +268,16 @@ async def test_after_an_upgrade_or_connect_the_connection_is_plain_bytes(request
 async def test_connections_holding_part_of_a_head_are_capped():
     port, backend = free_port(), free_port()
     settings = "http: {max_partial_heads: 2, header_timeout: 5}"
-    async with running(config_from(http_config(http_service("web", port, backend, settings)))):
+    config = config_from(http_config(http_service("web", port, backend, settings)))
+    async with running(config) as proxy:
+        service = proxy.services["web"]
         partial = []
         for _ in range(2):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
             partial.append((reader, writer))
-        await asyncio.sleep(0.2)  # both partial heads are in the proxy's buffers
+        # Both partial heads are in the proxy's buffers: its own count says so.
+        await wait_until(lambda: service.partial_heads == 2, within=10)
         # An idle connection holds no head: it is not counted and is served.
         reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert reply.endswith(BODY)

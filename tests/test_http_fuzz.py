@@ -138,16 +138,56 @@ def test_chunked_bodies_end_where_they_end_however_they_are_split(
     assert bytes(kept) == b"".join(chunks)
 
 
+def _damaged(chunks: list[bytes], tail: bytes, at: int, byte: int) -> bytes:
+    """A valid chunked body, then ``tail``, with one byte replaced (``at`` past the end:
+    none): mostly near-valid bodies, so that all three outcomes come up."""
+    data = bytearray(b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
+    data += tail
+    if at < len(data):
+        data[at] = byte
+    return bytes(data)
+
+
+_body_like = st.builds(
+    _damaged,
+    st.lists(st.binary(min_size=1, max_size=40), max_size=3),
+    st.binary(max_size=20),
+    st.integers(0, 300),
+    st.integers(0, 255),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400), st.lists(st.integers(min_value=0, max_value=400), max_size=4))
+@given(
+    st.one_of(st.binary(max_size=400), _body_like),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=4),
+)
 def test_random_bytes_as_a_chunked_body_end_or_fail_cleanly(data: bytes, cuts: list[int]) -> None:
-    parser = ChunkedBody()
+    # Cleanly: BadChunk is the only error (any other would fail the test), the outcome
+    # does not depend on how the bytes were split, and an end is a real one: within the
+    # bytes, and the bytes up to it parse alone as a whole body ending there.
+    outcome = _parse(data, cuts)
+    assert outcome == _parse(data, []), (outcome, _parse(data, []))
+    kind, end = outcome
+    assert kind in ("end", "bad", "more")
+    if kind == "end":
+        assert 0 < end <= len(data)
+        assert _parse(data[:end], []) == ("end", end)
+
+
+def _parse(data: bytes, cuts: list[int]) -> tuple[str, int]:
+    """("end", where the body ends), ("bad", -1) for BadChunk, ("more", -1) when it
+    wants more bytes."""
+    parser, offset = ChunkedBody(), 0
     try:
         for piece in _split(data, cuts):
-            if parser.feed(piece) >= 0:
-                break
+            end = parser.feed(piece)
+            if end >= 0:
+                return "end", offset + end
+            offset += len(piece)
     except BadChunk:
-        pass
+        return "bad", -1
+    return "more", -1
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -16,11 +16,13 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from mcp import ClientSession
 from mcp.client import streamable_http
 from mcp.client.sse import sse_client
+from mcp.shared.exceptions import McpError
 
 from tests.helpers import (
     PYTHON,
@@ -106,9 +108,12 @@ async def test_sdk_client_wakes_a_paused_mcp_server_once_and_calls_its_tool(tran
             assert await shout(session, "hello") == "HELLO!"
             assert service.stats.wakes["ok"] == wakes + 1, "one wake for the whole session"
             if transport == "sse":
-                # keep-awake (the default): the open stream keeps the backend running.
+                # keep-awake (the default): the open stream keeps the backend running. The
+                # proxy counts it as needing the backend (no idle deadline is due), and
+                # three idle timeouts later it still runs.
+                assert service.attached >= 1 and service.sleeps_in() is None
                 await asyncio.sleep(1.5)
-                assert service.state is State.RUNNING
+                assert service.state is State.RUNNING and service.sleeps_in() is None
                 assert await shout(session, "again") == "AGAIN!"
 
 
@@ -282,8 +287,15 @@ async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
             assert isinstance(runtime, ProcessRuntime) and runtime.pid is not None
             os.kill(runtime.pid, signal.SIGKILL)
             await wait_until(lambda: dead.state is not State.RUNNING, within=10)
-            with pytest.raises(Exception):  # noqa: B017 - the SDK's error varies by transport
+            # The SDK's own error for a session that is gone, never a timeout (a call left
+            # hanging would pass an "any exception" check): streamable HTTP reads the
+            # proxy's 404 as "Session terminated"; over SSE the event stream ended with the
+            # replica and the session's streams are closed.
+            gone = McpError if transport == "streamable-http" else anyio.ClosedResourceError
+            with pytest.raises(gone) as raised:
                 await whoami(sessions[0], within=10)
+            if transport == "streamable-http":
+                assert "Session terminated" in str(raised.value)
             pool = proxy.pools["tools"]
             if transport == "streamable-http":
                 # The proxy itself said 404 (the MCP spec's "unknown session").

@@ -24,6 +24,7 @@ from tests.helpers import (
     config_text,
     free_port,
     http_get,
+    proxy_log,
     running,
     service,
     wait_until,
@@ -152,6 +153,69 @@ async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
         assert books["used"] == 1
         metrics = (await http_get(proxy.config.admin.listen.port, "/metrics")).decode()
         assert 'wakeproxy_predicted_wakes_used_total{kind="chain",service="files"} 1.0' in metrics
+
+
+async def test_a_fault_in_prediction_is_logged_and_never_reaches_the_connection_or_wake(
+    monkeypatch,
+):
+    # README: a fault in prediction is logged and never reaches the connection or the
+    # wake that called it. The predictor's hooks for a request and for a wake raise.
+    config = config_from(
+        config_text(
+            command_service("web", {"idle_timeout": 600, "predict": {"arrivals": True}}),
+            prediction={"state_file": None},
+        )
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        assert proxy.predictions is not None and proxy.predictions.active
+
+        def fault(*args: object) -> None:
+            raise RuntimeError("injected prediction fault")
+
+        core = type(proxy.predictions.core)
+        monkeypatch.setattr(core, "arrived", fault)
+        monkeypatch.setattr(core, "woke", fault)
+        with proxy_log() as messages:
+            reply = await http_get(web.cfg.listen.port, within=30)  # stopped: a start
+            assert reply.endswith(b"backend\n")
+            assert (await http_get(web.cfg.listen.port, within=30)).endswith(b"backend\n")
+        assert web.stats.wakes["ok"] == 1 and web.stats.wakes["failed"] == 0
+        assert web.state is State.RUNNING
+        assert web.stats.connections["forwarded"] == 2
+        failed = [m for m in messages if "prediction failed" in m]
+        assert "web: prediction failed while reading a request; carrying on" in failed
+        assert "web: prediction failed while reading a wake; carrying on" in failed
+
+
+async def test_the_tables_are_saved_every_save_interval_when_they_changed(tmp_path):
+    # README: saved to prediction.state_file every save_interval (5 minutes by default)
+    # when they changed, not only at shutdown; unchanged tables are not written again.
+    state = tmp_path / "prediction.json"
+    config = config_from(
+        config_text(
+            command_service("web", {"idle_timeout": 600, "predict": {"arrivals": True}}),
+            prediction={"state_file": str(state), "save_interval": 0.2},
+        )
+    )
+    async with running(config) as proxy:
+        web = proxy.services["web"]
+        predictions = proxy.predictions
+        assert predictions is not None
+        await http_get(web.cfg.listen.port, within=30)
+        # Written while the proxy runs (a file is replaced whole: a new inode per save).
+        await wait_until(state.exists, within=30)
+        saved = orjson.loads(state.read_bytes())
+        assert saved["services"] == ["web"] and len(saved["arrivals"]["web"]) == 1
+        # Nothing changes now: once the proxy has nothing unsaved, five intervals pass
+        # with no write (the margin is the configured interval; the condition is its own).
+        await wait_until(lambda: not predictions._dirty and predictions._writing.done(), within=30)
+        written = state.stat().st_ino
+        await asyncio.sleep(1.0)
+        assert state.stat().st_ino == written, "unchanged tables written again"
+        # A request changes them: saved again at the next interval.
+        await http_get(web.cfg.listen.port, within=30)
+        await wait_until(lambda: state.stat().st_ino != written, within=30)
 
 
 async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(tmp_path, caplog):

@@ -17,8 +17,16 @@ import types
 
 import pytest
 
-from tests.helpers import config_from, echo_server, exchange, free_port, lone_service, wait_until
-from wakeproxy import admission
+from tests.helpers import (
+    config_from,
+    echo_server,
+    exchange,
+    free_port,
+    listener_drops,
+    lone_service,
+    wait_until,
+)
+from wakeproxy import admission, forward
 from wakeproxy.admission import Admission
 from wakeproxy.api import service_status
 from wakeproxy.config import Address
@@ -94,15 +102,55 @@ async def test_overflow_is_closed_at_once_and_counted():
 async def test_wake_timeout_closes_held_connections():
     runtime = FakeRuntime(State.PAUSED, delay=2.0)
     async with Harness(runtime, settings(wake_timeout=0.2)) as h:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         replies = await asyncio.gather(*(h.roundtrip() for _ in range(3)))
+        # Closed by the timeout, not by the 2 s unpause ending (that would have answered
+        # them): the counts say which, whatever the clock read.
         assert replies == [b"", b"", b""]
-        assert loop.time() - started < 1.5
+        assert h.service.stats.wakes["ok"] == 0
         assert h.service.stats.connections["wake_timeout"] == 3
         assert h.service.stats.wakes["timeout"] == 1
         assert h.service.state is State.FAILED
         assert "wake_timeout (0.2s)" in h.service.reason
+
+
+class GatedRuntime(FakeRuntime):
+    """A stopped backend whose start ends when the test opens the gate (a start: no
+    early connect, the held bytes stay in the proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__(State.STOPPED)
+        self.gate = asyncio.Event()
+
+    async def start(self) -> None:
+        self.calls["start"] += 1
+        await self.gate.wait()
+        self.state = State.RUNNING
+
+
+async def test_a_held_connection_stops_being_read_once_64_kib_are_held():
+    # README: reading pauses once 64 KiB are held, so a held connection buffers 64 KiB
+    # plus the read that crossed it. The facts: the proxy's socket for it is no longer
+    # read (the transport says so), what it holds stays under 64 KiB plus one read
+    # (uvloop reads at most 256 KiB at once), and after the wake every byte arrives.
+    runtime = GatedRuntime()
+    async with Harness(runtime, settings(wake_timeout=60)) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        try:
+            sent = bytes(range(256)) * 4096  # 1 MiB, queued in this side's transport
+            writer.write(sent)
+            await wait_until(lambda: h.service.held == 1, within=10)
+            (conn,) = h.service.connections
+            await wait_until(lambda: conn._pending_size >= forward.HOLD_LIMIT, within=10)
+            assert conn.reading_paused
+            assert conn.transport is not None and not conn.transport.is_reading()
+            held = conn._pending_size
+            assert held < forward.HOLD_LIMIT + 256 * 1024, held
+            runtime.gate.set()
+            echoed = await asyncio.wait_for(reader.readexactly(len(sent)), 30)
+            assert echoed == sent
+            assert runtime.calls["start"] == 1
+        finally:
+            writer.transport.abort()
 
 
 async def test_failed_wake_backs_off_then_recovers():
@@ -133,25 +181,43 @@ async def test_idle_timer_pauses_only_with_no_open_connection():
         assert runtime.calls["pause"] == 0, "paused under an open connection"
         assert h.service.sleeps_in() is None
         writer.close()
-        await wait_until(lambda: h.service.state is State.PAUSED, within=2)
+        await wait_until(lambda: h.service.state is State.PAUSED, within=10)
         assert runtime.calls["pause"] == 1
         assert h.service.stats.sleeps[("pause", "idle")] == 1
 
 
+class GatedPause(FakeRuntime):
+    """A pause that ends when the test opens the gate: the pause stays in flight for as
+    long as the test needs, however slow the machine."""
+
+    def __init__(self) -> None:
+        super().__init__(State.RUNNING)
+        self.gate = asyncio.Event()
+
+    async def pause(self) -> None:
+        self.calls["pause"] += 1
+        await self.gate.wait()
+        self.state = State.PAUSED
+
+
 async def test_connection_during_pause_waits_then_wakes():
-    runtime = FakeRuntime(State.RUNNING, delay=0.3)
+    runtime = GatedPause()
     async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.1}")) as h:
-        await wait_until(lambda: h.service.state is State.PAUSING, within=2)
-        assert await h.roundtrip(b"race") == b"race"
+        await wait_until(lambda: h.service.state is State.PAUSING, within=10)
+        race = asyncio.ensure_future(h.roundtrip(b"race", within=30))
+        await wait_until(lambda: h.service.attached == 1, within=10)
+        assert h.service.state is State.PAUSING, "it waits for the pause in flight"
+        runtime.gate.set()
+        assert await race == b"race"
         assert runtime.calls["pause"] == 1 and runtime.calls["unpause"] == 1
-        await wait_until(lambda: h.service.state is State.RUNNING, within=2)
+        await wait_until(lambda: h.service.state is State.RUNNING, within=10)
 
 
 async def test_stop_after_stops_a_paused_backend():
     runtime = FakeRuntime(State.RUNNING)
     policy = "{idle_timeout: 0.1, stop_after: 0.2}"
     async with Harness(runtime, settings(sleep_policy=policy)) as h:
-        await wait_until(lambda: h.service.state is State.STOPPED, within=3)
+        await wait_until(lambda: h.service.state is State.STOPPED, within=10)
         assert runtime.calls["pause"] == 1 and runtime.calls["stop"] == 1
         assert await h.roundtrip(b"up") == b"up"
         assert runtime.calls["start"] == 1
@@ -160,8 +226,10 @@ async def test_stop_after_stops_a_paused_backend():
 async def test_high_priority_never_sleeps():
     runtime = FakeRuntime(State.RUNNING)
     async with Harness(runtime, settings(sleep_policy="{idle_timeout: 0.05, priority: high}")) as h:
-        await asyncio.sleep(0.4)
+        assert h.service.sleeps_in() is None, "no idle deadline is due"
+        await asyncio.sleep(0.4)  # 8 idle timeouts
         assert runtime.calls["pause"] == 0 and h.service.state is State.RUNNING
+        assert h.service.sleeps_in() is None
 
 
 async def test_external_pause_is_followed():
@@ -179,7 +247,9 @@ async def test_wake_on_data_ignores_silent_connections():
     runtime = FakeRuntime(State.PAUSED)
     async with Harness(runtime, settings(wake_on="data")) as h:
         _, writer = await asyncio.open_connection("127.0.0.1", h.port)
-        await asyncio.sleep(0.2)
+        # Accepted by the proxy (a condition, not a time), and yet not attached.
+        await wait_until(lambda: len(h.service.connections) == 1, within=10)
+        await asyncio.sleep(0.1)  # loop turns after the accept: still nothing
         assert runtime.calls["unpause"] == 0 and h.service.attached == 0
         writer.close()
         assert await h.roundtrip(b"data") == b"data"
@@ -192,11 +262,11 @@ async def test_idle_connection_timeout_closes_silent_connections():
         reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
         writer.write(b"a")
         assert await reader.readexactly(1) == b"a"
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(30):  # closed at 0.3 s: the deadline is for a slow machine
             assert await reader.read(-1) == b""
         writer.close()
         assert h.service.stats.connections["idle_timeout"] == 1
-        await wait_until(lambda: h.service.attached == 0, within=1)
+        await wait_until(lambda: h.service.attached == 0, within=10)
 
 
 async def test_api_wake_and_repr():
@@ -392,6 +462,7 @@ async def test_held_connections_connect_during_the_thaw_up_to_the_backlog_and_no
     service = await _thawing(runtime, backend)
     serving = asyncio.create_task(backend.serve())
     try:
+        dropped = listener_drops(backend.port)
         results = await _clients(service.cfg.listen.port, 30)
         assert [reply for _, reply in results] == [b"c%d" % i for i in range(30)]
         # Early: as many as the accept queue took, no more (a 9th would be a dropped SYN).
@@ -400,10 +471,62 @@ async def test_held_connections_connect_during_the_thaw_up_to_the_backlog_and_no
         # slots while the backend was frozen, so the window after it is the queue's (not 1,
         # and never past its limit).
         assert service.admission.window == 8, service.admission.window
-        slowest = max(seconds for seconds, _ in results)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s: a SYN was dropped"
+        # The kernel's count at the backend's listener, not a client's wait under 1 s.
+        assert listener_drops(backend.port) == dropped, "a SYN was dropped"
         assert service.stats.connections["forwarded"] == 30
         assert runtime.calls["unpause"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_a_backend_that_accepts_late_after_its_wake_gets_no_connect_past_its_queue():
+    # The backend runs again but accepts nothing for 0.5 s (a loaded machine: busybox's
+    # fork per connection behind two busy cores), well past the 100 ms after which a
+    # silent connection gives its release slot back. The slots alone then let the next
+    # window's connects into a queue still full of the early ones, and the kernel drops
+    # their SYNs (each client retries a second later). Connects go only into the room the
+    # kernel shows: the listener's own drop count stays 0, whatever the timing.
+    runtime = FakeRuntime(State.PAUSED, delay=0.2)
+    backend = QueueOnlyBackend(runtime, backlog=8, lag=0.5)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    try:
+        dropped = listener_drops(backend.port)
+        results = await _clients(service.cfg.listen.port, 30)
+        assert [reply for _, reply in results] == [b"c%d" % i for i in range(30)]
+        assert service.admission.early_connects == 8
+        assert listener_drops(backend.port) == dropped, "SYNs dropped at the backend's queue"
+        assert service.stats.connections["forwarded"] == 30
+        assert runtime.calls["unpause"] == 1
+    finally:
+        serving.cancel()
+        await service.close()
+        backend.sock.close()
+
+
+async def test_connections_arriving_behind_a_release_are_paced_with_it_not_sent_past_it():
+    # Four held clients fill the accept queue during the thaw; the backend then accepts
+    # nothing for 0.5 s. Ten clients arriving meanwhile find it running and nothing
+    # queued: sent straight upstream they would meet the full queue (dropped SYNs,
+    # one-second retries). They wait behind the release's connects, for room.
+    runtime = FakeRuntime(State.PAUSED, delay=0.2)
+    backend = QueueOnlyBackend(runtime, backlog=4, lag=0.5)
+    service = await _thawing(runtime, backend)
+    serving = asyncio.create_task(backend.serve())
+    port = service.cfg.listen.port
+    try:
+        dropped = listener_drops(backend.port)
+        first = asyncio.ensure_future(_clients(port, 4))
+        await wait_until(lambda: service.state is State.RUNNING, within=15)
+        assert not backend.accepted, "the backend accepts only after its lag"
+        later = await _clients(port, 10)
+        assert [reply for _, reply in later] == [b"c%d" % i for i in range(10)]
+        assert [reply for _, reply in await first] == [b"c%d" % i for i in range(4)]
+        assert service.admission.early_connects == 4
+        assert listener_drops(backend.port) == dropped, "SYNs dropped at the backend's queue"
+        assert service.stats.connections["forwarded"] == 14
     finally:
         serving.cancel()
         await service.close()
@@ -463,6 +586,7 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
     port = service.cfg.listen.port
     try:
         assert service.admission.learned == admission.FALLBACK_WINDOW
+        dropped = listener_drops(backend.port)
         first = await _clients(port, 30)
         assert service.stats.connections["forwarded"] == 30
         assert service.admission.early_connects == 0, "no early connect where it cannot see"
@@ -470,7 +594,9 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         # from yet: the rest were dropped and retried a second later (and some completed
         # by a SYN cookie lost their bytes: the kernel's doing, which is why the window
         # matters), and what was in flight when the first was sent is the window now.
-        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED
+        assert listener_drops(backend.port) > dropped
+        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED  # a retry's floor
+        dropped = listener_drops(backend.port)
         assert 1 <= service.admission.learned <= 10, service.admission.learned
         learned = service.admission.learned
         assert service_status(service)["release"] == {
@@ -481,8 +607,9 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         await service.sleep(SleepAction.PAUSE)
         second = await _clients(port, 30)
         assert [reply for _, reply in second] == [b"c%d" % i for i in range(30)]
-        slowest = max(seconds for seconds, _ in second)
-        assert slowest < 1.0, f"a client waited {slowest:.2f} s at the learned window"
+        # At the learned window the kernel dropped nothing (its count, not a client's
+        # wait under a second, which a busy machine can stretch with no SYN dropped).
+        assert listener_drops(backend.port) == dropped, "a SYN dropped at the learned window"
         assert runtime.calls["unpause"] == 2
         assert service.stats.connections["forwarded"] == 60
         assert service.admission.learned == learned, "no SYN retry, nothing more to learn"
@@ -504,6 +631,42 @@ class _Stalling:
 
     async def create_connection(self, *args: object) -> None:
         await asyncio.Event().wait()
+
+
+async def test_repeated_connect_errors_are_logged_at_most_once_per_5_s_with_a_count(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # README: repeated upstream connect errors are logged at most once per 5 s per
+    # service, with a count of those not logged. The clock is the test's.
+    now = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    gate = Admission(
+        "web", ServiceStats(), backend=lambda: None, spawn=asyncio.ensure_future,
+        on_connect_error=lambda: None, connect_timeout=1.0, concurrency=None,
+    )  # fmt: skip
+    backend = Address("127.0.0.1", 9)
+    refused = ConnectionRefusedError(111, "Connection refused")
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="wakeproxy.service"):
+        gate._log_connect_error(backend, refused)
+        for step in range(1, 50):  # 49 more within 4.9 s: none logged
+            now[0] = 1000.0 + step * 0.1
+            gate._log_connect_error(backend, refused)
+        assert logged() == [
+            "web: cannot connect to backend 127.0.0.1:9: [Errno 111] Connection refused"
+        ]
+        now[0] = 1005.0  # 5 s after the one logged: the next is, with the count
+        gate._log_connect_error(backend, TimeoutError())
+        assert logged()[1:] == ["web: cannot connect to backend 127.0.0.1:9: timed out (+49 more)"]
+        now[0] = 1009.9
+        gate._log_connect_error(backend, refused)
+        assert len(logged()) == 2
+        now[0] = 1010.0
+        gate._log_connect_error(backend, refused)
+        assert logged()[2].endswith("Connection refused (+1 more)")
 
 
 async def test_a_connect_past_connect_timeout_raises_timeout_and_an_outside_cancel_stays_one():

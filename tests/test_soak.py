@@ -10,13 +10,14 @@ is ``python -m bench.soak`` (the same test with more rounds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 
 import pytest
 
-from tests.helpers import backend_command, config_from, free_port, running
+from tests.helpers import backend_command, config_from, free_port, running, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -100,11 +101,16 @@ async def test_integrity_while_services_sleep_and_wake():
 
     async with running(config_from(soak_config(ports))) as proxy:
         await asyncio.gather(*(client(n, 3) for n in range(8)))  # warm-up: every backend up
-        await asyncio.sleep(1.0)
+        services = list(proxy.services.values())
+        await wait_until(lambda: not any(s.connections for s in services), within=30)
         fds_before = open_descriptors()
         wakes_before = sum(s.stats.wakes["ok"] for s in proxy.services.values())
         await asyncio.gather(*(client(n, ROUNDS) for n in range(CLIENTS)))
-        await asyncio.sleep(1.0)  # let the last connections close on both sides
+        # The last connections closed on both sides (the proxy's own table), then the
+        # descriptors come back to where they were: a leak never does (30 s to show it).
+        await wait_until(lambda: not any(s.connections for s in services), within=30)
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: open_descriptors() <= fds_before + 2, within=30)
         wakes = sum(s.stats.wakes["ok"] for s in proxy.services.values()) - wakes_before
         sleeps = {name: sum(s.stats.sleeps.values()) for name, s in proxy.services.items()}
         failures = {

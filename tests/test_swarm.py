@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from wakeproxy.core.states import State
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"
 
 
@@ -51,6 +51,13 @@ def swarm_config(swarm, name: str, port: int, backend: int, action: str):
             engines={"swarm": {"host": swarm.host}},
         )
     )  # fmt: skip
+
+
+def running_tasks(swarm, name: str) -> list[str]:
+    """The task containers of Swarm service ``name`` the engine lists as running."""
+    return docker(
+        "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={name}", host=swarm.host
+    ).split()
 
 
 def update_events(swarm, name: str, since: float) -> int:
@@ -94,10 +101,12 @@ async def test_with_action_pause_its_task_containers_on_this_node_are_paused_and
     name = f"wp-{uuid.uuid4().hex[:8]}"
     port, backend = free_port(), free_port()
     create_service(swarm, name, backend, replicas=1)
+    # busybox listens as soon as it runs, before dockerd has marked its container running
+    # (a window a loaded machine widens): wait for the engine to list the task, which is
+    # also what the proxy's start-up listing must see to read the service running.
+    await wait_until(lambda: len(running_tasks(swarm, name)) == 1, within=60, interval=0.1)
     await wait_until(lambda: port_answers(backend), within=60)
-    (task,) = docker(
-        "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={name}", host=swarm.host
-    ).split()
+    (task,) = running_tasks(swarm, name)
     config = swarm_config(swarm, name, port, backend, "pause")
     since = time.time()
     async with running(config) as proxy:
@@ -107,7 +116,7 @@ async def test_with_action_pause_its_task_containers_on_this_node_are_paused_and
         paused = docker("inspect", "-f", "{{.State.Paused}}", task, host=swarm.host)
         assert paused == "true"
         assert (await http_get(port, within=20)).endswith(BODY)
-        await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
+        await wait_until(lambda: web.stats.wakes["ok"] == 1, within=30)
         until = time.time() + 1
         events = docker(
             "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
@@ -208,4 +217,4 @@ async def test_a_stack_deployed_with_wakeproxy_labels_is_discovered_woken_and_sl
         # The stack removed: its service goes, and with it the listener.
         docker("stack", "rm", stack, host=swarm.host, within=60)
         await wait_until(lambda: name not in proxy.services, within=20)
-        assert not port_answers(port)
+        await wait_until(lambda: not port_answers(port), within=20)

@@ -268,7 +268,10 @@ class Predictor:
             if service is None or not service.settings.chains:
                 continue
             settings = service.settings
-            if not _trusted(n, settings.min_samples) or p < settings.threshold:
+            # P as the API shows it (3 places): the counts are stored to 1e-6, so a
+            # follower that came after every episode reads 0.9999997, and threshold 1.0
+            # (allowed) would never wake it.
+            if not _trusted(n, settings.min_samples) or round(p, 3) < settings.threshold:
                 continue
             if active(service.asleep, now) is not None:
                 continue
