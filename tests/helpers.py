@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 import yaml
+from mcp import ClientSession
 
 # Ports: the bench harness's (one registry: never the same port twice in a process).
 from bench.peers import consecutive_ports as consecutive_ports
@@ -449,3 +450,95 @@ async def admin_put(proxy, path: str, payload: bytes, token: str | None = None):
     ).encode() + payload
     status, _, body = await admin_call(proxy, "PUT", path, raw=raw)
     return status, orjson.loads(body)
+
+
+# ---- MCP: the real SDK's server and client
+
+MCP_SERVER = str(Path(__file__).parent / "backends" / "mcp_server.py")
+
+
+def mcp_yaml(port: int, backend: int, transport: str, *lines: str, ping: float = 15) -> str:
+    command = [PYTHON, MCP_SERVER, "--port", str(backend), "--transport", transport]
+    command += ["--ping", str(ping)]
+    return "\n".join(
+        [
+            "admin:",
+            f"  listen: 127.0.0.1:{free_port()}",
+            "services:",
+            "  echo:",
+            f"    listen: 127.0.0.1:{port}",
+            f"    backend: 127.0.0.1:{backend}",
+            "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
+            "    mode: http",
+            "    wake_timeout: 30",
+            *(f"    {line}" for line in lines),
+        ]
+    )
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(port: int, transport: str) -> AsyncIterator[ClientSession]:
+    """The SDK's own client, as the gateway uses it, through the proxy."""
+    async with mcp_client(port, transport) as (session, _, _):
+        yield session
+
+
+@dataclass
+class McpClient:
+    """A session of the SDK's client: its initialize result and its session id."""
+
+    session: ClientSession
+    result: Any  # mcp.types.InitializeResult
+    session_id: Callable[[], str | None]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.session, self.result, self.session_id))
+
+
+@contextlib.asynccontextmanager
+async def mcp_client(port: int, transport: str = "streamable-http") -> AsyncIterator[McpClient]:
+    """The SDK's own client (1.x) through the proxy: initialize, then the session. On the
+    way out it ends the session (streamable HTTP: a DELETE). Entering and leaving it is
+    the gateway's health check: initialize, initialized, the GET stream, DELETE."""
+    from mcp.client import streamable_http
+    from mcp.client.sse import sse_client
+
+    async with contextlib.AsyncExitStack() as stack:
+        get_id: Callable[[], str | None] = lambda: None  # noqa: E731 - SSE has none
+        if transport == "sse":
+            read, write = await stack.enter_async_context(
+                sse_client(f"http://127.0.0.1:{port}/sse")
+            )
+        else:
+            # streamable_http_client replaced streamablehttp_client (deprecated) in newer SDKs.
+            client = getattr(streamable_http, "streamable_http_client", None)
+            client = client or streamable_http.streamablehttp_client
+            url = f"http://127.0.0.1:{port}/mcp"
+            read, write, get_id = await stack.enter_async_context(client(url))
+        session = await stack.enter_async_context(ClientSession(read, write))
+        result = await asyncio.wait_for(session.initialize(), 60)
+        yield McpClient(session, result, get_id)
+
+
+async def call_text(session: ClientSession, tool: str, within: float = 30, **args: Any) -> str:
+    """A tool's text answer (the call must succeed)."""
+    result = await asyncio.wait_for(session.call_tool(tool, args), within)
+    assert not result.isError, result
+    block = result.content[0]
+    assert block.type == "text"
+    return block.text
+
+
+async def shout(session: ClientSession, text: str) -> str:
+    return await call_text(session, "shout", text=text)
+
+
+async def paused(service: Service) -> None:
+    """Started once (a cold process start), then paused: the state the tests wake from."""
+    await service.wake("test set-up")
+    await service.sleep("pause", "api")
+    assert service.state is State.PAUSED
+
+
+async def whoami(session: ClientSession, within: float = 30) -> int:
+    return int(await call_text(session, "whoami", within))

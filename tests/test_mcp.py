@@ -13,18 +13,14 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import httpx
 import pytest
-from mcp import ClientSession
-from mcp.client import streamable_http
-from mcp.client.sse import sse_client
 from mcp.shared.exceptions import McpError
 
 from tests.helpers import (
+    MCP_SERVER,
     PYTHON,
     config_from,
     consecutive_ports,
@@ -32,68 +28,19 @@ from tests.helpers import (
     docker,
     free_port,
     http_get,
+    mcp_session,
+    mcp_yaml,
+    paused,
     port_answers,
     running,
+    shout,
     wait_until,
+    whoami,
 )
 from wakeproxy.core.states import Outcome, State
 from wakeproxy.runtimes.process import ProcessRuntime
-from wakeproxy.service import Service
 
 pytestmark = pytest.mark.asyncio
-MCP_SERVER = str(Path(__file__).parent / "backends" / "mcp_server.py")
-
-
-def mcp_yaml(port: int, backend: int, transport: str, *lines: str, ping: float = 15) -> str:
-    command = [PYTHON, MCP_SERVER, "--port", str(backend), "--transport", transport]
-    command += ["--ping", str(ping)]
-    return "\n".join(
-        [
-            "admin:",
-            f"  listen: 127.0.0.1:{free_port()}",
-            "services:",
-            "  echo:",
-            f"    listen: 127.0.0.1:{port}",
-            f"    backend: 127.0.0.1:{backend}",
-            "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
-            "    mode: http",
-            "    wake_timeout: 30",
-            *(f"    {line}" for line in lines),
-        ]
-    )
-
-
-@contextlib.asynccontextmanager
-async def mcp_session(port: int, transport: str) -> AsyncIterator[ClientSession]:
-    """The SDK's own client, as the gateway uses it, through the proxy."""
-    async with contextlib.AsyncExitStack() as stack:
-        if transport == "sse":
-            read, write = await stack.enter_async_context(
-                sse_client(f"http://127.0.0.1:{port}/sse")
-            )
-        else:
-            # streamable_http_client replaced streamablehttp_client (deprecated) in newer SDKs.
-            client = getattr(streamable_http, "streamable_http_client", None)
-            client = client or streamable_http.streamablehttp_client
-            read, write, _ = await stack.enter_async_context(client(f"http://127.0.0.1:{port}/mcp"))
-        session = await stack.enter_async_context(ClientSession(read, write))
-        await session.initialize()
-        yield session
-
-
-async def shout(session: ClientSession, text: str) -> str:
-    result = await asyncio.wait_for(session.call_tool("shout", {"text": text}), 30)
-    assert not result.isError, result
-    block = result.content[0]
-    assert block.type == "text"
-    return block.text
-
-
-async def paused(service: Service) -> None:
-    """Started once (a cold process start), then paused: the state the tests wake from."""
-    await service.wake("test set-up")
-    await service.sleep("pause", "api")
-    assert service.state is State.PAUSED
 
 
 @pytest.mark.parametrize("transport", ["sse", "streamable-http"])
@@ -236,12 +183,6 @@ async def test_mcp_server_in_a_paused_container_wakes_for_a_session_never_for_pr
             assert container_status(name) == "running"
     finally:
         docker("rm", "-f", name)
-
-
-async def whoami(session: ClientSession, within: float = 30) -> int:
-    result = await asyncio.wait_for(session.call_tool("whoami", {}), within)
-    assert not result.isError, result
-    return int(result.content[0].text)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("transport", ["sse", "streamable-http"])

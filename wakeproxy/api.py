@@ -376,6 +376,7 @@ def service_status(service: Service) -> dict[str, Any]:
         "release": service.admission.describe(),
         "last_error": _last_error(service),
         "replica_of": service.cfg.replica_of,
+        "mcp": service.mcp.describe() if service.mcp and not service.cfg.replica_of else None,
     }
 
 
@@ -393,6 +394,7 @@ def pool_status(pool: Pool) -> dict[str, Any]:
         "scale_ups": pool.scale_ups,
         "moved": pool.moved,
         "sessions_lost": pool.sessions.lost,
+        "mcp": pool.mcp.describe() if pool.cfg.mode == "http" else None,
         "replicas": [
             {
                 "name": r.name,

@@ -133,6 +133,62 @@ class ProxyCollector(Collector):
                 answers.add_metric([pool.name, str(code)], count)
         yield from (replicas, scale_ups, circuits, moved, placed)
 
+    def _mcp(self) -> Iterator[Metric]:
+        """MCP over streamable HTTP, per listener (a service, or a pool of replicas)."""
+        fronts = [s.mcp for s in self.proxy.services.values() if not s.cfg.replica_of and s.mcp]
+        fronts += [pool.mcp for pool in self.proxy.pools.values() if pool.cfg.mode == "http"]
+        fronts = [front for front in fronts if front.fronts()]
+        if not fronts:
+            return
+        answered = CounterMetricFamily(
+            "wakeproxy_mcp_answered",
+            "MCP requests the proxy answered itself (session set-up while the server slept; "
+            "a session it minted and no longer holds), by method.",
+            labels=["service", "method"],
+        )
+        opened = CounterMetricFamily(
+            "wakeproxy_mcp_sessions_opened",
+            "Sessions the proxy opened on a server with the client's own initialize: "
+            "materialized (the proxy answered their start), resumed (their server lost them).",
+            labels=["service", "how"],
+        )
+        failed = CounterMetricFamily(
+            "wakeproxy_mcp_replays_failed",
+            "Replayed initializes the server refused (the client got its answer).",
+            labels=["service"],
+        )
+        sessions = GaugeMetricFamily(
+            "wakeproxy_mcp_sessions",
+            "MCP sessions the proxy holds, by whether a server knows them (open) or not yet "
+            "(virtual).",
+            labels=["service", "kind"],
+        )
+        evicted = CounterMetricFamily(
+            "wakeproxy_mcp_sessions_evicted",
+            "Idle sessions dropped to make room for new ones (a full table).",
+            labels=["service"],
+        )
+        refused = CounterMetricFamily(
+            "wakeproxy_mcp_sessions_refused",
+            "New sessions refused (429): the table full of sessions in use, or the client's "
+            "share (per address, per connection) used.",
+            labels=["service"],
+        )
+        for front in fronts:
+            name = front.name
+            for method in ("initialize", "notifications/initialized", "ping", "server/discover",
+                           "GET", "DELETE", "unknown session"):  # fmt: skip
+                answered.add_metric([name, method], front.answered[method])
+            opened.add_metric([name, "materialized"], front.materialized)
+            opened.add_metric([name, "resumed"], front.resumed)
+            failed.add_metric([name], front.replays_failed)
+            virtual = front.sessions.virtual()
+            sessions.add_metric([name, "virtual"], virtual)
+            sessions.add_metric([name, "open"], len(front.sessions) - virtual)
+            evicted.add_metric([name], front.sessions.evicted)
+            refused.add_metric([name], front.sessions.refused)
+        yield from (answered, opened, failed, sessions, evicted, refused)
+
     def collect(self) -> Iterator[Metric]:
         services = list(self.proxy.services.values())
         wake = HistogramMetricFamily(
@@ -259,6 +315,7 @@ class ProxyCollector(Collector):
             yield from self._predictions()
         if self.proxy.pools:
             yield from self._pools(connections, answers)
+        yield from self._mcp()
         yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
         yield answers
         yield unexpected

@@ -182,6 +182,19 @@ def choice(*options: str) -> Callable[[Any], str]:
     return check
 
 
+def switch(on: str, off: str) -> Callable[[Any], str]:
+    """``on`` or ``off``; YAML reads a bare ``off`` (and ``no``, ``false``) as False and
+    ``on`` as True: those mean the same."""
+    words = choice(on, off)
+
+    def check(value: Any) -> str:
+        if isinstance(value, bool):
+            return on if value else off
+        return words(value)
+
+    return check
+
+
 def enum_choice(kind: type[_E]) -> Callable[[Any], _E]:
     """A member of ``kind``, given by its value."""
     options = [member.value for member in kind]

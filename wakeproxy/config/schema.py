@@ -309,7 +309,7 @@ _HTTP_FIELDS: dict[str, Check] = {
     "probes": nested,
     "waiting_page": check.boolean,
     "max_partial_heads": check.int_between(1, 10_000_000),
-    "mcp": check.choice(*get_args(McpMode)),
+    "mcp": check.switch(*get_args(McpMode)),
     "mcp_resume": check.boolean,
 }
 

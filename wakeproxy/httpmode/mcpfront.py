@@ -270,6 +270,31 @@ class McpFront:
     def on(self) -> bool:
         return self.settings.mcp != "off"
 
+    def fronts(self) -> bool:
+        """Whether there is anything MCP to show (on, or sessions pinned with it off)."""
+        return self.on or len(self.sessions) > 0
+
+    def describe(self) -> dict[str, Any]:
+        """What the API shows: what was learned, what was answered here, the sessions."""
+        sessions = self.sessions
+        return {
+            "mode": self.settings.mcp,
+            "resume": self.resume,
+            "endpoint": self.learned.endpoint or None,
+            "server": self.learned.server_name() or None,
+            "versions": self.learned.versions(),
+            "discover": sorted(self.learned.discover),
+            "answered": dict(sorted(self.answered.items())),
+            "sessions": len(sessions),
+            "sessions_virtual": sessions.virtual(),
+            "materialized": self.materialized,
+            "resumed": self.resumed,
+            "replays_failed": self.replays_failed,
+            "sessions_evicted": sessions.evicted,
+            "sessions_refused": sessions.refused,
+            "sessions_lost": sessions.lost,
+        }
+
     @property
     def resume(self) -> bool:
         return self.settings.mcp_resume
@@ -361,9 +386,21 @@ class McpFront:
 
     def _admit(self, peer: str, opened_here: int, now: float, message: Message) -> bytes | None:
         """A refusal (429) when this client may open no more sessions."""
-        if opened_here < PER_CONNECTION and self.sessions.admit(peer, now):
+        evicted = self.sessions.evicted
+        if opened_here >= PER_CONNECTION:
+            self.sessions.refused += 1
+        elif self.sessions.admit(peer, now):
+            if self.sessions.evicted != evicted and _worth_saying(self.sessions.evicted):
+                log.warning(
+                    "%s: the MCP session table is full (%d); an idle session was dropped for "
+                    "a new one (%d so far)",
+                    self.name,
+                    self.sessions.limit,
+                    self.sessions.evicted,
+                    extra={"service": self.name},
+                )
             return None
-        if self.sessions.refused in (1, 10, 100) or self.sessions.refused % 1000 == 0:
+        if _worth_saying(self.sessions.refused):
             log.warning(
                 "%s: a new MCP session of %s refused: too many open (%d refused so far)",
                 self.name,
@@ -529,6 +566,11 @@ class McpFront:
             path, authorization = _target_and_auth(session.init)
             self.learn(Kind.INITIALIZE, version, path, authorization, answer)
         return server_id
+
+
+def _worth_saying(count: int) -> bool:
+    """Log a repeated event at its 1st, 10th, 100th, then every 1000th time."""
+    return count in (1, 10, 100) or count % 1000 == 0
 
 
 def _split(request: bytes) -> tuple[bytes, bytes]:

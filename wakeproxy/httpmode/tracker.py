@@ -13,7 +13,7 @@ import h11
 
 from ..core.sessions import EndpointScan
 from ..forward import UpstreamSide
-from .mcp import MAX_MESSAGE
+from .mcp import MAX_MESSAGE, Kind
 
 if TYPE_CHECKING:
     from .client import HttpClientSide
@@ -151,10 +151,12 @@ class ResponseTracker:
             self._head = event
             self._body = bytearray() if note.reads_body else None
             self._event_stream = b"text/event-stream" in content_type
-        if b"text/event-stream" in content_type and method == b"GET":
-            # Open for as long as the client keeps it: nothing after it but, for
-            # replicas, the endpoint event naming its session (in its body, decoded
-            # by the same parser: chunk-size lines never split an id).
+        listening = note is not None and note.message.kind is Kind.LISTEN
+        if b"text/event-stream" in content_type and (method == b"GET" or listening):
+            # Open for as long as the client keeps it (a GET's stream; 2026-07-28's
+            # subscriptions/listen): nothing after it but, for replicas, the endpoint
+            # event naming its session (in its body, decoded by the same parser:
+            # chunk-size lines never split an id).
             parser = self._parser
             self._forget()
             if self.on_session is not None:

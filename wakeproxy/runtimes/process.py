@@ -242,6 +242,14 @@ def _kernel_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def _close_transport(proc: asyncio.subprocess.Process) -> None:
+    """Close an ended command's transport now: the loop closes it a turn after the
+    exit was seen, and a proxy shutting down may close the loop before that turn."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None and proc.returncode is not None:
+        transport.close()
+
+
 class ProcessRuntime(Runtime):
     kind = "process"
 
@@ -500,6 +508,7 @@ class ProcessRuntime(Runtime):
             self._proc = None
             self._paused = False
             self._stopping = False
+            _close_transport(proc)
 
     def _kill_stragglers(self, pgid: int) -> None:
         # Children that ignored SIGTERM would outlive their leader; the group ends
