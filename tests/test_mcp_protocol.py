@@ -140,14 +140,14 @@ def test_the_learned_state_round_trips_and_anything_else_is_refused():
             _from_state(broken)
 
 
-def test_a_session_id_is_set_in_a_head_whatever_its_case_or_line_ends():
+def test_a_session_id_is_set_in_a_head_whatever_its_case():
     raw = b"POST /mcp HTTP/1.1\r\nHost: x\r\nMCP-Session-Id: wp-1\r\nContent-Length: 2\r\n\r\n"
     rewritten = with_header(raw, b"Mcp-Session-Id", b"server-9")
     head = parse_head(rewritten)
     assert head.get(b"mcp-session-id") == b"server-9" and head.length == 2
     assert rewritten.count(b"wp-1") == 0 and rewritten.endswith(b"\r\n\r\n")
-    bare = with_header(b"GET / HTTP/1.1\nHost: x\n\n", b"Mcp-Session-Id", b"s")
-    assert parse_head(bare).get(b"mcp-session-id") == b"s"
+    added = with_header(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"Mcp-Session-Id", b"s")
+    assert parse_head(added).get(b"mcp-session-id") == b"s"
 
 
 def _front(**settings: object) -> McpFront:

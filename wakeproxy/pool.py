@@ -66,6 +66,7 @@ class Pool:
         self.stats = ServiceStats()  # outcomes decided before a replica took over
         self.connections: set[ClientSide] = set()  # not yet handed to a replica
         self.partial_heads = 0
+        self.probe_streams = 0  # mode http: probes' event streams held open
         self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self.scale_ups = 0
         self.moved = 0  # connections moved to another replica after a failed connect
@@ -407,3 +408,13 @@ class Pool:
 
     def head_ended(self) -> None:
         self.partial_heads -= 1
+
+    def stream_started(self) -> bool:
+        """mode http: a probe's event stream held open (bounded: each is a descriptor)."""
+        if self.probe_streams >= self.cfg.http.max_probe_streams:
+            return False
+        self.probe_streams += 1
+        return True
+
+    def stream_ended(self) -> None:
+        self.probe_streams -= 1

@@ -120,6 +120,7 @@ class Service:
         self.stats = ServiceStats()
         self.connections: set[ClientSide] = set()
         self.partial_heads = 0  # mode http: connections holding part of a head
+        self.probe_streams = 0  # mode http: probes' event streams held open
         self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
@@ -412,6 +413,16 @@ class Service:
 
     def head_ended(self) -> None:
         self.partial_heads -= 1
+
+    def stream_started(self) -> bool:
+        """mode http: a probe's event stream held open (bounded: each is a descriptor)."""
+        if self.probe_streams >= self.cfg.http.max_probe_streams:
+            return False
+        self.probe_streams += 1
+        return True
+
+    def stream_ended(self) -> None:
+        self.probe_streams -= 1
 
     async def _wake_quietly(self, reason: str) -> None:
         try:

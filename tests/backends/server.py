@@ -8,6 +8,7 @@ Modes:
           follow), 64 KiB every --delay seconds; GET /slow sends a 10-byte body a byte
           every --delay seconds; POST /accept answers 202 (a result that comes later);
           a request with "Connection: upgrade" (101) or CONNECT (200) then echoes raw bytes
+          (an upgrade to /no-upgrade is answered 200 and stays HTTP)
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
@@ -83,7 +84,8 @@ async def handle(reader, writer, args) -> None:
                 # /echo-head answers with the request head as the proxy sent it.
                 parts = head.split(b" ", 2)
                 target = parts[1] if len(parts) > 1 else b""
-                if b"connection: upgrade" in lowered or head.startswith(b"CONNECT "):
+                asks = b"connection: upgrade" in lowered or head.startswith(b"CONNECT ")
+                if asks and target != b"/no-upgrade":  # /no-upgrade: answered as HTTP
                     # Another protocol from here on: echo raw bytes (WebSocket, a tunnel).
                     tunnel = head.startswith(b"CONNECT ")
                     status = b"200 OK" if tunnel else b"101 Switching Protocols"

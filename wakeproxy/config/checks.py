@@ -284,6 +284,21 @@ def names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def networks(value: Any) -> tuple[str, ...]:
+    """Addresses or CIDR networks (``10.0.0.0/8``, ``::1``), as a list or one string."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise Bad(f"expected a list of addresses or networks, got {describe(value)}")
+    found = []
+    for item in value:
+        try:
+            found.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise Bad(f"{item!r} is no address or network (such as 10.0.0.0/8)") from None
+    return tuple(found)
+
+
 def listen_range(value: Any) -> ListenRange:
     """``CIDR:PORT`` or ``CIDR:LOW-HIGH``; ``[v6-CIDR]:PORTS`` for IPv6; ``*`` for any port."""
     example = "such as 127.0.0.0/8:8000-8999 or [::1/128]:8080"

@@ -139,11 +139,18 @@ class HttpSettings:
     inflight_grace: float = 60.0
     idle_connections: IdleConnections = "keep-awake"
     forwarded_headers: bool = False
+    # Peers (addresses, networks) whose own X-Forwarded-* the proxy keeps and extends:
+    # another proxy in front. From anyone else they are dropped (a client would choose
+    # its own address, host and scheme).
+    trust_forwarded_from: tuple[str, ...] = ()
     default_probe: bool = True
     probes: tuple[Probe, ...] = ()
     waiting_page: bool = False
     # Connections holding part of a request head (up to 16 KiB each) at most.
     max_partial_heads: int = 1024
+    # Probes answered as an event stream held open at most (each holds a descriptor);
+    # past it, a probe is answered and its connection closed.
+    max_probe_streams: int = 1024
     # MCP over streamable HTTP: "auto" answers session set-up (initialize, ping,
     # server/discover...) from what the server answered before while it sleeps, and
     # wakes it for the first real request; "off" forwards everything.

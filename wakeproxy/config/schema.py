@@ -305,10 +305,12 @@ _HTTP_FIELDS: dict[str, Check] = {
     "inflight_grace": check.seconds,
     "idle_connections": check.choice(*get_args(IdleConnections)),
     "forwarded_headers": check.boolean,
+    "trust_forwarded_from": check.networks,
     "default_probe": check.boolean,
     "probes": nested,
     "waiting_page": check.boolean,
     "max_partial_heads": check.int_between(1, 10_000_000),
+    "max_probe_streams": check.int_between(0, 10_000_000),
     "mcp": check.switch(*get_args(McpMode)),
     "mcp_resume": check.boolean,
 }

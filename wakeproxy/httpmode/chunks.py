@@ -40,10 +40,10 @@ class ChunkedBody:
         self._line = b""
         self._trailer_size = 0
 
-    def feed(self, data: bytes, keep: bytearray | None = None) -> int:
-        """Follow the body through ``data``; chunk data is appended to ``keep``.
-        Returns the offset just past the body's end, or -1 when it goes on."""
-        i, n = 0, len(data)
+    def feed(self, data: bytes, keep: bytearray | None = None, start: int = 0) -> int:
+        """Follow the body through ``data`` from ``start``; chunk data is appended to
+        ``keep``. Returns the offset just past the body's end, or -1 when it goes on."""
+        i, n = start, len(data)
         while i < n:
             if self._state == _DATA:
                 take = min(self._remaining, n - i)

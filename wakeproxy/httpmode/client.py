@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import time
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -22,6 +24,31 @@ if TYPE_CHECKING:
 
 # A JSON-RPC body read to classify a request; larger ones are real work by definition.
 MAX_CLASSIFIED_BODY = MAX_MESSAGE
+
+_FORWARDED = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"}
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(spec: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(net) for net in spec)
+
+
+def _trusted(peer: str, spec: tuple[str, ...]) -> bool:
+    if not spec or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in _networks(spec))
+
+
+# Requests read from one connection per turn of the loop: past it, the rest of the read
+# waits for the next turn, so one client pipelining heads delays others by a few ms at
+# most (bench: the fairness row).
+REQUESTS_PER_TURN = 32
 
 # Phases of the client's byte stream: a head; a body counted or chunked; an MCP
 # message read whole before anything is decided; another protocol (after an upgrade).
@@ -66,6 +93,12 @@ class HttpOwner(Owner, Protocol):
     def head_ended(self) -> None:
         """That connection's partial head is complete, refused or gone."""
 
+    def stream_started(self) -> bool:
+        """A probe's event stream is held open; False: too many are (close this one)."""
+
+    def stream_ended(self) -> None:
+        """That stream's connection closed."""
+
 
 class HttpClientSide(ClientSide):
     __slots__ = (
@@ -88,6 +121,7 @@ class HttpClientSide(ClientSide):
         "_remaining",
         "_request_activity",
         "_stash",
+        "_streaming",
         "_suspended",
         "_wanted_backend",
         "answered",
@@ -131,6 +165,7 @@ class HttpClientSide(ClientSide):
         if self._allow_sleep:
             self.tracker.on_202 = owner.result_due
         self.tracker.on_idle = self._responses_done
+        self.tracker.on_upgrade = self._upgraded
         # MCP: the listener's sessions and learned answers; the message being read
         # whole (head, raw head); sessions this connection opened; a request held
         # while its session is opened on the server, and what came after it.
@@ -140,6 +175,7 @@ class HttpClientSide(ClientSide):
         self._opened = 0
         self._suspended = False
         self._stash = bytearray()
+        self._streaming = False  # holds a probe's event stream open (see stream_started)
         # Replicas: the MCP session this connection's event stream carries (SSE).
         self.sse_session: bytes | None = None
         if owner.replicated:
@@ -165,59 +201,90 @@ class HttpClientSide(ClientSide):
     # ---- client bytes
 
     def data_received(self, data: bytes) -> None:
-        # A loop, not recursion: a thousand pipelined requests in one read stay flat.
-        while data and not self.answered:
+        # A loop over offsets, not recursion or slices: a thousand pipelined requests in
+        # one read stay flat, and each costs its own bytes only.
+        pos, end, requests = 0, len(data), 0
+        while pos < end and not self.answered:
             if self._suspended:
-                # A request waits for its session to open on the server: what follows
-                # it waits too (bounded: reading pauses).
-                self._stash += data
+                # A request waits (its session opening on the server, an upgrade's
+                # answer): what follows it waits too (bounded: reading pauses).
+                self._stash += data[pos:] if pos else data
                 if len(self._stash) >= HOLD_LIMIT and self.transport is not None:
                     self.transport.pause_reading()
                 return
             phase = self._phase
             if phase == _OPAQUE:
-                self._send_up(data)
+                self._send_up(data[pos:] if pos else data)
                 return
             if phase == _LENGTH:
-                data = self._length_body(data)
+                pos = self._length_body(data, pos)
             elif phase == _CHUNKED:
-                data = self._chunked_body(data)
+                pos = self._chunked_body(data, pos)
             elif phase == _MESSAGE:
-                data = self._message_body(data)
+                pos = self._message_body(data, pos)
+            elif requests == REQUESTS_PER_TURN:
+                # Fair to every other connection: the rest of this read waits for the
+                # loop's next turn (a client pipelining megabytes of heads would hold
+                # the loop for all of them).
+                self._defer(data[pos:])
+                return
             else:
-                data = self._head(data)
+                requests += 1
+                pos = self._head(data, pos)
 
-    def _head(self, data: bytes) -> bytes:
-        """Buffer until a head is complete and act on it; returns the bytes after it."""
+    def _defer(self, rest: bytes) -> None:
+        self._suspended = True
+        self._stash += rest
+        if self.transport is not None:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._go_on)
+
+    def _go_on(self) -> None:
+        """Carry on with what waited (the next turn's share, or what followed a held
+        request), then read again."""
+        self._suspended = False
+        stash = bytes(self._stash)
+        self._stash.clear()
+        if stash and not self.closed:
+            self.data_received(stash)
+        transport = self.transport
+        if transport is not None and not self._suspended and not self.reading_paused:
+            transport.resume_reading()
+
+    def _head(self, data: bytes, pos: int) -> int:
+        """Buffer until a head is complete and act on it; returns the offset after it."""
         buf = self._buf
-        if not buf and data[:1] not in (b"\r", b"\n"):
+        end = len(data)
+        if not buf and data[pos : pos + 1] not in (b"\r", b"\n"):
             # The common case, a whole head at the start of a read: no copy into the buffer.
-            end = HEAD_END.search(data, 0, MAX_HEAD + 4)
-            if end is not None:
-                cut = end.end()
-                if cut == len(data):
-                    return self._head_complete(data, b"")
-                return self._head_complete(data[:cut], data[cut:])
-        buf += data
+            found = HEAD_END.search(data, pos, pos + MAX_HEAD + 4)
+            if found is not None:
+                cut = found.end()
+                self._head_complete(data if pos == 0 and cut == end else data[pos:cut])
+                return cut
+        buf += data[pos:] if pos else data
         # Blank lines before a request line are allowed (RFC 9112 2.2).
         while buf[:2] == b"\r\n" or buf[:1] == b"\n":
             del buf[: 2 if buf[:1] == b"\r" else 1]
         if not buf:
-            return b""
-        end = HEAD_END.search(buf, 0, MAX_HEAD + 4)
-        if end is None:
+            return end
+        found = HEAD_END.search(buf, 0, MAX_HEAD + 4)
+        if found is None:
             if len(buf) > MAX_HEAD:
                 self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
             elif not self._partial and not self._start_partial():
                 pass  # refused: too many connections hold part of a head
             else:
                 self._arm_header_timeout()
-            return b""
-        raw = bytes(buf[: end.end()])
-        rest = bytes(buf[end.end() :])
+            return end
+        cut = found.end()
+        raw = bytes(buf[:cut])
+        # What follows the head in the buffer came from this read: its tail.
+        after = end - (len(buf) - cut)
         buf.clear()
         self._end_partial()
-        return self._head_complete(raw, rest)
+        self._head_complete(raw)
+        return after
 
     def _start_partial(self) -> bool:
         """Count this connection as holding part of a head; refuse it past the cap."""
@@ -234,10 +301,10 @@ class HttpClientSide(ClientSide):
             self._partial = False
             self.http_owner.head_ended()
 
-    def _head_complete(self, raw: bytes, rest: bytes) -> bytes:
+    def _head_complete(self, raw: bytes) -> None:
         if len(raw) > MAX_HEAD:
             self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
-            return b""
+            return
         if raw == self._last_raw and self._last_head is not None:
             # The same bytes as this connection's previous head: the same decisions.
             head = self._last_head
@@ -247,12 +314,11 @@ class HttpClientSide(ClientSide):
             except BadRequest as exc:
                 outcome = Outcome.HEADER_TOO_LARGE if exc.status == 431 else Outcome.BAD_REQUEST
                 self._refuse(exc.status, f"bad request: {exc}", outcome)
-                return b""
+                return
             self._last_raw, self._last_head = raw, head
         if self._header_handle is not None:
             self._cancel_header_timeout()
         self._request(head, raw)
-        return rest
 
     def _request(self, head: Head, raw: bytes) -> None:
         owner = self.http_owner
@@ -274,6 +340,16 @@ class HttpClientSide(ClientSide):
         ):
             owner.wake_in_background("a browser asked")
             self._respond(503, WAITING_PAGE, "text/html; charset=utf-8", Outcome.WAITING_PAGE)
+            return
+        if head.upgrade and self._follow is False:
+            # Only a followed connection sees whether the server agreed (a 101); on
+            # another, the proxy would have to trust the client: bytes past the head
+            # would go unchecked. Browsers open a new connection for a WebSocket.
+            self._refuse(
+                400,
+                "bad request: an upgrade must be the first request on its connection",
+                Outcome.BAD_REQUEST,
+            )
             return
         if probe is None and self.mcp is not None and self.mcp.on and self._mcp_head(head, raw):
             return
@@ -329,9 +405,11 @@ class HttpClientSide(ClientSide):
         self._send_up(raw + body if body else raw)
         if counted and activity:
             self._count_request()
-        if head.method == b"CONNECT" or b"upgrade" in head.get(b"connection").lower():
-            # Whatever follows is another protocol: forward it as it comes.
-            self._phase = _OPAQUE
+        if head.upgrade:
+            # Another protocol only once the server agrees (101; a 2xx to CONNECT): the
+            # client sends nothing before that answer, so what comes waits for it.
+            self._suspended = True
+            self.tracker.upgrading()
 
     def _frame_body(self, head: Head, activity: bool) -> None:
         self._body = None
@@ -346,33 +424,34 @@ class HttpClientSide(ClientSide):
         else:
             self._phase = _HEAD
 
-    def _length_body(self, data: bytes) -> bytes:
-        take = data[: self._remaining] if len(data) > self._remaining else data
+    def _length_body(self, data: bytes, pos: int) -> int:
+        stop = min(len(data), pos + self._remaining)
+        take = data if pos == 0 and stop == len(data) else data[pos:stop]
         self._remaining -= len(take)
         self._send_up(take)
         if self._body is not None:
             self._body += take
         if self._remaining == 0:
             self._body_done()
-        return data[len(take) :]
+        return stop
 
-    def _chunked_body(self, data: bytes) -> bytes:
+    def _chunked_body(self, data: bytes, pos: int) -> int:
         chunks = self._chunks
         assert chunks is not None
         try:
-            end = chunks.feed(data, self._body)
+            end = chunks.feed(data, self._body, pos)
         except BadChunk as exc:
             self._refuse(400, f"bad chunked body: {exc}", Outcome.BAD_REQUEST)
-            return b""
+            return len(data)
         if self._body is not None and len(self._body) > MAX_CLASSIFIED_BODY:
             self._body = None
         if end < 0:
-            self._send_up(data)
-            return b""
-        self._send_up(data[:end])
+            self._send_up(data[pos:] if pos else data)
+            return len(data)
+        self._send_up(data[pos:end])
         self._chunks = None
         self._body_done()
-        return data[end:]
+        return end
 
     def _body_done(self) -> None:
         self._phase = _HEAD
@@ -409,19 +488,19 @@ class HttpClientSide(ClientSide):
             return True
         return False
 
-    def _message_body(self, data: bytes) -> bytes:
+    def _message_body(self, data: bytes, pos: int) -> int:
         body = self._body
         assert body is not None and self._message is not None
-        take = data[: self._remaining] if len(data) > self._remaining else data
-        self._remaining -= len(take)
-        body += take
+        stop = min(len(data), pos + self._remaining)
+        body += data[pos:stop]
+        self._remaining -= stop - pos
         if self._remaining:
-            return b""
+            return stop
         (head, raw), self._message, self._body = self._message, None, None
         self._phase = _HEAD
         message = classify(bytes(body), head.get(b"mcp-method"))
         self._mcp_request(head, raw, bytes(body), message)
-        return data[len(take) :]
+        return stop
 
     def _mcp_request(self, head: Head, raw: bytes, body: bytes, message: Message | None) -> None:
         front = self.mcp
@@ -502,14 +581,14 @@ class HttpClientSide(ClientSide):
             raw = with_header(raw, b"Mcp-Session-Id", server_id)
         self._send_up(raw + body)
         self._count_request()
-        self._suspended = False
-        stash = bytes(self._stash)
-        self._stash.clear()
-        if stash:
-            self.data_received(stash)
-        transport = self.transport
-        if transport is not None and not self._suspended and not self.reading_paused:
-            transport.resume_reading()
+        self._go_on()
+
+    def _upgraded(self, switched: bool) -> None:
+        """The server answered the upgrade request: another protocol from here on both
+        ways (its bytes as they come), or HTTP as before (the client's next request)."""
+        if switched:
+            self._phase = _OPAQUE
+        self._go_on()
 
     def _session_seen(self, session: bytes, stream: bool) -> None:
         """Replicas: a response named an MCP session (its header; an SSE stream's
@@ -527,11 +606,13 @@ class HttpClientSide(ClientSide):
     def _need_backend(self, activity: bool) -> None:
         """This request goes to the backend: attach, or wake it under an open connection."""
         if self._follow is None:
+            head = self._last_head
             self._follow = (
                 self._allow_sleep
                 or self._probe_only
                 or self.tracker.on_session is not None
                 or self._message_seen
+                or (head is not None and head.upgrade)
             )
         if not self._wanted_backend:
             self._wanted_backend = True
@@ -565,15 +646,32 @@ class HttpClientSide(ClientSide):
         super().resume()
 
     def _with_forwarded(self, raw: bytes, head: Head) -> bytes:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        lines = [b"X-Forwarded-Proto: http"]
-        if peer:
-            lines.append(b"X-Forwarded-For: " + str(peer[0]).encode())
-        host = head.get(b"host")
+        """The head with the proxy's X-Forwarded-* lines. The client's own are dropped
+        (it would choose its own address, host and scheme), unless the peer is a proxy
+        named in ``trust_forwarded_from``: then its lines stay and its address is
+        appended to X-Forwarded-For."""
+        peer = self._peer()
+        trusted = _trusted(peer, self.http_owner.http.trust_forwarded_from)
+        lines = raw[:-4].split(b"\r\n")  # CRLF throughout (parse_head)
+        kept, given = [lines[0]], dict[bytes, bytes]()
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name not in _FORWARDED:
+                kept.append(line)
+            elif trusted:  # a field given twice is one list (RFC 9110 5.3)
+                value = value.strip()
+                given[name] = given[name] + b", " + value if name in given else value
+        chain = given.get(b"x-forwarded-for")
+        forwarded_for = (chain + b", " if chain else b"") + peer.encode()
+        kept.append(b"X-Forwarded-For: " + forwarded_for)
+        kept.append(b"X-Forwarded-Proto: " + given.get(b"x-forwarded-proto", b"http"))
+        host = given.get(b"x-forwarded-host") or head.get(b"host")
         if host:
-            lines.append(b"X-Forwarded-Host: " + host)
-        first_end = raw.index(b"\n") + 1
-        return raw[:first_end] + b"".join(line + b"\r\n" for line in lines) + raw[first_end:]
+            kept.append(b"X-Forwarded-Host: " + host)
+        if b"forwarded" in given:
+            kept.append(b"Forwarded: " + given[b"forwarded"])
+        return b"\r\n".join(kept) + b"\r\n\r\n"
 
     # ---- answers the proxy gives itself
 
@@ -581,8 +679,13 @@ class HttpClientSide(ClientSide):
         self.owner.record(Outcome.PROBE_ANSWERED, probe.status)
         if probe.stream:
             # An event stream that stays open while the client keeps it: nothing follows.
+            # Bounded per service (each holds a descriptor): past it, answered and closed
+            # (a probe reads the status only).
+            held = self.http_owner.stream_started()
+            self._streaming = held
             self._write_answer(
-                answer(probe.status, content_type=probe.content_type, stream=True), close=False
+                answer(probe.status, content_type=probe.content_type, stream=True),
+                close=not held,
             )
             return
         if not head.keep_alive:
@@ -672,6 +775,9 @@ class HttpClientSide(ClientSide):
         super()._cancel_timers()
         self._end_partial()
         self._cancel_header_timeout()
+        if self._streaming:
+            self._streaming = False
+            self.http_owner.stream_ended()
         if self._quiet_handle is not None:
             self._quiet_handle.cancel()
             self._quiet_handle = None

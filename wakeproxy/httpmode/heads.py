@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import h11
 
 MAX_HEAD = 16 * 1024
+# A body length a 64-bit signed parser behind the proxy reads as the proxy does.
+MAX_LENGTH = 2**63 - 1
+MAX_LENGTH_DIGITS = 19
 # h11's own end-of-head rule: a blank line, with or without CR.
 HEAD_END = re.compile(rb"\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
@@ -32,6 +35,9 @@ class Head:
     # HTTP/1.1 without "Connection: close", or HTTP/1.0 with "Connection: keep-alive".
     keep_alive: bool = True
     query: bytes = b""  # the target after "?"
+    # Asks for another protocol: CONNECT, or an Upgrade header with the "upgrade"
+    # token in Connection (RFC 9110 7.8): it applies once the server answers 101.
+    upgrade: bool = False
 
     def get(self, name: bytes) -> bytes:
         return self.headers.get(name, b"")
@@ -44,7 +50,12 @@ class Head:
 def parse_head(raw: bytes) -> Head:
     """One request head, through its blank line. The lines are split here; h11's public
     ``Request`` validates every part (method, target, version, header names and values,
-    Content-Length and Transfer-Encoding rules), as it does for its own parser."""
+    Content-Length and Transfer-Encoding rules), as it does for its own parser. Stricter
+    than h11 where a server behind may read the head differently: every line ends in
+    CRLF (node's llhttp refuses a bare LF, others accept it), and Content-Length fits a
+    signed 64-bit integer (as chunk sizes must)."""
+    if raw.count(b"\n") != raw.count(b"\r\n"):
+        raise BadRequest(400, "a line of the head ends in a bare LF (CRLF required)")
     lines = _LINE_END.split(raw)
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
@@ -67,6 +78,8 @@ def parse_head(raw: bytes) -> Head:
     for name, value in request.headers:
         headers[name] = headers[name] + b", " + value if name in headers else value
     length = headers.get(b"content-length")
+    if length is not None and (len(length) > MAX_LENGTH_DIGITS or int(length) > MAX_LENGTH):
+        raise BadRequest(400, f"Content-Length {length[:40].decode()} is over 2**63 - 1")
     if length is not None and b"transfer-encoding" in headers:
         # RFC 9112 section 6.1: a request with both may be a smuggling attempt, and an
         # intermediary must not forward both; refusing it is the safe choice.
@@ -76,7 +89,11 @@ def parse_head(raw: bytes) -> Head:
         keep_alive = b"keep-alive" in options
     else:
         keep_alive = b"close" not in options
+    upgrade = request.method == b"CONNECT" or (
+        b"upgrade" in options and bool(headers.get(b"upgrade"))
+    )
     return Head(
+        upgrade=upgrade,
         method=request.method,
         path=request.target.partition(b"?")[0],
         query=request.target.partition(b"?")[2],

@@ -38,11 +38,13 @@ class ResponseTracker:
         "_scan",
         "_scan_parser",
         "_sent",
+        "_upgrade",
         "broken",
         "methods",
         "on_202",
         "on_idle",
         "on_session",
+        "on_upgrade",
     )
 
     def __init__(self) -> None:
@@ -65,6 +67,9 @@ class ResponseTracker:
         self._head: h11.Response | None = None
         self._body: bytearray | None = None
         self._event_stream = False
+        # The request (its number) that asked for another protocol; its answer decides.
+        self._upgrade = -1
+        self.on_upgrade: Callable[[bool], None] | None = None
 
     @property
     def scanning(self) -> bool:
@@ -81,6 +86,23 @@ class ResponseTracker:
         self._sent += 1
         self.methods.append(method)
 
+    def upgrading(self) -> None:
+        """The request just expected asks for another protocol (see ``on_upgrade``)."""
+        self._upgrade = self._sent - 1
+
+    def _answering_upgrade(self) -> bool:
+        return self._upgrade >= 0 and self._sent - len(self.methods) == self._upgrade
+
+    def _switch(self, switched: bool) -> bool:
+        """The answer to the upgrade request came: True when the server switched (nothing
+        after it on this connection is HTTP)."""
+        self._upgrade = -1
+        if switched:
+            self._forget()
+        if self.on_upgrade is not None:
+            self.on_upgrade(switched)
+        return switched
+
     def _note(self) -> Expected | None:
         """The note of the request being answered (methods[0])."""
         if not self._notes:
@@ -95,7 +117,11 @@ class ResponseTracker:
             if self._parser is None:
                 self._parser = h11.Connection(h11.CLIENT)
                 method = self.methods[0]
-                self._parser.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+                headers = [("Host", "x")]
+                if self._answering_upgrade():  # h11 then takes a 101 (or CONNECT's 2xx)
+                    headers += [("Connection", "upgrade"), ("Upgrade", "x")]
+                request = h11.Request(method=method, target="/", headers=headers)
+                self._parser.send(request)
                 self._parser.send(h11.EndOfMessage())
             parser = self._parser
             parser.receive_data(data)
@@ -105,7 +131,15 @@ class ResponseTracker:
                     event = parser.next_event()
                     if event is h11.NEED_DATA or event is h11.PAUSED:
                         return
-                    if isinstance(event, h11.Response):
+                    if isinstance(event, h11.InformationalResponse):
+                        if event.status_code == 101 and self._answering_upgrade():
+                            self._switch(True)
+                            return
+                    elif isinstance(event, h11.Response):
+                        if self._answering_upgrade():
+                            connect = self.methods[0] == b"CONNECT"
+                            if self._switch(connect and 200 <= event.status_code < 300):
+                                return
                         if self._response(event):
                             return
                     elif isinstance(event, h11.Data):

@@ -505,10 +505,12 @@ class ProcessRuntime(Runtime):
             await self._drop_cgroup()
             self._forget()
         finally:
-            self._proc = None
+            if proc.returncode is not None:
+                self._proc = None
+                _close_transport(proc)
+            # else cancelled before it ended (the proxy shutting down): close() stops it
             self._paused = False
             self._stopping = False
-            _close_transport(proc)
 
     def _kill_stragglers(self, pgid: int) -> None:
         # Children that ignored SIGTERM would outlive their leader; the group ends

@@ -1,0 +1,301 @@
+"""Mode http against a hostile client: headers a client may not choose, an upgrade the
+server never agreed to, pipelining that would hold the loop, bounds on what one client
+can hold (probe streams, MCP sessions), framing a server behind may read differently.
+Each test reproduces a fault an adversarial pass found (and failed before its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.helpers import (
+    MCP_SERVER,
+    PYTHON,
+    config_from,
+    consecutive_ports,
+    exchange,
+    free_port,
+    mcp_client,
+    running,
+    shout,
+    wait_until,
+    whoami,
+)
+from tests.test_http import BODY, GATEWAY_PROBE, http_config, http_service, status
+from wakeproxy.config.model import HttpSettings
+from wakeproxy.core.states import Outcome, State
+from wakeproxy.httpmode import client as client_module
+from wakeproxy.httpmode.client import REQUESTS_PER_TURN, HttpClientSide
+
+pytestmark = pytest.mark.asyncio
+
+
+def echo_head(host: bytes, *extra: bytes) -> bytes:
+    lines = [b"GET /echo-head HTTP/1.1", b"Host: " + host, *extra, b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def test_a_client_cannot_choose_its_forwarded_address_host_or_scheme():
+    port, backend = free_port(), free_port()
+    trusted_port, trusted_backend = free_port(), free_port()
+    config = config_from(
+        http_config(
+            http_service("web", port, backend, "http: {forwarded_headers: true}"),
+            http_service(
+                "behind",
+                trusted_port,
+                trusted_backend,
+                "http: {forwarded_headers: true, trust_forwarded_from: [127.0.0.0/8]}",
+            ),
+        )
+    )
+    spoofed = (
+        b"X-Forwarded-For: 6.6.6.6",
+        b"x-forwarded-host: evil.example",
+        b"X-Forwarded-Proto: https",
+        b"Forwarded: for=6.6.6.6;proto=https",
+    )
+    async with running(config):
+        seen = await exchange(port, echo_head(b"h.test", *spoofed))
+        assert b"6.6.6.6" not in seen and b"evil.example" not in seen and b"https" not in seen
+        assert b"X-Forwarded-For: 127.0.0.1\r\n" in seen
+        assert b"X-Forwarded-Host: h.test\r\n" in seen
+        assert b"X-Forwarded-Proto: http\r\n" in seen
+        # A proxy in front, trusted by its address: its lines are kept, its own
+        # address appended (the usual ProxyFix(x_for=1) then reads the last hop).
+        seen = await exchange(trusted_port, echo_head(b"h.test", *spoofed))
+        assert b"X-Forwarded-For: 6.6.6.6, 127.0.0.1\r\n" in seen
+        assert b"X-Forwarded-Host: evil.example\r\n" in seen
+        assert b"X-Forwarded-Proto: https\r\n" in seen
+        assert b"Forwarded: for=6.6.6.6;proto=https\r\n" in seen
+
+
+SMUGGLE = (
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        # A made-up token containing "upgrade": no upgrade at all.
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: x-upgrade-foo\r\n\r\n",
+        # A real upgrade request the server answers 200: HTTP goes on.
+        b"GET /no-upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ],
+)
+async def test_only_a_server_agreeing_to_an_upgrade_makes_the_connection_plain_bytes(upgrade):
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(upgrade)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        assert status(head) == 200
+        await asyncio.wait_for(reader.readexactly(len(BODY)), 10)
+        # Still HTTP: a request with both framings is refused, never forwarded (the
+        # server would answer it with BODY). The proxy does not follow this connection's
+        # answers, so it cannot tell whether one is under way: it closes, unanswered.
+        writer.write(SMUGGLE)
+        refused = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        assert refused == b"" or status(refused) == 400, refused
+        assert BODY not in refused
+        assert proxy.services["web"].stats.connections[Outcome.BAD_REQUEST] == 1
+
+
+async def test_an_upgrade_after_other_requests_on_an_unfollowed_connection_is_refused():
+    # Only where the proxy follows the answers can it see the 101; a kept-alive
+    # connection of plain requests asking for an upgrade later is told so.
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(BODY), 15)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n")
+        refused = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        # Refused (closed: an answer of the proxy's own might cut into the server's).
+        assert BODY not in refused
+        assert proxy.services["web"].stats.connections[Outcome.BAD_REQUEST] == 1
+
+
+async def test_probe_streams_held_open_are_bounded_per_service():
+    port, backend = free_port(), free_port()
+    settings = "http: {max_probe_streams: 2}"
+    async with running(
+        config_from(http_config(http_service("web", port, backend, settings)))
+    ) as proxy:
+        service = proxy.services["web"]
+        assert service.state is State.STOPPED  # probes are answered by the proxy
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(GATEWAY_PROBE)
+            assert status(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)) == 200
+            held.append(writer)
+        await wait_until(lambda: service.probe_streams == 2, within=10)
+        # The third is answered (a probe reads the status) and closed at once.
+        third = await exchange(port, GATEWAY_PROBE)
+        assert status(third) == 200 and service.probe_streams == 2
+        for writer in held:
+            writer.close()
+        await wait_until(lambda: service.probe_streams == 0, within=10)
+        assert service.stats.wakes["ok"] == 0
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551617\r\n\r\n", b"2**63"),
+        (b"GET / HTTP/1.1\nHost: x\n\n", b"bare LF"),
+        (b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", b"bare LF"),
+    ],
+)
+async def test_framing_a_server_may_read_differently_is_refused(head, why):
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))) as proxy:
+        reply = await exchange(port, head)
+        assert status(reply) == 400 and why in reply, reply
+        service = proxy.services["web"]
+        assert service.state is State.STOPPED, "a refused request wakes nothing"
+        assert service.stats.connections[Outcome.BAD_REQUEST] == 1
+
+
+class _Owner:
+    """The least a connection needs of its service, for the turn-by-turn count below
+    (a unit test of the byte path: no backend is reached)."""
+
+    idle_connection_timeout = 0.0
+    wake_on_connect = False
+    upstream_keepalive = False
+    state = State.STOPPED
+    http = HttpSettings()
+    probe_rules = ()
+    idle_delay = 60.0
+    mcp = None
+    replicated = False
+
+    def connection_made(self, conn):
+        return True
+
+    def needs_backend(self, conn, *, activity, attached):
+        pass
+
+    def no_longer_needs(self, conn):
+        pass
+
+    def connection_lost(self, conn):
+        pass
+
+    def record(self, outcome, status=None):
+        pass
+
+    def request_seen(self):
+        pass
+
+    def result_due(self):
+        pass
+
+    def wake_in_background(self, reason):
+        pass
+
+    def head_started(self):
+        return True
+
+    def head_ended(self):
+        pass
+
+    def stream_started(self):
+        return True
+
+    def stream_ended(self):
+        pass
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+
+    def set_write_buffer_limits(self, high, low):
+        pass
+
+    def pause_reading(self):
+        self.paused += 1
+
+    def resume_reading(self):
+        self.resumed += 1
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def is_closing(self):
+        return False
+
+
+async def test_a_read_full_of_pipelined_heads_is_handled_a_share_per_turn():
+    # One client pipelining megabytes of different heads held the loop for seconds
+    # (every request in one read parsed before anything else ran, the rest of the read
+    # copied for each). Now a read is handled REQUESTS_PER_TURN requests at a time,
+    # its reading paused until the loop came back to it.
+    conn = HttpClientSide(_Owner())  # type: ignore[arg-type]
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    heads = [b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(1000)]
+    conn.data_received(b"".join(heads))
+    assert len(conn._pending) == REQUESTS_PER_TURN and transport.paused == 1
+    turns = 1
+    while len(conn._pending) < len(heads):
+        await asyncio.sleep(0)
+        turns += 1
+        assert turns < 100
+    assert b"".join(conn._pending) == b"".join(heads), "every byte, in order"
+    assert turns == -(-len(heads) // REQUESTS_PER_TURN)
+    assert transport.resumed == 1, "reading resumed once all of it was handled"
+    conn.connection_lost(None)
+    assert client_module.REQUESTS_PER_TURN == REQUESTS_PER_TURN
+
+
+async def test_one_connection_cannot_flush_other_sessions_pins():
+    # 10,001 pipelined initialize requests on one connection used to evict every pin of
+    # the 10,000-entry table: other clients' sessions then went to the wrong replica.
+    port, first = free_port(), consecutive_ports(2)
+    command = [PYTHON, MCP_SERVER, "--port", "{port}", "--transport", "streamable-http"]
+    config = config_from(
+        "\n".join(
+            [
+                "services:",
+                "  tools:",
+                f"    listen: 127.0.0.1:{port}",
+                f"    backend: 127.0.0.1:{first}",
+                "    command: [" + ", ".join(f'"{a}"' for a in command) + "]",
+                "    mode: http",
+                "    wake_timeout: 30",
+                "    replicas: {count: 2, min: 2, target_inflight: 100}",
+            ]
+        )
+    )
+    async with running(config) as proxy:
+        pool = proxy.pools["tools"]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in pool.replicas), within=60)
+        async with mcp_client(port) as mine:
+            home = await whoami(mine.session)
+            body = (
+                b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+                b'"2025-11-25","capabilities":{}}}'
+            )
+            init = (
+                b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Accept: application/json, text/event-stream\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            flood = await exchange(port, init * 150 + b"GET /x HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n", within=60)  # fmt: skip
+            assert flood.count(b"HTTP/1.1 200 OK") >= 100
+            assert flood.count(b"HTTP/1.1 429 Too Many Requests") == 50
+            assert pool.mcp.sessions.refused == 50
+            # The earlier session is where it was.
+            assert await whoami(mine.session) == home
+            assert await shout(mine.session, "still") == "STILL!"
