@@ -45,6 +45,31 @@ async def check(port: int) -> float:
     return time.perf_counter() - started
 
 
+INITIALIZE = (
+    b'{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25",'
+    b'"capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}'
+)
+
+
+async def initialize(port: int) -> float:
+    """One ``POST initialize`` on a fresh connection, to the end of its answer (the
+    set-up request a check starts with, without the SDK's own cost)."""
+    head = (
+        f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Accept: application/json, text/event-stream\r\nContent-Length: {len(INITIALIZE)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + INITIALIZE)
+    answer = await asyncio.wait_for(reader.read(-1), 30)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    if b'"serverInfo"' not in answer:
+        raise RuntimeError(f"no initialize result through 127.0.0.1:{port}: {answer[:200]!r}")
+    return elapsed
+
+
 async def measure(rounds: int) -> dict[str, list[float]]:
     port, backend = free_port(), free_port()
     command = [
@@ -75,19 +100,29 @@ async def measure(rounds: int) -> dict[str, list[float]]:
     )
     proxy = Proxy(config)
     await proxy.start()
-    times: dict[str, list[float]] = {"asleep (the proxy answers)": [], "awake (forwarded)": []}
-    times["direct to the server"] = []
+    labels = [
+        f"{what}, {where}"
+        for what in ("SDK health check", "POST initialize")
+        for where in ("asleep (the proxy answers)", "awake (forwarded)", "direct to the server")
+    ]
+    times: dict[str, list[float]] = {label: [] for label in labels}
     try:
         service = proxy.services["echo"]
         await check(port)  # the first one wakes the server and teaches the proxy
         assert service.mcp is not None and service.mcp.learned.known
         for _ in range(rounds):
+            deadline = time.monotonic() + 10
+            while service.attached and time.monotonic() < deadline:  # noqa: ASYNC110 - a check's close
+                await asyncio.sleep(0.005)
             await service.sleep(SleepAction.PAUSE)
-            times["asleep (the proxy answers)"].append(await check(port))
+            times[labels[0]].append(await check(port))
+            times[labels[3]].append(await initialize(port))
             assert service.state is State.PAUSED, "a health check woke the server"
             await service.wake("bench")
-            times["awake (forwarded)"].append(await check(port))
-            times["direct to the server"].append(await check(backend))
+            times[labels[1]].append(await check(port))
+            times[labels[4]].append(await initialize(port))
+            times[labels[2]].append(await check(backend))
+            times[labels[5]].append(await initialize(backend))
     finally:
         await proxy.close()
     return times
@@ -100,7 +135,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         times = uvloop.run(measure(args.rounds))
-        print(f"| health check ({args.rounds} rounds) | median ms | p90 ms | max ms |")
+        print(f"| {args.rounds} rounds | median ms | p90 ms | max ms |")
         print("|---|---|---|---|")
         for label, seconds in times.items():
             ms = sorted(s * 1000 for s in seconds)
