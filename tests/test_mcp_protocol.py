@@ -4,6 +4,9 @@ rewrite that maps a session's id (httpmode.mcp, httpmode.heads, httpmode.mcpfron
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import orjson
 import pytest
 
@@ -199,3 +202,27 @@ def test_one_connection_cannot_open_sessions_without_bound():
     refused = front.answer(head, classify(body), request, "p", 100, quiet=True)
     assert refused is not None and refused.startswith(b"HTTP/1.1 429")
     assert front.sessions.refused == 1
+
+
+@pytest.mark.asyncio
+async def test_a_state_file_that_is_no_regular_file_is_refused_unread(tmp_path, caplog):
+    # A FIFO opened for reading would wait for a writer for ever.
+    fifo = tmp_path / "mcp.json"
+    os.mkfifo(fifo)
+    store = McpStore(McpConfig(state_file=str(fifo)))
+    await asyncio.wait_for(store.load(), 10)
+    assert store.learned == {}
+    assert "a FIFO, not a regular file" in caplog.text and str(fifo) in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_learned_answers_are_written_once_after_a_burst_and_read_back(tmp_path):
+    path = tmp_path / "state" / "mcp.json"
+    store = McpStore(McpConfig(state_file=str(path)))
+    for name in ("a", "b"):
+        store.of(name).learn(Kind.INITIALIZE, "2025-06-18", "/mcp", b"", _answer(name))
+        store.changed()
+    await store.close()  # a change pending: written now
+    again = McpStore(McpConfig(state_file=str(path)))
+    await again.load()
+    assert again.learned["b"].server_name() == "b" and set(again.learned) == {"a", "b"}

@@ -39,18 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from . import statefile
 from .config.model import PredictionConfig, ServiceConfig
 from .config.schema import predicts
 from .core.events import Event, HoldAwake
@@ -76,45 +72,13 @@ _RETRY = 30.0
 MAX_STATE_BYTES = 16 * 1024 * 1024
 
 
-class Refused(ValueError):
-    """A state file not read: not a regular file, or too big."""
+Refused = statefile.Refused
 
 
 def read_state(path: str) -> bytes:
-    """The bytes of the state file: a regular file of at most ``MAX_STATE_BYTES``;
-    ``Refused`` saying why for anything else, OSError when it cannot be read.
-
-    lstat first, so nothing but a regular file is ever opened (opening a device can do
-    something by itself); then opened with O_NOFOLLOW and O_NONBLOCK and checked again
-    with fstat, so a file swapped in between is caught (a FIFO is opened without waiting
-    for a writer, and refused). Both look at the last component only: a state directory
-    that is a symlink (/var/lib/wakeproxy -> /srv/...) is followed as any directory, a
-    state file that is one is refused, since saves replace the file by a rename (the
-    link itself, never what it points to)."""
-    _regular(os.lstat(path), path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # it became a symlink since the lstat
-            raise Refused("a symbolic link, not a regular file") from None
-        raise
-    with os.fdopen(fd, "rb") as file:
-        _regular(os.fstat(fd), path)
-        # Bounded even if the file grows while read.
-        data = file.read(MAX_STATE_BYTES + 1)
-    if len(data) > MAX_STATE_BYTES:
-        raise Refused(f"more than {MAX_STATE_BYTES} bytes")
-    return data
-
-
-def _regular(info: os.stat_result, path: str) -> None:
-    if stat.S_ISLNK(info.st_mode):
-        raise Refused("a symbolic link, not a regular file")
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device, socket or directory"
-        raise Refused(f"{kind}, not a regular file")
-    if info.st_size > MAX_STATE_BYTES:
-        raise Refused(f"{info.st_size} bytes (at most {MAX_STATE_BYTES} are read)")
+    """The bytes of the state file: a regular file of at most ``MAX_STATE_BYTES``
+    (``statefile.read_bounded``: anything else is ``Refused`` saying why)."""
+    return statefile.read_bounded(path, MAX_STATE_BYTES)
 
 
 def _read_predictor(path: str, zone: str, now: float) -> Predictor:
@@ -276,20 +240,9 @@ class Predictions:
         """Atomically: a reader (or a crash) sees the old file or the new one."""
         assert self.cfg.state_file is not None
         data = orjson.dumps(snapshot.state())
-        target = Path(self.cfg.state_file)
+        target = self.cfg.state_file
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            statefile.write_atomically(target, data)
         except OSError as exc:
             why = f"{type(exc).__name__}: {exc}"
             if why != self._save_error:  # once per distinct failure, not every interval
