@@ -23,9 +23,9 @@ from tests.helpers import (
     whoami,
 )
 from tests.test_http import BODY, GATEWAY_PROBE, http_config, http_service, status
+from wakeproxy import forward
 from wakeproxy.config.model import HttpSettings
 from wakeproxy.core.states import Outcome, State
-from wakeproxy.httpmode import client as client_module
 from wakeproxy.httpmode.client import REQUESTS_PER_TURN, HttpClientSide
 
 pytestmark = pytest.mark.asyncio
@@ -216,17 +216,20 @@ class _Owner:
 
 class _Transport:
     def __init__(self) -> None:
+        self.reading = True
         self.paused = 0
-        self.resumed = 0
 
     def set_write_buffer_limits(self, high, low):
         pass
 
     def pause_reading(self):
+        assert self.reading, "paused twice (a reason would be lost)"
+        self.reading = False
         self.paused += 1
 
     def resume_reading(self):
-        self.resumed += 1
+        assert not self.reading, "resumed while reading"
+        self.reading = True
 
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 1) if name == "peername" else default
@@ -245,7 +248,7 @@ async def test_a_read_full_of_pipelined_heads_is_handled_a_share_per_turn():
     conn.connection_made(transport)  # type: ignore[arg-type]
     heads = [b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(1000)]
     conn.data_received(b"".join(heads))
-    assert len(conn._pending) == REQUESTS_PER_TURN and transport.paused == 1
+    assert len(conn._pending) == REQUESTS_PER_TURN and not transport.reading
     turns = 1
     while len(conn._pending) < len(heads):
         await asyncio.sleep(0)
@@ -253,9 +256,27 @@ async def test_a_read_full_of_pipelined_heads_is_handled_a_share_per_turn():
         assert turns < 100
     assert b"".join(conn._pending) == b"".join(heads), "every byte, in order"
     assert turns == -(-len(heads) // REQUESTS_PER_TURN)
-    assert transport.resumed == 1, "reading resumed once all of it was handled"
+    await asyncio.sleep(0)
+    assert transport.reading, "reading again once all of it was handled"
     conn.connection_lost(None)
-    assert client_module.REQUESTS_PER_TURN == REQUESTS_PER_TURN
+
+
+async def test_a_turn_ending_never_resumes_reading_a_backend_too_slow_for():
+    # The backend's write buffer is full (UpstreamSide.pause_writing): reading the client
+    # stays paused however many turns its pipelined requests take, or one client that
+    # never reads its answers grows the proxy's memory without bound.
+    conn = HttpClientSide(_Owner())  # type: ignore[arg-type]
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.pause_for(forward.BACKEND_FULL)
+    heads = [b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(200)]
+    conn.data_received(b"".join(heads))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(conn._pending) == len(heads) and not transport.reading
+    conn.resume_for(forward.BACKEND_FULL)
+    assert transport.reading
+    conn.connection_lost(None)
 
 
 async def test_one_connection_cannot_flush_other_sessions_pins():

@@ -20,7 +20,8 @@ from wakeproxy.httpmode.mcp import (
     classify,
     response_in,
 )
-from wakeproxy.httpmode.mcpfront import McpFront, McpStore, _from_state, _to_state
+from wakeproxy.httpmode.mcpfront import McpFront
+from wakeproxy.httpmode.mcpstore import McpStore, _from_state, _to_state
 
 
 def message(method: str | None, id_: object = 1, **params: object) -> bytes:
@@ -109,20 +110,30 @@ def _answer(name: str = "srv", *, stateful: bool = True) -> Answer:
 def test_learned_answers_are_used_only_on_their_endpoint_and_for_accepted_credentials():
     open_server = Learned()
     assert open_server.learn(Kind.INITIALIZE, "2025-06-18", "/mcp", b"", _answer())
-    assert open_server.admits("/mcp", b"") and open_server.admits("/mcp", b"Bearer any")
-    assert not open_server.admits("/other", b"")
+    assert open_server.admits("/mcp", b"") and not open_server.admits("/other", b"")
+    # Credentials the server never saw are not known to be enough (a server may answer
+    # one token and refuse another): forwarded.
+    assert not open_server.admits("/mcp", b"Bearer any")
     assert open_server.server_name() == "srv"
     assert not open_server.learn(Kind.INITIALIZE, "2025-06-18", "/mcp", b"", _answer()), "same"
+    # A refusal of a request with no credentials: they are no longer enough.
+    assert open_server.refused("/mcp", b"") and not open_server.admits("/mcp", b"")
 
     guarded = Learned()
     guarded.learn(Kind.INITIALIZE, "2025-06-18", "/mcp", b"Bearer good", _answer())
     assert guarded.admits("/mcp", b"Bearer good")
     assert not guarded.admits("/mcp", b"") and not guarded.admits("/mcp", b"Bearer bad")
     assert "good" not in str(guarded.to_state()), "a digest is kept, never the token"
+    # An error (a legacy server's answer to server/discover) says nothing of them.
+    error = Answer(400, "application/json", {"jsonrpc": "2.0", "id": 1, "error": {}})
+    guarded.learn(Kind.DISCOVER, "2026-07-28", "/mcp", b"", error)
+    assert not guarded.open and not guarded.admits("/mcp", b"")
 
-    # Another endpoint: what was learned of the old one no longer applies.
-    guarded.learn(Kind.DISCOVER, "2026-07-28", "/v2/mcp", b"Bearer good", _answer())
+    # Another endpoint: what was learned of the old one no longer applies, nor whose
+    # credentials were accepted there.
+    guarded.learn(Kind.DISCOVER, "2026-07-28", "/v2/mcp", b"", error)
     assert guarded.initialize == {} and guarded.endpoint == "/v2/mcp"
+    assert guarded.auth == [] and not guarded.admits("/v2/mcp", b"Bearer good")
 
 
 def test_the_learned_state_round_trips_and_anything_else_is_refused():
@@ -154,9 +165,8 @@ def test_a_session_id_is_set_in_a_head_whatever_its_case():
 
 
 def _front(**settings: object) -> McpFront:
-    front = McpFront(
-        "svc", HttpSettings(**settings), McpStore(McpConfig(state_file=None)), McpConfig()
-    )  # type: ignore[arg-type]
+    store = McpStore(McpConfig(state_file=None))
+    front = McpFront("svc", HttpSettings(**settings), store, McpConfig())  # type: ignore[arg-type]
     front.learned.learn(Kind.INITIALIZE, "2025-06-18", "/mcp", b"", _answer())
     front.asleep = lambda _: True
     return front
@@ -165,20 +175,25 @@ def _front(**settings: object) -> McpFront:
 INIT_HEAD = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
 
 
+def _sid(reply: bytes) -> bytes:
+    lines = reply.split(b"\r\n")
+    return next(line.split(b": ")[1] for line in lines if line.startswith(b"Mcp-Session-Id"))
+
+
 def test_a_session_opened_while_the_server_sleeps_is_virtual_until_its_first_real_request():
     front = _front()
     body = message("initialize", 3, protocolVersion="2025-06-18")
     head = parse_head(INIT_HEAD)
-    reply = front.answer(head, classify(body), INIT_HEAD + body, "10.0.0.1", 0, quiet=True)
+    reply = front.answer(head, classify(body), INIT_HEAD + body, "10.0.0.1", 1)
     assert reply is not None and reply.startswith(b"HTTP/1.1 200 OK")
     answer_body = orjson.loads(reply.split(b"\r\n\r\n", 1)[1])
     assert answer_body["id"] == 3 and answer_body["result"]["serverInfo"]["name"] == "srv"
-    sid = next(
-        line.split(b": ")[1] for line in reply.split(b"\r\n") if line.startswith(b"Mcp-Session-Id")
-    )
+    sid = _sid(reply)
     assert MINTED.fullmatch(sid)
-    # Not quiet (a response of this connection still under way): never answered here.
-    assert front.answer(head, classify(body), INIT_HEAD + body, "10.0.0.1", 0, quiet=False) is None
+    # The server awake: forwarded (the server answers, the proxy learns from it).
+    front.asleep = lambda _: False
+    assert front.answer(head, classify(body), INIT_HEAD + body, "10.0.0.1", 1) is None
+    front.asleep = lambda _: True
 
     class Backend:
         name, incarnation, backend, cfg = "svc", 5, None, None
@@ -191,17 +206,41 @@ def test_a_session_opened_while_the_server_sleeps_is_virtual_until_its_first_rea
     assert front.route_to(b"server-1", Backend()) == (None, b"")  # type: ignore[arg-type]
 
 
-def test_one_connection_cannot_open_sessions_without_bound():
+def test_one_connection_cannot_hold_sessions_without_bound():
     front = _front()
     body = message("initialize", 1, protocolVersion="2025-06-18")
-    head = parse_head(INIT_HEAD)
-    request = INIT_HEAD + body
-    assert front.answer(head, classify(body), request, "p", 99, quiet=True).startswith(
-        b"HTTP/1.1 200"
-    )  # type: ignore[union-attr]
-    refused = front.answer(head, classify(body), request, "p", 100, quiet=True)
-    assert refused is not None and refused.startswith(b"HTTP/1.1 429")
-    assert front.sessions.refused == 1
+    head, request = parse_head(INIT_HEAD), INIT_HEAD + body
+
+    def status(connection: int) -> bytes:
+        reply = front.answer(head, classify(body), request, "p", connection)
+        assert reply is not None
+        return reply[9:12]
+
+    assert [status(7) for _ in range(100)] == [b"200"] * 100
+    assert status(7) == b"429" and front.sessions.refused == 1
+    # Another connection of the same client is not held back; a session that ended
+    # gives its place back.
+    assert status(8) == b"200"
+    front.sessions.end(next(iter(front.sessions._sessions)))
+    assert status(7) == b"200"
+
+
+def test_set_up_of_a_session_is_answered_on_its_own_endpoint_only():
+    front = _front()
+    body = message("initialize", 1, protocolVersion="2025-06-18")
+    sid = _sid(front.answer(parse_head(INIT_HEAD), classify(body), INIT_HEAD + body, "p", 1) or b"")
+    ping = message("ping", 2)
+    for path, answered in (("/mcp", True), ("/elsewhere", False)):
+        raw = f"POST {path} HTTP/1.1\r\nHost: x\r\nMcp-Session-Id: {sid.decode()}\r\n\r\n"
+        assert (
+            front.answer(parse_head(raw.encode()), classify(ping), b"", "p", 1) is not None
+        ) is answered
+    # A session the proxy does not hold and did not mint: the server's to answer.
+    head = parse_head(b"POST /mcp HTTP/1.1\r\nHost: x\r\nMcp-Session-Id: theirs\r\n\r\n")
+    assert front.answer(head, classify(ping), b"", "p", 1) is None
+    # An initialize too big to keep for a replay is never answered here.
+    big = message("initialize", 1, protocolVersion="2025-06-18", pad="x" * 5000)
+    assert front.answer(parse_head(INIT_HEAD), classify(big), INIT_HEAD + big, "p", 1) is None
 
 
 @pytest.mark.asyncio
@@ -210,7 +249,7 @@ async def test_a_state_file_that_is_no_regular_file_is_refused_unread(tmp_path, 
     fifo = tmp_path / "mcp.json"
     os.mkfifo(fifo)
     store = McpStore(McpConfig(state_file=str(fifo)))
-    await asyncio.wait_for(store.load(), 10)
+    await asyncio.wait_for(store.loaded(), 10)
     assert store.learned == {}
     assert "a FIFO, not a regular file" in caplog.text and str(fifo) in caplog.text
 
@@ -224,5 +263,5 @@ async def test_learned_answers_are_written_once_after_a_burst_and_read_back(tmp_
         store.changed()
     await store.close()  # a change pending: written now
     again = McpStore(McpConfig(state_file=str(path)))
-    await again.load()
+    await again.loaded()
     assert again.learned["b"].server_name() == "b" and set(again.learned) == {"a", "b"}

@@ -27,7 +27,8 @@ from .coordinator import Coordinator
 from .core.states import State
 from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
-from .httpmode.mcpfront import McpFront, McpStore
+from .httpmode.mcpfront import McpFront
+from .httpmode.mcpstore import McpStore
 from .pool import Pool
 from .predictions import Predictions
 from .runtimes.base import Runtime
@@ -193,7 +194,7 @@ class Proxy:
                 log.info("removed %d memory cgroup(s) a killed proxy left", swept)
         labelled = self.config.discovery.engine_names(self.config.engines)
         if any(cfg.mode == "http" and cfg.http.mcp != "off" for cfg in configs):
-            await self.mcp_store.load()
+            await self.mcp_store.loaded()  # before a listener opens (later: when one asks)
         await self._list(configs, labels=labelled)
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:

@@ -37,6 +37,13 @@ HOLD_LIMIT = 64 * 1024
 # byte, or for this long after the connect completed.
 SETTLE_AFTER = 0.1
 
+# Why reading a client is paused (bits of ClientSide._paused_by): it resumes once no
+# reason is left, so one reason ending never undoes another's pause.
+BACKEND_FULL = 1  # the backend's write buffer is past its high-water mark
+HOLDING = 2  # HOLD_LIMIT bytes held for a backend not connected yet
+WAITING = 4  # mode http: a request waits (its session opening, an upgrade's answer)
+NEXT_TURN = 8  # mode http: the rest of a read waits for the loop's next turn
+
 # TCP keepalive: a peer that vanished without a FIN/RST is found in about 2 minutes
 # (60 s idle, then 6 probes 10 s apart), so it cannot keep a backend awake for ever.
 _KEEPALIVE = (
@@ -126,6 +133,7 @@ class ClientSide(asyncio.Protocol):
         "_client_eof",
         "_idle_handle",
         "_idle_mark",
+        "_paused_by",
         "_pending",
         "_pending_size",
         "_settle",
@@ -151,6 +159,7 @@ class ClientSide(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._paused_by = 0
         self._client_eof = False
         self._backend_eof = False
         # Attached: the owner counts it as needing the backend (held or forwarding).
@@ -218,8 +227,8 @@ class ClientSide(asyncio.Protocol):
         if not self.attached:
             # wake_on: data -- the first byte is what makes this connection count.
             self.attach()
-        if self._pending_size >= HOLD_LIMIT and not self.closed and self.transport is not None:
-            self.transport.pause_reading()
+        if self._pending_size >= HOLD_LIMIT:
+            self.pause_for(HOLDING)
 
     def eof_received(self) -> bool:
         self._client_eof = True
@@ -286,8 +295,21 @@ class ClientSide(asyncio.Protocol):
             upstream.write(data)
         if self._client_eof and upstream.can_write_eof():
             upstream.write_eof()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.resume_for(HOLDING)
+
+    def pause_for(self, reason: int) -> None:
+        """Stop reading the client for ``reason`` (see BACKEND_FULL...)."""
+        if not self._paused_by and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused_by |= reason
+
+    def resume_for(self, reason: int) -> None:
+        """``reason`` is over: read again once no other reason holds."""
+        if self._paused_by & reason:
+            self._paused_by &= ~reason
+            transport = self.transport
+            if not self._paused_by and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def backend_eof(self) -> None:
         self._backend_eof = True
@@ -317,7 +339,7 @@ class ClientSide(asyncio.Protocol):
     @property
     def reading_paused(self) -> bool:
         """Its held bytes reached HOLD_LIMIT: reading waits for the backend."""
-        return self._pending_size >= HOLD_LIMIT and self.upstream is None
+        return bool(self._paused_by & HOLDING)
 
     def refuse(self, outcome: Outcome) -> int | None:
         """Close a connection the backend will not serve (overflow, failed wake). Returns
@@ -423,9 +445,7 @@ class UpstreamSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The backend reads slower than the client writes: stop reading the client.
-        if not self.client_transport.is_closing():
-            self.client_transport.pause_reading()
+        self.client.pause_for(BACKEND_FULL)
 
     def resume_writing(self) -> None:
-        if not self.client_transport.is_closing():
-            self.client_transport.resume_reading()
+        self.client.resume_for(BACKEND_FULL)

@@ -75,6 +75,7 @@ class Pool:
         # (answered by the proxy) until their first real request places them.
         self.mcp = front
         front.asleep = self._sleeps
+        front.incarnation_of = self._incarnation_of
         self.placed: collections.Counter[str] = collections.Counter()  # per replica
         self._server: asyncio.Server | None = None
         self._health: asyncio.Task[None] | None = None
@@ -231,6 +232,10 @@ class Pool:
     @property
     def idle_delay(self) -> float:
         return self.cfg.sleep_policy.idle_delay
+
+    def _incarnation_of(self, replica: str) -> int | None:
+        held = next((r for r in self.replicas if r.name == replica), None)
+        return None if held is None else held.incarnation
 
     def _sleeps(self, replica: str | None) -> bool:
         """Whether MCP set-up is answered by the proxy: for a new session always (it is

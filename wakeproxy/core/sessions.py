@@ -111,6 +111,8 @@ GONE = Gone()
 
 @dataclass(slots=True)
 class Session:
+    # The client's address (its share of the table), and the connection that opened it
+    # (a number unique in the process; 0: none counted).
     peer: str
     used: float
     # Replicas: the replica holding it (None: not placed yet, a virtual session).
@@ -124,6 +126,10 @@ class Session:
     initialized: bytes = b""
     # An SSE session: its stream is open; it ends with it, and is never evicted.
     streaming: bool = False
+    opener: int = 0
+    # Where its initialize was sent, and with which credentials (see httpmode.mcp).
+    endpoint: str = ""
+    credentials: bytes = b""
 
     def known_to(self, incarnation: int) -> bool:
         return self.incarnation != 0 and self.incarnation == incarnation
@@ -142,6 +148,7 @@ class Sessions:
         self._streams: dict[bytes, Session] = {}  # streaming: never evicted, never idle
         self._aliases: dict[bytes, bytes] = {}  # a backend's id -> its client's
         self._peers: collections.Counter[str] = collections.Counter()
+        self._openers: collections.Counter[int] = collections.Counter()
         self._held: collections.Counter[str] = collections.Counter()  # per replica
         self.lost = 0  # requests told their session is gone
         self.evicted = 0  # idle sessions dropped to make room
@@ -152,10 +159,15 @@ class Sessions:
 
     # ---- opening and ending
 
-    def admit(self, peer: str, now: float) -> bool:
-        """Whether one more session of ``peer`` may open (making room if the table is
-        full by evicting an idle one); counts a refusal."""
-        if self._peers[peer] >= self.per_peer or (len(self) >= self.limit and not self._evict(now)):
+    def admit(self, peer: str, now: float, opener: int = 0, per_opener: int = 0) -> bool:
+        """Whether one more session of ``peer`` may open, over connection ``opener``
+        holding at most ``per_opener`` live sessions (0: no such bound), making room if
+        the table is full by evicting an idle one; counts a refusal."""
+        if (
+            self._peers[peer] >= self.per_peer
+            or (per_opener and opener and self._openers[opener] >= per_opener)
+            or (len(self) >= self.limit and not self._evict(now))
+        ):
             self.refused += 1
             return False
         return True
@@ -169,12 +181,18 @@ class Sessions:
             return True
         return False
 
-    def add(self, sid: bytes, session: Session) -> None:
-        """A session opened (``admit`` said yes, or the server opened it already)."""
+    def add(self, sid: bytes, session: Session) -> bool:
+        """A session opened (``admit`` said yes, or the server opened it already);
+        False when there is no room (a full table of sessions in use): not kept."""
         old = self._sessions.get(sid) or self._streams.get(sid)
         if old is not None:
             self._drop(sid, old)
+        elif len(self) >= self.limit and not self._evict(session.used):
+            self.refused += 1
+            return False
         self._peers[session.peer] += 1
+        if session.opener:
+            self._openers[session.opener] += 1
         if session.replica:
             self._held[session.replica] += 1
         if session.streaming:
@@ -183,6 +201,7 @@ class Sessions:
             self._sessions[sid] = session
         if session.backend and session.backend != sid:
             self._aliases[session.backend] = sid
+        return True
 
     def end(self, sid: bytes) -> None:
         """The session ended (a DELETE, its SSE stream closed)."""
@@ -197,6 +216,10 @@ class Sessions:
         self._peers[session.peer] -= 1
         if self._peers[session.peer] <= 0:
             del self._peers[session.peer]
+        if session.opener:
+            self._openers[session.opener] -= 1
+            if self._openers[session.opener] <= 0:
+                del self._openers[session.opener]
         self._unhold(session.replica)
         if session.backend and self._aliases.get(session.backend) == sid:
             del self._aliases[session.backend]

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import time
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ..core.states import NOT_SERVING, Outcome, State
-from ..forward import HOLD_LIMIT, ClientSide, Owner, UpstreamSide
+from ..forward import HOLD_LIMIT, HOLDING, NEXT_TURN, WAITING, ClientSide, Owner, UpstreamSide
 from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer
 from .chunks import BadChunk, ChunkedBody
 from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, parse_head, with_header
-from .mcp import MAX_MESSAGE, Kind, Message, classify
-from .mcpfront import Backend, ReplayFailed
+from .mcp import MAX_MESSAGE, Message, classify
+from .mcpfront import Backend
+from .replay import ReplayFailed
 from .tracker import HttpUpstreamSide, ResponseTracker
 
 if TYPE_CHECKING:
@@ -25,9 +27,12 @@ if TYPE_CHECKING:
 # A JSON-RPC body read to classify a request; larger ones are real work by definition.
 MAX_CLASSIFIED_BODY = MAX_MESSAGE
 
-_FORWARDED = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"}
-)
+_CONNECTIONS = itertools.count(1)
+
+
+def _forwarding(name: bytes) -> bool:
+    """A header that says where a request came from: the proxy's to give."""
+    return name.startswith(b"x-forwarded-") or name in (b"forwarded", b"x-real-ip")
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,11 +114,10 @@ class HttpClientSide(ClientSide):
         "_follow",
         "_gated",
         "_header_handle",
+        "_id",
         "_last_head",
         "_last_raw",
         "_message",
-        "_message_seen",
-        "_opened",
         "_partial",
         "_phase",
         "_probe_only",
@@ -123,6 +127,7 @@ class HttpClientSide(ClientSide):
         "_stash",
         "_streaming",
         "_suspended",
+        "_upgrade_after_body",
         "_wanted_backend",
         "answered",
         "http_owner",
@@ -171,8 +176,8 @@ class HttpClientSide(ClientSide):
         # while its session is opened on the server, and what came after it.
         self.mcp = owner.mcp
         self._message: tuple[Head, bytes] | None = None
-        self._message_seen = False
-        self._opened = 0
+        self._id = next(_CONNECTIONS)  # the sessions a connection opened are its own
+        self._upgrade_after_body = False
         self._suspended = False
         self._stash = bytearray()
         self._streaming = False  # holds a probe's event stream open (see stream_started)
@@ -209,8 +214,8 @@ class HttpClientSide(ClientSide):
                 # A request waits (its session opening on the server, an upgrade's
                 # answer): what follows it waits too (bounded: reading pauses).
                 self._stash += data[pos:] if pos else data
-                if len(self._stash) >= HOLD_LIMIT and self.transport is not None:
-                    self.transport.pause_reading()
+                if len(self._stash) >= HOLD_LIMIT:
+                    self.pause_for(WAITING)
                 return
             phase = self._phase
             if phase == _OPAQUE:
@@ -235,21 +240,19 @@ class HttpClientSide(ClientSide):
     def _defer(self, rest: bytes) -> None:
         self._suspended = True
         self._stash += rest
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.pause_for(NEXT_TURN)
         asyncio.get_running_loop().call_soon(self._go_on)
 
     def _go_on(self) -> None:
         """Carry on with what waited (the next turn's share, or what followed a held
-        request), then read again."""
+        request). Reading resumes unless another reason holds it (a backend that
+        reads slower, bytes held for a wake), or what follows waits again."""
         self._suspended = False
+        self.resume_for(NEXT_TURN | WAITING)
         stash = bytes(self._stash)
         self._stash.clear()
         if stash and not self.closed:
             self.data_received(stash)
-        transport = self.transport
-        if transport is not None and not self._suspended and not self.reading_paused:
-            transport.resume_reading()
 
     def _head(self, data: bytes, pos: int) -> int:
         """Buffer until a head is complete and act on it; returns the offset after it."""
@@ -379,21 +382,25 @@ class HttpClientSide(ClientSide):
         counted: bool = True,
         body: bytes = b"",
         note: Expected | None = None,
+        outgoing: bool = False,
     ) -> None:
         """The request goes to the backend (``counted``: whether it is activity is known
-        now; else at the end of its body)."""
+        now; else at the end of its body; ``outgoing``: ``raw`` has the proxy's
+        forwarded headers already)."""
         self._request_activity = activity
         self._need_backend(activity and counted)
         if self.answered:
             return  # refused on the way (a limit, no replica)
-        if self.http_owner.http.forwarded_headers:
-            raw = self._with_forwarded(raw, head)
+        if not outgoing:
+            raw = self._outgoing(raw, head)
         if self._follow:
             if note is not None:
                 note.backend = cast(Backend, self.owner)
             self.tracker.expect(head.method, note)
+            if head.upgrade:
+                self.tracker.upgrading()
         session = head.get(b"mcp-session-id")
-        if session and self.mcp is not None:
+        if session and self.mcp is not None and not head.upgrade:
             opening, write_as = self.mcp.route_to(session, cast(Backend, self.owner))
             if opening is not None:
                 self._open_session(session, opening, raw, body)
@@ -407,9 +414,18 @@ class HttpClientSide(ClientSide):
             self._count_request()
         if head.upgrade:
             # Another protocol only once the server agrees (101; a 2xx to CONNECT): the
-            # client sends nothing before that answer, so what comes waits for it.
-            self._suspended = True
-            self.tracker.upgrading()
+            # client sends nothing but the request's body before that answer, so what
+            # comes after it waits for the answer.
+            if head.has_body:
+                self._upgrade_after_body = True
+            else:
+                self._suspended = True
+
+    def _outgoing(self, raw: bytes, head: Head) -> bytes:
+        """The head as it goes to the backend."""
+        if self.http_owner.http.forwarded_headers:
+            return self._with_forwarded(raw, head)
+        return raw
 
     def _frame_body(self, head: Head, activity: bool) -> None:
         self._body = None
@@ -459,6 +475,10 @@ class HttpClientSide(ClientSide):
         if body is not None:
             self._request_activity = classify(bytes(body)).activity
             self._count_request()
+        if self._upgrade_after_body:
+            # The upgrade request is whole: what follows waits for the server's answer.
+            self._upgrade_after_body = False
+            self._suspended = True
 
     def _count_request(self) -> None:
         if self._request_activity:
@@ -470,7 +490,10 @@ class HttpClientSide(ClientSide):
 
     def _mcp_head(self, head: Head, raw: bytes) -> bool:
         """An MCP request: a JSON POST is read whole before anything is decided; a GET
-        or DELETE naming a session is decided now. False: not MCP's."""
+        or DELETE naming a session is decided now. False: not MCP's (a body to frame,
+        an upgrade, a client waiting for 100 Continue)."""
+        if head.upgrade or head.get(b"expect"):
+            return False
         method = head.method
         if method == b"POST":
             if (
@@ -482,8 +505,10 @@ class HttpClientSide(ClientSide):
             self._message = (head, raw)
             self._body = bytearray()
             self._phase, self._remaining = _MESSAGE, head.length
+            # The body comes within header_timeout too: a slow one holds 64 KiB at most.
+            self._arm_header_timeout()
             return True
-        if method in (b"GET", b"DELETE") and head.get(b"mcp-session-id"):
+        if method in (b"GET", b"DELETE") and head.get(b"mcp-session-id") and not head.has_body:
             self._mcp_request(head, raw, b"", None)
             return True
         return False
@@ -498,6 +523,7 @@ class HttpClientSide(ClientSide):
             return stop
         (head, raw), self._message, self._body = self._message, None, None
         self._phase = _HEAD
+        self._cancel_header_timeout()
         message = classify(bytes(body), head.get(b"mcp-method"))
         self._mcp_request(head, raw, bytes(body), message)
         return stop
@@ -505,38 +531,40 @@ class HttpClientSide(ClientSide):
     def _mcp_request(self, head: Head, raw: bytes, body: bytes, message: Message | None) -> None:
         front = self.mcp
         assert front is not None
-        peer = self._peer()
-        reply = front.answer(head, message, raw + body, peer, self._opened, self._quiet)
-        if message is not None and message.kind is Kind.INITIALIZE:
-            self._opened += 1
-        if reply is not None:
-            self._reply(reply, head)
-            return
+        raw = self._outgoing(raw, head)
+        request, peer = raw + body, self._client_address()
+        # Only when nothing of this connection is with the backend: an answer of the
+        # proxy's own would overtake that response.
+        if self._quiet:
+            reply = front.answer(head, message, request, peer, self._id)
+            if reply is not None:
+                self._reply(reply, head)
+                return
         # Set-up and streams are never activity: only real work keeps a server awake.
         activity = message is not None and message.activity
         note = None
         if message is not None:
-            note = front.expect(head, message, raw + body, peer)
-            self._message_seen = True
-        self._forward(head, raw, activity, body=body, note=note)
+            note = front.expect(head, message, request, peer, self._id)
+        self._forward(head, raw, activity, body=body, note=note, outgoing=True)
 
-    def _peer(self) -> str:
+    def _client_address(self) -> str:
+        """The client's address: the peer's, or for a trusted proxy in front the last
+        hop it added to X-Forwarded-For (each client its own share of sessions)."""
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer[0]) if peer else ""
+        address = str(peer[0]) if peer else ""
+        trusted = self.http_owner.http.trust_forwarded_from
+        head = self._last_head
+        if trusted and head is not None and _trusted(address, trusted):
+            chain = head.get(b"x-forwarded-for")
+            if chain:
+                return chain.rsplit(b",", 1)[-1].strip().decode("latin-1")
+        return address
 
     def _reply(self, data: bytes, head: Head) -> None:
         """An MCP answer the proxy gives itself; the connection stays open unless the
         client asked to close it."""
-        status = int(data[9:12])
-        self.owner.record(Outcome.MCP_ANSWERED, status)
-        if not head.keep_alive:
-            self._write_answer(data, close=True)
-            return
-        transport = self.transport
-        if transport is None or self.closed:
-            return
-        self.answered_bytes += len(data)
-        transport.write(data)
+        self.owner.record(Outcome.MCP_ANSWERED, int(data[9:12]))
+        self._write_kept(data, close=not head.keep_alive)
 
     def _open_session(self, sid: bytes, session: Session, raw: bytes, body: bytes) -> None:
         """Hold this request (and what follows it) while its session is opened on the
@@ -586,6 +614,7 @@ class HttpClientSide(ClientSide):
     def _upgraded(self, switched: bool) -> None:
         """The server answered the upgrade request: another protocol from here on both
         ways (its bytes as they come), or HTTP as before (the client's next request)."""
+        self._upgrade_after_body = False
         if switched:
             self._phase = _OPAQUE
         self._go_on()
@@ -596,12 +625,10 @@ class HttpClientSide(ClientSide):
         front = self.mcp
         if front is None:
             return
-        backend = cast(Backend, self.owner)
         if stream:
             self.sse_session = session
-            front.streamed(session, self._peer(), backend)
-        else:
-            front.seen(session, self._peer(), backend)
+        backend = cast(Backend, self.owner)
+        front.seen_in_answer(session, self._client_address(), backend, stream=stream)
 
     def _need_backend(self, activity: bool) -> None:
         """This request goes to the backend: attach, or wake it under an open connection."""
@@ -611,7 +638,7 @@ class HttpClientSide(ClientSide):
                 self._allow_sleep
                 or self._probe_only
                 or self.tracker.on_session is not None
-                or self._message_seen
+                or (self.mcp is not None and self.mcp.on and self.mcp.seen)
                 or (head is not None and head.upgrade)
             )
         if not self._wanted_backend:
@@ -638,8 +665,8 @@ class HttpClientSide(ClientSide):
             return
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size >= HOLD_LIMIT and not self.closed and self.transport is not None:
-            self.transport.pause_reading()
+        if self._pending_size >= HOLD_LIMIT:
+            self.pause_for(HOLDING)
 
     def resume(self) -> None:
         self._gated = False
@@ -650,14 +677,15 @@ class HttpClientSide(ClientSide):
         (it would choose its own address, host and scheme), unless the peer is a proxy
         named in ``trust_forwarded_from``: then its lines stay and its address is
         appended to X-Forwarded-For."""
-        peer = self._peer()
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        peer = str(peer[0]) if peer else ""
         trusted = _trusted(peer, self.http_owner.http.trust_forwarded_from)
         lines = raw[:-4].split(b"\r\n")  # CRLF throughout (parse_head)
         kept, given = [lines[0]], dict[bytes, bytes]()
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
-            if name not in _FORWARDED:
+            if not _forwarding(name):
                 kept.append(line)
             elif trusted:  # a field given twice is one list (RFC 9110 5.3)
                 value = value.strip()
@@ -693,15 +721,6 @@ class HttpClientSide(ClientSide):
                 answer(probe.status, probe.body, content_type=probe.content_type), close=True
             )
             return
-        # Kept open: what the client sends next (pipelined already, or later) is
-        # another request, forwarded or answered as usual.
-        transport = self.transport
-        if transport is None or self.closed:
-            return
-        if self._backend_eof:
-            # The backend ended this connection's other half: nothing more can be sent.
-            transport.close()
-            return
         data = answer(
             probe.status,
             probe.body,
@@ -709,6 +728,22 @@ class HttpClientSide(ClientSide):
             keep_alive=True,
             head_only=head.method == b"HEAD",
         )
+        self._write_kept(data, close=False)
+
+    def _write_kept(self, data: bytes, *, close: bool) -> None:
+        """An answer of the proxy's own on a connection that stays open (unless
+        ``close``): what the client sends next (pipelined already, or later) is another
+        request, forwarded or answered as usual."""
+        if close:
+            self._write_answer(data, close=True)
+            return
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self._backend_eof:
+            # The backend ended this connection's other half: nothing more can be sent.
+            transport.close()
+            return
         self.answered_bytes += len(data)
         transport.write(data)
 
@@ -767,7 +802,7 @@ class HttpClientSide(ClientSide):
 
     def _header_timed_out(self) -> None:
         self._header_handle = None
-        if self._phase == _HEAD and not self.answered:
+        if self._phase in (_HEAD, _MESSAGE) and not self.answered:
             self._refuse(408, "no complete request head in time", Outcome.HEADER_TIMEOUT)
 
     def _cancel_timers(self) -> None:

@@ -113,3 +113,12 @@ def with_header(raw: bytes, name: bytes, value: bytes) -> bytes:
     crlf = b"\r" if lines[0].endswith(b"\r") else b""
     kept.insert(1, name + b": " + value + crlf)
     return b"\n".join(kept)
+
+
+def without_header(raw: bytes, name: bytes) -> bytes:
+    """A request head without any line of header ``name``."""
+    prefix = name.lower() + b":"
+    lines = raw.split(b"\n")
+    return b"\n".join(
+        [lines[0], *(line for line in lines[1:] if not line.lower().startswith(prefix))]
+    )

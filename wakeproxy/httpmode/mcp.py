@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -118,9 +120,20 @@ def classify(body: bytes | None, method_header: bytes = b"") -> Message:
     return Message(kind, raw_id, version)
 
 
-def auth_key(authorization: bytes) -> str:
+# Where a client may carry credentials to an MCP server (beside the query string).
+CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
+
+
+def credentials(get: Callable[[bytes], bytes], query: bytes) -> bytes:
+    """A request's credentials as one value (b"": none): its Authorization, Cookie and
+    X-API-Key headers and its query string. ``get``: the head's header lookup."""
+    parts = [get(name) for name in CREDENTIAL_HEADERS] + [query]
+    return b"\0".join(parts) if any(parts) else b""
+
+
+def auth_key(credentials: bytes) -> str:
     """What is kept of a request's credentials: a digest, never the token."""
-    return hashlib.sha256(authorization).hexdigest()
+    return hashlib.sha256(credentials).hexdigest()
 
 
 @dataclass(slots=True)
@@ -269,37 +282,42 @@ class Learned:
                 return str(info["name"])
         return ""
 
-    def admits(self, path: str, authorization: bytes) -> bool:
+    def admits(self, path: str, credentials: bytes) -> bool:
         """Whether a set-up request may be answered from what was learned: to the
-        endpoint it was learned on, with credentials the server accepted (or none
-        needed)."""
+        endpoint it was learned on, with credentials the server accepted, or none where
+        it needed none."""
         if path != self.endpoint:
             return False
-        if self.open:
+        if self.open and not credentials:
             return True
-        return bool(authorization) and auth_key(authorization) in self.auth
+        return bool(credentials) and auth_key(credentials) in self.auth
 
     def learn(
         self,
         kind: Kind,
         key: str,
         path: str,
-        authorization: bytes,
+        credentials: bytes,
         answer: Answer,
     ) -> bool:
-        """Keep a server's answer; True when it changed what is known."""
+        """Keep a server's answer; True when it changed what is known. Only a result
+        (not an error) says the credentials it came with, or none, are enough."""
         table = self.initialize if kind is Kind.INITIALIZE else self.discover
         if key not in table and len(table) >= MAX_VERSIONS:
             return False
         changed = path != self.endpoint or table.get(key) != answer
         if path != self.endpoint:
-            # Another endpoint: what was learned of the old one no longer applies.
+            # Another endpoint: nothing learned of the old one applies, credentials too.
             self.initialize.clear()
             self.discover.clear()
+            self.auth.clear()
+            self.open = False
             self.endpoint = path
         table[key] = answer
-        if authorization:
-            digest = auth_key(authorization)
+        if "result" not in answer.message:
+            return changed
+        if credentials:
+            digest = auth_key(credentials)
             if digest not in self.auth:
                 self.auth.append(digest)
                 del self.auth[:-MAX_AUTH]
@@ -307,6 +325,20 @@ class Learned:
         elif not self.open:
             self.open = changed = True
         return changed
+
+    def refused(self, path: str, credentials: bytes) -> bool:
+        """The server refused a request (401, 403) on the endpoint: the credentials it
+        came with (or none) are not enough any more. True when that changed anything."""
+        if path != self.endpoint:
+            return False
+        if not credentials:
+            changed, self.open = self.open, False
+            return changed
+        digest = auth_key(credentials)
+        if digest in self.auth:
+            self.auth.remove(digest)
+            return True
+        return False
 
     def versions(self) -> list[str]:
         return sorted(self.initialize)
@@ -347,20 +379,14 @@ class Learned:
 # ---- answers the proxy gives while the server sleeps
 
 
-def _http(status: int, phrase: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+def _http(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:  # a learned status HTTP does not name
+        phrase = "Unknown"
     lines = [f"HTTP/1.1 {status} {phrase}", *(f"{k}: {v}" for k, v in headers)]
     lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-_PHRASES = {
-    200: "OK",
-    202: "Accepted",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-}
 
 
 def answer_bytes(
@@ -373,7 +399,7 @@ def answer_bytes(
     headers.extend(extra)
     if close:
         headers.append(("Connection", "close"))
-    return _http(status, _PHRASES.get(status, "OK"), headers, body)
+    return _http(status, headers, body)
 
 
 def pong(request_id: bytes) -> bytes:

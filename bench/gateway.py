@@ -1,0 +1,578 @@
+"""The real mcp-context-forge gateway in front of wakeproxy: its health checks must not
+wake a sleeping MCP server, and tool calls through it must work and wake the server once.
+
+    .venv/bin/python -m bench.gateway --gateway-python /tmp/gw312/bin/python
+
+The gateway (``pip install mcp-contextforge-gateway`` into a Python 3.12 venv; its Python
+is ``--gateway-python``) runs on 127.0.0.1 with a sqlite database in a temporary folder and
+``HEALTH_CHECK_INTERVAL`` seconds between checks. wakeproxy runs two ``mode: http`` services
+under the process runtime: the SDK 1.x FastMCP server (tests/backends/mcp_server.py) and
+the SDK 2.x ``MCPServer`` (tests/backends/mcp2_server.py), ``idle_timeout`` 5 s, once with
+``action: stop`` and once with ``action: pause``. Between gateway and wakeproxy sits a small
+relay that counts what the gateway sends (and with ``--keep`` writes every byte to
+relay.log). Per action: both servers registered with the gateway (streamable HTTP), left
+to sleep, watched for ``--observe`` seconds, a tool call through the gateway asleep and
+awake, watched again once they slept again, called again. Prints a table; kills every
+process it started and removes its folder (``--keep`` keeps the folder and its logs).
+All traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from bench.peers import free_port
+
+ROOT = Path(__file__).parent.parent
+BACKENDS = ROOT / "tests" / "backends"
+ADMIN_EMAIL = "admin@example.com"
+ASLEEP = ("stopped", "paused")
+IDLE_TIMEOUT = 5
+
+# What the gateway needs to start on loopback with a database of its own (1.1.0's
+# settings, mcpgateway/config.py): strong secrets (placeholders are refused), passwords of
+# 12+ characters, loopback targets allowed (SSRF protection refuses them by default).
+GATEWAY_ENV = {
+    "JWT_SECRET_KEY": "bench-gateway-jwt-0123456789abcdef0123456789abcdef",
+    "AUTH_ENCRYPTION_SECRET": "bench-gateway-enc-0123456789abcdef0123456789abcdef",
+    "PLATFORM_ADMIN_EMAIL": ADMIN_EMAIL,
+    "PLATFORM_ADMIN_PASSWORD": "Bench-Admin-Passw0rd-2026!xyz",
+    "DEFAULT_USER_PASSWORD": "Bench-User-Passw0rd-2026!",
+    "BASIC_AUTH_PASSWORD": "Bench-Basic-Passw0rd-2026!",
+    "SSRF_ALLOW_LOCALHOST": "true",
+    "MCPGATEWAY_UI_ENABLED": "false",
+    "MCPGATEWAY_ADMIN_API_ENABLED": "true",
+    "CACHE_TYPE": "memory",
+    "PLUGINS_ENABLED": "false",
+    "LOG_LEVEL": "INFO",
+}
+
+
+class Proc:
+    """A process of ours in its own process group, output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str], cwd: Path):
+        self.name = name
+        self.log = log
+        self._out: IO[bytes] = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        # what it spawned in its group (the gateway's helpers): gone with it, or now
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._out.close()
+
+
+REQUEST_LINE = re.compile(rb"(GET|POST|DELETE|PUT) /\S* HTTP/1\.1\r\n")
+RPC_METHOD = re.compile(rb'"method":"([^"]+)"')
+STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+class Relay:
+    """Bytes between the gateway and wakeproxy's ports, unchanged; counts per service what
+    the gateway sent (HTTP GET/DELETE, JSON-RPC methods) and the statuses it got back, and
+    writes every chunk to ``trace`` when given."""
+
+    def __init__(self, trace: IO[str] | None) -> None:
+        self.counts: dict[str, Counter[str]] = {}
+        self.trace = trace
+        self._servers: list[asyncio.Server] = []
+        self._ids = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def add(self, service: str, target: int) -> int:
+        port = free_port()
+        self.counts[service] = Counter()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._ids += 1
+            cid = f"{service}#{self._ids}"
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+            except OSError as exc:
+                self._log(cid, "!", repr(exc).encode())
+                writer.close()
+                return
+            await asyncio.gather(
+                self._pipe(service, cid, ">", reader, up_writer),
+                self._pipe(service, cid, "<", up_reader, writer),
+            )
+
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        self._servers.append(server)
+        return port
+
+    async def _pipe(
+        self,
+        service: str,
+        cid: str,
+        way: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        counts = self.counts[service]
+        tail = b""
+        try:
+            for _ in range(1_000_000):  # a bound; a relayed connection is far shorter
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self._log(cid, way, data)
+                text = tail + data
+                patterns = [(STATUS_LINE, "status ")]
+                if way == ">":
+                    patterns = [(REQUEST_LINE, ""), (RPC_METHOD, "")]
+                for pattern, prefix in patterns:
+                    for match in pattern.finditer(text):
+                        if match.end() > len(tail) and match[1] != b"POST":
+                            counts[prefix + match[1].decode()] += 1
+                tail = text[-64:]
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _log(self, cid: str, way: str, data: bytes) -> None:
+        if self.trace is not None:
+            stamp = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+            self.trace.write(f"{stamp} {cid} {way} {data[:2000]!r}\n")
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+
+@dataclass
+class Window:
+    """What one observation saw for one service."""
+
+    states: set[str] = field(default_factory=set)
+    wakes: tuple[int, int] = (0, 0)
+    answered: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)
+    unreachable: int = 0
+    gateway_status: set[str] = field(default_factory=set)
+    last_seen_age: float = 0.0
+    samples: int = 0
+
+    @property
+    def checks(self) -> int:
+        """Health checks seen: each starts with server/discover (auto) or initialize."""
+        return max(self.sent["server/discover"], self.sent["initialize"])
+
+
+@dataclass
+class Result:
+    action: str
+    service: str
+    register_s: float = 0.0
+    windows: list[Window] = field(default_factory=list)
+    calls: list[tuple[str, float, int, str]] = field(default_factory=list)  # when, s, wakes+, text
+    asleep_again_s: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    wakes_first: int = 0
+    wakes_last: int = 0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.trace: IO[str] | None = (workdir / "relay.log").open("w") if args.keep else None
+        self.relay = Relay(self.trace)
+        self.http = httpx.AsyncClient(timeout=90)
+        self.gateway_url = ""
+        self.headers: dict[str, str] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, argv, self.workdir / f"{name}.log", env or {}, self.workdir)
+        self.procs.append(proc)
+        return proc
+
+    async def close(self) -> None:
+        await self.relay.close()
+        for proc in reversed(self.procs):
+            await asyncio.to_thread(proc.stop)
+        await self.http.aclose()
+        if self.trace is not None:
+            self.trace.close()
+
+    async def until(
+        self,
+        what: str,
+        within: float,
+        check: Callable[[], Awaitable[bool]],
+        proc: Proc | None = None,
+    ) -> None:
+        """Polls ``check()`` (async, truthy when done) every 0.25 s up to ``within`` s."""
+        deadline = time.monotonic() + within
+        for _ in range(int(within / 0.25) + 2):
+            with contextlib.suppress(httpx.HTTPError):
+                if await check():
+                    return
+            if proc is not None and proc.proc.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited ({proc.proc.returncode}); see {proc.log}")
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"{what}: not within {within} s")
+
+    # the gateway
+
+    async def start_gateway(self) -> None:
+        port = free_port()
+        env = {
+            **GATEWAY_ENV,
+            "DATABASE_URL": f"sqlite:///{self.workdir}/gateway.db",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "HEALTH_CHECK_INTERVAL": str(self.args.interval),
+            "MCP_CLIENT_CONNECT_MODE": self.args.connect_mode,
+            "TMPDIR": str(self.workdir),  # its lock files
+        }
+        python = self.args.gateway_python
+        gateway = self.start(
+            "gateway",
+            [python, "-m", "mcpgateway.cli", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+        )
+        self.gateway_url = f"http://127.0.0.1:{port}"
+
+        async def up() -> bool:
+            return (await self.http.get(f"{self.gateway_url}/health")).status_code == 200
+
+        await self.until("the gateway's /health", 120, up, gateway)
+        minted = await asyncio.to_thread(
+            subprocess.run,
+            [
+                python,
+                "-m",
+                "mcpgateway.utils.create_jwt_token",
+                "-u",
+                ADMIN_EMAIL,
+                "--admin",
+                "-e",
+                "120",
+            ],
+            env={**os.environ, **env},
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        token = minted.stdout.strip().splitlines()[-1]
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def gateway_json(self, method: str, path: str, body: Any = None) -> Any:
+        answer = await self.http.request(
+            method, self.gateway_url + path, json=body, headers=self.headers
+        )
+        answer.raise_for_status()
+        return answer.json() if answer.content else None
+
+    async def gateways(self) -> dict[str, dict[str, Any]]:
+        listed = await self.gateway_json("GET", "/gateways")
+        items = listed if isinstance(listed, list) else listed.get("items", [])
+        return {str(g["name"]): g for g in items}
+
+    async def call(self, tool: str) -> tuple[float, str]:
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": {"text": "hi"}},
+        }
+        started = time.perf_counter()
+        answer = await self.gateway_json("POST", "/rpc", body)
+        elapsed = time.perf_counter() - started
+        try:
+            text = str(answer["result"]["content"][0]["text"])
+        except (KeyError, IndexError, TypeError):
+            text = f"no result: {str(answer)[:300]}"
+        return elapsed, text
+
+    # wakeproxy
+
+    async def services(self, admin: int) -> dict[str, dict[str, Any]]:
+        answer = await self.http.get(f"http://127.0.0.1:{admin}/services")
+        return {str(s["name"]): s for s in answer.json()["services"]}
+
+    async def run(self, action: str) -> list[Result]:
+        admin = free_port()
+        servers = {
+            "fastmcp1": [
+                sys.executable,
+                str(BACKENDS / "mcp_server.py"),
+                "--transport",
+                "streamable-http",
+            ],
+            "mcp2": [self.args.mcp2_python, str(BACKENDS / "mcp2_server.py")],
+        }
+        lines = [
+            f"admin: {{listen: 127.0.0.1:{admin}}}",
+            f"mcp: {{state_file: {self.workdir / f'mcp-{action}.json'}}}",
+            "services:",
+        ]
+        ports: dict[str, int] = {}
+        for name, argv in servers.items():
+            ports[name], backend = free_port(), free_port()
+            command = ", ".join(f'"{a}"' for a in [*argv, "--port", str(backend)])
+            lines += [
+                f"  {name}:",
+                f"    listen: 127.0.0.1:{ports[name]}",
+                f"    backend: 127.0.0.1:{backend}",
+                f"    command: [{command}]",
+                "    mode: http",
+                "    wake_timeout: 20",
+                f"    sleep_policy: {{idle_timeout: {IDLE_TIMEOUT}, action: {action}}}",
+            ]
+        config = self.workdir / f"wakeproxy-{action}.yaml"
+        config.write_text("\n".join(lines) + "\n")
+        argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "debug"]
+        proxy = self.start(f"wakeproxy-{action}", argv)
+
+        async def proxy_up() -> bool:
+            return len(await self.services(admin)) == len(servers)
+
+        await self.until("wakeproxy's admin API", 30, proxy_up, proxy)
+        results = {name: Result(action, name) for name in servers}
+        names = {name: f"{name}-{action}" for name in servers}
+        try:
+            # register both; each registration is a real session (it teaches wakeproxy)
+            for name in servers:
+                port = ports[name]
+                if not self.args.no_relay:
+                    port = await self.relay.add(f"{name}-{action}", ports[name])
+                started = time.perf_counter()
+                await self.gateway_json(
+                    "POST",
+                    "/gateways",
+                    {
+                        "name": names[name],
+                        "url": f"http://127.0.0.1:{port}/mcp",
+                        "transport": "STREAMABLEHTTP",
+                    },
+                )
+                results[name].register_s = time.perf_counter() - started
+            tools = await self.gateway_json("GET", "/tools")
+            tools = tools if isinstance(tools, list) else tools.get("items", [])
+            shout = {
+                name: next(
+                    str(t["name"])
+                    for t in tools
+                    if t.get("originalName") == "shout" and t.get("gatewaySlug") == names[name]
+                )
+                for name in servers
+            }
+            for result in results.values():
+                result.wakes_first = (await self.services(admin))[result.service]["wakes"]
+            for round_ in (1, 2):
+                await self.wait_asleep(admin, results, since=None)
+                await self.observe(admin, results, names)
+                for name, result in results.items():
+                    for when in ("asleep", "awake"):
+                        before = (await self.services(admin))[name]["wakes"]
+                        elapsed, text = await self.call(shout[name])
+                        after = (await self.services(admin))[name]["wakes"]
+                        result.calls.append((f"{when} {round_}", elapsed, after - before, text))
+                await self.wait_asleep(admin, results, since=time.monotonic())
+            await self.observe(admin, results, names)
+            for name, result in results.items():
+                result.wakes_last = (await self.services(admin))[name]["wakes"]
+        finally:
+            with contextlib.suppress(httpx.HTTPError):
+                known = await self.gateways()
+                for name in names.values():
+                    if name in known:
+                        await self.gateway_json("DELETE", f"/gateways/{known[name]['id']}")
+            proxy.stop()
+        for result in results.values():
+            judge(result)
+        return list(results.values())
+
+    async def wait_asleep(
+        self, admin: int, results: dict[str, Result], since: float | None
+    ) -> None:
+        """Until every service sleeps (their idle timeout and the stop, checks going on)."""
+
+        async def asleep() -> bool:
+            states = await self.services(admin)
+            return all(states[name]["state"] in ASLEEP for name in results)
+
+        await self.until("both servers asleep", IDLE_TIMEOUT + 25, asleep)
+        if since is not None:
+            for result in results.values():
+                result.asleep_again_s.append(time.monotonic() - since)
+
+    async def observe(self, admin: int, results: dict[str, Result], names: dict[str, str]) -> None:
+        """Watches for ``--observe`` seconds, sampling wakeproxy and the gateway each second."""
+        windows = {name: Window() for name in results}
+        first = await self.services(admin)
+        sent = {name: Counter(self.relay.counts.get(names[name], Counter())) for name in results}
+        deadline = time.monotonic() + self.args.observe
+        for _ in range(int(self.args.observe) + 2):
+            now = datetime.now(UTC)
+            states = await self.services(admin)
+            gateways = await self.gateways()
+            for name, window in windows.items():
+                window.samples += 1
+                window.states.add(states[name]["state"])
+                gateway = gateways.get(names[name], {})
+                window.gateway_status.add(str(gateway.get("status")))
+                if not gateway.get("reachable") or not gateway.get("enabled"):
+                    window.unreachable += 1
+                if gateway.get("lastSeen"):
+                    seen = datetime.fromisoformat(str(gateway["lastSeen"]))
+                    seen = seen if seen.tzinfo else seen.replace(tzinfo=UTC)
+                    age = (now - seen).total_seconds()
+                    window.last_seen_age = max(window.last_seen_age, age)
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        last = await self.services(admin)
+        for name, window in windows.items():
+            window.wakes = (first[name]["wakes"], last[name]["wakes"])
+            window.answered = Counter(last[name]["mcp"]["answered"])
+            window.answered.subtract(first[name]["mcp"]["answered"])
+            window.sent = Counter(self.relay.counts.get(names[name], Counter()))
+            window.sent.subtract(sent[name])
+            results[name].windows.append(window)
+
+
+def judge(result: Result) -> None:
+    for i, window in enumerate(result.windows, 1):
+        if window.states - set(ASLEEP):
+            result.problems.append(f"window {i}: states {sorted(window.states)}")
+        if window.wakes[1] != window.wakes[0]:
+            result.problems.append(f"window {i}: woken {window.wakes[1] - window.wakes[0]}x")
+        if window.unreachable:
+            result.problems.append(f"window {i}: gateway unreachable in {window.unreachable}")
+        if sum(window.answered.values()) <= 0:
+            result.problems.append(f"window {i}: the proxy answered nothing")
+    for when, _, woken, text in result.calls:
+        if text != "HI!":
+            result.problems.append(f"call {when}: {text}")
+        if woken != (1 if when.startswith("asleep") else 0):
+            result.problems.append(f"call {when}: {woken} wakes")
+
+
+def table(results: list[Result], args: argparse.Namespace) -> str:
+    rows = [
+        f"gateway checks every {args.interval} s ({args.connect_mode}), "
+        f"{args.observe:.0f} s per window, idle_timeout {IDLE_TIMEOUT} s",
+        "",
+        "| action | server | checks per window (proxy answered) | wakes in windows | states"
+        " | gateway reachable | lastSeen max age s | call asleep ms | call awake ms"
+        " | asleep again s | wakes start -> end | register s | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        checks = ", ".join(
+            f"{w.checks if not args.no_relay else '-'}"
+            f" ({max(w.answered['server/discover'], w.answered['initialize'])})"
+            for w in r.windows
+        )
+        woken = ", ".join(str(w.wakes[1] - w.wakes[0]) for w in r.windows)
+        states = "/".join(sorted(set().union(*(w.states for w in r.windows))))
+        reachable = sum(w.samples - w.unreachable for w in r.windows)
+        samples = sum(w.samples for w in r.windows)
+        age = max(w.last_seen_age for w in r.windows)
+        asleep = ", ".join(f"{s * 1000:.0f}" for w, s, _, _ in r.calls if w.startswith("asleep"))
+        awake = ", ".join(f"{s * 1000:.0f}" for w, s, _, _ in r.calls if w.startswith("awake"))
+        again = ", ".join(f"{s:.1f}" for s in r.asleep_again_s)
+        rows.append(
+            f"| {r.action} | {r.service} | {checks} | {woken} | {states} | {reachable}/{samples}"
+            f" | {age:.1f} | {asleep} | {awake} | {again} | {r.wakes_first} -> {r.wakes_last}"
+            f" | {r.register_s:.2f} | {'; '.join(r.problems) or 'none'} |"
+        )
+    sent = Counter[str]()
+    for r in results:
+        for w in r.windows:
+            sent.update(w.sent)
+    rows += ["", "sent by the gateway in the windows (all servers): " + str(dict(sent))]
+    return "\n".join(rows)
+
+
+async def main_async(args: argparse.Namespace, workdir: Path) -> list[Result]:
+    bench = Bench(args, workdir)
+    results: list[Result] = []
+    try:
+        await bench.start_gateway()
+        for action in args.actions.split(","):
+            results += await bench.run(action)
+    finally:
+        await bench.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gateway-python", default="/tmp/gw312/bin/python")
+    parser.add_argument("--mcp2-python", default=str(ROOT / ".venv-mcp2" / "bin" / "python"))
+    parser.add_argument("--interval", type=int, default=3, help="HEALTH_CHECK_INTERVAL (s)")
+    parser.add_argument("--observe", type=float, default=33.0, help="seconds per window")
+    parser.add_argument("--actions", default="stop,pause")
+    parser.add_argument("--connect-mode", choices=["auto", "legacy"], default="auto")
+    parser.add_argument("--no-relay", action="store_true", help="the gateway straight to wakeproxy")
+    parser.add_argument("--keep", action="store_true", help="keep the folder: logs, relay.log")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="wp-gateway-"))
+    results: list[Result] = []
+    try:
+        results = asyncio.run(main_async(args, workdir))
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
+    finally:
+        if args.keep:
+            print(f"bench: logs in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if results:
+        print(table(results, args))
+        if any(r.problems for r in results):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
