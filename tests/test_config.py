@@ -507,7 +507,7 @@ def test_bad_labels_name_the_container_and_the_label(labels, messages):
 
 def test_the_readmes_mcp_context_forge_config_loads():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Behind mcp-context-forge", 1)[1]
+    section = readme.split("## A first config, in front of mcp-context-forge", 1)[1]
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     config = parse_yaml(block, "README.md")
     filesystem, chrome = config.services["filesystem"], config.services["chrome-devtools"]
