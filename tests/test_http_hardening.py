@@ -55,10 +55,13 @@ async def test_a_client_cannot_choose_its_forwarded_address_host_or_scheme():
         b"x-forwarded-host: evil.example",
         b"X-Forwarded-Proto: https",
         b"Forwarded: for=6.6.6.6;proto=https",
+        b"X-Forwarded-Prefix: /evil",
+        b"X-Real-IP: 6.6.6.6",
     )
     async with running(config):
         seen = await exchange(port, echo_head(b"h.test", *spoofed))
         assert b"6.6.6.6" not in seen and b"evil.example" not in seen and b"https" not in seen
+        assert b"/evil" not in seen
         assert b"X-Forwarded-For: 127.0.0.1\r\n" in seen
         assert b"X-Forwarded-Host: h.test\r\n" in seen
         assert b"X-Forwarded-Proto: http\r\n" in seen
@@ -69,6 +72,7 @@ async def test_a_client_cannot_choose_its_forwarded_address_host_or_scheme():
         assert b"X-Forwarded-Host: evil.example\r\n" in seen
         assert b"X-Forwarded-Proto: https\r\n" in seen
         assert b"Forwarded: for=6.6.6.6;proto=https\r\n" in seen
+        assert b"X-Forwarded-Prefix: /evil\r\n" in seen and b"X-Real-IP: 6.6.6.6\r\n" in seen
 
 
 SMUGGLE = (
@@ -320,3 +324,56 @@ async def test_one_connection_cannot_flush_other_sessions_pins():
             # The earlier session is where it was.
             assert await whoami(mine.session) == home
             assert await shout(mine.session, "still") == "STILL!"
+
+
+async def test_a_get_or_delete_body_is_a_body_never_a_request():
+    # A DELETE naming an MCP session went to the MCP path without its body framed: the
+    # proxy read the body as the next request (and wrote forwarded headers into it).
+    port, backend = free_port(), free_port()
+    settings = "http: {forwarded_headers: true}"
+    async with running(config_from(http_config(http_service("web", port, backend, settings)))):
+        inner = b"GET /admin HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+        head = b"DELETE /echo HTTP/1.1\r\nHost: x\r\nMcp-Session-Id: abc\r\nConnection: close\r\n"
+        reply = await exchange(port, head + b"Content-Length: %d\r\n\r\n" % len(inner) + inner)
+        assert reply.count(b"HTTP/1.1 ") == 1, reply
+        assert reply.endswith(b"\r\n\r\n" + inner), "the body reached the server unchanged"
+
+
+async def test_an_upgrade_with_a_body_is_answered():
+    # The proxy waited for the server's answer before sending the request's own body;
+    # the server waited for the body.
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        assert status(head) == 101
+        writer.write(b"raw bytes both ways\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"raw bytes both ways\n"
+        writer.close()
+
+
+async def test_the_proxys_own_answer_never_overtakes_a_response_due_before_it():
+    # A request of a session the proxy minted and no longer holds is answered 404 by the
+    # proxy, but not ahead of the response to the request pipelined before it.
+    port, backend = free_port(), free_port()
+    async with running(config_from(http_config(http_service("web", port, backend)))):
+
+        def post(session: bytes, request_id: int) -> bytes:
+            body = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{}}' % request_id
+            return (
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Mcp-Session-Id: " + session + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+
+        unknown = b"wp-" + b"0" * 32
+        reply = await exchange(
+            port,
+            post(b"theirs", 1) + post(unknown, 2) + b"GET / HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        first = reply.index(b'"id":1')
+        assert reply.count(b"HTTP/1.1 ") == 3 and first < reply.index(b'"id":2'), reply

@@ -30,6 +30,10 @@ MAX_CLASSIFIED_BODY = MAX_MESSAGE
 _CONNECTIONS = itertools.count(1)
 
 
+# What the proxy writes itself (from a trusted proxy in front: taken over, extended).
+_REWRITTEN = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+
 def _forwarding(name: bytes) -> bool:
     """A header that says where a request came from: the proxy's to give."""
     return name.startswith(b"x-forwarded-") or name in (b"forwarded", b"x-real-ip")
@@ -687,9 +691,13 @@ class HttpClientSide(ClientSide):
             name = name.strip().lower()
             if not _forwarding(name):
                 kept.append(line)
-            elif trusted:  # a field given twice is one list (RFC 9110 5.3)
+            elif not trusted:
+                continue
+            elif name in _REWRITTEN:  # a field given twice is one list (RFC 9110 5.3)
                 value = value.strip()
                 given[name] = given[name] + b", " + value if name in given else value
+            else:
+                kept.append(line)  # the proxy in front's own (Forwarded, -Port, -Prefix)
         chain = given.get(b"x-forwarded-for")
         forwarded_for = (chain + b", " if chain else b"") + peer.encode()
         kept.append(b"X-Forwarded-For: " + forwarded_for)
@@ -697,8 +705,6 @@ class HttpClientSide(ClientSide):
         host = given.get(b"x-forwarded-host") or head.get(b"host")
         if host:
             kept.append(b"X-Forwarded-Host: " + host)
-        if b"forwarded" in given:
-            kept.append(b"Forwarded: " + given[b"forwarded"])
         return b"\r\n".join(kept) + b"\r\n\r\n"
 
     # ---- answers the proxy gives itself
