@@ -39,7 +39,7 @@ from bench.peers import free_port
 from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.core.states import SleepAction, WakeResult
-from wakeproxy.memory import meminfo, swap_total
+from wakeproxy.host.memory import meminfo, swap_total
 
 HOLDER = str(Path(__file__).parent / "holder.py")
 HOLD_MIB = 200

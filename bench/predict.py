@@ -53,7 +53,6 @@ from typing import Any
 from bench import predict_trace
 from wakeproxy.config import Config, parse_yaml
 from wakeproxy.config.model import PredictionConfig, ServiceConfig
-from wakeproxy.coordinator import policy_of
 from wakeproxy.core.actions import (
     Action,
     ArmTimer,
@@ -81,7 +80,8 @@ from wakeproxy.core.events import (
 from wakeproxy.core.orchestrator import Orchestrator
 from wakeproxy.core.predict import KINDS
 from wakeproxy.core.states import ASLEEP, SleepAction, SleepReason, State, WakeResult
-from wakeproxy.predictions import Predictions, uses_prediction
+from wakeproxy.serve.coordinator import policy_of
+from wakeproxy.serve.predictions import Predictions, uses_prediction
 
 TRACE = Path(__file__).parent / "predict-trace.csv"
 ZONE = predict_trace.ZONE

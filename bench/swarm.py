@@ -33,7 +33,7 @@ from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.core.states import State
 from wakeproxy.errors import WakeproxyError
-from wakeproxy.service import Service
+from wakeproxy.serve.service import Service
 
 IMAGE = wake.IMAGE
 

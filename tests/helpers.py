@@ -29,18 +29,18 @@ from mcp import ClientSession
 # Ports: the bench harness's (one registry: never the same port twice in a process).
 from bench.peers import consecutive_ports as consecutive_ports
 from bench.peers import free_port
+from tests.fakes import FakeRuntime
 from wakeproxy.app import Proxy
 from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_yaml
 from wakeproxy.config.model import McpConfig
-from wakeproxy.coordinator import Coordinator
 from wakeproxy.core.actions import Action, ArmTimer
 from wakeproxy.core.events import Event, Timer, TimerFired
 from wakeproxy.core.node import Node
 from wakeproxy.core.orchestrator import Command, Orchestrator
 from wakeproxy.core.policy import Policy
 from wakeproxy.core.states import SleepAction, State
-from wakeproxy.runtimes.fake import FakeRuntime
-from wakeproxy.service import Service
+from wakeproxy.serve.coordinator import Coordinator
+from wakeproxy.serve.service import Service
 
 BACKEND = str(Path(__file__).parent / "backends" / "server.py")
 PYTHON = sys.executable
@@ -191,7 +191,7 @@ def listener_drops(port: int) -> int:
     as ``d`` in ``skmem``). Per listener, so other work on the machine does not move it.
     A dropped SYN is what a client sees as a one-second retry: this is that fact itself,
     where a duration would only stand for it."""
-    from wakeproxy.backlog import _HEADER, _MESSAGE, _REQUEST
+    from wakeproxy.net.backlog import _HEADER, _MESSAGE, _REQUEST
 
     skmeminfo, drops = 7, 8  # INET_DIAG_SKMEMINFO: u32s, SK_MEMINFO_DROPS the 9th
     listen_state = 1 << 10

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 
-from wakeproxy.backlog import AcceptQueue, accept_queue
 from wakeproxy.config import Address
+from wakeproxy.net.backlog import AcceptQueue, accept_queue
 
 
 def _listener(family: int, host: str, backlog: int) -> socket.socket:

@@ -175,7 +175,7 @@ async def test_by_default_the_release_is_paced_to_the_backends_accept_queue(make
 
 
 async def test_the_kernels_freezer_is_read_for_a_container(make_container):
-    from wakeproxy.memory import frozen, runs_in
+    from wakeproxy.host.memory import frozen, runs_in
 
     name = make_container(free_port())
     pid, cid = docker("inspect", "-f", "{{.State.Pid}} {{.Id}}", name).split()
@@ -198,7 +198,7 @@ async def test_pauses_and_wakes_back_to_back_never_leave_a_request_on_a_frozen_b
     # refused "not paused" while the cgroup is frozen, or an "unpause" event is emitted
     # for a frozen container. Either used to leave the request on a frozen backend.
     from wakeproxy.core.states import SleepAction
-    from wakeproxy.memory import frozen
+    from wakeproxy.host.memory import frozen
 
     port, backend = free_port(), free_port()
     name = make_container(backend)

@@ -37,8 +37,8 @@ from tests.helpers import (
 )
 from wakeproxy.config import load_config
 from wakeproxy.core.states import State
-from wakeproxy.forward import ClientSide
-from wakeproxy.memory import cgroup_of
+from wakeproxy.host.memory import cgroup_of
+from wakeproxy.net.forward import ClientSide
 
 
 def echo_service(name: str, port: int, backend: int, *lines: str) -> str:

@@ -14,11 +14,11 @@ import struct
 
 import pytest
 
+from tests.fakes import FakeRuntime
 from tests.helpers import config_from, free_port, lone_service, wait_until
 from wakeproxy.core.states import State
-from wakeproxy.forward import HIGH_WATER
-from wakeproxy.runtimes.fake import FakeRuntime
-from wakeproxy.service import Service
+from wakeproxy.net.forward import HIGH_WATER
+from wakeproxy.serve.service import Service
 
 pytestmark = pytest.mark.asyncio
 CHUNK = 64 * 1024

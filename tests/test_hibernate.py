@@ -37,9 +37,9 @@ from tests.helpers import (
     write_config,
 )
 from wakeproxy import hibernate
+from wakeproxy.control.metrics import render
 from wakeproxy.core.states import SleepAction, State
-from wakeproxy.memory import meminfo, swap_total
-from wakeproxy.metrics import render
+from wakeproxy.host.memory import meminfo, swap_total
 
 pytestmark = pytest.mark.asyncio
 HOLD_MIB = 200

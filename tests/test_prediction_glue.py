@@ -1,4 +1,4 @@
-"""The prediction glue's rules (wakeproxy/predictions.py) on a simulated clock: a fake
+"""The prediction glue's rules (wakeproxy/serve/predictions.py) on a simulated clock: a fake
 loop and fake services (logic only: the real processes are tests/test_prediction.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.helpers import config_from, config_text, service
 from wakeproxy.core.events import HoldAwake
 from wakeproxy.core.predict import WAKE_SAMPLES
 from wakeproxy.core.states import SleepReason, State
-from wakeproxy.predictions import MAX_STATE_BYTES, Predictions, Refused, read_state
+from wakeproxy.serve.predictions import MAX_STATE_BYTES, Predictions, Refused, read_state
 
 # Monday 2026-06-01 08:59:00 UTC.
 MONDAY = datetime(2026, 6, 1, 8, 59, tzinfo=UTC).timestamp()

@@ -29,10 +29,10 @@ from tests.helpers import (
     service_yaml,
     wait_until,
 )
-from wakeproxy.api import service_status
-from wakeproxy.client import format_status
+from wakeproxy.control.api import service_status
+from wakeproxy.control.client import format_status
 from wakeproxy.core.states import State
-from wakeproxy.memory import Cgroup, cgroup_of
+from wakeproxy.host.memory import Cgroup, cgroup_of
 from wakeproxy.runtimes.process import ProcessRuntime, reap_leftovers
 
 pytestmark = pytest.mark.asyncio

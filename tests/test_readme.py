@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from wakeproxy.config import parse_yaml
-from wakeproxy.preflight import preflight
+from wakeproxy.control.preflight import preflight
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"

@@ -17,6 +17,7 @@ import types
 
 import pytest
 
+from tests.fakes import FakeRuntime
 from tests.helpers import (
     config_from,
     echo_server,
@@ -27,14 +28,13 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy import admission, forward
-from wakeproxy.admission import Admission
-from wakeproxy.api import service_status
 from wakeproxy.config import Address
+from wakeproxy.control.api import service_status
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import SleepAction, State
-from wakeproxy.runtimes.fake import FakeRuntime
-from wakeproxy.service import Service
-from wakeproxy.stats import ServiceStats
+from wakeproxy.net.admission import Admission
+from wakeproxy.serve.service import Service
+from wakeproxy.serve.stats import ServiceStats
 
 pytestmark = pytest.mark.asyncio
 

@@ -19,23 +19,23 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .admin import AdminServer
 from .config import Address, Config, ServiceConfig, changes_in_place, load_config
 from .config.model import LOCAL_ENGINE
 from .config.replicas import Members, compose_members, expand, expand_all, replica_sets
-from .coordinator import Coordinator
+from .control.admin import AdminServer
 from .core.states import State
-from .discovery import LabelDiscovery
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .httpmode.mcpfront import McpFront
 from .httpmode.mcpstore import McpStore
-from .pool import Pool
-from .predictions import Predictions
 from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_leftovers
 from .runtimes.swarm import SwarmRuntime
-from .service import Service
+from .serve.coordinator import Coordinator
+from .serve.discovery import LabelDiscovery
+from .serve.pool import Pool
+from .serve.predictions import Predictions
+from .serve.service import Service
 
 log = logging.getLogger("wakeproxy")
 

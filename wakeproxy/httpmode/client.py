@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ..core.states import NOT_SERVING, Outcome, State
-from ..forward import HOLD_LIMIT, HOLDING, NEXT_TURN, WAITING, ClientSide, Owner, UpstreamSide
+from ..net.forward import HOLD_LIMIT, HOLDING, NEXT_TURN, WAITING, ClientSide, Owner, UpstreamSide
 from .answers import REFUSALS, WAITING_PAGE, ProbeRule, answer
 from .chunks import BadChunk, ChunkedBody
 from .heads import HEAD_END, MAX_HEAD, BadRequest, Head, parse_head, with_header

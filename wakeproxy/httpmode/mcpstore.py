@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..statefile import read_bounded, write_atomically
+from ..host.statefile import read_bounded, write_atomically
 from .mcp import Learned
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from ..core.sessions import EndpointScan
-from ..forward import UpstreamSide
+from ..net.forward import UpstreamSide
 from .mcp import MAX_MESSAGE, Kind
 
 if TYPE_CHECKING:

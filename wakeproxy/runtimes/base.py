@@ -11,7 +11,7 @@ import abc
 from collections.abc import Callable
 
 from ..core.states import State
-from ..memory import Cgroup
+from ..host.memory import Cgroup
 
 ChangeCallback = Callable[[State, str], None]
 

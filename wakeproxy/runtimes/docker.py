@@ -30,7 +30,7 @@ from ..config import LABEL_PREFIX
 from ..config.model import LOCAL_ENGINE, EngineConfig
 from ..core.states import State
 from ..errors import BackendMissing, EngineUnavailable, OperationFailed, RuntimeFailure
-from ..memory import Cgroup, cgroup_of, frozen, runs_in
+from ..host.memory import Cgroup, cgroup_of, frozen, runs_in
 from .base import Runtime
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ..core.states import State
 from ..errors import BackendMissing, OperationFailed
-from ..listeners import describe_pid, holders, listening_inodes, socket_inodes
-from ..memory import (
+from ..host.listeners import describe_pid, holders, listening_inodes, socket_inodes
+from ..host.memory import (
     Cgroup,
     child_cgroup,
     command_cgroups,

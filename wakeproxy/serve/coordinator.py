@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from .config import ServiceConfig
-from .core.events import Event
-from .core.node import Node
-from .core.orchestrator import Command, Orchestrator
-from .core.policy import Policy
-from .core.states import State
+from ..config import ServiceConfig
+from ..core.events import Event
+from ..core.node import Node
+from ..core.orchestrator import Command, Orchestrator
+from ..core.policy import Policy
+from ..core.states import State
 
 if TYPE_CHECKING:
-    from .forward import ClientSide
+    from ..net.forward import ClientSide
     from .service import Service
 
 

@@ -8,9 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import Config
+from ..errors import ConfigError
 from .admin import checked_token
-from .config import Config
-from .errors import ConfigError
 
 
 def preflight(config: Config) -> tuple[list[str], list[str]]:

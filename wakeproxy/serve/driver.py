@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .config import Address, ServiceConfig, is_loopback
-from .core.actions import WakeOp
-from .core.events import (
+from ..config import Address, ServiceConfig, is_loopback
+from ..core.actions import WakeOp
+from ..core.events import (
     Event,
     Observed,
     SleepDone,
@@ -24,10 +24,10 @@ from .core.events import (
     WakeDone,
     WakeFailed,
 )
-from .core.states import SleepAction, State
-from .errors import OperationFailed, RuntimeFailure
-from .readiness import probe, wait_ready
-from .runtimes.base import Runtime
+from ..core.states import SleepAction, State
+from ..errors import OperationFailed, RuntimeFailure
+from ..net.readiness import probe, wait_ready
+from ..runtimes.base import Runtime
 
 log = logging.getLogger("wakeproxy.service")
 

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import (
+from ..config import (
     COMPOSE_DEPENDS_ON_LABEL,
     LABEL_PREFIX,
     SWARM_SERVICE_LABEL,
@@ -40,12 +40,12 @@ from .config import (
     label_service_name,
     service_from_labels,
 )
-from .config.model import LOCAL_ENGINE
-from .errors import ConfigError, EngineUnavailable
+from ..config.model import LOCAL_ENGINE
+from ..errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
-    from .app import Proxy
-    from .runtimes.docker import DockerEngine
+    from ..app import Proxy
+    from ..runtimes.docker import DockerEngine
 
 log = logging.getLogger("wakeproxy.discovery")
 

@@ -22,12 +22,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .core.states import Outcome, State, WakeResult
-from .stats import WAKE_BUCKETS
+from .. import __version__
+from ..core.states import Outcome, State, WakeResult
+from ..serve.stats import WAKE_BUCKETS
 
 if TYPE_CHECKING:
-    from .app import Proxy
+    from ..app import Proxy
 
 # Exported at 0 too, so a rate() over them works before the first one happens.
 TCP_OUTCOMES = (

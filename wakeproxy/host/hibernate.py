@@ -26,8 +26,10 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .config import ServiceConfig
-from .core.events import Event, Reclaimed, ReclaimFailed
+from ..config import ServiceConfig
+from ..core.events import Event, Reclaimed, ReclaimFailed
+from ..runtimes.base import Runtime
+from ..serve.stats import ServiceStats
 from .memory import (
     Cgroup,
     MemoryUse,
@@ -37,8 +39,6 @@ from .memory import (
     rss_of,
     swap_total,
 )
-from .runtimes.base import Runtime
-from .stats import ServiceStats
 
 log = logging.getLogger("wakeproxy.hibernate")
 MIB = 1024 * 1024

@@ -48,12 +48,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..config import Address
+from ..core.states import Outcome
+from ..errors import OperationFailed, RuntimeFailure
+from ..serve.stats import ServiceStats
 from .backlog import accept_queue
-from .config import Address
-from .core.states import Outcome
-from .errors import OperationFailed, RuntimeFailure
 from .forward import ClientSide, peer_reset
-from .stats import ServiceStats
 
 log = logging.getLogger("wakeproxy.service")
 

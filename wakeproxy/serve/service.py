@@ -20,10 +20,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .admission import Admission
-from .config import Address, ServiceConfig
-from .coordinator import policy_of
-from .core.actions import (
+from ..config import Address, ServiceConfig
+from ..core.actions import (
     Action,
     ArmTimer,
     CancelReclaim,
@@ -43,7 +41,7 @@ from .core.actions import (
     WakeEnded,
     WakeOp,
 )
-from .core.events import (
+from ..core.events import (
     Arrive,
     Event,
     Leave,
@@ -55,8 +53,8 @@ from .core.events import (
     TimerFired,
     WakeRequested,
 )
-from .core.node import Node
-from .core.states import (
+from ..core.node import Node
+from ..core.states import (
     ASLEEP,
     IN_FLIGHT,
     Outcome,
@@ -65,20 +63,22 @@ from .core.states import (
     State,
     WakeResult,
 )
+from ..errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
+from ..host.hibernate import Hibernator
+from ..httpmode.answers import ProbeRule, compile_probes
+from ..httpmode.client import HttpClientSide
+from ..net.admission import Admission
+from ..net.forward import ClientSide, set_keepalive
+from ..runtimes.base import Runtime
+from .coordinator import policy_of
 from .driver import RuntimeDriver
-from .errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
-from .forward import ClientSide, set_keepalive
-from .hibernate import Hibernator
-from .httpmode.answers import ProbeRule, compile_probes
-from .httpmode.client import HttpClientSide
-from .runtimes.base import Runtime
 from .stats import ServiceStats
 from .waiters import Waiters
 
 if TYPE_CHECKING:
-    from .config.model import HttpSettings
+    from ..config.model import HttpSettings
+    from ..httpmode.mcpfront import McpFront
     from .coordinator import Coordinator
-    from .httpmode.mcpfront import McpFront
     from .pool import Pool
     from .predictions import Predictions
 

@@ -1,13 +1,14 @@
-"""An in-memory runtime for unit tests of the lifecycle glue. Never used in production."""
+"""An in-memory runtime for unit tests of the lifecycle glue (the tests' own: the
+package ships none)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
-from ..core.states import State
-from ..errors import OperationFailed
-from .base import Runtime
+from wakeproxy.core.states import State
+from wakeproxy.errors import OperationFailed
+from wakeproxy.runtimes.base import Runtime
 
 
 class FakeRuntime(Runtime):

@@ -19,20 +19,20 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .config import ServiceConfig
-from .core.replicas import Breaker, Placement, Scaling, place
-from .core.sessions import GONE, Gone, Sessions, session_in_query
-from .core.states import IN_FLIGHT, Outcome, State
-from .forward import ClientSide
-from .httpmode.answers import ProbeRule, compile_probes
-from .httpmode.client import HttpClientSide
-from .readiness import probe
+from ..config import ServiceConfig
+from ..core.replicas import Breaker, Placement, Scaling, place
+from ..core.sessions import GONE, Gone, Sessions, session_in_query
+from ..core.states import IN_FLIGHT, Outcome, State
+from ..httpmode.answers import ProbeRule, compile_probes
+from ..httpmode.client import HttpClientSide
+from ..net.forward import ClientSide
+from ..net.readiness import probe
 from .service import open_listener
 from .stats import ServiceStats
 
 if TYPE_CHECKING:
-    from .config.model import HttpSettings
-    from .httpmode.mcpfront import McpFront
+    from ..config.model import HttpSettings
+    from ..httpmode.mcpfront import McpFront
     from .service import Service
 
 log = logging.getLogger("wakeproxy.pool")

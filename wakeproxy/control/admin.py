@@ -20,12 +20,12 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import orjson
 
+from ..config import AdminConfig, is_loopback
+from ..errors import ConfigError
 from .api import Api, Response
-from .config import AdminConfig, is_loopback
-from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .app import Proxy
+    from ..app import Proxy
 
 log = logging.getLogger("wakeproxy.admin")
 

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..config import update_policy, update_service
+from ..core.states import Outcome, SleepAction, SleepReason, State, WakeResult
+from ..errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 from . import metrics, views
-from .config import update_policy, update_service
-from .core.states import Outcome, SleepAction, SleepReason, State, WakeResult
-from .errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
 
 if TYPE_CHECKING:
-    from .app import Proxy
-    from .pool import Pool
-    from .service import Service
+    from ..app import Proxy
+    from ..serve.pool import Pool
+    from ..serve.service import Service
 
 JSON = "application/json"
 

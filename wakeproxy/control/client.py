@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
+from ..config import Address, AdminConfig
 from .admin import TOKEN_ENV
-from .config import Address, AdminConfig
 
 DEFAULT_ADMIN = os.environ.get("WAKEPROXY_ADMIN", "http://127.0.0.1:9000")
 EXIT_API_ERROR = 1

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .core.states import State, WakeResult
+from ..core.states import State, WakeResult
 
 if TYPE_CHECKING:
-    from .app import Proxy
-    from .service import Service
+    from ..app import Proxy
+    from ..serve.service import Service
 
 COST_NOTE = (
     "Pause freezes a backend: it keeps its memory, so pausing saves CPU time only; a stopped "

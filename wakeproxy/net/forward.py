@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from .core.states import Outcome
+from ..core.states import Outcome
 
 # Per-direction write buffer: big enough for bulk throughput, small enough that a
 # thousand stalled connections stay within a few hundred MiB.

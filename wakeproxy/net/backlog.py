@@ -17,7 +17,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .config import Address
+from ..config import Address
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20

@@ -8,7 +8,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from .core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
+from ..core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
 
 # Upper bounds of the wake-latency histogram, fine enough to see 5-200 ms.
 WAKE_BUCKETS = (

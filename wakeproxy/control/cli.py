@@ -15,16 +15,17 @@ from typing import Any
 
 import uvloop
 
-from . import __version__, client
+from .. import __version__
+from ..app import ListenError, Proxy
+from ..config import DEFAULT_CONFIG_PATH, Config, load_config
+from ..config.checks import Bad
+from ..config.checks import address as check_address
+from ..config.schema import overlaps
+from ..errors import ConfigError
+from ..logs import setup_logging
+from . import client
 from .admin import TOKEN_ENV
-from .app import ListenError, Proxy
 from .client import DEFAULT_ADMIN
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .config.checks import Bad
-from .config.checks import address as check_address
-from .config.schema import overlaps
-from .errors import ConfigError
-from .logs import setup_logging
 from .preflight import preflight
 
 log = logging.getLogger("wakeproxy")

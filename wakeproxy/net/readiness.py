@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from .config import Address, Readiness
-from .errors import OperationFailed
+from ..config import Address, Readiness
+from ..errors import OperationFailed
 
 # How often, in probes, to ask the runtime whether the backend is still starting:
 # a command that crashed at boot fails the wake now, not at wake_timeout.

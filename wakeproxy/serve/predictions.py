@@ -46,12 +46,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import statefile
-from .config.model import PredictionConfig, ServiceConfig
-from .config.schema import predicts
-from .core.events import Event, HoldAwake
-from .core.predict import Prediction, Predictor, Snapshot
-from .core.states import ASLEEP, IN_FLIGHT, SleepReason, State
+from ..config.model import PredictionConfig, ServiceConfig
+from ..config.schema import predicts
+from ..core.events import Event, HoldAwake
+from ..core.predict import Prediction, Predictor, Snapshot
+from ..core.states import ASLEEP, IN_FLIGHT, SleepReason, State
+from ..host import statefile
 
 log = logging.getLogger("wakeproxy.prediction")
 # A timer never sleeps longer than this: wall-clock steps and DST changes are re-read.

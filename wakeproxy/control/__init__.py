@@ -1,0 +1,1 @@
+"""What operators use: the admin API and its server, metrics, views, the command line."""
