@@ -230,9 +230,9 @@ class Bench:
         return proc
 
     async def close(self) -> None:
-        await self.relay.close()
         for proc in reversed(self.procs):
-            await asyncio.to_thread(proc.stop)
+            proc.stop()  # blocking, so that no second signal can cut it short
+        await self.relay.close()
         await self.http.aclose()
         if self.trace is not None:
             self.trace.close()
@@ -426,7 +426,7 @@ class Bench:
                 for name in names.values():
                     if name in known:
                         await self.gateway_json("DELETE", f"/gateways/{known[name]['id']}")
-            proxy.stop()
+            proxy.stop()  # blocking, so that no second signal can cut it short
         for result in results.values():
             judge(result)
         return list(results.values())
@@ -535,6 +535,13 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
 
 
 async def main_async(args: argparse.Namespace, workdir: Path) -> list[Result]:
+    # Ctrl-C or SIGTERM: the run is cancelled and the finally below stops what it started
+    # (a second signal does the same again; a process of ours never outlives the bench).
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
     bench = Bench(args, workdir)
     results: list[Result] = []
     try:
@@ -561,7 +568,7 @@ def main() -> None:
     results: list[Result] = []
     try:
         results = asyncio.run(main_async(args, workdir))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; every process it started is stopped", file=sys.stderr)
     finally:
         if args.keep:
