@@ -529,14 +529,12 @@ def test_a_future_dated_state_is_read_as_of_now_so_it_decays():
     assert restored.arrived("a", now + 10 * DAY) == []
 
 
-def test_forget_and_retain_drop_what_was_learned():
+def test_forget_drops_what_was_learned():
     predictor, now = rich()
     predictor.forget("b")
     assert predictor.table("a", now)["followers"] == []
     assert predictor.table("b", now) == {}
-    predictor.retain(["a"])
-    assert predictor.to_state()["services"] == ["a"]
-    assert predictor.to_state()["arrivals"] == {}
+    assert "b" not in predictor.to_state()["services"]
 
 
 def _valid() -> dict[str, object]:

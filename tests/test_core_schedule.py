@@ -71,9 +71,10 @@ def test_the_zone_defaults_to_the_one_given_then_utc():
 
 
 def test_end_times():
-    assert parse_window("00:00-24:00").whole_day
+    whole = parse_window("00:00-24:00")
+    assert (whole.start, whole.end) == (0, 1440)
     assert (parse_window("22:00-24:00").end, parse_window("22:00-00:00").end) == (1440, 0)
-    assert not parse_window("00:00-23:59").whole_day
+    assert parse_window("00:00-23:59").end == 1439
 
 
 @pytest.mark.parametrize(

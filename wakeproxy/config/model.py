@@ -220,10 +220,6 @@ class Replicas:
     target_inflight: int = 10
 
     @property
-    def most(self) -> int:
-        return self.maximum or self.count
-
-    @property
     def discovered(self) -> bool:
         """The replicas are the engine's containers of a compose service."""
         return self.compose_service is not None

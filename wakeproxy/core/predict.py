@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -223,13 +223,6 @@ class Predictor:
     def learned(self) -> list[str]:
         """Names with learned state (slots, counts, wake times), least recently used first."""
         return list(self._seen)
-
-    def retain(self, names: Iterable[str]) -> None:
-        """Forget the learned state of every service not in ``names`` (after loading a
-        state written before services were removed)."""
-        keep = set(names)
-        for name in [n for n in self._seen if n not in keep]:
-            self._drop_learned(name)
 
     def _windows_changed(self) -> None:
         # Episodes stay open for the longest window any follower counts with.

@@ -59,10 +59,6 @@ class Window:
     def __str__(self) -> str:
         return self.text
 
-    @property
-    def whole_day(self) -> bool:
-        return self.start == 0 and self.end == 1440
-
     def on(self, day: date) -> tuple[float, float] | None:
         """The occurrence starting on local ``day`` (epoch start, end), if there is one."""
         if day.weekday() not in self.days:
