@@ -12,7 +12,7 @@ Nothing here decides: the replay runs the proxy's own code on a simulated clock.
   (``coordinator.policy_of`` of a config parsed by ``parse_yaml``: ``action: stop``,
   ``idle_timeout``). Its actions are carried out as the glue would: a start takes
   ``--wake`` seconds, a stop none, a timer fires at its time.
-* **Prediction.** The real glue, ``wakeproxy.predictions.Predictions``, driving the real
+* **Prediction.** The real glue, ``wakeproxy.serve.predictions.Predictions``, driving the real
   ``Predictor``: its timers, ``_carry_out``, ``rearm`` and holds are the proxy's, not
   a copy. It is handed the replay's clock as its loop (``time``, ``call_at``: all it
   uses of one: ``predictions.Timers``) and each simulated service as its service

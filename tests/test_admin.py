@@ -24,8 +24,8 @@ from tests.helpers import (
     service_yaml,
     wait_until,
 )
-from wakeproxy import admin
 from wakeproxy.config import load_config
+from wakeproxy.control import admin
 from wakeproxy.core.states import State
 from wakeproxy.errors import ConfigError
 

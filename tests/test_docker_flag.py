@@ -14,9 +14,9 @@ import aiodocker
 import pytest
 import pytest_asyncio
 
-from wakeproxy import memory
 from wakeproxy.core.states import State
 from wakeproxy.errors import OperationFailed
+from wakeproxy.host import memory
 from wakeproxy.runtimes import docker
 from wakeproxy.runtimes.docker import DockerEngine, DockerRuntime, set_paused
 

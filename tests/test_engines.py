@@ -14,7 +14,7 @@ from tests.helpers import (
     service,
     wait_until,
 )
-from wakeproxy import metrics
+from wakeproxy.control import metrics
 from wakeproxy.core.states import State
 from wakeproxy.runtimes.docker import _clock_offset
 

@@ -36,9 +36,9 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from wakeproxy import hibernate
 from wakeproxy.control.metrics import render
 from wakeproxy.core.states import SleepAction, State
+from wakeproxy.host import hibernate
 from wakeproxy.host.memory import meminfo, swap_total
 
 pytestmark = pytest.mark.asyncio

@@ -23,10 +23,10 @@ from tests.helpers import (
     whoami,
 )
 from tests.test_http import BODY, GATEWAY_PROBE, http_config, http_service, status
-from wakeproxy import forward
 from wakeproxy.config.model import HttpSettings
 from wakeproxy.core.states import Outcome, State
 from wakeproxy.httpmode.client import REQUESTS_PER_TURN, HttpClientSide
+from wakeproxy.net import forward
 
 pytestmark = pytest.mark.asyncio
 

@@ -29,9 +29,9 @@ from tests.helpers import (
     service,
     wait_until,
 )
-from wakeproxy import predictions
 from wakeproxy.core.predict import Predictor, PredictSettings
 from wakeproxy.core.states import SleepAction, SleepReason, State
+from wakeproxy.serve import predictions
 
 pytestmark = pytest.mark.asyncio
 

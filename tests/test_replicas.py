@@ -31,8 +31,8 @@ from tests.helpers import (
     service,
     wait_until,
 )
-from wakeproxy import metrics
 from wakeproxy.config import load_config
+from wakeproxy.control import metrics
 from wakeproxy.core.states import State
 from wakeproxy.runtimes.process import ProcessRuntime
 

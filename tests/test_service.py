@@ -27,11 +27,11 @@ from tests.helpers import (
     lone_service,
     wait_until,
 )
-from wakeproxy import admission, forward
 from wakeproxy.config import Address
 from wakeproxy.control.api import service_status
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import SleepAction, State
+from wakeproxy.net import admission, forward
 from wakeproxy.net.admission import Admission
 from wakeproxy.serve.service import Service
 from wakeproxy.serve.stats import ServiceStats

@@ -346,39 +346,7 @@ class Proxy:
             for pool in self.pools.values():
                 pool.replicas = [r for r in pool.replicas if r.name in new_run]
             await self._close_pools(new.services)
-            for name in old_run:
-                if name not in new_run:
-                    await self.remove_service(name)
-                    result.removed.append(name)
-            to_add: list[ServiceConfig] = []
-            for name, cfg in new_run.items():
-                before = old_run.get(name)
-                running = self.services.get(name)
-                if before is None or running is None:
-                    if running is not None:
-                        await self.remove_service(name)  # a discovered one: the file wins
-                    to_add.append(cfg)
-                    result.added.append(name)
-                elif cfg == before:
-                    result.unchanged.append(name)
-                elif changes_in_place(before, cfg):
-                    running.reconfigure(cfg)
-                    result.updated.append(name)
-                else:
-                    await self.remove_service(name)
-                    to_add.append(cfg)
-                    result.replaced.append(name)
-            # The engines are the ones the proxy started with (a change needs a restart).
-            known = {LOCAL_ENGINE, *old.engines}
-            unreachable = {
-                cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
-                for cfg in to_add
-                if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
-            }
-            to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
-            if to_add:
-                await self._fresh_listing(to_add)
-            result.failed = {**unreachable, **await self.add_services(to_add)}
+            await self._apply(old_run, new_run, result)
             result.failed.update(await self._open_pools(new.services))
             self._wire()
             # Admin and discovery keep running as they started: they need a restart.
@@ -400,6 +368,48 @@ class Proxy:
             else "",
         )
         return result
+
+    async def _apply(
+        self,
+        old_run: Mapping[str, ServiceConfig],
+        new_run: Mapping[str, ServiceConfig],
+        result: ReloadResult,
+    ) -> None:
+        """Make the running services what ``new_run`` says (they were ``old_run``):
+        remove, update in place, replace, add; ``result`` says which was done to each."""
+        for name in old_run:
+            if name not in new_run:
+                await self.remove_service(name)
+                result.removed.append(name)
+        to_add: list[ServiceConfig] = []
+        for name, cfg in new_run.items():
+            before = old_run.get(name)
+            running = self.services.get(name)
+            if before is None or running is None:
+                if running is not None:
+                    await self.remove_service(name)  # a discovered one: the file wins
+                to_add.append(cfg)
+                result.added.append(name)
+            elif cfg == before:
+                result.unchanged.append(name)
+            elif changes_in_place(before, cfg):
+                running.reconfigure(cfg)
+                result.updated.append(name)
+            else:
+                await self.remove_service(name)
+                to_add.append(cfg)
+                result.replaced.append(name)
+        # The engines are the ones the proxy started with (a change needs a restart).
+        known = {LOCAL_ENGINE, *self.config.engines}
+        unreachable = {
+            cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
+            for cfg in to_add
+            if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
+        }
+        to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
+        if to_add:
+            await self._fresh_listing(to_add)
+        result.failed = {**unreachable, **await self.add_services(to_add)}
 
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
         """Read container states before adding docker services (one listing per

@@ -86,6 +86,27 @@ def _label_mapping(text: str) -> Any:
         return text
 
 
+def _unknown_label(key: str, short: str) -> str:
+    known = ", ".join(LABEL_PREFIX + k for k in sorted({*_LABEL_PATHS, *_LABEL_OWN}))
+    close = difflib.get_close_matches(short, list(_LABEL_PATHS), n=1)
+    hint = f" (did you mean {LABEL_PREFIX + close[0]!r}?)" if close else ""
+    return f"unknown label {key!r}{hint}; known: {known}"
+
+
+def _label_value(short: str, text: str) -> Any:
+    """A label's text as the YAML entry's value for its key."""
+    if short == "depends_on":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if short in ("keep_awake", "asleep_windows"):
+        # Windows hold commas (mon,wed 08:00-12:00): several are split on ";".
+        return [part.strip() for part in text.split(";") if part.strip()]
+    if short == "predict":
+        return _label_mapping(text)
+    if short in _LABEL_TEXT:
+        return text.strip()
+    return _label_scalar(text.strip())
+
+
 def service_from_labels(
     container: str,
     labels: Mapping[str, str],
@@ -119,27 +140,13 @@ def service_from_labels(
             continue
         path = _LABEL_PATHS.get(short)
         if path is None:
-            known = ", ".join(LABEL_PREFIX + k for k in sorted({*_LABEL_PATHS, *_LABEL_OWN}))
-            close = difflib.get_close_matches(short, list(_LABEL_PATHS), n=1)
-            hint = f" (did you mean {LABEL_PREFIX + close[0]!r}?)" if close else ""
-            problems.append(f"{subject}: unknown label {key!r}{hint}; known: {known}")
+            problems.append(f"{subject}: {_unknown_label(key, short)}")
             continue
-        if short == "depends_on":
-            value: Any = [part.strip() for part in text.split(",") if part.strip()]
-        elif short in ("keep_awake", "asleep_windows"):
-            # Windows hold commas (mon,wed 08:00-12:00): several are split on ";".
-            value = [part.strip() for part in text.split(";") if part.strip()]
-        elif short == "predict":
-            value = _label_mapping(text)
-        elif short in _LABEL_TEXT:
-            value = text.strip()
-        else:
-            value = _label_scalar(text.strip())
         where_label[("services", name, *path)] = key
         target = entry
         for part in path[:-1]:
             target = target.setdefault(str(part), {})
-        target[str(path[-1])] = value
+        target[str(path[-1])] = _label_value(short, text)
     if "port" not in entry and "listen" not in entry:
         problems.append(
             f"{subject}: needs label {LABEL_PREFIX}port (listen and backend port) "

@@ -3,7 +3,7 @@
 Each replica is run like a one-backend service (its runtime, its state, its idle
 timer) under the name ``SERVICE@N`` (N from 1, oldest first; ``@`` is never in a
 service's own name, so no replica can clash with one). The service's listener and
-balancer are the pool's (``wakeproxy.pool``); what the replicas differ in is here.
+balancer are the pool's (``wakeproxy.serve.pool``); what the replicas differ in is here.
 """
 
 from __future__ import annotations

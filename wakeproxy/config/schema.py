@@ -518,34 +518,90 @@ def parse_service(
         values.pop("resources", {}), (*path, "resources"), _RESOURCE_FIELDS, problems
     )
     resources = replace(Resources(), res_values or {})
+    replicas = _service_replicas(data, values, path, problems, given, sleep)
+    backend_of = _service_backend(name, data, values, path, problems, given, sleep, replicas)
+    if values.get("mode") is None and backend_of.seed_form:
+        # The seed's services are MCP servers behind the gateway: probes must not wake them.
+        values["mode"] = "http"
+    raw_http = values.pop("http", None)
+    if raw_http is not None and values.get("mode") != "http":
+        problems.add((*path, "http"), "http settings need 'mode: http'")
+    http = _parse_http(raw_http or {}, (*path, "http"), problems)
+    for where, why in combination_faults(http, sleep):
+        if where[0] != "sleep_policy":  # the policy's own rules were checked with it
+            problems.add((*path, *where), why)
+    if len(problems.items) > before or backend_of.listen is None:
+        return None
+    return ServiceConfig(
+        name=name,
+        listen=backend_of.listen,
+        backend=backend_of.backend,
+        backend_port=backend_of.backend_port,
+        runtime=backend_of.runtime,
+        container=backend_of.container,
+        command=backend_of.command,
+        sleep_policy=sleep,
+        policy=policy_name,
+        policy_overrides=overrides,
+        readiness=readiness,
+        resources=resources,
+        http=http,
+        replicas=replicas,
+        **values,
+    )
 
-    replicas = None
-    if "replicas" in values:
-        replicas = _parse_replicas(
-            values.pop("replicas"), (*path, "replicas"), problems, {**data, **values}
-        )
-        if replicas is None or replicas.containers or replicas.discovered:
-            given.add("container")  # given there (or its faults named there already)
-        if replicas is None or replicas.discovered:
-            given.add("backend")  # compose containers: each at its own address
-        if predicts(sleep):
-            problems.add((*path, "sleep_policy"), NOT_FOR_REPLICAS)
+
+def _service_replicas(
+    data: Any,
+    values: dict[str, Any],
+    path: KeyPath,
+    problems: Problems,
+    given: set[str],
+    sleep: SleepPolicy,
+) -> Replicas | None:
+    """A service's ``replicas`` block; the keys it stands for count as given."""
+    if "replicas" not in values:
+        return None
+    replicas = _parse_replicas(
+        values.pop("replicas"), (*path, "replicas"), problems, {**data, **values}
+    )
+    if replicas is None or replicas.containers or replicas.discovered:
+        given.add("container")  # given there (or its faults named there already)
+    if replicas is None or replicas.discovered:
+        given.add("backend")  # compose containers: each at its own address
+    if predicts(sleep):
+        problems.add((*path, "sleep_policy"), NOT_FOR_REPLICAS)
+    return replicas
+
+
+@dataclasses.dataclass(frozen=True)
+class _BackendOf:
+    """Where a service's backend is, and what runs it (``parse_service``'s part)."""
+
+    runtime: RuntimeKind
+    container: str | None
+    command: tuple[str, ...] | None
+    listen: Address | None
+    backend: Address | None
+    backend_port: int
+    seed_form: bool
+
+
+def _service_backend(
+    name: str,
+    data: Any,
+    values: dict[str, Any],
+    path: KeyPath,
+    problems: Problems,
+    given: set[str],
+    sleep: SleepPolicy,
+    replicas: Replicas | None,
+) -> _BackendOf:
+    """The runtime (container, command or Swarm service) and the addresses, with the
+    rules that tie them together (the seed's ``port`` form among them)."""
     swarm_service = values.get("swarm_service")
     if swarm_service is not None:
-        if given & {"container", "command", "replicas"}:
-            problems.add(
-                path, "set one of 'swarm_service', 'container' or 'command' (and no 'replicas')"
-            )
-        if sleep.action is SleepAction.HIBERNATE or sleep.hibernate_after is not None:
-            problems.add(
-                (*path, "sleep_policy", "action"),
-                "a Swarm service sleeps by scaling to 0 (action: stop) or by pausing its "
-                "tasks on this engine's node (action: pause); it does not hibernate",
-            )
-        given.add("container")  # the swarm service is this one's backend
-        if "backend" not in given:
-            problems.add(path, "needs 'backend' (where the Swarm service's tasks listen)")
-            given.add("backend")
+        _check_swarm_service(path, problems, given, sleep)
     elif "swarm_replicas" in values:
         problems.add((*path, "swarm_replicas"), "is for a 'swarm_service'")
     container = values.pop("container", None)
@@ -587,36 +643,26 @@ def parse_service(
     backend_port = backend.port if backend is not None else (port or 0)
     if replicas is not None and replicas.discovered:
         backend_port = data["replicas"]["port"]
+    return _BackendOf(runtime, container, command, listen, backend, backend_port, seed_form)
 
-    if values.get("mode") is None and seed_form:
-        # The seed's services are MCP servers behind the gateway: probes must not wake them.
-        values["mode"] = "http"
-    raw_http = values.pop("http", None)
-    if raw_http is not None and values.get("mode") != "http":
-        problems.add((*path, "http"), "http settings need 'mode: http'")
-    http = _parse_http(raw_http or {}, (*path, "http"), problems)
-    for where, why in combination_faults(http, sleep):
-        if where[0] != "sleep_policy":  # the policy's own rules were checked with it
-            problems.add((*path, *where), why)
-    if len(problems.items) > before or listen is None:
-        return None
-    return ServiceConfig(
-        name=name,
-        listen=listen,
-        backend=backend,
-        backend_port=backend_port,
-        runtime=runtime,
-        container=container,
-        command=command,
-        sleep_policy=sleep,
-        policy=policy_name,
-        policy_overrides=overrides,
-        readiness=readiness,
-        resources=resources,
-        http=http,
-        replicas=replicas,
-        **values,
-    )
+
+def _check_swarm_service(
+    path: KeyPath, problems: Problems, given: set[str], sleep: SleepPolicy
+) -> None:
+    if given & {"container", "command", "replicas"}:
+        problems.add(
+            path, "set one of 'swarm_service', 'container' or 'command' (and no 'replicas')"
+        )
+    if sleep.action is SleepAction.HIBERNATE or sleep.hibernate_after is not None:
+        problems.add(
+            (*path, "sleep_policy", "action"),
+            "a Swarm service sleeps by scaling to 0 (action: stop) or by pausing its "
+            "tasks on this engine's node (action: pause); it does not hibernate",
+        )
+    given.add("container")  # the swarm service is this one's backend
+    if "backend" not in given:
+        problems.add(path, "needs 'backend' (where the Swarm service's tasks listen)")
+        given.add("backend")
 
 
 def build_config(

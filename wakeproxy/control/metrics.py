@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -28,6 +28,7 @@ from ..serve.stats import WAKE_BUCKETS
 
 if TYPE_CHECKING:
     from ..app import Proxy
+    from ..serve.service import Service
 
 # Exported at 0 too, so a rate() over them works before the first one happens.
 TCP_OUTCOMES = (
@@ -191,118 +192,9 @@ class ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         services = list(self.proxy.services.values())
-        wake = HistogramMetricFamily(
-            "wakeproxy_wake_seconds",
-            "Time from the first held connection (or wake request) to the backend being ready.",
-            labels=["service"],
-        )
-        wakes = CounterMetricFamily(
-            "wakeproxy_wakes",
-            "Wakes by result (ok, failed, timeout).",
-            labels=["service", "result"],
-        )
-        sleeps = CounterMetricFamily(
-            "wakeproxy_sleeps",
-            "Sleeps by action (pause, stop) and reason (idle, api, stop_after, external).",
-            labels=["service", "action", "reason"],
-        )
-        state = GaugeMetricFamily(
-            "wakeproxy_service_state",
-            "1 for the service's current state.",
-            labels=["service", "state"],
-        )
-        active = GaugeMetricFamily(
-            "wakeproxy_connections_active", "Connections being forwarded.", labels=["service"]
-        )
-        held = GaugeMetricFamily(
-            "wakeproxy_connections_held",
-            "Connections held while the backend wakes.",
-            labels=["service"],
-        )
-        connections = CounterMetricFamily(
-            "wakeproxy_connections", "Connections by outcome.", labels=["service", "outcome"]
-        )
-        byte_count = CounterMetricFamily(
-            "wakeproxy_bytes",
-            "Bytes forwarded (client_to_backend, backend_to_client).",
-            labels=["service", "direction"],
-        )
-        answers = CounterMetricFamily(
-            "wakeproxy_http_answers",
-            "mode http: responses the proxy gave itself (probes, errors), by status.",
-            labels=["service", "status"],
-        )
-        unexpected = CounterMetricFamily(
-            "wakeproxy_unexpected_events",
-            "Events the decision core had no transition for (a bug: please report it).",
-            labels=["service", "event"],
-        )
-        asleep = CounterMetricFamily(
-            "wakeproxy_asleep_seconds",
-            "Seconds the backend spent paused or stopped.",
-            labels=["service"],
-        )
-        resident = GaugeMetricFamily(
-            "wakeproxy_backend_resident_bytes",
-            "The backend's memory in RAM as the kernel counts it (its memory cgroup's usage; "
-            "the processes' RSS where no cgroup is readable), read at scrape time.",
-            labels=["service", "source"],
-        )
-        swapped = GaugeMetricFamily(
-            "wakeproxy_backend_swapped_bytes",
-            "The backend's memory in swap (cgroup swap usage, or the processes' VmSwap).",
-            labels=["service", "source"],
-        )
-        reclaimed = CounterMetricFamily(
-            "wakeproxy_reclaimed_bytes",
-            "Bytes of backend memory given back by hibernation (cgroup usage before - after).",
-            labels=["service"],
-        )
-        hibernations = CounterMetricFamily(
-            "wakeproxy_hibernations",
-            "Hibernations by method (cgroup, pageout).",
-            labels=["service", "method"],
-        )
-        fallbacks = CounterMetricFamily(
-            "wakeproxy_hibernate_fallbacks",
-            "Hibernations that fell back to a plain pause, by reason.",
-            labels=["service", "reason"],
-        )
+        families = _service_families()
         for service in services:
-            stats = service.stats
-            use = service.hibernator.memory()
-            if use is not None:
-                resident.add_metric([service.name, use.source], use.resident)
-                swapped.add_metric([service.name, use.source], use.swapped)
-            reclaimed.add_metric([service.name], stats.reclaimed_bytes)
-            for method, count in sorted(stats.hibernations.items()):
-                hibernations.add_metric([service.name, method], count)
-            for reason, count in sorted(stats.hibernate_fallbacks.items()):
-                fallbacks.add_metric([service.name, reason], count)
-            cumulative, buckets = 0, []
-            for bound, count in zip((*WAKE_BUCKETS, math.inf), stats.wake_buckets, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
-            wake.add_metric([service.name], buckets, sum_value=stats.wake_sum)
-            for result in WakeResult:
-                wakes.add_metric([service.name, result.value], stats.wakes[result])
-            for (action, reason), count in stats.sleeps.items():
-                sleeps.add_metric([service.name, action.value, reason.value], count)
-            for each in State:
-                state.add_metric([service.name, each.value], 1.0 if service.state is each else 0.0)
-            active.add_metric([service.name], service.forwarding)
-            held.add_metric([service.name], service.held)
-            outcomes = HTTP_OUTCOMES if service.cfg.mode == "http" else TCP_OUTCOMES
-            for outcome in outcomes:
-                connections.add_metric([service.name, outcome.value], stats.connections[outcome])
-            for event, count in sorted(stats.unexpected.items()):
-                unexpected.add_metric([service.name, event], count)
-            up, down = service.bytes_moved()
-            byte_count.add_metric([service.name, "client_to_backend"], up)
-            byte_count.add_metric([service.name, "backend_to_client"], down)
-            asleep.add_metric([service.name], service.asleep_seconds())
-            for code, count in sorted(stats.http_answers.items()):
-                answers.add_metric([service.name, str(code)], count)
+            _add_service(families, service)
         found = CounterMetricFamily(
             "wakeproxy_requests_found_asleep",
             "Connections held for a wake: they found their backend asleep (or waking).",
@@ -314,12 +206,13 @@ class ProxyCollector(Collector):
         if self.proxy.predictions is not None and self.proxy.predictions.active:
             yield from self._predictions()
         if self.proxy.pools:
-            yield from self._pools(connections, answers)
+            yield from self._pools(families["connections"], families["answers"])
         yield from self._mcp()
-        yield from (wake, wakes, sleeps, state, active, held, connections, byte_count, asleep)
-        yield answers
-        yield unexpected
-        yield from (resident, swapped, reclaimed, hibernations, fallbacks)
+        yield from families.values()
+        yield from self._process()
+
+    def _process(self) -> Iterator[Metric]:
+        """The process itself: its version, discovery's refusals, the engines."""
         info = GaugeMetricFamily(
             "wakeproxy_build_info", "The running version.", labels=["version", "python"]
         )
@@ -342,6 +235,92 @@ class ProxyCollector(Collector):
             for name, engine in sorted(self.proxy.engines.items()):
                 engines_up.add_metric([name], float(engine.up))
             yield engines_up
+
+
+# Every service's families: (kind, name, help, labels beside "service"), in export order.
+_SERVICE_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("histogram", "wakeproxy_wake_seconds",
+     "Time from the first held connection (or wake request) to the backend being ready.", ()),
+    ("counter", "wakeproxy_wakes", "Wakes by result (ok, failed, timeout).", ("result",)),
+    ("counter", "wakeproxy_sleeps",
+     "Sleeps by action (pause, stop) and reason (idle, api, stop_after, external).",
+     ("action", "reason")),
+    ("gauge", "wakeproxy_service_state", "1 for the service's current state.", ("state",)),
+    ("gauge", "wakeproxy_connections_active", "Connections being forwarded.", ()),
+    ("gauge", "wakeproxy_connections_held", "Connections held while the backend wakes.", ()),
+    ("counter", "wakeproxy_connections", "Connections by outcome.", ("outcome",)),
+    ("counter", "wakeproxy_bytes", "Bytes forwarded (client_to_backend, backend_to_client).",
+     ("direction",)),
+    ("counter", "wakeproxy_asleep_seconds", "Seconds the backend spent paused or stopped.", ()),
+    ("counter", "wakeproxy_http_answers",
+     "mode http: responses the proxy gave itself (probes, errors), by status.", ("status",)),
+    ("counter", "wakeproxy_unexpected_events",
+     "Events the decision core had no transition for (a bug: please report it).", ("event",)),
+    ("gauge", "wakeproxy_backend_resident_bytes",
+     "The backend's memory in RAM as the kernel counts it (its memory cgroup's usage; the "
+     "processes' RSS where no cgroup is readable), read at scrape time.", ("source",)),
+    ("gauge", "wakeproxy_backend_swapped_bytes",
+     "The backend's memory in swap (cgroup swap usage, or the processes' VmSwap).", ("source",)),
+    ("counter", "wakeproxy_reclaimed_bytes",
+     "Bytes of backend memory given back by hibernation (cgroup usage before - after).", ()),
+    ("counter", "wakeproxy_hibernations", "Hibernations by method (cgroup, pageout).",
+     ("method",)),
+    ("counter", "wakeproxy_hibernate_fallbacks",
+     "Hibernations that fell back to a plain pause, by reason.", ("reason",)),
+)  # fmt: skip
+_KINDS = {
+    "counter": CounterMetricFamily,
+    "gauge": GaugeMetricFamily,
+    "histogram": HistogramMetricFamily,
+}
+
+
+def _service_families() -> dict[str, Any]:
+    """The families every service adds to, by short name (``wakeproxy_`` dropped)."""
+    return {
+        name.removeprefix("wakeproxy_"): _KINDS[kind](name, text, labels=["service", *labels])
+        for kind, name, text, labels in _SERVICE_FAMILIES
+    }
+
+
+def _add_service(families: dict[str, Any], service: Service) -> None:
+    """One service's series, read at scrape time from its counters."""
+    name, stats = service.name, service.stats
+    use = service.hibernator.memory()
+    if use is not None:
+        families["backend_resident_bytes"].add_metric([name, use.source], use.resident)
+        families["backend_swapped_bytes"].add_metric([name, use.source], use.swapped)
+    families["reclaimed_bytes"].add_metric([name], stats.reclaimed_bytes)
+    for method, count in sorted(stats.hibernations.items()):
+        families["hibernations"].add_metric([name, method], count)
+    for reason, count in sorted(stats.hibernate_fallbacks.items()):
+        families["hibernate_fallbacks"].add_metric([name, reason], count)
+    cumulative, buckets = 0, []
+    for bound, count in zip((*WAKE_BUCKETS, math.inf), stats.wake_buckets, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+    families["wake_seconds"].add_metric([name], buckets, sum_value=stats.wake_sum)
+    for result in WakeResult:
+        families["wakes"].add_metric([name, result.value], stats.wakes[result])
+    for (action, reason), count in stats.sleeps.items():
+        families["sleeps"].add_metric([name, action.value, reason.value], count)
+    for each in State:
+        families["service_state"].add_metric(
+            [name, each.value], 1.0 if service.state is each else 0.0
+        )
+    families["connections_active"].add_metric([name], service.forwarding)
+    families["connections_held"].add_metric([name], service.held)
+    outcomes = HTTP_OUTCOMES if service.cfg.mode == "http" else TCP_OUTCOMES
+    for outcome in outcomes:
+        families["connections"].add_metric([name, outcome.value], stats.connections[outcome])
+    for event, count in sorted(stats.unexpected.items()):
+        families["unexpected_events"].add_metric([name, event], count)
+    up, down = service.bytes_moved()
+    families["bytes"].add_metric([name, "client_to_backend"], up)
+    families["bytes"].add_metric([name, "backend_to_client"], down)
+    families["asleep_seconds"].add_metric([name], service.asleep_seconds())
+    for code, count in sorted(stats.http_answers.items()):
+        families["http_answers"].add_metric([name, str(code)], count)
 
 
 def render(proxy: Proxy) -> bytes:

@@ -1,7 +1,7 @@
 """Where a service with replicas sends a new connection, and when it wakes another.
 
 Pure: it reads each replica's ``Node`` (state, attached connections) and returns a
-decision; the glue (``wakeproxy.pool``) carries it out. The rules:
+decision; the glue (``wakeproxy.serve.pool``) carries it out. The rules:
 
 * **Balance.** A connection goes to the running replica with the fewest attached
   connections (the oldest on a tie, so load gathers on the old ones and the newest go
