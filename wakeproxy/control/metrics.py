@@ -206,7 +206,7 @@ class ProxyCollector(Collector):
         if self.proxy.predictions is not None and self.proxy.predictions.active:
             yield from self._predictions()
         if self.proxy.pools:
-            yield from self._pools(families["connections"], families["answers"])
+            yield from self._pools(families["connections"], families["http_answers"])
         yield from self._mcp()
         yield from families.values()
         yield from self._process()
