@@ -33,7 +33,7 @@ from wakeproxy.app import Proxy
 from wakeproxy.config import parse_yaml
 from wakeproxy.core.states import State
 from wakeproxy.errors import WakeproxyError
-from wakeproxy.serve.service import Service
+from wakeproxy.serve.backend import Backend
 
 IMAGE = wake.IMAGE
 
@@ -153,7 +153,7 @@ async def _measure(host: str, rounds: int) -> SwarmResult:
 
 
 async def _round(
-    host: str, name: str, port: int, backend: int, web: Service, result: SwarmResult
+    host: str, name: str, port: int, backend: int, web: Backend, result: SwarmResult
 ) -> None:
     """One round: the raw scale to the first byte, then one wake through the proxy."""
     # Raw: the scale call, then GET until the server answers.

@@ -39,8 +39,9 @@ from wakeproxy.core.node import Node
 from wakeproxy.core.orchestrator import Command, Orchestrator
 from wakeproxy.core.policy import Policy
 from wakeproxy.core.states import SleepAction, State
+from wakeproxy.serve.backend import Backend
 from wakeproxy.serve.coordinator import Coordinator
-from wakeproxy.serve.service import Service
+from wakeproxy.serve.frontend import Frontend
 
 BACKEND = str(Path(__file__).parent / "backends" / "server.py")
 PYTHON = sys.executable
@@ -126,9 +127,35 @@ async def running(
     assert not any(unexpected.values()), f"events with no transition: {unexpected}"
 
 
-def lone_service(cfg: ServiceConfig, runtime: FakeRuntime) -> Service:
+class Lone:
+    """One service outside a Proxy: its frontend in front of its one backend, with a
+    (strict) core of its own, for unit tests of the glue; ``start()`` and ``close()``.
+    Everything else reads the backend."""
+
+    def __init__(self, cfg: ServiceConfig, runtime: FakeRuntime) -> None:
+        coordinator = Coordinator(strict=True)
+        self.backend = Backend(cfg, runtime, coordinator, initial=runtime.state, reason="test")
+        self.frontend = Frontend(cfg, None)
+        self.frontend.update(cfg, [self.backend])
+
+    async def start(self) -> None:
+        await self.backend.start()
+        await self.frontend.start()
+
+    async def close(self) -> None:
+        self.frontend.close()
+        await self.backend.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def __repr__(self) -> str:
+        return repr(self.backend)
+
+
+def lone_service(cfg: ServiceConfig, runtime: FakeRuntime) -> Lone:
     """One service with its own (strict) core, no Proxy around it; call ``start()``."""
-    return Service(cfg, runtime, Coordinator(strict=True), initial=runtime.state, reason="test")
+    return Lone(cfg, runtime)
 
 
 # ---- sockets and processes
@@ -533,7 +560,7 @@ async def shout(session: ClientSession, text: str) -> str:
     return await call_text(session, "shout", text=text)
 
 
-async def paused(service: Service) -> None:
+async def paused(service: Backend) -> None:
     """Started once (a cold process start), then paused: the state the tests wake from."""
     await service.wake("test set-up")
     await service.sleep("pause", "api")

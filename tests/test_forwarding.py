@@ -15,16 +15,15 @@ import struct
 import pytest
 
 from tests.fakes import FakeRuntime
-from tests.helpers import config_from, free_port, lone_service, wait_until
+from tests.helpers import Lone, config_from, free_port, lone_service, wait_until
 from wakeproxy.core.states import State
 from wakeproxy.net.forward import HIGH_WATER
-from wakeproxy.serve.service import Service
 
 pytestmark = pytest.mark.asyncio
 CHUNK = 64 * 1024
 
 
-async def start_proxy(backend_port: int) -> Service:
+async def start_proxy(backend_port: int) -> Lone:
     port = free_port()
     cfg = config_from(
         f"services:\n  web:\n    listen: 127.0.0.1:{port}\n"
@@ -210,7 +209,7 @@ async def test_a_backend_reset_reaches_the_client_as_a_reset():
         server.close()
 
 
-async def _watch_buffers(service: Service, peaks: dict[str, int], stop: asyncio.Event) -> None:
+async def _watch_buffers(service: Lone, peaks: dict[str, int], stop: asyncio.Event) -> None:
     while not stop.is_set():
         for conn in service.connections:
             if conn.transport is not None:

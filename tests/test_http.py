@@ -270,14 +270,14 @@ async def test_connections_holding_part_of_a_head_are_capped():
     settings = "http: {max_partial_heads: 2, header_timeout: 5}"
     config = config_from(http_config(http_service("web", port, backend, settings)))
     async with running(config) as proxy:
-        service = proxy.services["web"]
+        listener = proxy.frontends["web"]
         partial = []
         for _ in range(2):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
             partial.append((reader, writer))
         # Both partial heads are in the proxy's buffers: its own count says so.
-        await wait_until(lambda: service.partial_heads == 2, within=10)
+        await wait_until(lambda: listener.partial_heads == 2, within=10)
         # An idle connection holds no head: it is not counted and is served.
         reply = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert reply.endswith(BODY)

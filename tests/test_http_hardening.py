@@ -131,7 +131,7 @@ async def test_probe_streams_held_open_are_bounded_per_service():
     async with running(
         config_from(http_config(http_service("web", port, backend, settings)))
     ) as proxy:
-        service = proxy.services["web"]
+        service, listener = proxy.services["web"], proxy.frontends["web"]
         assert service.state is State.STOPPED  # probes are answered by the proxy
         held = []
         for _ in range(2):
@@ -139,13 +139,13 @@ async def test_probe_streams_held_open_are_bounded_per_service():
             writer.write(GATEWAY_PROBE)
             assert status(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)) == 200
             held.append(writer)
-        await wait_until(lambda: service.probe_streams == 2, within=10)
+        await wait_until(lambda: listener.probe_streams == 2, within=10)
         # The third is answered (a probe reads the status) and closed at once.
         third = await exchange(port, GATEWAY_PROBE)
-        assert status(third) == 200 and service.probe_streams == 2
+        assert status(third) == 200 and listener.probe_streams == 2
         for writer in held:
             writer.close()
-        await wait_until(lambda: service.probe_streams == 0, within=10)
+        await wait_until(lambda: listener.probe_streams == 0, within=10)
         assert service.stats.wakes["ok"] == 0
 
 
@@ -173,7 +173,6 @@ class _Owner:
 
     idle_connection_timeout = 0.0
     wake_on_connect = False
-    upstream_keepalive = False
     state = State.STOPPED
     http = HttpSettings()
     probe_rules = ()
@@ -193,13 +192,13 @@ class _Owner:
     def connection_lost(self, conn):
         pass
 
-    def record(self, outcome, status=None):
+    def record(self, conn, outcome, status=None):
         pass
 
-    def request_seen(self):
+    def request_seen(self, conn):
         pass
 
-    def result_due(self):
+    def result_due(self, conn):
         pass
 
     def wake_in_background(self, reason):
@@ -303,8 +302,8 @@ async def test_one_connection_cannot_flush_other_sessions_pins():
         )
     )
     async with running(config) as proxy:
-        pool = proxy.pools["tools"]
-        await wait_until(lambda: all(r.state is State.RUNNING for r in pool.replicas), within=60)
+        pool = proxy.frontends["tools"]
+        await wait_until(lambda: all(r.state is State.RUNNING for r in pool.backends), within=60)
         async with mcp_client(port) as mine:
             home = await whoami(mine.session)
             body = (

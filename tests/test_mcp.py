@@ -220,7 +220,7 @@ async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
                 assert len(answers) == 1, answers
                 homes.append(answers.pop())
             assert sorted(homes) == [first, first + 1, first + 2], homes
-            assert len(proxy.pools["tools"].sessions) >= 3
+            assert len(proxy.frontends["tools"].sessions) >= 3
             # The first session's replica dies: that session gets an error, never
             # another replica's answer.
             dead = replicas[homes[0] - first]
@@ -237,7 +237,7 @@ async def test_each_mcp_session_stays_on_the_replica_that_created_it(transport):
                 await whoami(sessions[0], within=10)
             if transport == "streamable-http":
                 assert "Session terminated" in str(raised.value)
-            pool = proxy.pools["tools"]
+            pool = proxy.frontends["tools"]
             if transport == "streamable-http":
                 # The proxy itself said 404 (the MCP spec's "unknown session").
                 assert pool.sessions.lost == 1

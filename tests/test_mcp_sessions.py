@@ -168,8 +168,8 @@ async def test_replicas_health_checks_wake_none_and_all_sleep_after_the_last_cal
         )
     )
     async with running(config) as proxy:
-        pool = proxy.pools["tools"]
-        replicas = pool.replicas
+        pool = proxy.frontends["tools"]
+        replicas = pool.backends
         async with mcp_client(port) as client:  # nothing learned yet: a real session
             assert await shout(client.session, "learn") == "LEARN!"
         await wait_until(lambda: all(r.state is not State.RUNNING for r in replicas), within=30)

@@ -65,7 +65,7 @@ async def test_replicas_wake_one_by_one_with_the_load_and_sleep_newest_first():
     port, first = free_port(), consecutive_ports(4)
     config = config_from(replicated(port, first, 4, max=3, target_inflight=2))
     async with running(config) as proxy:
-        pool = proxy.pools["web"]
+        pool = proxy.frontends["web"]
         replicas = [proxy.services[f"web@{i}"] for i in range(1, 5)]
         assert [r.state for r in replicas] == [State.STOPPED] * 4
         assert [str(r.backend) for r in replicas] == [f"127.0.0.1:{first + i}" for i in range(4)]
@@ -230,8 +230,8 @@ async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connectio
             write(3, 1)  # one more replica, a new target: web@1 and web@2 change in place
             result = await proxy.reload()
             assert (result.added, result.updated) == (["web@3"], ["web@1", "web@2"])
-            pool = proxy.pools["web"]
-            assert [r.name for r in pool.replicas] == ["web@1", "web@2", "web@3"]
+            pool = proxy.frontends["web"]
+            assert [r.name for r in pool.backends] == ["web@1", "web@2", "web@3"]
             assert pool.scaling.target == 1 and proxy.services["web@1"] is held_by
             writer.write(b"during")
             assert await asyncio.wait_for(reader.readexactly(6), 5) == b"during"
@@ -239,7 +239,7 @@ async def test_a_reload_adds_and_removes_replicas_and_keeps_the_others_connectio
             write(1, 1)
             result = await proxy.reload()
             assert sorted(result.removed) == ["web@2", "web@3"]
-            assert [r.name for r in proxy.pools["web"].replicas] == ["web@1"]
+            assert [r.name for r in proxy.frontends["web"].backends] == ["web@1"]
             writer.write(b"after!")
             assert await asyncio.wait_for(reader.readexactly(6), 5) == b"after!"
             # The listener stayed: a new connection is served too.
@@ -285,7 +285,7 @@ async def test_a_replica_that_refuses_connects_is_skipped_and_its_clients_moved_
     port, first = free_port(), consecutive_ports(3)
     config = config_from(replicated(port, first, 3, min=3, target_inflight=10))
     async with running(config) as proxy:
-        pool = proxy.pools["web"]
+        pool = proxy.frontends["web"]
         replicas = [proxy.services[f"web@{i}"] for i in range(1, 4)]
         await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
         second = replicas[1].runtime
@@ -381,7 +381,7 @@ async def test_a_replica_that_accepts_and_closes_at_once_is_taken_out_until_it_a
         )
     )  # fmt: skip
     async with running(config) as proxy:
-        pool = proxy.pools["web"]
+        pool = proxy.frontends["web"]
         replicas = [proxy.services[f"web@{i}"] for i in range(1, 4)]
         await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
         breaker = pool.breakers["web@2"]
@@ -439,7 +439,9 @@ async def test_a_reload_that_drops_the_replicas_serves_the_same_address_with_one
         )  # fmt: skip
         result = await proxy.reload()
         assert result.failed == {} and result.added == ["web"], result
-        assert proxy.pools == {} and list(proxy.services) == ["web"]
+        assert not any(f.replicated for f in proxy.frontends.values()) and list(proxy.services) == [
+            "web"
+        ]
         assert answered_by(await http_get(port)) == first
         # And back: replicas again on that address.
         path.write_text(replicated(port, first, 2))
@@ -495,27 +497,27 @@ async def test_compose_scale_replicas_follow_their_containers_and_are_woken_and_
         )
         since = time.time()
         async with running(config) as proxy:
-            pool = proxy.pools["tools"]
-            assert [r.name for r in pool.replicas] == ["tools@1", "tools@2", "tools@3"]
-            assert [r.cfg.container for r in pool.replicas] == names
-            assert all(r.state is State.PAUSED for r in pool.replicas) and pool.scaling.maximum == 3
+            pool = proxy.frontends["tools"]
+            assert [r.name for r in pool.backends] == ["tools@1", "tools@2", "tools@3"]
+            assert [r.cfg.container for r in pool.backends] == names
+            assert all(r.state is State.PAUSED for r in pool.backends) and pool.scaling.maximum == 3
             status, scaled = await api(proxy, "POST", "/services/tools/scale", b'{"count": 2}')
             assert status == 200, scaled
             assert [r["state"] for r in scaled["replicas"]] == ["running", "running", "paused"]
             # Idle: they pause again by themselves, the newest first.
-            await wait_until(lambda: all(r.state is State.PAUSED for r in pool.replicas), within=20)
+            await wait_until(lambda: all(r.state is State.PAUSED for r in pool.backends), within=20)
             until = time.time() + 1
             assert sorted(engine_order(names, "unpause", since, until)) == names[:2]
             assert engine_order(names[:2], "pause", since, until) == [names[1], names[0]]
             # Scaled up by compose: the new container becomes a replica (running, it
             # sleeps on its idle timer); scaled down: the removed ones leave the pool.
             compose_run("up", "-d", "--scale", "tools=4", "tools")
-            await wait_until(lambda: len(pool.replicas) == 4, within=20)
-            assert pool.replicas[3].name == "tools@4" and pool.scaling.maximum == 4
-            await wait_until(lambda: pool.replicas[3].state is State.PAUSED, within=20)
+            await wait_until(lambda: len(pool.backends) == 4, within=20)
+            assert pool.backends[3].name == "tools@4" and pool.scaling.maximum == 4
+            await wait_until(lambda: pool.backends[3].state is State.PAUSED, within=20)
             compose_run("up", "-d", "--scale", "tools=2", "tools")
-            await wait_until(lambda: len(pool.replicas) == 2, within=30)
-            assert [r.name for r in pool.replicas] == ["tools@1", "tools@2"]
+            await wait_until(lambda: len(pool.backends) == 2, within=30)
+            assert [r.name for r in pool.backends] == ["tools@1", "tools@2"]
             assert sorted(proxy.services) == ["tools@1", "tools@2"]
     finally:
         compose_run("down", "-t", "0")
@@ -525,7 +527,7 @@ async def test_active_health_checks_open_and_close_a_circuit_with_no_client_traf
     port, first = free_port(), consecutive_ports(2)
     config = config_from(replicated(port, first, 2, min=2, health_interval=0.2))
     async with running(config) as proxy:
-        pool = proxy.pools["web"]
+        pool = proxy.frontends["web"]
         replicas = [proxy.services["web@1"], proxy.services["web@2"]]
         await wait_until(lambda: all(r.state is State.RUNNING for r in replicas), within=15)
         second = replicas[1].runtime

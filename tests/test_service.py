@@ -19,6 +19,7 @@ import pytest
 
 from tests.fakes import FakeRuntime
 from tests.helpers import (
+    Lone,
     config_from,
     echo_server,
     exchange,
@@ -33,7 +34,6 @@ from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.net import admission, forward
 from wakeproxy.net.admission import Admission
-from wakeproxy.serve.service import Service
 from wakeproxy.serve.stats import ServiceStats
 
 pytestmark = pytest.mark.asyncio
@@ -45,7 +45,7 @@ class Harness:
         self.port = free_port()
         self.backend_port = free_port()
         self.extra = extra
-        self.service: Service
+        self.service: Lone
         self.server: asyncio.Server
 
     async def __aenter__(self) -> Harness:
@@ -248,7 +248,7 @@ async def test_wake_on_data_ignores_silent_connections():
     async with Harness(runtime, settings(wake_on="data")) as h:
         _, writer = await asyncio.open_connection("127.0.0.1", h.port)
         # Accepted by the proxy (a condition, not a time), and yet not attached.
-        await wait_until(lambda: len(h.service.connections) == 1, within=10)
+        await wait_until(lambda: len(h.service.frontend.connections) == 1, within=10)
         await asyncio.sleep(0.1)  # loop turns after the accept: still nothing
         assert runtime.calls["unpause"] == 0 and h.service.attached == 0
         writer.close()
@@ -273,7 +273,7 @@ async def test_api_wake_and_repr():
     runtime = FakeRuntime(State.STOPPED)
     async with Harness(runtime) as h:
         assert repr(h.service).startswith(
-            f"<Service web :{h.port} state=stopped held=0 attached=0 idle_for="
+            f"<Backend web :{h.port} state=stopped held=0 attached=0 idle_for="
         )
         await h.service.wake()
         assert runtime.calls["start"] == 1 and h.service.state is State.RUNNING
@@ -334,9 +334,7 @@ class CountingBackend:
             writer.close()
 
 
-async def _paced_service(
-    backend: CountingBackend, concurrency: int
-) -> tuple[Service, asyncio.Server]:
+async def _paced_service(backend: CountingBackend, concurrency: int) -> tuple[Lone, asyncio.Server]:
     port, backend_port = free_port(), free_port()
     server = await asyncio.start_server(backend.handle, "127.0.0.1", backend_port, backlog=1024)
     cfg = config_from(
@@ -437,7 +435,7 @@ class QueueOnlyBackend:
         conn.close()
 
 
-async def _thawing(runtime: FakeRuntime, backend: QueueOnlyBackend) -> Service:
+async def _thawing(runtime: FakeRuntime, backend: QueueOnlyBackend) -> Lone:
     cfg = config_from(
         f"services:\n  web:\n    listen: 127.0.0.1:{free_port()}\n"
         f"    backend: 127.0.0.1:{backend.port}\n    container: fake\n    wake_timeout: 15\n"

@@ -31,11 +31,11 @@ from .runtimes.base import Runtime
 from .runtimes.docker import DockerEngine, DockerRuntime
 from .runtimes.process import ProcessRuntime, reap_leftovers
 from .runtimes.swarm import SwarmRuntime
+from .serve.backend import Backend
 from .serve.coordinator import Coordinator
 from .serve.discovery import LabelDiscovery
-from .serve.pool import Pool
+from .serve.frontend import Frontend
 from .serve.predictions import Predictions
-from .serve.service import Service
 
 log = logging.getLogger("wakeproxy")
 
@@ -94,10 +94,10 @@ class ReloadResult:
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        # What runs: every service, a replicated one as its replicas (SERVICE@N)...
-        self.services: dict[str, Service] = {}
-        # ... behind its pool (listener and balancer), by the service's name.
-        self.pools: dict[str, Pool] = {}
+        # What runs: every service's backend, a replicated one's replicas (SERVICE@N)...
+        self.services: dict[str, Backend] = {}
+        # ... behind its listener, by the service's name: one backend, or the replicas.
+        self.frontends: dict[str, Frontend] = {}
         # Created in start(): it needs the running loop.
         self.coordinator: Coordinator | None = None
         # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
@@ -118,6 +118,11 @@ class Proxy:
         self._listings: dict[str, list[dict[str, Any]]] = {}
         self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
+
+    def replicated(self, name: str) -> Frontend | None:
+        """The listener of service ``name`` when it has replicas."""
+        front = self.frontends.get(name)
+        return front if front is not None and front.replicated else None
 
     @property
     def rejected(self) -> dict[str, str]:
@@ -199,16 +204,15 @@ class Proxy:
         configs = list(expand_all(self.config.services.values(), self._members).values())
         try:
             for cfg in configs:
-                self.services[cfg.name] = self._service(cfg)
+                self.services[cfg.name] = self._backend(cfg)
             # Wired before any starts: an auto_start wake must see its dependencies.
-            self._sync_pools(self.config.services)
+            fronts = self._sync_frontends(self.config.services)
             self._wire()
             for cfg in configs:
-                with _listening(f"service {cfg.name}", cfg.listen):
-                    await self.services[cfg.name].start()
-            for pool in self.pools.values():
-                with _listening(f"service {pool.name}", pool.cfg.listen):
-                    await pool.start()
+                await self.services[cfg.name].start()
+            for front in fronts:
+                with _listening(f"service {front.name}", front.cfg.listen):
+                    await front.start()
             for name in labelled:
                 discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
                 self.discoveries[name] = discovery
@@ -267,42 +271,42 @@ class Proxy:
         for cfg in new:
             log.info("%s: container %s found; replica added", cfg.name, cfg.container)
         await self.add_services(new)
-        self._sync_pools(services)
+        self._sync_frontends(services)
         self._wire()
         for cfg in new:
             # Events between the listing and the registration went nowhere: re-read.
             self.services[cfg.name].recheck()
 
-    async def add_services(self, configs: list[ServiceConfig]) -> dict[str, str]:
-        """Start services while the proxy runs; returns name -> why for those that cannot listen.
+    async def add_services(
+        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig] | None = None
+    ) -> dict[str, str]:
+        """Start services while the proxy runs; returns name -> why for those that cannot
+        listen. ``services``: the configured services the replicated listeners follow
+        (a reload's new ones; default: the running config's).
 
         Their state comes from the engine's latest listing, which the caller just made.
         """
-        added: list[Service] = []
+        added: list[Backend] = []
         for cfg in configs:
-            added.append(self._service(cfg))
+            added.append(self._backend(cfg))
             self.services[cfg.name] = added[-1]
+        self._sync_frontends(self.config.services if services is None else services)
         self._wire()
-        failed: dict[str, str] = {}
-        for service in added:
-            try:
-                with _listening(f"service {service.name}", service.cfg.listen):
-                    await service.start()
-            except ListenError as exc:
-                failed[service.name] = str(exc)
-                del self.services[service.name]
-                await self._end(service)
-        if failed:
-            self._wire()
-        return failed
+        for backend in added:
+            await backend.start()
+        return await self._open_frontends(self.config.services if services is None else services)
 
     async def remove_service(self, name: str) -> None:
-        """Stop serving one service: its listener closes and its connections end."""
-        service = self.services.pop(name)
-        for pool in self.pools.values():
-            if service in pool.replicas:  # no new connection is placed on it
-                pool.replicas.remove(service)
-        await self._end(service)
+        """Stop serving one backend: no new connection is placed on it, its own close;
+        a service's only backend takes its listener with it."""
+        backend = self.services.pop(name)
+        for front in list(self.frontends.values()):
+            if backend in front.backends:
+                front.backends.remove(backend)
+                if not front.replicated:
+                    front.close()
+                    del self.frontends[front.name]
+        await self._end(backend)
         self._wire()
 
     async def reload(self) -> ReloadResult:
@@ -340,14 +344,14 @@ class Proxy:
             # Both against the current listing (compose replicas: the containers now).
             old_run = expand_all(old.services.values(), self._members)
             new_run = expand_all(new.services.values(), self._members)
-            # Departing replicas leave their pools first: nothing new is placed on them
-            # while the others are removed. Pools going away (or moving) free their
-            # listeners before anything else wants the address.
-            for pool in self.pools.values():
-                pool.replicas = [r for r in pool.replicas if r.name in new_run]
-            await self._close_pools(new.services)
-            await self._apply(old_run, new_run, result)
-            result.failed.update(await self._open_pools(new.services))
+            # Departing replicas leave their listeners first: nothing new is placed on
+            # them while the others are removed. Listeners going away (or moving) free
+            # their addresses before anything else wants them.
+            for front in self.frontends.values():
+                front.backends = [b for b in front.backends if b.name in new_run]
+            self._close_frontends(new.services)
+            await self._apply(old_run, new_run, result, new.services)
+            result.failed.update(await self._open_frontends(new.services))
             self._wire()
             # Admin and discovery keep running as they started: they need a restart.
             self.config = dataclasses.replace(
@@ -374,6 +378,7 @@ class Proxy:
         old_run: Mapping[str, ServiceConfig],
         new_run: Mapping[str, ServiceConfig],
         result: ReloadResult,
+        services: Mapping[str, ServiceConfig],
     ) -> None:
         """Make the running services what ``new_run`` says (they were ``old_run``):
         remove, update in place, replace, add; ``result`` says which was done to each."""
@@ -409,7 +414,7 @@ class Proxy:
         to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
         if to_add:
             await self._fresh_listing(to_add)
-        result.failed = {**unreachable, **await self.add_services(to_add)}
+        result.failed = {**unreachable, **await self.add_services(to_add, services)}
 
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
         """Read container states before adding docker services (one listing per
@@ -423,62 +428,73 @@ class Proxy:
         if new and self._compose_task is None:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
 
-    def _sync_pools(self, services: Mapping[str, ServiceConfig]) -> None:
-        """A pool per service with replicas (compose replicas: even while it has no
-        container), holding its replicas oldest first; the pools of services that no
-        longer have replicas close."""
-        sets = replica_sets({name: s.cfg for name, s in self.services.items()})
-        for name in list(self.pools):
-            cfg = services.get(name)
-            if cfg is None or cfg.replicas is None:
-                self.pools.pop(name).close()
+    def _sync_frontends(self, services: Mapping[str, ServiceConfig]) -> list[Frontend]:
+        """A listener for each service: one backend's, or a replicated service's in
+        front of its replicas (oldest first; compose replicas: even while it has no
+        container). Returns the new ones (not listening yet); one no longer wanted
+        closes."""
+        wanted: dict[str, tuple[ServiceConfig, list[Backend]]] = {
+            name: (backend.cfg, [backend])
+            for name, backend in self.services.items()
+            if backend.cfg.replica_of is None
+        }
+        sets = replica_sets({name: b.cfg for name, b in self.services.items()})
         for name, cfg in services.items():
-            if cfg.replicas is None:
-                continue
-            pool = self.pools.get(name)
-            if pool is None:
-                pool = self.pools[name] = Pool(cfg, self._front(cfg))
-            pool.update(cfg, [self.services[m] for m in sets.get(name, [])])
+            if cfg.replicas is not None:
+                wanted[name] = (cfg, [self.services[m] for m in sets.get(name, [])])
+        for name in list(self.frontends):
+            want = wanted.get(name)
+            front = self.frontends[name]
+            if want is None or _listener_of(want[0]) != _listener_of(front.cfg):
+                front.close()
+                del self.frontends[name]
+        new: list[Frontend] = []
+        for name, (cfg, backends) in wanted.items():
+            existing = self.frontends.get(name)
+            if existing is None:
+                existing = self.frontends[name] = Frontend(cfg, self._front(cfg))
+                new.append(existing)
+            existing.update(cfg, backends)
+        return new
 
-    async def _close_pools(self, services: Mapping[str, ServiceConfig]) -> None:
-        """Reload, first: the pools of services that lost their replicas or are gone
-        close, and one whose listener settings changed (it listens anew later)."""
-        for name, pool in list(self.pools.items()):
+    def _close_frontends(self, services: Mapping[str, ServiceConfig]) -> None:
+        """Reload, first: the listeners of replicated services that lost their replicas
+        or are gone close, and one whose listener settings changed (it listens anew
+        later)."""
+        for name, front in list(self.frontends.items()):
+            if not front.replicated:
+                continue  # goes with its backend (remove_service)
             cfg = services.get(name)
-            moved = (
-                cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(pool.cfg)
-            )
-            if moved:
-                pool.close()
-                del self.pools[name]
+            if cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(front.cfg):
+                front.close()
+                del self.frontends[name]
 
-    async def _open_pools(self, services: Mapping[str, ServiceConfig]) -> dict[str, str]:
-        """Reload, last: pools for the replicated services that have none listen; returns
-        name -> why for those that cannot (their replicas are removed with them)."""
-        before = dict(self.pools)
-        self._sync_pools(services)
+    async def _open_frontends(self, services: Mapping[str, ServiceConfig]) -> dict[str, str]:
+        """Listeners not listening yet (new ones) open; returns name -> why for those
+        that cannot (their backends are removed with them)."""
+        self._sync_frontends(services)
         failed: dict[str, str] = {}
-        for name, pool in list(self.pools.items()):
-            if before.get(name) is pool:
-                continue
+        for front in [f for f in self.frontends.values() if not f.listening]:
             try:
-                with _listening(f"service {name}", pool.cfg.listen):
-                    await pool.start()
+                with _listening(f"service {front.name}", front.cfg.listen):
+                    await front.start()
             except ListenError as exc:
-                failed[name] = str(exc)
-                del self.pools[name]
-                for replica in list(pool.replicas):
-                    await self.remove_service(replica.name)
+                failed[front.name] = str(exc)
+                self.frontends.pop(front.name, None)
+                front.close()
+                for backend in list(front.backends):
+                    self.services.pop(backend.name, None)
+                    await self._end(backend)
+        if failed:
+            self._wire()
         return failed
 
     async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop accepting, then give open connections up to ``grace`` seconds to end."""
         if self.predictions is not None:
             self.predictions.stop()  # a proxy shutting down wakes nothing ahead
-        for pool in self.pools.values():
-            pool.stop_accepting()
-        for service in self.services.values():
-            service.stop_accepting()
+        for front in self.frontends.values():
+            front.stop_accepting()
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
@@ -494,13 +510,14 @@ class Proxy:
             await asyncio.sleep(0.05)  # shutdown only: no event per connection needed
 
     def _open_connections(self) -> int:
-        pooled = sum(len(pool.connections) for pool in self.pools.values())
-        return pooled + sum(len(service.connections) for service in self.services.values())
+        listening = {c for front in self.frontends.values() for c in front.connections}
+        placed = {c for backend in self.services.values() for c in backend.connections}
+        return len(listening | placed)
 
     async def wake_all(self, reason: str) -> None:
         """Wake every sleeping container (shutdown.backends: wake)."""
 
-        async def one(service: Service) -> None:
+        async def one(service: Backend) -> None:
             try:
                 await asyncio.wait_for(service.wake(reason), service.cfg.wake_timeout)
             except (RuntimeFailure, TimeoutError) as exc:
@@ -515,7 +532,7 @@ class Proxy:
             )
         )
 
-    async def _end(self, service: Service) -> None:
+    async def _end(self, service: Backend) -> None:
         await service.close()
         if self.coordinator is not None:
             self.coordinator.remove(service)
@@ -529,28 +546,27 @@ class Proxy:
         change)."""
         if self.coordinator is not None:
             self.coordinator.relink()
-            for pool in self.pools.values():
-                self.coordinator.order_replicas([r.name for r in pool.replicas])
+            for front in self.frontends.values():
+                if front.replicated:
+                    self.coordinator.order_replicas([b.name for b in front.backends])
 
-    def _service(self, cfg: ServiceConfig) -> Service:
+    def _backend(self, cfg: ServiceConfig) -> Backend:
         assert self.coordinator is not None
         runtime = self._runtime(cfg)
         initial, reason = runtime.initial_state()
-        front = None
-        if cfg.mode == "http" and cfg.replica_of is None:
-            front = self._front(cfg)
-        return Service(
+        return Backend(
             cfg,
             runtime,
             self.coordinator,
             initial=initial,
             reason=reason,
             predictions=self.predictions,
-            front=front,
         )
 
-    def _front(self, cfg: ServiceConfig) -> McpFront:
-        """MCP sessions in front of a mode-http listener (a service's, or its pool's)."""
+    def _front(self, cfg: ServiceConfig) -> McpFront | None:
+        """MCP sessions in front of a mode-http listener."""
+        if cfg.mode != "http":
+            return None
         return McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
 
     def _runtime(self, cfg: ServiceConfig) -> Runtime:
@@ -597,8 +613,8 @@ class Proxy:
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
-        for pool in self.pools.values():
-            pool.close()
+        for front in self.frontends.values():
+            front.close()
         for service in self.services.values():
             await service.close()
         await self.mcp_store.close()

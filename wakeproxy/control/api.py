@@ -24,8 +24,8 @@ from . import metrics, views
 
 if TYPE_CHECKING:
     from ..app import Proxy
-    from ..serve.pool import Pool
-    from ..serve.service import Service
+    from ..serve.backend import Backend
+    from ..serve.frontend import Frontend
 
 JSON = "application/json"
 
@@ -204,14 +204,14 @@ class Api:
         return json_response(200, {"policies": {name: self._policies()[name]}})
 
     def _no_service(self, name: str) -> Response:
-        pool = self.proxy.pools.get(name)
+        pool = self.proxy.replicated(name)
         if pool is None:
             return error(404, f"no such service: {name}")
-        names = ", ".join(r.name for r in pool.replicas)
+        names = ", ".join(r.name for r in pool.backends)
         return error(
             404,
             f"{name} has replicas ({names}): name one, or POST /services/{name}/scale",
-            replicas=[r.name for r in pool.replicas],
+            replicas=[r.name for r in pool.backends],
         )
 
     def _prediction(self, name: str) -> Response:
@@ -225,7 +225,7 @@ class Api:
         return json_response(200, table)
 
     def _replicas(self, name: str) -> Response:
-        pool = self.proxy.pools.get(name)
+        pool = self.proxy.replicated(name)
         if pool is None:
             return error(404, f"no such service with replicas: {name}")
         return json_response(200, pool_status(pool))
@@ -234,7 +234,7 @@ class Api:
         """Wake the first ``count`` replicas and put the others to sleep (unforced: one
         with connections open stays, and says why). Not sticky: the idle timers and the
         load go on deciding."""
-        pool = self.proxy.pools.get(name)
+        pool = self.proxy.replicated(name)
         if pool is None:
             return error(404, f"no such service with replicas: {name}")
         try:
@@ -242,13 +242,13 @@ class Api:
         except orjson.JSONDecodeError as exc:
             return error(400, f"the body is not valid JSON: {exc}")
         count = payload.get("count") if isinstance(payload, dict) else None
-        total = len(pool.replicas)
+        total = len(pool.backends)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
             given = body[:100].decode("utf-8", "replace")
             return error(400, f'expected {{"count": N}} with N from 0 to {total}, got {given}')
         refused: dict[str, str] = {}
 
-        async def one(service: Service, awake: bool) -> None:
+        async def one(service: Backend, awake: bool) -> None:
             try:
                 if awake:
                     await service.wake("api: scale")
@@ -257,11 +257,13 @@ class Api:
             except (ServiceBusy, RuntimeFailure) as exc:
                 refused[service.name] = str(exc)
 
-        replicas = list(pool.replicas)
+        replicas = list(pool.backends)
+        assert pool.scaling is not None
+        minimum = pool.scaling.minimum
         await asyncio.gather(*(one(r, True) for r in replicas[:count]))
         for replica in reversed(replicas[count:]):
-            if replica.cfg.replica <= pool.scaling.minimum:
-                refused[replica.name] = f"within replicas.min ({pool.scaling.minimum}): never slept"
+            if replica.cfg.replica <= minimum:
+                refused[replica.name] = f"within replicas.min ({minimum}): never slept"
                 continue
             # Newest first, one by one: an older one does not sleep while a newer is awake.
             await one(replica, False)
@@ -305,7 +307,7 @@ class Api:
             services = [s for s in services if s.cfg.sleep_policy.sleeps]
         action = "sleep" if which == "sleep-all" else "wake"
 
-        async def one(service: Service) -> dict[str, Any]:
+        async def one(service: Backend) -> dict[str, Any]:
             result: dict[str, Any] = {"name": service.name}
             try:
                 await _ACTIONS[action](service, force)
@@ -318,24 +320,24 @@ class Api:
         return json_response(200, {"services": results})
 
 
-async def _wake(service: Service, force: bool) -> None:
+async def _wake(service: Backend, force: bool) -> None:
     await service.wake("api")
 
 
-async def _sleep(service: Service, force: bool) -> None:
+async def _sleep(service: Backend, force: bool) -> None:
     await service.sleep(service.cfg.sleep_policy.action, SleepReason.API, force=force)
 
 
-async def _stop(service: Service, force: bool) -> None:
+async def _stop(service: Backend, force: bool) -> None:
     await service.sleep(SleepAction.STOP, SleepReason.API, force=force)
 
 
-async def _hibernate(service: Service, force: bool) -> None:
+async def _hibernate(service: Backend, force: bool) -> None:
     await service.sleep(SleepAction.HIBERNATE, SleepReason.API, force=force)
     await service.hibernator.settled()
 
 
-_ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
+_ACTIONS: dict[str, Callable[[Backend, bool], Awaitable[None]]] = {
     "hibernate": _hibernate,
     "wake": _wake,
     "start": _wake,
@@ -344,7 +346,7 @@ _ACTIONS: dict[str, Callable[[Service, bool], Awaitable[None]]] = {
 }
 
 
-def live_settings(service: Service) -> dict[str, Any]:
+def live_settings(service: Backend) -> dict[str, Any]:
     cfg = service.cfg
     return {
         "sleep_policy": {**cfg.sleep_policy.view(), "use": cfg.policy},
@@ -354,7 +356,7 @@ def live_settings(service: Service) -> dict[str, Any]:
     }
 
 
-def service_status(service: Service) -> dict[str, Any]:
+def service_status(service: Backend) -> dict[str, Any]:
     loop_now = service.loop.time()
     sleeps_in = service.sleeps_in()
     last_wake = service.stats.last_wake_s
@@ -380,9 +382,10 @@ def service_status(service: Service) -> dict[str, Any]:
     }
 
 
-def pool_status(pool: Pool) -> dict[str, Any]:
+def pool_status(pool: Frontend) -> dict[str, Any]:
     """A service with replicas: its settings, and each replica's state and load."""
-    sessions = pool.sessions.by_replica()
+    assert pool.scaling is not None
+    sessions = pool.sessions.by_replica() if pool.sessions is not None else {}
     return {
         "name": pool.name,
         "listen": str(pool.cfg.listen),
@@ -393,8 +396,8 @@ def pool_status(pool: Pool) -> dict[str, Any]:
         "awake": pool.awake(),
         "scale_ups": pool.scale_ups,
         "moved": pool.moved,
-        "sessions_lost": pool.sessions.lost,
-        "mcp": pool.mcp.describe() if pool.cfg.mode == "http" else None,
+        "sessions_lost": pool.sessions.lost if pool.sessions is not None else 0,
+        "mcp": pool.mcp.describe() if pool.mcp is not None else None,
         "replicas": [
             {
                 "name": r.name,
@@ -407,12 +410,12 @@ def pool_status(pool: Pool) -> dict[str, Any]:
                 "circuit": pool.breakers[r.name].state,
                 "sessions": sessions.get(r.name, 0),
             }
-            for r in pool.replicas
+            for r in pool.backends
         ],
     }
 
 
-def _last_error(service: Service) -> dict[str, Any] | None:
+def _last_error(service: Backend) -> dict[str, Any] | None:
     """Why it last failed, kept until a wake succeeds (a retry's re-read replaces the
     reason, not this)."""
     error = service.stats.last_error
@@ -422,7 +425,7 @@ def _last_error(service: Service) -> dict[str, Any] | None:
     return {"reason": reason, "at": round(at, 3)}
 
 
-async def backend_health(service: Service) -> dict[str, Any]:
+async def backend_health(service: Backend) -> dict[str, Any]:
     """Whether the backend is reachable, asleep and wakeable, or failed, and why."""
     state = service.state
     result: dict[str, Any] = {"name": service.name, "state": state.value}

@@ -28,7 +28,7 @@ from ..serve.stats import WAKE_BUCKETS
 
 if TYPE_CHECKING:
     from ..app import Proxy
-    from ..serve.service import Service
+    from ..serve.backend import Backend
 
 # Exported at 0 too, so a rate() over them works before the first one happens.
 TCP_OUTCOMES = (
@@ -117,14 +117,14 @@ class ProxyCollector(Collector):
             "that one replica).",
             labels=["service", "replica"],
         )
-        for pool in self.proxy.pools.values():
+        for pool in (f for f in self.proxy.frontends.values() if f.replicated):
             moved.add_metric([pool.name], pool.moved)
-            for replica in pool.replicas:
+            for replica in pool.backends:
                 breaker = pool.breakers[replica.name]
                 circuits.add_metric([pool.name, replica.name], breaker.opened)
                 placed.add_metric([pool.name, replica.name], pool.placed[replica.name])
             for each in State:
-                count = sum(r.state is each for r in pool.replicas)
+                count = sum(r.state is each for r in pool.backends)
                 replicas.add_metric([pool.name, each.value], count)
             scale_ups.add_metric([pool.name], pool.scale_ups)
             outcomes = HTTP_OUTCOMES if pool.cfg.mode == "http" else TCP_OUTCOMES
@@ -136,9 +136,9 @@ class ProxyCollector(Collector):
 
     def _mcp(self) -> Iterator[Metric]:
         """MCP over streamable HTTP, per listener (a service, or a pool of replicas)."""
-        fronts = [s.mcp for s in self.proxy.services.values() if not s.cfg.replica_of and s.mcp]
-        fronts += [pool.mcp for pool in self.proxy.pools.values() if pool.cfg.mode == "http"]
-        fronts = [front for front in fronts if front.fronts()]
+        fronts = [
+            f.mcp for f in self.proxy.frontends.values() if f.mcp is not None and f.mcp.fronts()
+        ]
         if not fronts:
             return
         answered = CounterMetricFamily(
@@ -205,7 +205,7 @@ class ProxyCollector(Collector):
         yield found
         if self.proxy.predictions is not None and self.proxy.predictions.active:
             yield from self._predictions()
-        if self.proxy.pools:
+        if any(f.replicated for f in self.proxy.frontends.values()):
             yield from self._pools(families["connections"], families["http_answers"])
         yield from self._mcp()
         yield from families.values()
@@ -283,7 +283,7 @@ def _service_families() -> dict[str, Any]:
     }
 
 
-def _add_service(families: dict[str, Any], service: Service) -> None:
+def _add_service(families: dict[str, Any], service: Backend) -> None:
     """One service's series, read at scrape time from its counters."""
     name, stats = service.name, service.stats
     use = service.hibernator.memory()

@@ -14,7 +14,7 @@ from ..core.states import State, WakeResult
 
 if TYPE_CHECKING:
     from ..app import Proxy
-    from ..serve.service import Service
+    from ..serve.backend import Backend
 
 COST_NOTE = (
     "Pause freezes a backend: it keeps its memory, so pausing saves CPU time only; a stopped "
@@ -55,7 +55,7 @@ def _percentiles(values: list[float]) -> dict[str, Any]:
 
 
 def performance(proxy: Proxy) -> dict[str, Any]:
-    def one(s: Service) -> dict[str, Any]:
+    def one(s: Backend) -> dict[str, Any]:
         last = s.stats.last_wake_s
         return {
             "name": s.name,
@@ -69,7 +69,7 @@ def performance(proxy: Proxy) -> dict[str, Any]:
 
 
 def resources(proxy: Proxy) -> dict[str, Any]:
-    def one(s: Service) -> dict[str, Any]:
+    def one(s: Backend) -> dict[str, Any]:
         up, down = s.bytes_moved()
         return {
             "name": s.name,
@@ -89,7 +89,7 @@ def resources(proxy: Proxy) -> dict[str, Any]:
 
 
 def cost(proxy: Proxy) -> dict[str, Any]:
-    def one(s: Service) -> dict[str, Any]:
+    def one(s: Backend) -> dict[str, Any]:
         paused = s.asleep_seconds(State.PAUSED)
         stopped = s.asleep_seconds(State.STOPPED)
         cpu = s.cfg.resources.cpu
@@ -117,7 +117,7 @@ def trends(proxy: Proxy) -> dict[str, Any]:
     now = int(time.time() // 3600)
     hours = list(range(now - 23, now + 1))
 
-    def one(s: Service) -> dict[str, Any]:
+    def one(s: Backend) -> dict[str, Any]:
         slots = [s.stats.hourly.get(h, [0, 0]) for h in hours]
         return {
             "name": s.name,

@@ -88,11 +88,12 @@ class HttpOwner(Owner, Protocol):
     def replicated(self) -> bool:
         """The listener's service has replicas (a connection is placed on one)."""
 
-    def request_seen(self) -> None:
-        """A request that is activity, on an attached connection: the idle clock moves."""
+    def request_seen(self, conn: HttpClientSide) -> None:
+        """A request that is activity, on an attached connection: its backend's idle
+        clock moves."""
 
-    def result_due(self) -> None:
-        """A POST was answered 202: its result may still come on an event stream."""
+    def result_due(self, conn: HttpClientSide) -> None:
+        """A request was answered 202: its result may still come on an event stream."""
 
     def wake_in_background(self, reason: str) -> None: ...
 
@@ -172,7 +173,7 @@ class HttpClientSide(ClientSide):
         # Follows the responses of every request with allow-sleep, else of probes only.
         self.tracker = ResponseTracker()
         if self._allow_sleep:
-            self.tracker.on_202 = owner.result_due
+            self.tracker.on_202 = lambda: owner.result_due(self)
         self.tracker.on_idle = self._responses_done
         self.tracker.on_upgrade = self._upgraded
         # MCP: the listener's sessions and learned answers; the message being read
@@ -399,13 +400,13 @@ class HttpClientSide(ClientSide):
             raw = self._outgoing(raw, head)
         if self._follow:
             if note is not None:
-                note.backend = cast(Backend, self.owner)
+                note.backend = self._placed()
             self.tracker.expect(head.method, note)
             if head.upgrade:
                 self.tracker.upgrading()
         session = head.get(b"mcp-session-id")
         if session and self.mcp is not None and not head.upgrade:
-            opening, write_as = self.mcp.route_to(session, cast(Backend, self.owner))
+            opening, write_as = self.mcp.route_to(session, self._placed())
             if opening is not None:
                 self._open_session(session, opening, raw, body)
                 return
@@ -488,7 +489,7 @@ class HttpClientSide(ClientSide):
         if self._request_activity:
             self.last_request = time.monotonic()
             self.active = True
-            self.http_owner.request_seen()
+            self.http_owner.request_seen(self)
 
     # ---- MCP over streamable HTTP (see httpmode.mcpfront)
 
@@ -551,6 +552,11 @@ class HttpClientSide(ClientSide):
             note = front.expect(head, message, request, peer, self._id)
         self._forward(head, raw, activity, body=body, note=note, outgoing=True)
 
+    def _placed(self) -> Backend:
+        """The backend this connection was placed on (it needed one already)."""
+        assert self.backend is not None
+        return cast(Backend, self.backend)
+
     def _client_address(self) -> str:
         """The client's address: the peer's, or for a trusted proxy in front the last
         hop it added to X-Forwarded-For (each client its own share of sessions)."""
@@ -567,7 +573,7 @@ class HttpClientSide(ClientSide):
     def _reply(self, data: bytes, head: Head) -> None:
         """An MCP answer the proxy gives itself; the connection stays open unless the
         client asked to close it."""
-        self.owner.record(Outcome.MCP_ANSWERED, int(data[9:12]))
+        self.owner.record(self, Outcome.MCP_ANSWERED, int(data[9:12]))
         self._write_kept(data, close=not head.keep_alive)
 
     def _open_session(self, sid: bytes, session: Session, raw: bytes, body: bytes) -> None:
@@ -576,7 +582,7 @@ class HttpClientSide(ClientSide):
         front = self.mcp
         assert front is not None
         self._suspended = True
-        backend = cast(Backend, self.owner)
+        backend = self._placed()
         front.spawn(self._opening(front, sid, session, backend, raw, body))
 
     async def _opening(
@@ -592,7 +598,7 @@ class HttpClientSide(ClientSide):
             server_id = await front.materialize(sid, session, backend)
         except ReplayFailed as exc:
             if not self.closed and not self.answered:
-                self.owner.record(Outcome.BACKEND_ERROR, exc.status)
+                self.owner.record(self, Outcome.BACKEND_ERROR, exc.status)
                 if exc.answer:
                     self._write_answer(exc.answer, close=True)
                 else:
@@ -601,11 +607,11 @@ class HttpClientSide(ClientSide):
         except TimeoutError:
             if not self.closed and not self.answered:
                 status = self._error(504, "the backend did not open the session in time")
-                self.owner.record(Outcome.WAKE_TIMEOUT, status)
+                self.owner.record(self, Outcome.WAKE_TIMEOUT, status)
             return
         except Exception:  # the wake failed: the held connection was answered for it
             if not self.closed and not self.answered:
-                self.owner.record(Outcome.BACKEND_ERROR, self._error(502, "the wake failed"))
+                self.owner.record(self, Outcome.BACKEND_ERROR, self._error(502, "the wake failed"))
             return
         if self.closed or self.answered:
             return
@@ -631,7 +637,7 @@ class HttpClientSide(ClientSide):
             return
         if stream:
             self.sse_session = session
-        backend = cast(Backend, self.owner)
+        backend = self._placed()
         front.seen_in_answer(session, self._client_address(), backend, stream=stream)
 
     def _need_backend(self, activity: bool) -> None:
@@ -652,7 +658,7 @@ class HttpClientSide(ClientSide):
             self.upstream is not None
             and not self._gated
             and not self.early  # held, connected during the unpause: already waiting
-            and self.http_owner.state is not State.RUNNING
+            and self._placed().state is not State.RUNNING
         ):
             # allow-sleep: a quiet connection needs the backend again, or the backend was
             # put to sleep under this connection: its bytes wait for Connect or Release.
@@ -710,7 +716,7 @@ class HttpClientSide(ClientSide):
     # ---- answers the proxy gives itself
 
     def _answer_probe(self, probe: Probe, head: Head) -> None:
-        self.owner.record(Outcome.PROBE_ANSWERED, probe.status)
+        self.owner.record(self, Outcome.PROBE_ANSWERED, probe.status)
         if probe.stream:
             # An event stream that stays open while the client keeps it: nothing follows.
             # Bounded per service (each holds a descriptor): past it, answered and closed
@@ -754,7 +760,7 @@ class HttpClientSide(ClientSide):
         transport.write(data)
 
     def _respond(self, status: int, body: str, content_type: str, outcome: Outcome) -> None:
-        self.owner.record(outcome, status)
+        self.owner.record(self, outcome, status)
         self._write_answer(answer(status, body, content_type=content_type), close=True)
 
     def _error(self, status: int, why: str) -> int | None:
@@ -770,7 +776,7 @@ class HttpClientSide(ClientSide):
 
     def _refuse(self, status: int, why: str, outcome: Outcome) -> None:
         """A refusal of the connection's own making (a bad or slow request)."""
-        self.owner.record(outcome, self._error(status, why))
+        self.owner.record(self, outcome, self._error(status, why))
 
     def refuse(self, outcome: Outcome) -> int | None:
         refusal = REFUSALS.get(outcome)

@@ -24,6 +24,7 @@ import orjson
 
 from ..config import Address, ServiceConfig
 from ..core.sessions import MINTED, Session, Sessions, mint
+from ..core.states import State
 from .heads import Head
 from .mcp import (
     Answer,
@@ -66,6 +67,12 @@ class Backend(Protocol):
 
     @property
     def cfg(self) -> ServiceConfig: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def upstream_keepalive(self) -> bool: ...
 
     async def wake(self, reason: str = ...) -> None: ...
 

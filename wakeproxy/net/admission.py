@@ -86,18 +86,17 @@ class Admission:
         on_connect_error: Callable[[], None],
         connect_timeout: float,
         concurrency: int | None,
-        retry: Callable[[ClientSide], bool] | None = None,
-        on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.stats = stats
         self._backend = backend
         self._spawn = spawn
         self._on_connect_error = on_connect_error
-        # A replica's: hand a connection whose connect failed to another replica (True:
-        # taken), and report each connect that completed (its circuit breaker).
-        self._retry = retry
-        self._on_connected = on_connected
+        # A replica's (set by its frontend): hand a connection whose connect failed to
+        # another replica (True: taken), and report each connect that completed (its
+        # circuit breaker).
+        self.retry: Callable[[ClientSide], bool] | None = None
+        self.on_connected: Callable[[], None] | None = None
         self.connect_timeout = connect_timeout
         self.concurrency = concurrency  # None: the backend's accept queue, read at release
         self.window = concurrency or FALLBACK_WINDOW  # set anew at every release
@@ -365,13 +364,13 @@ class Admission:
             if conn.closed or dropped:
                 return
             self._on_connect_error()
-            if self._retry is not None and not early and self._retry(conn):
+            if self.retry is not None and not early and self.retry(conn):
                 return  # nothing had gone upstream: another replica serves it
             self.refuse(conn, Outcome.BACKEND_ERROR)
             self._log_connect_error(backend, exc)
             return
-        if self._on_connected is not None:
-            self._on_connected()
+        if self.on_connected is not None:
+            self.on_connected()
         if in_flight is not None:
             self._learn(loop.time() - sent, in_flight)
         if conn not in self._early:

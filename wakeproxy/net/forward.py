@@ -98,7 +98,7 @@ def _limit_buffers(transport: asyncio.BaseTransport) -> None:
 
 
 class Owner(Protocol):
-    """What a connection may ask of its service."""
+    """What a connection may ask of its listener (``serve.frontend.Frontend``)."""
 
     @property
     def idle_connection_timeout(self) -> float: ...
@@ -106,23 +106,29 @@ class Owner(Protocol):
     @property
     def wake_on_connect(self) -> bool: ...
 
-    @property
-    def upstream_keepalive(self) -> bool: ...
-
     def connection_made(self, conn: ClientSide) -> bool:
         """A new connection; False when it was refused (it is being closed)."""
 
     def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
-        """The connection needs the backend now: the service forwards, holds or refuses it."""
+        """The connection needs a backend now: placed on one (the first time), which
+        forwards, holds or refuses it."""
 
     def no_longer_needs(self, conn: ClientSide) -> None:
-        """An attached connection no longer keeps the backend up (mode http: quiet under
+        """An attached connection no longer keeps its backend up (mode http: quiet under
         allow-sleep, or its probes were all answered)."""
 
     def connection_lost(self, conn: ClientSide) -> None: ...
 
-    def record(self, outcome: Outcome, status: int | None = None) -> None:
-        """Count what became of the connection (once per outcome)."""
+    def record(self, conn: ClientSide, outcome: Outcome, status: int | None = None) -> None:
+        """Count what became of the connection (once per outcome): where it was placed,
+        or at the listener before that."""
+
+
+class Placed(Protocol):
+    """What a connection reads of the backend it was placed on."""
+
+    @property
+    def upstream_keepalive(self) -> bool: ...
 
 
 class ClientSide(asyncio.Protocol):
@@ -141,6 +147,7 @@ class ClientSide(asyncio.Protocol):
         "active",
         "answered_bytes",
         "attached",
+        "backend",
         "backend_closed",
         "bytes_down",
         "bytes_up",
@@ -162,8 +169,10 @@ class ClientSide(asyncio.Protocol):
         self._paused_by = 0
         self._client_eof = False
         self._backend_eof = False
-        # Attached: the owner counts it as needing the backend (held or forwarding).
+        # Attached: its backend counts it as needing it (held or forwarding).
         self.attached = False
+        # The backend its listener placed it on (at its first need of one).
+        self.backend: Placed | None = None
         # Carried activity (mode http: a real request, not a probe): its end is activity too.
         self.active = True
         # Bytes the proxy answered itself on a connection kept open (mode http probes):
@@ -388,7 +397,7 @@ class ClientSide(asyncio.Protocol):
         moved = self.bytes_up + self.bytes_down + self._pending_size + self.answered_bytes
         if moved == self._idle_mark:
             self._idle_handle = None
-            self.owner.record(Outcome.IDLE_TIMEOUT)
+            self.owner.record(self, Outcome.IDLE_TIMEOUT)
             self.abort()
             return
         self._idle_mark = moved
@@ -417,7 +426,8 @@ class UpstreamSide(asyncio.Protocol):
             # The client left while we connected: nobody to forward to.
             transport.close()
             return
-        if self.client.owner.upstream_keepalive:
+        backend = self.client.backend
+        if backend is not None and backend.upstream_keepalive:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 set_keepalive(sock)

@@ -3,7 +3,7 @@
 The core (``core.orchestrator``) decides for every service at once: an event for one
 service may call for actions on others (a group wakes together; a dependency sleeps
 once its dependents did). The ``Coordinator`` feeds it with the loop's time and hands
-each action to the ``Service`` it names.
+each action to the ``Backend`` it names.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..core.states import State
 
 if TYPE_CHECKING:
     from ..net.forward import ClientSide
-    from .service import Service
+    from .backend import Backend
 
 
 def policy_of(cfg: ServiceConfig) -> Policy:
@@ -40,17 +40,17 @@ def policy_of(cfg: ServiceConfig) -> Policy:
 class Coordinator:
     def __init__(self, *, strict: bool = False) -> None:
         self.core = Orchestrator(strict=strict)
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, Backend] = {}
         self._loop = asyncio.get_running_loop()
 
-    def add(self, service: Service, policy: Policy, state: State, reason: str) -> Node:
+    def add(self, service: Backend, policy: Policy, state: State, reason: str) -> Node:
         """Register a service with the core; the timers its state calls for are armed."""
         self.services[service.name] = service
         commands = self.core.add(service.name, policy, state, reason, self._loop.time())
         self._dispatch(commands, service.name, None)
         return self.core.nodes[service.name]
 
-    def remove(self, service: Service) -> None:
+    def remove(self, service: Backend) -> None:
         if self.services.get(service.name) is service:
             del self.services[service.name]
             self.core.remove(service.name)
@@ -67,7 +67,7 @@ class Coordinator:
         """One service's replicas, oldest first (the newest sleeps first)."""
         self._dispatch(self.core.order_replicas(names, self._loop.time()), "", None)
 
-    def feed(self, service: Service, event: Event, conn: ClientSide | None = None) -> list[Command]:
+    def feed(self, service: Backend, event: Event, conn: ClientSide | None = None) -> list[Command]:
         """Decide on ``event`` and carry the actions out; returns them for the caller to read."""
         if self.services.get(service.name) is not service:
             return []  # a replaced service's late report

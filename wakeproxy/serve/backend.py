@@ -1,12 +1,13 @@
-"""One service's asyncio glue: its listener, its connections, its timers.
+"""One backend's asyncio glue: its runtime, its held connections, its timers.
 
-Decisions live in the core (``core.orchestrator``): this module feeds it events
-(connections, timer expiries, runtime results, changes the runtime saw) through the
-``Coordinator`` and carries out the actions that come back, with the help of
-``Admission`` (held connections, paced release, upstream connects) and
-``RuntimeDriver`` (runtime operations, readiness).
+A backend is one runtime (a container, a command, a Swarm service) with its driver
+(runtime operations, readiness), its admission (held connections, paced release,
+upstream connects), its hibernator and its node in the decision core. A listener is a
+``Frontend`` (``serve.frontend``): it places each connection on one of its backends, and
+the backend feeds that connection's events to the core (``core.orchestrator``, through
+the ``Coordinator``) and carries out the actions that come back.
 
-Timers: one handle per service and kind, armed when the core asks; the idle one only
+Timers: one handle per backend and kind, armed when the core asks; the idle one only
 when no connection is attached, re-armed when it fires early (aiohttp's keep-alive
 pattern), so idle CPU is nothing however many services there are.
 """
@@ -17,7 +18,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..config import Address, ServiceConfig
@@ -57,7 +58,6 @@ from ..core.node import Node
 from ..core.states import (
     ASLEEP,
     IN_FLIGHT,
-    Outcome,
     SleepAction,
     SleepReason,
     State,
@@ -65,10 +65,8 @@ from ..core.states import (
 )
 from ..errors import OperationFailed, RuntimeFailure, ServiceBusy, WakeTimeout
 from ..host.hibernate import Hibernator
-from ..httpmode.answers import ProbeRule, compile_probes
-from ..httpmode.client import HttpClientSide
 from ..net.admission import Admission
-from ..net.forward import ClientSide, set_keepalive
+from ..net.forward import ClientSide
 from ..runtimes.base import Runtime
 from .coordinator import policy_of
 from .driver import RuntimeDriver
@@ -76,30 +74,17 @@ from .stats import ServiceStats
 from .waiters import Waiters
 
 if TYPE_CHECKING:
-    from ..config.model import HttpSettings
     from ..httpmode.mcpfront import McpFront
     from .coordinator import Coordinator
-    from .pool import Pool
+    from .frontend import Frontend
     from .predictions import Predictions
 
 log = logging.getLogger("wakeproxy.service")
 _INCARNATIONS = itertools.count(1)
 
 
-async def open_listener(
-    cfg: ServiceConfig, protocol: Callable[[], asyncio.BaseProtocol]
-) -> asyncio.Server:
-    """A service's listening socket (a service's own, or its replicas' pool's)."""
-    server = await asyncio.get_running_loop().create_server(
-        protocol, cfg.listen.host, cfg.listen.port, backlog=cfg.backlog, reuse_address=True
-    )
-    for sock in server.sockets:
-        set_keepalive(sock)
-    return server
-
-
-class Service:
-    """A configured service: listener, runtime and the connections it owns."""
+class Backend:
+    """One runtime behind a listener: the connections placed on it, its wakes and sleeps."""
 
     def __init__(
         self,
@@ -110,7 +95,6 @@ class Service:
         initial: State,
         reason: str,
         predictions: Predictions | None = None,
-        front: McpFront | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.cfg = cfg
@@ -118,17 +102,14 @@ class Service:
         self.runtime = runtime
         self.coordinator = coordinator
         self.stats = ServiceStats()
+        # The connections placed on it (its frontend holds every one of its listener's).
         self.connections: set[ClientSide] = set()
-        self.partial_heads = 0  # mode http: connections holding part of a head
-        self.probe_streams = 0  # mode http: probes' event streams held open
-        self.probe_rules: tuple[ProbeRule, ...] = compile_probes(cfg.http.matchers)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._wakers = Waiters(self.loop)
         self._sleepers = Waiters(self.loop)
         self._settlers = Waiters(self.loop)  # API answers waiting for a final state
         self._wake_started = time.perf_counter()
-        self._server: asyncio.Server | None = None
         self._closing = False
         self.driver = RuntimeDriver(
             cfg,
@@ -145,15 +126,10 @@ class Service:
             on_connect_error=self._connect_failed,
             connect_timeout=cfg.connect_timeout,
             concurrency=cfg.connect_concurrency,
-            retry=self._move_to_another if cfg.replica_of is not None else None,
-            on_connected=self._connected if cfg.replica_of is not None else None,
         )
-        self.pool: Pool | None = None  # a replica's (set by the pool)
+        # The listener that places connections here (set by it).
+        self.frontend: Frontend | None = None
         self.predictions = predictions
-        # Mode http: MCP sessions in front of it (a replica's are its pool's).
-        self._front = front
-        if front is not None:
-            front.asleep = lambda _: self.mcp_sleeps
         # New when the backend stops or fails (its MCP sessions died with it), and for a
         # new Service: unique in the process, so a replaced replica's old pins never match.
         self.incarnation = next(_INCARNATIONS)
@@ -174,7 +150,7 @@ class Service:
     def __repr__(self) -> str:
         idle = self.loop.time() - self.node.last_activity
         return (
-            f"<Service {self.name} :{self.cfg.listen.port} state={self.state.value} "
+            f"<Backend {self.name} :{self.cfg.listen.port} state={self.state.value} "
             f"held={self.held} attached={self.node.attached} idle_for={idle:.1f}s>"
         )
 
@@ -227,20 +203,13 @@ class Service:
     # ---- start and close
 
     async def start(self) -> None:
-        """Open the listener (the timers were armed when the core took the service); a
-        replica's listener is its pool's."""
+        """Find its address, say what it is (the timers were armed when the core took
+        it), and wake it if it starts with the proxy."""
         if self.backend is None and self.state in (State.RUNNING, State.PAUSED):
             try:
                 await self.driver.find_backend()
             except RuntimeFailure as exc:
                 self.feed(Observed(State.FAILED, str(exc)))
-        if self.cfg.replica_of is None:
-            self._server = await open_listener(
-                self.cfg,
-                (lambda: HttpClientSide(self))
-                if self.cfg.mode == "http"
-                else (lambda: ClientSide(self)),
-            )
         log.info(
             "%s: %s %s for %s (%s: %s)",
             self.name,
@@ -257,22 +226,13 @@ class Service:
         if self.cfg.auto_start:
             self.wake_in_background("auto_start")
 
-    def stop_accepting(self) -> None:
-        """Close the listener; open connections carry on (a graceful shutdown)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-
     async def close(self) -> None:
-        """Stop accepting, close every connection, cancel every timer and task."""
+        """Close every connection placed on it, cancel every timer and task."""
         # From here on no timer is armed and no runtime call starts: connections closed
         # below report back later, and the runtime itself is being closed.
         self._closing = True
         if self.predictions is not None:
             self.predictions.detach(self)
-        self.stop_accepting()
-        if self._front is not None:
-            self._front.close()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -285,32 +245,16 @@ class Service:
         for waiters in (self._wakers, self._sleepers, self._settlers):
             waiters.settle(OperationFailed("the proxy is shutting down"))
 
-    # ---- the connections' owner interface (forward.Owner, http.client.HttpOwner)
-
-    @property
-    def idle_connection_timeout(self) -> float:
-        return self.cfg.idle_connection_timeout
-
-    @property
-    def wake_on_connect(self) -> bool:
-        # mode http waits for a request head: a probe must not wake anything.
-        return self.cfg.mode == "tcp" and self.cfg.wake_on == "connect"
+    # ---- what its frontend asks (for the connections it places here)
 
     @property
     def upstream_keepalive(self) -> bool:
         return self.driver.upstream_keepalive
 
     @property
-    def http(self) -> HttpSettings:
-        return self.cfg.http
-
-    @property
-    def idle_delay(self) -> float:
-        return self.cfg.sleep_policy.idle_delay
-
-    @property
     def mcp(self) -> McpFront | None:
-        return self._front if self.pool is None else self.pool.mcp
+        """The MCP sessions of the listener in front of it (mode http)."""
+        return self.frontend.mcp if self.frontend is not None else None
 
     @property
     def mcp_sleeps(self) -> bool:
@@ -318,43 +262,14 @@ class Service:
         its way back. A failed one is not covered for: health checks see it as it is."""
         return self.state is not State.RUNNING and self.state is not State.FAILED
 
-    @property
-    def replicated(self) -> bool:
-        return False  # a replica's connections were made by its pool
-
-    def connection_made(self, conn: ClientSide) -> bool:
+    def take(self, conn: ClientSide) -> None:
+        """A connection its frontend placed here: it counts here from now on."""
+        conn.backend = self
         self.connections.add(conn)
-        self.stats.accepted += 1
-        limit = self.cfg.max_connections
-        if limit and len(self.connections) > limit:
-            # Refused at once (mode http: 503): past the limit nothing is held or woken.
-            self.admission.refuse(conn, Outcome.REJECTED_LIMIT)
-            return False
-        return True
 
-    def adopt(self, conn: ClientSide) -> None:
-        """A connection its service's pool placed on this replica: it reports here now."""
-        conn.owner = self
-        if isinstance(conn, HttpClientSide):
-            conn.http_owner = self
-            if conn.tracker.on_202 is not None:
-                conn.tracker.on_202 = self.result_due  # bound to the pool when it was made
-        self.connections.add(conn)
-        self.stats.accepted += 1
-
-    def give_up(self, conn: ClientSide) -> None:
-        """The connection moves to another replica: it no longer needs this one."""
-        self.connections.discard(conn)
-        self.feed(Leave(held=self.admission.forget(conn), activity=False))
-
-    def _move_to_another(self, conn: ClientSide) -> bool:
-        return self.pool is not None and self.pool.connect_failed(self, conn)
-
-    def _connected(self) -> None:
-        if self.pool is not None:
-            self.pool.connected(self)
-
-    def needs_backend(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
+    def arrive(self, conn: ClientSide, *, activity: bool, attached: bool) -> None:
+        """The connection needs the backend (from now on, or again): forwarded, held or
+        refused as the core decides."""
         if not attached:
             self.stats.record_connection()
             predictions = self.predictions
@@ -362,29 +277,29 @@ class Service:
                 predictions.arrived(self)
         self.feed(Arrive(activity, attached), conn)
 
-    def no_longer_needs(self, conn: ClientSide) -> None:
+    def leave(self, conn: ClientSide) -> None:
+        """An attached connection no longer keeps the backend up (mode http)."""
         self.feed(Leave())
 
-    def connection_lost(self, conn: ClientSide) -> None:
+    def give_up(self, conn: ClientSide) -> None:
+        """The connection moves to another backend: it no longer needs this one."""
         self.connections.discard(conn)
-        if self.pool is not None and conn.upstream is not None:
-            self.pool.ended(self, conn)  # passive health: did the backend answer?
-        if isinstance(conn, HttpClientSide) and conn.sse_session and conn.mcp is not None:
-            conn.mcp.sessions.end(conn.sse_session)  # an SSE session ends with its stream
+        self.feed(Leave(held=self.admission.forget(conn), activity=False))
+
+    def lost(self, conn: ClientSide) -> None:
+        """A connection placed here closed."""
+        self.connections.discard(conn)
         self.stats.bytes_up += conn.bytes_up
         self.stats.bytes_down += conn.bytes_down
         if conn.attached:
             self.feed(Leave(held=self.admission.forget(conn), activity=conn.active))
-
-    def record(self, outcome: Outcome, status: int | None = None) -> None:
-        self.stats.record(outcome, status)
 
     def request_seen(self) -> None:
         """mode http: a request that is activity, on an attached connection."""
         self.node.touch(self.loop.time())
 
     def result_due(self) -> None:
-        """mode http: a POST answered 202; its result may still come on a stream."""
+        """mode http: a request answered 202; its result may still come on a stream."""
         self.feed(ResultDue(self.loop.time() + self.cfg.http.inflight_grace))
 
     def wake_in_background(self, reason: str) -> None:
@@ -402,27 +317,6 @@ class Service:
             pass
         except RuntimeFailure as exc:
             log.warning("%s: sleep failed: %s", self.name, exc, extra={"service": self.name})
-
-    def head_started(self) -> bool:
-        """mode http: one more connection holds part of a request head (bounded: up to
-        16 KiB each, for header_timeout, however many connections are open)."""
-        if self.partial_heads >= self.cfg.http.max_partial_heads:
-            return False
-        self.partial_heads += 1
-        return True
-
-    def head_ended(self) -> None:
-        self.partial_heads -= 1
-
-    def stream_started(self) -> bool:
-        """mode http: a probe's event stream held open (bounded: each is a descriptor)."""
-        if self.probe_streams >= self.cfg.http.max_probe_streams:
-            return False
-        self.probe_streams += 1
-        return True
-
-    def stream_ended(self) -> None:
-        self.probe_streams -= 1
 
     async def _wake_quietly(self, reason: str) -> None:
         try:
@@ -474,9 +368,6 @@ class Service:
         idle_connection_timeout applies to connections accepted from now on."""
         self.cfg = cfg
         self.driver.cfg = cfg
-        self.probe_rules = compile_probes(cfg.http.matchers)
-        if self._front is not None:
-            self._front.settings = cfg.http
         self.admission.connect_timeout = cfg.connect_timeout
         self.admission.concurrency = cfg.connect_concurrency
         self.feed(Reconfigured(policy_of(cfg)))
