@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .api import Api, Response
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from .running import Running
 
 log = logging.getLogger("wakeproxy.admin")
 
@@ -75,7 +75,7 @@ def checked_token(cfg: AdminConfig) -> str | None:
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, cfg: AdminConfig) -> None:
+    def __init__(self, proxy: Running, cfg: AdminConfig) -> None:
         self.cfg = cfg
         token = checked_token(cfg)
         self.api = Api(proxy, token=token, protect_reads=cfg.protect_reads)

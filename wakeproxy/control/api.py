@@ -23,9 +23,9 @@ from ..errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, Wake
 from . import metrics, views
 
 if TYPE_CHECKING:
-    from ..app import Proxy
     from ..serve.backend import Backend
     from ..serve.frontend import Frontend
+    from .running import Running
 
 JSON = "application/json"
 
@@ -67,7 +67,7 @@ _READS = {
 
 
 class Api:
-    def __init__(self, proxy: Proxy, *, token: str | None, protect_reads: bool) -> None:
+    def __init__(self, proxy: Running, *, token: str | None, protect_reads: bool) -> None:
         self.proxy = proxy
         self.token = token
         self.protect_reads = protect_reads

@@ -27,8 +27,8 @@ from ..core.states import Outcome, State, WakeResult
 from ..serve.stats import WAKE_BUCKETS
 
 if TYPE_CHECKING:
-    from ..app import Proxy
     from ..serve.backend import Backend
+    from .running import Running
 
 # Exported at 0 too, so a rate() over them works before the first one happens.
 TCP_OUTCOMES = (
@@ -44,7 +44,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ProxyCollector(Collector):
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Running) -> None:
         self.proxy = proxy
 
     def _predictions(self) -> Iterator[Metric]:
@@ -323,7 +323,7 @@ def _add_service(families: dict[str, Any], service: Backend) -> None:
         families["http_answers"].add_metric([name, str(code)], count)
 
 
-def render(proxy: Proxy) -> bytes:
+def render(proxy: Running) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))
     return generate_latest(registry)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from ..core.states import State, WakeResult
 
 if TYPE_CHECKING:
-    from ..app import Proxy
     from ..serve.backend import Backend
+    from .running import Running
 
 COST_NOTE = (
     "Pause freezes a backend: it keeps its memory, so pausing saves CPU time only; a stopped "
@@ -54,7 +54,7 @@ def _percentiles(values: list[float]) -> dict[str, Any]:
     }
 
 
-def performance(proxy: Proxy) -> dict[str, Any]:
+def performance(proxy: Running) -> dict[str, Any]:
     def one(s: Backend) -> dict[str, Any]:
         last = s.stats.last_wake_s
         return {
@@ -68,7 +68,7 @@ def performance(proxy: Proxy) -> dict[str, Any]:
     return {"services": [one(s) for s in proxy.services.values()]}
 
 
-def resources(proxy: Proxy) -> dict[str, Any]:
+def resources(proxy: Running) -> dict[str, Any]:
     def one(s: Backend) -> dict[str, Any]:
         up, down = s.bytes_moved()
         return {
@@ -88,7 +88,7 @@ def resources(proxy: Proxy) -> dict[str, Any]:
     return {"services": [one(s) for s in proxy.services.values()]}
 
 
-def cost(proxy: Proxy) -> dict[str, Any]:
+def cost(proxy: Running) -> dict[str, Any]:
     def one(s: Backend) -> dict[str, Any]:
         paused = s.asleep_seconds(State.PAUSED)
         stopped = s.asleep_seconds(State.STOPPED)
@@ -112,7 +112,7 @@ def cost(proxy: Proxy) -> dict[str, Any]:
     return {"note": COST_NOTE, "services": [one(s) for s in proxy.services.values()]}
 
 
-def trends(proxy: Proxy) -> dict[str, Any]:
+def trends(proxy: Running) -> dict[str, Any]:
     """Wakes and connections per UTC hour over the last 24 hours, oldest first."""
     now = int(time.time() // 3600)
     hours = list(range(now - 23, now + 1))

@@ -16,7 +16,7 @@ from ..net.forward import UpstreamSide
 from .mcp import MAX_MESSAGE, Kind
 
 if TYPE_CHECKING:
-    from .client import HttpClientSide
+    from ..net.forward import ClientSide
     from .mcpfront import Expected
 
 
@@ -260,7 +260,7 @@ class HttpUpstreamSide(UpstreamSide):
 
     __slots__ = ("tracker",)
 
-    def __init__(self, client: HttpClientSide, tracker: ResponseTracker) -> None:
+    def __init__(self, client: ClientSide, tracker: ResponseTracker) -> None:
         super().__init__(client)
         self.tracker = tracker
 

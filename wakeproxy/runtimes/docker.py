@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import aiodocker
 import aiohttp
@@ -33,8 +33,16 @@ from ..errors import BackendMissing, EngineUnavailable, OperationFailed, Runtime
 from ..host.memory import Cgroup, cgroup_of, frozen, runs_in
 from .base import Runtime
 
-if TYPE_CHECKING:
-    from .swarm import SwarmRuntime
+
+class SwarmWatcher(Protocol):
+    """What the engine needs of a Swarm service's runtime (runtimes.swarm): its name,
+    and to be told the service changed outside the proxy."""
+
+    @property
+    def service(self) -> str: ...
+
+    def outside_change(self) -> None: ...
+
 
 log = logging.getLogger("wakeproxy.runtime.docker")
 
@@ -224,7 +232,7 @@ class DockerEngine:
         self._runtimes: dict[str, DockerRuntime] = {}
         # Swarm services (a manager engine), by name; their replica counts and running
         # tasks from the last listing, and why it failed (not a manager, say).
-        self._swarm: dict[str, SwarmRuntime] = {}
+        self._swarm: dict[str, SwarmWatcher] = {}
         # Service name -> (desired replicas, running tasks, their container ids).
         self.swarm_snapshot: dict[str, tuple[int | None, int, tuple[str, ...]]] = {}
         # Service name -> its labels (label discovery); empty where not a manager.
@@ -284,10 +292,10 @@ class DockerEngine:
         if self._runtimes.get(runtime.ref) is runtime:
             del self._runtimes[runtime.ref]
 
-    def register_swarm(self, runtime: SwarmRuntime) -> None:
+    def register_swarm(self, runtime: SwarmWatcher) -> None:
         self._swarm[runtime.service] = runtime
 
-    def unregister_swarm(self, runtime: SwarmRuntime) -> None:
+    def unregister_swarm(self, runtime: SwarmWatcher) -> None:
         if self._swarm.get(runtime.service) is runtime:
             del self._swarm[runtime.service]
 

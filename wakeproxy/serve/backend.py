@@ -76,7 +76,6 @@ from .waiters import Waiters
 if TYPE_CHECKING:
     from ..httpmode.mcpfront import McpFront
     from .coordinator import Coordinator
-    from .frontend import Frontend
     from .predictions import Predictions
 
 log = logging.getLogger("wakeproxy.service")
@@ -127,8 +126,8 @@ class Backend:
             connect_timeout=cfg.connect_timeout,
             concurrency=cfg.connect_concurrency,
         )
-        # The listener that places connections here (set by it).
-        self.frontend: Frontend | None = None
+        # The MCP sessions of the listener in front of it (mode http; set by it).
+        self.mcp: McpFront | None = None
         self.predictions = predictions
         # New when the backend stops or fails (its MCP sessions died with it), and for a
         # new Service: unique in the process, so a replaced replica's old pins never match.
@@ -250,11 +249,6 @@ class Backend:
     @property
     def upstream_keepalive(self) -> bool:
         return self.driver.upstream_keepalive
-
-    @property
-    def mcp(self) -> McpFront | None:
-        """The MCP sessions of the listener in front of it (mode http)."""
-        return self.frontend.mcp if self.frontend is not None else None
 
     @property
     def mcp_sleeps(self) -> bool:

@@ -9,7 +9,7 @@ each action to the ``Backend`` it names.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import ServiceConfig
 from ..core.events import Event
@@ -19,8 +19,21 @@ from ..core.policy import Policy
 from ..core.states import State
 
 if TYPE_CHECKING:
+    from ..core.actions import Action
     from ..net.forward import ClientSide
-    from .backend import Backend
+
+
+class Backend(Protocol):
+    """What the coordinator needs of a backend (serve.backend): its name and config,
+    and to carry out an action decided for it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cfg(self) -> ServiceConfig: ...
+
+    def carry_out(self, action: Action, conn: ClientSide | None) -> None: ...
 
 
 def policy_of(cfg: ServiceConfig) -> Policy:

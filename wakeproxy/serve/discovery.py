@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import (
     COMPOSE_DEPENDS_ON_LABEL,
@@ -44,8 +44,9 @@ from ..config.model import LOCAL_ENGINE
 from ..errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from ..config import Config, SleepPolicy
     from ..runtimes.docker import DockerEngine
+    from .backend import Backend
 
 log = logging.getLogger("wakeproxy.discovery")
 
@@ -73,8 +74,28 @@ def _origin(labels: Mapping[str, str], cfg: ServiceConfig) -> _Origin:
     return _subject(cfg), tuple(own), cfg.depends_on
 
 
+class Served(Protocol):
+    """What discovery changes in the running proxy: it adds and removes services the way a
+    reload does, and reads the rest (the proxy assembles discovery, not the reverse)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def services(self) -> Mapping[str, Backend]: ...
+
+    @property
+    def policies(self) -> Mapping[str, SleepPolicy]: ...
+
+    async def add_services(
+        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig] | None = None
+    ) -> dict[str, str]: ...
+
+    async def remove_service(self, name: str) -> None: ...
+
+
 class LabelDiscovery:
-    def __init__(self, proxy: Proxy, cfg: DiscoveryConfig, engine: DockerEngine) -> None:
+    def __init__(self, proxy: Served, cfg: DiscoveryConfig, engine: DockerEngine) -> None:
         self.proxy = proxy
         self.cfg = cfg
         self.engine = engine

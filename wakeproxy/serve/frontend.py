@@ -132,7 +132,7 @@ class Frontend:
             self._start_checks()  # health_interval set by a reload
 
     def _serve(self, backend: Backend) -> None:
-        backend.frontend = self
+        backend.mcp = self.mcp
         if self.replicated:
             self.breakers.setdefault(backend.name, Breaker())
             backend.admission.retry = lambda conn: self.connect_failed(backend, conn)
