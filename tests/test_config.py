@@ -185,6 +185,12 @@ def test_every_fault_is_reported_at_once():
             "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nreadiness: {http: healthz}",
             "expected a path starting with /",
         ),
+        # Once accepted: the error says why it went and what to write instead.
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\n"
+            "sleep_policy: {action: hibernate, reclaim: pageout}",
+            "sleep_policy.reclaim: 'pageout' is no longer offered: it freed no memory",
+        ),
     ],
 )
 def test_cross_field_rules(entry, message):

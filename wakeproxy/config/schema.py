@@ -67,7 +67,7 @@ SLEEP_FIELDS: dict[str, Check] = {
     "action": check.enum_choice(SleepAction),
     "stop_after": check.positive_seconds,
     "hibernate_after": check.seconds,
-    "reclaim": check.choice(*get_args(ReclaimMethod)),
+    "reclaim": check.choice(*get_args(ReclaimMethod), gone={"pageout": check.PAGEOUT_GONE}),
     "prefetch": check.boolean,
     "memory_reservation": check.size,
     "keep_awake": check.windows,

@@ -263,7 +263,7 @@ _SERVICE_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "The backend's memory in swap (cgroup swap usage, or the processes' VmSwap).", ("source",)),
     ("counter", "wakeproxy_reclaimed_bytes",
      "Bytes of backend memory given back by hibernation (cgroup usage before - after).", ()),
-    ("counter", "wakeproxy_hibernations", "Hibernations by method (cgroup, pageout).",
+    ("counter", "wakeproxy_hibernations", "Hibernations by method (cgroup).",
      ("method",)),
     ("counter", "wakeproxy_hibernate_fallbacks",
      "Hibernations that fell back to a plain pause, by reason.", ("reason",)),

@@ -48,7 +48,7 @@ class ServiceStats:
     asleep_since: float | None = None
     # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
     hourly: dict[int, list[int]] = field(default_factory=dict)
-    # Hibernation: by method (cgroup, pageout); bytes given back as measured; the times
+    # Hibernation: by method (cgroup); bytes given back as measured; the times
     # it fell back to a plain pause, by reason.
     hibernations: collections.Counter[str] = field(default_factory=collections.Counter)
     reclaimed_bytes: int = 0
