@@ -28,7 +28,8 @@ from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyErr
 from .httpmode.mcpfront import McpFront
 from .httpmode.mcpstore import McpStore
 from .runtimes.base import Runtime
-from .runtimes.docker import DockerEngine, DockerRuntime
+from .runtimes.docker import DockerRuntime
+from .runtimes.engine import DockerEngine
 from .runtimes.process import ProcessRuntime, reap_leftovers
 from .runtimes.swarm import SwarmRuntime
 from .serve.backend import Backend

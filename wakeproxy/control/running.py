@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config, SleepPolicy
-    from ..runtimes.docker import DockerEngine
+    from ..runtimes.engine import DockerEngine
     from ..serve.backend import Backend
     from ..serve.frontend import Frontend
     from ..serve.predictions import Predictions

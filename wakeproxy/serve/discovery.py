@@ -45,7 +45,7 @@ from ..errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
     from ..config import Config, SleepPolicy
-    from ..runtimes.docker import DockerEngine
+    from ..runtimes.engine import DockerEngine
     from .backend import Backend
 
 log = logging.getLogger("wakeproxy.discovery")
