@@ -20,7 +20,7 @@ import orjson
 from ..config import update_policy, update_service
 from ..core.states import Outcome, SleepAction, SleepReason, State, WakeResult
 from ..errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
-from . import metrics, views
+from . import metrics, statuspage, views
 
 if TYPE_CHECKING:
     from ..app import Proxy
@@ -56,6 +56,7 @@ _POLICY = re.compile(r"^/policies/([^/]+)$")
 # How long an answer waits for an operation in flight to end before reporting it as is.
 SETTLE_WITHIN = 30.0
 _READS = {
+    "/",  # the status page: the same data as /services, for people
     "/health",
     "/services",
     "/services/status",
@@ -165,7 +166,11 @@ class Api:
                 for r in refused
             ]
             return json_response(200, {"services": [*checks, *refused]})
-        return json_response(200, {"services": [*map(service_status, services), *refused]})
+        payload = {"services": [*map(service_status, services), *refused]}
+        if path == "/":
+            body = statuspage.page(self.proxy, payload)
+            return Response(200, body, statuspage.CONTENT_TYPE, statuspage.HEADERS)
+        return json_response(200, payload)
 
     def _policies(self) -> dict[str, Any]:
         return {
