@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .. import __version__
 from ..config import update_policy, update_service
 from ..core.states import Outcome, SleepAction, SleepReason, State, WakeResult
 from ..errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
-from . import metrics, views
+from . import metrics, statuspage, views
 
 if TYPE_CHECKING:
     from ..serve.backend import Backend
@@ -56,6 +57,7 @@ _POLICY = re.compile(r"^/policies/([^/]+)$")
 # How long an answer waits for an operation in flight to end before reporting it as is.
 SETTLE_WITHIN = 30.0
 _READS = {
+    "/",  # the status page: the same data as /services, for people
     "/health",
     "/services",
     "/services/status",
@@ -165,7 +167,19 @@ class Api:
                 for r in refused
             ]
             return json_response(200, {"services": [*checks, *refused]})
-        return json_response(200, {"services": [*map(service_status, services), *refused]})
+        payload = {"services": [*map(service_status, services), *refused]}
+        if path == "/":
+            return self._status_page(payload["services"])
+        return json_response(200, payload)
+
+    def _status_page(self, services: list[dict[str, Any]]) -> Response:
+        pools = [pool_status(f) for f in self.proxy.frontends.values() if f.replicated]
+        forwarded = {
+            name: backend.stats.connections[Outcome.FORWARDED]
+            for name, backend in self.proxy.services.items()
+        }
+        body = statuspage.render(services, pools, forwarded, version=__version__, now=time.time())
+        return Response(200, body, statuspage.CONTENT_TYPE, statuspage.HEADERS)
 
     def _policies(self) -> dict[str, Any]:
         return {
