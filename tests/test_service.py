@@ -36,6 +36,7 @@ from wakeproxy.core.states import SleepAction, State
 from wakeproxy.net import admission, forward
 from wakeproxy.net.admission import Admission
 from wakeproxy.serve.stats import ServiceStats
+from wakeproxy.serve.status import backend_status
 
 pytestmark = pytest.mark.asyncio
 
@@ -598,7 +599,7 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         dropped = listener_drops(backend.port)
         assert 1 <= service.admission.learned <= 10, service.admission.learned
         learned = service.admission.learned
-        assert service_status(service)["release"] == {
+        assert service_status(backend_status(service))["release"] == {
             "window": learned,
             "window_from": "learned",
             "early_connects": 0,

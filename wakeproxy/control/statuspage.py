@@ -1,7 +1,7 @@
 """The admin API's status page (``GET /``): the data of ``GET /services`` for people.
 
 Rendered from the very dicts ``/services`` and ``/services/NAME/replicas`` answer with
-(``api.service_status``, ``api.pool_status``), so the page and the JSON cannot drift apart;
+(``api.service_status``, ``api.replicas_view``), so the page and the JSON cannot drift apart;
 the one figure the JSON lacks, connections forwarded, is the counter ``/metrics`` exports as
 ``wakeproxy_connections_total{outcome="forwarded"}``.
 
@@ -75,7 +75,7 @@ def render(
     now: float,
 ) -> bytes:
     """The whole document. ``services``: the entries of ``GET /services``; ``pools``:
-    ``pool_status`` of each service with replicas; ``forwarded``: connections forwarded
+    ``replicas_view`` of each service with replicas; ``forwarded``: connections forwarded
     per service (replicas by their own names)."""
     states = Counter(str(s.get("state")) for s in services)
     summary = ", ".join(f"{n} {_e(state)}" for state, n in sorted(states.items()))
