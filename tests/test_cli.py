@@ -9,8 +9,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -335,3 +337,62 @@ def test_the_stack_and_replica_examples_parse_and_their_configs_load():
     for name, count in (("stack.yaml", 1), ("replicas.yaml", 1)):
         result = cli("check", "-c", str(root / "config" / name))
         assert result.returncode == 0 and f"ok, {count} service(s)" in result.stdout, name
+
+
+# ---- relative paths in a config (issue 28)
+
+
+def test_relative_paths_are_the_config_files_whoever_starts_it_from_where(tmp_path):
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("hello from www\n")
+    (tmp_path / "token").write_text("t0k\n")
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    server = [sys.executable, "-m", "http.server", str(backend), "--bind", "127.0.0.1"]
+    text = f"""\
+        admin: {{listen: 127.0.0.1:{admin_port}, token_file: token}}
+        mcp: {{state_file: null}}
+        prediction: {{state_file: null}}
+        services:
+          web:
+            listen: 127.0.0.1:{port}
+            backend: 127.0.0.1:{backend}
+            command: {json.dumps(server)}
+            cwd: www
+        """
+    config = write(tmp_path, text)
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:
+        # Started from /, as systemd starts it.
+        proxy = subprocess.Popen([*WAKEPROXY, "run", "-c", str(config)], stderr=out, cwd="/")
+    try:
+        deadline = time.monotonic() + 15
+        while not port_answers(admin_port):
+            assert proxy.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+        assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"hello from www\n")
+        # The proxy read its token from the config's folder.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin_port}/services/web/sleep",
+            method="POST",
+            headers={"Authorization": "Bearer t0k"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["state"] == "paused"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=30)
+    # A path that cannot be read is named as the proxy tried it: absolute.
+    config.write_text(config.read_text().replace("token_file: token", "token_file: gone"))
+    result = subprocess.run(
+        [*WAKEPROXY, "run", "-c", str(config)], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 2
+    assert f"admin.token_file: cannot read {tmp_path}/gone: No such file or directory" in (
+        result.stderr
+    )
