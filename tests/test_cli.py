@@ -22,6 +22,7 @@ from tests.backends.server import payload
 from tests.helpers import (
     WAKEPROXY,
     backend_command,
+    consecutive_ports,
     free_port,
     in_ci,
     pids_with,
@@ -339,6 +340,345 @@ def test_the_stack_and_replica_examples_parse_and_their_configs_load():
         assert result.returncode == 0 and f"ok, {count} service(s)" in result.stdout, name
 
 
+# ---- the admin API's client: light, and it finds its proxy (issue 28)
+
+# What the client path must never import: the proxy and its dependencies.
+HEAVY = {"wakeproxy.app", "wakeproxy.config", "aiodocker", "aiohttp", "uvloop"}
+HEAVY |= {"prometheus_client", "h11", "orjson", "wakeproxy.serve", "wakeproxy.control.admin"}
+# Loaded with the CLI as the console script loads it; prints the modules at the end.
+MODULES_OF = (
+    "import json, sys\n"
+    "from wakeproxy.control.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(json.dumps(sorted(sys.modules)))\n"
+    "sys.exit(code)\n"
+)
+
+
+def client_config(tmp_path: Path, admin_port: int, *, web: int, backend: int, first: int) -> Path:
+    """A proxy with a token in a file named relative to the config, a command service
+    and one with two replicas."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text("s3cret\n")
+    tools = free_port()
+    text = f"""\
+        admin:
+          listen: 127.0.0.1:{admin_port}
+          token_file: secrets/token
+        mcp: {{state_file: null}}
+        prediction: {{state_file: null}}
+        services:
+          web:
+            listen: 127.0.0.1:{web}
+            backend: 127.0.0.1:{backend}
+            command: {json.dumps(backend_command(backend, "http"))}
+            sleep_policy: {{idle_timeout: 600}}
+          tools:
+            listen: 127.0.0.1:{tools}
+            backend: 127.0.0.1:{first}
+            command: {json.dumps(backend_command(0, "http")).replace('"0"', '"{port}"')}
+            replicas: {{count: 2}}
+            sleep_policy: {{idle_timeout: 600}}
+        """
+    return write(tmp_path, text)
+
+
+def run_proxy(config: Path, admin_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``wakeproxy run``, its log in a file (a pipe nobody reads would fill and block it),
+    once its admin API answers."""
+    with log.open("wb") as out:
+        proxy = subprocess.Popen([*WAKEPROXY, "run", "-c", str(config)], stderr=out)
+    deadline = time.monotonic() + 15
+    while not port_answers(admin_port):
+        assert proxy.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the admin API never answered"
+        time.sleep(0.05)
+    return proxy
+
+
+def stop_proxy(proxy: subprocess.Popen[bytes]) -> None:
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait(timeout=30)
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """This environment without anything that would tell the client where to go."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAKEPROXY_")}
+    return {**env, **extra}
+
+
+def from_root(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI started from / (as systemd starts things): paths must not depend on it."""
+    return subprocess.run(
+        [*WAKEPROXY, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or client_env(),
+        cwd="/",
+    )
+
+
+def test_every_verb_finds_the_proxy_from_the_config_alone(tmp_path):
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    proxy = run_proxy(config, admin_port, tmp_path / "proxy.log")
+    c = ("-c", str(config))
+    try:
+        result = from_root("status", *c)
+        assert result.returncode == 0, result.stderr
+        rows = [line.split()[:2] for line in result.stdout.splitlines()[1:]]
+        assert rows == [["web", "stopped"], ["tools@1", "stopped"], ["tools@2", "stopped"]]
+        # The token comes from admin.token_file, relative to the config file's folder.
+        result = from_root("wake", "web", *c)
+        assert (result.returncode, result.stdout) == (0, "web: running\n"), result.stderr
+        result = from_root("status", "web", *c, "-o", "json")
+        [entry] = json.loads(result.stdout)["services"]
+        assert (entry["name"], entry["state"]) == ("web", "running")
+        assert from_root("status", "tools", *c, "-o", "name").stdout == "tools@1\ntools@2\n"
+        result = from_root("sleep", "web", *c)
+        assert (result.returncode, result.stdout) == (0, "web: paused\n"), result.stderr
+        result = from_root("stop", "web", *c, "-o", "json")
+        assert json.loads(result.stdout) == {"name": "web", "state": "stopped"}, result.stderr
+        assert from_root("wake", "web", *c).returncode == 0
+        result = from_root("hibernate", "web", *c)
+        assert result.returncode == 0 and result.stdout.startswith("web: paused ("), result
+        result = from_root("scale", "tools", "2", *c)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "tools: 2 of 2 awake",
+            "  tools@1: running",
+            "  tools@2: running",
+        ]
+        result = from_root("scale", "tools", "0", *c)
+        assert result.stdout.splitlines()[0] == "tools: 0 of 2 awake", result.stderr
+        result = from_root("wake-all", *c)
+        assert result.returncode == 0, result.stderr
+        assert sorted(result.stdout.splitlines()) == [
+            "tools@1: running",
+            "tools@2: running",
+            "web: running",
+        ]
+        # The newest replica first: an older one does not sleep while a newer is awake.
+        assert from_root("sleep", "tools@2", *c).stdout == "tools@2: paused\n"
+        result = from_root("sleep-all", *c)
+        assert result.returncode == 0, result.stdout
+        assert set(result.stdout.splitlines()) == {
+            "tools@1: paused",
+            "tools@2: paused",
+            "web: paused",
+        }
+        result = from_root("reload", *c)
+        # (A reload counts what the proxy runs: each replica.)
+        assert result.stdout == "no changes; 3 unchanged, 0 failed, 0 needing a restart\n"
+        result = from_root("metrics", *c)
+        assert 'wakeproxy_service_state{service="web",state="paused"} 1.0' in result.stdout
+        assert from_root("health", *c).returncode == 0
+        assert from_root("status", "nothing-here", *c).returncode == 1
+        # The same with the config from the environment instead of -c.
+        env = client_env(WAKEPROXY_CONFIG=str(config))
+        assert from_root("wake", "web", env=env).stdout == "web: running\n"
+        # What `status` and `health` load: the client alone, never the proxy. This is
+        # what keeps them cheap (0.6 s of CPU before, mostly imports).
+        for verb in ("status", "health"):
+            result = subprocess.run(
+                [sys.executable, "-c", MODULES_OF, verb, *c],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=client_env(),
+            )
+            assert result.returncode == 0, result.stderr
+            loaded = set(json.loads(result.stdout.splitlines()[-1]))
+            heavy = {m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY}
+            assert heavy == set(), f"{verb} imported {sorted(heavy)}"
+            assert "wakeproxy.control.client" in loaded
+    finally:
+        stop_proxy(proxy)
+
+
+def test_the_admin_address_comes_from_the_flag_then_the_environment_then_the_config(tmp_path):
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    dead = free_port()  # nothing listens there
+    elsewhere = write(tmp_path / "secrets", f"admin: {{listen: 127.0.0.1:{dead}}}\n")
+    live, gone = f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{dead}"
+    proxy = run_proxy(config, admin_port, tmp_path / "proxy.log")
+    try:
+        # --admin wins over $WAKEPROXY_ADMIN ...
+        result = from_root("status", "--admin", gone, env=client_env(WAKEPROXY_ADMIN=live))
+        assert result.returncode == 3 and f"{gone} (--admin)" in result.stderr
+        assert from_root("status", "--admin", live, env=client_env(WAKEPROXY_ADMIN=gone)).stdout
+        # ... $WAKEPROXY_ADMIN over the config ...
+        result = from_root("status", "-c", str(config), env=client_env(WAKEPROXY_ADMIN=gone))
+        assert result.returncode == 3 and "($WAKEPROXY_ADMIN)" in result.stderr
+        # ... -c over $WAKEPROXY_CONFIG, which is used without -c.
+        env = client_env(WAKEPROXY_CONFIG=str(elsewhere))
+        assert from_root("status", "-c", str(config), env=env).returncode == 0
+        result = from_root("status", env=env)
+        assert result.returncode == 3 and f"admin.listen in {elsewhere}" in result.stderr
+        # HOST:PORT is taken for http://HOST:PORT.
+        assert from_root("status", "--admin", f"127.0.0.1:{admin_port}").returncode == 0
+    finally:
+        stop_proxy(proxy)
+    # A config that cannot be read is a config problem: exit 2, naming the file.
+    result = from_root("status", "-c", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'missing.yaml'}: cannot read the config file" in result.stderr
+
+
+def test_where_the_client_looks_in_order_without_a_proxy(tmp_path, monkeypatch):
+    from wakeproxy.config import DEFAULT_CONFIG_PATH as PROXY_DEFAULT
+    from wakeproxy.config.source import MAX_CONFIG_BYTES as PROXY_MAX
+    from wakeproxy.control import admin
+    from wakeproxy.control.client import (
+        DEFAULT_CONFIG_PATH,
+        MAX_CONFIG_BYTES,
+        TOKEN_ENV,
+        find_target,
+    )
+
+    # Spelled twice (the client must not import the proxy's modules): they agree.
+    assert (TOKEN_ENV, DEFAULT_CONFIG_PATH, MAX_CONFIG_BYTES) == (
+        admin.TOKEN_ENV,
+        PROXY_DEFAULT,
+        PROXY_MAX,
+    )
+    (tmp_path / "token").write_text("from-config\n")
+    config = write(tmp_path, "admin:\n  listen: '0.0.0.0:7001'\n  token_file: token\n")
+    flag = tmp_path / "flag-token"
+    flag.write_text("from-flag")
+    target = find_target(None, None, str(config), {})
+    # A wildcard listen address is asked on loopback; the token file is the config's.
+    assert (target.url, target.token) == ("http://127.0.0.1:7001", "from-config")
+    target = find_target("http://h:1/", str(flag), str(config), {TOKEN_ENV: " env "})
+    assert (target.url, target.token, target.token_from) == ("http://h:1", "env", f"${TOKEN_ENV}")
+    target = find_target(None, str(flag), None, {"WAKEPROXY_CONFIG": str(config)})
+    assert (target.url, target.token) == ("http://127.0.0.1:7001", "from-flag")
+    assert find_target(None, None, None, {"WAKEPROXY_ADMIN": "http://[::1]:5"}).url == (
+        "http://[::1]:5"
+    )
+    if not Path(DEFAULT_CONFIG_PATH).exists():
+        target = find_target(None, None, None, {})
+        assert (target.url, target.token) == ("http://127.0.0.1:9000", None)
+    # An alias bomb elsewhere in the file costs nothing: only admin: is read.
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    config.write_text(bomb + "admin: {listen: '[::]:7002'}\n")
+    assert find_target(None, None, str(config), {}).url == "http://[::1]:7002"
+
+
+def test_a_401_says_how_to_pass_the_token(tmp_path):
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    proxy = run_proxy(config, admin_port, tmp_path / "proxy.log")
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        result = from_root("wake", "web", "--admin", admin)
+        assert result.returncode == 1
+        assert "401: missing or wrong bearer token (none was sent)" in result.stderr
+        assert "--token-file FILE or $WAKEPROXY_ADMIN_TOKEN" in result.stderr
+        result = from_root("wake", "web", "--admin", admin, env=client_env(**{TOKEN: "wrong"}))
+        assert result.returncode == 1
+        assert "(the token sent came from $WAKEPROXY_ADMIN_TOKEN)" in result.stderr
+        result = from_root("wake", "web", "--admin", admin, "--token-file", "/nonexistent")
+        assert result.returncode == 2
+        assert "--token-file: cannot read /nonexistent: No such file" in result.stderr
+    finally:
+        stop_proxy(proxy)
+
+
+TOKEN = "WAKEPROXY_ADMIN_TOKEN"
+
+
+def test_status_watch_redraws_until_ctrl_c(tmp_path):
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    proxy = run_proxy(config, admin_port, tmp_path / "proxy.log")
+    try:
+        watcher = subprocess.Popen(
+            [*WAKEPROXY, "status", "--watch", "0.1", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=client_env(),
+        )
+        assert watcher.stdout is not None
+        frames = 0
+        for _ in range(200):  # bounded: three frames are a dozen lines
+            line = watcher.stdout.readline()
+            assert line, watcher.communicate()[1]
+            frames += line.startswith("every 0.1 s, ")
+            if frames == 3:
+                break
+        assert frames == 3
+        watcher.send_signal(signal.SIGINT)
+        _out, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        stop_proxy(proxy)
+
+
+def completion_env() -> dict[str, str]:
+    # The completion calls `wakeproxy` for service names: the one of this venv.
+    return client_env(PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+
+
+def test_completion_scripts(tmp_path):
+    result = cli("completion", "bash")
+    assert result.returncode == 0 and "complete -F _wakeproxy wakeproxy" in result.stdout
+    script = tmp_path / "wakeproxy.bash"
+    script.write_text(result.stdout)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        shell = (
+            f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+            '_wakeproxy; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        done = subprocess.run(
+            ["bash", "-c", shell], capture_output=True, text=True, timeout=30, env=completion_env()
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("wakeproxy", "sta") == ["status"]
+    assert complete("wakeproxy", "sleep", "--f") == ["--force"]
+    assert complete("wakeproxy", "status", "-o", "") == ["table", "json", "name"]
+    assert complete("wakeproxy", "completion", "") == ["bash", "zsh"]
+    has_venv_cli = (Path(sys.executable).parent / "wakeproxy").exists()
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    proxy = run_proxy(config, admin_port, tmp_path / "proxy.log")
+    try:
+        if has_venv_cli:
+            # Service names come from the proxy the line names.
+            assert complete("wakeproxy", "wake", "-c", str(config), "") == [
+                "web",
+                "tools@1",
+                "tools@2",
+            ]
+            assert complete("wakeproxy", "wake", "-c", str(config), "t") == ["tools@1", "tools@2"]
+    finally:
+        stop_proxy(proxy)
+    result = cli("completion", "zsh")
+    assert result.returncode == 0 and result.stdout.startswith("#compdef wakeproxy\n")
+    if shutil.which("zsh") is None:
+        if in_ci():
+            pytest.fail("zsh is missing (./dev test installs it)")
+        pytest.skip("zsh is not installed")
+    script = tmp_path / "_wakeproxy"
+    script.write_text(result.stdout)
+    assert subprocess.run(["zsh", "-n", str(script)], timeout=30).returncode == 0
+    # Sourced after compinit, it registers itself for the command.
+    shell = f"autoload -U compinit; compinit -u -D; source {script}; print $_comps[wakeproxy]"
+    done = subprocess.run(["zsh", "-f", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "_wakeproxy", done.stderr
+
+
 # ---- relative paths in a config (issue 28)
 
 
@@ -385,8 +725,7 @@ def test_relative_paths_are_the_config_files_whoever_starts_it_from_where(tmp_pa
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read())["state"] == "paused"
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(timeout=30)
+        stop_proxy(proxy)
     # A path that cannot be read is named as the proxy tried it: absolute.
     config.write_text(config.read_text().replace("token_file: token", "token_file: gone"))
     result = subprocess.run(
