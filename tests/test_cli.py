@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -735,3 +736,60 @@ def test_relative_paths_are_the_config_files_whoever_starts_it_from_where(tmp_pa
     assert f"admin.token_file: cannot read {tmp_path}/gone: No such file or directory" in (
         result.stderr
     )
+
+
+# ---- the same words everywhere (issue 28)
+
+
+def wait_for(predicate, what: str, within: float = 30.0):
+    deadline = time.monotonic() + within
+    while not (found := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return found
+
+
+def test_check_and_run_count_services_the_same_way(tmp_path):
+    admin_port, web, backend, first = free_port(), free_port(), free_port(), consecutive_ports(2)
+    config = client_config(tmp_path, admin_port, web=web, backend=backend, first=first)
+    result = cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok, 2 service(s) (tools: 2 replicas)\n"
+    log = tmp_path / "proxy.log"
+    proxy = run_proxy(config, admin_port, log)
+    try:
+        wait_for(lambda: "running 2 service(s) (tools: 2 replicas)" in log.read_text(), "run")
+    finally:
+        stop_proxy(proxy)
+
+
+def test_after_a_failed_wake_status_the_api_and_metrics_say_the_same_state(tmp_path):
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    exits = [sys.executable, "-c", "raise SystemExit(1)"]
+    config = write(tmp_path, service_yaml(port, backend, command=exits))
+    config.write_text(
+        re.sub(
+            r"listen: 127.0.0.1:\d+", f"listen: 127.0.0.1:{admin_port}", config.read_text(), count=1
+        )
+    )
+    log = tmp_path / "proxy.log"
+    proxy = run_proxy(config, admin_port, log)
+    admin = ("--admin", f"http://127.0.0.1:{admin_port}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert sock.recv(1) == b""  # held, then closed: the command exited while starting
+        wait_for(lambda: "web: failed -> stopped (state re-read)" in log.read_text(), "re-read")
+        assert "web: waking -> failed (the backend stopped while starting" in log.read_text()
+        # Once settled (nothing changes it until the next connection), every view agrees.
+        [entry] = json.loads(cli("status", "web", "-o", "json", *admin).stdout)["services"]
+        row = cli("status", *admin).stdout.splitlines()[1]
+        metrics = cli("metrics", *admin).stdout
+        assert entry["state"] == "stopped" and row.split()[1] == "stopped"
+        assert 'wakeproxy_service_state{service="web",state="stopped"} 1.0' in metrics
+        assert 'wakeproxy_service_state{service="web",state="failed"} 0.0' in metrics
+        assert 'wakeproxy_wakes_total{result="failed",service="web"} 1.0' in metrics
+        # Why it is stopped stays in sight.
+        assert entry["last_error"]["reason"].startswith("the backend stopped while starting")
+        assert "last error: the backend stopped while starting (exited with status 1)" in row
+    finally:
+        stop_proxy(proxy)

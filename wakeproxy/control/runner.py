@@ -14,13 +14,14 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import uvloop
 
 from .. import __version__
 from ..app import ListenError, Proxy
-from ..config import Config, load_config
+from ..config import Config, ServiceConfig, load_config
 from ..config.checks import Bad
 from ..config.checks import address as check_address
 from ..config.schema import overlaps
@@ -48,6 +49,32 @@ def with_admin_listen(config: Config, text: str) -> Config:
     return dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=listen))
 
 
+def count_services(
+    configs: Iterable[ServiceConfig], replicas: Mapping[str, int] | None = None
+) -> str:
+    """``3 service(s) (tools: 4 replicas)``: services as the config lists them, a
+    service with replicas counted once with its replicas said beside it. ``check`` and
+    ``run`` both say it this way (``replicas``: how many each pool runs, for ``run``;
+    a compose service's containers are known only once the engine answered)."""
+    configs = list(configs)
+    notes = []
+    for cfg in configs:
+        spec = cfg.replicas
+        if spec is None:
+            continue
+        if replicas is not None and cfg.name in replicas:
+            notes.append(f"{cfg.name}: {_replicas(replicas[cfg.name])}")
+        elif spec.discovered:
+            notes.append(f"{cfg.name}: the containers of compose service {spec.compose_service}")
+        else:
+            notes.append(f"{cfg.name}: {_replicas(spec.count)}")
+    return f"{len(configs)} service(s)" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _replicas(count: int) -> str:
+    return f"{count} replica" if count == 1 else f"{count} replicas"
+
+
 def _load(path: str) -> Config | None:
     try:
         return load_config(path)
@@ -72,6 +99,13 @@ async def _reload(proxy: Proxy) -> None:
     # A refused reload is logged by the proxy itself, whoever asked for it.
     with contextlib.suppress(ConfigError):
         await proxy.reload()
+
+
+def _running(proxy: Proxy) -> str:
+    """What ``run`` says it runs, counted as ``check`` counts (labelled services too)."""
+    labelled = [s.cfg for s in proxy.services.values() if s.cfg.source == "labels"]
+    replicas = {name: len(pool.replicas) for name, pool in proxy.pools.items()}
+    return count_services([*proxy.config.services.values(), *labelled], replicas)
 
 
 async def _serve(config: Config) -> int:
@@ -113,7 +147,7 @@ async def _serve(config: Config) -> int:
     started = True
     if reload_asked:
         on_reload()
-    log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
+    log.info("wakeproxy %s running %s", __version__, _running(proxy))
     try:
         await stop.wait()
         shutdown = proxy.config.shutdown  # as the last reload left it
@@ -146,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{args.config}: warning: {warning}", file=sys.stderr)
         if errors:
             return EXIT_CONFIG
-        print(f"{args.config}: ok, {len(config.services)} service(s)")
+        print(f"{args.config}: ok, {count_services(config.services.values())}")
         return 0
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
