@@ -793,3 +793,99 @@ def test_after_a_failed_wake_status_the_api_and_metrics_say_the_same_state(tmp_p
         assert "last error: the backend stopped while starting (exited with status 1)" in row
     finally:
         stop_proxy(proxy)
+
+
+# ---- a command's output in the proxy's log (issue 28)
+
+# Prints a line to each stream, one line longer than the log keeps, then serves.
+CHATTY = (
+    "import os, sys\n"
+    "print('hello from stdout')\n"
+    "print('hello from stderr', file=sys.stderr)\n"
+    "print('x' * 100000)\n"
+    "sys.stdout.flush(); sys.stderr.flush()\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+)
+ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def chatty_config(tmp_path: Path, port: int, backend: int, admin_port: int, command=None) -> Path:
+    command = command or [sys.executable, "-c", CHATTY, *backend_command(backend, "http")[1:]]
+    text = service_yaml(port, backend, command=command)
+    return write(tmp_path, re.sub(r"127.0.0.1:\d+", f"127.0.0.1:{admin_port}", text, count=1))
+
+
+def get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return sock.recv(4096)
+
+
+def test_json_logs_are_one_object_a_line_the_commands_output_included(tmp_path):
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    config = chatty_config(tmp_path, port, backend, admin_port)
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:
+        proxy = subprocess.Popen(
+            [*WAKEPROXY, "run", "-c", str(config), "--log-format", "json"], stderr=out
+        )
+    try:
+        wait_for(lambda: port_answers(admin_port), "the admin API")
+        assert get(port).startswith(b"HTTP/1.1 200")  # starts the command
+
+        def printed() -> bool:
+            text = log.read_text()
+            return all(f"hello from {s}" in text for s in ("stdout", "stderr")) and "cut" in text
+
+        wait_for(printed, "the command's lines")
+    finally:
+        stop_proxy(proxy)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]  # each one JSON
+    assert all(ISO_MS.fullmatch(e["ts"]) for e in entries), entries[0]
+    backend_lines = {(e["stream"], e["msg"]) for e in entries if e["logger"] == "wakeproxy.backend"}
+    assert ("stdout", "hello from stdout") in backend_lines
+    assert ("stderr", "hello from stderr") in backend_lines
+    assert {e["service"] for e in entries if e["logger"] == "wakeproxy.backend"} == {"web"}
+    # A line longer than the log keeps is cut, and says so.
+    [long] = [e for e in entries if e["msg"].startswith("xxx")]
+    assert long["cut_at"] == 16384 and long["msg"] == "x" * 16384 + " [cut at 16384 bytes]"
+
+
+def test_text_logs_prefix_the_commands_lines_with_its_service(tmp_path):
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    config = chatty_config(tmp_path, port, backend, admin_port)
+    log = tmp_path / "proxy.log"
+    proxy = run_proxy(config, admin_port, log)
+    try:
+        assert get(port).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: "[web] hello from stdout" in log.read_text(), "the stdout line")
+    finally:
+        stop_proxy(proxy)
+    lines = log.read_text().splitlines()
+    [line] = [line for line in lines if line.endswith("[web] hello from stdout")]
+    assert ISO_MS.match(line) and " INFO    [web] " in line
+
+
+def test_a_command_flooding_its_output_neither_blocks_the_proxy_nor_fills_its_memory(tmp_path):
+    port, backend, admin_port = free_port(), free_port(), free_port()
+    server = " ".join(backend_command(backend, "http"))
+    # `yes` writes "y" lines as fast as it can, for as long as the command runs.
+    config = chatty_config(
+        tmp_path, port, backend, admin_port, command=["sh", "-c", f"yes & exec {server}"]
+    )
+    log = tmp_path / "proxy.log"
+    proxy = run_proxy(config, admin_port, log)
+    try:
+        assert get(port).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: "line(s) of stdout dropped" in log.read_text(), "a drop count")
+        # Still serving, its own API too, with the flood going on.
+        for _ in range(20):
+            assert get(port).startswith(b"HTTP/1.1 200")
+        assert cli("status", "--admin", f"http://127.0.0.1:{admin_port}").returncode == 0
+        assert peak_rss_mib(proxy.pid) < 100
+        assert pids_with("yes") != []
+    finally:
+        stop_proxy(proxy)
+    logged = [line for line in log.read_text().splitlines() if line.endswith("[web] y")]
+    dropped = [line for line in log.read_text().splitlines() if "line(s) of stdout dropped" in line]
+    assert logged and dropped
