@@ -292,6 +292,39 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert "nope.yaml: cannot read the config file: No such file or directory" in str(info.value)
 
 
+def test_relative_paths_are_relative_to_the_config_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(
+        textwrap.dedent(
+            """
+            admin: {listen: 127.0.0.1:9000, token_file: secrets/token}
+            prediction: {state_file: state/prediction.json}
+            mcp: {state_file: /var/lib/wakeproxy/mcp.json}
+            engines:
+              far: {host: "tcp://10.0.0.7:2376", cert_path: certs/far}
+            services:
+              web:
+                listen: 127.0.0.1:1
+                backend: 127.0.0.1:2
+                command: [python3, server.py, --root, www]
+                cwd: ../srv
+            """
+        )
+    )
+    # Started elsewhere, with the file named relative to there: the same paths.
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/config.yaml")
+    assert config.admin.token_file == str(folder / "secrets/token")
+    assert config.prediction.state_file == str(folder / "state/prediction.json")
+    assert config.mcp.state_file == "/var/lib/wakeproxy/mcp.json"  # absolute: as written
+    assert config.engines["far"].cert_path == str(folder / "certs/far")
+    web = config.services["web"]
+    assert web.cwd == str(folder / "../srv")
+    # A command's arguments are not paths: they are read from cwd, as written.
+    assert web.command == ("python3", "server.py", "--root", "www")
+
+
 def test_every_duration_key_has_a_minimum_of_10_ms():
     # Any positive number passed: wake_timeout 1e-9 failed every wake at once, a
     # health_interval or readiness interval of 1e-9 spun a loop. Now at least 0.01 s;

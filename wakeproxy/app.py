@@ -579,6 +579,7 @@ class Proxy:
                 cwd = str(Path(self.config.source).parent / cwd)
             return ProcessRuntime(
                 cfg.command,
+                name=cfg.name,  # its output is logged under the service's name
                 cwd=cwd,
                 env=cfg.env,
                 stop_timeout=cfg.stop_timeout,
