@@ -450,6 +450,16 @@ def test_every_verb_finds_the_proxy_from_the_config_alone(tmp_path):
         # The same with the config from the environment instead of -c.
         env = client_env(WAKEPROXY_CONFIG=str(config))
         assert from_root("wake", "web", env=env).stdout == "web: running\n"
+        # And with no flag and no environment, from the config's own folder.
+        here = subprocess.run(
+            [*WAKEPROXY, "sleep", "web"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=client_env(),
+            cwd=tmp_path,
+        )
+        assert (here.returncode, here.stdout) == (0, "web: paused\n"), here.stderr
         # What `status` and `health` load: the client alone, never the proxy. This is
         # what keeps them cheap (0.6 s of CPU before, mostly imports).
         for verb in ("status", "health"):

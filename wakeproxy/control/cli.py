@@ -53,7 +53,7 @@ def _client_options(sub: argparse.ArgumentParser) -> None:
         "--config",
         metavar="FILE",
         help=f"the config whose admin: section to read (default: ${client.CONFIG_ENV}, "
-        f"else {client.DEFAULT_CONFIG_PATH})",
+        f"else ./{client.LOCAL_CONFIG} if there is one, else {client.DEFAULT_CONFIG_PATH})",
     )
 
 
@@ -87,13 +87,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def _options(name: str, sub: argparse.ArgumentParser) -> None:
     if name in ("run", "check"):
-        default = os.environ.get(client.CONFIG_ENV, client.DEFAULT_CONFIG_PATH)
+        default = client.default_config(os.environ)
         sub.add_argument(
             "-c",
             "--config",
             metavar="FILE",
             default=default,
-            help=f"config file (default: ${client.CONFIG_ENV} or {client.DEFAULT_CONFIG_PATH})",
+            help=(
+                f"config file (default: ${client.CONFIG_ENV}, else ./{client.LOCAL_CONFIG} "
+                f"if there is one, else {client.DEFAULT_CONFIG_PATH})"
+            ),
         )
     if name == "run":
         sub.add_argument(

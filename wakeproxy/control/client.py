@@ -9,8 +9,8 @@ schema). tests/test_cli.py checks the modules ``wakeproxy status`` loads.
 Where the API is: ``--admin``, else ``$WAKEPROXY_ADMIN``, else the config's
 ``admin.listen``. The token: ``$WAKEPROXY_ADMIN_TOKEN``, else ``--token-file``, else the
 config's ``admin.token_file``. The config is ``-c``, else ``$WAKEPROXY_CONFIG``, else
-the default path; only its ``admin:`` section is read, and only when one of the two is
-still missing.
+``config.yaml`` in the current directory, else the default path; only its ``admin:``
+section is read, and only when one of the two is still missing.
 """
 
 from __future__ import annotations
@@ -35,6 +35,20 @@ TOKEN_ENV = "WAKEPROXY_ADMIN_TOKEN"
 ADMIN_ENV = "WAKEPROXY_ADMIN"
 CONFIG_ENV = "WAKEPROXY_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/wakeproxy/config.yaml"
+# Looked for in the current directory before the default path: the CLI works without
+# flags from the folder that holds the config.
+LOCAL_CONFIG = "config.yaml"
+
+
+def default_config(env: Mapping[str, str]) -> str:
+    """The config when no ``-c`` names one: ``$WAKEPROXY_CONFIG``, else ``config.yaml`` in
+    the current directory if there is one, else the default path."""
+    named = env.get(CONFIG_ENV)
+    if named:
+        return named
+    return LOCAL_CONFIG if os.path.isfile(LOCAL_CONFIG) else DEFAULT_CONFIG_PATH
+
+
 DEFAULT_LISTEN = "127.0.0.1:9000"
 # The proxy refuses a bigger config (config.source.MAX_CONFIG_BYTES); so does the client.
 MAX_CONFIG_BYTES = 2 * 1024 * 1024
@@ -176,8 +190,8 @@ def find_target(
             raise Unusable(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
     problem = None
     if not url or (token is None and not token_file):
-        path = config or env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
-        named = bool(config or env.get(CONFIG_ENV))
+        path = config or default_config(env)
+        named = path != DEFAULT_CONFIG_PATH
         section, where = AdminSection(), f"the default (no {path})"
         if named or os.path.exists(path):
             try:
