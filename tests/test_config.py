@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import build, service
 from wakeproxy.config import (
     Address,
+    ServiceConfig,
     build_config,
     load_config,
     parse_yaml,
@@ -800,3 +801,36 @@ def test_prediction_keys_are_refused_on_replicas_and_discovery_engines_must_exis
         "for a service with replicas (its replicas follow the load)",
         "c.yaml:2: discovery.engines: no engine 'far'; engines: local",
     ], found
+
+
+def test_a_plan_from_what_a_source_asked_to_what_it_asks_now():
+    from wakeproxy.config.live import plan
+
+    def one(name: str, listen: int, **settings: object) -> ServiceConfig:
+        return build(service(name, listen, listen + 1, container=name, **settings)).services[name]
+
+    kept, tuned, moved, gone = (
+        one("kept", 1000),
+        one("tuned", 1010),
+        one("moved", 1020),
+        one("gone", 1030),
+    )
+    before = {s.name: s for s in (kept, tuned, moved, gone)}
+    after = {
+        "kept": kept,
+        "tuned": one("tuned", 1010, sleep_policy={"idle_timeout": 5}),  # a live key
+        "moved": one("moved", 1040),  # the listen address: not in place
+        "new": one("new", 1050),
+        "theirs": one("theirs", 1060),  # runs, but another source's
+    }
+    running = {"kept", "tuned", "moved", "gone", "theirs"}
+    steps = plan(before, after, running)
+    assert steps.remove == ("gone",)
+    assert [c.name for c in steps.update] == ["tuned"]
+    assert [c.name for c in steps.replace] == ["moved"]
+    assert [c.name for c in steps.add] == ["new", "theirs"]
+    assert steps.unchanged == ("kept",)
+    # Asked for before but no longer running (its listener failed): added again; gone
+    # from both: nothing to remove.
+    steps = plan(before, {"kept": kept}, {"tuned"})
+    assert [c.name for c in steps.add] == ["kept"] and steps.remove == ("tuned",)
