@@ -9,15 +9,13 @@ from typing import Any
 
 from ..errors import ConfigError, NeedsReload
 from .checks import Bad, Problems, describe, section, unknown_key
+from .fields import SERVICE_FIELDS, SLEEP_FIELDS, replace
 from .model import KeyPath, ServiceConfig, SleepPolicy
-from .schema import (
+from .policies import (
     NOT_FOR_REPLICAS,
-    SERVICE_FIELDS,
-    SLEEP_FIELDS,
     combination_faults,
     parse_sleep_policy,
     predicts,
-    replace,
     service_policy,
 )
 

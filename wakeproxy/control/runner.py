@@ -24,7 +24,7 @@ from ..app import ListenError, Proxy
 from ..config import Config, ServiceConfig, load_config
 from ..config.checks import Bad
 from ..config.checks import address as check_address
-from ..config.schema import overlaps
+from ..config.crosscheck import overlaps
 from ..errors import ConfigError
 from ..logs import setup_logging
 from .preflight import preflight
