@@ -23,7 +23,6 @@ from .config import Address, Config, ServiceConfig, load_config
 from .config.live import Applied, plan
 from .config.model import LOCAL_ENGINE
 from .config.replicas import Members, compose_members, expand_all, replica_sets
-from .control.admin import AdminServer
 from .core.states import State
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .httpmode.mcpfront import McpFront
@@ -52,7 +51,7 @@ class ListenError(WakeproxyError):
 
 
 @contextlib.contextmanager
-def _listening(what: str, address: Address) -> Iterator[None]:
+def listening(what: str, address: Address) -> Iterator[None]:
     """Turn a failed bind into a ListenError naming what and where."""
     try:
         yield
@@ -91,7 +90,6 @@ class Proxy:
         self.coordinator: Coordinator | None = None
         # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
         self.engines: dict[str, DockerEngine] = {}
-        self.admin: AdminServer | None = None
         # Label discovery, one per engine (discovery.docker_labels), by engine name.
         self.discoveries: dict[str, LabelDiscovery] = {}
         # Schedules and learned wakes (created in start(): it needs the running loop).
@@ -173,8 +171,6 @@ class Proxy:
         log.debug("open-file limit: %d", limit)
         self.coordinator = Coordinator()
         self.predictions = Predictions(self.config.prediction, self.wall_clock)
-        # Checked before anything listens: a public admin address needs a token.
-        admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
         # Read before any service attaches, in a thread: the loop is not held by it.
         await self.predictions.preload(configs)
@@ -203,7 +199,7 @@ class Proxy:
                 await self.services[cfg.name].start()
             self._applied[FILE] = {cfg.name: cfg for cfg in configs}
             for front in fronts:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             for name in labelled:
                 discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
@@ -212,9 +208,6 @@ class Proxy:
                 if listing is not None:
                     # The same listing: labelled containers are served from the start.
                     await discovery.apply(listing)
-            with _listening("admin API", self.config.admin.listen):
-                await admin.start()
-            self.admin = admin
         except BaseException:
             await self.close()
             raise
@@ -467,7 +460,7 @@ class Proxy:
         failed: dict[str, str] = {}
         for front in [f for f in self.frontends.values() if not f.listening]:
             try:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             except ListenError as exc:
                 failed[front.name] = str(exc)
@@ -486,9 +479,6 @@ class Proxy:
             self.predictions.stop()  # a proxy shutting down wakes nothing ahead
         for front in self.frontends.values():
             front.stop_accepting()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         open_now = self._open_connections()
         if open_now:
             log.info("waiting up to %gs for %d open connection(s)", grace, open_now)
@@ -602,9 +592,6 @@ class Proxy:
         for discovery in self.discoveries.values():
             await discovery.close()
         self.discoveries.clear()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         for front in self.frontends.values():
             front.close()
         for service in self.services.values():

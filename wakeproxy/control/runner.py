@@ -27,6 +27,7 @@ from ..config.checks import address as check_address
 from ..config.crosscheck import overlaps
 from ..errors import ConfigError
 from ..logs import setup_logging
+from .assembly import ProxyProcess
 from .preflight import preflight
 
 log = logging.getLogger("wakeproxy")
@@ -108,8 +109,18 @@ def _running(proxy: Proxy) -> str:
     return count_services([*proxy.config.services.values(), *labelled], replicas)
 
 
+def _config_refused(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        log.error("%s", problem)
+    return EXIT_CONFIG
+
+
 async def _serve(config: Config) -> int:
-    proxy = Proxy(config)
+    try:
+        process = ProxyProcess(config)
+    except ConfigError as exc:  # the admin API's token
+        return _config_refused(exc)
+    proxy = process.proxy
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second SIGTERM/SIGINT: skip the grace period
     loop = asyncio.get_running_loop()
@@ -136,14 +147,12 @@ async def _serve(config: Config) -> int:
     # Registered now: SIGHUP's default action would end the process.
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
-        await proxy.start()
+        await process.start()
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("%s", problem)
-        return EXIT_CONFIG
+        return _config_refused(exc)
     started = True
     if reload_asked:
         on_reload()
@@ -152,11 +161,11 @@ async def _serve(config: Config) -> int:
         await stop.wait()
         shutdown = proxy.config.shutdown  # as the last reload left it
         log.info("shutting down: no new connections; open ones get %gs", shutdown.grace)
-        await proxy.drain(shutdown.grace, hurry)
+        await process.drain(shutdown.grace, hurry)
         if shutdown.backends == "wake":
             await proxy.wake_all("shutdown")
     finally:
-        await proxy.close()
+        await process.close()
     return 0
 
 
