@@ -93,6 +93,7 @@ _HTTP_ROWS = {
     "http-mcp": "4c. HTTP mode, an MCP client's requests",
 }
 BASELINE = "wakeproxy (baseline)"
+TCP_MODE = "wakeproxy (tcp mode)"
 
 
 def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind: str) -> None:
@@ -117,6 +118,9 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
         if args.baseline is not None and mode == "http":
             started.append(base := peers.wakeproxy(workdir, backend.port, extra, args.baseline))
             contenders[BASELINE], pids[BASELINE] = base.port, base.proc.pid
+        if mode == "http":  # what mode http costs: the same proxy passing bytes only
+            started.append(tcp := peers.wakeproxy(workdir, backend.port))
+            contenders[TCP_MODE], pids[TCP_MODE] = tcp.port, tcp.proc.pid
         connections = 50
 
         def measure(name: str, port: int) -> loadgen.WrkResult:
@@ -161,6 +165,12 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             + (
                 f" `{BASELINE}`: the checkout in {args.baseline}, in the same run."
                 if BASELINE in contenders
+                else ""
+            )
+            + (
+                f" `{TCP_MODE}`: the same proxy in tcp mode (bytes passed, nothing read):"
+                " what mode http costs over it."
+                if TCP_MODE in contenders
                 else ""
             )
             + (
@@ -233,7 +243,7 @@ def fairness_rows(results: dict[str, list[fairness.FloodResult]]) -> list[Row]:
             "max ms": med([max(r.latencies_ms, default=float("nan")) for r in runs]),
             "requests timed": str(sum(len(r.latencies_ms) for r in runs)),
             "flood s": med([r.flood_seconds for r in runs]),
-            "flood answered": "/".join(f"{r.answered}/{r.flood_requests}" for r in runs),
+            "flood answered": ", ".join(f"{r.answered}/{r.flood_requests}" for r in runs),
         }
         for name, runs in results.items()
     ]

@@ -215,6 +215,7 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         assert report.count(f"| {contender} |") == rows, contender
     assert "| 1.00 |" in report
     assert report.count("| bare uvloop |") == 1, "the churn row's runtime ceiling"
+    assert report.count("| wakeproxy (tcp mode) |") == 3, "rows 4-4c: what mode http costs"
     # Through mode http every response was a 2xx (wrk counts others as errors).
     for section in report.split("## 4")[1:3]:
         wakeproxy_row = next(
