@@ -17,12 +17,14 @@ books. The rules:
   time: 1.5 x the median of the last 16 wakes plus 1 s: a wake slower than the median
   comes half the time, and the 1 s covers the glue's timer and the readiness check; a
   few seconds awake early cost little against a 15-minute slot.
-* **Chains** (``core.chains``): a request to A that starts an episode of A returns, for
-  each B with ``chains`` on, P(B | A) >= B's threshold, n(A) >= B's ``min_samples`` (the
-  decayed count, rounded: three episodes minutes old are three, not 2.998) and
-  not inside one of B's asleep windows, a prediction to wake B now until B's
-  ``chain_window`` later. Pairs are learned for the follower (B's ``chains`` on, B's
-  window): the service that would be woken decides; A needs only be configured.
+* **Chains** (``core.chains``): an episode is defined by the follower's window. A request
+  to A that starts an episode of A in B's ``chain_window`` (A quiet for longer than it)
+  returns, for each B with ``chains`` on, P(B | A) >= B's threshold, n_w(A) >= B's
+  ``min_samples`` (the decayed count of A's episodes in B's window, rounded: three
+  episodes minutes old are three, not 2.998) and not inside one of B's asleep windows, a
+  prediction to wake B now until B's ``chain_window`` later. Pairs are learned for the
+  follower (B's ``chains`` on, B's window): the service that would be woken decides; A
+  needs only be configured. A follower whose window changes starts its pairs afresh.
 * **Accounting.** ``predicted`` opens a predicted wake; the service's next request makes
   it used (the awake seconds: from the wake to the request), its sleep before any request
   makes it wasted (to the sleep). A request after the prediction's ``until`` but before
@@ -51,7 +53,8 @@ from zoneinfo import ZoneInfo
 
 from . import predict_state
 from .arrivals import MAX_SLOTS, Arrivals, slot_label
-from .chains import HALF_LIFE, MAX_PAIRS, Chains
+from .chains import HALF_LIFE, MAX_EPISODES, MAX_PAIRS, WINDOW, Chains
+from .predict_state import Snapshot
 from .schedule import Window, active, active_until, load_zone, next_start
 
 Kind = Literal["schedule", "arrivals", "chain"]
@@ -72,7 +75,9 @@ class PredictSettings:
     arrivals: bool = False
     chains: bool = False
     threshold: float = 0.5  # the probability needed to act
-    chain_window: float = 30.0  # seconds from a leader's request to a follower's
+    # Seconds from a leader's request to this follower's, and of the leader's quiet that
+    # starts its next episode (counted in this window).
+    chain_window: float = WINDOW
     min_wake_time: float = 0.2  # arrivals: a wake faster than this is not worth one ahead
     min_samples: int = 3  # chains: n(A) needed before P(B | A) is trusted
 
@@ -91,36 +96,6 @@ class PredictSettings:
 def _trusted(episodes: float, min_samples: int) -> bool:
     # Rounded: a count decays from the moment it is made.
     return episodes >= min_samples - 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What a predictor learned, copied (``Predictor.snapshot``)."""
-
-    zone: str
-    services: list[str]
-    arrivals: dict[str, dict[int, tuple[float, int]]]  # name -> slot -> (p, last week)
-    chains: tuple[dict[str, tuple[float, float]], list[tuple[str, str, float, float]]]
-    wake_times: dict[str, list[float]]
-
-    def state(self) -> dict[str, Any]:
-        """The JSON-able form ``Predictor.from_state`` reads."""
-        episodes, pairs = self.chains
-        return {
-            "version": predict_state.VERSION,
-            "zone": self.zone,
-            "services": self.services,
-            "arrivals": {
-                name: [[slot, p, last] for slot, (p, last) in table.items()]
-                for name, table in self.arrivals.items()
-                if table
-            },
-            "chains": {
-                "episodes": {a: [value, when] for a, (value, when) in episodes.items()},
-                "pairs": [list(pair) for pair in pairs],
-            },
-            "wake_times": self.wake_times,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +144,15 @@ class Predictor:
         max_pairs: int = MAX_PAIRS,
         max_slots: int = MAX_SLOTS,
         half_life: float = HALF_LIFE,
+        max_episodes: int = MAX_EPISODES,
     ) -> None:
         self.tz = zone if isinstance(zone, ZoneInfo) else load_zone(zone)
         self.zone = self.tz.key
         self.max_services = max_services
         self.arrivals = Arrivals(self.tz, max_slots=max_slots)
-        self.chains = Chains(half_life, max_pairs)
+        self.chains = Chains(half_life, max_pairs, max_episodes=max_episodes)
         self._services: dict[str, _Service] = {}
-        self._windows: Counter[float] = Counter()  # chain_window -> services with it
+        self._windows: Counter[float] = Counter()  # chain_window -> followers with it
         self._chains_on = 0  # services with chains on: none, no chain bookkeeping at all
         self._wakes: dict[str, deque[float]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()  # learned state, LRU first
@@ -199,22 +175,27 @@ class Predictor:
             self._unset(service.settings)
             service.settings = settings
             service.keep_awake, service.asleep = tuple(keep_awake), tuple(asleep)
-        self._windows[settings.chain_window] += 1
+        if settings.chains:
+            self._windows[settings.chain_window] += 1
         self._chains_on += settings.chains
-        self._windows_changed()
+        self.chains.want(self._windows)
+        # Its pairs were counted against its leaders' episodes in its window: in another
+        # window they are no estimate of P, so they start afresh.
+        self.chains.refollow(name, settings.chain_window)
 
     def forget(self, name: str) -> None:
         """A service removed: its settings, accounting and everything learned go."""
         service = self._services.pop(name, None)
         if service is not None:
             self._unset(service.settings)
-            self._windows_changed()
+            self.chains.want(self._windows)
         self._drop_learned(name)
 
     def _unset(self, settings: PredictSettings) -> None:
-        self._windows[settings.chain_window] -= 1
-        if not self._windows[settings.chain_window]:
-            del self._windows[settings.chain_window]
+        if settings.chains:
+            self._windows[settings.chain_window] -= 1
+            if not self._windows[settings.chain_window]:
+                del self._windows[settings.chain_window]
         self._chains_on -= settings.chains
 
     def configured(self) -> list[str]:
@@ -224,9 +205,9 @@ class Predictor:
         """Names with learned state (slots, counts, wake times), least recently used first."""
         return list(self._seen)
 
-    def _windows_changed(self) -> None:
-        # Episodes stay open for the longest window any follower counts with.
-        self.chains.keep_open = max(self._windows, default=30.0)
+    def tidy(self) -> None:
+        """Now and then: windows no follower counts in any more stop being counted."""
+        self.chains.tidy()
 
     # -- events ---------------------------------------------------------------------
 
@@ -242,25 +223,25 @@ class Predictor:
         out: list[Prediction] = []
         if self._chains_on:
             learned = True
-            window = settings.chain_window
             if settings.chains:
-                self.chains.follow(name, now, window)
-            if self.chains.opens(name, now, window):
+                self.chains.follow(name, now, settings.chain_window)
+            started = self.chains.starts(name, now)
+            if started:
                 # From the episodes before this one: it has had no time to be followed.
-                out = self._chain_wakes(name, now)
-            self.chains.request(name, now, window)
+                out = self._chain_wakes(name, now, started)
+            self.chains.request(name, now)
         if learned:
             self._touch(name)
         return out
 
-    def _chain_wakes(self, leader: str, now: float) -> list[Prediction]:
-        n = self.chains.episodes(leader, now)
+    def _chain_wakes(self, leader: str, now: float, started: list[float]) -> list[Prediction]:
         out = []
-        for follower, p, _ in self.chains.followers(leader, now):
+        for follower, p, _, window in self.chains.followers(leader, now):
             service = self._services.get(follower)
-            if service is None or not service.settings.chains:
-                continue
+            if service is None or not service.settings.chains or window not in started:
+                continue  # not a chain follower, or the leader's episode in its window goes on
             settings = service.settings
+            n = self.chains.episodes(leader, now, window)
             # P as the API shows it (3 places): the counts are stored to 1e-6, so a
             # follower that came after every episode reads 0.9999997, and threshold 1.0
             # (allowed) would never wake it.
@@ -430,7 +411,6 @@ class Predictor:
         service = self._services.get(name)
         if service is None:
             return {}
-        n = self.chains.episodes(name, now)
         wake = self.next_wake(name, now)
         return {
             "service": name,
@@ -442,14 +422,22 @@ class Predictor:
                 {"slot": slot, "when": slot_label(slot), "p": round(p, 3)}
                 for slot, p in self.arrivals.top(name, now, top)
             ],
-            "episodes": round(n, 3),
+            "episodes": [
+                {"window": w, "n": round(n, 3)} for w, n in self.chains.episode_counts(name, now)
+            ],
             "followers": [
-                {"service": b, "p": round(p, 3), "n": round(v, 3), "trusted": self._trusted(n, b)}
-                for b, p, v in self.chains.followers(name, now)
+                {
+                    "service": b,
+                    "window": w,
+                    "p": round(p, 3),
+                    "n": round(v, 3),
+                    "trusted": self._trusted(self.chains.episodes(name, now, w), b),
+                }
+                for b, p, v, w in self.chains.followers(name, now)
             ],
             "leaders": [
-                {"service": a, "p": round(p, 3), "n": round(v, 3)}
-                for a, p, v in self.chains.leaders(name, now)
+                {"service": a, "window": w, "p": round(p, 3), "n": round(v, 3)}
+                for a, p, v, w in self.chains.leaders(name, now)
             ],
             "wake": {
                 "samples": len(self._wakes.get(name, ())),

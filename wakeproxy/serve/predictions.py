@@ -49,7 +49,8 @@ import orjson
 from ..config.model import PredictionConfig, ServiceConfig
 from ..config.schema import predicts
 from ..core.events import Event, HoldAwake
-from ..core.predict import Prediction, Predictor, Snapshot
+from ..core.predict import Prediction, Predictor
+from ..core.predict_state import Snapshot
 from ..core.states import ASLEEP, IN_FLIGHT, SleepReason, State
 from ..host import statefile
 
