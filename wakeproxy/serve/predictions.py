@@ -254,7 +254,8 @@ class Predictions:
         self._save_error = None
 
     def tidy(self) -> None:
-        """Forget the services (and what a state file knew of others) absent for an hour."""
+        """Forget the services (and what a state file knew of others) absent for an hour;
+        stop counting chain windows no follower uses."""
         now = self.clock()
         known = set(self.core.learned()) | set(self.core.configured())
         for name in known - self.services.keys():
@@ -265,6 +266,7 @@ class Predictions:
                 self._dirty = True
         for name in [n for n in self._absent if n in self.services or n not in known]:
             del self._absent[name]
+        self.core.tidy()
 
     async def _save_every(self) -> None:
         while True:
