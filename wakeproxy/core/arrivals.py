@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from .schedule import DAY_NAMES, wall_time
+from .schedule import DAY_NAMES, Window, active, active_until, wall_time
 
 SLOTS = 672
 SLOT_MINUTES = 15
@@ -163,6 +163,25 @@ class Arrivals:
                     continue  # skipped by a DST gap that day, or over
                 yield Likely(slot, start, end, p)
                 break
+
+    def wake_at(
+        self, name: str, now: float, threshold: float, lead: float, asleep: Sequence[Window]
+    ) -> tuple[float, Likely] | None:
+        """When to wake ``name`` for its next slot at or above ``threshold``: ``lead``
+        seconds ahead of it (``now`` if that has passed), or when an asleep window ends if
+        the slot is still on then; the earliest such wake, with its slot."""
+        best: tuple[float, Likely] | None = None
+        for likely in self.upcoming(name, now, threshold):
+            if best is not None and likely.start - lead > best[0]:
+                break  # soonest first: none later can be earlier
+            at = max(now, likely.start - lead)
+            if active(asleep, at) is not None:
+                at = active_until(asleep, at) or at
+                if at >= likely.end or active(asleep, at) is not None:
+                    continue
+            if best is None or at < best[0]:
+                best = (at, likely)
+        return best
 
     def _span(self, monday: date, slot: int) -> tuple[float, float]:
         day = monday + timedelta(days=slot // 96)

@@ -55,7 +55,7 @@ from . import predict_state
 from .arrivals import MAX_SLOTS, Arrivals, slot_label
 from .chains import HALF_LIFE, MAX_EPISODES, MAX_PAIRS, WINDOW, Chains
 from .predict_state import Snapshot
-from .schedule import Window, active, active_until, load_zone, next_start
+from .schedule import Window, active, keep_end, load_zone, next_awake, next_start
 
 Kind = Literal["schedule", "arrivals", "chain"]
 KINDS: tuple[Kind, ...] = ("schedule", "arrivals", "chain")
@@ -64,8 +64,6 @@ WAKE_SAMPLES = predict_state.WAKE_SAMPLES
 LEAD_FACTOR = 1.5
 LEAD_EXTRA = 1.0
 MAX_OUTCOMES = 1024
-# Every window recurs weekly: a schedule that has no start within 8 days has none.
-_HORIZON = 8 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,30 +311,12 @@ class Predictor:
         return min(wakes, key=lambda p: p.at) if wakes else None
 
     def _schedule_wake(self, name: str, service: _Service, now: float) -> Prediction | None:
-        if not service.keep_awake:
+        found = next_awake(service.keep_awake, service.asleep, now) if service.keep_awake else None
+        if found is None:
             return None
-        at = now
-        # Alternate: out of an asleep window, to the next keep-awake start; a few turns.
-        for _ in range(64):
-            if at > now + _HORIZON:
-                return None
-            if active(service.asleep, at) is not None:
-                at = active_until(service.asleep, at) or at
-                continue
-            window = active(service.keep_awake, at)
-            if window is not None:
-                reason = f"schedule {window.text}"
-                return Prediction(name, at, self._keep_end(service, at), "schedule", reason)
-            start = next_start(service.keep_awake, at)
-            if start is None:
-                return None
-            at = start
-        return None
-
-    def _keep_end(self, service: _Service, now: float) -> float:
-        end = active_until(service.keep_awake, now) or now
-        asleep = next_start(service.asleep, now)
-        return end if asleep is None else min(end, asleep)
+        at, window = found
+        until = keep_end(service.keep_awake, service.asleep, at)
+        return Prediction(name, at, until, "schedule", f"schedule {window.text}")
 
     def _arrivals_wake(self, name: str, service: _Service, now: float) -> Prediction | None:
         settings = service.settings
@@ -345,20 +325,12 @@ class Predictor:
             return None
         if (self.wake_estimate(name) or 0.0) < settings.min_wake_time:
             return None
-        best: Prediction | None = None
-        for likely in self.arrivals.upcoming(name, now, settings.threshold):
-            if best is not None and likely.start - lead > best.at:
-                break  # soonest first: none later can be earlier
-            at = max(now, likely.start - lead)
-            if active(service.asleep, at) is not None:
-                # Woken when the asleep window ends, if the slot is still on then.
-                at = active_until(service.asleep, at) or at
-                if at >= likely.end or active(service.asleep, at) is not None:
-                    continue
-            if best is None or at < best.at:
-                reason = f"arrivals {slot_label(likely.slot)} {self.zone} p={likely.p:.2f}"
-                best = Prediction(name, at, likely.end, "arrivals", reason)
-        return best
+        found = self.arrivals.wake_at(name, now, settings.threshold, lead, service.asleep)
+        if found is None:
+            return None
+        at, likely = found
+        reason = f"arrivals {slot_label(likely.slot)} {self.zone} p={likely.p:.2f}"
+        return Prediction(name, at, likely.end, "arrivals", reason)
 
     def hold_until(self, name: str, now: float) -> float:
         """Inside a keep-awake window: when it ends (or the next asleep window starts, if
@@ -368,7 +340,7 @@ class Predictor:
             return 0.0
         if active(service.keep_awake, now) is None:
             return 0.0
-        return self._keep_end(service, now)
+        return keep_end(service.keep_awake, service.asleep, now)
 
     def sleep_now(self, name: str, now: float) -> bool:
         """Inside an asleep window: the glue sleeps the service if no connection is open."""
