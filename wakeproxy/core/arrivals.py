@@ -13,11 +13,12 @@ and when they next come. The rules:
 * **Lazy.** A slot stores ``(p, the last week it had a request)``. The occurrences since
   count as 0 when read: read for the occurrence in week ``w``, ``p * 0.7 ** (w - last - 1)``.
   Nothing ticks.
-* **Figures** (alpha 0.3, threshold 0.5). A new pattern reads 0.3, 0.51, 0.66, 0.76 after
-  1, 2, 3, 4 weeks: it predicts from its third week on. One that stops falls below 0.5
-  within two missed weeks whatever its history (even p = 1: 0.7 ** 2 = 0.49; after three
-  weeks of it, 0.66: one missed week). Every slot falls below the floor 0.01 after at
-  most 13 missed weeks (0.7 ** 13 = 0.0097) and is dropped when next read.
+* **Figures** (alpha 0.3). A new pattern reads 0.3, 0.51, 0.66, 0.76 after 1, 2, 3, 4
+  weeks: past the predictor's floor for arrivals (0.6) from its fourth week on. One that
+  stops falls below 0.5 within two missed weeks whatever its history (even p = 1: 0.7 ** 2
+  = 0.49; after three weeks of it, 0.66: one missed week). Every slot falls below the
+  floor 0.01 after at most 13 missed weeks (0.7 ** 13 = 0.0097) and is dropped when next
+  read.
 * **Bounded.** At most 672 slots a service and ``max_slots`` in all: past it, the tenth
   with the lowest decayed p go at once (one sort for many inserts).
 """

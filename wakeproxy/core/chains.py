@@ -39,7 +39,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 HALF_LIFE = 7 * 86400.0
 MAX_PAIRS = 10_000
@@ -253,6 +254,27 @@ class Chains:
             out.append((leader, min(1.0, value / n) if n > 0 else 0.0, value, count.window))
         out.sort(key=_likeliest)
         return out
+
+    def view(
+        self, name: str, now: float, trusted: Callable[[float, str], bool]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """``name``'s rows as the API shows them (rounded to 3 places): its episode counts
+        per window, its followers (``trusted(n_w(name), B)``: enough episodes for B to be
+        woken) and its leaders."""
+        return {
+            "episodes": [
+                {"window": w, "n": round(n, 3)} for w, n in self.episode_counts(name, now)
+            ],
+            "followers": [
+                {"service": b, "window": w, "p": round(p, 3), "n": round(v, 3)}
+                | {"trusted": trusted(self.episodes(name, now, w), b)}
+                for b, p, v, w in self.followers(name, now)
+            ],
+            "leaders": [
+                {"service": a, "window": w, "p": round(p, 3), "n": round(v, 3)}
+                for a, p, v, w in self.leaders(name, now)
+            ],
+        }
 
     # -- bounds ---------------------------------------------------------------------
 

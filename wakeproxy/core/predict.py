@@ -5,36 +5,31 @@ out, a sleep) with the time; the predictor answers when to wake what, and keeps 
 books. The rules:
 
 * **Schedules.** ``keep_awake`` windows: woken at a window's start, never slept inside it
-  (``next_wake``, ``hold_until``). ``asleep`` windows: never woken ahead inside one, and
-  slept at its start if no connection is open (``sleep_now``, ``asleep_start``). Asleep
-  wins where both overlap: an asleep window carves an exception (a lunch hour) out of a
-  keep-awake one, so ``next_wake`` never answers a time inside an asleep window and
-  ``hold_until`` holds only up to the next asleep start. A request still wakes a service
-  at any time.
-* **Arrivals** (``core.arrivals``): when the next likely slot (p >= ``threshold``) comes,
-  wake ahead of it by the lead time, if the service's measured wake is slow enough to be
+  (``next_wake``, ``hold_until``); ``asleep`` windows: never woken ahead inside one, slept
+  at its start if no connection is open (``sleep_now``, ``asleep_start``). Asleep wins
+  where both hold, a lunch hour carved out of office hours (``schedule.next_awake``,
+  ``keep_end``). A request still wakes a service at any time.
+* **Arrivals** (``core.arrivals``): when the next likely slot comes (p >= ``threshold``,
+  and never below ``ARRIVALS_FLOOR``: a habit of three weeks, not two), wake ahead of it by
+  the lead time, if the service's measured wake is slow enough to be
   worth it (its median >= ``min_wake_time``; none measured yet: not woken ahead). Lead
   time: 1.5 x the median of the last 16 wakes plus 1 s: a wake slower than the median
   comes half the time, and the 1 s covers the glue's timer and the readiness check; a
   few seconds awake early cost little against a 15-minute slot.
-* **Chains** (``core.chains``): an episode is defined by the follower's window. A request
-  to A that starts an episode of A in B's ``chain_window`` (A quiet for longer than it)
-  returns, for each B with ``chains`` on, P(B | A) >= B's threshold, n_w(A) >= B's
-  ``min_samples`` (the decayed count of A's episodes in B's window, rounded: three
+* **Chains** (``core.chains``: an episode is defined by the follower's window). A request
+  to A that starts an episode of A in B's ``chain_window`` returns, for each B with
+  ``chains`` on, P(B | A) >= B's threshold, n_w(A) >= B's ``min_samples`` (rounded: three
   episodes minutes old are three, not 2.998) and not inside one of B's asleep windows, a
-  prediction to wake B now until B's ``chain_window`` later. Pairs are learned for the
-  follower (B's ``chains`` on, B's window): the service that would be woken decides; A
-  needs only be configured. A follower whose window changes starts its pairs afresh.
+  prediction to wake B now until B's ``chain_window`` later. A needs only be configured.
 * **Accounting.** ``predicted`` opens a predicted wake; the service's next request makes
-  it used (the awake seconds: from the wake to the request), its sleep before any request
-  makes it wasted (to the sleep). A request after the prediction's ``until`` but before
-  the sleep still counts as used: it found its backend awake thanks to it. Outcomes are
-  queued for the glue, which ends their holds (``drain_outcomes``), and summed for the
-  metrics (``stats``).
+  it used (awake seconds: from the wake to the request; after the prediction's ``until``
+  too: it found its backend awake thanks to it), its sleep before any request wasted.
+  Outcomes are queued for the plan, which ends their holds (``drain_outcomes``), and
+  summed for the metrics (``stats``).
 * **Bounded.** At most ``max_services`` services have learned state (slots, wake times,
   counts): past it the least recently requested (or woken) one loses all of it. Pairs,
-  slots and open episodes have their own bounds. The settings are the glue's config and
-  are not bounded here. A name never configured (or forgotten) is ignored.
+  slots and open episodes have their own bounds; the settings (the config) are not bounded
+  here. A name never configured (or forgotten) is ignored.
 * **State.** ``to_state`` / ``from_state``: versioned, JSON-able, validated on the way
   in (``ValueError`` naming what is wrong). Open episodes and predictions, and the
   accounting, are not kept: they are about the running process.
@@ -64,6 +59,10 @@ WAKE_SAMPLES = predict_state.WAKE_SAMPLES
 LEAD_FACTOR = 1.5
 LEAD_EXTRA = 1.0
 MAX_OUTCOMES = 1024
+# Replayed (bench row 11, docs/prediction.md), arrivals acted on at 0.5 were wasted more
+# often than used (two weeks of a random session read as a habit); at 0.6, used twice as
+# often as wasted. Chains keep the threshold as set: right at 0.5.
+ARRIVALS_FLOOR = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +129,7 @@ class _Service:
 
 
 class Predictor:
-    """Every service's schedules, learned tables and accounting (the module's rules).
-
+    """Every service's schedules, learned tables and accounting (the module's rules);
     ``zone``: the zone of the arrival slots' wall clock (windows carry their own)."""
 
     def __init__(
@@ -240,9 +238,8 @@ class Predictor:
                 continue  # not a chain follower, or the leader's episode in its window goes on
             settings = service.settings
             n = self.chains.episodes(leader, now, window)
-            # P as the API shows it (3 places): the counts are stored to 1e-6, so a
-            # follower that came after every episode reads 0.9999997, and threshold 1.0
-            # (allowed) would never wake it.
+            # P as the API shows it (3 places): counts are stored to 1e-6, so a follower of
+            # every episode reads 0.9999997, and threshold 1.0 would never wake it.
             if not _trusted(n, settings.min_samples) or round(p, 3) < settings.threshold:
                 continue
             if active(service.asleep, now) is not None:
@@ -298,11 +295,9 @@ class Predictor:
     # -- decisions ------------------------------------------------------------------
 
     def next_wake(self, name: str, now: float) -> Prediction | None:
-        """The next timed wake of ``name`` (ask when it sleeps, and again after each
-        timed wake): the earlier of its keep-awake schedule's and its learned arrivals',
-        never at a time inside an asleep window; ``at`` is ``now`` when it is due (inside
-        a keep-awake window, or a lead time longer than the time left). None: nothing
-        within a week."""
+        """The next timed wake of ``name``: its keep-awake schedule's or learned arrivals',
+        whichever is first, never inside an asleep window; ``at`` is ``now`` when it is due
+        (inside a keep-awake window, a lead longer than the time left). None: not in a week."""
         service = self._services.get(name)
         if service is None:
             return None
@@ -325,7 +320,8 @@ class Predictor:
             return None
         if (self.wake_estimate(name) or 0.0) < settings.min_wake_time:
             return None
-        found = self.arrivals.wake_at(name, now, settings.threshold, lead, service.asleep)
+        threshold = max(settings.threshold, ARRIVALS_FLOOR)
+        found = self.arrivals.wake_at(name, now, threshold, lead, service.asleep)
         if found is None:
             return None
         at, likely = found
@@ -394,23 +390,7 @@ class Predictor:
                 {"slot": slot, "when": slot_label(slot), "p": round(p, 3)}
                 for slot, p in self.arrivals.top(name, now, top)
             ],
-            "episodes": [
-                {"window": w, "n": round(n, 3)} for w, n in self.chains.episode_counts(name, now)
-            ],
-            "followers": [
-                {
-                    "service": b,
-                    "window": w,
-                    "p": round(p, 3),
-                    "n": round(v, 3),
-                    "trusted": self._trusted(self.chains.episodes(name, now, w), b),
-                }
-                for b, p, v, w in self.chains.followers(name, now)
-            ],
-            "leaders": [
-                {"service": a, "window": w, "p": round(p, 3), "n": round(v, 3)}
-                for a, p, v, w in self.chains.leaders(name, now)
-            ],
+            **self.chains.view(name, now, self._trusted),
             "wake": {
                 "samples": len(self._wakes.get(name, ())),
                 "estimate": self.wake_estimate(name),
@@ -460,10 +440,9 @@ class Predictor:
         return self.snapshot().state()
 
     def snapshot(self) -> Snapshot:
-        """A copy of what was learned, cheap enough for the event loop (the slot tables
-        are copied whole, their entries being tuples); ``Snapshot.state`` turns it into
-        ``to_state``'s form anywhere, a thread included: 31-77 ms of Python near the
-        bounds, against 13-34 ms for this copy (``python -m bench.predict_cost``)."""
+        """A copy of what was learned, cheaper than its JSON form (the slot tables are
+        copied whole, their entries being tuples), for the event loop; ``Snapshot.state``
+        turns it into ``to_state``'s form anywhere, a thread included (costs: prediction.md)."""
         return Snapshot(
             zone=self.zone,
             services=list(self._seen),
@@ -486,12 +465,9 @@ class Predictor:
     ) -> Predictor:
         """A predictor with what ``to_state`` wrote; ValueError naming what is wrong on
         anything malformed or past the bounds. ``zone``: the slots' zone now (None: the
-        state's); when it differs from the state's, the learned slots are dropped (they
-        are wall-clock slots of the other zone) and the rest kept. ``now``: the time it
-        is read at; a count or a slot dated later (a clock that was ahead when it was
-        written, a hand-made file) is taken as of ``now``: counts decay only from their
-        time on and a slot takes no request before its week, so a future date would keep
-        them at full weight, and the slot unchanged, until the clock got there."""
+        state's); another zone's slots are dropped, the rest kept. ``now``: the time it is
+        read at; a count or slot dated later (a clock that was ahead, a hand-made file) is
+        taken as of ``now``, else it would stay at full weight until the clock got there."""
         state = predict_state.check(data, max_services, max_pairs, max_slots)
         if now is not None:
             week = Arrivals(load_zone(state.zone)).where(now)[1]
