@@ -30,7 +30,7 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy.control.api import service_status
-from wakeproxy.control.client import format_status
+from wakeproxy.control.printed import format_status
 from wakeproxy.core.states import State
 from wakeproxy.host.memory import Cgroup, cgroup_of
 from wakeproxy.runtimes.leftovers import reap_leftovers
