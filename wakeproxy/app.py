@@ -13,27 +13,26 @@ import contextlib
 import dataclasses
 import logging
 import os
-import resource
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
-from .config import Address, Config, ServiceConfig, changes_in_place, load_config
+from .config import Address, Config, ServiceConfig, load_config
+from .config.live import Applied, plan
 from .config.model import LOCAL_ENGINE
-from .config.replicas import Members, compose_members, expand, expand_all, replica_sets
-from .control.admin import AdminServer
+from .config.replicas import expand_all, replica_sets
 from .core.states import State
-from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
+from .errors import ConfigError, EngineUnavailable, ListenError, RuntimeFailure, WakeproxyError
+from .host.limits import raise_open_file_limit
 from .httpmode.mcpfront import McpFront
 from .httpmode.mcpstore import McpStore
-from .runtimes.base import Runtime
-from .runtimes.docker import DockerEngine, DockerRuntime
-from .runtimes.process import ProcessRuntime, reap_leftovers
-from .runtimes.swarm import SwarmRuntime
+from .runtimes.engine import DockerEngine
+from .runtimes.factory import make_runtime
+from .runtimes.leftovers import reap_and_log
 from .serve.backend import Backend
 from .serve.coordinator import Coordinator
 from .serve.discovery import LabelDiscovery
+from .serve.engines import Engines
 from .serve.frontend import Frontend
 from .serve.predictions import Predictions
 
@@ -45,12 +44,8 @@ def _listener_of(cfg: ServiceConfig) -> tuple[object, ...]:
     return (cfg.listen, cfg.mode, cfg.backlog)
 
 
-class ListenError(WakeproxyError):
-    """A service's listen address cannot be bound."""
-
-
 @contextlib.contextmanager
-def _listening(what: str, address: Address) -> Iterator[None]:
+def listening(what: str, address: Address) -> Iterator[None]:
     """Turn a failed bind into a ListenError naming what and where."""
     try:
         yield
@@ -60,35 +55,9 @@ def _listening(what: str, address: Address) -> Iterator[None]:
         raise ListenError(f"{what}: cannot listen on {address}: {why}") from None
 
 
-def raise_open_file_limit() -> int:
-    """Raise the soft open-file limit to the hard one: two descriptors per connection."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit above %d: %s", soft, exc)
-    return soft
-
-
-@dataclasses.dataclass
-class ReloadResult:
-    """What a reload did, service by service."""
-
-    added: list[str] = dataclasses.field(default_factory=list)
-    removed: list[str] = dataclasses.field(default_factory=list)
-    # Changed where the running service cannot follow (listen, backend, runtime...):
-    # closed and opened again, its connections with it.
-    replaced: list[str] = dataclasses.field(default_factory=list)
-    # Changed in place: listener and connections kept.
-    updated: list[str] = dataclasses.field(default_factory=list)
-    unchanged: list[str] = dataclasses.field(default_factory=list)
-    # Listeners that could not open: name -> why.
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Sections that only a restart applies.
-    needs_restart: list[str] = dataclasses.field(default_factory=list)
+# The sources of services: the config file (its compose replicas included) and label
+# discovery on each engine ("labels:ENGINE").
+FILE = "file"
 
 
 class Proxy:
@@ -100,9 +69,9 @@ class Proxy:
         self.frontends: dict[str, Frontend] = {}
         # Created in start(): it needs the running loop.
         self.coordinator: Coordinator | None = None
-        # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
-        self.engines: dict[str, DockerEngine] = {}
-        self.admin: AdminServer | None = None
+        # Every Docker engine in use, by name, with its last listing.
+        self._compose_cue = asyncio.Event()
+        self.docker = Engines(config.engines, self._compose_cue.set)
         # Label discovery, one per engine (discovery.docker_labels), by engine name.
         self.discoveries: dict[str, LabelDiscovery] = {}
         # Schedules and learned wakes (created in start(): it needs the running loop).
@@ -114,10 +83,9 @@ class Proxy:
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
-        # Each engine's last listing: compose replicas are its containers.
-        self._listings: dict[str, list[dict[str, Any]]] = {}
-        self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
+        # What each source asked for when last applied: name -> config (see apply).
+        self._applied: dict[str, dict[str, ServiceConfig]] = {}
 
     def replicated(self, name: str) -> Frontend | None:
         """The listener of service ``name`` when it has replicas."""
@@ -130,49 +98,14 @@ class Proxy:
         return {n: why for d in self.discoveries.values() for n, why in d.rejected.items()}
 
     @property
+    def engines(self) -> Mapping[str, DockerEngine]:
+        """Every Docker engine in use, by name."""
+        return self.docker.by_name
+
+    @property
     def engine(self) -> DockerEngine | None:
         """The local engine (label discovery's), when one is in use."""
-        return self.engines.get(LOCAL_ENGINE)
-
-    def _members(self, cfg: ServiceConfig) -> Members:
-        assert cfg.replicas is not None
-        return compose_members(self._listings.get(cfg.engine, []), cfg.replicas)
-
-    def _engine_names(self, configs: Iterable[ServiceConfig]) -> set[str]:
-        return {cfg.engine for cfg in configs if cfg.runtime in ("docker", "swarm")}
-
-    def _engine(self, name: str) -> DockerEngine:
-        """The engine named ``name`` (made on first use; its events follow once running):
-        ``local`` or one of the ``engines:`` the proxy started with."""
-        engine = self.engines.get(name)
-        if engine is None:
-            cfg = self.config.engines.get(name)
-            if cfg is None and name != LOCAL_ENGINE:
-                raise EngineUnavailable(f"engine {name!r} is not one the proxy started with")
-            engine = self.engines[name] = DockerEngine(cfg)
-            engine.on_compose_change = self._compose_cue.set
-        return engine
-
-    async def _list(self, configs: Iterable[ServiceConfig], *, labels: Iterable[str] = ()) -> None:
-        """One listing per engine ``configs`` use (and of the ``labels`` engines, with
-        their Swarm services: label discovery's first read), all at once; an engine
-        that does not answer fails only its own services (their state reads failed,
-        retried with back-off)."""
-        configs = list(configs)
-        names = self._engine_names(configs) | set(labels)
-        swarm = {c.engine for c in configs if c.runtime == "swarm"} | set(labels)
-        await asyncio.gather(*(self._list_one(name, name in swarm) for name in sorted(names)))
-
-    async def _list_one(self, name: str, swarm: bool) -> None:
-        engine = self._engine(name)
-        try:
-            self._listings[name] = await engine.refresh_all(swarm=swarm)
-        except EngineUnavailable as exc:
-            log.error(
-                "the Docker engine %s does not answer: %s; its services are failed until it does",
-                name,
-                exc,
-            )
+        return self.docker.by_name.get(LOCAL_ENGINE)
 
     def _has_compose(self, services: Mapping[str, ServiceConfig]) -> bool:
         return any(c.replicas is not None and c.replicas.discovered for c in services.values())
@@ -182,26 +115,18 @@ class Proxy:
         log.debug("open-file limit: %d", limit)
         self.coordinator = Coordinator()
         self.predictions = Predictions(self.config.prediction, self.wall_clock)
-        # Checked before anything listens: a public admin address needs a token.
-        admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
         # Read before any service attaches, in a thread: the loop is not held by it.
         await self.predictions.preload(configs)
         # Before any command starts: what a killed proxy left of its commands, and
         # their cgroups.
         if any(cfg.runtime == "process" for cfg in configs):
-            runs, swept = await reap_leftovers()
-            for command, ended in runs:
-                log.warning(
-                    "ended %d process(es) a killed proxy left of its command %r", ended, command
-                )
-            if swept:
-                log.info("removed %d memory cgroup(s) a killed proxy left", swept)
+            await reap_and_log()
         labelled = self.config.discovery.engine_names(self.config.engines)
         if any(cfg.mode == "http" and cfg.http.mcp != "off" for cfg in configs):
             await self.mcp_store.loaded()  # before a listener opens (later: when one asks)
-        await self._list(configs, labels=labelled)
-        configs = list(expand_all(self.config.services.values(), self._members).values())
+        await self.docker.list(configs, labels=labelled)
+        configs = list(expand_all(self.config.services.values(), self.docker.members).values())
         try:
             for cfg in configs:
                 self.services[cfg.name] = self._backend(cfg)
@@ -210,25 +135,22 @@ class Proxy:
             self._wire()
             for cfg in configs:
                 await self.services[cfg.name].start()
+            self._applied[FILE] = {cfg.name: cfg for cfg in configs}
             for front in fronts:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             for name in labelled:
-                discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
+                discovery = LabelDiscovery(self, self.config.discovery, self.docker.by_name[name])
                 self.discoveries[name] = discovery
-                listing = self._listings.get(name)
+                listing = self.docker.listings.get(name)
                 if listing is not None:
                     # The same listing: labelled containers are served from the start.
                     await discovery.apply(listing)
-            with _listening("admin API", self.config.admin.listen):
-                await admin.start()
-            self.admin = admin
         except BaseException:
             await self.close()
             raise
-        for engine in self.engines.values():
-            engine.start_events()
-        if self.engines:
+        self.docker.start_events()
+        if self.docker.by_name:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
         for discovery in self.discoveries.values():
             discovery.start()
@@ -247,7 +169,7 @@ class Proxy:
             try:
                 async with self._reloading:
                     compose = [c for c in self.config.services.values() if c.replicas]
-                    await self._list(compose)
+                    await self.docker.list(compose)
                     await self._resync_compose()
             except EngineUnavailable as exc:
                 log.warning("compose replicas: %s", exc)
@@ -255,48 +177,97 @@ class Proxy:
                 log.exception("compose replicas: re-read failed; retrying at the next event")
 
     async def _resync_compose(self) -> None:
-        services = self.config.services
-        wanted: dict[str, ServiceConfig] = {}
-        for cfg in services.values():
-            if cfg.replicas is not None and cfg.replicas.discovered:
-                wanted.update((r.name, r) for r in expand(cfg, self._members(cfg)))
-        owners = {cfg.name for cfg in services.values() if cfg.replicas and cfg.replicas.discovered}
-        known = {LOCAL_ENGINE, *self.config.engines}
-        wanted = {name: cfg for name, cfg in wanted.items() if cfg.engine in known}
-        for name, service in list(self.services.items()):
-            if service.cfg.replica_of in owners and name not in wanted:
-                log.info("%s: its container is gone; replica removed", name)
-                await self.remove_service(name)
-        new = [cfg for name, cfg in wanted.items() if name not in self.services]
-        for cfg in new:
-            log.info("%s: container %s found; replica added", cfg.name, cfg.container)
-        await self.add_services(new)
-        self._sync_frontends(services)
-        self._wire()
-        for cfg in new:
-            # Events between the listing and the registration went nowhere: re-read.
-            self.services[cfg.name].recheck()
+        """The file's services again, against the containers now: compose replicas are
+        added and removed, the rest is unchanged."""
+        wanted = expand_all(self.config.services.values(), self.docker.members)
+        result = await self.apply(FILE, wanted, listed=True)
+        for name in result.removed:
+            log.info("%s: its container is gone; replica removed", name)
+        for name in result.added:
+            cfg = self.services[name].cfg
+            log.info("%s: container %s found; replica added", name, cfg.container)
+        for name, why in result.failed.items():
+            log.warning("%s: %s", name, why)
 
-    async def add_services(
-        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig] | None = None
+    async def apply(
+        self,
+        source: str,
+        wanted: Mapping[str, ServiceConfig],
+        *,
+        services: Mapping[str, ServiceConfig] | None = None,
+        listed: bool = False,
+    ) -> Applied:
+        """Make ``source``'s running services what it asks for now (``wanted``, by name),
+        against what it asked for when last applied (config.live.plan): the ones it no
+        longer asks for are removed, a change a running service can take is made in
+        place, any other change replaces it, new ones are added (a name another source
+        serves is taken over). The one way services change while the proxy runs: a
+        reload, compose replicas following their containers, label discovery.
+        ``services``: the configured services the listeners follow (default: the running
+        config's); ``listed``: the engines were just listed (else they are, for the
+        docker services to add)."""
+        before = self._applied.get(source, {})
+        steps = plan(before, wanted, self.services)
+        result = Applied(unchanged=list(steps.unchanged))
+        for name in steps.remove:
+            await self._remove(name)
+            result.removed.append(name)
+        for cfg in steps.update:
+            self.services[cfg.name].reconfigure(cfg)
+            result.updated.append(cfg.name)
+        for cfg in steps.replace:
+            await self._remove(cfg.name)
+            result.replaced.append(cfg.name)
+        for cfg in steps.add:
+            if cfg.name in self.services:
+                await self._remove(cfg.name)  # another source's: this one wins
+            result.added.append(cfg.name)
+        to_add = [*steps.replace, *steps.add]
+        unreachable = self._unreachable(to_add)
+        to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
+        if to_add and not listed:
+            await self._fresh_listing(to_add)
+        failed = await self._add(to_add, self.config.services if services is None else services)
+        result.failed = {**unreachable, **failed}
+        self._applied[source] = {n: c for n, c in wanted.items() if n not in result.failed}
+        for name in self._applied[source]:
+            for other, applied in self._applied.items():
+                if other != source:
+                    applied.pop(name, None)
+        for cfg in to_add:
+            if cfg.name not in failed:
+                # Events between the listing and the registration went nowhere: re-read.
+                self.services[cfg.name].recheck()
+        return result
+
+    def _unreachable(self, configs: Iterable[ServiceConfig]) -> dict[str, str]:
+        """Docker services on an engine the proxy did not start with (a restart needs)."""
+        known = {LOCAL_ENGINE, *self.config.engines}
+        return {
+            cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
+            for cfg in configs
+            if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
+        }
+
+    async def _add(
+        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig]
     ) -> dict[str, str]:
         """Start services while the proxy runs; returns name -> why for those that cannot
-        listen. ``services``: the configured services the replicated listeners follow
-        (a reload's new ones; default: the running config's).
-
-        Their state comes from the engine's latest listing, which the caller just made.
-        """
+        listen. ``services``: the configured services the replicated listeners follow.
+        Their state comes from the engine's latest listing, which the caller just made."""
         added: list[Backend] = []
         for cfg in configs:
             added.append(self._backend(cfg))
             self.services[cfg.name] = added[-1]
-        self._sync_frontends(self.config.services if services is None else services)
+        self._sync_frontends(services)
         self._wire()
         for backend in added:
             await backend.start()
-        return await self._open_frontends(self.config.services if services is None else services)
+        failed = await self._open_frontends(services)
+        self._wire()
+        return failed
 
-    async def remove_service(self, name: str) -> None:
+    async def _remove(self, name: str) -> None:
         """Stop serving one backend: no new connection is placed on it, its own close;
         a service's only backend takes its listener with it."""
         backend = self.services.pop(name)
@@ -309,7 +280,7 @@ class Proxy:
         await self._end(backend)
         self._wire()
 
-    async def reload(self) -> ReloadResult:
+    async def reload(self) -> Applied:
         """Re-read the config file and apply what changed in it.
 
         An invalid file raises ConfigError and changes nothing. A service whose entry is
@@ -329,102 +300,36 @@ class Proxy:
                     log.error("%s", problem)
                 raise
             old = self.config
-            result = ReloadResult(
-                needs_restart=[
-                    k
-                    for k in ("admin", "discovery", "engines")
-                    if getattr(new, k) != getattr(old, k)
-                ]
-            )
             self.policies = dict(new.policies)
             # Replicas one by one: a replica set that changed adds and removes replicas,
             # the others keep their connections.
             if self._has_compose(new.services):
                 await self._fresh_listing(c for c in new.services.values() if c.replicas)
-            # Both against the current listing (compose replicas: the containers now).
-            old_run = expand_all(old.services.values(), self._members)
-            new_run = expand_all(new.services.values(), self._members)
+            # Against the current listing (compose replicas: the containers now).
+            new_run = expand_all(new.services.values(), self.docker.members)
             # Departing replicas leave their listeners first: nothing new is placed on
             # them while the others are removed. Listeners going away (or moving) free
             # their addresses before anything else wants them.
             for front in self.frontends.values():
                 front.backends = [b for b in front.backends if b.name in new_run]
             self._close_frontends(new.services)
-            await self._apply(old_run, new_run, result, new.services)
-            result.failed.update(await self._open_frontends(new.services))
-            self._wire()
+            result = await self.apply(FILE, new_run, services=new.services)
+            result.needs_restart = [
+                k for k in ("admin", "discovery", "engines") if getattr(new, k) != getattr(old, k)
+            ]
             # Admin and discovery keep running as they started: they need a restart.
             self.config = dataclasses.replace(
                 new, admin=old.admin, discovery=old.discovery, engines=old.engines
             )
             for discovery in self.discoveries.values():
                 discovery.poke()
-        log.info(
-            "reloaded %s: %d added, %d removed, %d replaced, %d updated, %d unchanged%s",
-            new.source,
-            len(result.added),
-            len(result.removed),
-            len(result.replaced),
-            len(result.updated),
-            len(result.unchanged),
-            f"; {', '.join(result.needs_restart)} change(s) need a restart"
-            if result.needs_restart
-            else "",
-        )
+        log.info("reloaded %s: %s", new.source, result.summary())
         return result
 
-    async def _apply(
-        self,
-        old_run: Mapping[str, ServiceConfig],
-        new_run: Mapping[str, ServiceConfig],
-        result: ReloadResult,
-        services: Mapping[str, ServiceConfig],
-    ) -> None:
-        """Make the running services what ``new_run`` says (they were ``old_run``):
-        remove, update in place, replace, add; ``result`` says which was done to each."""
-        for name in old_run:
-            if name not in new_run:
-                await self.remove_service(name)
-                result.removed.append(name)
-        to_add: list[ServiceConfig] = []
-        for name, cfg in new_run.items():
-            before = old_run.get(name)
-            running = self.services.get(name)
-            if before is None or running is None:
-                if running is not None:
-                    await self.remove_service(name)  # a discovered one: the file wins
-                to_add.append(cfg)
-                result.added.append(name)
-            elif cfg == before:
-                result.unchanged.append(name)
-            elif changes_in_place(before, cfg):
-                running.reconfigure(cfg)
-                result.updated.append(name)
-            else:
-                await self.remove_service(name)
-                to_add.append(cfg)
-                result.replaced.append(name)
-        # The engines are the ones the proxy started with (a change needs a restart).
-        known = {LOCAL_ENGINE, *self.config.engines}
-        unreachable = {
-            cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
-            for cfg in to_add
-            if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
-        }
-        to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
-        if to_add:
-            await self._fresh_listing(to_add)
-        result.failed = {**unreachable, **await self.add_services(to_add, services)}
-
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
-        """Read container states before adding docker services (one listing per
-        engine they use); an engine new to the proxy starts its events too."""
-        configs = list(configs)
-        names = self._engine_names(configs)
-        new = names - set(self.engines)
-        await self._list(configs)
-        for name in new:
-            self.engines[name].start_events()
+        """Container states again before Docker services are added; an engine new to
+        the proxy follows compose changes too."""
+        new = await self.docker.fresh(configs)
         if new and self._compose_task is None:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
 
@@ -463,7 +368,7 @@ class Proxy:
         later)."""
         for name, front in list(self.frontends.items()):
             if not front.replicated:
-                continue  # goes with its backend (remove_service)
+                continue  # goes with its backend (_remove)
             cfg = services.get(name)
             if cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(front.cfg):
                 front.close()
@@ -476,7 +381,7 @@ class Proxy:
         failed: dict[str, str] = {}
         for front in [f for f in self.frontends.values() if not f.listening]:
             try:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             except ListenError as exc:
                 failed[front.name] = str(exc)
@@ -495,9 +400,6 @@ class Proxy:
             self.predictions.stop()  # a proxy shutting down wakes nothing ahead
         for front in self.frontends.values():
             front.stop_accepting()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         open_now = self._open_connections()
         if open_now:
             log.info("waiting up to %gs for %d open connection(s)", grace, open_now)
@@ -552,7 +454,8 @@ class Proxy:
 
     def _backend(self, cfg: ServiceConfig) -> Backend:
         assert self.coordinator is not None
-        runtime = self._runtime(cfg)
+        folder = None if self.config.source is None else Path(self.config.source).parent
+        runtime = make_runtime(cfg, self.docker.get, folder)
         initial, reason = runtime.initial_state()
         return Backend(
             cfg,
@@ -569,34 +472,6 @@ class Proxy:
             return None
         return McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
 
-    def _runtime(self, cfg: ServiceConfig) -> Runtime:
-        if cfg.runtime == "process":
-            assert cfg.command is not None
-            cwd = cfg.cwd
-            if cwd is not None and self.config.source is not None:
-                # A relative cwd is relative to the config file, not to wherever we run.
-                cwd = str(Path(self.config.source).parent / cwd)
-            return ProcessRuntime(
-                cfg.command,
-                cwd=cwd,
-                env=cfg.env,
-                stop_timeout=cfg.stop_timeout,
-                # Measured memory for every command, and hibernation on demand (the API)
-                # even where the policy never hibernates.
-                own_cgroup=True,
-            )
-        if cfg.runtime == "swarm":
-            assert cfg.swarm_service is not None
-            return SwarmRuntime(
-                self._engine(cfg.engine),
-                cfg.swarm_service,
-                replicas=cfg.swarm_replicas,
-                stop_timeout=cfg.stop_timeout,
-            )
-        assert cfg.container is not None
-        engine = self._engine(cfg.engine)
-        return DockerRuntime(engine, cfg.container, stop_timeout=cfg.stop_timeout)
-
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
         if self.predictions is not None:
@@ -610,9 +485,6 @@ class Proxy:
         for discovery in self.discoveries.values():
             await discovery.close()
         self.discoveries.clear()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         for front in self.frontends.values():
             front.close()
         for service in self.services.values():
@@ -623,6 +495,4 @@ class Proxy:
                 await service.runtime.close()
             except WakeproxyError as exc:
                 log.warning("%s: %s", service.name, exc)
-        for engine in self.engines.values():
-            await engine.close()
-        self.engines.clear()
+        await self.docker.close()

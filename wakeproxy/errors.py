@@ -1,7 +1,7 @@
 """The errors wakeproxy raises: one base, a few groups an operator can act on.
 
 Errors from aiodocker and the OS are mapped into these where they enter (see
-``runtimes.docker.map_docker_errors``), so the rest of the code and every log
+``runtimes.engine.map_docker_errors``), so the rest of the code and every log
 line speak one vocabulary.
 """
 
@@ -34,6 +34,10 @@ class BackendMissing(RuntimeFailure):
 
 class OperationFailed(RuntimeFailure):
     """The engine answered but refused or failed the operation."""
+
+
+class ListenError(WakeproxyError):
+    """A listen address (a service's, the admin API's) cannot be bound."""
 
 
 class ServiceBusy(WakeproxyError):

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..config.model import PredictionConfig, ServiceConfig
-from ..config.schema import predicts
+from ..config.policies import predicts
 from ..core import predict_plan as plan
 from ..core.events import Event, HoldAwake
 from ..core.predict import Predictor
