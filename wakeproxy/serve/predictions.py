@@ -40,10 +40,9 @@ from ..core.states import SleepReason, State
 from ..host import statefile
 
 log = logging.getLogger("wakeproxy.prediction")
-# A state file past this is refused unread. At the bounds (4,096 services, 10,000 pairs,
-# 65,536 slots) a state is 2.0 MB with short names and about 10 MB with every name at its
-# 256 characters; a bigger file is no state the proxy wrote (a 100 MB one took 3.7 s and
-# 1.26 GB to refuse when it was read whole).
+# A state file past this is refused unread: a full state with every name at its longest
+# stays well under it (its sizes: docs/prediction.md), so a bigger file is no state the
+# proxy wrote, and reading it whole would cost seconds and gigabytes.
 MAX_STATE_BYTES = 16 * 1024 * 1024
 
 
@@ -233,8 +232,8 @@ class Predictions:
                 self.tidy()
                 snapshot = self._snapshot()
                 if snapshot is not None:
-                    # Only the copy on the loop (13-34 ms near the bounds); its JSON form
-                    # (31-77 ms there), the write and the fsync in a thread. Shielded: a shutdown
+                    # Only the copy on the loop; its JSON form, the write and the fsync, the
+                    # dearer part (docs/prediction.md), in a thread. Shielded: a shutdown
                     # waits for it rather than racing it with its own save.
                     self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, snapshot))
                     await asyncio.shield(self._writing)
