@@ -210,8 +210,8 @@ class ClientSide(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         # Keepalive comes from the listening socket (Service.start): asking uvloop for
-        # this socket would build a Python socket object per connection, which measured
-        # at about 14% of the proxy's CPU under connection churn.
+        # this socket would build a Python socket object per connection, a cost that
+        # shows in every connection under churn (bench row 2).
         _limit_buffers(transport)
         owner = self.owner
         if not owner.connection_made(self):
