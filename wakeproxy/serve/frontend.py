@@ -310,11 +310,11 @@ class Frontend:
 
     # mode http
 
-    def request_seen(self, conn: HttpClientSide) -> None:
+    def request_seen(self, conn: ClientSide) -> None:
         if conn.backend is not None:
             self._backend_of(conn).request_seen()
 
-    def result_due(self, conn: HttpClientSide) -> None:
+    def result_due(self, conn: ClientSide) -> None:
         if conn.backend is not None:
             self._backend_of(conn).result_due()
 
