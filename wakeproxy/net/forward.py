@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from ..config import ServiceConfig
 from ..core.states import Outcome
 
 # Per-direction write buffer: big enough for bulk throughput, small enough that a
@@ -459,3 +460,15 @@ class UpstreamSide(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client.resume_for(BACKEND_FULL)
+
+
+async def open_listener(
+    cfg: ServiceConfig, protocol: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.Server:
+    """A service's listening socket."""
+    server = await asyncio.get_running_loop().create_server(
+        protocol, cfg.listen.host, cfg.listen.port, backlog=cfg.backlog, reuse_address=True
+    )
+    for sock in server.sockets:
+        set_keepalive(sock)
+    return server
