@@ -258,6 +258,15 @@ def listener_drops(port: int) -> int:
                 offset += (length + 3) & ~3
 
 
+def serving(proxy: Proxy, name: str, port: int | None = None) -> bool:
+    """Whether service ``name`` is listed and its listener open (on ``port``, if given): a
+    service added while the proxy runs is listed a moment before its port is bound."""
+    front = proxy.frontends.get(name)
+    if name not in proxy.services or front is None or not front.listening:
+        return False
+    return port is None or front.cfg.listen.port == port
+
+
 def port_answers(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)

@@ -19,6 +19,7 @@ from tests.helpers import (
     http_get,
     port_answers,
     running,
+    serving,
     wait_until,
 )
 from wakeproxy.core.states import State
@@ -80,7 +81,7 @@ async def test_labelled_container_appears_is_woken_follows_recreation_and_goes_a
         container = make_container(
             backend, paused=True, labels=labels_for(name, first, backend, idle_timeout="1")
         )
-        await wait_until(lambda: name in proxy.services, within=30)
+        await wait_until(lambda: serving(proxy, name, first), within=30)
         service = proxy.services[name]
         await wait_until(lambda: service.state is State.PAUSED, within=30)
         assert service.cfg.source == "labels" and service.cfg.sleep_policy.idle_timeout == 1
@@ -97,10 +98,7 @@ async def test_labelled_container_appears_is_woken_follows_recreation_and_goes_a
         make_container(
             backend, name=container, labels=labels_for(name, second, backend, idle_timeout="600")
         )
-        await wait_until(
-            lambda: name in proxy.services and proxy.services[name].cfg.listen.port == second,
-            within=30,
-        )
+        await wait_until(lambda: serving(proxy, name, second), within=30)
         assert not port_answers(first), "the old listener closed"
         assert (await http_get(second, within=15)).endswith(BODY)
         assert proxy.services[name].cfg.sleep_policy.idle_timeout == 600

@@ -21,6 +21,7 @@ from tests.helpers import (
     port_answers,
     running,
     service,
+    serving,
     wait_until,
 )
 from wakeproxy.core.states import State
@@ -192,13 +193,13 @@ async def test_a_stack_deployed_with_wakeproxy_labels_is_discovered_woken_and_sl
             BUSYBOX_IMAGE, "httpd", "-f", "-p", f"127.0.0.1:{plain_backend}", "-h", "/www",
             host=swarm.host,
         )  # fmt: skip
-        await wait_until(lambda: plain in proxy.services, within=20)
+        await wait_until(lambda: serving(proxy, plain, plain_port), within=20)
         assert proxy.services[plain].cfg.engine == "swarm"
         assert (await http_get(plain_port, within=20)).endswith(BODY)
         file = stack_file(tmp_path / "stack.yml", backend, port)
         docker("stack", "deploy", "-c", file, stack, host=swarm.host, within=60)
         name = f"{stack}_web"
-        await wait_until(lambda: name in proxy.services, within=20)
+        await wait_until(lambda: serving(proxy, name, port), within=20)
         web = proxy.services[name]
         assert web.runtime.kind == "swarm" and web.cfg.engine == "swarm"
         assert web.state is State.STOPPED
