@@ -49,17 +49,36 @@ def test_kernel_connections_keep_it_awake_and_are_read_again_on_the_timer() -> N
     assert glue.actions("web", RunSleep) == [RunSleep(PAUSE)]
 
 
-def test_their_last_received_data_moves_the_deadline() -> None:
+def test_their_last_received_data_moves_the_idle_clock() -> None:
     glue = FakeGlue()
     node = glue.add("web", idle_delay=10.0)
     glue.now = 9.0
     glue.feed("web", seen(1, last=8.0))
+    assert node.last_activity == 8.0 and node.deadline == 18.0
+    glue.feed("web", seen(1, last=2.0))  # an older time never moves it back
     assert node.last_activity == 8.0
     glue.advance(10.0)
-    assert glue.timers[("web", Timer.IDLE)] == 18.0, "at the deadline, not earlier"
-    # An older time than the clock already has never moves it back.
-    glue.feed("web", seen(1, last=2.0))
-    assert node.last_activity == 8.0
+    assert glue.timers[("web", Timer.IDLE)] == 11.0, "open: read again a second later"
+
+
+def test_while_it_hands_connections_over_the_kernel_is_read_sooner() -> None:
+    glue = FakeGlue()
+    node = glue.add("web", idle_delay=20.0)  # a read every 2 s while busy
+    glue.advance(19.5)
+    glue.feed("web", seen(0, arrived=1))  # came and went since the last read
+    assert node.last_activity == 19.5
+    glue.advance(20.0)
+    # Not at the deadline (39.5): an arrival after this read would only be stamped then.
+    assert glue.timers[("web", Timer.IDLE)] == 22.0
+    glue.now = 21.0
+    glue.feed("web", seen(0))  # a quiet read: nothing came, nothing is open
+    assert node.last_activity == 19.5
+    glue.advance(22.0)
+    assert glue.timers[("web", Timer.IDLE)] == 39.5, "quiet: straight to the deadline"
+    glue.advance(39.4)
+    assert glue.actions("web", RunSleep) == []
+    glue.advance(39.5)
+    assert glue.actions("web", RunSleep) == [RunSleep(PAUSE)]
 
 
 def test_the_api_sleep_is_refused_while_the_kernel_lists_connections() -> None:

@@ -61,9 +61,8 @@ def refusal(node: Node, force: bool) -> Refused | None:
     return None
 
 
-def kernel_recheck(node: Node, now: float) -> float:
-    """When to read the kernel's fast-path connections again while some are open: the
-    proxy is not told when they end. At the deadline, or a tenth of the idle delay from
-    now (at least a second): a sleep at most that much late."""
+def kernel_recheck(node: Node) -> float:
+    """Seconds to the next read of the kernel's fast-path connections while it hands some
+    over: a tenth of the idle delay, at least a second (never more than the delay)."""
     delay = node.policy.idle_delay
-    return max(node.deadline, now + min(delay, max(1.0, delay / 10)))
+    return min(delay, max(1.0, delay / 10))

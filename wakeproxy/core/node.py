@@ -23,6 +23,7 @@ class Node:
         "hibernated",
         "hold_until",
         "kernel_attached",
+        "kernel_busy",
         "last_activity",
         "name",
         "newer",
@@ -43,8 +44,10 @@ class Node:
         self.attached = 0
         self.held = 0
         # Connections the kernel handed to the backend without the proxy (fast_path:
-        # kernel), as last read while it ran: they keep it awake too.
+        # kernel), as last read while it ran: they keep it awake too. Busy: the last
+        # read saw some (open, new or ended): the next comes sooner (gate.kernel_recheck).
         self.kernel_attached = 0
+        self.kernel_busy = False
         self.last_activity = now
         # mode http: no idle sleep before this (a result may still be due, inflight_grace).
         self.busy_until = 0.0

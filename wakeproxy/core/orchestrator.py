@@ -14,8 +14,9 @@ service may sleep now):
   deadline is ``max(last activity + idle delay, busy_until, hold_until)`` (a 202's
   grace; prediction's hold, replaced rather than raised); one timer per service,
   armed when the last connection leaves and re-armed when it fires early (activity
-  only stamps the time). With fast-path connections open, that timer is also when the
-  kernel is read again: their ends are never reported.
+  only stamps the time). That timer is also when the glue reads the kernel's fast-path
+  connections (their ends are never reported): while it hands some over, at least every
+  tenth of the idle delay.
 * **Dependents' veto.** A service does not sleep while a service that depends on it
   is awake; it reconsiders when that one sleeps or fails.
 * **Group consensus.** A group sleeps together, once every member may sleep: the last
@@ -247,13 +248,15 @@ class Orchestrator:
     def _kernel(self, node: Node, seen: KernelConnections, now: float) -> None:
         state = node.unit.state
         if state is State.RUNNING:
-            if seen.arrived or seen.attached < node.kernel_attached:
+            moved = seen.arrived or seen.attached < node.kernel_attached
+            if moved:
                 # Came, or ended, since the last read (when, it cannot tell): as in tcp
                 # mode, where a connection's close is activity.
                 node.last_activity = now
             elif seen.last_activity is not None:
                 node.last_activity = max(node.last_activity, seen.last_activity)
             node.kernel_attached = seen.attached
+            node.kernel_busy = bool(moved or seen.attached)
         elif state in (State.PAUSING, State.STOPPING) and seen.arrived:
             # Handed over after the read that decided the sleep (another member's idle
             # timer put its group to sleep): they wait in the backend's own accept
@@ -289,12 +292,15 @@ class Orchestrator:
     def _idle_due(self, node: Node, now: float) -> None:
         if node.unit.state is not State.RUNNING or node.attached or not node.policy.sleeps:
             return
-        if node.kernel_attached:
-            self._emit(node, ArmTimer(Timer.IDLE, kernel_recheck(node, now)))
-            return
-        if now < node.deadline:
-            # Activity since the timer was armed: re-arm for the time that is left.
-            self._emit(node, ArmTimer(Timer.IDLE, node.deadline))
+        if node.kernel_attached or now < node.deadline:
+            # Activity since the timer was armed: re-arm for the time that is left. While
+            # the kernel's fast path hands connections over, read it again sooner: the
+            # proxy is not told when they end, so their ends (and arrivals it cannot time)
+            # are stamped at a read, at most this late.
+            at = now + kernel_recheck(node) if node.kernel_attached else node.deadline
+            if node.kernel_busy:
+                at = min(at, now + kernel_recheck(node))
+            self._emit(node, ArmTimer(Timer.IDLE, at))
             return
         if awake_dependents(node, outside=node.group):
             return  # reconsidered when they sleep
@@ -394,7 +400,7 @@ class Orchestrator:
         if after not in (State.PAUSING, State.PAUSED):
             node.hibernate_now = False
         if before is State.RUNNING:
-            node.kernel_attached = 0  # read again once it runs
+            node.kernel_attached, node.kernel_busy = 0, False  # read again once it runs
         self._emit(node, Transition(before, after, node.unit.reason))
         if before is State.WAKING and after is State.RUNNING:
             self._emit(node, WakeEnded(WakeResult.OK, node.unit.reason))
