@@ -379,6 +379,7 @@ def service_status(service: Backend) -> dict[str, Any]:
         "last_error": _last_error(service),
         "replica_of": service.cfg.replica_of,
         "mcp": service.mcp.describe() if service.mcp and not service.cfg.replica_of else None,
+        "fast_path": service.fast_path.describe(),
     }
 
 
