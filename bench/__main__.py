@@ -11,6 +11,7 @@ Writes a Markdown report (``--out``, default bench/RESULTS.md). All traffic: 127
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import statistics
 import subprocess
@@ -96,16 +97,25 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
     churn = kind == "churn"
     mode = "http" if kind.startswith("http") else "tcp"
     varied = kind == "http-varied"
+    # Rows 1 and 2 also run the kernel's fast path, where it can load.
+    no_fast = peers.fast_path_why() if kind in ("keepalive", "churn") else "tcp rows only"
     progress(f"{title}: starting nginx, HAProxy, wakeproxy")
-    backend = peers.nginx(workdir / kind)
-    started = [backend]
+    started: list[peers.Peer] = []
     try:
-        started.append(haproxy := peers.haproxy(backend.port, mode))
+        if no_fast is None:  # nginx is that proxy's command; everyone reaches it
+            fast, backend_port = peers.wakeproxy_fast(workdir / kind)
+            started.append(fast)
+        else:
+            started.append(backend := peers.nginx(workdir / kind))
+            backend_port = backend.port
+        started.append(haproxy := peers.haproxy(backend_port, mode))
         extra = "    mode: http\n" if mode == "http" else ""
-        started.append(proxy := peers.wakeproxy(workdir, backend.port, extra))
-        contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+        started.append(proxy := peers.wakeproxy(workdir, backend_port, extra))
+        contenders = {"direct": backend_port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+        if no_fast is None:
+            contenders[targets.FAST] = fast.port
         if churn:  # the runtime's own ceiling: what is left over it is wakeproxy's own
-            started.append(floor := peers.bare(backend.port))
+            started.append(floor := peers.bare(backend_port))
             contenders["bare uvloop"] = floor.port
         connections = 50
 
@@ -121,42 +131,57 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             title,
             lambda path: plots.latency(path, title, results),
         )
-        note = (
-            f"wrk, 1 thread, {connections} connections, "
-            + ("`Connection: close` (a new connection per request)" if churn else "keep-alive")
-            + ", to nginx returning a 6-byte body."
-            + (
-                " HAProxy in `mode http` (haproxy-http.cfg), wakeproxy in `mode: http`."
-                if mode == "http"
-                else ""
-            )
-            + (
-                " wrk repeats one request head; wakeproxy does not parse a head again when it"
-                " is byte for byte the connection's previous one (row 4b measures without it)."
-                if kind == "http"
-                else ""
-            )
-            + (
-                " varied.lua gives every request its own query string, so every head is parsed."
-                if varied
-                else ""
-            )
-            + (
-                " `bare uvloop` is bench/bare.py: a Protocol-pair forwarder with nothing but"
-                " the connect and the copy, on the same loop."
-                if churn
-                else ""
-            )
-        )
         command = shlex.join(
             loadgen.wrk_command(9999, args.seconds, connections, churn, varied=varied)
         )
+        note = _http_note(kind, connections, fast=no_fast is None)
         report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
-        targets.http(report, kind, results)
+        targets.http(report, kind, results, absent={targets.FAST: no_fast})
         report.plot(*latency_plot)
     finally:
         for peer in reversed(started):
             peer.stop()
+
+
+def _http_note(kind: str, connections: int, *, fast: bool) -> str:
+    churn, varied = kind == "churn", kind == "http-varied"
+    mode = "http" if kind.startswith("http") else "tcp"
+    return (
+        f"wrk, 1 thread, {connections} connections, "
+        + ("`Connection: close` (a new connection per request)" if churn else "keep-alive")
+        + ", to nginx returning a 6-byte body."
+        + (
+            " HAProxy in `mode http` (haproxy-http.cfg), wakeproxy in `mode: http`."
+            if mode == "http"
+            else ""
+        )
+        + (
+            " wrk repeats one request head; wakeproxy does not parse a head again when it"
+            " is byte for byte the connection's previous one (row 4b measures without it)."
+            if kind == "http"
+            else ""
+        )
+        + (
+            " varied.lua gives every request its own query string, so every head is parsed."
+            if varied
+            else ""
+        )
+        + (
+            " `bare uvloop` is bench/bare.py: a Protocol-pair forwarder with nothing but"
+            " the connect and the copy, on the same loop."
+            if churn
+            else ""
+        )
+        + (
+            " `wakeproxy fast path` is a second wakeproxy with `fast_path: kernel` whose"
+            " command is the nginx every contender reaches: it runs, so the kernel hands"
+            " each new connection to nginx's own listener (the proxy accepts none). Its"
+            " sk_lookup program runs on every SYN in the namespace, the other contenders'"
+            " too (a SYN with no route costs at most two hash-map lookups)."
+            if fast
+            else ""
+        )
+    )
 
 
 def scenario_bulk(report: Report, args: argparse.Namespace, workdir: Path) -> None:
@@ -391,6 +416,9 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="5 rounds of 10 s each")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--seconds", type=float)
+    parser.add_argument(
+        "--only", help="comma-separated rows (keepalive,churn,bulk,http,...); others read not run"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.full else 1 if args.quick else 3)
@@ -399,18 +427,30 @@ def main() -> None:
     report = Report(args.out, targets.ALL)
     with tempfile.TemporaryDirectory(prefix="wakeproxy-bench-") as tmp:
         workdir = Path(tmp)
-        scenario_http(report, args, workdir, "keepalive")
-        scenario_http(report, args, workdir, "churn")
-        scenario_bulk(report, args, workdir)
-        scenario_http(report, args, workdir, "http")
-        scenario_http(report, args, workdir, "http-varied")
-        scenario_cold_wake(report, args, workdir)
-        scenario_start_wake(report, args, workdir)
-        scenario_scale(report, args, workdir)
-        scenario_hibernate(report, args, workdir)
-        scenario_replicas(report, args)
-        scenario_swarm(report, args)
-        scenario_predict(report)
+        rows: dict[str, Callable[[], None]] = {
+            **{
+                kind: functools.partial(scenario_http, report, args, workdir, kind)
+                for kind in ("keepalive", "churn")
+            },
+            "bulk": lambda: scenario_bulk(report, args, workdir),
+            **{
+                kind: functools.partial(scenario_http, report, args, workdir, kind)
+                for kind in ("http", "http-varied")
+            },
+            "cold": lambda: scenario_cold_wake(report, args, workdir),
+            "start": lambda: scenario_start_wake(report, args, workdir),
+            "scale": lambda: scenario_scale(report, args, workdir),
+            "hibernate": lambda: scenario_hibernate(report, args, workdir),
+            "replicas": lambda: scenario_replicas(report, args),
+            "swarm": lambda: scenario_swarm(report, args),
+            "predict": lambda: scenario_predict(report),
+        }
+        only = args.only.split(",") if args.only else list(rows)
+        if unknown := set(only) - set(rows):
+            parser.error(f"--only: no row {', '.join(sorted(unknown))}; rows: {', '.join(rows)}")
+        for name, run in rows.items():
+            if name in only:
+                run()
     report.write(args.out, args)
     print(report.targets_section())
     progress(f"report written to {args.out}")
