@@ -33,6 +33,7 @@ from tests.fakes import FakeRuntime
 from wakeproxy.app import Proxy
 from wakeproxy.config import Address, AdminConfig, Config, ServiceConfig, parse_yaml
 from wakeproxy.config.model import McpConfig
+from wakeproxy.control.assembly import ProxyProcess
 from wakeproxy.core.actions import Action, ArmTimer
 from wakeproxy.core.events import Event, Timer, TimerFired
 from wakeproxy.core.node import Node
@@ -114,16 +115,17 @@ async def running(
     if config.mcp == McpConfig():
         # In memory: the default state file is shared by every proxy on the machine.
         config = dataclasses.replace(config, mcp=McpConfig(state_file=None))
-    proxy = Proxy(config)
+    process = ProxyProcess(config)  # the proxy with its admin API, as `run` starts it
+    proxy = process.proxy
     if wall_clock is not None:
         proxy.wall_clock = wall_clock
-    await proxy.start()
+    await process.start()
     unexpected: dict[str, object] = {}
     try:
         yield proxy
         unexpected = {n: dict(s.stats.unexpected) for n, s in proxy.services.items()}
     finally:
-        await proxy.close()
+        await process.close()
     assert not any(unexpected.values()), f"events with no transition: {unexpected}"
 
 

@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import build, service
 from wakeproxy.config import (
     Address,
+    ServiceConfig,
     build_config,
     load_config,
     parse_yaml,
@@ -186,6 +187,12 @@ def test_every_fault_is_reported_at_once():
             "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\nreadiness: {http: healthz}",
             "expected a path starting with /",
         ),
+        # Once accepted: the error says why it went and what to write instead.
+        (
+            "listen: 127.0.0.1:1\nbackend: 127.0.0.1:2\ncontainer: c\n"
+            "sleep_policy: {action: hibernate, reclaim: pageout}",
+            "sleep_policy.reclaim: 'pageout' is no longer offered: it freed no memory",
+        ),
     ],
 )
 def test_cross_field_rules(entry, message):
@@ -285,6 +292,39 @@ def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.yaml")
     assert "nope.yaml: cannot read the config file: No such file or directory" in str(info.value)
+
+
+def test_relative_paths_are_relative_to_the_config_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(
+        textwrap.dedent(
+            """
+            admin: {listen: 127.0.0.1:9000, token_file: secrets/token}
+            prediction: {state_file: state/prediction.json}
+            mcp: {state_file: /var/lib/wakeproxy/mcp.json}
+            engines:
+              far: {host: "tcp://10.0.0.7:2376", cert_path: certs/far}
+            services:
+              web:
+                listen: 127.0.0.1:1
+                backend: 127.0.0.1:2
+                command: [python3, server.py, --root, www]
+                cwd: ../srv
+            """
+        )
+    )
+    # Started elsewhere, with the file named relative to there: the same paths.
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/config.yaml")
+    assert config.admin.token_file == str(folder / "secrets/token")
+    assert config.prediction.state_file == str(folder / "state/prediction.json")
+    assert config.mcp.state_file == "/var/lib/wakeproxy/mcp.json"  # absolute: as written
+    assert config.engines["far"].cert_path == str(folder / "certs/far")
+    web = config.services["web"]
+    assert web.cwd == str(folder / "../srv")
+    # A command's arguments are not paths: they are read from cwd, as written.
+    assert web.command == ("python3", "server.py", "--root", "www")
 
 
 def test_every_duration_key_has_a_minimum_of_10_ms():
@@ -792,3 +832,36 @@ def test_check_warns_where_the_fast_path_cannot_apply():
         "services.pool.fast_path: replicas: the proxy places each connection; the proxy "
         "forwards every connection",
     ], fast
+
+
+def test_a_plan_from_what_a_source_asked_to_what_it_asks_now():
+    from wakeproxy.config.live import plan
+
+    def one(name: str, listen: int, **settings: object) -> ServiceConfig:
+        return build(service(name, listen, listen + 1, container=name, **settings)).services[name]
+
+    kept, tuned, moved, gone = (
+        one("kept", 1000),
+        one("tuned", 1010),
+        one("moved", 1020),
+        one("gone", 1030),
+    )
+    before = {s.name: s for s in (kept, tuned, moved, gone)}
+    after = {
+        "kept": kept,
+        "tuned": one("tuned", 1010, sleep_policy={"idle_timeout": 5}),  # a live key
+        "moved": one("moved", 1040),  # the listen address: not in place
+        "new": one("new", 1050),
+        "theirs": one("theirs", 1060),  # runs, but another source's
+    }
+    running = {"kept", "tuned", "moved", "gone", "theirs"}
+    steps = plan(before, after, running)
+    assert steps.remove == ("gone",)
+    assert [c.name for c in steps.update] == ["tuned"]
+    assert [c.name for c in steps.replace] == ["moved"]
+    assert [c.name for c in steps.add] == ["new", "theirs"]
+    assert steps.unchanged == ("kept",)
+    # Asked for before but no longer running (its listener failed): added again; gone
+    # from both: nothing to remove.
+    steps = plan(before, {"kept": kept}, {"tuned"})
+    assert [c.name for c in steps.add] == ["kept"] and steps.remove == ("tuned",)

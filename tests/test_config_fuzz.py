@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wakeproxy.config import parse_yaml, service_from_labels
+from wakeproxy.config.fields import HTTP_FIELDS, SERVICE_FIELDS, SLEEP_FIELDS, TOP_FIELDS
 from wakeproxy.config.labels import _LABEL_PATHS
 from wakeproxy.config.model import DEFAULT_ALLOWED_LISTEN
-from wakeproxy.config.schema import _HTTP_FIELDS, _TOP_FIELDS, SERVICE_FIELDS, SLEEP_FIELDS
 from wakeproxy.config.source import MAX_NODES
 from wakeproxy.errors import ConfigError
 
@@ -51,7 +51,7 @@ service = st.fixed_dictionaries(
         "container": st.text(max_size=10) | values,
         "command": st.lists(st.text(max_size=5), max_size=3) | values,
         "sleep_policy": section([*SLEEP_FIELDS, "use"]) | values,
-        "http": section(list(_HTTP_FIELDS)) | values,
+        "http": section(list(HTTP_FIELDS)) | values,
         "mode": st.sampled_from(["tcp", "http"]) | values,
     },
 ).flatmap(lambda fixed: section(list(SERVICE_FIELDS)).map(lambda extra: {**extra, **fixed}))
@@ -65,7 +65,7 @@ configs = st.fixed_dictionaries(
         "discovery": values,
         "shutdown": values,
     },
-).flatmap(lambda fixed: section(list(_TOP_FIELDS)).map(lambda extra: {**extra, **fixed}))
+).flatmap(lambda fixed: section(list(TOP_FIELDS)).map(lambda extra: {**extra, **fixed}))
 
 
 @settings(max_examples=400, deadline=None)

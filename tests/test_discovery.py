@@ -22,7 +22,7 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy.core.states import State
-from wakeproxy.runtimes.docker import DockerEngine
+from wakeproxy.runtimes.engine import DockerEngine
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"

@@ -118,7 +118,8 @@ async def test_missing_container_fails_clearly_and_is_found_once_created(make_co
 
 
 async def test_start_up_reads_states_and_addresses_in_one_listing(make_container):
-    from wakeproxy.runtimes.docker import DockerEngine, DockerRuntime, address_of
+    from wakeproxy.runtimes.docker import DockerRuntime
+    from wakeproxy.runtimes.engine import DockerEngine, address_of
 
     backend = free_port()
     name = make_container(backend, paused=True)

@@ -18,7 +18,8 @@ from wakeproxy.core.states import State
 from wakeproxy.errors import OperationFailed
 from wakeproxy.host import memory
 from wakeproxy.runtimes import docker
-from wakeproxy.runtimes.docker import DockerEngine, DockerRuntime, set_paused
+from wakeproxy.runtimes.docker import DockerRuntime, set_paused
+from wakeproxy.runtimes.engine import DockerEngine
 
 pytestmark = pytest.mark.asyncio
 CID = "c0ffee" * 10

@@ -16,7 +16,7 @@ from tests.helpers import (
 )
 from wakeproxy.control import metrics
 from wakeproxy.core.states import State
-from wakeproxy.runtimes.docker import _clock_offset
+from wakeproxy.runtimes.engine import _clock_offset
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.docker]
 BODY = b"hello from busybox\n"

@@ -34,6 +34,7 @@ from wakeproxy.control.client import format_status
 from wakeproxy.core.states import State
 from wakeproxy.host.memory import Cgroup, cgroup_of
 from wakeproxy.runtimes.process import ProcessRuntime, reap_leftovers
+from wakeproxy.serve.status import backend_status
 
 pytestmark = pytest.mark.asyncio
 
@@ -125,7 +126,7 @@ async def test_missing_command_fails_fast_with_a_clear_reason():
         assert service.stats.connections["backend_error"] == 1
         # The retry re-reads the state (stopped: nothing runs); the status keeps why.
         await wait_until(lambda: service.state is State.STOPPED, within=10)
-        status = service_status(service)
+        status = service_status(backend_status(service))
         assert status["reason"] == "state re-read"
         assert status["last_error"]["reason"].startswith("cannot run '/nonexistent/server'")
         assert "; last error: cannot run '/nonexistent/server'" in format_status([status])

@@ -30,11 +30,13 @@ from tests.helpers import (
 )
 from wakeproxy.config import Address
 from wakeproxy.control.api import service_status
+from wakeproxy.core import pacing
 from wakeproxy.core.lifecycle import BACKOFF_FIRST
 from wakeproxy.core.states import SleepAction, State
 from wakeproxy.net import admission, forward
 from wakeproxy.net.admission import Admission
 from wakeproxy.serve.stats import ServiceStats
+from wakeproxy.serve.status import backend_status
 
 pytestmark = pytest.mark.asyncio
 
@@ -583,7 +585,7 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
     serving = asyncio.create_task(backend.serve())
     port = service.cfg.listen.port
     try:
-        assert service.admission.learned == admission.FALLBACK_WINDOW
+        assert service.admission.learned == pacing.FALLBACK_WINDOW
         dropped = listener_drops(backend.port)
         first = await _clients(port, 30)
         assert service.stats.connections["forwarded"] == 30
@@ -593,11 +595,11 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         # by a SYN cookie lost their bytes: the kernel's doing, which is why the window
         # matters), and what was in flight when the first was sent is the window now.
         assert listener_drops(backend.port) > dropped
-        assert max(seconds for seconds, _ in first) >= admission.SYN_RETRIED  # a retry's floor
+        assert max(seconds for seconds, _ in first) >= pacing.SYN_RETRIED  # a retry's floor
         dropped = listener_drops(backend.port)
         assert 1 <= service.admission.learned <= 10, service.admission.learned
         learned = service.admission.learned
-        assert service_status(service)["release"] == {
+        assert service_status(backend_status(service))["release"] == {
             "window": learned,
             "window_from": "learned",
             "early_connects": 0,
@@ -614,7 +616,7 @@ async def test_where_the_accept_queue_cannot_be_read_the_window_is_learned_from_
         # A start forgets it: the new process may listen with another backlog.
         await service.sleep(SleepAction.STOP)
         await service.wake()
-        assert service.admission.learned == admission.FALLBACK_WINDOW
+        assert service.admission.learned == pacing.FALLBACK_WINDOW
     finally:
         serving.cancel()
         await service.close()

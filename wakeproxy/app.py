@@ -19,16 +19,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import Address, Config, ServiceConfig, changes_in_place, load_config
+from .config import Address, Config, ServiceConfig, load_config
+from .config.live import Applied, plan
 from .config.model import LOCAL_ENGINE
-from .config.replicas import Members, compose_members, expand, expand_all, replica_sets
-from .control.admin import AdminServer
+from .config.replicas import Members, compose_members, expand_all, replica_sets
 from .core.states import State
 from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
 from .httpmode.mcpfront import McpFront
 from .httpmode.mcpstore import McpStore
 from .runtimes.base import Runtime
-from .runtimes.docker import DockerEngine, DockerRuntime
+from .runtimes.docker import DockerRuntime
+from .runtimes.engine import DockerEngine
 from .runtimes.process import ProcessRuntime, reap_leftovers
 from .runtimes.swarm import SwarmRuntime
 from .serve.backend import Backend
@@ -51,7 +52,7 @@ class ListenError(WakeproxyError):
 
 
 @contextlib.contextmanager
-def _listening(what: str, address: Address) -> Iterator[None]:
+def listening(what: str, address: Address) -> Iterator[None]:
     """Turn a failed bind into a ListenError naming what and where."""
     try:
         yield
@@ -74,22 +75,9 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-@dataclasses.dataclass
-class ReloadResult:
-    """What a reload did, service by service."""
-
-    added: list[str] = dataclasses.field(default_factory=list)
-    removed: list[str] = dataclasses.field(default_factory=list)
-    # Changed where the running service cannot follow (listen, backend, runtime...):
-    # closed and opened again, its connections with it.
-    replaced: list[str] = dataclasses.field(default_factory=list)
-    # Changed in place: listener and connections kept.
-    updated: list[str] = dataclasses.field(default_factory=list)
-    unchanged: list[str] = dataclasses.field(default_factory=list)
-    # Listeners that could not open: name -> why.
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Sections that only a restart applies.
-    needs_restart: list[str] = dataclasses.field(default_factory=list)
+# The sources of services: the config file (its compose replicas included) and label
+# discovery on each engine ("labels:ENGINE").
+FILE = "file"
 
 
 class Proxy:
@@ -103,7 +91,6 @@ class Proxy:
         self.coordinator: Coordinator | None = None
         # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
         self.engines: dict[str, DockerEngine] = {}
-        self.admin: AdminServer | None = None
         # Label discovery, one per engine (discovery.docker_labels), by engine name.
         self.discoveries: dict[str, LabelDiscovery] = {}
         # Schedules and learned wakes (created in start(): it needs the running loop).
@@ -121,6 +108,8 @@ class Proxy:
         self._listings: dict[str, list[dict[str, Any]]] = {}
         self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
+        # What each source asked for when last applied: name -> config (see apply).
+        self._applied: dict[str, dict[str, ServiceConfig]] = {}
 
     def replicated(self, name: str) -> Frontend | None:
         """The listener of service ``name`` when it has replicas."""
@@ -185,8 +174,6 @@ class Proxy:
         log.debug("open-file limit: %d", limit)
         self.coordinator = Coordinator()
         self.predictions = Predictions(self.config.prediction, self.wall_clock)
-        # Checked before anything listens: a public admin address needs a token.
-        admin = AdminServer(self, self.config.admin)
         configs = list(self.config.services.values())  # expanded once the engine answered
         # Read before any service attaches, in a thread: the loop is not held by it.
         await self.predictions.preload(configs)
@@ -213,8 +200,9 @@ class Proxy:
             self._wire()
             for cfg in configs:
                 await self.services[cfg.name].start()
+            self._applied[FILE] = {cfg.name: cfg for cfg in configs}
             for front in fronts:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             for name in labelled:
                 discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
@@ -223,9 +211,6 @@ class Proxy:
                 if listing is not None:
                     # The same listing: labelled containers are served from the start.
                     await discovery.apply(listing)
-            with _listening("admin API", self.config.admin.listen):
-                await admin.start()
-            self.admin = admin
         except BaseException:
             await self.close()
             raise
@@ -258,48 +243,97 @@ class Proxy:
                 log.exception("compose replicas: re-read failed; retrying at the next event")
 
     async def _resync_compose(self) -> None:
-        services = self.config.services
-        wanted: dict[str, ServiceConfig] = {}
-        for cfg in services.values():
-            if cfg.replicas is not None and cfg.replicas.discovered:
-                wanted.update((r.name, r) for r in expand(cfg, self._members(cfg)))
-        owners = {cfg.name for cfg in services.values() if cfg.replicas and cfg.replicas.discovered}
-        known = {LOCAL_ENGINE, *self.config.engines}
-        wanted = {name: cfg for name, cfg in wanted.items() if cfg.engine in known}
-        for name, service in list(self.services.items()):
-            if service.cfg.replica_of in owners and name not in wanted:
-                log.info("%s: its container is gone; replica removed", name)
-                await self.remove_service(name)
-        new = [cfg for name, cfg in wanted.items() if name not in self.services]
-        for cfg in new:
-            log.info("%s: container %s found; replica added", cfg.name, cfg.container)
-        await self.add_services(new)
-        self._sync_frontends(services)
-        self._wire()
-        for cfg in new:
-            # Events between the listing and the registration went nowhere: re-read.
-            self.services[cfg.name].recheck()
+        """The file's services again, against the containers now: compose replicas are
+        added and removed, the rest is unchanged."""
+        wanted = expand_all(self.config.services.values(), self._members)
+        result = await self.apply(FILE, wanted, listed=True)
+        for name in result.removed:
+            log.info("%s: its container is gone; replica removed", name)
+        for name in result.added:
+            cfg = self.services[name].cfg
+            log.info("%s: container %s found; replica added", name, cfg.container)
+        for name, why in result.failed.items():
+            log.warning("%s: %s", name, why)
 
-    async def add_services(
-        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig] | None = None
+    async def apply(
+        self,
+        source: str,
+        wanted: Mapping[str, ServiceConfig],
+        *,
+        services: Mapping[str, ServiceConfig] | None = None,
+        listed: bool = False,
+    ) -> Applied:
+        """Make ``source``'s running services what it asks for now (``wanted``, by name),
+        against what it asked for when last applied (config.live.plan): the ones it no
+        longer asks for are removed, a change a running service can take is made in
+        place, any other change replaces it, new ones are added (a name another source
+        serves is taken over). The one way services change while the proxy runs: a
+        reload, compose replicas following their containers, label discovery.
+        ``services``: the configured services the listeners follow (default: the running
+        config's); ``listed``: the engines were just listed (else they are, for the
+        docker services to add)."""
+        before = self._applied.get(source, {})
+        steps = plan(before, wanted, self.services)
+        result = Applied(unchanged=list(steps.unchanged))
+        for name in steps.remove:
+            await self._remove(name)
+            result.removed.append(name)
+        for cfg in steps.update:
+            self.services[cfg.name].reconfigure(cfg)
+            result.updated.append(cfg.name)
+        for cfg in steps.replace:
+            await self._remove(cfg.name)
+            result.replaced.append(cfg.name)
+        for cfg in steps.add:
+            if cfg.name in self.services:
+                await self._remove(cfg.name)  # another source's: this one wins
+            result.added.append(cfg.name)
+        to_add = [*steps.replace, *steps.add]
+        unreachable = self._unreachable(to_add)
+        to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
+        if to_add and not listed:
+            await self._fresh_listing(to_add)
+        failed = await self._add(to_add, self.config.services if services is None else services)
+        result.failed = {**unreachable, **failed}
+        self._applied[source] = {n: c for n, c in wanted.items() if n not in result.failed}
+        for name in self._applied[source]:
+            for other, applied in self._applied.items():
+                if other != source:
+                    applied.pop(name, None)
+        for cfg in to_add:
+            if cfg.name not in failed:
+                # Events between the listing and the registration went nowhere: re-read.
+                self.services[cfg.name].recheck()
+        return result
+
+    def _unreachable(self, configs: Iterable[ServiceConfig]) -> dict[str, str]:
+        """Docker services on an engine the proxy did not start with (a restart needs)."""
+        known = {LOCAL_ENGINE, *self.config.engines}
+        return {
+            cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
+            for cfg in configs
+            if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
+        }
+
+    async def _add(
+        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig]
     ) -> dict[str, str]:
         """Start services while the proxy runs; returns name -> why for those that cannot
-        listen. ``services``: the configured services the replicated listeners follow
-        (a reload's new ones; default: the running config's).
-
-        Their state comes from the engine's latest listing, which the caller just made.
-        """
+        listen. ``services``: the configured services the replicated listeners follow.
+        Their state comes from the engine's latest listing, which the caller just made."""
         added: list[Backend] = []
         for cfg in configs:
             added.append(self._backend(cfg))
             self.services[cfg.name] = added[-1]
-        self._sync_frontends(self.config.services if services is None else services)
+        self._sync_frontends(services)
         self._wire()
         for backend in added:
             await backend.start()
-        return await self._open_frontends(self.config.services if services is None else services)
+        failed = await self._open_frontends(services)
+        self._wire()
+        return failed
 
-    async def remove_service(self, name: str) -> None:
+    async def _remove(self, name: str) -> None:
         """Stop serving one backend: no new connection is placed on it, its own close;
         a service's only backend takes its listener with it."""
         backend = self.services.pop(name)
@@ -312,7 +346,7 @@ class Proxy:
         await self._end(backend)
         self._wire()
 
-    async def reload(self) -> ReloadResult:
+    async def reload(self) -> Applied:
         """Re-read the config file and apply what changed in it.
 
         An invalid file raises ConfigError and changes nothing. A service whose entry is
@@ -332,20 +366,12 @@ class Proxy:
                     log.error("%s", problem)
                 raise
             old = self.config
-            result = ReloadResult(
-                needs_restart=[
-                    k
-                    for k in ("admin", "discovery", "engines")
-                    if getattr(new, k) != getattr(old, k)
-                ]
-            )
             self.policies = dict(new.policies)
             # Replicas one by one: a replica set that changed adds and removes replicas,
             # the others keep their connections.
             if self._has_compose(new.services):
                 await self._fresh_listing(c for c in new.services.values() if c.replicas)
-            # Both against the current listing (compose replicas: the containers now).
-            old_run = expand_all(old.services.values(), self._members)
+            # Against the current listing (compose replicas: the containers now).
             new_run = expand_all(new.services.values(), self._members)
             # Departing replicas leave their listeners first: nothing new is placed on
             # them while the others are removed. Listeners going away (or moving) free
@@ -353,9 +379,10 @@ class Proxy:
             for front in self.frontends.values():
                 front.backends = [b for b in front.backends if b.name in new_run]
             self._close_frontends(new.services)
-            await self._apply(old_run, new_run, result, new.services)
-            result.failed.update(await self._open_frontends(new.services))
-            self._wire()
+            result = await self.apply(FILE, new_run, services=new.services)
+            result.needs_restart = [
+                k for k in ("admin", "discovery", "engines") if getattr(new, k) != getattr(old, k)
+            ]
             # Admin and discovery keep running as they started: they need a restart.
             self.config = dataclasses.replace(
                 new, admin=old.admin, discovery=old.discovery, engines=old.engines
@@ -375,49 +402,6 @@ class Proxy:
             else "",
         )
         return result
-
-    async def _apply(
-        self,
-        old_run: Mapping[str, ServiceConfig],
-        new_run: Mapping[str, ServiceConfig],
-        result: ReloadResult,
-        services: Mapping[str, ServiceConfig],
-    ) -> None:
-        """Make the running services what ``new_run`` says (they were ``old_run``):
-        remove, update in place, replace, add; ``result`` says which was done to each."""
-        for name in old_run:
-            if name not in new_run:
-                await self.remove_service(name)
-                result.removed.append(name)
-        to_add: list[ServiceConfig] = []
-        for name, cfg in new_run.items():
-            before = old_run.get(name)
-            running = self.services.get(name)
-            if before is None or running is None:
-                if running is not None:
-                    await self.remove_service(name)  # a discovered one: the file wins
-                to_add.append(cfg)
-                result.added.append(name)
-            elif cfg == before:
-                result.unchanged.append(name)
-            elif changes_in_place(before, cfg):
-                running.reconfigure(cfg)
-                result.updated.append(name)
-            else:
-                await self.remove_service(name)
-                to_add.append(cfg)
-                result.replaced.append(name)
-        # The engines are the ones the proxy started with (a change needs a restart).
-        known = {LOCAL_ENGINE, *self.config.engines}
-        unreachable = {
-            cfg.name: f"its engine {cfg.engine!r} is new in the file: restart the proxy"
-            for cfg in to_add
-            if cfg.runtime in ("docker", "swarm") and cfg.engine not in known
-        }
-        to_add = [cfg for cfg in to_add if cfg.name not in unreachable]
-        if to_add:
-            await self._fresh_listing(to_add)
-        result.failed = {**unreachable, **await self.add_services(to_add, services)}
 
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
         """Read container states before adding docker services (one listing per
@@ -466,7 +450,7 @@ class Proxy:
         later)."""
         for name, front in list(self.frontends.items()):
             if not front.replicated:
-                continue  # goes with its backend (remove_service)
+                continue  # goes with its backend (_remove)
             cfg = services.get(name)
             if cfg is None or cfg.replicas is None or _listener_of(cfg) != _listener_of(front.cfg):
                 front.close()
@@ -479,7 +463,7 @@ class Proxy:
         failed: dict[str, str] = {}
         for front in [f for f in self.frontends.values() if not f.listening]:
             try:
-                with _listening(f"service {front.name}", front.cfg.listen):
+                with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             except ListenError as exc:
                 failed[front.name] = str(exc)
@@ -498,9 +482,6 @@ class Proxy:
             self.predictions.stop()  # a proxy shutting down wakes nothing ahead
         for front in self.frontends.values():
             front.stop_accepting()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         open_now = self._open_connections()
         if open_now:
             log.info("waiting up to %gs for %d open connection(s)", grace, open_now)
@@ -582,6 +563,7 @@ class Proxy:
                 cwd = str(Path(self.config.source).parent / cwd)
             return ProcessRuntime(
                 cfg.command,
+                name=cfg.name,  # its output is logged under the service's name
                 cwd=cwd,
                 env=cfg.env,
                 stop_timeout=cfg.stop_timeout,
@@ -614,9 +596,6 @@ class Proxy:
         for discovery in self.discoveries.values():
             await discovery.close()
         self.discoveries.clear()
-        if self.admin is not None:
-            await self.admin.close()
-            self.admin = None
         for front in self.frontends.values():
             front.close()
         for service in self.services.values():

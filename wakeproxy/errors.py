@@ -1,7 +1,7 @@
 """The errors wakeproxy raises: one base, a few groups an operator can act on.
 
 Errors from aiodocker and the OS are mapped into these where they enter (see
-``runtimes.docker.map_docker_errors``), so the rest of the code and every log
+``runtimes.engine.map_docker_errors``), so the rest of the code and every log
 line speak one vocabulary.
 """
 

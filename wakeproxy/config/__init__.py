@@ -11,6 +11,7 @@ changes; ``labels`` reads container and Swarm service labels.
 
 from __future__ import annotations
 
+from .crosscheck import dependency_faults
 from .labels import (
     COMPOSE_DEPENDS_ON_LABEL,
     LABEL_PREFIX,
@@ -44,7 +45,7 @@ from .model import (
     SleepPolicy,
     is_loopback,
 )
-from .schema import build_config, dependency_faults
+from .schema import build_config
 from .source import load_config, parse_yaml
 
 __all__ = [

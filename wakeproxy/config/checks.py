@@ -172,8 +172,18 @@ def int_between(low: int, high: int) -> Callable[[Any], int]:
     return check
 
 
-def choice(*options: str) -> Callable[[Any], str]:
+# A value that was once accepted: what replaced it, said instead of the option list.
+PAGEOUT_GONE = (
+    "'pageout' is no longer offered: it freed no memory (the pages went to swap but stayed "
+    "in RAM as swap cache: MemAvailable -4 MiB for a 214 MiB backend); use 'cgroup' (the "
+    "default, 'auto', is the same)"
+)
+
+
+def choice(*options: str, gone: Mapping[str, str] | None = None) -> Callable[[Any], str]:
     def check(value: Any) -> str:
+        if gone and isinstance(value, str) and value in gone:
+            raise Bad(gone[value])
         if value not in options:
             listed = ", ".join(options)
             raise Bad(f"expected one of {listed}, got {describe(value)}")

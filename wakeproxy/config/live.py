@@ -4,20 +4,18 @@ key paths instead of lines; and which keys a running service can take in place."
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, NeedsReload
 from .checks import Bad, Problems, describe, section, unknown_key
+from .fields import SERVICE_FIELDS, SLEEP_FIELDS, replace
 from .model import KeyPath, ServiceConfig, SleepPolicy
-from .schema import (
+from .policies import (
     NOT_FOR_REPLICAS,
-    SERVICE_FIELDS,
-    SLEEP_FIELDS,
     combination_faults,
     parse_sleep_policy,
     predicts,
-    replace,
     service_policy,
 )
 
@@ -46,6 +44,62 @@ def changes_in_place(old: ServiceConfig, new: ServiceConfig) -> bool:
     """Whether ``new`` differs from ``old`` only in keys a running service can take."""
     kept = {key: getattr(old, key) for key in IN_PLACE_KEYS}
     return dataclasses.replace(new, **kept) == old
+
+
+@dataclasses.dataclass
+class Applied:
+    """What applying a source's services did (a reload: the file's), service by service."""
+
+    added: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    # Changed where the running service cannot follow (listen, backend, runtime...):
+    # closed and opened again, its connections with it.
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    # Changed in place: listener and connections kept.
+    updated: list[str] = dataclasses.field(default_factory=list)
+    unchanged: list[str] = dataclasses.field(default_factory=list)
+    # Listeners that could not open: name -> why.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Sections that only a restart applies.
+    needs_restart: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do to the running services so that one source's (the file's, one engine's
+    labels) become what it wants now: ``plan``'s answer."""
+
+    remove: tuple[str, ...] = ()  # it asked for them before and no longer does
+    update: tuple[ServiceConfig, ...] = ()  # changed only in keys a running one takes
+    replace: tuple[ServiceConfig, ...] = ()  # changed otherwise: closed, then added anew
+    add: tuple[ServiceConfig, ...] = ()  # not running; or another source's, taken over
+    unchanged: tuple[str, ...] = ()
+
+
+def plan(
+    before: Mapping[str, ServiceConfig],
+    after: Mapping[str, ServiceConfig],
+    running: Collection[str],
+) -> Plan:
+    """From what a source asked for last (``before``) to what it asks for now
+    (``after``), given the names that run. Compared with what the source asked, not with
+    what runs: a service whose entry did not change keeps what the API changed live."""
+    remove = tuple(name for name in before if name not in after and name in running)
+    update: list[ServiceConfig] = []
+    replace: list[ServiceConfig] = []
+    add: list[ServiceConfig] = []
+    unchanged: list[str] = []
+    for name, cfg in after.items():
+        prior = before.get(name)
+        if prior is None or name not in running:
+            add.append(cfg)
+        elif cfg == prior:
+            unchanged.append(name)
+        elif changes_in_place(prior, cfg):
+            update.append(cfg)
+        else:
+            replace.append(cfg)
+    return Plan(remove, tuple(update), tuple(replace), tuple(add), tuple(unchanged))
 
 
 def update_service(

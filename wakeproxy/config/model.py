@@ -25,10 +25,9 @@ WakeOn = Literal["connect", "data"]
 # hands new connections straight to its own listener (serve.fastpath).
 FastPath = Literal["off", "kernel"]
 Priority = Literal["low", "normal", "high"]
-# How a hibernating backend's memory is given back: its memory cgroup (the kernel frees
-# the pages), process_madvise(MADV_PAGEOUT) (pages go to swap but stay cached in RAM
-# until memory pressure), or the first that works, in that order.
-ReclaimMethod = Literal["auto", "cgroup", "pageout"]
+# How a hibernating backend's memory is given back: at its memory cgroup (the kernel frees
+# the pages). "auto" is the same, kept as the default's name.
+ReclaimMethod = Literal["auto", "cgroup"]
 IdleConnections = Literal["keep-awake", "allow-sleep"]
 McpMode = Literal["auto", "off"]
 RuntimeKind = Literal["docker", "process", "swarm"]

@@ -1,6 +1,7 @@
-"""The schema: which keys each section takes, how each is checked, and the rules that
-span keys and services (one runtime, one listen address per service, dependencies that
-exist and form no cycle). ``build_config`` reports every fault of a file at once.
+"""The schema: a config's sections parsed with their key tables (config/fields.py), the
+sleep policies (config/policies.py), and the rules that span keys and services (one
+runtime, one listen address per service, dependencies that exist and form no cycle:
+config/crosscheck.py). ``build_config`` reports every fault of a file at once.
 
 Two shapes of service entry load:
 
@@ -13,17 +14,31 @@ Two shapes of service entry load:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import ipaddress
 import re
-import socket
 from collections.abc import Mapping
-from typing import Any, Protocol, TypeVar, get_args
+from typing import Any
 
 from ..core.states import SleepAction
 from ..errors import ConfigError
-from . import checks as check
-from .checks import Check, Problems, describe, nested, section
+from .checks import Problems, describe, section
+from .crosscheck import dependency_faults, listener_faults
+from .fields import (
+    ADMIN_FIELDS,
+    DISCOVERY_FIELDS,
+    ENGINE_FIELDS,
+    HTTP_FIELDS,
+    LOG_FIELDS,
+    MCP_FIELDS,
+    PREDICTION_FIELDS,
+    PROBE_FIELDS,
+    READINESS_FIELDS,
+    REPLICA_FIELDS,
+    RESOURCE_FIELDS,
+    SERVICE_FIELDS,
+    SHUTDOWN_FIELDS,
+    TOP_FIELDS,
+    replace,
+)
 from .model import (
     LOCAL_ENGINE,
     Address,
@@ -31,295 +46,33 @@ from .model import (
     Config,
     DiscoveryConfig,
     EngineConfig,
-    FastPath,
     HttpSettings,
-    IdleConnections,
     KeyPath,
     LogConfig,
-    LogFormat,
-    LogLevel,
     McpConfig,
-    McpMode,
-    Mode,
     PredictionConfig,
-    Priority,
     Probe,
     Readiness,
-    ReclaimMethod,
     Replicas,
     Resources,
     RuntimeKind,
     ServiceConfig,
-    ShutdownBackends,
     ShutdownConfig,
     SleepPolicy,
-    WakeOn,
+)
+from .policies import (
+    NOT_FOR_REPLICAS,
+    combination_faults,
+    parse_policies,
+    predicts,
+    service_policy,
 )
 
-_T = TypeVar("_T")
-DEFAULT_POLICY = SleepPolicy()
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-SLEEP_FIELDS: dict[str, Check] = {
-    "enabled": check.boolean,
-    "idle_timeout": check.positive_seconds,
-    "min_sleep_time": check.seconds,
-    "priority": check.choice(*get_args(Priority)),
-    "action": check.enum_choice(SleepAction),
-    "stop_after": check.positive_seconds,
-    "hibernate_after": check.seconds,
-    "reclaim": check.choice(*get_args(ReclaimMethod)),
-    "prefetch": check.boolean,
-    "memory_reservation": check.size,
-    "keep_awake": check.windows,
-    "asleep_windows": check.windows,
-    "predict": check.predict,
-}
-
-_READINESS_FIELDS: dict[str, Check] = {
-    "tcp": check.boolean,
-    "http": check.text,
-    "interval": check.positive_seconds,
-}
-
-_RESOURCE_FIELDS: dict[str, Check] = {
-    # The seed writes cpu as a string ("0.25"); accept both.
-    "cpu": lambda v: check.number(float(v) if isinstance(v, str) and check.is_float(v) else v),
-    "memory": check.size,
-}
-
-
-SERVICE_FIELDS: dict[str, Check] = {
-    "listen": check.address,
-    "backend": check.address,
-    "port": check.port,
-    "container": check.text,
-    "command": check.command,
-    "cwd": check.text,
-    "env": check.env,
-    "mode": check.choice(*get_args(Mode)),
-    "http": nested,
-    "wake_on": check.choice(*get_args(WakeOn)),
-    "fast_path": check.choice(*get_args(FastPath)),
-    "backlog": check.int_between(1, 65535),
-    "connect_timeout": check.positive_seconds,
-    "idle_connection_timeout": check.seconds,
-    "connect_concurrency": check.int_between(1, 65535),
-    "sleep_policy": nested,
-    "wake_timeout": check.positive_seconds,
-    "max_held_connections": check.int_between(0, 1_000_000),
-    "max_connections": check.int_between(0, 10_000_000),
-    "readiness": nested,
-    "auto_start": check.boolean,
-    "stop_timeout": check.seconds,
-    "image": check.text,
-    "resources": nested,
-    "depends_on": check.names,
-    "group": check.text,
-    "replicas": nested,
-    "engine": check.text,
-    "swarm_service": check.text,
-    "swarm_replicas": check.int_between(1, 1000),
-}
-
-_ENGINE_FIELDS: dict[str, Check] = {
-    "host": check.text,
-    "cert_path": check.text,
-    "tls_verify": check.boolean,
-}
-
-
-def _containers(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise check.Bad(f"expected a list of container names, got {describe(value)}")
-    if not all(isinstance(v, str) and v.strip() for v in value):
-        raise check.Bad(f"expected container names (non-empty strings), got {describe(value)}")
-    if len(set(value)) != len(value):
-        twice = next(v for v in value if value.count(v) > 1)
-        raise check.Bad(f"names the container {twice!r} twice")
-    return tuple(value)
-
-
-_REPLICA_FIELDS: dict[str, Check] = {
-    "count": check.int_between(1, 256),
-    "containers": _containers,
-    "min": check.int_between(0, 256),
-    "max": check.int_between(1, 256),
-    "target_inflight": check.int_between(1, 1_000_000),
-    "compose_service": check.text,
-    "compose_project": check.text,
-    "port": check.port,
-    "health_interval": check.seconds,
-}
-
-_ADMIN_FIELDS: dict[str, Check] = {
-    "listen": check.address,
-    "token_file": check.text,
-    "protect_reads": check.boolean,
-}
-_LOG_FIELDS: dict[str, Check] = {
-    "level": check.choice(*get_args(LogLevel)),
-    "format": check.choice(*get_args(LogFormat)),
-}
-_DISCOVERY_FIELDS: dict[str, Check] = {
-    "docker_labels": check.boolean,
-    "allowed_listen": check.listen_ranges,
-    "interval": check.positive_seconds,
-    "engines": check.names,
-}
-_SHUTDOWN_FIELDS: dict[str, Check] = {
-    "grace": check.seconds,
-    "backends": check.choice(*get_args(ShutdownBackends)),
-}
-_PREDICTION_FIELDS: dict[str, Check] = {
-    "state_file": lambda v: None if v is None else check.text(v),
-    "timezone": check.zone,
-    "save_interval": check.positive_seconds,
-}
-_MCP_FIELDS: dict[str, Check] = {
-    "state_file": lambda v: None if v is None else check.text(v),
-    "max_sessions": check.int_between(1, 1_000_000),
-    "sessions_per_client": check.int_between(1, 1_000_000),
-}
-_TOP_FIELDS: dict[str, Check] = {
-    "prediction": nested,
-    "mcp": nested,
-    "engines": nested,
-    "shutdown": nested,
-    "discovery": nested,
-    "policies": nested,
-    "admin": nested,
-    "log": nested,
-    "services": nested,
-}
-
-
-def parse_sleep_policy(
-    data: Any, path: KeyPath, problems: Problems, base: SleepPolicy = DEFAULT_POLICY
-) -> SleepPolicy:
-    values = section(data, path, SLEEP_FIELDS, problems) or {}
-    policy: SleepPolicy = replace(base, values)
-    for key, why in policy_faults(policy):
-        problems.add((*path, key), why)
-    return policy
-
-
-NOT_FOR_REPLICAS = (
-    "keep_awake, asleep_windows and predict are not for a service with replicas "
-    "(its replicas follow the load)"
-)
-
-
-def predicts(policy: SleepPolicy) -> bool:
-    """Whether the policy wakes ahead or by schedule (windows, arrivals, chains)."""
-    predict = policy.predict
-    return bool(policy.keep_awake or policy.asleep_windows or predict.arrivals or predict.chains)
-
-
-def policy_faults(policy: SleepPolicy) -> list[tuple[str, str]]:
-    """(key, why) for each rule across a sleep policy's keys."""
-    faults = []
-    if policy.stop_after is not None and policy.action is SleepAction.STOP:
-        faults.append(
-            (
-                "stop_after",
-                "stop_after turns a paused backend into a stopped one; it needs action 'pause'",
-            )
-        )
-    if policy.hibernate_after is not None and policy.action is SleepAction.STOP:
-        faults.append(
-            (
-                "hibernate_after",
-                "hibernate_after gives a paused backend's memory back; it needs action 'pause' "
-                "or 'hibernate'",
-            )
-        )
-    return faults
-
-
-def combination_faults(http: HttpSettings, sleep: SleepPolicy) -> list[tuple[KeyPath, str]]:
-    """(key path under the service, why) for each rule across a service's own keys: the
-    file and every live change (API, a named policy's edit) are held to the same ones."""
-    faults: list[tuple[KeyPath, str]] = [
-        (("sleep_policy", key), why) for key, why in policy_faults(sleep)
-    ]
-    if http.idle_connections == "allow-sleep" and sleep.action is SleepAction.STOP:
-        faults.append(
-            (
-                ("http", "idle_connections"),
-                "allow-sleep keeps connections open under a sleeping backend; "
-                "sleep action 'stop' would cut them: use action 'pause'",
-            )
-        )
-    return faults
-
-
-def service_policy(
-    data: Any,
-    path: KeyPath,
-    problems: Problems,
-    policies: Mapping[str, SleepPolicy],
-    base: SleepPolicy = DEFAULT_POLICY,
-) -> tuple[SleepPolicy, str | None, dict[str, Any]]:
-    """A service's sleep_policy: its own keys, or ``use: NAME`` plus keys that win over it."""
-    if not (isinstance(data, dict) and "use" in data):
-        return parse_sleep_policy(data, path, problems, base), None, {}
-    name = data["use"]
-    named = policies.get(name) if isinstance(name, str) else None
-    if named is None:
-        known = ", ".join(sorted(policies)) or "none"
-        problems.add((*path, "use"), f"no policy named {describe(name)}; defined: {known}")
-        return base, None, {}
-    overrides = {k: v for k, v in data.items() if k != "use"}
-    policy = parse_sleep_policy(overrides, path, problems, named)
-    # Kept as given (the form they are validated in), so a later change of the named
-    # policy leaves them winning and a live edit can merge them with its own raw keys
-    # and validate the whole again: parsed windows or predict settings are no valid input.
-    return policy, name, overrides
-
-
-def _parse_policies(data: Any, problems: Problems) -> dict[str, SleepPolicy]:
-    if not isinstance(data, dict):
-        problems.add(("policies",), f"expected a mapping of policy names, got {describe(data)}")
-        return {}
-    return {
-        str(name): parse_sleep_policy(entry, ("policies", str(name)), problems)
-        for name, entry in data.items()
-    }
-
-
-def replace(base: _T, values: Mapping[str, Any]) -> _T:
-    return dataclasses.replace(base, **values)  # type: ignore[type-var]
-
-
-_PROBE_FIELDS: dict[str, Check] = {
-    "method": lambda v: None if v in ("*", "ANY", "any") else check.text(v).upper(),
-    "path": check.url_path,
-    "headers": check.header_conditions,
-    "status": check.int_between(200, 599),
-    "content_type": check.text,
-    "body": lambda v: v if isinstance(v, str) else check.text(v),
-    "stream": check.boolean,
-}
-_HTTP_FIELDS: dict[str, Check] = {
-    "sse_path": check.url_path,
-    "header_timeout": check.positive_seconds,
-    "inflight_grace": check.seconds,
-    "idle_connections": check.choice(*get_args(IdleConnections)),
-    "forwarded_headers": check.boolean,
-    "trust_forwarded_from": check.networks,
-    "default_probe": check.boolean,
-    "probes": nested,
-    "waiting_page": check.boolean,
-    "max_partial_heads": check.int_between(1, 10_000_000),
-    "max_probe_streams": check.int_between(0, 10_000_000),
-    "mcp": check.switch(*get_args(McpMode)),
-    "mcp_resume": check.boolean,
-}
 
 
 def _parse_http(data: Any, path: KeyPath, problems: Problems) -> HttpSettings:
-    values = section(data, path, _HTTP_FIELDS, problems) or {}
+    values = section(data, path, HTTP_FIELDS, problems) or {}
     raw_probes = values.pop("probes", [])
     probes: list[Probe] = []
     if not isinstance(raw_probes, list):
@@ -327,7 +80,7 @@ def _parse_http(data: Any, path: KeyPath, problems: Problems) -> HttpSettings:
         raw_probes = []
     for index, entry in enumerate(raw_probes):
         where = (*path, "probes", index)
-        fields = section(entry, where, _PROBE_FIELDS, problems)
+        fields = section(entry, where, PROBE_FIELDS, problems)
         if fields is None:
             continue
         if "path" not in fields:
@@ -342,7 +95,7 @@ def _parse_replicas(
     data: Any, path: KeyPath, problems: Problems, service: Mapping[str, Any]
 ) -> Replicas | None:
     """``replicas:``, checked against the service's own keys (``service``)."""
-    values = section(data, path, _REPLICA_FIELDS, problems)
+    values = section(data, path, REPLICA_FIELDS, problems)
     if values is None or len(values) < len(data):
         return None  # a key's fault is named: the rest would only add noise
     containers: tuple[str, ...] = values.get("containers", ())
@@ -418,7 +171,7 @@ def _parse_engines(data: Any, problems: Problems) -> dict[str, EngineConfig]:
     engines: dict[str, EngineConfig] = {}
     for name, entry in data.items():
         path: KeyPath = ("engines", str(name))
-        values = section(entry, path, _ENGINE_FIELDS, problems)
+        values = section(entry, path, ENGINE_FIELDS, problems)
         if values is None:
             continue
         host = values.get("host")
@@ -459,7 +212,7 @@ def _check_engines(
 
 
 def _parse_readiness(data: Any, path: KeyPath, problems: Problems) -> Readiness:
-    values = section(data, path, _READINESS_FIELDS, problems) or {}
+    values = section(data, path, READINESS_FIELDS, problems) or {}
     if values.get("http") is not None:
         if not str(values["http"]).startswith("/"):
             problems.add(
@@ -517,7 +270,7 @@ def parse_service(
     )
     readiness = _parse_readiness(values.pop("readiness", {}), (*path, "readiness"), problems)
     res_values = section(
-        values.pop("resources", {}), (*path, "resources"), _RESOURCE_FIELDS, problems
+        values.pop("resources", {}), (*path, "resources"), RESOURCE_FIELDS, problems
     )
     resources = replace(Resources(), res_values or {})
     replicas = _service_replicas(data, values, path, problems, given, sleep)
@@ -674,25 +427,25 @@ def build_config(
     problems = Problems(source, lines or {})
     if data is None:
         data = {}
-    top = section(data, (), _TOP_FIELDS, problems)
+    top = section(data, (), TOP_FIELDS, problems)
     if top is None:
         raise ConfigError(problems.items)
 
-    admin_values = section(top.get("admin", {}), ("admin",), _ADMIN_FIELDS, problems) or {}
-    log_values = section(top.get("log", {}), ("log",), _LOG_FIELDS, problems) or {}
+    admin_values = section(top.get("admin", {}), ("admin",), ADMIN_FIELDS, problems) or {}
+    log_values = section(top.get("log", {}), ("log",), LOG_FIELDS, problems) or {}
     shutdown_values = (
-        section(top.get("shutdown", {}), ("shutdown",), _SHUTDOWN_FIELDS, problems) or {}
+        section(top.get("shutdown", {}), ("shutdown",), SHUTDOWN_FIELDS, problems) or {}
     )
     discovery_values = (
-        section(top.get("discovery", {}), ("discovery",), _DISCOVERY_FIELDS, problems) or {}
+        section(top.get("discovery", {}), ("discovery",), DISCOVERY_FIELDS, problems) or {}
     )
     prediction_values = (
-        section(top.get("prediction", {}), ("prediction",), _PREDICTION_FIELDS, problems) or {}
+        section(top.get("prediction", {}), ("prediction",), PREDICTION_FIELDS, problems) or {}
     )
 
-    mcp_values = section(top.get("mcp", {}), ("mcp",), _MCP_FIELDS, problems) or {}
+    mcp_values = section(top.get("mcp", {}), ("mcp",), MCP_FIELDS, problems) or {}
 
-    policies = _parse_policies(top.get("policies", {}), problems)
+    policies = parse_policies(top.get("policies", {}), problems)
     engines = _parse_engines(top.get("engines", {}), problems)
     services: dict[str, ServiceConfig] = {}
     sketches: dict[str, Sketch] = {}
@@ -713,8 +466,10 @@ def build_config(
 
     admin = replace(AdminConfig(), admin_values)
     # Across services, those with faults of their own included: one pass, every fault.
-    _check_listeners(sketches, admin, problems)
-    _check_dependencies(sketches, problems)
+    for name, key, why in listener_faults(sketches.values(), admin.listen):
+        problems.add(("services", name, key), why)
+    for name, why in dependency_faults(sketches):
+        problems.add(("services", name, "depends_on"), why)
     _check_engines(services, engines, problems)
     known = {LOCAL_ENGINE, *engines}
     for name in discovery_values.get("engines") or ():
@@ -737,111 +492,3 @@ def build_config(
         mcp=replace(McpConfig(), mcp_values),
         source=source,
     )
-
-
-def _check_dependencies(services: Mapping[str, Sketch], problems: Problems) -> None:
-    for name, message in dependency_faults(services):
-        problems.add(("services", name, "depends_on"), message)
-
-
-class _Dependent(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def depends_on(self) -> tuple[str, ...]: ...
-
-
-def dependency_faults(services: Mapping[str, _Dependent]) -> list[tuple[str, str]]:
-    """(service, why) for each dependency that does not exist or closes a cycle."""
-    faults: list[tuple[str, str]] = []
-    for service in services.values():
-        for name in service.depends_on:
-            if name not in services:
-                known = ", ".join(sorted(services))
-                faults.append((service.name, f"no service named {name!r}; services: {known}"))
-    state: dict[str, str] = {}  # name -> "visiting" | "done"
-
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == "done" or name not in services:
-            return
-        if state.get(name) == "visiting":
-            cycle = " -> ".join([*path[path.index(name) :], name])
-            faults.append((path[-1], f"a dependency cycle: {cycle}"))
-            return
-        state[name] = "visiting"
-        for dependency in services[name].depends_on:
-            visit(dependency, [*path, name])
-        state[name] = "done"
-
-    for name in services:
-        visit(name, [])
-    return faults
-
-
-@functools.cache
-def _bound(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The addresses a listener on ``host`` binds: localhost is what the resolver says
-    (the hosts file: 127.0.0.1, and ::1 where it lists it), as it is for the listener."""
-    if host == "localhost":
-        try:
-            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except OSError:
-            found = []
-        addresses = {ipaddress.ip_address(str(info[4][0])) for info in found}
-        return sorted(addresses, key=str) or [ipaddress.ip_address("127.0.0.1")]
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        return []
-
-
-def overlaps(a: Address, b: Address) -> bool:
-    """Whether two listen addresses take the same port: the same address, or one is
-    the wildcard of the other's family (Linux refuses 127.0.0.1:P beside 0.0.0.0:P even
-    with SO_REUSEADDR; asyncio binds IPv6 sockets v6-only, so :: takes only IPv6)."""
-    if a.port != b.port:
-        return False
-    for x in _bound(a.host):
-        for y in _bound(b.host):
-            if x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified)):
-                return True
-    return False
-
-
-def _reaches(backend: Address, listen: Address) -> bool:
-    """Whether connecting to ``backend`` would reach the proxy's own ``listen``: the
-    same address, or a loopback one on a wildcard listener (loopback is this network
-    namespace's own; another host's address on a wildcard listener is not)."""
-    if backend.port != listen.port:
-        return False
-    for x in _bound(backend.host):
-        for y in _bound(listen.host):
-            local = x.is_loopback or x.is_unspecified
-            if x == y or (y.is_unspecified and x.version == y.version and local):
-                return True
-    return False
-
-
-def _check_listeners(
-    services: Mapping[str, Sketch], admin: AdminConfig, problems: Problems
-) -> None:
-    taken: list[tuple[Address, str]] = [(admin.listen, "admin.listen")]
-    for service in services.values():
-        if service.listen is None:
-            continue
-        for address, owner in taken:
-            if overlaps(service.listen, address):
-                same = "" if address == service.listen else f" ({address}: the same port)"
-                problems.add(
-                    ("services", service.name, "listen"),
-                    f"{service.listen} is already used by {owner}{same}",
-                )
-                break
-        taken.append((service.listen, f"services.{service.name}.listen"))
-        if service.backend is not None and _reaches(service.backend, service.listen):
-            problems.add(
-                ("services", service.name, "backend"),
-                f"the backend {service.backend} is the proxy's own listen address "
-                f"({service.listen}): it would connect to itself",
-            )

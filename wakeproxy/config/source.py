@@ -8,6 +8,8 @@ are ten million nodes: 7 s and 1.1 GB before these bounds) and may contain thems
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -165,4 +167,31 @@ def load_config(path: str | Path) -> Config:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{source}: the config file is not UTF-8 text"]) from None
-    return parse_yaml(text, source)
+    return relative_to(parse_yaml(text, source), Path(os.path.abspath(path)).parent)
+
+
+def relative_to(config: Config, folder: Path) -> Config:
+    """``config`` with each relative path in it made absolute against ``folder``, the
+    config file's: where the proxy was started from (systemd starts it from ``/``)
+    changes nothing. The paths: ``cwd``, ``admin.token_file``, ``prediction.state_file``,
+    ``mcp.state_file`` and ``engines.*.cert_path``. A command's arguments are not paths
+    (``python3 -m http.server``): they run in ``cwd``, as written."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(folder / path)
+
+    replace = dataclasses.replace
+    return replace(
+        config,
+        admin=replace(config.admin, token_file=absolute(config.admin.token_file)),
+        prediction=replace(config.prediction, state_file=absolute(config.prediction.state_file)),
+        mcp=replace(config.mcp, state_file=absolute(config.mcp.state_file)),
+        engines={
+            name: replace(engine, cert_path=absolute(engine.cert_path))
+            for name, engine in config.engines.items()
+        },
+        services={
+            name: replace(service, cwd=absolute(service.cwd))
+            for name, service in config.services.items()
+        },
+    )

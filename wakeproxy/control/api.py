@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .. import __version__
 from ..config import update_policy, update_service
 from ..core.states import Outcome, SleepAction, SleepReason, State, WakeResult
 from ..errors import ConfigError, NeedsReload, RuntimeFailure, ServiceBusy, WakeTimeout
-from . import metrics, views
+from ..serve.status import BackendStatus, PoolStatus, backend_status, pool_status
+from . import metrics, statuspage, views
 
 if TYPE_CHECKING:
     from ..serve.backend import Backend
-    from ..serve.frontend import Frontend
     from .running import Running
 
 JSON = "application/json"
@@ -56,6 +57,7 @@ _POLICY = re.compile(r"^/policies/([^/]+)$")
 # How long an answer waits for an operation in flight to end before reporting it as is.
 SETTLE_WITHIN = 30.0
 _READS = {
+    "/",  # the status page: the same data as /services, for people
     "/health",
     "/services",
     "/services/status",
@@ -151,7 +153,6 @@ class Api:
             return json_response(200, views.VIEWS[path](self.proxy))
         if path == "/policies":
             return json_response(200, {"policies": self._policies()})
-        services = list(self.proxy.services.values())
         # Labelled containers refused by discovery are listed too: users look here first.
         rejected = self.proxy.rejected
         refused = [
@@ -159,13 +160,28 @@ class Api:
             for name, why in sorted(rejected.items())
         ]
         if path == "/services/health":
-            checks = await asyncio.gather(*(backend_health(s) for s in services))
+            services = self.proxy.services.values()
+            checks = await asyncio.gather(*(backend_health(backend_status(s)) for s in services))
             refused = [
                 {"name": r["name"], "state": r["state"], "health": "failed", "why": r["reason"]}
                 for r in refused
             ]
             return json_response(200, {"services": [*checks, *refused]})
-        return json_response(200, {"services": [*map(service_status, services), *refused]})
+        statuses = [backend_status(s) for s in self.proxy.services.values()]
+        payload = {"services": [*map(service_status, statuses), *refused]}
+        if path == "/":
+            return self._status_page(statuses, payload["services"])
+        return json_response(200, payload)
+
+    def _status_page(
+        self, statuses: list[BackendStatus], services: list[dict[str, Any]]
+    ) -> Response:
+        pools = [
+            replicas_view(pool_status(f)) for f in self.proxy.frontends.values() if f.replicated
+        ]
+        forwarded = {s.name: s.counts.connections[Outcome.FORWARDED] for s in statuses}
+        body = statuspage.render(services, pools, forwarded, version=__version__, now=time.time())
+        return Response(200, body, statuspage.CONTENT_TYPE, statuspage.HEADERS)
 
     def _policies(self) -> dict[str, Any]:
         return {
@@ -228,7 +244,7 @@ class Api:
         pool = self.proxy.replicated(name)
         if pool is None:
             return error(404, f"no such service with replicas: {name}")
-        return json_response(200, pool_status(pool))
+        return json_response(200, replicas_view(pool_status(pool)))
 
     async def _scale(self, name: str, body: bytes) -> Response:
         """Wake the first ``count`` replicas and put the others to sleep (unforced: one
@@ -268,7 +284,7 @@ class Api:
             # Newest first, one by one: an older one does not sleep while a newer is awake.
             await one(replica, False)
             await replica.settled(SETTLE_WITHIN)
-        return json_response(200, {**pool_status(pool), "refused": refused})
+        return json_response(200, {**replicas_view(pool_status(pool)), "refused": refused})
 
     async def _act(self, name: str, action: str, force: bool) -> Response:
         service = self.proxy.services.get(name)
@@ -297,7 +313,7 @@ class Api:
         body: dict[str, Any] = {"name": name, "state": state.value}
         if action == "hibernate":
             # Answered once the memory was given back (or why it was not).
-            body["memory"] = service.hibernator.describe()
+            body["memory"] = backend_status(service).memory
         return json_response(200, body)
 
     async def _act_all(self, which: str, force: bool) -> Response:
@@ -356,77 +372,75 @@ def live_settings(service: Backend) -> dict[str, Any]:
     }
 
 
-def service_status(service: Backend) -> dict[str, Any]:
-    loop_now = service.loop.time()
-    sleeps_in = service.sleeps_in()
-    last_wake = service.stats.last_wake_s
+def service_status(status: BackendStatus) -> dict[str, Any]:
+    """One entry of ``GET /services``."""
+    sleeps_in, last_wake = status.sleeps_in, status.counts.last_wake_s
     return {
-        "name": service.name,
-        "state": service.state.value,
-        "reason": service.reason,
-        "runtime": service.runtime.kind,
-        "source": service.cfg.source,
-        "backend": str(service.backend) if service.backend is not None else None,
-        "listen": str(service.cfg.listen),
-        "open": service.forwarding,
-        "held": service.held,
-        "last_activity": round(time.time() - (loop_now - service.last_activity), 3),
+        "name": status.name,
+        "state": status.state.value,
+        "reason": status.reason,
+        "runtime": status.runtime,
+        "source": status.cfg.source,
+        "backend": str(status.backend) if status.backend is not None else None,
+        "listen": str(status.cfg.listen),
+        "open": status.forwarding,
+        "held": status.held,
+        "last_activity": round(status.last_activity, 3),
         "sleeps_in_s": round(sleeps_in, 3) if sleeps_in is not None else None,
-        "wakes": service.stats.wakes[WakeResult.OK],
+        "wakes": status.counts.wakes[WakeResult.OK],
         "last_wake_ms": round(last_wake * 1000, 3) if last_wake is not None else None,
-        "memory": service.hibernator.describe(),
-        "release": service.admission.describe(),
-        "last_error": _last_error(service),
-        "replica_of": service.cfg.replica_of,
-        "mcp": service.mcp.describe() if service.mcp and not service.cfg.replica_of else None,
-        "fast_path": service.fast_path.describe(),
+        "memory": status.memory,
+        "release": status.release,
+        "last_error": _last_error(status),
+        "replica_of": status.cfg.replica_of,
+        "mcp": status.mcp,
+        "fast_path": status.fast_path.describe(),
     }
 
 
-def pool_status(pool: Frontend) -> dict[str, Any]:
-    """A service with replicas: its settings, and each replica's state and load."""
-    assert pool.scaling is not None
-    sessions = pool.sessions.by_replica() if pool.sessions is not None else {}
+def replicas_view(pool: PoolStatus) -> dict[str, Any]:
+    """A service with replicas: its settings, and each replica's state and load
+    (``GET /services/NAME/replicas``)."""
     return {
         "name": pool.name,
         "listen": str(pool.cfg.listen),
         "state": pool.state.value,
-        "min": pool.scaling.minimum,
-        "max": pool.scaling.maximum,
-        "target_inflight": pool.scaling.target,
-        "awake": pool.awake(),
+        "min": pool.minimum,
+        "max": pool.maximum,
+        "target_inflight": pool.target_inflight,
+        "awake": pool.awake,
         "scale_ups": pool.scale_ups,
         "moved": pool.moved,
-        "sessions_lost": pool.sessions.lost if pool.sessions is not None else 0,
-        "mcp": pool.mcp.describe() if pool.mcp is not None else None,
+        "sessions_lost": pool.sessions_lost,
+        "mcp": pool.mcp,
         "replicas": [
             {
-                "name": r.name,
-                "state": r.state.value,
-                "reason": r.reason,
-                "backend": str(r.backend) if r.backend is not None else None,
-                "attached": r.attached,
-                "held": r.held,
-                "forwarded": r.stats.connections[Outcome.FORWARDED],
-                "circuit": pool.breakers[r.name].state,
-                "sessions": sessions.get(r.name, 0),
+                "name": r.backend.name,
+                "state": r.backend.state.value,
+                "reason": r.backend.reason,
+                "backend": str(r.backend.backend) if r.backend.backend is not None else None,
+                "attached": r.backend.forwarding + r.backend.held,
+                "held": r.backend.held,
+                "forwarded": r.backend.counts.connections[Outcome.FORWARDED],
+                "circuit": r.circuit,
+                "sessions": r.sessions,
             }
-            for r in pool.backends
+            for r in pool.replicas
         ],
     }
 
 
-def _last_error(service: Backend) -> dict[str, Any] | None:
+def _last_error(status: BackendStatus) -> dict[str, Any] | None:
     """Why it last failed, kept until a wake succeeds (a retry's re-read replaces the
     reason, not this)."""
-    error = service.stats.last_error
+    error = status.counts.last_error
     if error is None:
         return None
     at, reason = error
     return {"reason": reason, "at": round(at, 3)}
 
 
-async def backend_health(service: Backend) -> dict[str, Any]:
+async def backend_health(service: BackendStatus) -> dict[str, Any]:
     """Whether the backend is reachable, asleep and wakeable, or failed, and why."""
     state = service.state
     result: dict[str, Any] = {"name": service.name, "state": state.value}

@@ -1,209 +1,174 @@
-"""Command line: ``wakeproxy run|check -c FILE``, ``status|sleep|wake|reload`` (through the
-admin API) and ``wakeproxy --version``."""
+"""The command line: ``wakeproxy run|check`` (the proxy, ``runner.py``), the admin API's
+verbs (``client.py``), ``completion bash|zsh`` and ``--version``.
+
+Only the standard library is imported here: the client verbs must stay light (the
+image's health check runs one every 2 s), so ``runner`` (the proxy: uvloop, aiodocker,
+the config schema) is imported only for ``run`` and ``check``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
-import logging
 import os
-import signal
 import sys
-from typing import Any
-
-import uvloop
 
 from .. import __version__
-from ..app import ListenError, Proxy
-from ..config import DEFAULT_CONFIG_PATH, Config, load_config
-from ..config.checks import Bad
-from ..config.checks import address as check_address
-from ..config.schema import overlaps
-from ..errors import ConfigError
-from ..logs import setup_logging
 from . import client
-from .admin import TOKEN_ENV
-from .client import DEFAULT_ADMIN
-from .preflight import preflight
 
-log = logging.getLogger("wakeproxy")
+COMMANDS = {
+    "run": "run the proxy in the foreground",
+    "check": "validate a config file and exit",
+    "health": "exit 0 if the proxy's admin API answers (a container health check)",
+    "status": "show every service, or one",
+    "wake": "wake a service now; returns once it is ready",
+    "sleep": "put a service to sleep now (its sleep_policy's action)",
+    "stop": "stop a service now (its memory given back; a start wakes it)",
+    "hibernate": "pause a service and give its memory back",
+    "scale": "wake the first COUNT replicas, sleep the rest",
+    "sleep-all": "put every service that may sleep to sleep now",
+    "wake-all": "wake every service now",
+    "reload": "make the running proxy re-read its config file",
+    "metrics": "print the Prometheus metrics",
+    "completion": "print a shell completion script: bash or zsh",
+}
+FORCEABLE = ("sleep", "stop", "hibernate", "sleep-all")
+SHELLS = ("bash", "zsh")
 
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
+
+def _client_options(sub: argparse.ArgumentParser) -> None:
+    """Where the admin API is and its token: the same for every client verb."""
+    sub.add_argument(
+        "--admin",
+        metavar="URL",
+        help=f"the admin API (default: ${client.ADMIN_ENV}, else the config's admin.listen)",
+    )
+    sub.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"file with the admin token (${client.TOKEN_ENV} wins over it; default: the "
+        "config's admin.token_file)",
+    )
+    sub.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"the config whose admin: section to read (default: ${client.CONFIG_ENV}, "
+        f"else ./{client.LOCAL_CONFIG} if there is one, else {client.DEFAULT_CONFIG_PATH})",
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _output(sub: argparse.ArgumentParser, *choices: str) -> None:
+    sub.add_argument(
+        "-o",
+        "--output",
+        choices=choices,
+        default="table",
+        help="table (the default), json (the API's answer as is)"
+        + (", name (the services' names, one a line)" if "name" in choices else ""),
+    )
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, that command's own options alone (all of them
+    cost a third of a client verb's own work, for options it never reads)."""
+    top = argparse.ArgumentParser(
         prog="wakeproxy",
         description="A wake-on-demand proxy: idle backends sleep, connections wake them.",
+        epilog="Exit codes: 0 done; 1 the API refused (or: unhealthy); 2 a config problem; "
+        "3 the admin API cannot be reached.",
     )
-    parser.add_argument("--version", action="version", version=f"wakeproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    default = os.environ.get("WAKEPROXY_CONFIG", DEFAULT_CONFIG_PATH)
-    run = commands.add_parser("run", help="run the proxy in the foreground")
-    check = commands.add_parser("check", help="validate a config file and exit")
-    health = commands.add_parser(
-        "health", help="exit 0 if the proxy's admin API answers (a container health check)"
-    )
-    for sub in (run, check, health):
+    top.add_argument("--version", action="version", version=f"wakeproxy {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        if only is None or name == only:
+            _options(name, commands.add_parser(name, help=text, description=text))
+    return top
+
+
+def _options(name: str, sub: argparse.ArgumentParser) -> None:
+    if name in ("run", "check"):
+        default = client.default_config(os.environ)
         sub.add_argument(
             "-c",
             "--config",
+            metavar="FILE",
             default=default,
-            help=f"config file (default: $WAKEPROXY_CONFIG or {DEFAULT_CONFIG_PATH})",
+            help=(
+                f"config file (default: ${client.CONFIG_ENV}, else ./{client.LOCAL_CONFIG} "
+                f"if there is one, else {client.DEFAULT_CONFIG_PATH})"
+            ),
         )
-    run.add_argument(
-        "--admin-listen",
-        metavar="HOST:PORT",
-        help="the admin API's address instead of the config's admin.listen",
-    )
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", choices=["text", "json"])
-    status = commands.add_parser("status", help="show every service (through the admin API)")
-    sleep = commands.add_parser("sleep", help="put a service to sleep now")
-    wake = commands.add_parser("wake", help="wake a service now; returns once it is ready")
-    reload = commands.add_parser("reload", help="make the running proxy re-read its config file")
-    for sub in (status, sleep, wake, reload):
+    if name == "run":
         sub.add_argument(
-            "--admin",
-            default=DEFAULT_ADMIN,
-            help="the admin API's URL (default: $WAKEPROXY_ADMIN, else http://127.0.0.1:9000)",
+            "--admin-listen",
+            metavar="HOST:PORT",
+            help="the admin API's address instead of the config's admin.listen",
         )
+        sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        sub.add_argument("--log-format", choices=["text", "json"])
+    if name == "status":
+        sub.add_argument("name", nargs="?", help="one service (or a service's replicas)")
         sub.add_argument(
-            "--token-file", help=f"file with the admin token (${TOKEN_ENV} wins over it)"
+            "--watch",
+            nargs="?",
+            const=2.0,
+            type=float,
+            metavar="SECONDS",
+            help="show it again every SECONDS (default 2) until Ctrl-C",
         )
-    for sub in (sleep, wake):
-        sub.add_argument("name", help="the service")
-    sleep.add_argument("--force", action="store_true", help="even with connections open")
-    return parser
-
-
-def with_admin_listen(config: Config, text: str) -> Config:
-    """``config`` with the admin API on ``text``, held to admin.listen's rules."""
-    try:
-        listen = check_address(text)
-    except Bad as exc:
-        raise ConfigError([f"--admin-listen: {exc}"]) from None
-    for service in config.services.values():
-        if overlaps(listen, service.listen):
-            raise ConfigError(
-                [f"--admin-listen: {listen} is already used by services.{service.name}.listen"]
-            )
-    return dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=listen))
-
-
-def _load(path: str) -> Config | None:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return None
-
-
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    # A failure in one connection's callback is logged and contained: the loop, the
-    # listeners and every other connection carry on.
-    exc = context.get("exception")
-    log.error(
-        "unexpected error: %s",
-        context.get("message", "unhandled exception"),
-        exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None,
-    )
-
-
-async def _reload(proxy: Proxy) -> None:
-    # A refused reload is logged by the proxy itself, whoever asked for it.
-    with contextlib.suppress(ConfigError):
-        await proxy.reload()
-
-
-async def _serve(config: Config) -> int:
-    proxy = Proxy(config)
-    stop = asyncio.Event()
-    hurry = asyncio.Event()  # a second SIGTERM/SIGINT: skip the grace period
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_log_loop_error)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_stop() -> None:
-        (hurry if stop.is_set() else stop).set()
-
-    started = False
-    reload_asked = False
-
-    def on_reload() -> None:
-        nonlocal reload_asked
-        if not started:
-            reload_asked = True  # during start-up: once everything is up
-            return
-        task = loop.create_task(_reload(proxy))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    # Registered now: SIGHUP's default action would end the process.
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-    try:
-        await proxy.start()
-    except ListenError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILURE
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("%s", problem)
-        return EXIT_CONFIG
-    started = True
-    if reload_asked:
-        on_reload()
-    log.info("wakeproxy %s running %d service(s)", __version__, len(proxy.services))
-    try:
-        await stop.wait()
-        shutdown = proxy.config.shutdown  # as the last reload left it
-        log.info("shutting down: no new connections; open ones get %gs", shutdown.grace)
-        await proxy.drain(shutdown.grace, hurry)
-        if shutdown.backends == "wake":
-            await proxy.wake_all("shutdown")
-    finally:
-        await proxy.close()
-    return 0
+    if name in ("wake", "sleep", "stop", "hibernate"):
+        sub.add_argument("name", help="the service (a replica: NAME@N)")
+    if name == "scale":
+        sub.add_argument("name", help="a service with replicas")
+        sub.add_argument("count", type=int, help="how many replicas to keep awake")
+    if name in FORCEABLE:
+        sub.add_argument("--force", action="store_true", help="even with connections open")
+    if name == "completion":
+        sub.add_argument("shell", choices=SHELLS)
+    if name not in ("run", "check", "completion", "health", "metrics"):
+        _output(sub, *(("table", "json", "name") if name == "status" else ("table", "json")))
+    if name not in ("run", "check", "completion"):
+        _client_options(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command in ("status", "sleep", "wake", "reload"):
-        return client.run(
-            args.command,
-            args.admin,
-            args.token_file,
-            getattr(args, "name", None),
-            getattr(args, "force", False),
-        )
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    if getattr(args, "admin_listen", None):
-        try:
-            config = with_admin_listen(config, args.admin_listen)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-            return EXIT_CONFIG
-    if args.command == "health":
-        return client.health(config.admin)
-    if args.command == "check":
-        errors, warnings = preflight(config)
-        for problem in errors:
-            print(f"{args.config}: {problem}", file=sys.stderr)
-        for warning in warnings:
-            print(f"{args.config}: warning: {warning}", file=sys.stderr)
-        if errors:
-            return EXIT_CONFIG
-        print(f"{args.config}: ok, {len(config.services)} service(s)")
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the command named is built (its own --help included); anything else, such
+    # as --help, --version or a typo, gets every command.
+    args = parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    if args.command in ("run", "check"):
+        from . import runner  # the proxy itself: only to run or check a config
+
+        return runner.main(args)
+    if args.command == "completion":
+        from .completion import script
+
+        print(script(parser(), args.shell), end="")
         return 0
-    setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config))
+    try:
+        return _client_verb(args)
+    except client.Unusable as exc:
+        print(f"wakeproxy: {exc}", file=sys.stderr)
+        return client.EXIT_CONFIG
+
+
+def _client_verb(args: argparse.Namespace) -> int:
+    target = client.find_target(args.admin, args.token_file, args.config)
+    if args.command == "health":
+        return client.health(target)
+    if args.command == "status" and args.watch is not None:
+        if args.watch <= 0:
+            print("wakeproxy: --watch: SECONDS must be above 0", file=sys.stderr)
+            return client.EXIT_CONFIG
+        return client.watch(target, args.name, args.watch, args.output)
+    if args.command == "scale" and args.count < 0:
+        print("wakeproxy: scale: COUNT must be 0 or more", file=sys.stderr)
+        return client.EXIT_CONFIG
+    return client.run(
+        args.command,
+        target,
+        name=getattr(args, "name", None),
+        force=getattr(args, "force", False),
+        count=getattr(args, "count", None),
+        output=getattr(args, "output", "table"),
+    )

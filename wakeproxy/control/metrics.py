@@ -26,9 +26,9 @@ from .. import __version__
 from ..core.states import Outcome, State, WakeResult
 from ..serve.fastpath import FastPathState
 from ..serve.stats import WAKE_BUCKETS
+from ..serve.status import BackendStatus, backend_status, mcp_status, pool_status
 
 if TYPE_CHECKING:
-    from ..serve.backend import Backend
     from .running import Running
 
 # Exported at 0 too, so a rate() over them works before the first one happens.
@@ -118,27 +118,31 @@ class ProxyCollector(Collector):
             "that one replica).",
             labels=["service", "replica"],
         )
-        for pool in (f for f in self.proxy.frontends.values() if f.replicated):
+        pools = (pool_status(f) for f in self.proxy.frontends.values() if f.replicated)
+        for pool in pools:
             moved.add_metric([pool.name], pool.moved)
-            for replica in pool.backends:
-                breaker = pool.breakers[replica.name]
-                circuits.add_metric([pool.name, replica.name], breaker.opened)
-                placed.add_metric([pool.name, replica.name], pool.placed[replica.name])
+            for replica in pool.replicas:
+                name = replica.backend.name
+                circuits.add_metric([pool.name, name], replica.circuit_opened)
+                placed.add_metric([pool.name, name], replica.placed)
             for each in State:
-                count = sum(r.state is each for r in pool.backends)
+                count = sum(r.backend.state is each for r in pool.replicas)
                 replicas.add_metric([pool.name, each.value], count)
             scale_ups.add_metric([pool.name], pool.scale_ups)
+            counts = pool.counts
             outcomes = HTTP_OUTCOMES if pool.cfg.mode == "http" else TCP_OUTCOMES
             for outcome in outcomes:
-                connections.add_metric([pool.name, outcome.value], pool.stats.connections[outcome])
-            for code, count in sorted(pool.stats.http_answers.items()):
+                connections.add_metric([pool.name, outcome.value], counts.connections[outcome])
+            for code, count in sorted(counts.http_answers.items()):
                 answers.add_metric([pool.name, str(code)], count)
         yield from (replicas, scale_ups, circuits, moved, placed)
 
     def _mcp(self) -> Iterator[Metric]:
         """MCP over streamable HTTP, per listener (a service, or a pool of replicas)."""
         fronts = [
-            f.mcp for f in self.proxy.frontends.values() if f.mcp is not None and f.mcp.fronts()
+            mcp_status(f.mcp)
+            for f in self.proxy.frontends.values()
+            if f.mcp is not None and f.mcp.fronts()
         ]
         if not fronts:
             return
@@ -180,19 +184,18 @@ class ProxyCollector(Collector):
             name = front.name
             for method in ("initialize", "notifications/initialized", "ping", "server/discover",
                            "GET", "DELETE", "unknown session"):  # fmt: skip
-                answered.add_metric([name, method], front.answered[method])
+                answered.add_metric([name, method], front.answered.get(method, 0))
             opened.add_metric([name, "materialized"], front.materialized)
             opened.add_metric([name, "resumed"], front.resumed)
             failed.add_metric([name], front.replays_failed)
-            virtual = front.sessions.virtual()
-            sessions.add_metric([name, "virtual"], virtual)
-            sessions.add_metric([name, "open"], len(front.sessions) - virtual)
-            evicted.add_metric([name], front.sessions.evicted)
-            refused.add_metric([name], front.sessions.refused)
+            sessions.add_metric([name, "virtual"], front.virtual)
+            sessions.add_metric([name, "open"], front.sessions - front.virtual)
+            evicted.add_metric([name], front.evicted)
+            refused.add_metric([name], front.refused)
         yield from (answered, opened, failed, sessions, evicted, refused)
 
     def collect(self) -> Iterator[Metric]:
-        services = list(self.proxy.services.values())
+        services = [backend_status(s) for s in self.proxy.services.values()]
         families = _service_families()
         for service in services:
             _add_service(families, service)
@@ -202,7 +205,7 @@ class ProxyCollector(Collector):
             labels=["service"],
         )
         for service in services:
-            found.add_metric([service.name], service.stats.found_asleep)
+            found.add_metric([service.name], service.counts.found_asleep)
         yield found
         if self.proxy.predictions is not None and self.proxy.predictions.active:
             yield from self._predictions()
@@ -264,7 +267,7 @@ _SERVICE_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "The backend's memory in swap (cgroup swap usage, or the processes' VmSwap).", ("source",)),
     ("counter", "wakeproxy_reclaimed_bytes",
      "Bytes of backend memory given back by hibernation (cgroup usage before - after).", ()),
-    ("counter", "wakeproxy_hibernations", "Hibernations by method (cgroup, pageout).",
+    ("counter", "wakeproxy_hibernations", "Hibernations by method (cgroup).",
      ("method",)),
     ("counter", "wakeproxy_hibernate_fallbacks",
      "Hibernations that fell back to a plain pause, by reason.", ("reason",)),
@@ -290,10 +293,10 @@ def _service_families() -> dict[str, Any]:
     }
 
 
-def _add_service(families: dict[str, Any], service: Backend) -> None:
+def _add_service(families: dict[str, Any], service: BackendStatus) -> None:
     """One service's series, read at scrape time from its counters."""
-    name, stats = service.name, service.stats
-    use = service.hibernator.memory()
+    name, stats = service.name, service.counts
+    use = service.memory_use
     if use is not None:
         families["backend_resident_bytes"].add_metric([name, use.source], use.resident)
         families["backend_swapped_bytes"].add_metric([name, use.source], use.swapped)
@@ -322,10 +325,9 @@ def _add_service(families: dict[str, Any], service: Backend) -> None:
         families["connections"].add_metric([name, outcome.value], stats.connections[outcome])
     for event, count in sorted(stats.unexpected.items()):
         families["unexpected_events"].add_metric([name, event], count)
-    up, down = service.bytes_moved()
-    families["bytes"].add_metric([name, "client_to_backend"], up)
-    families["bytes"].add_metric([name, "backend_to_client"], down)
-    families["asleep_seconds"].add_metric([name], service.asleep_seconds())
+    families["bytes"].add_metric([name, "client_to_backend"], service.bytes_up)
+    families["bytes"].add_metric([name, "backend_to_client"], service.bytes_down)
+    families["asleep_seconds"].add_metric([name], service.asleep_s)
     for code, count in sorted(stats.http_answers.items()):
         families["http_answers"].add_metric([name, str(code)], count)
     fast = service.fast_path

@@ -5,11 +5,12 @@ assembles them."""
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..config import Config, SleepPolicy
-    from ..runtimes.docker import DockerEngine
+    from ..config.live import Applied
+    from ..runtimes.engine import DockerEngine
     from ..serve.backend import Backend
     from ..serve.frontend import Frontend
     from ..serve.predictions import Predictions
@@ -48,5 +49,5 @@ class Running(Protocol):
     def replicated(self, name: str) -> Frontend | None:
         """The listener of service ``name`` when it has replicas."""
 
-    async def reload(self) -> Any:
-        """Re-read the config file (an app.ReloadResult)."""
+    async def reload(self) -> Applied:
+        """Re-read the config file and apply it."""

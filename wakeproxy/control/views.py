@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..core.states import State, WakeResult
+from ..core.states import WakeResult
+from ..serve.status import BackendStatus, backend_status
 
 if TYPE_CHECKING:
-    from ..serve.backend import Backend
     from .running import Running
 
 COST_NOTE = (
@@ -54,44 +54,46 @@ def _percentiles(values: list[float]) -> dict[str, Any]:
     }
 
 
+def _statuses(proxy: Running) -> list[BackendStatus]:
+    return [backend_status(s) for s in proxy.services.values()]
+
+
 def performance(proxy: Running) -> dict[str, Any]:
-    def one(s: Backend) -> dict[str, Any]:
-        last = s.stats.last_wake_s
+    def one(s: BackendStatus) -> dict[str, Any]:
+        last = s.counts.last_wake_s
         return {
             "name": s.name,
-            "wakes": {r.value: s.stats.wakes[r] for r in WakeResult},
+            "wakes": {r.value: s.counts.wakes[r] for r in WakeResult},
             # Over the most recent wakes (up to 1024 kept per service).
-            "wake_ms": _percentiles(list(s.stats.wake_seconds)),
+            "wake_ms": _percentiles(list(s.counts.wake_seconds)),
             "last_wake_ms": _ms(last) if last is not None else None,
         }
 
-    return {"services": [one(s) for s in proxy.services.values()]}
+    return {"services": [one(s) for s in _statuses(proxy)]}
 
 
 def resources(proxy: Running) -> dict[str, Any]:
-    def one(s: Backend) -> dict[str, Any]:
-        up, down = s.bytes_moved()
+    def one(s: BackendStatus) -> dict[str, Any]:
         return {
             "name": s.name,
             "state": s.state.value,
             "connections": {
                 "active": s.forwarding,
                 "held": s.held,
-                "accepted": s.stats.accepted,
-                "by_outcome": {o.value: n for o, n in s.stats.connections.items()},
+                "accepted": s.counts.accepted,
+                "by_outcome": {o.value: n for o, n in s.counts.connections.items()},
             },
-            "bytes": {"client_to_backend": up, "backend_to_client": down},
+            "bytes": {"client_to_backend": s.bytes_up, "backend_to_client": s.bytes_down},
             # Measured now (cgroup usage, or RSS where no cgroup is readable).
-            "memory": s.hibernator.describe(),
+            "memory": s.memory,
         }
 
-    return {"services": [one(s) for s in proxy.services.values()]}
+    return {"services": [one(s) for s in _statuses(proxy)]}
 
 
 def cost(proxy: Running) -> dict[str, Any]:
-    def one(s: Backend) -> dict[str, Any]:
-        paused = s.asleep_seconds(State.PAUSED)
-        stopped = s.asleep_seconds(State.STOPPED)
+    def one(s: BackendStatus) -> dict[str, Any]:
+        paused, stopped = s.paused_s, s.stopped_s
         cpu = s.cfg.resources.cpu
         memory = s.cfg.sleep_policy.memory_reservation or s.cfg.resources.memory
         return {
@@ -103,13 +105,13 @@ def cost(proxy: Running) -> dict[str, Any]:
             "cpu_seconds_saved": round((paused + stopped) * cpu, 3) if cpu else None,
             "memory_bytes": memory,
             "memory_source": "reservation" if memory else None,
-            "memory": s.hibernator.describe(),
+            "memory": s.memory,
             "memory_gib_hours_saved": (
                 _significant(stopped * memory / 2**30 / 3600) if memory else None
             ),
         }
 
-    return {"note": COST_NOTE, "services": [one(s) for s in proxy.services.values()]}
+    return {"note": COST_NOTE, "services": [one(s) for s in _statuses(proxy)]}
 
 
 def trends(proxy: Running) -> dict[str, Any]:
@@ -117,8 +119,8 @@ def trends(proxy: Running) -> dict[str, Any]:
     now = int(time.time() // 3600)
     hours = list(range(now - 23, now + 1))
 
-    def one(s: Backend) -> dict[str, Any]:
-        slots = [s.stats.hourly.get(h, [0, 0]) for h in hours]
+    def one(s: BackendStatus) -> dict[str, Any]:
+        slots = [s.counts.hourly.get(h, (0, 0)) for h in hours]
         return {
             "name": s.name,
             "wakes": [slot[0] for slot in slots],
@@ -127,7 +129,7 @@ def trends(proxy: Running) -> dict[str, Any]:
 
     return {
         "hours": [time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(h * 3600)) for h in hours],
-        "services": [one(s) for s in proxy.services.values()],
+        "services": [one(s) for s in _statuses(proxy)],
     }
 
 

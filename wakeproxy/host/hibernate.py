@@ -3,15 +3,13 @@
 The core decides when (``Reclaim`` once paused for ``hibernate_after``, ``CancelReclaim``
 the moment a wake comes); this carries it out, off the event loop:
 
-* ``cgroup``: a worker thread (nice 19) writes the backend's ``memory.force_empty`` /
-  ``memory.reclaim`` and blocks in the kernel for 0.2-0.9 s; a wake interrupts it with a
-  signal to that thread (the kernel's reclaim loop returns EINTR).
-* ``pageout``: ``process_madvise(MADV_PAGEOUT)`` over each process's mappings, in a
-  worker thread that stops between calls once a wake came. Needs CAP_SYS_NICE and ptrace
-  access; the pages go to swap but stay cached in RAM until memory pressure, so the
-  machine gains nothing at once (said in the log and in ``/services``).
+A worker thread (nice 19) writes the backend's memory cgroup's ``memory.force_empty``
+(v1) / ``memory.reclaim`` (v2) and blocks in the kernel for 0.2-0.9 s; a wake interrupts
+it with a signal to that thread (the kernel's reclaim loop returns EINTR). Only the
+cgroup frees memory at once: paging the processes out with ``process_madvise`` left the
+pages in RAM as swap cache (see host/memory.py), so that is not offered.
 
-Without swap only file pages can go (said once at start-up). When neither way works
+Without swap only file pages can go (said once at start-up). Without a writable cgroup
 the backend stays plainly paused: the reason is logged and counted.
 """
 
@@ -31,9 +29,9 @@ from ..core.events import Event, Reclaimed, ReclaimFailed
 from ..runtimes.base import Runtime
 from ..serve.stats import ServiceStats
 from .memory import (
+    AdviceRefused,
     Cgroup,
     MemoryUse,
-    PageoutRefused,
     advise,
     install_interrupt,
     rss_of,
@@ -64,7 +62,7 @@ def _lowest_priority() -> None:
 
 
 def _workers() -> ThreadPoolExecutor:
-    """The reclaim and page-out threads. Threads, not helper processes: spawning one per
+    """The reclaim and prefetch threads. Threads, not helper processes: spawning one per
     reclaim blocked the loop ~3 ms each (uvloop forks the proxy), 150 ms for 50 at once."""
     global _WORKERS
     if _WORKERS is None:
@@ -100,7 +98,6 @@ class Hibernator:
         self._report = report
         self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
-        self._cancelled: threading.Event | None = None
         self._cgroup: Cgroup | None = None
         self._pids: list[int] = []
         self._locating = False
@@ -135,8 +132,6 @@ class Hibernator:
 
     def cancel(self) -> None:
         """A wake came: stop now, report nothing."""
-        if self._cancelled is not None:
-            self._cancelled.set()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -179,19 +174,14 @@ class Hibernator:
         self._report(event)
 
     async def _run(self, method: str) -> tuple[int, str]:
-        problems = []
-        if method in ("auto", "cgroup"):
-            cgroup = await self._locate()
-            if cgroup is None:
-                why = self.runtime.cgroup_problem or "none found"
-                problems.append(f"no memory cgroup for the backend ({why})")
-            elif not cgroup.writable():
-                problems.append(f"{cgroup.reclaim_file} is not writable")
-            else:
-                return await self._reclaim_cgroup(cgroup), "cgroup"
-            if method == "cgroup":
-                raise Unavailable("no_cgroup", "; ".join(problems))
-        return await self._pageout(problems), "pageout"
+        # "auto" and "cgroup" are one method: the cgroup is the only way that frees memory.
+        cgroup = await self._locate()
+        if cgroup is None:
+            why = self.runtime.cgroup_problem or "none found"
+            raise Unavailable("no_cgroup", f"no memory cgroup for the backend ({why})")
+        if not cgroup.writable():
+            raise Unavailable("no_cgroup", f"{cgroup.reclaim_file} is not writable")
+        return await self._reclaim_cgroup(cgroup), "cgroup"
 
     async def _reclaim_cgroup(self, cgroup: Cgroup) -> int:
         before = cgroup.usage()
@@ -213,32 +203,6 @@ class Hibernator:
             raise Unavailable("cgroup_write_failed", f"{cgroup.reclaim_file}: {os.strerror(code)}")
         return freed
 
-    async def _pageout(self, problems: list[str]) -> int:
-        pids = await self.runtime.pids()
-        if not pids:
-            raise Unavailable("no_processes", "; ".join([*problems, "no process found"]))
-        before = self._read(pids)
-        cancelled = self._cancelled = threading.Event()
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(_workers(), advise, pids, "pageout", cancelled)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        except PageoutRefused as exc:
-            detail = [*problems, f"{exc} (needs CAP_SYS_NICE and ptrace access)"]
-            raise Unavailable("pageout_refused", "; ".join(detail)) from exc
-        finally:
-            self._cancelled = None
-        after = self._read(pids)
-        self.note = (
-            "page-out: the pages went to swap but stay cached in RAM until memory pressure; "
-            "the machine's available memory does not rise at once"
-        )
-        if before is None or after is None:
-            return 0
-        return max(0, before.resident - after.resident)
-
     # ---- after a wake
 
     def woke(self) -> None:
@@ -257,7 +221,7 @@ class Hibernator:
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(_workers(), advise, pids, "willneed", threading.Event())
-        except PageoutRefused as exc:
+        except AdviceRefused as exc:
             log.info("%s: prefetch refused: %s", self.name, exc, extra={"service": self.name})
 
     # ---- memory, as the kernel counts it

@@ -9,9 +9,9 @@ as swap cache until memory pressure. Reclaim at the backend's memory cgroup (v1
 6.18, cgroup v1, a 1 GiB swap file). So usage is read from the cgroup where there is
 one; the processes' RSS is the fallback, said as such (``source``).
 
-Everything here is a quick read of procfs/sysfs (no disk), except ``pageout``, which
-blocks for a fraction of a second per backend and runs in a thread; the cgroup reclaim
-runs in a helper process (``reclaim_argv``) that can be killed the moment a wake comes.
+Everything here is a quick read of procfs/sysfs (no disk), except the cgroup reclaim and
+the prefetch after a wake (``advise``), which block for a fraction of a second per backend
+and run in a worker thread that a wake interrupts.
 """
 
 from __future__ import annotations
@@ -346,11 +346,10 @@ def group_pids(pgid: int) -> list[int]:
     return found
 
 
-# ---- the fallback: process_madvise(MADV_PAGEOUT), x86_64 syscall numbers
+# ---- prefetch after a wake: process_madvise(MADV_WILLNEED), x86_64 syscall numbers
 
 _SYS_PIDFD_OPEN = 434
 _SYS_PROCESS_MADVISE = 440
-_MADV_PAGEOUT = 21
 _MADV_WILLNEED = 3
 _IOV_MAX = 512  # ranges per call
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -360,7 +359,7 @@ class _Iovec(ctypes.Structure):
     _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
-class PageoutRefused(Exception):
+class AdviceRefused(Exception):
     """The kernel refused process_madvise (no CAP_SYS_NICE or ptrace access, or too old)."""
 
 
@@ -379,13 +378,16 @@ def _ranges(pid: int) -> list[tuple[int, int]]:
 
 
 def advise(pids: list[int], advice: str, cancelled: threading.Event) -> int:
-    """process_madvise over every mapping of each process ("pageout" or "willneed").
+    """process_madvise(MADV_WILLNEED) over every mapping of each process (``advice``:
+    "willneed", the one advice used).
 
     Blocking (0.2 s for a 220 MiB heap here): run it in a thread. Stops between calls
     once ``cancelled`` is set (a wake came). Returns the processes advised; raises
-    PageoutRefused when the kernel says no for every one of them.
+    AdviceRefused when the kernel says no for every one of them.
     """
-    code = _MADV_PAGEOUT if advice == "pageout" else _MADV_WILLNEED
+    if advice != "willneed":
+        raise ValueError(f"unknown advice {advice!r}")
+    code = _MADV_WILLNEED
     syscall = _libc.syscall
     done = 0
     refusal = ""
@@ -422,5 +424,5 @@ def advise(pids: list[int], advice: str, cancelled: threading.Event) -> int:
         finally:
             os.close(pidfd)
     if done == 0 and refusal and not cancelled.is_set():
-        raise PageoutRefused(refusal)
+        raise AdviceRefused(refusal)
     return done

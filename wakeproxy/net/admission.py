@@ -7,28 +7,18 @@ connection keeps its slot until the backend sends its first byte (or
 ``forward.SETTLE_AFTER`` after its connect completed). A just-woken backend with a
 shallow listen backlog is fed at the pace it accepts instead of being flooded into
 one-second SYN retries. Connections that arrive while the queue drains join its end.
-Where the accept queue can be read, a connect also goes only into room the kernel shows
-in it: a slot given back after ``SETTLE_AFTER`` says nothing about whether the backend
-accepted (a backend slow to accept, on a loaded machine or just after its wake, still
-has the earlier connections in its queue; measured: busybox httpd behind two busy
-cores, 40 SYNs dropped of a 200-client release). While the queue is full it is read
-again every ``QUEUE_RECHECK``, for at most ``connect_timeout``: a backend that accepts
-nothing for that long gets the connects anyway, to fail as they did before.
-
-The window is ``connect_concurrency`` when set; by default it is what the backend's
-accept queue takes at the moment of the release, read from the kernel (``backlog``):
-9 for busybox httpd, 4096 for a server listening with that backlog. Where the listener
-cannot be seen (another network namespace) it starts at ``FALLBACK_WINDOW`` and is
-learned from the connects themselves: Linux retries a dropped SYN after one second, so
-a connect that took that long was sent into a full accept queue, and the connects in
-flight when it was sent are what the queue took. The window drops to that count and
-stays there from one release to the next; a start (a new process may listen with
-another backlog) begins again from ``FALLBACK_WINDOW``. It is never probed upwards: an
-overflowing accept queue costs more than a second. With SYN cookies on (Linux's
-default) connections completed by a cookie while the queue is full can lose their first
-bytes: 30 simultaneous connects, each sending 2 bytes then its FIN, to a listener with
-backlog 4 that accepts nothing for 50 ms: the server read 5 to 10 of them empty on
-kernel 6.18 (plain asyncio client, ``nstat`` counting TcpExtSyncookiesRecv).
+The window, the accept queue's room and what the connects teach are decided in
+core/pacing.py (its rules, and why); this reads the kernel for it (``backlog``: 9 for
+busybox httpd, 4096 for a server listening with that backlog), times the connects and
+re-reads a full queue every ``QUEUE_RECHECK``. Why the room and not only the slots: a
+slot given back after ``SETTLE_AFTER`` says nothing about whether the backend accepted
+(a backend slow to accept, on a loaded machine or just after its wake, still has the
+earlier connections in its queue; measured: busybox httpd behind two busy cores, 40 SYNs
+dropped of a 200-client release). With SYN cookies on (Linux's default) connections
+completed by a cookie while the queue is full can lose their first bytes: 30
+simultaneous connects, each sending 2 bytes then its FIN, to a listener with backlog 4
+that accepts nothing for 50 ms: the server read 5 to 10 of them empty on kernel 6.18
+(plain asyncio client, ``nstat`` counting TcpExtSyncookiesRecv).
 
 Early connects: while an unpause is in flight the backend's listener exists and its
 kernel completes handshakes into the accept queue, frozen or not. So held connections
@@ -49,10 +39,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..config import Address
+from ..core.pacing import QUEUE_RECHECK, Pacing
 from ..core.states import Outcome
 from ..errors import OperationFailed, RuntimeFailure
 from ..serve.stats import ServiceStats
-from .backlog import accept_queue
+from .backlog import AcceptQueue, accept_queue
 from .forward import ClientSide, peer_reset
 
 log = logging.getLogger("wakeproxy.service")
@@ -61,16 +52,6 @@ log = logging.getLogger("wakeproxy.service")
 _BACKEND_ERROR_LOG_EVERY = 5.0
 # How often held connections whose reading is paused are checked for a reset client.
 RESET_CHECK_EVERY = 0.2
-# The release window where the backend's accept queue cannot be read, and the most it
-# may be where it can (each connect in flight is a descriptor of the proxy's).
-FALLBACK_WINDOW = 64
-MAX_WINDOW = 4096
-# A connect that took this long had its first SYN dropped (Linux's initial SYN
-# retransmission timeout is 1 s; on loopback a handshake takes microseconds).
-SYN_RETRIED = 0.9
-# While the backend's accept queue shows no room and connections wait to be released:
-# how often it is read again.
-QUEUE_RECHECK = 0.01
 
 
 class Admission:
@@ -98,20 +79,13 @@ class Admission:
         self.retry: Callable[[ClientSide], bool] | None = None
         self.on_connected: Callable[[], None] | None = None
         self.connect_timeout = connect_timeout
-        self.concurrency = concurrency  # None: the backend's accept queue, read at release
-        self.window = concurrency or FALLBACK_WINDOW  # set anew at every release
-        # Learned where the accept queue cannot be read: see the module's docstring.
-        self.learned = FALLBACK_WINDOW
-        self._learning = False  # this release's window is the learned one
+        self.pacing = Pacing(concurrency)
         self._held: dict[ClientSide, None] = {}
         self._queue: collections.deque[ClientSide] = collections.deque()
         self._connecting = 0
         # Upstream connects sent and not yet completed (not yet in the backend's queue
-        # as the kernel counts it); where the queue is read: how many more it takes,
-        # as last read, since when it showed none, and the timer reading it again.
+        # as the kernel counts it), and the timer reading a full queue again.
         self._opening = 0
-        self._room: int | None = None  # None: not paced by the queue's room
-        self._full_since: float | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._last_error_log = 0.0
         self._errors_unlogged = 0
@@ -128,6 +102,15 @@ class Admission:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    @property
+    def window(self) -> int:
+        """The last release's window (core/pacing.py)."""
+        return self.pacing.window
+
+    @property
+    def learned(self) -> int:
+        return self.pacing.learned
 
     def hold(self, conn: ClientSide) -> None:
         self._held[conn] = None
@@ -171,11 +154,10 @@ class Admission:
     def thaw(self) -> None:
         """An unpause is starting: connect the held connections now, up to the room in
         the backend's accept queue (none where it cannot be read)."""
-        backend = self._backend()
-        queue = accept_queue(backend) if backend is not None else None
+        queue = self._accept_queue()
         if queue is None:
             return
-        self._thaw_room = min(queue.room, self.concurrency or MAX_WINDOW, MAX_WINDOW)
+        self._thaw_room = self.pacing.early_room(queue)
         for conn in list(self._held):
             self._connect_early(conn)
 
@@ -232,7 +214,7 @@ class Admission:
     def release(self) -> None:
         """The backend is ready: forward every held connection, paced."""
         self._thaw_room = 0
-        self.window = self._window()
+        self.pacing.release(self._accept_queue(), self._connecting, self._opening)
         held = list(self._held)
         self._held.clear()
         for conn in held:
@@ -250,23 +232,9 @@ class Admission:
                 self._queue.append(conn)
         self._pump()
 
-    def _window(self) -> int:
-        self._learning = False
-        self._room = None
-        self._full_since = None
-        if self.concurrency is not None:
-            return self.concurrency
+    def _accept_queue(self) -> AcceptQueue | None:
         backend = self._backend()
-        queue = accept_queue(backend) if backend is not None else None
-        if queue is None:
-            self._learning = True
-            return self.learned
-        self._room = queue.room - self._opening
-        # Connects still in flight (early ones waiting in the accept queue) are in the
-        # queue's count and in ours: what is left is the room, on top of those. Early
-        # ones the backend has accepted already, unanswered, are in ours only: the
-        # window never passes the queue's limit, which all in flight may come to fill.
-        return max(1, min(queue.room + self._connecting, queue.limit, MAX_WINDOW))
+        return accept_queue(backend) if backend is not None else None
 
     def _pump(self) -> None:
         queue = self._queue
@@ -279,33 +247,21 @@ class Admission:
             conn = queue.popleft()
             in_flight = self._connecting
             self._connecting += 1
-            if self._room is not None:
-                self._room -= 1
+            self.pacing.sent()
             conn.arm_settle(self._settled)
             self._opening += 1
-            self._spawn(self._open_upstream(conn, in_flight if self._learning else None))
+            learning = self.pacing.learning
+            self._spawn(self._open_upstream(conn, in_flight if learning else None))
 
     def _queue_has_room(self) -> bool:
         """Whether the backend's accept queue takes one more connect now (where it is
         read: the release's window came from it); if not, it is read again soon."""
-        if self._room is None or self._room > 0:
+        if self.pacing.has_room():
             return True
-        backend = self._backend()
-        queue = accept_queue(backend) if backend is not None else None
-        if queue is None:
-            self._room = None  # no longer seen: the slots alone pace
-            return True
-        # Connects not yet completed are not in the kernel's count yet.
-        self._room = queue.room - self._opening
         loop = asyncio.get_running_loop()
-        if self._room > 0:
-            self._full_since = None
+        queue = self._accept_queue()
+        if self.pacing.reread(queue, self._opening, loop.time(), self.connect_timeout):
             return True
-        now = loop.time()
-        if self._full_since is None:
-            self._full_since = now
-        elif now - self._full_since >= self.connect_timeout:
-            return True  # it accepts nothing: connect anyway, to fail as it would
         if self._recheck is None:
             self._recheck = loop.call_later(QUEUE_RECHECK, self._rechecked)
         return False
@@ -320,24 +276,16 @@ class Admission:
 
     def describe(self) -> dict[str, object]:
         """The API's view: the last release's window and where it came from."""
-        if self.concurrency is not None:
-            source = "connect_concurrency"
-        elif self._learning:
-            source = "learned"
-        else:
-            source = "accept_queue"
-        return {"window": self.window, "window_from": source, "early_connects": self.early_connects}
+        pacing = self.pacing
+        return {
+            "window": pacing.window,
+            "window_from": pacing.source,
+            "early_connects": self.early_connects,
+        }
 
     def starting(self) -> None:
         """The backend is being started: what was learned of its backlog is forgotten."""
-        self.learned = FALLBACK_WINDOW
-
-    def _learn(self, seconds: float, in_flight: int) -> None:
-        """A paced connect completed in ``seconds``, sent with ``in_flight`` others."""
-        if seconds >= SYN_RETRIED:
-            self.learned = max(1, min(self.learned, in_flight))
-            if self._learning:
-                self.window = self.learned
+        self.pacing.starting()
 
     async def _open_upstream(self, conn: ClientSide, in_flight: int | None = None) -> None:
         """Connect ``conn`` upstream; ``in_flight``: the paced connects already in flight
@@ -372,7 +320,7 @@ class Admission:
         if self.on_connected is not None:
             self.on_connected()
         if in_flight is not None:
-            self._learn(loop.time() - sent, in_flight)
+            self.pacing.connected(loop.time() - sent, in_flight)
         if conn not in self._early:
             self.stats.record(Outcome.FORWARDED)
         elif self._early[conn] is None:

@@ -77,7 +77,7 @@ class Runtime(abc.ABC):
         return None
 
     async def pids(self) -> list[int]:
-        """The backend's processes (the page-out fallback, and RSS when no cgroup)."""
+        """The backend's processes (prefetch after a wake, and RSS when no cgroup)."""
         return []
 
     async def close(self) -> None:

@@ -10,6 +10,10 @@ process that left the group (``setsid``) or its environment (``env -i``, sudo) i
 still in it, so signals, the stop and the reaping after a killed proxy go to every
 process in it. Without one (a v2-only host, no permission) the process group and the
 run's token in the environment are all there is.
+
+The command's stdout and stderr are pipes the proxy reads on its loop: each line is
+logged as the proxy's own (``wakeproxy.backend``, with the service and the stream), so
+``--log-format json`` stays one JSON object a line (``logs.OutputLines``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -37,6 +43,7 @@ from ..host.memory import (
     parent_pid,
     remove_cgroup,
 )
+from ..logs import PIPE_SIZE, OutputLines
 from .base import Runtime
 
 log = logging.getLogger("wakeproxy.runtime.process")
@@ -64,6 +71,10 @@ def _child_setup(procs: str | None) -> Callable[[], None]:
                 file.write(str(os.getpid()))
 
     return setup
+
+
+def _same(protocol: OutputLines) -> OutputLines:
+    return protocol
 
 
 _STOP_POLLS = 500  # of 1 ms each
@@ -257,6 +268,7 @@ class ProcessRuntime(Runtime):
         self,
         command: tuple[str, ...],
         *,
+        name: str | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stop_timeout: float = 10.0,
@@ -268,6 +280,8 @@ class ProcessRuntime(Runtime):
         self.own_cgroup = own_cgroup
         self.cgroup: Cgroup | None = None
         self.command = command
+        # Whose output it is, in the log: the service (else the program).
+        self.name = name or os.path.basename(command[0])
         self.cwd = cwd
         self.env = dict(env or {})
         self.stop_timeout = stop_timeout
@@ -278,6 +292,9 @@ class ProcessRuntime(Runtime):
         self._token = ""
         self._foreign: tuple[frozenset[int], str] | None = None
         self._before_start: set[int] = set()
+        # The output pipes of every run not yet at their end (a child the command left
+        # behind may hold one open after it exited): closed with the runtime.
+        self._outputs: dict[asyncio.ReadTransport, OutputLines] = {}
 
     @property
     def pid(self) -> int | None:
@@ -302,21 +319,35 @@ class ProcessRuntime(Runtime):
         # proxy starting now would otherwise have to guess whether it is abandoned).
         self._record(token)
         cgroup = self._new_cgroup(token)
+        # Pipes of our own, not asyncio's: its subprocess waits for them to close before
+        # wait() returns, and a child the command left behind can hold them for ever.
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 cwd=self.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
                 # Its own process group: SIGSTOP/SIGCONT/SIGTERM reach its children too.
                 start_new_session=True,
                 preexec_fn=_child_setup(str(cgroup.path / "cgroup.procs") if cgroup else None),
             )
         except OSError as exc:
+            for fd in (out_read, err_read):
+                os.close(fd)
             if cgroup is not None:
                 remove_cgroup(cgroup)
             self._forget()
             raise BackendMissing(f"cannot run {self.command[0]!r}: {exc.strerror or exc}") from None
+        finally:
+            # The command holds the write ends now; ours would keep the pipes from ending.
+            for fd in (out_write, err_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        await self._read_output(out_read, err_read)
         if cgroup is not None and proc.pid not in cgroup.pids():
             self.cgroup_problem = f"the command could not enter {cgroup.path}"
             remove_cgroup(cgroup)
@@ -329,6 +360,37 @@ class ProcessRuntime(Runtime):
         task = asyncio.create_task(self._watch_exit(proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    async def _read_output(self, out_read: int, err_read: int) -> None:
+        """Log the command's stdout and stderr line by line until they end."""
+        loop = asyncio.get_running_loop()
+        for fd, stream in ((out_read, "stdout"), (err_read, "stderr")):
+            with contextlib.suppress(OSError):
+                # Room for what a flooding command writes while its reading waits.
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            pipe = os.fdopen(fd, "rb", buffering=0)
+            lines = OutputLines(self.name, stream)
+            try:
+                transport, _ = await loop.connect_read_pipe(functools.partial(_same, lines), pipe)
+            except OSError:
+                pipe.close()
+                continue
+            self._outputs[transport] = lines
+            lines.done.add_done_callback(functools.partial(self._output_ended, transport))
+
+    def _output_ended(self, transport: asyncio.ReadTransport, _: object) -> None:
+        self._outputs.pop(transport, None)
+
+    async def _close_outputs(self, within: float = 0.5) -> None:
+        """Close the output pipes still open once the command ended: first a moment
+        for what is still in them to be read and logged."""
+        if not self._outputs:
+            return
+        pending = [lines.done for lines in self._outputs.values()]
+        await asyncio.wait(pending, timeout=within)
+        for transport in list(self._outputs):
+            transport.close()
+        self._outputs.clear()
 
     def _new_cgroup(self, token: str) -> Cgroup | None:
         if not self.own_cgroup:
@@ -522,6 +584,7 @@ class ProcessRuntime(Runtime):
 
     async def close(self) -> None:
         await self.stop()
+        await self._close_outputs()
 
     def describe(self) -> str:
         return f"process {self.command[0]}"

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 from ..core.states import State
 from ..errors import OperationFailed, RuntimeFailure
 from .base import Runtime
-from .docker import map_docker_errors, set_paused
+from .docker import set_paused
+from .engine import map_docker_errors
 
 if TYPE_CHECKING:
-    from .docker import DockerEngine
+    from .engine import DockerEngine
 
 log = logging.getLogger("wakeproxy.runtime.swarm")
 _POLL = 0.05

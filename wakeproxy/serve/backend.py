@@ -340,7 +340,7 @@ class Backend:
         self.cfg = cfg
         self.driver.cfg = cfg
         self.admission.connect_timeout = cfg.connect_timeout
-        self.admission.concurrency = cfg.connect_concurrency
+        self.admission.pacing.concurrency = cfg.connect_concurrency
         self.feed(Reconfigured(policy_of(cfg)))
         if self.predictions is not None:
             self.predictions.attach(self)  # new windows or predict settings

@@ -9,11 +9,12 @@ fails that one service (listed by the API with the reason) and the others run.
 The engine's event stream is the fast path: a labelled container created, renamed or
 removed, or any Swarm service created, updated or removed (a service event does not
 carry its labels), cues a re-read. Every re-read is one container listing (and, on a
-Swarm manager, one service listing) compared with what runs: new services start,
-services whose labels changed are replaced, services whose container is gone stop
-listening. A periodic re-read is the safety net for missed events. YAML wins where both
-name the same service (or the same container); a name or address another engine's
-discovery already serves is refused here.
+Swarm manager, one service listing) applied through the proxy's one reconciler (the
+same as a reload's): new services start, services whose labels changed are updated in
+place where a running one can take the change and replaced otherwise, services whose
+container is gone stop listening. A periodic re-read is the safety net for missed
+events. YAML wins where both name the same service (or the same container); a name or
+address another engine's discovery already serves is refused here.
 
 A Swarm service's labels are its own (``deploy.labels`` in a stack file), not its task
 containers': a task container labelled ``wakeproxy.enable`` is skipped, saying where
@@ -29,8 +30,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import (
-    COMPOSE_DEPENDS_ON_LABEL,
-    LABEL_PREFIX,
     SWARM_SERVICE_LABEL,
     Address,
     DiscoveryConfig,
@@ -45,15 +44,12 @@ from ..errors import ConfigError, EngineUnavailable
 
 if TYPE_CHECKING:
     from ..config import Config, SleepPolicy
-    from ..runtimes.docker import DockerEngine
+    from ..config.live import Applied
+    from ..runtimes.engine import DockerEngine
     from .backend import Backend
 
 log = logging.getLogger("wakeproxy.discovery")
 
-# What a discovered service was built from: its container (or Swarm service), its labels
-# and the dependencies they resolved to. A change in any of these replaces the service; a
-# live change through the API (policy, timeouts) does not count as one.
-_Origin = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]
 # A labelled container or Swarm service: its name, whether a Swarm service, its labels.
 _Labelled = tuple[str, bool, Mapping[str, str]]
 
@@ -65,18 +61,10 @@ def _subject(cfg: ServiceConfig) -> str:
     return f"container {cfg.container}"
 
 
-def _origin(labels: Mapping[str, str], cfg: ServiceConfig) -> _Origin:
-    own = sorted(
-        (k, v)
-        for k, v in labels.items()
-        if k.startswith(LABEL_PREFIX) or k == COMPOSE_DEPENDS_ON_LABEL
-    )
-    return _subject(cfg), tuple(own), cfg.depends_on
-
-
 class Served(Protocol):
-    """What discovery changes in the running proxy: it adds and removes services the way a
-    reload does, and reads the rest (the proxy assembles discovery, not the reverse)."""
+    """What discovery changes in the running proxy: it applies the services its labels ask
+    for through the proxy's reconciler, as a reload applies the file's, and reads the rest
+    (the proxy assembles discovery, not the reverse)."""
 
     @property
     def config(self) -> Config: ...
@@ -87,11 +75,14 @@ class Served(Protocol):
     @property
     def policies(self) -> Mapping[str, SleepPolicy]: ...
 
-    async def add_services(
-        self, configs: list[ServiceConfig], services: Mapping[str, ServiceConfig] | None = None
-    ) -> dict[str, str]: ...
-
-    async def remove_service(self, name: str) -> None: ...
+    async def apply(
+        self,
+        source: str,
+        wanted: Mapping[str, ServiceConfig],
+        *,
+        services: Mapping[str, ServiceConfig] | None = None,
+        listed: bool = False,
+    ) -> Applied: ...
 
 
 class LabelDiscovery:
@@ -101,7 +92,8 @@ class LabelDiscovery:
         self.engine = engine
         # Labelled containers that could not become services: service name -> why.
         self.rejected: dict[str, str] = {}
-        self._origins: dict[str, _Origin] = {}
+        # What it serves (as last applied), to name what went.
+        self._served: dict[str, ServiceConfig] = {}
         self._skipped: set[str] = set()  # named by the YAML too, or a task: logged once
         self._cue = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -146,40 +138,36 @@ class LabelDiscovery:
 
     async def apply(self, containers: list[dict[str, Any]]) -> None:
         """Make the discovered services match ``containers`` (one engine listing) and the
-        engine's last listing of Swarm services."""
-        wanted, labels_of, rejected = self._wanted(containers)
-        proxy = self.proxy
-        for gone in [n for n in self._origins if n not in proxy.services]:
-            del self._origins[gone]  # replaced by the file's service of that name
-        for name in [n for n, s in proxy.services.items() if self._mine(s.cfg)]:
-            cfg = wanted.get(name)
-            origin = _origin(labels_of[name], cfg) if cfg else None
-            if origin == self._origins.get(name):
-                continue
-            why = (
-                f"{_subject(proxy.services[name].cfg)} is gone"
-                if cfg is None
-                else "its labels changed"
+        engine's last listing of Swarm services, through the proxy's one reconciler: a
+        service whose labels changed only in keys a running one takes is updated in
+        place, any other change replaces it."""
+        wanted, rejected = self._wanted(containers)
+        result = await self.proxy.apply(f"labels:{self.engine.name}", wanted, listed=True)
+        for name in result.removed:
+            gone = self._served.get(name)
+            what = _subject(gone) if gone is not None else "its container"
+            log.info("%s: %s is gone; closing its listener", name, what, extra={"service": name})
+        for name in result.replaced:
+            log.info("%s: its labels changed; listening anew", name, extra={"service": name})
+        for name in result.updated:
+            log.info(
+                "%s: its labels (or a policy they name) changed; updated in place",
+                name,
+                extra={"service": name},
             )
-            log.info("%s: %s; closing its listener", name, why, extra={"service": name})
-            self._origins.pop(name, None)
-            await proxy.remove_service(name)
-        new = [cfg for name, cfg in wanted.items() if name not in proxy.services]
-        failed = await proxy.add_services(new)
-        for cfg in new:
-            if cfg.name in failed:
-                rejected[cfg.name] = failed[cfg.name]
+        for name in result.added:
+            if name in result.failed:
                 continue
-            self._origins[cfg.name] = _origin(labels_of[cfg.name], cfg)
+            cfg = wanted[name]
             log.info(
                 "%s: discovered from %s, listening on %s",
-                cfg.name,
+                name,
                 _subject(cfg),
                 cfg.listen,
-                extra={"service": cfg.name},
+                extra={"service": name},
             )
-            # Events between the listing and the registration went nowhere: re-read.
-            proxy.services[cfg.name].recheck()
+        rejected.update(result.failed)
+        self._served = {n: c for n, c in wanted.items() if n not in result.failed}
         for name, why in rejected.items():
             if self.rejected.get(name) != why:
                 log.error("%s: not served: %s", name, why, extra={"service": name})
@@ -216,8 +204,8 @@ class LabelDiscovery:
 
     def _wanted(
         self, containers: list[dict[str, Any]]
-    ) -> tuple[dict[str, ServiceConfig], dict[str, Mapping[str, str]], dict[str, str]]:
-        """The services the labels ask for, their labels, and the refused ones with why."""
+    ) -> tuple[dict[str, ServiceConfig], dict[str, str]]:
+        """The services the labels ask for, and the refused ones with why."""
         proxy = self.proxy
         configured = {n: s.cfg for n, s in proxy.services.items() if s.cfg.source == "config"}
         # Another engine's discoveries: theirs as long as they run.
@@ -238,7 +226,6 @@ class LabelDiscovery:
         engine = None if self.engine.name == LOCAL_ENGINE else self.engine.name
 
         wanted: dict[str, ServiceConfig] = {}
-        labels_of: dict[str, Mapping[str, str]] = {}
         rejected: dict[str, str] = {}
         for container, swarm, labels in labelled:
             name = label_service_name(container, labels)
@@ -269,7 +256,6 @@ class LabelDiscovery:
                     swarm=swarm,
                     engine=engine,
                 )
-                labels_of[name] = labels
             except ConfigError as exc:
                 rejected[name] = "; ".join(exc.problems)
 
@@ -293,4 +279,4 @@ class LabelDiscovery:
             for name, why in faults:
                 if name in wanted:
                     rejected[name] = f"{_subject(wanted.pop(name))}: {why}"
-        return wanted, labels_of, rejected
+        return wanted, rejected

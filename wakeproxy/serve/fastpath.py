@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Address, ServiceConfig
@@ -67,6 +68,29 @@ class Why(enum.StrEnum):
     KERNEL = "kernel"
     NAMESPACE = "namespace"
     SLOTS = "slots"
+
+
+@dataclass(frozen=True, slots=True)
+class FastPathStatus:
+    """One backend's fast path at one moment (``serve.status`` carries it)."""
+
+    state: FastPathState
+    why: Why | None
+    reason: str
+    steered: int  # connections the kernel handed to the backend
+    open: int  # connections the kernel listed at the last read
+
+    def describe(self) -> dict[str, Any] | None:
+        """What the API shows (None: not asked for)."""
+        if self.state is FastPathState.OFF:
+            return None
+        return {
+            "state": self.state.value,
+            "why": self.why.value if self.why is not None else None,
+            "reason": self.reason or None,
+            "steered": self.steered,
+            "open": self.open,
+        }
 
 
 class Unavailable(Exception):
@@ -199,18 +223,8 @@ class FastPath:
     def __repr__(self) -> str:
         return f"<FastPath {self.name} {self.state.value} steered={self.steered}>"
 
-    def describe(self) -> dict[str, Any] | None:
-        """What the API shows (None: not asked for)."""
-        if self.state is FastPathState.OFF:
-            return None
-        why = self.why.value if self.why is not None else None
-        return {
-            "state": self.state.value,
-            "why": why,
-            "reason": self.reason or None,
-            "steered": self.steered,
-            "open": self.seen,
-        }
+    def status(self) -> FastPathStatus:
+        return FastPathStatus(self.state, self.why, self.reason, self.steered, self.seen)
 
     @property
     def active(self) -> bool:

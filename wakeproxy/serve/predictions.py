@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..config.model import PredictionConfig, ServiceConfig
-from ..config.schema import predicts
+from ..config.policies import predicts
 from ..core.events import Event, HoldAwake
 from ..core.predict import Prediction, Predictor, Snapshot
 from ..core.states import ASLEEP, IN_FLIGHT, SleepReason, State

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import collections
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..core.states import ASLEEP, Outcome, SleepAction, SleepReason, State, WakeResult
@@ -15,6 +16,31 @@ WAKE_BUCKETS = (
     0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 _WAKES, _CONNECTIONS = 0, 1  # the two counts kept per hour
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """A service's counters at one moment: a copy of ``ServiceStats``'s, for readers."""
+
+    wakes: Mapping[WakeResult, int]
+    wake_seconds: tuple[float, ...]  # the most recent wakes' durations, oldest first
+    wake_buckets: tuple[int, ...]  # per WAKE_BUCKETS slot, the last one +Inf
+    wake_sum: float
+    sleeps: Mapping[tuple[SleepAction, SleepReason], int]
+    connections: Mapping[Outcome, int]
+    http_answers: Mapping[int, int]
+    accepted: int
+    found_asleep: int
+    hourly: Mapping[int, tuple[int, int]]  # UTC hour -> (wakes, connections)
+    hibernations: Mapping[str, int]
+    reclaimed_bytes: int
+    hibernate_fallbacks: Mapping[str, int]
+    unexpected: Mapping[str, int]
+    last_error: tuple[float, str] | None
+
+    @property
+    def last_wake_s(self) -> float | None:
+        return self.wake_seconds[-1] if self.wake_seconds else None
 
 
 @dataclass(slots=True)
@@ -48,7 +74,7 @@ class ServiceStats:
     asleep_since: float | None = None
     # Per UTC hour (unix seconds // 3600): [wakes, connections]; the last 24 hours kept.
     hourly: dict[int, list[int]] = field(default_factory=dict)
-    # Hibernation: by method (cgroup, pageout); bytes given back as measured; the times
+    # Hibernation: by method (cgroup); bytes given back as measured; the times
     # it fell back to a plain pause, by reason.
     hibernations: collections.Counter[str] = field(default_factory=collections.Counter)
     reclaimed_bytes: int = 0
@@ -61,6 +87,26 @@ class ServiceStats:
     @property
     def last_wake_s(self) -> float | None:
         return self.wake_seconds[-1] if self.wake_seconds else None
+
+    def counts(self) -> Counts:
+        """A copy of the counters (missing keys read 0, as in a Counter)."""
+        return Counts(
+            wakes=collections.Counter(self.wakes),
+            wake_seconds=tuple(self.wake_seconds),
+            wake_buckets=tuple(self.wake_buckets),
+            wake_sum=self.wake_sum,
+            sleeps=collections.Counter(self.sleeps),
+            connections=collections.Counter(self.connections),
+            http_answers=collections.Counter(self.http_answers),
+            accepted=self.accepted,
+            found_asleep=self.found_asleep,
+            hourly={hour: (slot[0], slot[1]) for hour, slot in self.hourly.items()},
+            hibernations=collections.Counter(self.hibernations),
+            reclaimed_bytes=self.reclaimed_bytes,
+            hibernate_fallbacks=collections.Counter(self.hibernate_fallbacks),
+            unexpected=collections.Counter(self.unexpected),
+            last_error=self.last_error,
+        )
 
     def record(self, outcome: Outcome, status: int | None = None) -> None:
         """What became of one connection (and, mode http, the status the proxy answered).
