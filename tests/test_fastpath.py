@@ -39,6 +39,7 @@ from tests.helpers import (
     start_proxy,
     wait_until,
 )
+from wakeproxy.config import load_config
 from wakeproxy.control.metrics import render
 from wakeproxy.core.states import State
 from wakeproxy.errors import ServiceBusy
@@ -218,6 +219,25 @@ async def test_a_restarted_backend_is_steered_to_again():
         steered = web.fast_path.steered
         line, mine = await peer(port)
         assert line == f"peer 127.0.0.1:{mine}\n" and web.fast_path.steered == steered + 1
+
+
+async def test_a_reload_that_turns_it_off_hands_connections_back_to_the_proxy(tmp_path: Path):
+    port, backend = free_port(), free_port()
+    path, entry = tmp_path / "config.yaml", fast(port, backend)
+    path.write_text(config_text(entry))
+    async with running(load_config(path)) as proxy:
+        await peer(port)
+        await steering(proxy.services["web"])
+        line, mine = await peer(port)
+        assert line == f"peer 127.0.0.1:{mine}\n"
+        entry["web"]["fast_path"] = "off"
+        path.write_text(config_text(entry))
+        assert (await proxy.reload()).replaced == ["web"]
+        web = proxy.services["web"]
+        assert web.fast_path.state is FastPathState.OFF
+        line, mine = await peer(port)  # its route is gone: the proxy's listener takes it
+        assert line.startswith("peer 127.0.0.1:") and line != f"peer 127.0.0.1:{mine}\n"
+        assert web.stats.accepted == 1
 
 
 async def test_where_it_cannot_apply_the_service_runs_as_always():
