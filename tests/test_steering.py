@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -233,6 +234,25 @@ def test_a_refused_program_says_why_with_the_verifier_log() -> None:
     assert caught.value.errno == errno.EACCES
     assert "R0" in caught.value.log
     assert "verifier log" in str(caught.value)
+
+
+def test_a_load_a_signal_interrupted_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The verifier answers EAGAIN when a signal arrives while it works (seen under load:
+    # a child's SIGCHLD); only that errno is tried again, and not forever.
+    real, answers = bpf._call, [errno.EAGAIN, errno.EAGAIN]
+
+    def flaky(cmd: int, attr: Any, what: str, log: str = "") -> int:
+        if cmd == bpf.PROG_LOAD and answers:
+            raise bpf.BpfError(what, answers.pop(), log)
+        return real(cmd, attr, what, log)
+
+    monkeypatch.setattr(bpf, "_call", flaky)
+    Steering().close()
+    assert answers == []
+    answers[:] = [errno.EAGAIN] * bpf._LOAD_ATTEMPTS
+    with pytest.raises(bpf.BpfError) as caught:
+        Steering()
+    assert caught.value.errno == errno.EAGAIN and answers == []
 
 
 def test_without_the_capabilities_loading_fails_with_eperm() -> None:

@@ -126,6 +126,9 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
 # ---- programs and links
 
 
+_LOAD_ATTEMPTS = 10
+
+
 def prog_load(kind: int, attach: int, code: bytes, name: str) -> int:
     """Load a program; a refusal raises BpfError with the verifier's log."""
     insns = ctypes.create_string_buffer(code, len(code))
@@ -146,10 +149,17 @@ def prog_load(kind: int, attach: int, code: bytes, name: str) -> int:
         0,
         attach,
     )
-    try:
-        return _call(PROG_LOAD, attr, f"loading the {name} program")
-    except BpfError as exc:
-        raise BpfError(exc.what, exc.errno, log.value.decode(errors="replace")) from None
+    # The verifier gives up with EAGAIN when a signal arrives while it works (a child's
+    # SIGCHLD will do): try again, as libbpf does; a real refusal is another errno.
+    left = _LOAD_ATTEMPTS
+    while True:
+        left -= 1
+        try:
+            return _call(PROG_LOAD, attr, f"loading the {name} program")
+        except BpfError as exc:
+            if exc.errno != errno.EAGAIN or left == 0:
+                text = log.value.decode(errors="replace")
+                raise BpfError(exc.what, exc.errno, text) from None
 
 
 def link_create(prog_fd: int, target_fd: int, attach: int, what: str) -> int:
