@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -257,8 +258,12 @@ def _wait_steering(admin: int, within: float = 20) -> None:
     deadline = time.monotonic() + within
     seen = None
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/services", timeout=5) as answer:
-            (service,) = json.load(answer)["services"]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/services", timeout=5) as answer:
+                (service,) = json.load(answer)["services"]
+        except urllib.error.URLError:  # the admin API listens after the services do
+            time.sleep(0.05)
+            continue
         seen = service["fast_path"]
         if seen and seen["state"] == "steering":
             return
