@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +23,9 @@ class WrkResult:
     errors: int
     # wrk's latency distribution: percentile -> ms (50, 75, 90, 99).
     percentiles: dict[int, float]
+    requests: int = 0  # completed in the run
+    # The CPU the contender's own process spent per request (us), when measured.
+    cpu_us: float = float("nan")
 
 
 def _ms(text: str) -> float:
@@ -31,17 +36,46 @@ def _ms(text: str) -> float:
 
 
 VARIED = str(Path(__file__).parent / "varied.lua")
+MCP_MIX = str(Path(__file__).parent / "mcp_mix.lua")
 
 
 def wrk_command(
-    port: int, seconds: float, connections: int, churn: bool, *, varied: bool = False
+    port: int,
+    seconds: float,
+    connections: int,
+    churn: bool,
+    *,
+    varied: bool = False,
+    mcp: bool = False,
 ) -> list[str]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if churn:
         argv += ["-H", "Connection: close"]  # a new connection per request
     if varied:
         argv += ["-s", VARIED]  # a different request head each time
+    if mcp:
+        argv += ["-s", MCP_MIX]  # an MCP client's POSTs, answered SSE-framed
     return [*argv, f"http://127.0.0.1:{port}/"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime so far (/proc/PID/stat), in seconds, of a process and its children
+    (nginx's worker does the work its master started)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for each in [pid, *map(int, children)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk_on(argv: list[str], pid: int) -> WrkResult:
+    """wrk, and the CPU process ``pid`` spent per request meanwhile."""
+    before = cpu_seconds(pid)
+    result = run_wrk(argv)
+    spent = cpu_seconds(pid) - before
+    per = spent / result.requests * 1e6 if result.requests else float("nan")
+    return dataclasses.replace(result, cpu_us=per)
 
 
 def run_wrk(argv: list[str]) -> WrkResult:
@@ -62,7 +96,8 @@ def parse_wrk(out: str) -> WrkResult:
         errors = sum(int(n) for n in found.groups())
     if found := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(found.group(1))
-    return WrkResult(rps, p50, p99, errors, percentiles)
+    done = re.search(r"(\d+) requests in", out)
+    return WrkResult(rps, p50, p99, errors, percentiles, int(done.group(1)) if done else 0)
 
 
 def iperf3_command(port: int, seconds: float) -> list[str]:

@@ -95,13 +95,21 @@ def wait_port(
 class Peer:
     """A started process; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.port = port
         self.proc = subprocess.Popen(
             argv,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -165,14 +173,18 @@ def bare(backend_port: int) -> Peer:
     return Peer("bare uvloop", argv, port)
 
 
-def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
+def wakeproxy(
+    workdir: Path, backend_port: int, extra: str = "", source: Path | None = None
+) -> Peer:
     """wakeproxy forwarding to a backend that is already up (sleep disabled).
 
     The process runtime needs a command it owns; ``sleep`` stands in, since the
     backend under test is shared with the other contenders and started by the harness.
+    ``source``: a checkout whose package runs instead of this one (an A/B in one run:
+    started there, its tree first on the path).
     """
     port = free_port()
-    config = workdir / "wakeproxy.yaml"
+    config = workdir / f"wakeproxy-{port}.yaml"
     config.write_text(
         f"admin:\n  listen: 127.0.0.1:{free_port()}\n"
         "services:\n"
@@ -185,6 +197,8 @@ def wakeproxy(workdir: Path, backend_port: int, extra: str = "") -> Peer:
         "    sleep_policy: {enabled: false}\n" + extra
     )
     argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
+    if source is not None:
+        return Peer("wakeproxy", argv, port, {"PYTHONPATH": str(source)}, cwd=source)
     return Peer("wakeproxy", argv, port)
 
 
@@ -223,11 +237,11 @@ def fast_path_why() -> str | None:
     return None
 
 
-def wakeproxy_fast(workdir: Path) -> tuple[Peer, int]:
+def wakeproxy_fast(workdir: Path) -> tuple[Peer, int, int]:
     """wakeproxy with ``fast_path: kernel`` in front of nginx, which it runs as its
     command (the fast path takes the listener from the backend's own processes); the
     row's other contenders reach the same nginx. Returns once the kernel steers:
-    (the proxy, nginx's port)."""
+    (the proxy, nginx's port, nginx's master pid)."""
     workdir.mkdir(parents=True, exist_ok=True)
     nginx_argv, backend_port = nginx_command(workdir)
     port, admin = free_port(), free_port()
@@ -251,7 +265,7 @@ def wakeproxy_fast(workdir: Path) -> tuple[Peer, int]:
     except BaseException:
         peer.stop()
         raise
-    return peer, backend_port
+    return peer, backend_port, int((workdir / "nginx.pid").read_text())
 
 
 def _wait_steering(admin: int, within: float = 20) -> None:

@@ -12,13 +12,14 @@ Nothing here decides: the replay runs the proxy's own code on a simulated clock.
   (``coordinator.policy_of`` of a config parsed by ``parse_yaml``: ``action: stop``,
   ``idle_timeout``). Its actions are carried out as the glue would: a start takes
   ``--wake`` seconds, a stop none, a timer fires at its time.
-* **Prediction.** The real glue, ``wakeproxy.serve.predictions.Predictions``, driving the real
-  ``Predictor``: its timers, ``_carry_out``, ``rearm`` and holds are the proxy's, not
-  a copy. It is handed the replay's clock as its loop (``time``, ``call_at``: all it
-  uses of one: ``predictions.Timers``) and each simulated service as its service
+* **Prediction.** The real glue, ``wakeproxy.serve.predictions.Predictions``, carrying out
+  the real ``core.predict_plan.Plan`` over the real ``Predictor``: its timers, wakes and
+  holds are the proxy's, not a copy. It is handed the replay's clock as its loop
+  (``time``, ``call_at``: all it uses of one: ``predictions.Timers``) and each simulated
+  service as its service
   (``predictions.Predicted``: ``name``, ``cfg``, ``state``, ``attached``, ``feed``,
   ``wake_in_background``, ``sleep_in_background``).
-  The services call it where ``service.py`` does: ``arrived`` before a new
+  The services call it where ``serve/backend.py`` does: ``arrived`` before a new
   connection's ``Arrive``, ``state_changed`` on each transition, ``woke`` with each
   wake's seconds. Off: no glue at all. On: ``predict: {arrivals: true, chains: true,
   threshold}`` for every service, slots in Europe/Berlin, no state file.

@@ -53,6 +53,8 @@ class Report:
         self.expected = list(targets)
         # target -> (measured, status), filled as rows are judged or skipped.
         self.verdicts: dict[Target, tuple[str, Status]] = {}
+        # Figures a target is judged on across rows (name -> value), as rows add them.
+        self.figures: dict[str, float] = {}
 
     def judge(self, target: Target, measured: str, met: bool) -> None:
         self.verdicts[target] = (measured, Status.MET if met else Status.NOT_MET)

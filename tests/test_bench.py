@@ -3,6 +3,7 @@ Speed is never asserted in a test."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from bench import loadgen, peers, targets
 from bench.coldwake import Row as ColdRow
+from bench.fairness import FloodResult
 from bench.loadgen import WrkResult
 from bench.peers import free_port
 from bench.replicas import ReplicaResult
@@ -47,16 +49,41 @@ def test_targets_table_reads_not_run_and_errors_never_yes(tmp_path):
     assert report.verdict(targets.SCALE)[1] is Status.NOT_RUN
     assert not report.all_met()
     section = report.targets_section()
-    assert "**Not all targets met: 2 met, 1 not met, 17 not run (of 20).**" in section
+    assert "**Not all targets met: 2 met, 1 not met, 20 not run (of 23).**" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and "figure" not in line]
     assert len(rows) == len(targets.ALL)
     assert rows[3] == (
         "| 2. churn req/s | >= 0.8 x HAProxy; wakeproxy 0 errors | 2.00 x; errors: wakeproxy 7 "
         "| **no** |"
     )
-    assert rows[10].endswith("| not run: no Docker engine | **not run** |")
-    assert "5. cold wake p99, 1000 at once (defaults)" in rows[11]
+    assert rows[13].endswith("| not run: no Docker engine | **not run** |")
+    assert "5. cold wake p99, 1000 at once (defaults)" in rows[14]
     assert [row.rsplit("|", 2)[1].strip() for row in rows].count("yes") == 2
+
+
+def test_the_http_targets_judge_the_mcp_row_fairness_and_cpu_against_the_baseline(tmp_path):
+    report = Report(tmp_path / "RESULTS.md", targets.HTTP_ROWS)
+    base = "wakeproxy (baseline)"
+
+    def costing(cpu_us: float) -> WrkResult:
+        return dataclasses.replace(wrk(950, 1.0), cpu_us=cpu_us)
+
+    runs = {"haproxy": [wrk(1000, 1.0)], "wakeproxy": [costing(9.0)], base: [costing(10.0)]}
+    targets.http(report, "http-mcp", runs)
+    assert report.verdict(targets.HTTP_MCP) == ("0.95 x", Status.MET)
+    assert report.verdict(targets.HTTP_CPU) == ("http-mcp 0.90 x", Status.MET)
+    runs[base] = [costing(8.0)]  # the change costs more CPU a request than the baseline
+    targets.http(report, "http-varied", runs)
+    assert report.verdict(targets.HTTP_CPU)[1] is Status.NOT_MET
+    quick = FloodResult([1.0] * 99 + [30.0], 5.0, 1000, 1000)
+    targets.fairness(report, [quick])
+    assert report.verdict(targets.FAIRNESS) == ("1.0 ms", Status.MET)
+    slow = FloodResult([1.0] * 98 + [30.0] * 2, 5.0, 1000, 1000)
+    cut = FloodResult([1.0] * 100, 5.0, 1000, 10)  # fast, but the flood went unanswered
+    targets.fairness(report, [slow])
+    assert report.verdict(targets.FAIRNESS) == ("30.0 ms", Status.NOT_MET)
+    targets.fairness(report, [cut])
+    assert report.verdict(targets.FAIRNESS)[1] is Status.NOT_MET
 
 
 def test_replica_targets_count_errors_and_failures_beyond_the_requests_in_flight(tmp_path):
@@ -208,10 +235,12 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     for title in titles:
         assert f"## {title}" in report
     # Every contender measured something, and the reference row is HAProxy itself.
-    for contender in ("direct", "haproxy", "wakeproxy"):
-        assert report.count(f"| {contender} |") == 5
-    assert report.count("| haproxy | ") == 5 and "| 1.00 |" in report
+    # Rows 1-4c have all three; row 4d (fairness) HAProxy and wakeproxy.
+    for contender, rows in (("direct", 6), ("haproxy", 7), ("wakeproxy", 7)):
+        assert report.count(f"| {contender} |") == rows, contender
+    assert "| 1.00 |" in report
     assert report.count("| bare uvloop |") == 1, "the churn row's runtime ceiling"
+    assert report.count("| wakeproxy (tcp mode) |") == 3, "rows 4-4c: what mode http costs"
     # Through mode http every response was a 2xx (wrk counts others as errors).
     for section in report.split("## 4")[1:3]:
         wakeproxy_row = next(
@@ -225,6 +254,8 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "2. churn",
         "3. bulk",
         "4. HTTP mode",
+        "4b. HTTP mode",
+        "4c. HTTP mode",
         "5. cold wake p50",
         "7. 1,000",
     ):
@@ -235,10 +266,12 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
         "| not run: --quick sends bursts of 1 and 10 only | **not run** |"
     )
     assert burst in verdicts
-    assert "**Not all targets met:" in verdicts and "(of 20)" in verdicts
+    assert "**Not all targets met:" in verdicts and "(of 23)" in verdicts
+    assert "| 4-4c. proxy CPU per request, mode http" in verdicts  # no baseline: not run
+    assert "| 4d. another client's p99" in verdicts
     if peers.fast_path_why() is None:  # rows 1 and 2 ran the kernel's fast path too
         assert report.count("| wakeproxy fast path |") == 2
-        assert "1 not run (of 20)" in verdicts
+        assert "2 not run (of 23)" in verdicts
     # Plots next to the report, linked from it (matplotlib is a test extra).
     for name in ("latency-keepalive", "latency-churn", "latency-http", "cold-wake"):
         png = tmp_path / "plots" / f"{name}.png"

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from wakeproxy.core.predict import Outcome, Prediction, Predictor, PredictSettings
+from wakeproxy.core.predict import ARRIVALS_FLOOR, Outcome, Prediction, Predictor, PredictSettings
 from wakeproxy.core.schedule import parse_window
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -60,15 +60,23 @@ def test_after_three_mondays_the_fourth_is_predicted_ahead_by_the_lead_time():
     )
 
 
-def test_a_pattern_predicts_from_its_third_week():
+def test_a_pattern_predicts_from_its_fourth_week_not_its_third():
+    # Two weeks read 0.51, past the default threshold 0.5 but not the arrivals floor 0.6:
+    # replayed, two weeks of a slot were as often chance as habit (core/predict.py).
     assert learned(1).next_wake("web", monday(1, 8)) is None  # p 0.3
-    wake = learned(2).next_wake("web", monday(2, 8))  # p 0.51
-    assert wake is not None and wake.reason.endswith("p=0.51")
+    assert learned(2).next_wake("web", monday(2, 8)) is None  # p 0.51
+    wake = learned(3).next_wake("web", monday(3, 8))  # p 0.66
+    assert wake is not None and wake.reason.endswith("p=0.66")
+
+
+def test_a_threshold_below_the_arrivals_floor_does_not_lower_it():
+    assert ARRIVALS_FLOOR == 0.6
+    assert learned(2, threshold=0.3).next_wake("web", monday(2, 8)) is None  # p 0.51
 
 
 def test_a_slot_at_exactly_the_threshold_is_woken_for():
     # The threshold is the probability needed: p == threshold acts (the boundary).
-    for weeks, p in ((1, 0.3), (2, 0.51)):
+    for weeks, p in ((3, 0.657), (4, 0.7599)):
         wake = learned(weeks, threshold=p).next_wake("web", monday(weeks, 8))
         assert wake is not None and wake.reason.endswith(f"p={p:.2f}"), (weeks, wake)
         assert learned(weeks, threshold=p + 0.001).next_wake("web", monday(weeks, 8)) is None
@@ -174,7 +182,9 @@ def chained(episodes: int, gap: float = 5.0, **follower) -> tuple[Predictor, flo
 def test_a_then_b_five_times_predicts_b_when_a_comes():
     predictor, now = chained(5)
     [follower] = predictor.table("a", now)["followers"]
-    assert follower == {"service": "b", "p": 1.0, "n": follower["n"], "trusted": True}
+    assert follower == {
+        "service": "b", "window": 30.0, "p": 1.0, "n": follower["n"], "trusted": True
+    }  # fmt: skip
     assert follower["n"] == pytest.approx(5.0, abs=0.02)  # 5, decayed over 50 minutes
     assert predictor.arrived("a", now) == [
         Prediction("b", now, now + 30.0, "chain", "chain a -> b p=1.00")
@@ -215,7 +225,8 @@ def test_a_burst_of_a_is_one_episode_and_b_counts_once_in_it():
     for k in range(3):
         predictor.arrived("b", T0 + 10 + k)
     table = predictor.table("a", T0 + 20)
-    assert math.isclose(table["episodes"], 1.0, abs_tol=1e-3)
+    [episodes] = table["episodes"]
+    assert episodes["window"] == 30.0 and math.isclose(episodes["n"], 1.0, abs_tol=1e-3)
     assert table["followers"][0]["n"] == pytest.approx(1.0, abs=1e-3)
 
 
@@ -270,6 +281,99 @@ def test_a_leader_gone_quiet_keeps_its_p_but_loses_trust_after_a_half_life():
     assert trusted["trusted"] and trusted["p"] == 1.0
     assert not predictor.table("a", first + 7.1 * DAY)["followers"][0]["trusted"]
     assert predictor.arrived("a", first + 7.1 * DAY) == []
+
+
+def rounds(predictor: Predictor, count: int, gap: float = 11.0, lag: float = 2.0) -> list[int]:
+    """``count`` rounds ``gap`` seconds apart: a, then b ``lag`` seconds later. The rounds
+    (from 0) whose request to a woke b."""
+    woken = []
+    for k in range(count):
+        now = T0 + gap * k
+        wakes = predictor.arrived("a", now)
+        if wakes:
+            assert wakes == [Prediction("b", now, now + 5.0, "chain", "chain a -> b p=1.00")]
+            woken.append(k)
+        predictor.arrived("b", now + lag)
+    return woken
+
+
+def test_an_episode_is_counted_in_the_followers_window_not_the_leaders():
+    # The bug users hit: b's chain_window 5, rounds 11 s apart, a at its default (30 s).
+    # Counted in a's own window, a's requests (never 30 s apart) made one episode ever,
+    # so n(a) stayed 1 and b was never woken. In b's window each round is an episode.
+    predictor = Predictor("UTC")
+    predictor.configure("a", PredictSettings())
+    predictor.configure("b", PredictSettings(chains=True, chain_window=5.0))
+    # Rounds 0, 1 and 2 are the min_samples (3) it learns from; from then on, each wakes b.
+    assert rounds(predictor, 8) == [3, 4, 5, 6, 7]
+    table = predictor.table("a", T0 + 88.0)
+    [episodes] = table["episodes"]
+    assert episodes["window"] == 5.0 and episodes["n"] == pytest.approx(8.0, abs=1e-3)
+    assert [(f["service"], f["window"], f["p"]) for f in table["followers"]] == [("b", 5.0, 1.0)]
+
+
+def test_a_leader_is_counted_in_each_followers_window_apart():
+    predictor = Predictor("UTC")
+    predictor.configure("a", PredictSettings())
+    predictor.configure("b", PredictSettings(chains=True, chain_window=5.0))
+    predictor.configure("c", PredictSettings(chains=True, chain_window=60.0))
+    for k in range(6):  # a every 11 s; b and c 2 s after it
+        predictor.arrived("a", T0 + 11.0 * k)
+        predictor.arrived("b", T0 + 11.0 * k + 2.0)
+        predictor.arrived("c", T0 + 11.0 * k + 2.0)
+    table = predictor.table("a", T0 + 70.0)
+    # In 60 s, a has been busy all along: one episode, c followed it once.
+    counts = [(e["window"], round(e["n"])) for e in table["episodes"]]
+    assert counts == [(5.0, 6), (60.0, 1)]
+    followers = {f["service"]: (f["window"], f["p"], f["trusted"]) for f in table["followers"]}
+    assert followers == {"b": (5.0, 1.0, True), "c": (60.0, 1.0, False)}
+    wakes = predictor.arrived("a", T0 + 77.0)  # 11 s on: an episode in 5 s, not in 60 s
+    assert [w.service for w in wakes] == ["b"]
+
+
+def test_a_follower_whose_window_changes_starts_its_pairs_afresh():
+    predictor = Predictor("UTC")
+    predictor.configure("a", PredictSettings())
+    predictor.configure("b", PredictSettings(chains=True, chain_window=5.0))
+    assert rounds(predictor, 4) == [3]
+    # Its pairs were counted against a's episodes in 5 s: no estimate in 10 s.
+    predictor.configure("b", PredictSettings(chains=True, chain_window=10.0))
+    assert predictor.table("a", T0 + 50.0)["followers"] == []
+    assert predictor.table("b", T0 + 50.0)["leaders"] == []
+    # The 5 s window is no one's now: counted no more after the next tidy.
+    predictor.tidy()
+    assert [e["window"] for e in predictor.table("a", T0 + 50.0)["episodes"]] == []
+    # Learned again in 10 s (rounds 11 s apart: each an episode there too).
+    later = Predictor.from_state(predictor.to_state())
+    for predictor_ in (predictor, later):
+        predictor_.configure("a", PredictSettings())
+        predictor_.configure("b", PredictSettings(chains=True, chain_window=10.0))
+    woken = []
+    for k in range(5, 10):
+        now = T0 + 11.0 * k
+        woken.append(bool(predictor.arrived("a", now)))
+        predictor.arrived("b", now + 2.0)
+    assert woken == [False, False, False, True, True]
+
+
+def test_episode_counts_are_bounded_with_the_pairs_counted_against_them():
+    predictor = Predictor("UTC", max_episodes=20)
+    for w in (5.0, 50.0):
+        predictor.configure(f"b{w:g}", PredictSettings(chains=True, chain_window=w))
+    names = [f"a{i}" for i in range(30)]
+    for name in names:
+        predictor.configure(name, PredictSettings())
+    now = T0
+    for k in range(300):
+        now += 61.0
+        predictor.arrived(names[k % 30], now)
+        predictor.arrived("b5", now + 1.0)
+    assert predictor.chains.counts_held <= 20
+    episodes, pairs = predictor.chains.counts()
+    assert len(episodes) == predictor.chains.counts_held
+    counted = {(a, w) for a, w, _, _ in episodes}
+    assert pairs and all((a, w) in counted for a, _, w, _, _ in pairs)
+    Predictor.from_state(predictor.to_state())  # and what it writes reads back
 
 
 def test_a_follower_inside_its_asleep_window_is_not_chain_woken():
@@ -443,25 +547,30 @@ def test_a_full_state_stays_under_a_few_megabytes():
     for name in names:  # 65,536 slots: 16 a service
         slots = rnd.sample(range(672), 16)
         arrivals[name] = [[s, rnd.uniform(0.01, 1.0), week - rnd.randrange(13)] for s in slots]
+    # 8,192 episode counts: every service a leader in two windows.
+    episodes = [
+        [n, w, rnd.uniform(0.01, 500.0), T0 + rnd.uniform(0, 1e6)] for n in names for w in (5, 30)
+    ]
     pairs: list[list[object]] = []
     while len(pairs) < 10_000:
         a, b = rnd.sample(names, 2)
-        pairs.append([a, b, rnd.uniform(0.01, 50.0), T0 + rnd.uniform(0, 1e6)])
+        pairs.append([a, b, 30.0, rnd.uniform(0.01, 50.0), T0 + rnd.uniform(0, 1e6)])
     pairs = [list(p) for p in {(p[0], p[1]): p for p in pairs}.values()]
     state = {
-        "version": 1,
+        "version": 2,
         "zone": "Europe/Berlin",
         "services": names,
         "arrivals": arrivals,
-        "chains": {
-            "episodes": {n: [rnd.uniform(0.01, 500.0), T0 + rnd.uniform(0, 1e6)] for n in names},
-            "pairs": pairs,
-        },
+        "chains": {"episodes": episodes, "pairs": pairs},
         "wake_times": {n: [rnd.uniform(0.0, 10.0) for _ in range(16)] for n in names},
     }
     full = Predictor.from_state(state)
     assert full.tracked()[0] == 4096 and full.tracked()[2] == 65_536
+    assert full.chains.counts_held == 8192
     assert len(json.dumps(full.to_state())) < 4_000_000
+    state["chains"]["episodes"].append(["service-00000", 60.0, 1.0, T0])  # past the bound
+    with pytest.raises(ValueError, match=r"chains.episodes: 8193 entries \(expected at most 8192"):
+        Predictor.from_state(state)
 
 
 # -- state ---------------------------------------------------------------------------
@@ -490,12 +599,13 @@ def configure_like(predictor: Predictor) -> Predictor:
 def test_a_state_round_trip_gives_the_same_predictions():
     predictor, now = rich()
     data = json.loads(json.dumps(predictor.to_state()))
-    assert data["version"] == 1 and data["zone"] == "Europe/Berlin"
+    assert data["version"] == 2 and data["zone"] == "Europe/Berlin"
     restored = configure_like(Predictor.from_state(data))
     assert restored.to_state() == predictor.to_state()
     for name in ("web", "a", "b"):
         assert restored.table(name, now + DAY) == predictor.table(name, now + DAY)
-        assert restored.next_wake(name, monday(5, 8)) == predictor.next_wake(name, monday(5, 8))
+        assert restored.next_wake(name, monday(4, 8)) == predictor.next_wake(name, monday(4, 8))
+    assert predictor.next_wake("web", monday(4, 8)) is not None
     assert restored.arrived("a", now + DAY) == predictor.arrived("a", now + DAY) != []
 
 
@@ -516,11 +626,11 @@ def test_a_future_dated_state_is_read_as_of_now_so_it_decays():
     now = monday(-20)  # twenty weeks before the state's dates
     restored = configure_like(Predictor.from_state(state, now=now))
     counts = restored.to_state()["chains"]
-    assert all(when <= now for _, when in counts["episodes"].values())
-    assert all(row[3] <= now for row in counts["pairs"])
+    assert all(row[3] <= now for row in counts["episodes"])
+    assert all(row[4] <= now for row in counts["pairs"])
     # Three weeks on, the habit has missed two Mondays: no longer likely.
     assert restored.next_wake("web", monday(-17, 8)) is None
-    assert predictor.next_wake("web", monday(5, 8)) is not None  # the state's own: likely
+    assert predictor.next_wake("web", monday(4, 8)) is not None  # the state's own: likely
     # A request in that slot is learned (a slot dated later took none).
     assert restored.arrivals.record("web", monday(-17, 9, 5))
     # Six episodes of a: below the 3 samples b asks for 10 days after now, as six
@@ -566,9 +676,9 @@ _DELETE = object()
     [
         (lambda s: [s], "state: top: expected an object, got list"),
         (lambda s: {}, "state: top: no 'version'"),
-        (_set("version", 2), "state: version: 2 (expected 1)"),
-        (_set("version", "1"), "state: version: '1' (expected 1)"),
-        (_set("version", True), "state: version: True (expected 1)"),
+        (_set("version", 3), "state: version: 3 (expected 1 or 2)"),
+        (_set("version", "1"), "state: version: '1' (expected 1 or 2)"),
+        (_set("version", True), "state: version: True (expected 1 or 2)"),
         (_set("chains", _DELETE), "state: top: no 'chains'"),
         (_set("zone", 5), "state: zone: expected str, got int"),
         (_set("zone", "Mars/Olympus"), "state: zone: unknown time zone 'Mars/Olympus'"),
@@ -590,13 +700,28 @@ _DELETE = object()
             lambda s: _set("arrivals.web", s["arrivals"]["web"] * 2)(s),
             "arrivals['web'][1]: slot 36 twice",
         ),
-        (_set("chains.pairs", [["a", "b", 1.0, T0]] * 10_001), "chains.pairs: 10001 entries"),
+        (_set("chains.pairs", [["a", "b", 30.0, 1.0, T0]] * 10_001), "chains.pairs: 10001 entries"),
         (_set("chains.pairs.0.0", "b"), "chains.pairs[0]: expected two different service"),
-        (_set("chains.pairs.0.2", math.inf), "chains.pairs[0] n: inf (expected"),
-        (_set("chains.pairs.0.3", None), "chains.pairs[0] when: expected a number, got None"),
-        (_set("chains.episodes.a", [1.0]), "chains.episodes['a']: expected a list of 2"),
-        (_set("chains.episodes", {}), "chains.pairs[0]: leader 'a' has no chains.episodes"),
-        (_set("chains.episodes.a.0", True), "chains.episodes['a'] n: expected a number, got bool"),
+        (_set("chains.pairs.0", ["a", "b", 1.0, T0]), "chains.pairs[0]: expected a list of 5"),
+        (_set("chains.pairs.0.2", "30"), "chains.pairs[0] window: expected a number, got str"),
+        (
+            _set("chains.pairs.0.2", 5.0),
+            "chains.pairs[0]: leader 'a' has no chains.episodes count in window 5",
+        ),
+        (_set("chains.pairs.0.3", math.inf), "chains.pairs[0] n: inf (expected"),
+        (_set("chains.pairs.0.4", None), "chains.pairs[0] when: expected a number, got None"),
+        (_set("chains.episodes", {}), "chains.episodes: expected list, got dict"),
+        (_set("chains.episodes.0", [1.0]), "chains.episodes[0]: expected a list of 4"),
+        (_set("chains.episodes.0.0", 7), "chains.episodes[0]: expected a service name first"),
+        (_set("chains.episodes.0.0", "ghost"), "service 'ghost' is not in services"),
+        (_set("chains.episodes.0.1", 0), "chains.episodes[0] window: 0 (expected seconds above 0)"),
+        (_set("chains.episodes.0.1", math.nan), "chains.episodes[0] window: nan (expected"),
+        (_set("chains.episodes", []), "chains.pairs[0]: leader 'a' has no chains.episodes"),
+        (_set("chains.episodes.0.2", True), "chains.episodes[0] n: expected a number, got bool"),
+        (
+            lambda s: _set("chains.episodes", s["chains"]["episodes"] * 2)(s),
+            "chains.episodes[2]: 'a' in window 30 twice",
+        ),
         (_set("wake_times.b", [1.0] * 17), "wake_times['b']: 17 entries (expected at most 16)"),
         (_set("wake_times.b.0", -1.0), "wake_times['b'][0]: -1.0 (expected 0 .. 86400)"),
         (_set("wake_times.b", "1.5"), "wake_times['b']: expected a list, got str"),
@@ -621,3 +746,53 @@ def test_a_state_with_a_probability_that_would_round_to_zero_is_refused():
     state["arrivals"] = {"a": [[3, 1e-9, 2900]]}
     with pytest.raises(ValueError, match=r"arrivals.* p: 1e-09 \(expected 1e-06 \.\. 1\)"):
         Predictor.from_state(state)
+
+
+def v1_state() -> dict[str, object]:
+    """A version-1 state: no windows (a's episodes were counted in a's own window)."""
+    return {
+        "version": 1,
+        "zone": "UTC",
+        "services": ["a", "b"],
+        "arrivals": {},
+        "chains": {"episodes": {"a": [5.0, T0]}, "pairs": [["a", "b", 4.0, T0]]},
+        "wake_times": {},
+    }
+
+
+def test_a_version_1_state_is_read_as_counted_in_the_default_window():
+    predictor = Predictor.from_state(v1_state())
+    predictor.configure("a", PredictSettings())
+    predictor.configure("b", CHAINS)  # its window: the default 30 s
+    table = predictor.table("a", T0)
+    assert table["episodes"] == [{"window": 30.0, "n": 5.0}]
+    assert table["followers"] == [
+        {"service": "b", "window": 30.0, "p": 0.8, "n": 4.0, "trusted": True}
+    ]
+    assert [w.reason for w in predictor.arrived("a", T0 + 100.0)] == ["chain a -> b p=0.80"]
+    assert predictor.to_state()["version"] == 2
+    # A follower with another window: its version-1 pairs were not of its episodes.
+    other = Predictor.from_state(v1_state())
+    other.configure("b", PredictSettings(chains=True, chain_window=5.0))
+    assert other.table("b", T0)["leaders"] == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_set("chains.episodes", []), "state: chains.episodes: expected dict, got list"),
+        (_set("chains.episodes.a", [1.0]), "chains.episodes['a']: expected a list of 2"),
+        (_set("chains.episodes.a.0", True), "chains.episodes['a'] n: expected a number, got bool"),
+        (_set("chains.episodes", {}), "chains.pairs[0]: leader 'a' has no chains.episodes"),
+        (
+            _set("chains.pairs.0", ["a", "b", 30.0, 4.0, T0]),
+            "chains.pairs[0]: expected a list of 4",
+        ),
+        (_set("chains.pairs.0.2", math.inf), "chains.pairs[0] n: inf (expected"),
+        (_set("chains.pairs.0.1", "ghost"), "chains.pairs[0]: service 'ghost' is not in services"),
+    ],
+)
+def test_a_corrupt_version_1_state_is_refused_saying_what_is_wrong(mutate, message):
+    with pytest.raises(ValueError) as caught:
+        Predictor.from_state(mutate(v1_state()))
+    assert message in str(caught.value)

@@ -112,13 +112,15 @@ async def test_a_window_keeps_a_process_awake_to_its_end_and_one_starting_wakes_
         assert night.state is State.RUNNING
 
 
-async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
+async def test_a_follower_is_woken_when_its_leader_starts_an_episode_in_its_window(tmp_path):
     policy = {"idle_timeout": 0.3, "action": "pause"}
     config = config_from(
         config_text(
-            # An episode of git: a request after its own chain_window (1 s) of quiet.
-            command_service("git", {**policy, "predict": {"chain_window": 1.0}}),
-            # files follows git when its request comes within 5 s of git's.
+            # git's own chain_window plays no part (counted in it, git's requests here,
+            # never 600 s apart, would make one episode ever).
+            command_service("git", {**policy, "predict": {"chain_window": 600.0}}),
+            # files follows git when its request comes within 5 s of git's, and an
+            # episode of git in files' window is a request after 5 s of quiet from git.
             command_service(
                 "files",
                 {**policy, "predict": {"chains": True, "chain_window": 5.0, "min_samples": 2}},
@@ -126,21 +128,32 @@ async def test_a_follower_is_woken_when_its_leader_starts_an_episode(tmp_path):
             prediction={"state_file": str(tmp_path / "prediction.json")},
         )
     )
-    async with running(config) as proxy:
+    # The wall clock prediction reads: git's quiet between rounds is a jump of it, not a
+    # wait, and a follower's real delay (milliseconds) stays far inside its 5 s.
+    offset = [0.0]
+
+    def quiet() -> None:
+        offset[0] += 6.0  # past files' window
+
+    async with running(config, wall_clock=lambda: time.time() + offset[0]) as proxy:
         git, files = proxy.services["git"], proxy.services["files"]
         # Started once and paused: from here on a wake is an unpause (milliseconds).
-        # That is git's first episode, followed by files (within 5 s).
+        # git's first episode, not followed (files' start comes after the quiet).
         for warm in (git, files):
             await http_get(warm.cfg.listen.port, within=15)
             await wait_until(lambda w=warm: w.state is State.PAUSED, within=10)
-        await asyncio.sleep(1.2)  # past git's window: its next request is a new episode
-        # The second, followed too: two of two, enough for min_samples 2.
-        await http_get(git.cfg.listen.port, within=15)
-        await http_get(files.cfg.listen.port, within=15)
-        await asyncio.sleep(1.2)
+            quiet()
+        for _ in range(2):  # two more, followed: 2 of 3, p 0.67, n 3 >= min_samples 2
+            await http_get(git.cfg.listen.port, within=15)
+            await http_get(files.cfg.listen.port, within=15)
+            quiet()
         await wait_until(lambda: files.state is State.PAUSED, within=10)
-        assert proxy.predictions.table("files")["accounting"]["predicted"] == 0
-        assert proxy.predictions.table("files")["leaders"][0]["service"] == "git"
+        table = proxy.predictions.table("files")
+        assert table["accounting"]["predicted"] == 0
+        [leader] = table["leaders"]
+        assert (leader["service"], leader["window"], leader["p"]) == ("git", 5.0, 0.667)
+        [episodes] = proxy.predictions.table("git")["episodes"]
+        assert episodes["window"] == 5.0 and round(episodes["n"]) == 3
         found_before = files.stats.found_asleep
         await http_get(git.cfg.listen.port, within=15)
         # files is woken with no request of its own.
@@ -231,7 +244,7 @@ async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(
         await http_get(web.cfg.listen.port, within=15)
         await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
     saved = orjson.loads(state.read_bytes())
-    assert saved["version"] == 1 and saved["zone"] == "Europe/Berlin"
+    assert saved["version"] == 2 and saved["zone"] == "Europe/Berlin"
     assert len(saved["arrivals"]["web"]) == 1  # this slot of the week
     assert len(saved["wake_times"]["web"]) == 1
 
@@ -254,7 +267,7 @@ async def test_learned_tables_survive_a_restart_and_a_corrupt_file_starts_empty(
     lines = [r for r in caplog.records if r.name == "wakeproxy.prediction"]
     assert [r.levelname for r in lines] == ["WARNING"], [r.getMessage() for r in lines]
     assert "not used" in lines[0].getMessage() and str(state) in lines[0].getMessage()
-    assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole
+    assert orjson.loads(state.read_bytes())["version"] == 2  # rewritten whole
 
 
 def learned_state(name: str) -> bytes:
@@ -345,7 +358,7 @@ async def test_a_state_file_that_is_no_regular_file_or_too_big_is_refused_unread
     assert readers and threading.get_ident() not in readers  # read in a thread
     if watch is not None:
         assert not watch.opened, "the FIFO was opened for reading"
-    assert orjson.loads(state.read_bytes())["version"] == 1  # rewritten whole at shutdown
+    assert orjson.loads(state.read_bytes())["version"] == 2  # rewritten whole at shutdown
 
 
 async def test_the_state_is_read_in_the_background_when_prediction_is_first_used_live(tmp_path):

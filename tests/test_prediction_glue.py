@@ -1,5 +1,6 @@
-"""The prediction glue's rules (wakeproxy/serve/predictions.py) on a simulated clock: a fake
-loop and fake services (logic only: the real processes are tests/test_prediction.py)."""
+"""The prediction glue (wakeproxy/serve/predictions.py) carrying out the plan's answers on a
+simulated clock: a fake loop and fake services. The rules themselves are the core's
+(tests/test_core_predict_plan.py); the real processes are tests/test_prediction.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 
 from tests.helpers import config_from, config_text, service
 from wakeproxy.core.events import HoldAwake
-from wakeproxy.core.predict import WAKE_SAMPLES
 from wakeproxy.core.states import SleepReason, State
 from wakeproxy.serve.predictions import MAX_STATE_BYTES, Predictions, Refused, read_state
 
@@ -82,7 +82,9 @@ class Backend:
         self.sleeps.append(reason)
 
 
-def setup(**policies):
+def setup(wall_offset: float = 0.0, **policies):
+    """The glue over ``policies``' services; its wall clock reads ``wall_offset`` seconds
+    ahead of the loop's (0: the same clock)."""
     config = config_from(
         config_text(
             *(
@@ -92,8 +94,8 @@ def setup(**policies):
             prediction={"state_file": None},
         )
     )
-    loop = Loop(MONDAY)
-    glue = Predictions(config.prediction, loop.time, loop)
+    loop = Loop(MONDAY - wall_offset)
+    glue = Predictions(config.prediction, lambda: loop.time() + wall_offset, loop)
     backends = {name: Backend(cfg) for name, cfg in config.services.items()}
     for backend in backends.values():
         glue.attach(backend)
@@ -125,124 +127,54 @@ def test_a_chain_holds_an_asleep_follower_until_its_first_request_then_lets_go()
     assert glue.core.stats("files")["kinds"]["chain"]["used"] == 1
 
 
-def test_an_awake_follower_is_held_for_the_chain_window_without_a_wake():
-    chain = {"idle_timeout": 60, "predict": {"chains": True, "chain_window": 20, "min_samples": 1}}
-    loop, glue, b = setup(git={"idle_timeout": 60}, files=chain)
-    glue.arrived(b["git"])
-    loop.run_until(loop.now + 1)
-    glue.arrived(b["files"])
-    loop.run_until(loop.now + 60)
-    b["files"].state = State.RUNNING
-    glue.arrived(b["git"])
-    assert b["files"].wakes == [] and b["files"].holds[-1] == loop.now + 20
-    assert glue.core.stats("files")["predicted"] == 0  # no wake: nothing to count
-
-
-def test_a_failed_window_wake_is_tried_again_in_30_seconds_not_at_once():
-    loop, glue, b = setup(web={"keep_awake": ["08:00-18:00 UTC"]})
-    web = b["web"]
-    loop.run_until(loop.now)  # inside the window from the start: woken at once
-    assert len(web.wakes) == 1
-    move(glue, web, State.WAKING)
-    move(glue, web, State.FAILED)
-    loop.run_until(loop.now + 29)
-    assert len(web.wakes) == 1
-    loop.run_until(loop.now + 2)
-    assert len(web.wakes) == 2
-    assert glue.core.stats("web")["kinds"]["schedule"]["wasted"] == 1  # the failed one
-
-
-def test_a_sleep_inside_a_window_lasts_until_its_next_start():
-    loop, glue, b = setup(web={"keep_awake": ["08:00-18:00 UTC"]})
-    web = b["web"]
-    loop.run_until(loop.now)
-    move(glue, web, State.WAKING)
-    move(glue, web, State.RUNNING)
-    assert web.holds[-1] == datetime(2026, 6, 1, 18, tzinfo=UTC).timestamp()
-    move(glue, web, State.PAUSING)  # the API, say
-    move(glue, web, State.PAUSED)
-    loop.run_until(loop.now + 5 * 3600)  # hourly checks included
-    assert len(web.wakes) == 1
-    loop.run_until(datetime(2026, 6, 2, 8, 0, 1, tzinfo=UTC).timestamp())
-    assert len(web.wakes) == 2  # Tuesday's start
-
-
 def running_before_its_asleep_window():
     """web, running, its asleep window starting a minute later (Monday 09:00)."""
     loop, glue, b = setup(web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]})
     web = b["web"]
-    web.state = State.RUNNING
-    glue.rearm(web)
+    move(glue, web, State.WAKING)
+    move(glue, web, State.RUNNING)
     return loop, glue, web
-
-
-def test_an_asleep_window_sleeps_at_its_start_only():
-    loop, _, web = running_before_its_asleep_window()
-    loop.run_until(MONDAY + 61)  # 09:00:01
-    assert web.sleeps == [SleepReason.SCHEDULE]
-    # Woken by a request inside it: its idle timer decides, not the hourly check.
-    loop.run_until(MONDAY + 2 * 3600 + 30)
-    assert web.sleeps == [SleepReason.SCHEDULE]
 
 
 def test_an_asleep_windows_timer_fired_a_moment_early_still_sleeps_it_once():
     # Read twice, the clock said "not yet" in the timer and "already begun" in its
-    # rearm, which then armed the next day's start: the backend stayed awake (CI).
+    # rearm, which then armed the next day's start: the backend stayed awake (CI). The
+    # glue reads it once per event now.
     loop, _, web = running_before_its_asleep_window()
-    # Fired 0.5 ms early: the timer reads 0.1 ms before the start, its rearm 0.3 ms after.
+    # Fired 0.5 ms early: the timer reads 0.1 ms before the start, a second read would
+    # be 0.3 ms after.
     loop.early, loop.tick = 0.0005, 0.0004
     loop.run_until(MONDAY + 61)
     assert web.sleeps == [SleepReason.SCHEDULE]
 
 
-def test_a_rearm_after_an_asleep_start_before_its_late_timer_ran_keeps_the_start():
-    loop, glue, web = running_before_its_asleep_window()
-    loop.now = MONDAY + 60.005  # 5 ms past the start; the loop has not run the timer yet
-    glue.rearm(web)  # as a state change or a reconfigure does
-    loop.run_until(MONDAY + 61)
-    assert web.sleeps == [SleepReason.SCHEDULE]
-
-
-def test_a_service_in_flight_when_its_asleep_window_begins_is_decided_once_settled():
-    loop, glue, b = setup(
-        web={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]},
-        api={"idle_timeout": 3600, "asleep_windows": ["09:00-12:00 UTC"]},
-    )
-    web, api = b["web"], b["api"]
-    move(glue, web, State.WAKING)
-    move(glue, api, State.WAKING)
-    loop.run_until(MONDAY + 61)
-    assert web.sleeps == api.sleeps == []
-    move(glue, web, State.RUNNING)
-    assert web.sleeps == [SleepReason.SCHEDULE]
-    api.attached = 1  # woken for a request: its idle timer decides
-    move(glue, api, State.RUNNING)
-    assert api.sleeps == []
-    # Once per window: woken again inside it, it is not slept again.
-    for state in (State.STOPPING, State.STOPPED, State.WAKING, State.RUNNING):
-        move(glue, web, state)
-    loop.run_until(MONDAY + 2 * 3600)
-    assert web.sleeps == [SleepReason.SCHEDULE] and api.sleeps == []
-
-
-def test_an_awake_service_is_not_woken_again_within_its_predicted_slot():
-    loop, glue, b = setup(web={"predict": {"arrivals": True}})
+def test_timers_and_holds_are_on_the_loops_clock_at_the_plans_wall_clock_times():
+    # The loop's clock and the wall clock differ (monotonic against epoch): the plan
+    # answers wall-clock times; the glue arms and holds at the seconds left, on the loop.
+    offset = 1_000_000.0
+    loop, _, b = setup(offset, web={"keep_awake": ["09:00-18:00 UTC"]})
     web = b["web"]
-    for week in (3, 2, 1):  # Mondays 09:05 of three weeks: p 0.66 for this one
-        glue.core.arrived("web", MONDAY + 360 - week * WEEK)
-    for _ in range(WAKE_SAMPLES):
-        glue.core.woke("web", MONDAY - WEEK, 2.0)
-    web.state = State.RUNNING
-    glue.rearm(web)
-    loop.run_until(MONDAY + 70)  # 09:00:10: the wake ahead came due while it was awake
-    move(glue, web, State.PAUSING)  # its idle timer
-    move(glue, web, State.PAUSED)
-    loop.run_until(MONDAY + 900)
-    assert web.wakes == []
-    glue.arrived(web)  # this week's request (the proxy wakes it for that one itself)
-    # Next Monday's slot: asleep then, so woken ahead.
-    loop.run_until(MONDAY + WEEK + 120)
-    assert len(web.wakes) == 1 and "arrivals Mon 09:00" in web.wakes[0]
+    [(when, *_)] = [e for e in loop._queue if not e[2].cancelled]
+    assert when == MONDAY + 60 - offset  # 09:00 wall, a minute on
+    loop.run_until(MONDAY + 61 - offset)
+    assert len(web.wakes) == 1 and web.wakes[0].startswith("predicted: schedule")
+    # Held to the window's end (18:00), in the loop's time.
+    assert web.holds[-1] == datetime(2026, 6, 1, 18, tzinfo=UTC).timestamp() - offset
+
+
+def test_one_timer_per_service_whatever_happens():
+    loop, glue, b = setup(
+        web={"keep_awake": ["09:00-18:00 UTC"], "asleep_windows": ["12:00-13:00 UTC"]},
+        api={"predict": {"chains": True}},
+    )
+    for state in (State.WAKING, State.RUNNING, State.PAUSING, State.PAUSED) * 3:
+        move(glue, b["web"], state)
+        glue.arrived(b["api"])
+        loop.run_until(loop.now + 1800)
+    live = [e[4][0].name for e in loop._queue if not e[2].cancelled]
+    assert sorted(live) == ["api", "web"]
+    glue.detach(b["web"])
+    assert [e[4][0].name for e in loop._queue if not e[2].cancelled] == ["api"]
 
 
 def test_after_stop_nothing_fires_and_no_hook_acts():
@@ -252,23 +184,6 @@ def test_after_stop_nothing_fires_and_no_hook_acts():
     glue.arrived(b["web"])
     glue.state_changed(b["web"], State.STOPPED, State.RUNNING)
     assert b["web"].wakes == [] and b["web"].holds == []
-
-
-def test_a_wake_due_while_the_backend_goes_to_sleep_happens_once_it_is_asleep():
-    loop, glue, b = setup(web={"predict": {"arrivals": True}})
-    web = b["web"]
-    for week in (3, 2, 1):
-        glue.core.arrived("web", MONDAY + 360 - week * WEEK)
-    for _ in range(WAKE_SAMPLES):
-        glue.core.woke("web", MONDAY - WEEK, 2.0)
-    web.state = State.RUNNING
-    glue.rearm(web)
-    web.state = State.PAUSING  # its idle timer, just before the wake ahead comes due
-    loop.run_until(MONDAY + 58)  # 08:59:58: due at 08:59:56
-    assert web.wakes == []
-    move(glue, web, State.PAUSED)
-    loop.run_until(loop.now)
-    assert len(web.wakes) == 1
 
 
 def test_the_state_file_is_read_only_as_a_regular_file_within_its_bound(tmp_path):

@@ -30,10 +30,11 @@ from tests.helpers import (
     wait_until,
 )
 from wakeproxy.control.api import service_status
-from wakeproxy.control.client import format_status
+from wakeproxy.control.printed import format_status
 from wakeproxy.core.states import State
 from wakeproxy.host.memory import Cgroup, cgroup_of
-from wakeproxy.runtimes.process import ProcessRuntime, reap_leftovers
+from wakeproxy.runtimes.leftovers import reap_leftovers
+from wakeproxy.runtimes.process import ProcessRuntime
 from wakeproxy.serve.status import backend_status
 
 pytestmark = pytest.mark.asyncio

@@ -13,28 +13,26 @@ import contextlib
 import dataclasses
 import logging
 import os
-import resource
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 from .config import Address, Config, ServiceConfig, load_config
 from .config.live import Applied, plan
 from .config.model import LOCAL_ENGINE
-from .config.replicas import Members, compose_members, expand_all, replica_sets
+from .config.replicas import expand_all, replica_sets
 from .core.states import State
-from .errors import ConfigError, EngineUnavailable, RuntimeFailure, WakeproxyError
+from .errors import ConfigError, EngineUnavailable, ListenError, RuntimeFailure, WakeproxyError
+from .host.limits import raise_open_file_limit
 from .httpmode.mcpfront import McpFront
 from .httpmode.mcpstore import McpStore
-from .runtimes.base import Runtime
-from .runtimes.docker import DockerRuntime
 from .runtimes.engine import DockerEngine
-from .runtimes.process import ProcessRuntime, reap_leftovers
-from .runtimes.swarm import SwarmRuntime
+from .runtimes.factory import make_runtime
+from .runtimes.leftovers import reap_and_log
 from .serve.backend import Backend
 from .serve.coordinator import Coordinator
 from .serve.discovery import LabelDiscovery
+from .serve.engines import Engines
 from .serve.fastpath import Kernel
 from .serve.frontend import Frontend
 from .serve.predictions import Predictions
@@ -47,10 +45,6 @@ def _listener_of(cfg: ServiceConfig) -> tuple[object, ...]:
     return (cfg.listen, cfg.mode, cfg.backlog)
 
 
-class ListenError(WakeproxyError):
-    """A service's listen address cannot be bound."""
-
-
 @contextlib.contextmanager
 def listening(what: str, address: Address) -> Iterator[None]:
     """Turn a failed bind into a ListenError naming what and where."""
@@ -60,19 +54,6 @@ def listening(what: str, address: Address) -> Iterator[None]:
         # uvloop's message repeats the address; the errno text says it all.
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ListenError(f"{what}: cannot listen on {address}: {why}") from None
-
-
-def raise_open_file_limit() -> int:
-    """Raise the soft open-file limit to the hard one: two descriptors per connection."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit above %d: %s", soft, exc)
-    return soft
 
 
 # The sources of services: the config file (its compose replicas included) and label
@@ -89,8 +70,9 @@ class Proxy:
         self.frontends: dict[str, Frontend] = {}
         # Created in start(): it needs the running loop.
         self.coordinator: Coordinator | None = None
-        # Every Docker engine in use, by name (``engines:``; "local" is DOCKER_HOST's).
-        self.engines: dict[str, DockerEngine] = {}
+        # Every Docker engine in use, by name, with its last listing.
+        self._compose_cue = asyncio.Event()
+        self.docker = Engines(config.engines, self._compose_cue.set)
         # Label discovery, one per engine (discovery.docker_labels), by engine name.
         self.discoveries: dict[str, LabelDiscovery] = {}
         # Schedules and learned wakes (created in start(): it needs the running loop).
@@ -104,9 +86,6 @@ class Proxy:
         # Named policies as changed through the API (the file's until a reload).
         self.policies = dict(config.policies)
         self._reloading = asyncio.Lock()
-        # Each engine's last listing: compose replicas are its containers.
-        self._listings: dict[str, list[dict[str, Any]]] = {}
-        self._compose_cue = asyncio.Event()
         self._compose_task: asyncio.Task[None] | None = None
         # What each source asked for when last applied: name -> config (see apply).
         self._applied: dict[str, dict[str, ServiceConfig]] = {}
@@ -122,49 +101,14 @@ class Proxy:
         return {n: why for d in self.discoveries.values() for n, why in d.rejected.items()}
 
     @property
+    def engines(self) -> Mapping[str, DockerEngine]:
+        """Every Docker engine in use, by name."""
+        return self.docker.by_name
+
+    @property
     def engine(self) -> DockerEngine | None:
         """The local engine (label discovery's), when one is in use."""
-        return self.engines.get(LOCAL_ENGINE)
-
-    def _members(self, cfg: ServiceConfig) -> Members:
-        assert cfg.replicas is not None
-        return compose_members(self._listings.get(cfg.engine, []), cfg.replicas)
-
-    def _engine_names(self, configs: Iterable[ServiceConfig]) -> set[str]:
-        return {cfg.engine for cfg in configs if cfg.runtime in ("docker", "swarm")}
-
-    def _engine(self, name: str) -> DockerEngine:
-        """The engine named ``name`` (made on first use; its events follow once running):
-        ``local`` or one of the ``engines:`` the proxy started with."""
-        engine = self.engines.get(name)
-        if engine is None:
-            cfg = self.config.engines.get(name)
-            if cfg is None and name != LOCAL_ENGINE:
-                raise EngineUnavailable(f"engine {name!r} is not one the proxy started with")
-            engine = self.engines[name] = DockerEngine(cfg)
-            engine.on_compose_change = self._compose_cue.set
-        return engine
-
-    async def _list(self, configs: Iterable[ServiceConfig], *, labels: Iterable[str] = ()) -> None:
-        """One listing per engine ``configs`` use (and of the ``labels`` engines, with
-        their Swarm services: label discovery's first read), all at once; an engine
-        that does not answer fails only its own services (their state reads failed,
-        retried with back-off)."""
-        configs = list(configs)
-        names = self._engine_names(configs) | set(labels)
-        swarm = {c.engine for c in configs if c.runtime == "swarm"} | set(labels)
-        await asyncio.gather(*(self._list_one(name, name in swarm) for name in sorted(names)))
-
-    async def _list_one(self, name: str, swarm: bool) -> None:
-        engine = self._engine(name)
-        try:
-            self._listings[name] = await engine.refresh_all(swarm=swarm)
-        except EngineUnavailable as exc:
-            log.error(
-                "the Docker engine %s does not answer: %s; its services are failed until it does",
-                name,
-                exc,
-            )
+        return self.docker.by_name.get(LOCAL_ENGINE)
 
     def _has_compose(self, services: Mapping[str, ServiceConfig]) -> bool:
         return any(c.replicas is not None and c.replicas.discovered for c in services.values())
@@ -180,18 +124,12 @@ class Proxy:
         # Before any command starts: what a killed proxy left of its commands, and
         # their cgroups.
         if any(cfg.runtime == "process" for cfg in configs):
-            runs, swept = await reap_leftovers()
-            for command, ended in runs:
-                log.warning(
-                    "ended %d process(es) a killed proxy left of its command %r", ended, command
-                )
-            if swept:
-                log.info("removed %d memory cgroup(s) a killed proxy left", swept)
+            await reap_and_log()
         labelled = self.config.discovery.engine_names(self.config.engines)
         if any(cfg.mode == "http" and cfg.http.mcp != "off" for cfg in configs):
             await self.mcp_store.loaded()  # before a listener opens (later: when one asks)
-        await self._list(configs, labels=labelled)
-        configs = list(expand_all(self.config.services.values(), self._members).values())
+        await self.docker.list(configs, labels=labelled)
+        configs = list(expand_all(self.config.services.values(), self.docker.members).values())
         try:
             for cfg in configs:
                 self.services[cfg.name] = self._backend(cfg)
@@ -205,18 +143,17 @@ class Proxy:
                 with listening(f"service {front.name}", front.cfg.listen):
                     await front.start()
             for name in labelled:
-                discovery = LabelDiscovery(self, self.config.discovery, self.engines[name])
+                discovery = LabelDiscovery(self, self.config.discovery, self.docker.by_name[name])
                 self.discoveries[name] = discovery
-                listing = self._listings.get(name)
+                listing = self.docker.listings.get(name)
                 if listing is not None:
                     # The same listing: labelled containers are served from the start.
                     await discovery.apply(listing)
         except BaseException:
             await self.close()
             raise
-        for engine in self.engines.values():
-            engine.start_events()
-        if self.engines:
+        self.docker.start_events()
+        if self.docker.by_name:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
         for discovery in self.discoveries.values():
             discovery.start()
@@ -235,7 +172,7 @@ class Proxy:
             try:
                 async with self._reloading:
                     compose = [c for c in self.config.services.values() if c.replicas]
-                    await self._list(compose)
+                    await self.docker.list(compose)
                     await self._resync_compose()
             except EngineUnavailable as exc:
                 log.warning("compose replicas: %s", exc)
@@ -245,7 +182,7 @@ class Proxy:
     async def _resync_compose(self) -> None:
         """The file's services again, against the containers now: compose replicas are
         added and removed, the rest is unchanged."""
-        wanted = expand_all(self.config.services.values(), self._members)
+        wanted = expand_all(self.config.services.values(), self.docker.members)
         result = await self.apply(FILE, wanted, listed=True)
         for name in result.removed:
             log.info("%s: its container is gone; replica removed", name)
@@ -372,7 +309,7 @@ class Proxy:
             if self._has_compose(new.services):
                 await self._fresh_listing(c for c in new.services.values() if c.replicas)
             # Against the current listing (compose replicas: the containers now).
-            new_run = expand_all(new.services.values(), self._members)
+            new_run = expand_all(new.services.values(), self.docker.members)
             # Departing replicas leave their listeners first: nothing new is placed on
             # them while the others are removed. Listeners going away (or moving) free
             # their addresses before anything else wants them.
@@ -389,29 +326,13 @@ class Proxy:
             )
             for discovery in self.discoveries.values():
                 discovery.poke()
-        log.info(
-            "reloaded %s: %d added, %d removed, %d replaced, %d updated, %d unchanged%s",
-            new.source,
-            len(result.added),
-            len(result.removed),
-            len(result.replaced),
-            len(result.updated),
-            len(result.unchanged),
-            f"; {', '.join(result.needs_restart)} change(s) need a restart"
-            if result.needs_restart
-            else "",
-        )
+        log.info("reloaded %s: %s", new.source, result.summary())
         return result
 
     async def _fresh_listing(self, configs: Iterable[ServiceConfig]) -> None:
-        """Read container states before adding docker services (one listing per
-        engine they use); an engine new to the proxy starts its events too."""
-        configs = list(configs)
-        names = self._engine_names(configs)
-        new = names - set(self.engines)
-        await self._list(configs)
-        for name in new:
-            self.engines[name].start_events()
+        """Container states again before Docker services are added; an engine new to
+        the proxy follows compose changes too."""
+        new = await self.docker.fresh(configs)
         if new and self._compose_task is None:
             self._compose_task = asyncio.create_task(self._follow_compose(), name="compose")
 
@@ -536,7 +457,8 @@ class Proxy:
 
     def _backend(self, cfg: ServiceConfig) -> Backend:
         assert self.coordinator is not None
-        runtime = self._runtime(cfg)
+        folder = None if self.config.source is None else Path(self.config.source).parent
+        runtime = make_runtime(cfg, self.docker.get, folder)
         initial, reason = runtime.initial_state()
         return Backend(
             cfg,
@@ -553,35 +475,6 @@ class Proxy:
         if cfg.mode != "http":
             return None
         return McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
-
-    def _runtime(self, cfg: ServiceConfig) -> Runtime:
-        if cfg.runtime == "process":
-            assert cfg.command is not None
-            cwd = cfg.cwd
-            if cwd is not None and self.config.source is not None:
-                # A relative cwd is relative to the config file, not to wherever we run.
-                cwd = str(Path(self.config.source).parent / cwd)
-            return ProcessRuntime(
-                cfg.command,
-                name=cfg.name,  # its output is logged under the service's name
-                cwd=cwd,
-                env=cfg.env,
-                stop_timeout=cfg.stop_timeout,
-                # Measured memory for every command, and hibernation on demand (the API)
-                # even where the policy never hibernates.
-                own_cgroup=True,
-            )
-        if cfg.runtime == "swarm":
-            assert cfg.swarm_service is not None
-            return SwarmRuntime(
-                self._engine(cfg.engine),
-                cfg.swarm_service,
-                replicas=cfg.swarm_replicas,
-                stop_timeout=cfg.stop_timeout,
-            )
-        assert cfg.container is not None
-        engine = self._engine(cfg.engine)
-        return DockerRuntime(engine, cfg.container, stop_timeout=cfg.stop_timeout)
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
@@ -606,7 +499,5 @@ class Proxy:
                 await service.runtime.close()
             except WakeproxyError as exc:
                 log.warning("%s: %s", service.name, exc)
-        for engine in self.engines.values():
-            await engine.close()
-        self.engines.clear()
+        await self.docker.close()
         self.kernel.close()

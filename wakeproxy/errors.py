@@ -36,6 +36,10 @@ class OperationFailed(RuntimeFailure):
     """The engine answered but refused or failed the operation."""
 
 
+class ListenError(WakeproxyError):
+    """A listen address (a service's, the admin API's) cannot be bound."""
+
+
 class ServiceBusy(WakeproxyError):
     """The service cannot do that now (open connections, an operation in flight).
 

@@ -81,9 +81,9 @@ MAX_LINE = 16 * 1024
 OUTPUT_BUDGET = 1000.0
 DROP_REPORT_AFTER = 1.0
 # Past the budget the pipe is read once per FLOOD_PAUSE (what one read takes, up to
-# 256 KiB, counted and dropped) instead of at every write: `yes` as a command cost the
-# proxy 74% of a core read at every write, 4% this way (the 1000 lines a second it
-# still logs). A command writing more than about 5 MB/s for longer than its pipe
+# 256 KiB, counted and dropped) instead of at every write: read at every write, a
+# command like `yes` keeps the proxy's loop busy with nothing but its pipe. A command
+# writing more than about 5 MB/s (256 KiB per FLOOD_PAUSE) for longer than its pipe
 # (PIPE_SIZE) holds then waits on its writes: slowed, never stopped.
 FLOOD_PAUSE = 0.05
 PIPE_SIZE = 1024 * 1024

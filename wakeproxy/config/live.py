@@ -63,6 +63,16 @@ class Applied:
     # Sections that only a restart applies.
     needs_restart: list[str] = dataclasses.field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for the log: the counts, and what needs a restart."""
+        counts = (
+            f"{len(self.added)} added, {len(self.removed)} removed, {len(self.replaced)} "
+            f"replaced, {len(self.updated)} updated, {len(self.unchanged)} unchanged"
+        )
+        if self.needs_restart:
+            counts += f"; {', '.join(self.needs_restart)} change(s) need a restart"
+        return counts
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..core.replicas import Scaling
 from .model import Address, Replicas, ServiceConfig
 
 SEPARATOR = "@"
@@ -139,3 +140,11 @@ def _fill(text: str, fill: Mapping[str, str]) -> str:
     for placeholder, value in fill.items():
         text = text.replace(placeholder, value)
     return text
+
+
+def scaling_of(cfg: ServiceConfig, replicas: int = 0) -> Scaling:
+    """The config's scaling; ``max`` unset for compose replicas: as many as there are."""
+    spec = cfg.replicas
+    assert spec is not None
+    most = spec.maximum or (replicas if spec.discovered else spec.count)
+    return Scaling(spec.minimum, most, spec.target_inflight)

@@ -20,12 +20,12 @@ from typing import Any
 import uvloop
 
 from .. import __version__
-from ..app import ListenError, Proxy
+from ..app import Proxy
 from ..config import Config, ServiceConfig, load_config
 from ..config.checks import Bad
 from ..config.checks import address as check_address
 from ..config.crosscheck import overlaps
-from ..errors import ConfigError
+from ..errors import ConfigError, ListenError
 from ..logs import setup_logging
 from .assembly import ProxyProcess
 from .preflight import preflight

@@ -13,11 +13,12 @@ and when they next come. The rules:
 * **Lazy.** A slot stores ``(p, the last week it had a request)``. The occurrences since
   count as 0 when read: read for the occurrence in week ``w``, ``p * 0.7 ** (w - last - 1)``.
   Nothing ticks.
-* **Figures** (alpha 0.3, threshold 0.5). A new pattern reads 0.3, 0.51, 0.66, 0.76 after
-  1, 2, 3, 4 weeks: it predicts from its third week on. One that stops falls below 0.5
-  within two missed weeks whatever its history (even p = 1: 0.7 ** 2 = 0.49; after three
-  weeks of it, 0.66: one missed week). Every slot falls below the floor 0.01 after at
-  most 13 missed weeks (0.7 ** 13 = 0.0097) and is dropped when next read.
+* **Figures** (alpha 0.3). A new pattern reads 0.3, 0.51, 0.66, 0.76 after 1, 2, 3, 4
+  weeks: past the predictor's floor for arrivals (0.6) from its fourth week on. One that
+  stops falls below 0.5 within two missed weeks whatever its history (even p = 1: 0.7 ** 2
+  = 0.49; after three weeks of it, 0.66: one missed week). Every slot falls below the
+  floor 0.01 after at most 13 missed weeks (0.7 ** 13 = 0.0097) and is dropped when next
+  read.
 * **Bounded.** At most 672 slots a service and ``max_slots`` in all: past it, the tenth
   with the lowest decayed p go at once (one sort for many inserts).
 """
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from .schedule import DAY_NAMES, wall_time
+from .schedule import DAY_NAMES, Window, active, active_until, wall_time
 
 SLOTS = 672
 SLOT_MINUTES = 15
@@ -163,6 +164,25 @@ class Arrivals:
                     continue  # skipped by a DST gap that day, or over
                 yield Likely(slot, start, end, p)
                 break
+
+    def wake_at(
+        self, name: str, now: float, threshold: float, lead: float, asleep: Sequence[Window]
+    ) -> tuple[float, Likely] | None:
+        """When to wake ``name`` for its next slot at or above ``threshold``: ``lead``
+        seconds ahead of it (``now`` if that has passed), or when an asleep window ends if
+        the slot is still on then; the earliest such wake, with its slot."""
+        best: tuple[float, Likely] | None = None
+        for likely in self.upcoming(name, now, threshold):
+            if best is not None and likely.start - lead > best[0]:
+                break  # soonest first: none later can be earlier
+            at = max(now, likely.start - lead)
+            if active(asleep, at) is not None:
+                at = active_until(asleep, at) or at
+                if at >= likely.end or active(asleep, at) is not None:
+                    continue
+            if best is None or at < best[0]:
+                best = (at, likely)
+        return best
 
     def _span(self, monday: date, slot: int) -> tuple[float, float]:
         day = monday + timedelta(days=slot // 96)

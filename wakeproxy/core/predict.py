@@ -5,34 +5,31 @@ out, a sleep) with the time; the predictor answers when to wake what, and keeps 
 books. The rules:
 
 * **Schedules.** ``keep_awake`` windows: woken at a window's start, never slept inside it
-  (``next_wake``, ``hold_until``). ``asleep`` windows: never woken ahead inside one, and
-  slept at its start if no connection is open (``sleep_now``, ``asleep_start``). Asleep
-  wins where both overlap: an asleep window carves an exception (a lunch hour) out of a
-  keep-awake one, so ``next_wake`` never answers a time inside an asleep window and
-  ``hold_until`` holds only up to the next asleep start. A request still wakes a service
-  at any time.
-* **Arrivals** (``core.arrivals``): when the next likely slot (p >= ``threshold``) comes,
-  wake ahead of it by the lead time, if the service's measured wake is slow enough to be
+  (``next_wake``, ``hold_until``); ``asleep`` windows: never woken ahead inside one, slept
+  at its start if no connection is open (``sleep_now``, ``asleep_start``). Asleep wins
+  where both hold, a lunch hour carved out of office hours (``schedule.next_awake``,
+  ``keep_end``). A request still wakes a service at any time.
+* **Arrivals** (``core.arrivals``): when the next likely slot comes (p >= ``threshold``,
+  and never below ``ARRIVALS_FLOOR``: a habit of three weeks, not two), wake ahead of it by
+  the lead time, if the service's measured wake is slow enough to be
   worth it (its median >= ``min_wake_time``; none measured yet: not woken ahead). Lead
   time: 1.5 x the median of the last 16 wakes plus 1 s: a wake slower than the median
   comes half the time, and the 1 s covers the glue's timer and the readiness check; a
   few seconds awake early cost little against a 15-minute slot.
-* **Chains** (``core.chains``): a request to A that starts an episode of A returns, for
-  each B with ``chains`` on, P(B | A) >= B's threshold, n(A) >= B's ``min_samples`` (the
-  decayed count, rounded: three episodes minutes old are three, not 2.998) and
-  not inside one of B's asleep windows, a prediction to wake B now until B's
-  ``chain_window`` later. Pairs are learned for the follower (B's ``chains`` on, B's
-  window): the service that would be woken decides; A needs only be configured.
+* **Chains** (``core.chains``: an episode is defined by the follower's window). A request
+  to A that starts an episode of A in B's ``chain_window`` returns, for each B with
+  ``chains`` on, P(B | A) >= B's threshold, n_w(A) >= B's ``min_samples`` (rounded: three
+  episodes minutes old are three, not 2.998) and not inside one of B's asleep windows, a
+  prediction to wake B now until B's ``chain_window`` later. A needs only be configured.
 * **Accounting.** ``predicted`` opens a predicted wake; the service's next request makes
-  it used (the awake seconds: from the wake to the request), its sleep before any request
-  makes it wasted (to the sleep). A request after the prediction's ``until`` but before
-  the sleep still counts as used: it found its backend awake thanks to it. Outcomes are
-  queued for the glue, which ends their holds (``drain_outcomes``), and summed for the
-  metrics (``stats``).
+  it used (awake seconds: from the wake to the request; after the prediction's ``until``
+  too: it found its backend awake thanks to it), its sleep before any request wasted.
+  Outcomes are queued for the plan, which ends their holds (``drain_outcomes``), and
+  summed for the metrics (``stats``).
 * **Bounded.** At most ``max_services`` services have learned state (slots, wake times,
   counts): past it the least recently requested (or woken) one loses all of it. Pairs,
-  slots and open episodes have their own bounds. The settings are the glue's config and
-  are not bounded here. A name never configured (or forgotten) is ignored.
+  slots and open episodes have their own bounds; the settings (the config) are not bounded
+  here. A name never configured (or forgotten) is ignored.
 * **State.** ``to_state`` / ``from_state``: versioned, JSON-able, validated on the way
   in (``ValueError`` naming what is wrong). Open episodes and predictions, and the
   accounting, are not kept: they are about the running process.
@@ -51,8 +48,9 @@ from zoneinfo import ZoneInfo
 
 from . import predict_state
 from .arrivals import MAX_SLOTS, Arrivals, slot_label
-from .chains import HALF_LIFE, MAX_PAIRS, Chains
-from .schedule import Window, active, active_until, load_zone, next_start
+from .chains import HALF_LIFE, MAX_EPISODES, MAX_PAIRS, WINDOW, Chains
+from .predict_state import Snapshot
+from .schedule import Window, active, keep_end, load_zone, next_awake, next_start
 
 Kind = Literal["schedule", "arrivals", "chain"]
 KINDS: tuple[Kind, ...] = ("schedule", "arrivals", "chain")
@@ -61,8 +59,10 @@ WAKE_SAMPLES = predict_state.WAKE_SAMPLES
 LEAD_FACTOR = 1.5
 LEAD_EXTRA = 1.0
 MAX_OUTCOMES = 1024
-# Every window recurs weekly: a schedule that has no start within 8 days has none.
-_HORIZON = 8 * 86400.0
+# Replayed (bench row 11, docs/prediction.md), arrivals acted on at 0.5 were wasted more
+# often than used (two weeks of a random session read as a habit); at 0.6, used twice as
+# often as wasted. Chains keep the threshold as set: right at 0.5.
+ARRIVALS_FLOOR = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,9 @@ class PredictSettings:
     arrivals: bool = False
     chains: bool = False
     threshold: float = 0.5  # the probability needed to act
-    chain_window: float = 30.0  # seconds from a leader's request to a follower's
+    # Seconds from a leader's request to this follower's, and of the leader's quiet that
+    # starts its next episode (counted in this window).
+    chain_window: float = WINDOW
     min_wake_time: float = 0.2  # arrivals: a wake faster than this is not worth one ahead
     min_samples: int = 3  # chains: n(A) needed before P(B | A) is trusted
 
@@ -91,36 +93,6 @@ class PredictSettings:
 def _trusted(episodes: float, min_samples: int) -> bool:
     # Rounded: a count decays from the moment it is made.
     return episodes >= min_samples - 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What a predictor learned, copied (``Predictor.snapshot``)."""
-
-    zone: str
-    services: list[str]
-    arrivals: dict[str, dict[int, tuple[float, int]]]  # name -> slot -> (p, last week)
-    chains: tuple[dict[str, tuple[float, float]], list[tuple[str, str, float, float]]]
-    wake_times: dict[str, list[float]]
-
-    def state(self) -> dict[str, Any]:
-        """The JSON-able form ``Predictor.from_state`` reads."""
-        episodes, pairs = self.chains
-        return {
-            "version": predict_state.VERSION,
-            "zone": self.zone,
-            "services": self.services,
-            "arrivals": {
-                name: [[slot, p, last] for slot, (p, last) in table.items()]
-                for name, table in self.arrivals.items()
-                if table
-            },
-            "chains": {
-                "episodes": {a: [value, when] for a, (value, when) in episodes.items()},
-                "pairs": [list(pair) for pair in pairs],
-            },
-            "wake_times": self.wake_times,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +129,7 @@ class _Service:
 
 
 class Predictor:
-    """Every service's schedules, learned tables and accounting (the module's rules).
-
+    """Every service's schedules, learned tables and accounting (the module's rules);
     ``zone``: the zone of the arrival slots' wall clock (windows carry their own)."""
 
     def __init__(
@@ -169,14 +140,15 @@ class Predictor:
         max_pairs: int = MAX_PAIRS,
         max_slots: int = MAX_SLOTS,
         half_life: float = HALF_LIFE,
+        max_episodes: int = MAX_EPISODES,
     ) -> None:
         self.tz = zone if isinstance(zone, ZoneInfo) else load_zone(zone)
         self.zone = self.tz.key
         self.max_services = max_services
         self.arrivals = Arrivals(self.tz, max_slots=max_slots)
-        self.chains = Chains(half_life, max_pairs)
+        self.chains = Chains(half_life, max_pairs, max_episodes=max_episodes)
         self._services: dict[str, _Service] = {}
-        self._windows: Counter[float] = Counter()  # chain_window -> services with it
+        self._windows: Counter[float] = Counter()  # chain_window -> followers with it
         self._chains_on = 0  # services with chains on: none, no chain bookkeeping at all
         self._wakes: dict[str, deque[float]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()  # learned state, LRU first
@@ -199,22 +171,27 @@ class Predictor:
             self._unset(service.settings)
             service.settings = settings
             service.keep_awake, service.asleep = tuple(keep_awake), tuple(asleep)
-        self._windows[settings.chain_window] += 1
+        if settings.chains:
+            self._windows[settings.chain_window] += 1
         self._chains_on += settings.chains
-        self._windows_changed()
+        self.chains.want(self._windows)
+        # Its pairs were counted against its leaders' episodes in its window: in another
+        # window they are no estimate of P, so they start afresh.
+        self.chains.refollow(name, settings.chain_window)
 
     def forget(self, name: str) -> None:
         """A service removed: its settings, accounting and everything learned go."""
         service = self._services.pop(name, None)
         if service is not None:
             self._unset(service.settings)
-            self._windows_changed()
+            self.chains.want(self._windows)
         self._drop_learned(name)
 
     def _unset(self, settings: PredictSettings) -> None:
-        self._windows[settings.chain_window] -= 1
-        if not self._windows[settings.chain_window]:
-            del self._windows[settings.chain_window]
+        if settings.chains:
+            self._windows[settings.chain_window] -= 1
+            if not self._windows[settings.chain_window]:
+                del self._windows[settings.chain_window]
         self._chains_on -= settings.chains
 
     def configured(self) -> list[str]:
@@ -224,9 +201,9 @@ class Predictor:
         """Names with learned state (slots, counts, wake times), least recently used first."""
         return list(self._seen)
 
-    def _windows_changed(self) -> None:
-        # Episodes stay open for the longest window any follower counts with.
-        self.chains.keep_open = max(self._windows, default=30.0)
+    def tidy(self) -> None:
+        """Now and then: windows no follower counts in any more stop being counted."""
+        self.chains.tidy()
 
     # -- events ---------------------------------------------------------------------
 
@@ -242,28 +219,27 @@ class Predictor:
         out: list[Prediction] = []
         if self._chains_on:
             learned = True
-            window = settings.chain_window
             if settings.chains:
-                self.chains.follow(name, now, window)
-            if self.chains.opens(name, now, window):
+                self.chains.follow(name, now, settings.chain_window)
+            started = self.chains.starts(name, now)
+            if started:
                 # From the episodes before this one: it has had no time to be followed.
-                out = self._chain_wakes(name, now)
-            self.chains.request(name, now, window)
+                out = self._chain_wakes(name, now, started)
+            self.chains.request(name, now)
         if learned:
             self._touch(name)
         return out
 
-    def _chain_wakes(self, leader: str, now: float) -> list[Prediction]:
-        n = self.chains.episodes(leader, now)
+    def _chain_wakes(self, leader: str, now: float, started: list[float]) -> list[Prediction]:
         out = []
-        for follower, p, _ in self.chains.followers(leader, now):
+        for follower, p, _, window in self.chains.followers(leader, now):
             service = self._services.get(follower)
-            if service is None or not service.settings.chains:
-                continue
+            if service is None or not service.settings.chains or window not in started:
+                continue  # not a chain follower, or the leader's episode in its window goes on
             settings = service.settings
-            # P as the API shows it (3 places): the counts are stored to 1e-6, so a
-            # follower that came after every episode reads 0.9999997, and threshold 1.0
-            # (allowed) would never wake it.
+            n = self.chains.episodes(leader, now, window)
+            # P as the API shows it (3 places): counts are stored to 1e-6, so a follower of
+            # every episode reads 0.9999997, and threshold 1.0 would never wake it.
             if not _trusted(n, settings.min_samples) or round(p, 3) < settings.threshold:
                 continue
             if active(service.asleep, now) is not None:
@@ -319,11 +295,9 @@ class Predictor:
     # -- decisions ------------------------------------------------------------------
 
     def next_wake(self, name: str, now: float) -> Prediction | None:
-        """The next timed wake of ``name`` (ask when it sleeps, and again after each
-        timed wake): the earlier of its keep-awake schedule's and its learned arrivals',
-        never at a time inside an asleep window; ``at`` is ``now`` when it is due (inside
-        a keep-awake window, or a lead time longer than the time left). None: nothing
-        within a week."""
+        """The next timed wake of ``name``: its keep-awake schedule's or learned arrivals',
+        whichever is first, never inside an asleep window; ``at`` is ``now`` when it is due
+        (inside a keep-awake window, a lead longer than the time left). None: not in a week."""
         service = self._services.get(name)
         if service is None:
             return None
@@ -332,30 +306,12 @@ class Predictor:
         return min(wakes, key=lambda p: p.at) if wakes else None
 
     def _schedule_wake(self, name: str, service: _Service, now: float) -> Prediction | None:
-        if not service.keep_awake:
+        found = next_awake(service.keep_awake, service.asleep, now) if service.keep_awake else None
+        if found is None:
             return None
-        at = now
-        # Alternate: out of an asleep window, to the next keep-awake start; a few turns.
-        for _ in range(64):
-            if at > now + _HORIZON:
-                return None
-            if active(service.asleep, at) is not None:
-                at = active_until(service.asleep, at) or at
-                continue
-            window = active(service.keep_awake, at)
-            if window is not None:
-                reason = f"schedule {window.text}"
-                return Prediction(name, at, self._keep_end(service, at), "schedule", reason)
-            start = next_start(service.keep_awake, at)
-            if start is None:
-                return None
-            at = start
-        return None
-
-    def _keep_end(self, service: _Service, now: float) -> float:
-        end = active_until(service.keep_awake, now) or now
-        asleep = next_start(service.asleep, now)
-        return end if asleep is None else min(end, asleep)
+        at, window = found
+        until = keep_end(service.keep_awake, service.asleep, at)
+        return Prediction(name, at, until, "schedule", f"schedule {window.text}")
 
     def _arrivals_wake(self, name: str, service: _Service, now: float) -> Prediction | None:
         settings = service.settings
@@ -364,20 +320,13 @@ class Predictor:
             return None
         if (self.wake_estimate(name) or 0.0) < settings.min_wake_time:
             return None
-        best: Prediction | None = None
-        for likely in self.arrivals.upcoming(name, now, settings.threshold):
-            if best is not None and likely.start - lead > best.at:
-                break  # soonest first: none later can be earlier
-            at = max(now, likely.start - lead)
-            if active(service.asleep, at) is not None:
-                # Woken when the asleep window ends, if the slot is still on then.
-                at = active_until(service.asleep, at) or at
-                if at >= likely.end or active(service.asleep, at) is not None:
-                    continue
-            if best is None or at < best.at:
-                reason = f"arrivals {slot_label(likely.slot)} {self.zone} p={likely.p:.2f}"
-                best = Prediction(name, at, likely.end, "arrivals", reason)
-        return best
+        threshold = max(settings.threshold, ARRIVALS_FLOOR)
+        found = self.arrivals.wake_at(name, now, threshold, lead, service.asleep)
+        if found is None:
+            return None
+        at, likely = found
+        reason = f"arrivals {slot_label(likely.slot)} {self.zone} p={likely.p:.2f}"
+        return Prediction(name, at, likely.end, "arrivals", reason)
 
     def hold_until(self, name: str, now: float) -> float:
         """Inside a keep-awake window: when it ends (or the next asleep window starts, if
@@ -387,7 +336,7 @@ class Predictor:
             return 0.0
         if active(service.keep_awake, now) is None:
             return 0.0
-        return self._keep_end(service, now)
+        return keep_end(service.keep_awake, service.asleep, now)
 
     def sleep_now(self, name: str, now: float) -> bool:
         """Inside an asleep window: the glue sleeps the service if no connection is open."""
@@ -430,7 +379,6 @@ class Predictor:
         service = self._services.get(name)
         if service is None:
             return {}
-        n = self.chains.episodes(name, now)
         wake = self.next_wake(name, now)
         return {
             "service": name,
@@ -442,15 +390,7 @@ class Predictor:
                 {"slot": slot, "when": slot_label(slot), "p": round(p, 3)}
                 for slot, p in self.arrivals.top(name, now, top)
             ],
-            "episodes": round(n, 3),
-            "followers": [
-                {"service": b, "p": round(p, 3), "n": round(v, 3), "trusted": self._trusted(n, b)}
-                for b, p, v in self.chains.followers(name, now)
-            ],
-            "leaders": [
-                {"service": a, "p": round(p, 3), "n": round(v, 3)}
-                for a, p, v in self.chains.leaders(name, now)
-            ],
+            **self.chains.view(name, now, self._trusted),
             "wake": {
                 "samples": len(self._wakes.get(name, ())),
                 "estimate": self.wake_estimate(name),
@@ -500,10 +440,9 @@ class Predictor:
         return self.snapshot().state()
 
     def snapshot(self) -> Snapshot:
-        """A copy of what was learned, cheap enough for the event loop (the slot tables
-        are copied whole, their entries being tuples); ``Snapshot.state`` turns it into
-        ``to_state``'s form anywhere, a thread included: 31-77 ms of Python near the
-        bounds, against 13-34 ms for this copy (``python -m bench.predict_cost``)."""
+        """A copy of what was learned, cheaper than its JSON form (the slot tables are
+        copied whole, their entries being tuples), for the event loop; ``Snapshot.state``
+        turns it into ``to_state``'s form anywhere, a thread included (costs: prediction.md)."""
         return Snapshot(
             zone=self.zone,
             services=list(self._seen),
@@ -526,12 +465,9 @@ class Predictor:
     ) -> Predictor:
         """A predictor with what ``to_state`` wrote; ValueError naming what is wrong on
         anything malformed or past the bounds. ``zone``: the slots' zone now (None: the
-        state's); when it differs from the state's, the learned slots are dropped (they
-        are wall-clock slots of the other zone) and the rest kept. ``now``: the time it
-        is read at; a count or a slot dated later (a clock that was ahead when it was
-        written, a hand-made file) is taken as of ``now``: counts decay only from their
-        time on and a slot takes no request before its week, so a future date would keep
-        them at full weight, and the slot unchanged, until the clock got there."""
+        state's); another zone's slots are dropped, the rest kept. ``now``: the time it is
+        read at; a count or slot dated later (a clock that was ahead, a hand-made file) is
+        taken as of ``now``, else it would stay at full weight until the clock got there."""
         state = predict_state.check(data, max_services, max_pairs, max_slots)
         if now is not None:
             week = Arrivals(load_zone(state.zone)).where(now)[1]

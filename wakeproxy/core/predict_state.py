@@ -1,13 +1,20 @@
-"""The predictor's saved state, checked on the way in.
+"""The predictor's saved state: its form, written (``Snapshot``) and checked on the way in.
 
-``Predictor.to_state`` writes (JSON-able)::
+``Predictor.to_state`` writes version 2 (JSON-able)::
 
-    {"version": 1, "zone": "Europe/Berlin",
+    {"version": 2, "zone": "Europe/Berlin",
      "services": [name, ...],                       # least recently used first
      "arrivals": {name: [[slot, p, week], ...]},    # slot 0..671, 0 < p <= 1
-     "chains": {"episodes": {name: [n, when]},      # n(A), decayed as of when
-                "pairs": [[leader, follower, n, when], ...]},
+     "chains": {"episodes": [[leader, window, n, when], ...],   # n_w(A) as of when
+                "pairs": [[leader, follower, window, n, when], ...]},
      "wake_times": {name: [seconds, ...]}}          # the last 16 wakes
+
+A pair's ``window`` is its follower's ``chain_window`` when it was counted, and the window
+its leader's episodes are counted in for it. Version 1 kept no window (an episode of A
+was then counted in A's own ``chain_window``): its ``"episodes": {name: [n, when]}`` and
+``"pairs": [[leader, follower, n, when], ...]`` are read as counted in the default window
+(30 s, ``V1_WINDOW``), the one most services had; a follower configured with another
+window starts its pairs afresh when it is configured (``Chains.refollow``).
 
 ``check`` refuses anything else with a ValueError naming where and what (a wrong version,
 a wrong type, a slot out of range, NaN, more than the bounds allow, a name the services
@@ -21,9 +28,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .arrivals import SLOTS
+from .chains import MAX_EPISODES, WINDOW, EpisodeRow, PairRow
 from .schedule import load_zone
 
-VERSION = 1
+VERSION = 2
+V1_WINDOW = WINDOW
 WAKE_SAMPLES = 16
 MAX_NAME = 256
 _LAST_WEEK = 600_000  # past datetime's year 9999
@@ -32,12 +41,42 @@ _MAX_TIME = 1e11  # epoch seconds: year 5138
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a predictor learned, copied (``Predictor.snapshot``)."""
+
+    zone: str
+    services: list[str]
+    arrivals: dict[str, dict[int, tuple[float, int]]]  # name -> slot -> (p, last week)
+    chains: tuple[list[EpisodeRow], list[PairRow]]
+    wake_times: dict[str, list[float]]
+
+    def state(self) -> dict[str, Any]:
+        """The JSON-able form ``check`` reads."""
+        episodes, pairs = self.chains
+        return {
+            "version": VERSION,
+            "zone": self.zone,
+            "services": self.services,
+            "arrivals": {
+                name: [[slot, p, last] for slot, (p, last) in table.items()]
+                for name, table in self.arrivals.items()
+                if table
+            },
+            "chains": {
+                "episodes": [list(row) for row in episodes],
+                "pairs": [list(row) for row in pairs],
+            },
+            "wake_times": self.wake_times,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class State:
     zone: str
     services: list[str]
     arrivals: dict[str, list[tuple[int, float, int]]]
-    episodes: list[tuple[str, float, float]]
-    pairs: list[tuple[str, str, float, float]]
+    episodes: list[EpisodeRow]
+    pairs: list[PairRow]
     wake_times: dict[str, list[float]]
 
 
@@ -98,15 +137,21 @@ def _service_list(name: str, value: object, services: set[str], where: str, most
     return value
 
 
-def check(data: object, max_services: int, max_pairs: int, max_slots: int) -> State:
-    """The state in ``data``, or ValueError saying what is wrong."""
+def check(
+    data: object,
+    max_services: int,
+    max_pairs: int,
+    max_slots: int,
+    max_episodes: int = MAX_EPISODES,
+) -> State:
+    """The state in ``data`` (version 2, or 1), or ValueError saying what is wrong."""
     if not isinstance(data, dict):
         raise _fail("top", f"expected an object, got {type(data).__name__}")
     if "version" not in data:
         raise _fail("top", "no 'version'")
     version = data["version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
-        raise _fail("version", f"{version!r} (expected {VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool) or version not in (1, 2):
+        raise _fail("version", f"{version!r} (expected 1 or {VERSION})")
     zone = _get(data, "zone", str)
     try:
         load_zone(zone)
@@ -124,7 +169,7 @@ def check(data: object, max_services: int, max_pairs: int, max_slots: int) -> St
         zone,
         list(names),
         _arrivals(_get(data, "arrivals", dict), services, max_slots),
-        *_chains(_get(data, "chains", dict), services, max_pairs),
+        *_chains(_get(data, "chains", dict), services, max_pairs, max_episodes, version),
         _wake_times(_get(data, "wake_times", dict), services),
     )
 
@@ -155,36 +200,78 @@ def _arrivals(
 
 
 def _chains(
-    data: dict[str, Any], services: set[str], max_pairs: int
-) -> tuple[list[tuple[str, float, float]], list[tuple[str, str, float, float]]]:
-    counts = _get(data, "episodes", dict, "chains.")
-    _sized(counts, len(services), "chains.episodes")
-    episodes = []
-    for name, row in counts.items():
-        where = f"chains.episodes[{name!r}]"
-        _known(name, services, where)
-        value, when = _row(row, 2, where)
-        value = _number(value, f"{where} n", 0.0, _MAX_COUNT)
-        episodes.append((name, value, _number(when, f"{where} when", 0.0, _MAX_TIME)))
+    data: dict[str, Any], services: set[str], max_pairs: int, max_episodes: int, version: int
+) -> tuple[list[EpisodeRow], list[PairRow]]:
+    episodes = _episodes(data, services, max_episodes, version)
+    counted = {(name, window) for name, window, _, _ in episodes}
     rows = _get(data, "pairs", list, "chains.")
     _sized(rows, max_pairs, "chains.pairs")
     pairs = []
     seen: set[tuple[str, str]] = set()
     for i, row in enumerate(rows):
         where = f"chains.pairs[{i}]"
-        leader, follower, value, when = _row(row, 4, where)
+        if version == 1:
+            leader, follower, value, when = _row(row, 4, where)
+            window: object = V1_WINDOW
+        else:
+            leader, follower, window, value, when = _row(row, 5, where)
         if not isinstance(leader, str) or not isinstance(follower, str) or leader == follower:
             raise _fail(where, "expected two different service names first")
         _known(leader, services, where)
         _known(follower, services, where)
-        if leader not in counts:
-            raise _fail(where, f"leader {leader!r} has no chains.episodes count")
+        window = _window(window, f"{where} window")
+        if (leader, window) not in counted:
+            raise _fail(
+                where, f"leader {leader!r} has no chains.episodes count in window {window:g}"
+            )
         if (leader, follower) in seen:
             raise _fail(where, f"pair {leader!r} -> {follower!r} twice")
         seen.add((leader, follower))
         value = _number(value, f"{where} n", 0.0, _MAX_COUNT)
-        pairs.append((leader, follower, value, _number(when, f"{where} when", 0.0, _MAX_TIME)))
+        when = _number(when, f"{where} when", 0.0, _MAX_TIME)
+        pairs.append((leader, follower, window, value, when))
     return episodes, pairs
+
+
+def _episodes(
+    data: dict[str, Any], services: set[str], most: int, version: int
+) -> list[EpisodeRow]:
+    """n_w(A) rows: version 2's list, or version 1's mapping (in ``V1_WINDOW``)."""
+    rows: list[tuple[str, object, object, object, str]] = []  # name, window, n, when, where
+    if version == 1:
+        counts = _get(data, "episodes", dict, "chains.")
+        _sized(counts, len(services), "chains.episodes")
+        for name, row in counts.items():
+            where = f"chains.episodes[{name!r}]"
+            value, when = _row(row, 2, where)
+            rows.append((name, V1_WINDOW, value, when, where))
+    else:
+        listed = _get(data, "episodes", list, "chains.")
+        _sized(listed, most, "chains.episodes")
+        for i, row in enumerate(listed):
+            where = f"chains.episodes[{i}]"
+            name, window, value, when = _row(row, 4, where)
+            rows.append((name, window, value, when, where))
+    out: list[EpisodeRow] = []
+    seen: set[tuple[str, float]] = set()
+    for name, window, value, when, where in rows:
+        if not isinstance(name, str):
+            raise _fail(where, "expected a service name first")
+        _known(name, services, where)
+        window = _window(window, f"{where} window")
+        if (name, window) in seen:
+            raise _fail(where, f"{name!r} in window {window:g} twice")
+        seen.add((name, window))
+        value = _number(value, f"{where} n", 0.0, _MAX_COUNT)
+        out.append((name, window, value, _number(when, f"{where} when", 0.0, _MAX_TIME)))
+    return out
+
+
+def _window(value: object, where: str) -> float:
+    window = _number(value, where, 0.0, _MAX_TIME)
+    if window == 0.0:
+        raise _fail(where, "0 (expected seconds above 0)")
+    return window
 
 
 def _wake_times(data: dict[str, Any], services: set[str]) -> dict[str, list[float]]:
@@ -206,6 +293,6 @@ def clamped(state: State, now: float, week: int) -> State:
             name: [(slot, p, min(last, week)) for slot, p, last in rows]
             for name, rows in state.arrivals.items()
         },
-        episodes=[(name, value, min(when, now)) for name, value, when in state.episodes],
-        pairs=[(a, b, value, min(when, now)) for a, b, value, when in state.pairs],
+        episodes=[(name, w, value, min(when, now)) for name, w, value, when in state.episodes],
+        pairs=[(a, b, w, value, min(when, now)) for a, b, w, value, when in state.pairs],
     )

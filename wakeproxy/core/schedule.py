@@ -246,3 +246,40 @@ def next_start(windows: Sequence[Window], now: float) -> float | None:
                     best = start
                 break
     return best
+
+
+# ---- keep-awake and asleep together: asleep wins where both hold
+
+# Every window recurs weekly: one with no start within 8 days has none.
+_HORIZON = 8 * 86400.0
+
+
+def keep_end(keep_awake: Sequence[Window], asleep: Sequence[Window], now: float) -> float:
+    """Inside ``keep_awake``: when being kept awake ends (its end, or the next asleep
+    start if sooner)."""
+    end = active_until(keep_awake, now) or now
+    start = next_start(asleep, now)
+    return end if start is None else min(end, start)
+
+
+def next_awake(
+    keep_awake: Sequence[Window], asleep: Sequence[Window], now: float
+) -> tuple[float, Window] | None:
+    """The first instant at or after ``now`` inside ``keep_awake`` and outside ``asleep``,
+    with the keep-awake window that holds then; None within 8 days."""
+    at = now
+    # Alternate: out of an asleep window, to the next keep-awake start; a few turns.
+    for _ in range(64):
+        if at > now + _HORIZON:
+            return None
+        if active(asleep, at) is not None:
+            at = active_until(asleep, at) or at
+            continue
+        window = active(keep_awake, at)
+        if window is not None:
+            return at, window
+        start = next_start(keep_awake, at)
+        if start is None:
+            return None
+        at = start
+    return None

@@ -215,7 +215,8 @@ class Hibernator:
 
     async def _prefetch(self) -> None:
         # After the held connections' first answers: read back in the same instant, the
-        # prefetch's swap-ins delayed the first response (162 vs 67 ms p50 in bench row 8).
+        # prefetch's swap-ins delayed the first response (bench row 8; the run is in
+        # bench/PROFILES.md).
         await asyncio.sleep(PREFETCH_DELAY)
         pids = await self.runtime.pids()
         try:

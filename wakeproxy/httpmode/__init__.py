@@ -2,7 +2,8 @@
 
 Bytes are forwarded unchanged; the proxy only reads what its decisions need:
 
-* each request head (``heads``: h11 validates it). A probe (``http.probes`` plus the
+* each request head (``heads``: checked by one grammar, read on demand). A probe
+  (``http.probes`` plus the
   gateway's SSE check, ``answers``) is answered by the proxy while the backend sleeps
   and forwarded while it is awake; it never counts as activity.
 * request bodies are only counted (Content-Length) or followed chunk by chunk (chunked,

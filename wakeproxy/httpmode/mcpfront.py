@@ -191,27 +191,6 @@ class McpFront:
         """Whether there is anything MCP to show (on, or sessions pinned with it off)."""
         return self.on or len(self.sessions) > 0
 
-    def describe(self) -> dict[str, Any]:
-        """What the API shows: what was learned, what was answered here, the sessions."""
-        sessions = self.sessions
-        return {
-            "mode": self.settings.mcp,
-            "resume": self.resume,
-            "endpoint": self.learned.endpoint or None,
-            "server": self.learned.server_name() or None,
-            "versions": self.learned.versions(),
-            "discover": sorted(self.learned.discover),
-            "answered": dict(sorted(self.answered.items())),
-            "sessions": len(sessions),
-            "sessions_virtual": sessions.virtual(),
-            "materialized": self.materialized,
-            "resumed": self.resumed,
-            "replays_failed": self.replays_failed,
-            "sessions_evicted": sessions.evicted,
-            "sessions_refused": sessions.refused,
-            "sessions_lost": sessions.lost,
-        }
-
     # ---- what the proxy answers itself
 
     def answer(

@@ -1,42 +1,95 @@
 """Response framing on one connection: how many requests still await the end of their
 response, so a backend is not paused under one (``idle_connections: allow-sleep``: every
 request; otherwise a connection's probes, so one that carried only probes lets go), and
-what the answers to MCP set-up say (``Expected`` notes: learned, sessions kept)."""
+what the answers to MCP set-up say (``Expected`` notes: learned, sessions kept).
+
+One tracker per connection, reused for every response (sans-IO, fed the backend's bytes
+as they pass): a response head is found and read here, its body counted by length,
+followed chunk by chunk (``chunks.ChunkedBody``) or read to the connection's end, as
+RFC 9112 section 6.3 frames it. No timer, no object per response but the head's fields.
+"""
 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h11
-
 from ..core.sessions import EndpointScan
 from ..net.forward import UpstreamSide
+from .chunks import BadChunk, ChunkedBody
+from .heads import HEAD_END
 from .mcp import MAX_MESSAGE, Kind
 
 if TYPE_CHECKING:
     from ..net.forward import ClientSide
     from .mcpfront import Expected
 
+# A response head longer than this is not followed (in flight until the connection
+# closes): h11, which followed responses before, refused heads over 16 KiB.
+MAX_RESPONSE_HEAD = 64 * 1024
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?")
+_LINE_END = re.compile(rb"\r?\n")
+
+# What the tracker reads next: a response head; a body by its length; a chunked body;
+# a body that ends with the connection; an event stream it no longer follows.
+_HEAD, _LENGTH, _CHUNKED, _TO_CLOSE, _STREAM = range(5)
+
+
+class Unframed(Exception):
+    """The backend's bytes are not HTTP the tracker can follow."""
+
+
+class ResponseHead:
+    """A response head: its status and headers (names lowercased, in order)."""
+
+    __slots__ = ("headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+
+    def get(self, name: bytes) -> bytes:
+        return b", ".join(value for key, value in self.headers if key == name)
+
+
+def read_response_head(raw: bytes) -> ResponseHead:
+    """A response head through its blank line (CRLF or bare LF, as h11 read them)."""
+    lines = _LINE_END.split(raw)
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
+        raise Unframed(f"not a status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise Unframed(f"not a header line: {line[:80]!r}")
+        headers.append((name.lower(), value.strip(b" \t")))
+    return ResponseHead(int(status.group(1)), headers)
+
 
 class ResponseTracker:
     """Follows response framing on one connection: how many requests still await the
     end of their response. An event stream answering a GET stops counting once its head
     arrived: it may stay open for ever; one answering a POST (a streamable-HTTP result)
-    is followed to its end. A response whose framing h11 cannot follow
-    (``Transfer-Encoding: gzip, chunked`` is valid HTTP) counts as in flight until the
-    connection closes: its end cannot be seen, and a backend paused under it would stall
-    the download."""
+    is followed to its end. A response whose framing cannot be followed (a coding other
+    than chunked alone: ``Transfer-Encoding: gzip, chunked`` is valid HTTP; a malformed
+    head) counts as in flight until the connection closes: its end cannot be seen, and
+    a backend paused under it would stall the download."""
 
     __slots__ = (
         "_body",
+        "_buf",
+        "_chunks",
         "_event_stream",
         "_head",
         "_notes",
-        "_parser",
+        "_phase",
+        "_remaining",
         "_scan",
-        "_scan_parser",
         "_sent",
         "_upgrade",
         "broken",
@@ -49,7 +102,6 @@ class ResponseTracker:
 
     def __init__(self) -> None:
         self.methods: collections.deque[bytes] = collections.deque()
-        self._parser: h11.Connection | None = None
         self.broken = False
         self.on_202: Callable[[], None] | None = None
         # Called when the last awaited response ended.
@@ -57,19 +109,22 @@ class ResponseTracker:
         # Replicas (mode http): called with the MCP session an event stream's endpoint
         # event names (SSE), or a response's Mcp-Session-Id header.
         self.on_session: Callable[[bytes, bool], None] | None = None
+        self.on_upgrade: Callable[[bool], None] | None = None
+        self._phase = _HEAD
+        self._buf = bytearray()  # a response head not complete yet
+        self._remaining = 0
+        self._chunks: ChunkedBody | None = None
         # The start of an event stream, searched for its endpoint event.
         self._scan: EndpointScan | None = None
-        self._scan_parser: h11.Connection | None = None
         # Notes on requests whose answers matter (by their number on this connection),
         # and the one being answered: its head and body so far.
         self._notes: dict[int, Expected] = {}
         self._sent = 0  # requests expected so far on this connection
-        self._head: h11.Response | None = None
+        self._head: ResponseHead | None = None
         self._body: bytearray | None = None
         self._event_stream = False
         # The request (its number) that asked for another protocol; its answer decides.
         self._upgrade = -1
-        self.on_upgrade: Callable[[bool], None] | None = None
 
     @property
     def scanning(self) -> bool:
@@ -93,112 +148,174 @@ class ResponseTracker:
     def _answering_upgrade(self) -> bool:
         return self._upgrade >= 0 and self._sent - len(self.methods) == self._upgrade
 
-    def _switch(self, switched: bool) -> bool:
-        """The answer to the upgrade request came: True when the server switched (nothing
-        after it on this connection is HTTP)."""
-        self._upgrade = -1
-        if switched:
-            self._forget()
-        if self.on_upgrade is not None:
-            self.on_upgrade(switched)
-        return switched
-
     def _note(self) -> Expected | None:
         """The note of the request being answered (methods[0])."""
         if not self._notes:
             return None
         return self._notes.get(self._sent - len(self.methods))
 
+    # ---- the backend's bytes
+
     def feed(self, data: bytes) -> None:
-        if self._scan is not None:
-            self._scan_stream(data)
+        if self.broken:
             return
-        while (data or self._parser is not None) and self.methods and not self.broken:
-            if self._parser is None:
-                self._parser = h11.Connection(h11.CLIENT)
-                method = self.methods[0]
-                headers = [("Host", "x")]
-                if self._answering_upgrade():  # h11 then takes a 101 (or CONNECT's 2xx)
-                    headers += [("Connection", "upgrade"), ("Upgrade", "x")]
-                request = h11.Request(method=method, target="/", headers=headers)
-                self._parser.send(request)
-                self._parser.send(h11.EndOfMessage())
-            parser = self._parser
-            parser.receive_data(data)
-            data = b""
-            try:
-                while True:
-                    event = parser.next_event()
-                    if event is h11.NEED_DATA or event is h11.PAUSED:
-                        return
-                    if isinstance(event, h11.InformationalResponse):
-                        if event.status_code == 101 and self._answering_upgrade():
-                            self._switch(True)
-                            return
-                    elif isinstance(event, h11.Response):
-                        if self._answering_upgrade():
-                            connect = self.methods[0] == b"CONNECT"
-                            if self._switch(connect and 200 <= event.status_code < 300):
-                                return
-                        if self._response(event):
-                            return
-                    elif isinstance(event, h11.Data):
-                        body = self._body
-                        if body is not None and len(body) < MAX_MESSAGE:
-                            body += event.data[: MAX_MESSAGE - len(body)]
-                            if self._event_stream:
-                                self._early()
-                    elif isinstance(event, h11.EndOfMessage):
-                        self._ended()
-                        self.methods.popleft()
-                        data, _ = parser.trailing_data
-                        self._parser = None
-                        if not self.methods and self.on_idle is not None:
-                            self.on_idle()
-                        break
-                    elif isinstance(event, h11.ConnectionClosed):
-                        self._forget()
-                        return
-            except h11.ProtocolError:
-                # Not HTTP we can follow: in flight until the connection closes.
-                self.broken = True
+        try:
+            self._feed(data)
+        except (Unframed, BadChunk):
+            # Not HTTP we can follow: in flight until the connection closes.
+            self.broken = True
+            self._scan = None
+
+    def _feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            phase = self._phase
+            if phase == _STREAM:
+                self._stream_bytes(data, pos)
+                return
+            if not self.methods:
+                return  # nothing asked: bytes the server sent unasked are not followed
+            if phase == _HEAD:
+                pos = self._head_bytes(data, pos)
+            elif phase == _LENGTH:
+                take = min(self._remaining, end - pos)
+                self._body_data(data, pos, pos + take)
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._ended()
+            elif phase == _CHUNKED:
+                pos = self._chunked_bytes(data, pos)
+            else:  # _TO_CLOSE: everything up to the connection's end
+                self._body_data(data, pos, end)
                 return
 
-    def _response(self, event: h11.Response) -> bool:
-        """A response head; True when nothing after it on this connection is followed
-        (an event stream answering a GET)."""
-        method = self.methods[0]
+    def _head_bytes(self, data: bytes, pos: int) -> int:
+        buf = self._buf
+        if not buf:
+            # The common case, a whole head at the start of a read: no copy of the read.
+            found = HEAD_END.search(data, pos)
+            if found is not None:
+                self._response(read_response_head(data[pos : found.end()]))
+                return found.end()
+        buf += data[pos:] if pos else data
+        found = HEAD_END.search(buf)
+        if found is None:
+            if len(buf) > MAX_RESPONSE_HEAD:
+                raise Unframed("a response head over 64 KiB")
+            return len(data)
+        cut = found.end()
+        after = len(data) - (len(buf) - cut)
+        raw = bytes(buf[:cut])
+        buf.clear()
+        self._response(read_response_head(raw))
+        return after
+
+    def _response(self, head: ResponseHead) -> None:
+        """A response head: frame its body, or act on what it says."""
+        status, method = head.status, self.methods[0]
+        if status < 200:
+            if status == 101 and self._answering_upgrade():
+                self._switch(True)
+            elif status == 101:
+                raise Unframed("101 to a request that asked no upgrade")
+            return  # 100 Continue and the like: the response is still to come
+        if self._answering_upgrade():
+            connect = method == b"CONNECT"
+            if self._switch(connect and status < 300):
+                return
+        self._final(head, method)
+        if self._phase == _STREAM:
+            return
+        if method == b"HEAD" or status in (204, 304):
+            self._ended()
+            return
+        coding = head.get(b"transfer-encoding")
+        if coding:
+            if coding.lower() != b"chunked":
+                raise Unframed(f"Transfer-Encoding {coding[:40]!r}")
+            self._phase, self._chunks = _CHUNKED, ChunkedBody()
+            return
+        length = head.get(b"content-length")
+        if length:
+            values = {value.strip() for value in length.split(b",")}
+            text = values.pop()
+            if values or not text.isdigit():
+                raise Unframed(f"Content-Length {length[:40]!r}")
+            self._remaining = int(text)
+            if self._remaining:
+                self._phase = _LENGTH
+            else:
+                self._ended()
+            return
+        self._phase = _TO_CLOSE
+
+    def _final(self, head: ResponseHead, method: bytes) -> None:
+        """The final response's head: callbacks, notes, and an event stream answering
+        a GET (or a listen) no longer followed."""
         note = self._note()
+        status = head.status
         # HTTP+SSE answers a request 202 and sends its result on the stream later; a
         # notification's 202 (MCP's initialized) promises nothing.
-        accepted = event.status_code == 202 and method == b"POST"
+        accepted = status == 202 and method == b"POST"
         if accepted and self.on_202 is not None and (note is None or note.expects_result):
             self.on_202()
-        headers = event.headers
-        content_type = b"".join(v for k, v in headers if k == b"content-type")
+        content_type = head.get(b"content-type")
         if self.on_session is not None:
-            session = b"".join(v for k, v in headers if k == b"mcp-session-id")
+            session = head.get(b"mcp-session-id")
             # A DELETE's answer names the session it just ended.
-            if session and event.status_code < 300 and method != b"DELETE":
+            if session and status < 300 and method != b"DELETE":
                 self.on_session(session, False)
         if note is not None:
-            self._head = event
+            self._head = head
             self._body = bytearray() if note.reads_body else None
             self._event_stream = b"text/event-stream" in content_type
         listening = note is not None and note.message.kind is Kind.LISTEN
         if b"text/event-stream" in content_type and (method == b"GET" or listening):
             # Open for as long as the client keeps it (a GET's stream; 2026-07-28's
-            # subscriptions/listen): nothing after it but, for replicas, the endpoint
-            # event naming its session (in its body, decoded by the same parser:
-            # chunk-size lines never split an id).
-            parser = self._parser
+            # subscriptions/listen): nothing after it is followed but, for replicas, the
+            # endpoint event naming its session (in its body, decoded: chunk-size lines
+            # never split an id).
             self._forget()
+            self._phase = _STREAM
             if self.on_session is not None:
                 self._scan = EndpointScan()
-                self._scan_parser = parser
-                self._scan_stream(b"")
-            return True
-        return False
+                if head.get(b"transfer-encoding").lower() == b"chunked":
+                    self._chunks = ChunkedBody()
+
+    def _chunked_bytes(self, data: bytes, pos: int) -> int:
+        chunks = self._chunks
+        assert chunks is not None
+        keep = bytearray() if self._body is not None else None
+        end = chunks.feed(data, keep, pos)
+        if keep:
+            self._body_data(keep, 0, len(keep))
+        if end < 0:
+            return len(data)
+        self._ended()
+        return end
+
+    def _body_data(self, data: bytes | bytearray, start: int, stop: int) -> None:
+        body = self._body
+        if body is not None and len(body) < MAX_MESSAGE and stop > start:
+            body += data[start : min(stop, start + MAX_MESSAGE - len(body))]
+            if self._event_stream:
+                self._early()
+
+    def _ended(self) -> None:
+        """The response to methods[0] ended: its note learns what it said."""
+        self._phase, self._chunks = _HEAD, None
+        note = self._note()
+        head, body = self._head, self._body
+        self._head = self._body = None
+        if note is not None:
+            del self._notes[self._sent - len(self.methods)]
+            if head is not None:
+                content_type = head.get(b"content-type")
+                note.answered(head.status, head.headers, content_type, bytes(body or b""))
+        self.methods.popleft()
+        if not self.methods and self.on_idle is not None:
+            self.on_idle()
 
     def _early(self) -> None:
         """An event stream answering a noted request: its JSON-RPC answer is read as
@@ -206,53 +323,58 @@ class ResponseTracker:
         body, head, note = self._body, self._head, self._note()
         if body is None or head is None or note is None or b"\n\n" not in body.replace(b"\r", b""):
             return
-        headers = list(head.headers)
-        if note.answered(head.status_code, headers, b"text/event-stream", bytes(body), final=False):
+        if note.answered(head.status, head.headers, b"text/event-stream", bytes(body), final=False):
             del self._notes[self._sent - len(self.methods)]
             self._head = self._body = None
 
-    def _ended(self) -> None:
-        """The response to methods[0] ended: its note learns what it said."""
-        note = self._note()
-        head, body = self._head, self._body
-        self._head = self._body = None
-        if note is None:
-            return
-        del self._notes[self._sent - len(self.methods)]
-        if head is not None:
-            content_type = b"".join(v for k, v in head.headers if k == b"content-type")
-            note.answered(head.status_code, list(head.headers), content_type, bytes(body or b""))
+    def _switch(self, switched: bool) -> bool:
+        """The answer to the upgrade request came: True when the server switched (nothing
+        after it on this connection is HTTP)."""
+        self._upgrade = -1
+        if switched:
+            self._forget()
+            self._phase = _STREAM
+        if self.on_upgrade is not None:
+            self.on_upgrade(switched)
+        return switched
 
     def _forget(self) -> None:
         self.methods.clear()
         self._notes.clear()
         self._head = self._body = None
-        self._parser = None
+        self._chunks = None
 
-    def _scan_stream(self, data: bytes) -> None:
-        scan, parser = self._scan, self._scan_parser
-        assert scan is not None and parser is not None
-        session = None
-        try:
-            if data:  # b"" would tell h11 the connection ended
-                parser.receive_data(data)
-            while session is None and not scan.exhausted:
-                event = parser.next_event()
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    return
-                if not isinstance(event, h11.Data):
-                    break  # the stream ended before its endpoint event
-                session = scan.feed(event.data)
-        except h11.ProtocolError:
-            pass  # not a stream we can read: nothing is pinned
-        self._scan = self._scan_parser = None
+    # ---- an event stream no longer followed: its endpoint event, for replicas
+
+    def _stream_bytes(self, data: bytes, pos: int) -> None:
+        if self.methods:
+            # A request after a stream whose end the tracker does not look for: its
+            # answer cannot be found (the stream's bytes come first).
+            raise Unframed("a request after an event stream")
+        scan = self._scan
+        if scan is None:
+            return
+        chunks = self._chunks
+        if chunks is not None:
+            decoded = bytearray()
+            ended = chunks.feed(data, decoded, pos) >= 0
+            session = scan.feed(bytes(decoded))
+        else:
+            ended = False
+            session = scan.feed(data[pos:] if pos else data)
+        if session is None and not scan.exhausted and not ended:
+            return  # more of the stream's start to read
+        self._scan = None
         if session is not None and self.on_session is not None:
             self.on_session(session, True)
 
     def closed(self) -> None:
-        """The backend closed: a close-delimited body ends here."""
-        if self._parser is not None and not self.broken:
-            self.feed(b"")
+        """The backend closed: a body that ends with the connection ends here."""
+        if self._phase == _TO_CLOSE and self.methods and not self.broken:
+            self._ended()
+        elif self.methods and not self.broken and (self._buf or self._phase != _HEAD):
+            self.broken = True  # cut short: never seen to end
+        self._scan = None
 
 
 class HttpUpstreamSide(UpstreamSide):

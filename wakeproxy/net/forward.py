@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from ..config import ServiceConfig
 from ..core.states import Outcome
 
 # Per-direction write buffer: big enough for bulk throughput, small enough that a
@@ -210,8 +211,8 @@ class ClientSide(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         # Keepalive comes from the listening socket (Service.start): asking uvloop for
-        # this socket would build a Python socket object per connection, which measured
-        # at about 14% of the proxy's CPU under connection churn.
+        # this socket would build a Python socket object per connection, a cost that
+        # shows in every connection under churn (bench row 2).
         _limit_buffers(transport)
         owner = self.owner
         if not owner.connection_made(self):
@@ -459,3 +460,15 @@ class UpstreamSide(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client.resume_for(BACKEND_FULL)
+
+
+async def open_listener(
+    cfg: ServiceConfig, protocol: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.Server:
+    """A service's listening socket."""
+    server = await asyncio.get_running_loop().create_server(
+        protocol, cfg.listen.host, cfg.listen.port, backlog=cfg.backlog, reuse_address=True
+    )
+    for sock in server.sockets:
+        set_keepalive(sock)
+    return server

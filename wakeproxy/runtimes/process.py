@@ -28,9 +28,7 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from ..core.states import State
 from ..errors import BackendMissing, OperationFailed
@@ -38,13 +36,19 @@ from ..host.listeners import describe_pid, holders, listening_inodes, socket_ino
 from ..host.memory import (
     Cgroup,
     child_cgroup,
-    command_cgroups,
     group_pids,
-    parent_pid,
     remove_cgroup,
 )
 from ..logs import PIPE_SIZE, OutputLines
 from .base import Runtime
+from .leftovers import (
+    TOKEN_ENV,
+    empty_then_remove,
+    kill_all,
+    record_path,
+    start_time,
+    stat_fields,
+)
 
 log = logging.getLogger("wakeproxy.runtime.process")
 
@@ -80,176 +84,9 @@ def _same(protocol: OutputLines) -> OutputLines:
 _STOP_POLLS = 500  # of 1 ms each
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name (state first), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-# Put in each command's environment (inherited by its children): which run it belongs to.
-_TOKEN_ENV = "WAKEPROXY_COMMAND_TOKEN"
-
-
-def _state_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return Path(base) / f"wakeproxy-{os.getuid()}"
-
-
-def _start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot): with the pid, who it is."""
-    fields = _stat(pid)
-    return fields[19] if fields is not None and len(fields) > 19 else None
-
-
-def _record_path(token: str) -> Path:
-    return _state_dir() / f"run-{token}"
-
-
-# An empty cgroup with no record is left this long: it may be another proxy's, made
-# for a command a moment ago by a version that recorded its run only afterwards.
-_STALE_AFTER = 60.0
-
-
-def _records() -> dict[str, tuple[Path, bool, str]]:
-    """Every run record: token -> (its file, whether its proxy still runs, command)."""
-    try:
-        paths = list(_state_dir().glob("run-*"))
-    except OSError:
-        return {}
-    found = {}
-    for record in paths:
-        try:
-            owner, started, command = record.read_text().split(maxsplit=2)
-        except (OSError, ValueError):
-            continue
-        # The pid alone could be reused: with its start time it is that proxy (or gone).
-        alive = owner.isdigit() and _start_time(int(owner)) == started
-        found[record.name.removeprefix("run-")] = (record, alive, command.strip())
-    return found
-
-
-def _abandoned(members: list[int]) -> bool:
-    """A cgroup with no record says whose it is by its processes: a live proxy's
-    command is a child of that proxy; a killed proxy's command died with it
-    (PR_SET_PDEATHSIG), so what is left has only its own members or init as parents."""
-    inside = set(members)
-    for pid in members:
-        parent = parent_pid(pid)
-        if parent is not None and parent not in inside and parent > 1:
-            return False
-    return True
-
-
-def _kill_all(pids: list[int]) -> int:
-    """SIGCONT (a frozen process thaws first) then SIGKILL each; how many were signalled."""
-    ended = 0
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGKILL)
-            ended += 1
-    return ended
-
-
-async def _empty_then_remove(cgroup: Cgroup, within: float = 2.0) -> int:
-    """Kill whatever is in ``cgroup`` (again for any process forked meanwhile) until it
-    is empty, then rmdir it; at most ``within`` seconds. Returns the processes killed."""
-    ended, seen = 0, set()
-    deadline = time.monotonic() + within
-    while True:
-        members = cgroup.pids()
-        fresh = [pid for pid in members if pid not in seen]
-        seen.update(fresh)
-        ended += _kill_all(fresh)
-        if not members:
-            remove_cgroup(cgroup)
-            if not cgroup.exists():
-                return ended
-        if time.monotonic() >= deadline:
-            return ended
-        await asyncio.sleep(0.01)
-
-
-def _reap_by_environ(tokens: set[str], killed: set[int]) -> dict[str, int]:
-    """Kill each process (not in ``killed`` already) whose environment holds one of
-    ``tokens``; how many per token. procfs reads: quick, never on disk."""
-    ended: dict[str, int] = {}
-    markers = {f"{_TOKEN_ENV}={token}".encode(): token for token in tokens}
-    if not markers:
-        return ended
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in killed:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for marker, token in markers.items():
-            if marker in environ:
-                ended[token] = ended.get(token, 0) + _kill_all([int(entry.name)])
-    return ended
-
-
-async def reap_leftovers() -> tuple[list[tuple[str, int]], int]:
-    """End what killed proxies left of their commands, whatever the commands were, and
-    remove their cgroups. Returns (command, processes ended) per run reaped, and how
-    many cgroups went.
-
-    PR_SET_PDEATHSIG ends a command's leader with the proxy, but processes it spawned
-    (``sh -c 'server & wait'``) survive it, frozen if it was paused, holding the
-    backend's port. Each start records its run's random token with the proxy's pid and
-    start time, then makes the command's cgroup ``wakeproxy-TOKEN``; a record whose
-    proxy is no longer alive names a run to end. A live proxy's commands, and a reused
-    pid, never match.
-
-    * By cgroup (v1): every process in a dead run's cgroup is thawed and killed, and
-      the cgroup removed, whatever its environment says (``env -i``, sudo) or its
-      session (``setsid``). A cgroup with no record (one from an older version, or a
-      record lost) is a dead run's when none of its processes has a parent outside it
-      but init (``_abandoned``); an empty one once ``_STALE_AFTER`` old.
-    * By environment, for runs without a cgroup: every process whose environment holds
-      a dead run's token.
-    """
-    records = _records()
-    commands = {token: command for token, (_, alive, command) in records.items() if not alive}
-    ended: dict[str, int] = {}
-    killed: set[int] = set()
-    removed = 0
-    now = time.time()
-    for cgroup in command_cgroups():
-        token = cgroup.path.name.removeprefix("wakeproxy-")
-        record = records.get(token)
-        members = cgroup.pids()
-        if record is not None:
-            if record[1]:
-                continue  # its proxy runs (this one included)
-        elif members:
-            if not _abandoned(members):
-                continue
-            commands[token] = "(not recorded)"
-        else:
-            with contextlib.suppress(OSError):
-                if now - cgroup.path.stat().st_mtime <= _STALE_AFTER:
-                    continue
-        killed.update(members)
-        ended[token] = ended.get(token, 0) + await _empty_then_remove(cgroup)
-        if not cgroup.exists():
-            removed += 1
-    for token, count in _reap_by_environ(set(commands), killed).items():
-        ended[token] = ended.get(token, 0) + count
-    for token in commands:
-        if token in records:
-            with contextlib.suppress(OSError):
-                records[token][0].unlink()
-    runs = [(commands[token], count) for token, count in ended.items() if count]
-    return runs, removed
-
-
 def _kernel_state(pid: int) -> str | None:
     """The kernel's one-letter state of a process; procfs reads never block on disk."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields[0] if fields else None
 
 
@@ -314,7 +151,7 @@ class ProcessRuntime(Runtime):
                 await self.unpause()
             return
         token = secrets.token_hex(8)
-        env = {**os.environ, **self.env, _TOKEN_ENV: token}
+        env = {**os.environ, **self.env, TOKEN_ENV: token}
         # The record first: a cgroup never exists without the run that owns it (another
         # proxy starting now would otherwise have to guess whether it is abandoned).
         self._record(token)
@@ -412,7 +249,7 @@ class ProcessRuntime(Runtime):
         2 s): a retry left to a timer never ran once the proxy exited."""
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is not None:
-            await _empty_then_remove(cgroup)
+            await empty_then_remove(cgroup)
 
     async def memory_cgroup(self) -> Cgroup | None:
         return self.cgroup if self._alive() else None
@@ -428,9 +265,9 @@ class ProcessRuntime(Runtime):
     def _record(self, token: str) -> None:
         """Note this run's token and its proxy, for reap_leftovers after a SIGKILL."""
         self._token = token
-        path = _record_path(token)
+        path = record_path(token)
         me = os.getpid()
-        started = _start_time(me)
+        started = start_time(me)
         if started is None:
             return  # no /proc: a record could not tell this proxy from a reused pid
         try:
@@ -444,7 +281,7 @@ class ProcessRuntime(Runtime):
         token = self._token if token is None else token
         if token:
             with contextlib.suppress(OSError):
-                _record_path(token).unlink()
+                record_path(token).unlink()
             if token == self._token:
                 self._token = ""
 
@@ -580,7 +417,7 @@ class ProcessRuntime(Runtime):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         if self.cgroup is not None:
-            _kill_all(self.cgroup.pids())
+            kill_all(self.cgroup.pids())
 
     async def close(self) -> None:
         await self.stop()

@@ -64,7 +64,7 @@ class RuntimeDriver:
         self._verify_next = False
         # Keepalive probes on upstream sockets only for a backend across a network: on
         # loopback a vanished peer is a reset at once, and setting the options costs a
-        # Python socket object per connection (about 10% of the CPU under churn).
+        # Python socket object per connection (paid by every connection under churn).
         self.upstream_keepalive = False
         self.backend = cfg.backend
 

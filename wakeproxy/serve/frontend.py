@@ -16,16 +16,16 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import ServiceConfig
+from ..config.replicas import scaling_of
 from ..core.replicas import Breaker, Placement, Scaling, place
 from ..core.sessions import GONE, Gone, Sessions, session_in_query
 from ..core.states import IN_FLIGHT, Outcome, State
 from ..httpmode.answers import ProbeRule, compile_probes
 from ..httpmode.client import HttpClientSide
-from ..net.forward import ClientSide, set_keepalive
+from ..net.forward import ClientSide, open_listener
 from ..net.readiness import probe
 from .stats import ServiceStats
 
@@ -37,18 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("wakeproxy.pool")
 
 
-async def open_listener(
-    cfg: ServiceConfig, protocol: Callable[[], asyncio.BaseProtocol]
-) -> asyncio.Server:
-    """A service's listening socket."""
-    server = await asyncio.get_running_loop().create_server(
-        protocol, cfg.listen.host, cfg.listen.port, backlog=cfg.backlog, reuse_address=True
-    )
-    for sock in server.sockets:
-        set_keepalive(sock)
-    return server
-
-
 def _session_of(conn: ClientSide) -> bytes | None:
     """The MCP session a connection's first request names (streamable HTTP's header,
     SSE's query), or None."""
@@ -56,14 +44,6 @@ def _session_of(conn: ClientSide) -> bytes | None:
         return None
     head = conn.head
     return head.get(b"mcp-session-id") or session_in_query(head.query) or None
-
-
-def scaling_of(cfg: ServiceConfig, replicas: int = 0) -> Scaling:
-    """The config's scaling; ``max`` unset for compose replicas: as many as there are."""
-    spec = cfg.replicas
-    assert spec is not None
-    most = spec.maximum or (replicas if spec.discovered else spec.count)
-    return Scaling(spec.minimum, most, spec.target_inflight)
 
 
 class Frontend:
@@ -310,11 +290,11 @@ class Frontend:
 
     # mode http
 
-    def request_seen(self, conn: HttpClientSide) -> None:
+    def request_seen(self, conn: ClientSide) -> None:
         if conn.backend is not None:
             self._backend_of(conn).request_seen()
 
-    def result_due(self, conn: HttpClientSide) -> None:
+    def result_due(self, conn: ClientSide) -> None:
         if conn.backend is not None:
             self._backend_of(conn).result_due()
 

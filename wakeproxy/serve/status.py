@@ -124,7 +124,7 @@ def backend_status(backend: Backend) -> BackendStatus:
         memory=backend.hibernator.describe(),
         memory_use=backend.hibernator.memory(),
         release=backend.admission.describe(),
-        mcp=front.describe() if front is not None else None,
+        mcp=mcp_view(front) if front is not None else None,
         counts=backend.stats.counts(),
         fast_path=backend.fast_path.status(),
     )
@@ -156,7 +156,7 @@ def pool_status(pool: Frontend) -> PoolStatus:
         scale_ups=pool.scale_ups,
         moved=pool.moved,
         sessions_lost=sessions.lost if sessions is not None else 0,
-        mcp=pool.mcp.describe() if pool.mcp is not None else None,
+        mcp=mcp_view(pool.mcp) if pool.mcp is not None else None,
         replicas=replicas,
         counts=pool.stats.counts(),
     )
@@ -176,3 +176,26 @@ def mcp_status(front: McpFront) -> McpStatus:
         evicted=sessions.evicted,
         refused=sessions.refused,
     )
+
+
+def mcp_view(front: McpFront) -> dict[str, Any]:
+    """What the API shows of a listener's MCP front: what was learned, what was
+    answered there, the sessions."""
+    sessions = front.sessions
+    return {
+        "mode": front.settings.mcp,
+        "resume": front.resume,
+        "endpoint": front.learned.endpoint or None,
+        "server": front.learned.server_name() or None,
+        "versions": front.learned.versions(),
+        "discover": sorted(front.learned.discover),
+        "answered": dict(sorted(front.answered.items())),
+        "sessions": len(sessions),
+        "sessions_virtual": sessions.virtual(),
+        "materialized": front.materialized,
+        "resumed": front.resumed,
+        "replays_failed": front.replays_failed,
+        "sessions_evicted": sessions.evicted,
+        "sessions_refused": sessions.refused,
+        "sessions_lost": sessions.lost,
+    }
