@@ -111,7 +111,7 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
             started.append(fast)
         else:
             started.append(backend := peers.nginx(workdir / kind))
-            backend_port, backend_pid = backend_port, backend.proc.pid
+            backend_port, backend_pid = backend.port, backend.proc.pid
         started.append(haproxy := peers.haproxy(backend_port, mode))
         extra = "    mode: http\n" if mode == "http" else ""
         started.append(proxy := peers.wakeproxy(workdir, backend_port, extra))
