@@ -101,25 +101,34 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
     churn = kind == "churn"
     mode = "http" if kind.startswith("http") else "tcp"
     varied, mcp = kind == "http-varied", kind == "http-mcp"
+    # Rows 1 and 2 also run the kernel's fast path, where it can load.
+    no_fast = peers.fast_path_why() if kind in ("keepalive", "churn") else "tcp rows only"
     progress(f"{title}: starting nginx, HAProxy, wakeproxy")
-    backend = peers.nginx(workdir / kind)
-    started = [backend]
+    started: list[peers.Peer] = []
     try:
-        started.append(haproxy := peers.haproxy(backend.port, mode))
+        if no_fast is None:  # nginx is that proxy's command; everyone reaches it
+            fast, backend_port, backend_pid = peers.wakeproxy_fast(workdir / kind)
+            started.append(fast)
+        else:
+            started.append(backend := peers.nginx(workdir / kind))
+            backend_port, backend_pid = backend.port, backend.proc.pid
+        started.append(haproxy := peers.haproxy(backend_port, mode))
         extra = "    mode: http\n" if mode == "http" else ""
-        started.append(proxy := peers.wakeproxy(workdir, backend.port, extra))
-        contenders = {"direct": backend.port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
-        pids = {"direct": backend.proc.pid, "haproxy": haproxy.proc.pid}
+        started.append(proxy := peers.wakeproxy(workdir, backend_port, extra))
+        contenders = {"direct": backend_port, "haproxy": haproxy.port, "wakeproxy": proxy.port}
+        pids = {"direct": backend_pid, "haproxy": haproxy.proc.pid}
         pids["wakeproxy"] = proxy.proc.pid
+        if no_fast is None:
+            contenders[targets.FAST], pids[targets.FAST] = fast.port, fast.proc.pid
         if churn:  # the runtime's own ceiling: what is left over it is wakeproxy's own
-            started.append(floor := peers.bare(backend.port))
+            started.append(floor := peers.bare(backend_port))
             contenders["bare uvloop"] = floor.port
             pids["bare uvloop"] = floor.proc.pid
         if args.baseline is not None and mode == "http":
-            started.append(base := peers.wakeproxy(workdir, backend.port, extra, args.baseline))
+            started.append(base := peers.wakeproxy(workdir, backend_port, extra, args.baseline))
             contenders[BASELINE], pids[BASELINE] = base.port, base.proc.pid
         if mode == "http":  # what mode http costs: the same proxy passing bytes only
-            started.append(tcp := peers.wakeproxy(workdir, backend.port))
+            started.append(tcp := peers.wakeproxy(workdir, backend_port))
             contenders[TCP_MODE], pids[TCP_MODE] = tcp.port, tcp.proc.pid
         connections = 50
 
@@ -179,12 +188,21 @@ def scenario_http(report: Report, args: argparse.Namespace, workdir: Path, kind:
                 if churn
                 else ""
             )
+            + (
+                " `wakeproxy fast path` is a second wakeproxy with `fast_path: kernel` whose"
+                " command is the nginx every contender reaches: it runs, so the kernel hands"
+                " each new connection to nginx's own listener (the proxy accepts none). Its"
+                " sk_lookup program runs on every SYN in the namespace, the other contenders'"
+                " too (a SYN with no route costs at most two hash-map lookups)."
+                if targets.FAST in contenders
+                else ""
+            )
         )
         command = shlex.join(
             loadgen.wrk_command(9999, args.seconds, connections, churn, varied=varied, mcp=mcp)
         )
         report.table(title, note, [command.replace("9999", "PORT")], http_rows(results))
-        targets.http(report, kind, results)
+        targets.http(report, kind, results, absent={targets.FAST: no_fast})
         report.plot(*latency_plot)
     finally:
         for peer in reversed(started):
@@ -495,7 +513,11 @@ def main() -> None:
         type=Path,
         help="a checkout of wakeproxy run beside this one in the mode http rows (4-4d)",
     )
-    parser.add_argument("--only", choices=["http"], help="only the mode http rows (4, 4b, 4c, 4d)")
+    parser.add_argument(
+        "--only",
+        choices=["http", "tcp"],
+        help="only the mode http rows (4, 4b, 4c, 4d), or rows 1 and 2 (with the fast path)",
+    )
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.full else 1 if args.quick else 3)
     args.seconds = args.seconds or (10.0 if args.full else 1.0 if args.quick else 5.0)
@@ -506,6 +528,13 @@ def main() -> None:
         if args.only == "http":
             report.expected = [t for t in report.expected if t in targets.HTTP_ROWS]
             http_mode_rows(report, args, workdir)
+            report.write(args.out, args)
+            print(report.targets_section())
+            return
+        if args.only == "tcp":
+            report.expected = [t for t in report.expected if t in targets.TCP_ROWS]
+            scenario_http(report, args, workdir, "keepalive")
+            scenario_http(report, args, workdir, "churn")
             report.write(args.out, args)
             print(report.targets_section())
             return

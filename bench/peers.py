@@ -3,6 +3,7 @@ on 127.0.0.1, started and stopped by the harness."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -11,7 +12,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from wakeproxy.host.bpf import BpfError
+from wakeproxy.host.steering import Steering
 
 HERE = Path(__file__).parent
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "iperf3": "iperf3"}
@@ -220,3 +226,60 @@ def wakeproxy_container(
     )
     argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
     return Peer("wakeproxy", argv, port)
+
+
+def fast_path_why() -> str | None:
+    """Why the kernel's fast path cannot load here (None: it can)."""
+    try:
+        Steering().close()
+    except (BpfError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def wakeproxy_fast(workdir: Path) -> tuple[Peer, int, int]:
+    """wakeproxy with ``fast_path: kernel`` in front of nginx, which it runs as its
+    command (the fast path takes the listener from the backend's own processes); the
+    row's other contenders reach the same nginx. Returns once the kernel steers:
+    (the proxy, nginx's port, nginx's master pid)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    nginx_argv, backend_port = nginx_command(workdir)
+    port, admin = free_port(), free_port()
+    config = workdir / "wakeproxy-fast.yaml"
+    config.write_text(
+        f"admin:\n  listen: 127.0.0.1:{admin}\n"
+        "services:\n"
+        "  bench:\n"
+        f"    listen: 127.0.0.1:{port}\n"
+        f"    backend: 127.0.0.1:{backend_port}\n"
+        f"    command: {json.dumps(nginx_argv)}\n"
+        "    auto_start: true\n"
+        "    fast_path: kernel\n"
+        "    sleep_policy: {enabled: false}\n"
+    )
+    argv = [sys.executable, "-m", "wakeproxy", "run", "-c", str(config), "--log-level", "warning"]
+    peer = Peer("wakeproxy fast path", argv, port)
+    try:
+        wait_port(backend_port, peer.proc, peer.name)
+        _wait_steering(admin)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer, backend_port, int((workdir / "nginx.pid").read_text())
+
+
+def _wait_steering(admin: int, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/services", timeout=5) as answer:
+                (service,) = json.load(answer)["services"]
+        except urllib.error.URLError:  # the admin API listens after the services do
+            time.sleep(0.05)
+            continue
+        seen = service["fast_path"]
+        if seen and seen["state"] == "steering":
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the fast path did not steer within {within:g}s: {seen}")

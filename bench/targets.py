@@ -27,6 +27,15 @@ CHURN = Target("2. churn req/s", ">= 0.8 x HAProxy; wakeproxy 0 errors")
 CHURN_BARE = Target(
     "2. churn req/s over the runtime's ceiling", ">= 0.9 x bare uvloop; wakeproxy 0 errors"
 )
+# fast_path kernel: while the backend runs the proxy is out of the byte path, so the
+# bound is the backend reached directly (issue 30).
+FAST_KEEPALIVE = Target(
+    "1. keep-alive req/s, fast path", ">= 0.9 x direct; wakeproxy fast path 0 errors"
+)
+FAST_CHURN = Target("2. churn req/s, fast path", ">= 0.9 x direct; wakeproxy fast path 0 errors")
+FAST_CHURN_HAPROXY = Target(
+    "2. churn req/s, fast path over HAProxy", ">= 1.5 x HAProxy; wakeproxy fast path 0 errors"
+)
 BULK = Target("3. bulk throughput, proxy RSS", ">= 1.2 x HAProxy, RSS < 100 MiB; 0 failed rounds")
 HTTP = Target("4. HTTP mode req/s", ">= 1.0 x HAProxy http; wakeproxy 0 errors")
 HTTP_VARIED = Target(
@@ -81,29 +90,45 @@ PREDICT = Target(
     "11. Prediction replay", "cold first requests >= 50% fewer, awake time <= +20%; 0 failed"
 )
 ALL = (
-    KEEPALIVE_RPS, KEEPALIVE_P99, CHURN, CHURN_BARE, BULK, HTTP, HTTP_VARIED, HTTP_MCP,
-    FAIRNESS, HTTP_CPU, COLD_ONE,
+    KEEPALIVE_RPS, KEEPALIVE_P99, FAST_KEEPALIVE, CHURN, CHURN_BARE, FAST_CHURN,
+    FAST_CHURN_HAPROXY, BULK, HTTP, HTTP_VARIED, HTTP_MCP, FAIRNESS, HTTP_CPU, COLD_ONE,
     COLD_BURST, SCALE, HIBERNATE_MEMORY, HIBERNATE_WAKE, HIBERNATE_LOAD, REPLICAS_SCALE,
     REPLICAS_FAILOVER, SWARM_WAKE, PREDICT,
 )  # fmt: skip
 
-# Per wrk row: (target, figure, bound, reference). req/s must reach the bound x the
-# reference contender's, p99 stay within it.
+# Per wrk row: (target, contender, figure, bound, reference). req/s must reach the
+# bound x the reference contender's, p99 stay within it.
+WP, FAST = "wakeproxy", "wakeproxy fast path"
 _HTTP = {
     "keepalive": [
-        (KEEPALIVE_RPS, "rps", 0.95, "haproxy"),
-        (KEEPALIVE_P99, "p99_ms", 1.3, "haproxy"),
+        (KEEPALIVE_RPS, WP, "rps", 0.95, "haproxy"),
+        (KEEPALIVE_P99, WP, "p99_ms", 1.3, "haproxy"),
+        (FAST_KEEPALIVE, FAST, "rps", 0.9, "direct"),
     ],
-    "churn": [(CHURN, "rps", 0.8, "haproxy"), (CHURN_BARE, "rps", 0.9, "bare uvloop")],
-    "http": [(HTTP, "rps", 1.0, "haproxy")],
-    "http-varied": [(HTTP_VARIED, "rps", 0.9, "haproxy")],
-    "http-mcp": [(HTTP_MCP, "rps", 0.9, "haproxy")],
+    "churn": [
+        (CHURN, WP, "rps", 0.8, "haproxy"),
+        (CHURN_BARE, WP, "rps", 0.9, "bare uvloop"),
+        (FAST_CHURN, FAST, "rps", 0.9, "direct"),
+        (FAST_CHURN_HAPROXY, FAST, "rps", 1.5, "haproxy"),
+    ],
+    "http": [(HTTP, WP, "rps", 1.0, "haproxy")],
+    "http-varied": [(HTTP_VARIED, WP, "rps", 0.9, "haproxy")],
+    "http-mcp": [(HTTP_MCP, WP, "rps", 0.9, "haproxy")],
 }
 HTTP_ROWS = (HTTP, HTTP_VARIED, HTTP_MCP, FAIRNESS, HTTP_CPU)
+TCP_ROWS = (
+    KEEPALIVE_RPS, KEEPALIVE_P99, FAST_KEEPALIVE, CHURN, CHURN_BARE, FAST_CHURN, FAST_CHURN_HAPROXY,
+)  # fmt: skip
 
 
-def http(report: Report, kind: str, results: dict[str, list[WrkResult]]) -> None:
-    """Rows 1-4b. wrk's errors are socket errors plus non-2xx/3xx answers."""
+def http(
+    report: Report,
+    kind: str,
+    results: dict[str, list[WrkResult]],
+    absent: dict[str, str | None] | None = None,
+) -> None:
+    """Rows 1-4b. wrk's errors are socket errors plus non-2xx/3xx answers; ``absent``:
+    why a contender did not run (the fast path where it cannot load)."""
 
     def med(name: str, key: str) -> float:
         return float(statistics.median(getattr(r, key) for r in results[name]))
@@ -111,13 +136,15 @@ def http(report: Report, kind: str, results: dict[str, list[WrkResult]]) -> None
     errors = {name: sum(r.errors for r in runs) for name, runs in results.items()}
     seen = ", ".join(f"{name} {count}" for name, count in errors.items() if count)
     noted = f"; errors: {seen}" if seen else ""
-    for target, key, bound, reference in _HTTP[kind]:
-        if reference not in results:
-            report.not_run(target, f"no {reference} in this row")
+    for target, contender, key, bound, reference in _HTTP[kind]:
+        missing = next((n for n in (contender, reference) if n not in results), None)
+        if missing is not None:
+            why = (absent or {}).get(missing)
+            report.not_run(target, f"no {missing} in this row" + (f": {why}" if why else ""))
             continue
-        ratio = med("wakeproxy", key) / med(reference, key)
+        ratio = med(contender, key) / med(reference, key)
         within = ratio <= bound if key == "p99_ms" else ratio >= bound
-        report.judge(target, f"{ratio:.2f} x{noted}", within and errors["wakeproxy"] == 0)
+        report.judge(target, f"{ratio:.2f} x{noted}", within and errors[contender] == 0)
     if "wakeproxy (baseline)" in results and kind in ("http", "http-varied", "http-mcp"):
         # The CPU per request of rows 4-4c against the baseline checkout, row by row.
         cpu = report.figures

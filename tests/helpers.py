@@ -220,7 +220,7 @@ def listener_drops(port: int) -> int:
     as ``d`` in ``skmem``). Per listener, so other work on the machine does not move it.
     A dropped SYN is what a client sees as a one-second retry: this is that fact itself,
     where a duration would only stand for it."""
-    from wakeproxy.net.backlog import _HEADER, _MESSAGE, _REQUEST
+    from wakeproxy.net.sockdiag import _HEADER, _MESSAGE, _REQUEST
 
     skmeminfo, drops = 7, 8  # INET_DIAG_SKMEMINFO: u32s, SK_MEMINFO_DROPS the 9th
     listen_state = 1 << 10

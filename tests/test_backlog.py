@@ -1,12 +1,16 @@
-"""The backend's accept queue read from the kernel (sock_diag), against real listeners."""
+"""TCP sockets read from the kernel (sock_diag), against real listeners: a backend's
+accept queue, and the connections on a listen address with their last received data."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import time
 
 from wakeproxy.config import Address
 from wakeproxy.net.backlog import AcceptQueue, accept_queue
+from wakeproxy.net.sockdiag import Connections, connections
 
 
 def _listener(family: int, host: str, backlog: int) -> socket.socket:
@@ -48,3 +52,39 @@ def test_wildcard_listeners_count_only_for_addresses_of_this_namespace() -> None
         dual = stack.enter_context(_listener(socket.AF_INET6, "::", 5))
         assert room(Address("127.0.0.1", dual.getsockname()[1])) == 5, "dual-stack"
         assert accept_queue(Address("127.0.0.1", 1)) is None, "nothing listens"
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def test_connections_on_a_listen_address_and_when_they_last_received() -> None:
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(_listener(socket.AF_INET, "127.0.0.1", 16))
+        port = listener.getsockname()[1]
+        other = stack.enter_context(_listener(socket.AF_INET, "127.0.0.1", 16))
+        stack.enter_context(socket.create_connection(other.getsockname()))  # another port
+        assert connections("127.0.0.1", port, set()) == Connections(0, None)
+        first = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+        accepted = stack.enter_context(listener.accept()[0])
+        waiting = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+        # The accepted one and the one waiting in the accept queue (the clients' own
+        # sockets are on their ephemeral ports).
+        assert connections("127.0.0.1", port, set()).attached == 2
+        assert connections("127.0.0.1", port, {_inode(accepted)}).attached == 1, "excluded"
+        assert connections("127.0.0.2", port, set()).attached == 0, "another address"
+        time.sleep(0.3)
+        first.sendall(b"x")
+        assert accepted.recv(1) == b"x"
+        found = connections("127.0.0.1", port, set())
+        assert found.idle_ms is not None and found.idle_ms < 250, found
+        alone = connections("127.0.0.1", port, {_inode(accepted)})
+        assert alone.idle_ms is not None and alone.idle_ms >= 250, "the waiting one is quiet"
+        first.close()  # the client left; the server still holds its side (CLOSE_WAIT)
+        assert connections("127.0.0.1", port, set()).attached == 2
+        accepted.close()
+        assert connections("127.0.0.1", port, set()).attached == 1
+        waiting.close()
+        server_side = listener.accept()[0]
+        server_side.close()  # closed by its owner: no longer attached
+        assert connections("127.0.0.1", port, set()).attached == 0

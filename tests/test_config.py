@@ -24,6 +24,7 @@ from wakeproxy.config.replicas import (
     compose_members,
     expand_all,
 )
+from wakeproxy.control.preflight import preflight
 from wakeproxy.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "config" / "services.yml"
@@ -801,6 +802,36 @@ def test_prediction_keys_are_refused_on_replicas_and_discovery_engines_must_exis
         "for a service with replicas (its replicas follow the load)",
         "c.yaml:2: discovery.engines: no engine 'far'; engines: local",
     ], found
+
+
+def test_fast_path_is_off_unless_asked_for_and_a_bad_value_is_named():
+    config = build(service("web", 1, 2, container="c"), service("fast", 3, 4, command=["x"]))
+    assert config.services["web"].fast_path == "off"
+    found = problems(
+        """\
+        services:
+          web: {listen: 127.0.0.1:1, backend: 127.0.0.1:2, container: c, fast_path: ebpf}
+        """
+    )
+    assert found == ["c.yaml:2: services.web.fast_path: expected one of off, kernel, got 'ebpf'"], (
+        found
+    )
+
+
+def test_check_warns_where_the_fast_path_cannot_apply():
+    config = build(
+        service("api", 1, 2, command=["x"], fast_path="kernel", mode="http"),
+        service("pool", 3, 4, command=["x", "{port}"], fast_path="kernel", replicas={"count": 2}),
+        service("plain", 5, 6, command=["x"], fast_path="kernel"),
+    )
+    _, warnings = preflight(config)
+    fast = [w for w in warnings if ".fast_path:" in w]
+    assert fast == [
+        "services.api.fast_path: mode http: the proxy reads every request; the proxy "
+        "forwards every connection",
+        "services.pool.fast_path: replicas: the proxy places each connection; the proxy "
+        "forwards every connection",
+    ], fast
 
 
 def test_a_plan_from_what_a_source_asked_to_what_it_asks_now():

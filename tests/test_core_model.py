@@ -7,7 +7,9 @@ After every step: no service is put to sleep while a connection is attached or a
 service that depends on it is awake (unless the API forced it); a group sleeps only
 when every member may; exactly one wake in flight per service; every held connection
 is released or refused; a reclaim runs only on a paused backend and is cancelled the
-moment it leaves paused; the core's counts match the connections the model knows.
+moment it leaves paused; the core's counts match the connections the model knows. The
+kernel's fast path reports connections the proxy never sees: none is put to sleep while
+its last read listed some, and one handed over as it went to sleep wakes it after.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from wakeproxy.core.actions import (
 )
 from wakeproxy.core.events import (
     Arrive,
+    KernelConnections,
     Leave,
     Observed,
     Reclaimed,
@@ -67,6 +70,8 @@ class Model:
     sleeping: set[str] = field(default_factory=set)  # a RunSleep not yet answered
     refreshing: set[str] = field(default_factory=set)
     reclaiming: set[str] = field(default_factory=set)  # a Reclaim not yet answered
+    kernel: dict[str, int] = field(default_factory=dict)  # the last read while running
+    wake_after: set[str] = field(default_factory=set)  # handed a connection while sleeping
 
 
 services = st.integers(min_value=2, max_value=6)
@@ -144,6 +149,7 @@ class CoreModel(RuleBasedStateMachine):
                 self.model.sleeping.add(name)
                 if name in put_to_sleep and not self.forced:
                     assert node.attached == 0, f"{name} put to sleep with connections attached"
+                    assert not self.model.kernel.get(name), f"{name} slept on kernel connections"
                     for dependent in node.dependents:
                         same_group = dependent in node.group
                         assert dependent.state not in AWAKE or (
@@ -170,6 +176,9 @@ class CoreModel(RuleBasedStateMachine):
                 for conn in self.model.conns.values():
                     if conn.service == name and conn.status == "held":
                         conn.status = "refused"
+        for name, action in commands:
+            if isinstance(action, Transition) and action.before is State.RUNNING:
+                self.model.kernel.pop(name, None)  # read again once it runs
 
     # ---- rules
 
@@ -215,6 +224,21 @@ class CoreModel(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.model.sleeping)))
         self.model.sleeping.discard(name)
         self.glue.feed(name, SleepDone() if ok else SleepFailed("runtime said no"))
+        if name in self.model.wake_after:
+            self.model.wake_after.discard(name)
+            node = self.glue.core.nodes[name]
+            assert node.state is State.WAKING, f"{name}: handed a connection, left {node.state}"
+
+    @rule(data=st.data(), attached=st.integers(0, 3), arrived=st.integers(0, 2))
+    def the_kernel_is_read(self, data: st.DataObject, attached: int, arrived: int) -> None:
+        name = data.draw(st.sampled_from(self.names))
+        node = self.glue.core.nodes[name]
+        state = node.state
+        self.glue.feed(name, KernelConnections(attached, self.glue.now - 0.5, arrived))
+        if state is State.RUNNING:
+            self.model.kernel[name] = attached
+        elif state in (State.PAUSING, State.STOPPING) and arrived:
+            self.model.wake_after.add(name)
 
     @precondition(lambda self: bool(self.model.reclaiming))
     @rule(data=st.data(), ok=st.booleans())

@@ -33,6 +33,7 @@ from .serve.backend import Backend
 from .serve.coordinator import Coordinator
 from .serve.discovery import LabelDiscovery
 from .serve.engines import Engines
+from .serve.fastpath import Kernel
 from .serve.frontend import Frontend
 from .serve.predictions import Predictions
 
@@ -78,6 +79,8 @@ class Proxy:
         self.predictions: Predictions | None = None
         # What each service's MCP server answered to session set-up (read in start()).
         self.mcp_store = McpStore(config.mcp)
+        # The kernel's fast path: loaded when the first service with it starts.
+        self.kernel = Kernel()
         # The wall clock schedules read (a test moves it next to a window's edge).
         self.wall_clock: Callable[[], float] = time.time
         # Named policies as changed through the API (the file's until a reload).
@@ -464,6 +467,7 @@ class Proxy:
             initial=initial,
             reason=reason,
             predictions=self.predictions,
+            kernel=self.kernel,
         )
 
     def _front(self, cfg: ServiceConfig) -> McpFront | None:
@@ -496,3 +500,4 @@ class Proxy:
             except WakeproxyError as exc:
                 log.warning("%s: %s", service.name, exc)
         await self.docker.close()
+        self.kernel.close()

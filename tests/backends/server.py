@@ -10,6 +10,8 @@ Modes:
           a request with "Connection: upgrade" (101) or CONNECT (200) then echoes raw bytes
           (an upgrade to /no-upgrade is answered 200 and stays HTTP)
   echo    echoes bytes back; on EOF it finishes its writes and half-closes
+  peer    first sends "peer HOST:PORT\n", the client's address as it sees it (the kernel's
+          fast path hands it the client's own), then echoes as echo does
   source  sends --size pseudo-random bytes (seeded by --seed), then closes
   sink    reads everything slowly (--delay between reads), then sends the SHA-256 hex
 --hold MIB  keeps MIB of pseudo-random heap (hibernation tests); GET /checksum answers
@@ -115,7 +117,10 @@ async def handle(reader, writer, args) -> None:
                 await writer.drain()
                 if b"connection: close" in head.lower():
                     break
-        elif args.mode == "echo":
+        elif args.mode in ("echo", "peer"):
+            if args.mode == "peer":
+                host, port = writer.get_extra_info("peername")[:2]
+                writer.write(f"peer {host}:{port}\n".encode())
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -133,7 +138,7 @@ async def handle(reader, writer, args) -> None:
                     await asyncio.sleep(args.delay)
             writer.write(digest.hexdigest().encode())
             await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except (asyncio.IncompleteReadError, OSError):  # a client gone mid-way (reset, ENOTCONN)
         pass
     finally:
         writer.close()
@@ -143,7 +148,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["http", "echo", "source", "sink"], default="http")
+    parser.add_argument(
+        "--mode", choices=["http", "echo", "peer", "source", "sink"], default="http"
+    )
     parser.add_argument("--body", default="hello from the backend\n")
     parser.add_argument("--size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=1)

@@ -13,6 +13,7 @@ from ..core.states import SleepAction
 from . import checks as check
 from .checks import Check, describe, nested
 from .model import (
+    FastPath,
     IdleConnections,
     LogFormat,
     LogLevel,
@@ -72,6 +73,7 @@ SERVICE_FIELDS: dict[str, Check] = {
     "mode": check.choice(*get_args(Mode)),
     "http": nested,
     "wake_on": check.choice(*get_args(WakeOn)),
+    "fast_path": check.choice(*get_args(FastPath)),
     "backlog": check.int_between(1, 65535),
     "connect_timeout": check.positive_seconds,
     "idle_connection_timeout": check.seconds,

@@ -21,6 +21,9 @@ DEFAULT_CONFIG_PATH = "/etc/wakeproxy/config.yaml"
 # The choices, spelled once: the validators list their options from these.
 Mode = Literal["tcp", "http"]
 WakeOn = Literal["connect", "data"]
+# off: the proxy forwards every connection; kernel: while the backend runs, the kernel
+# hands new connections straight to its own listener (serve.fastpath).
+FastPath = Literal["off", "kernel"]
 Priority = Literal["low", "normal", "high"]
 # How a hibernating backend's memory is given back: at its memory cgroup (the kernel frees
 # the pages). "auto" is the same, kept as the default's name.
@@ -239,6 +242,7 @@ class ServiceConfig:
     mode: Mode = "tcp"
     http: HttpSettings = HttpSettings()
     wake_on: WakeOn = "connect"
+    fast_path: FastPath = "off"
     backlog: int = 4096
     connect_timeout: float = 5.0
     idle_connection_timeout: float = 3600.0

@@ -394,6 +394,7 @@ def service_status(status: BackendStatus) -> dict[str, Any]:
         "last_error": _last_error(status),
         "replica_of": status.cfg.replica_of,
         "mcp": status.mcp,
+        "fast_path": status.fast_path.describe(),
     }
 
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..core.states import Outcome, State, WakeResult
+from ..serve.fastpath import FastPathState
 from ..serve.stats import WAKE_BUCKETS
 from ..serve.status import BackendStatus, backend_status, mcp_status, pool_status
 
@@ -270,6 +271,12 @@ _SERVICE_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("method",)),
     ("counter", "wakeproxy_hibernate_fallbacks",
      "Hibernations that fell back to a plain pause, by reason.", ("reason",)),
+    ("counter", "wakeproxy_fast_path_steered",
+     "fast_path kernel: connections the kernel handed straight to the backend.", ()),
+    ("gauge", "wakeproxy_fast_path_state",
+     "fast_path kernel: 1 for its current state (unavailable, standby, steering).", ("state",)),
+    ("gauge", "wakeproxy_fast_path_unavailable",
+     "fast_path kernel asked for and not running: 1 with the reason.", ("reason",)),
 )  # fmt: skip
 _KINDS = {
     "counter": CounterMetricFamily,
@@ -323,6 +330,15 @@ def _add_service(families: dict[str, Any], service: BackendStatus) -> None:
     families["asleep_seconds"].add_metric([name], service.asleep_s)
     for code, count in sorted(stats.http_answers.items()):
         families["http_answers"].add_metric([name, str(code)], count)
+    fast = service.fast_path
+    if fast.state is not FastPathState.OFF:  # series only where it was asked for
+        families["fast_path_steered"].add_metric([name], fast.steered)
+        for kind in FastPathState:
+            if kind is not FastPathState.OFF:
+                value = 1.0 if fast.state is kind else 0.0
+                families["fast_path_state"].add_metric([name, kind.value], value)
+        if fast.why is not None:
+            families["fast_path_unavailable"].add_metric([name, fast.why.value], 1.0)
 
 
 def render(proxy: Running) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
+from ..serve.fastpath import static_reason
 from .admin import checked_token
 
 
@@ -24,6 +25,11 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
         f"services.{cfg.name}.command: {why}"
         for cfg in config.services.values()
         if cfg.command is not None and (why := _missing(cfg.command[0], cfg.cwd, config.source))
+    ]
+    warnings += [
+        f"services.{cfg.name}.fast_path: {unavailable}; the proxy forwards every connection"
+        for cfg in config.services.values()
+        if cfg.fast_path == "kernel" and (unavailable := static_reason(cfg)) is not None
     ]
     return errors, warnings
 

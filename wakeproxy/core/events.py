@@ -64,6 +64,18 @@ class HoldAwake:
     until: float
 
 
+@dataclass(frozen=True, slots=True)
+class KernelConnections:
+    """The kernel's fast path (``fast_path: kernel``): the connections it handed to the
+    backend without the proxy, as read from the kernel now. ``attached``: open ones;
+    ``last_activity``: when one of them last received data (None: unknown); ``arrived``:
+    connections handed over since the last read (activity now, even if already gone)."""
+
+    attached: int
+    last_activity: float | None
+    arrived: int
+
+
 # ---- requests without a connection
 
 
@@ -151,6 +163,7 @@ Event = (
     | Leave
     | ResultDue
     | HoldAwake
+    | KernelConnections
     | WakeRequested
     | SleepRequested
     | WakeDone

@@ -22,6 +22,8 @@ class Node:
         "hibernate_now",
         "hibernated",
         "hold_until",
+        "kernel_attached",
+        "kernel_busy",
         "last_activity",
         "name",
         "newer",
@@ -41,6 +43,11 @@ class Node:
         # keeps the service awake (the gate).
         self.attached = 0
         self.held = 0
+        # Connections the kernel handed to the backend without the proxy (fast_path:
+        # kernel), as last read while it ran: they keep it awake too. Busy: the last
+        # read saw some (open, new or ended): the next comes sooner (gate.kernel_recheck).
+        self.kernel_attached = 0
+        self.kernel_busy = False
         self.last_activity = now
         # mode http: no idle sleep before this (a result may still be due, inflight_grace).
         self.busy_until = 0.0
@@ -66,7 +73,7 @@ class Node:
     def __repr__(self) -> str:
         return (
             f"<Node {self.name} state={self.unit.state.value} attached={self.attached} "
-            f"held={self.held}>"
+            f"held={self.held} kernel={self.kernel_attached}>"
         )
 
     @property
@@ -86,8 +93,19 @@ class Node:
         """
         self.last_activity = now
 
+    @property
+    def connections(self) -> int:
+        """Every connection that keeps it awake: the proxy's and the kernel's."""
+        return self.attached + self.kernel_attached
+
+    def hibernate_delay(self) -> float | None:
+        """Seconds paused before its memory is given back (None: never)."""
+        if self.hibernate_now:
+            return 0.0
+        return self.policy.hibernate_after if self.policy.sleeps else None
+
     def sleeps_in(self, now: float) -> float | None:
         """Seconds to the idle deadline, or None while nothing would put it to sleep."""
-        if self.unit.state is not State.RUNNING or self.attached or not self.policy.sleeps:
+        if self.unit.state is not State.RUNNING or self.connections or not self.policy.sleeps:
             return None
         return max(0.0, self.deadline - now)

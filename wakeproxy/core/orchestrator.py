@@ -6,13 +6,17 @@ event for one service with the time, it returns the actions for every service th
 event concerns: a connection that arrives at a group member wakes the whole group;
 a service that falls asleep lets what it depends on reconsider its own sleep.
 
-The rules, each decided here and nowhere else:
+The rules, each decided here and nowhere else (``core.gate`` reads whether one
+service may sleep now):
 
 * **Gate.** A service never sleeps while a connection is attached (held or
-  forwarding). Its idle deadline is ``max(last activity + idle delay, busy_until,
-  hold_until)`` (a 202's grace; prediction's hold, replaced rather than raised);
-  one timer per service, armed when the last connection leaves and re-armed when it
-  fires early (activity only stamps the time).
+  forwarding, or handed to it by the kernel's fast path, as last read). Its idle
+  deadline is ``max(last activity + idle delay, busy_until, hold_until)`` (a 202's
+  grace; prediction's hold, replaced rather than raised); one timer per service,
+  armed when the last connection leaves and re-armed when it fires early (activity
+  only stamps the time). That timer is also when the glue reads the kernel's fast-path
+  connections (their ends are never reported): while it hands some over, at least every
+  tenth of the idle delay.
 * **Dependents' veto.** A service does not sleep while a service that depends on it
   is awake; it reconsiders when that one sleeps or fails.
 * **Group consensus.** A group sleeps together, once every member may sleep: the last
@@ -42,7 +46,6 @@ from .actions import (
     Connect,
     Hold,
     Reclaim,
-    Refused,
     Reject,
     Release,
     RunWake,
@@ -55,6 +58,7 @@ from .events import (
     Arrive,
     Event,
     HoldAwake,
+    KernelConnections,
     Leave,
     Observed,
     Reclaimed,
@@ -70,23 +74,13 @@ from .events import (
     WakeFailed,
     WakeRequested,
 )
+from .gate import SETTLED_ASLEEP, along, awake_dependents, kernel_recheck, ready, refusal
 from .lifecycle import IllegalTransition
 from .node import Node
 from .policy import Policy
-from .states import ASLEEP, AWAKE, IN_FLIGHT, Outcome, SleepAction, SleepReason, State, WakeResult
+from .states import ASLEEP, AWAKE, Outcome, SleepAction, SleepReason, State, WakeResult
 
 Command = tuple[str, Action]
-_SETTLED_ASLEEP = ASLEEP | {State.FAILED}
-
-
-def _along(node: Node, link: str) -> list[Node]:
-    """``node`` and the replicas beyond it through ``link`` (newer or older)."""
-    chain: list[Node] = []
-    step: Node | None = node
-    while step is not None:
-        chain.append(step)
-        step = getattr(step, link)
-    return chain
 
 
 class Orchestrator:
@@ -197,6 +191,8 @@ class Orchestrator:
             case HoldAwake(until):
                 node.hold_until = until
                 self._arm_idle(node, now)  # an earlier deadline needs the timer moved
+            case KernelConnections():
+                self._kernel(node, event, now)
             case SleepRequested():
                 self._sleep_requested(node, event, now)
             case TimerFired(timer):
@@ -249,12 +245,30 @@ class Orchestrator:
         if node.attached == 0:
             self._arm_idle(node, now)
 
+    def _kernel(self, node: Node, seen: KernelConnections, now: float) -> None:
+        state = node.unit.state
+        if state is State.RUNNING:
+            moved = seen.arrived or seen.attached < node.kernel_attached
+            if moved:
+                # Came, or ended, since the last read (when, it cannot tell): as in tcp
+                # mode, where a connection's close is activity.
+                node.last_activity = now
+            elif seen.last_activity is not None:
+                node.last_activity = max(node.last_activity, seen.last_activity)
+            node.kernel_attached = seen.attached
+            node.kernel_busy = bool(moved or seen.attached)
+        elif state in (State.PAUSING, State.STOPPING) and seen.arrived:
+            # Handed over after the read that decided the sleep (another member's idle
+            # timer put its group to sleep): they wait in the backend's own accept
+            # queue, so it wakes right after the sleep instead of freezing them.
+            self._unit(node, WakeRequested("connections came as it went to sleep"), now)
+
     # ---- sleeping
 
     def _sleep_requested(self, node: Node, request: SleepRequested, now: float) -> None:
-        refusal = self._refusal(node, request.force)
-        if refusal is not None:
-            self._emit(node, refusal)
+        refused = refusal(node, request.force)
+        if refused is not None:
+            self._emit(node, refused)
             return
         state = node.unit.state
         action = request.action
@@ -275,57 +289,26 @@ class Orchestrator:
         pause_or_stop = SleepAction.PAUSE if action is SleepAction.HIBERNATE else action
         self._unit(node, SleepRequested(pause_or_stop, reason), now)
 
-    def _refusal(self, node: Node, force: bool) -> Refused | None:
-        if node.attached and not force:
-            return Refused(f"{node.attached} connection(s) open", forceable=True)
-        awake = self._awake_dependents(node)
-        if awake and not force:
-            names = ", ".join(n.name for n in awake)
-            return Refused(f"needed by {names} (awake)", forceable=True)
-        state = node.unit.state
-        if state in IN_FLIGHT:
-            why = f"the service is {state.value}; try again when it settles"
-            return Refused(why, forceable=False)
-        if state is State.FAILED:
-            return Refused(f"the service is failed: {node.unit.reason}", forceable=False)
-        return None
-
     def _idle_due(self, node: Node, now: float) -> None:
         if node.unit.state is not State.RUNNING or node.attached or not node.policy.sleeps:
             return
-        if now < node.deadline:
-            # Activity since the timer was armed: re-arm for the time that is left.
-            self._emit(node, ArmTimer(Timer.IDLE, node.deadline))
+        if node.kernel_attached or now < node.deadline:
+            # Activity since the timer was armed: re-arm for the time that is left. While
+            # the kernel's fast path hands connections over, read it again sooner: the
+            # proxy is not told when they end, so their ends (and arrivals it cannot time)
+            # are stamped at a read, at most this late.
+            at = now + kernel_recheck(node) if node.kernel_attached else node.deadline
+            if node.kernel_busy:
+                at = min(at, now + kernel_recheck(node))
+            self._emit(node, ArmTimer(Timer.IDLE, at))
             return
-        if self._awake_dependents(node, outside=node.group):
+        if awake_dependents(node, outside=node.group):
             return  # reconsidered when they sleep
-        if not all(self._ready(member, now) for member in node.group):
+        if not all(ready(member, now) for member in node.group):
             return  # the last member to become ready puts the group to sleep
         for member in node.group:
             if member.unit.state is State.RUNNING:
                 self._put_to_sleep(member, member.policy.action, SleepReason.IDLE, now)
-
-    def _ready(self, node: Node, now: float) -> bool:
-        """Whether this service lets its group sleep now. A dependent in the same group
-        does not hold it: the group sleeps together, that dependent with it."""
-        if node.unit.state in _SETTLED_ASLEEP:
-            return True
-        return (
-            node.unit.state is State.RUNNING
-            and not node.attached
-            and node.policy.sleeps
-            and now >= node.deadline
-            and not self._awake_dependents(node, outside=node.group)
-        )
-
-    @staticmethod
-    def _awake_dependents(node: Node, outside: tuple[Node, ...] = ()) -> list[Node]:
-        """The awake services that need this one: its dependents, and for a replica
-        every newer one (one may be awake behind a failed or sleeping one)."""
-        needing = node.dependents
-        if node.newer is not None:
-            needing = [*needing, *_along(node.newer, "newer")]
-        return [d for d in needing if d.unit.state in AWAKE and d not in outside]
 
     def _arm_idle(self, node: Node, now: float) -> None:
         if node.unit.state is State.RUNNING and not node.attached and node.policy.sleeps:
@@ -337,7 +320,7 @@ class Orchestrator:
             return
         if policy.sleeps and policy.stop_after is not None:
             self._emit(node, ArmTimer(Timer.STOP_AFTER, node.unit.since + policy.stop_after))
-        after = self._hibernate_after(node)
+        after = node.hibernate_delay()
         if after is None or node.hibernated or node.reclaiming:
             return
         if after == 0:
@@ -346,13 +329,6 @@ class Orchestrator:
             self._start_reclaim(node)
         else:
             self._emit(node, ArmTimer(Timer.HIBERNATE, node.unit.since + after))
-
-    @staticmethod
-    def _hibernate_after(node: Node) -> float | None:
-        if node.hibernate_now:
-            return 0.0
-        policy = node.policy
-        return policy.hibernate_after if policy.sleeps else None
 
     def _start_reclaim(self, node: Node) -> None:
         node.hibernate_now = False
@@ -386,7 +362,7 @@ class Orchestrator:
                 return
             self._unit(node, SleepRequested(SleepAction.STOP, SleepReason.STOP_AFTER), now)
         elif timer is Timer.HIBERNATE:
-            after = self._hibernate_after(node)
+            after = node.hibernate_delay()
             if unit.state is not State.PAUSED or after is None:
                 return  # woken (or the policy changed) since it was armed
             if node.hibernated or node.reclaiming:
@@ -423,6 +399,8 @@ class Orchestrator:
             node.hibernated = False
         if after not in (State.PAUSING, State.PAUSED):
             node.hibernate_now = False
+        if before is State.RUNNING:
+            node.kernel_attached, node.kernel_busy = 0, False  # read again once it runs
         self._emit(node, Transition(before, after, node.unit.reason))
         if before is State.WAKING and after is State.RUNNING:
             self._emit(node, WakeEnded(WakeResult.OK, node.unit.reason))
@@ -465,7 +443,7 @@ class Orchestrator:
             for dependency in node.depends_on:
                 self._arm_idle(dependency, now)
             if node.older is not None:
-                for older in _along(node.older, "older"):
+                for older in along(node.older, "older"):
                     self._arm_idle(older, now)
 
     def _fail_waiting_dependents(self, node: Node, why: str, now: float) -> None:
@@ -487,7 +465,7 @@ class Orchestrator:
         else:
             node.pending = op  # started when the last dependency runs
         for member in node.group:
-            if member is not node and member.unit.state in _SETTLED_ASLEEP:
+            if member is not node and member.unit.state in SETTLED_ASLEEP:
                 self._unit(member, WakeRequested(f"group with {node.name}"), now)
 
     @staticmethod

@@ -3,6 +3,7 @@
 A readiness connect succeeds against any listener on the backend's port: a frozen
 leftover of an earlier run, or an unrelated server, would pass it while the command just
 started fails to bind. These reads tell the command's own listener from someone else's.
+The kernel's fast path (``host.steering``) finds the backend's listening socket here too.
 """
 
 from __future__ import annotations
@@ -50,6 +51,26 @@ def socket_inodes(pids: Iterable[int]) -> set[int] | None:
                 if target.startswith("socket:["):
                     found.add(int(target[8:-1]))
     return found if readable else None
+
+
+def listener_fd(pids: Iterable[int], port: int) -> tuple[int, int] | None:
+    """(pid, descriptor) by which one of these processes holds a socket listening on
+    ``port``, or None (the kernel's fast path takes the backend's own listener)."""
+    inodes = listening_inodes(port)
+    if not inodes:
+        return None
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                target = os.readlink(f"{fd_dir}/{name}")
+                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                    return pid, int(name)
+    return None
 
 
 def holders(inodes: set[int]) -> list[int]:

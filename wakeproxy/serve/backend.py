@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..config import Address, ServiceConfig
@@ -52,12 +52,10 @@ from ..core.events import (
     SleepRequested,
     Timer,
     TimerFired,
-    WakeRequested,
 )
 from ..core.node import Node
 from ..core.states import (
     ASLEEP,
-    IN_FLIGHT,
     SleepAction,
     SleepReason,
     State,
@@ -70,8 +68,9 @@ from ..net.forward import ClientSide
 from ..runtimes.base import Runtime
 from .coordinator import policy_of
 from .driver import RuntimeDriver
+from .fastpath import FastPath, Kernel
 from .stats import ServiceStats
-from .waiters import Waiters
+from .waiters import Asks, Timers
 
 if TYPE_CHECKING:
     from ..httpmode.mcpfront import McpFront
@@ -94,6 +93,7 @@ class Backend:
         initial: State,
         reason: str,
         predictions: Predictions | None = None,
+        kernel: Kernel | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.cfg = cfg
@@ -104,17 +104,15 @@ class Backend:
         # The connections placed on it (its frontend holds every one of its listener's).
         self.connections: set[ClientSide] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: dict[Timer, asyncio.TimerHandle] = {}
-        self._wakers = Waiters(self.loop)
-        self._sleepers = Waiters(self.loop)
-        self._settlers = Waiters(self.loop)  # API answers waiting for a final state
+        self._timers = Timers(self.loop, self._fire)
+        self.asks = Asks(self.loop, self.feed, lambda: self.state)
         self._wake_started = time.perf_counter()
         self._closing = False
         self.driver = RuntimeDriver(
             cfg,
             runtime,
             report=self.feed,
-            sleep_finished=self._sleep_finished,
+            sleep_finished=self.asks.slept,
             spawn=self._spawn,
         )
         self.admission = Admission(
@@ -141,6 +139,8 @@ class Backend:
             report=self.feed,
             spawn=self._spawn,
         )
+        # fast_path: kernel -- new connections go straight to it while it runs.
+        self.fast_path = FastPath(cfg, runtime, kernel, self, spawn=self._spawn)
         runtime.on_change = self._runtime_changed
         if initial in ASLEEP:
             self.stats.asleep_since = self.loop.time()
@@ -220,6 +220,9 @@ class Backend:
             extra={"service": self.name, "state": self.state.value},
         )
         self.hibernator.check_setup()
+        self.fast_path.open()
+        if self.state is State.RUNNING:
+            self.fast_path.steer()
         if self.predictions is not None:
             self.predictions.attach(self)
         if self.cfg.auto_start:
@@ -232,17 +235,15 @@ class Backend:
         self._closing = True
         if self.predictions is not None:
             self.predictions.detach(self)
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._timers.cancel()
+        self.fast_path.close()
         for conn in list(self.connections):
             conn.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for waiters in (self._wakers, self._sleepers, self._settlers):
-            waiters.settle(OperationFailed("the proxy is shutting down"))
+        self.asks.close()
 
     # ---- what its frontend asks (for the connections it places here)
 
@@ -297,65 +298,41 @@ class Backend:
         self.feed(ResultDue(self.loop.time() + self.cfg.http.inflight_grace))
 
     def wake_in_background(self, reason: str) -> None:
-        self._spawn(self._wake_quietly(reason))
+        self._spawn(self._quietly("wake", lambda: self.wake(reason)))
 
     def sleep_in_background(self, reason: SleepReason) -> None:
         """Sleep by the policy's action if nothing needs the backend (a refusal is no
         fault: the idle timer sleeps it later)."""
-        self._spawn(self._sleep_quietly(reason))
+        action = self.cfg.sleep_policy.action
+        self._spawn(self._quietly("sleep", lambda: self.sleep(action, reason)))
 
-    async def _sleep_quietly(self, reason: SleepReason) -> None:
+    async def _quietly(self, what: str, operation: Callable[[], Awaitable[None]]) -> None:
         try:
-            await self.sleep(self.cfg.sleep_policy.action, reason)
+            await operation()
         except ServiceBusy:
             pass
         except RuntimeFailure as exc:
-            log.warning("%s: sleep failed: %s", self.name, exc, extra={"service": self.name})
-
-    async def _wake_quietly(self, reason: str) -> None:
-        try:
-            await self.wake(reason)
-        except RuntimeFailure as exc:
-            log.warning("%s: wake failed: %s", self.name, exc, extra={"service": self.name})
+            log.warning("%s: %s failed: %s", self.name, what, exc, extra={"service": self.name})
 
     # ---- the API: the backend without a connection
 
     async def wake(self, reason: str = "wake requested") -> None:
         """Return once the backend is running; raise RuntimeFailure if the wake fails."""
-        if self.state is State.RUNNING:
-            return
-        waiter = self._wakers.add()
-        self.feed(WakeRequested(reason))
-        await waiter
+        await self.asks.wake(reason)
 
     async def sleep(
         self, action: SleepAction, reason: SleepReason = SleepReason.API, *, force: bool = False
     ) -> None:
         """Apply ``action`` now; refused (ServiceBusy) while connections are open or an
         awake service needs this one, unless ``force``. Returns once it finished."""
+        self._look()  # connections the proxy never saw count too
         # Plain strings too ("pause"): the core compares enum members by identity.
-        request = SleepRequested(SleepAction(action), SleepReason(reason), force)
-        waiter = self._sleepers.add()
-        commands = self.feed(request)
-        refused = next((a for _, a in commands if isinstance(a, Refused)), None)
-        if refused is not None or not any(isinstance(a, RunSleep) for _, a in commands):
-            self._sleepers.discard(waiter)
-            if refused is not None:
-                raise ServiceBusy(refused.why, forceable=refused.forceable)
-            return  # already asleep
-        await waiter
+        await self.asks.sleep(SleepRequested(SleepAction(action), SleepReason(reason), force))
 
     async def settled(self, within: float) -> State:
         """The state once no operation is in flight (at most ``within`` seconds): what an
         API answer reports, never a passing pausing or waking."""
-        deadline = self.loop.time() + within
-        while self.state in IN_FLIGHT and (left := deadline - self.loop.time()) > 0:
-            waiter = self._settlers.add()
-            try:
-                await asyncio.wait_for(waiter, left)
-            except (TimeoutError, RuntimeFailure):  # slow, or the proxy shuts down
-                break
-        return self.state
+        return await self.asks.settled(within)
 
     def reconfigure(self, cfg: ServiceConfig) -> None:
         """Apply changed live settings now; open connections are not touched. A new
@@ -414,7 +391,8 @@ class Backend:
             case Refresh(verify):
                 self.driver.refresh(verify=verify)
             case ArmTimer(timer, at):
-                self._arm(timer, at)
+                if not self._closing:
+                    self._timers.arm(timer, at)
             case Transition(before, after, reason):
                 self._transitioned(before, after, reason)
             case WakeEnded(result, reason):
@@ -433,25 +411,24 @@ class Backend:
             case Refused():
                 pass  # read by sleep(), which asked
 
-    def _arm(self, timer: Timer, at: float) -> None:
-        if self._closing:
-            return
-        old = self._timers.get(timer)
-        if old is not None:
-            old.cancel()
-        self._timers[timer] = self.loop.call_at(at, self._fire, timer)
-
     def _fire(self, timer: Timer) -> None:
-        self._timers.pop(timer, None)
+        if timer is Timer.IDLE:
+            self._look()
         self.feed(TimerFired(timer))
+
+    def _look(self) -> None:
+        """Tell the core what the kernel's fast path handed to the backend."""
+        if (seen := self.fast_path.look(self.loop.time())) is not None:
+            self.feed(seen)
 
     def _transitioned(self, before: State, after: State, reason: str) -> None:
         self.stats.record_transition(before, after, self.loop.time())
+        self.fast_path.transitioned(before, after, self._look)
         if after in (State.STOPPED, State.FAILED):
             self.incarnation = next(_INCARNATIONS)
         if after is State.FAILED:
             self.stats.record_error(reason)
-        self._settlers.settle()
+        self.asks.moved()
         if after is State.STOPPED:
             self.hibernator.forget()
         elif after is State.WAKING:
@@ -497,13 +474,10 @@ class Backend:
                 extra={"service": self.name},
             )
         if result is WakeResult.OK:
-            self._wakers.settle()
+            self.asks.woke()
         else:
             error = WakeTimeout if result is WakeResult.TIMEOUT else OperationFailed
-            self._wakers.settle(error(reason))
-
-    def _sleep_finished(self, error: str | None) -> None:
-        self._sleepers.settle(None if error is None else OperationFailed(error))
+            self.asks.woke(error(reason))
 
     def _connect_failed(self) -> None:
         if self.state is State.RUNNING:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Address, ServiceConfig
 from ..core.states import State
 from ..host.memory import MemoryUse
+from .fastpath import FastPathStatus
 from .stats import Counts
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class BackendStatus:
     release: Mapping[str, Any]  # the last release's window and where it came from
     mcp: Mapping[str, Any] | None  # a listener's MCP front (not a replica's)
     counts: Counts
+    fast_path: FastPathStatus
 
     @property
     def asleep_s(self) -> float:
@@ -124,6 +126,7 @@ def backend_status(backend: Backend) -> BackendStatus:
         release=backend.admission.describe(),
         mcp=mcp_view(front) if front is not None else None,
         counts=backend.stats.counts(),
+        fast_path=backend.fast_path.status(),
     )
 
 
