@@ -360,7 +360,10 @@ class Proxy:
         for name, (cfg, backends) in wanted.items():
             existing = self.frontends.get(name)
             if existing is None:
-                existing = self.frontends[name] = Frontend(cfg, self._front(cfg))
+                mcp = None  # MCP sessions: in front of a mode-http listener
+                if cfg.mode == "http":
+                    mcp = McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
+                existing = self.frontends[name] = Frontend(cfg, mcp)
                 new.append(existing)
             existing.update(cfg, backends)
         return new
@@ -469,12 +472,6 @@ class Proxy:
             predictions=self.predictions,
             kernel=self.kernel,
         )
-
-    def _front(self, cfg: ServiceConfig) -> McpFront | None:
-        """MCP sessions in front of a mode-http listener."""
-        if cfg.mode != "http":
-            return None
-        return McpFront(cfg.name, cfg.http, self.mcp_store, self.config.mcp)
 
     async def close(self) -> None:
         """Close listeners and connections, end commands; containers stay as they are."""
