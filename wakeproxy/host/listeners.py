@@ -34,22 +34,32 @@ def listening_inodes(port: int) -> set[int]:
     return found
 
 
+def _sockets(pid: int) -> list[tuple[int, int]] | None:
+    """(descriptor, socket inode) for each socket ``pid`` holds; None when its fd table
+    cannot be read (gone, or not ours to read)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    found = []
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target.startswith("socket:["):
+                found.append((int(name), int(target[8:-1])))
+    return found
+
+
 def socket_inodes(pids: Iterable[int]) -> set[int] | None:
     """Inodes of the sockets these processes hold; None when no fd table was readable."""
     found: set[int] = set()
     readable = False
     for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        readable = True
-        for name in names:
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"{fd_dir}/{name}")
-                if target.startswith("socket:["):
-                    found.add(int(target[8:-1]))
+        sockets = _sockets(pid)
+        if sockets is not None:
+            readable = True
+            found.update(inode for _, inode in sockets)
     return found if readable else None
 
 
@@ -60,16 +70,9 @@ def listener_fd(pids: Iterable[int], port: int) -> tuple[int, int] | None:
     if not inodes:
         return None
     for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for name in names:
-            with contextlib.suppress(OSError, ValueError):
-                target = os.readlink(f"{fd_dir}/{name}")
-                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
-                    return pid, int(name)
+        for fd, inode in _sockets(pid) or ():
+            if inode in inodes:
+                return pid, fd
     return None
 
 
