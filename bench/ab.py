@@ -1,6 +1,7 @@
-"""A/B of the hot-path rows (1 keep-alive, 2 churn, 4 mode http, 4b every head different)
-between two source trees of wakeproxy, in one run: a refactor shows no row worse than
-before by more than the run-to-run spread.
+"""A/B of the hot-path rows (1 keep-alive, 2 churn, 4 mode http, 4b every head different,
+4c an MCP client's requests) between two source trees of wakeproxy, in one run: a change
+shows no row worse than before by more than the run-to-run spread, and what each tree's
+process spent in CPU per request.
 
     git worktree add /tmp/wp-before <commit>
     cd /tmp && PYTHONPATH=/path/to/wakeproxy /path/to/.venv/bin/python -m bench.ab \\
@@ -22,11 +23,13 @@ from pathlib import Path
 
 from bench import loadgen, peers
 
-ROWS = {
-    "1. keep-alive, tcp": ("tcp", False, False),
-    "2. churn, tcp": ("tcp", True, False),
-    "4. mode http": ("http", False, False),
-    "4b. mode http, every head different": ("http", False, True),
+# title: (mode, churn, wrk's script: None, "varied" or "mcp")
+ROWS: dict[str, tuple[str, bool, str | None]] = {
+    "1. keep-alive, tcp": ("tcp", False, None),
+    "2. churn, tcp": ("tcp", True, None),
+    "4. mode http": ("http", False, None),
+    "4b. mode http, every head different": ("http", False, "varied"),
+    "4c. mode http, an MCP client's requests": ("http", False, "mcp"),
 }
 
 
@@ -52,23 +55,28 @@ def proxy(tree: Path, name: str, workdir: Path, backend: int, mode: str) -> peer
 def row(
     title: str, trees: dict[str, Path], workdir: Path, rounds: int, seconds: float
 ) -> list[str]:
-    mode, churn, varied = ROWS[title]
+    mode, churn, script = ROWS[title]
     backend = peers.nginx(workdir / title.split(".")[0])
     started = [backend]
     try:
         started.append(haproxy := peers.haproxy(backend.port, mode))
         ports = {"haproxy": haproxy.port}
+        pids = {"haproxy": haproxy.proc.pid}
         for name, tree in trees.items():
             started.append(peer := proxy(tree, name, workdir, backend.port, mode))
-            ports[name] = peer.port
+            ports[name], pids[name] = peer.port, peer.proc.pid
         rps: dict[str, list[float]] = {name: [] for name in ports}
+        cpu: dict[str, list[float]] = {name: [] for name in ports}
         errors = dict.fromkeys(ports, 0)
         names = list(ports)
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                argv = loadgen.wrk_command(ports[name], seconds, 50, churn, varied=varied)
-                result = loadgen.run_wrk(argv)
+                argv = loadgen.wrk_command(
+                    ports[name], seconds, 50, churn, varied=script == "varied", mcp=script == "mcp"
+                )
+                result = loadgen.run_wrk_on(argv, pids[name])
                 rps[name].append(result.rps)
+                cpu[name].append(result.cpu_us)
                 errors[name] += result.errors
                 print(f"  {title}: {name} {result.rps:,.0f} req/s", file=sys.stderr, flush=True)
     finally:
@@ -78,8 +86,12 @@ def row(
     cells = [title]
     for name in names:
         low, high = min(rps[name]), max(rps[name])
-        cells.append(f"{med[name]:,.0f} ({low:,.0f}-{high:,.0f}; {errors[name]} errors)")
+        us = statistics.median(cpu[name])
+        cells.append(
+            f"{med[name]:,.0f} ({low:,.0f}-{high:,.0f}; {errors[name]} errors; {us:.1f} us CPU)"
+        )
     cells.append(f"{med['after'] / med['before']:.3f}")
+    cells.append(f"{statistics.median(cpu['after']) / statistics.median(cpu['before']):.3f}")
     return cells
 
 
@@ -89,12 +101,21 @@ def main() -> None:
     parser.add_argument("after", type=Path, help="the source tree after it")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--only", help="rows whose title contains this (e.g. 'mode http')")
     args = parser.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
-    header = ["row", "HAProxy req/s", "before req/s", "after req/s", "after / before"]
+    header = [
+        "row",
+        "HAProxy req/s",
+        "before req/s",
+        "after req/s",
+        "after / before",
+        "CPU after / before",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with tempfile.TemporaryDirectory(prefix="wakeproxy-ab-") as tmp:
-        cells = [row(title, trees, Path(tmp), args.rounds, args.seconds) for title in ROWS]
+        titles = [title for title in ROWS if not args.only or args.only in title]
+        cells = [row(title, trees, Path(tmp), args.rounds, args.seconds) for title in titles]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     print("\n".join(lines))
 

@@ -15,7 +15,7 @@ from .answers import REFUSALS, ProbeRule, answer
 from .chunks import ChunkedBody
 from .forwarded import trusted, with_forwarded
 from .heads import Head
-from .mcpfront import Backend
+from .mcpnote import Backend
 from .tracker import ResponseTracker
 
 if TYPE_CHECKING:

@@ -10,12 +10,13 @@ from ..core.states import Outcome
 from .conn import READ_HEAD, READ_MESSAGE, HttpConnection, HttpOwner
 from .heads import Head, with_header
 from .mcp import MAX_MESSAGE, Message, classify
-from .mcpfront import Backend
+from .mcpnote import Backend
 from .replay import ReplayFailed
 
 if TYPE_CHECKING:
     from ..core.sessions import Session
-    from .mcpfront import Expected, McpFront
+    from .mcpfront import McpFront
+    from .mcpnote import Expected
 
 
 class McpConnection(HttpConnection):

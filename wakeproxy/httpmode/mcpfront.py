@@ -17,14 +17,11 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..config import Address, ServiceConfig
 from ..core.sessions import MINTED, Session, Sessions, mint
-from ..core.states import State
 from .heads import Head
 from .mcp import (
     Answer,
@@ -34,8 +31,8 @@ from .mcp import (
     credentials,
     error_body,
     pong,
-    response_in,
 )
+from .mcpnote import Backend, Expected, endpoint_of
 from .mcpstore import McpStore
 from .replay import ReplayFailed, replay
 
@@ -51,99 +48,6 @@ MAX_KEPT = 4 * 1024
 # Live sessions one connection may hold (a client pipelining initialize requests to
 # flush the table is refused past this; its address past sessions_per_client).
 PER_CONNECTION = 100
-
-
-class Backend(Protocol):
-    """The backend a session is opened on (a service, or one replica)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def incarnation(self) -> int: ...
-
-    @property
-    def backend(self) -> Address | None: ...
-
-    @property
-    def cfg(self) -> ServiceConfig: ...
-
-    @property
-    def state(self) -> State: ...
-
-    @property
-    def upstream_keepalive(self) -> bool: ...
-
-    async def wake(self, reason: str = ...) -> None: ...
-
-
-def _endpoint(head: Head) -> str:
-    return head.path.decode("latin-1")
-
-
-@dataclass(slots=True)
-class Expected:
-    """A forwarded request whose answer the proxy reads (ResponseTracker notes): set-up
-    to learn from, an initialize whose session to keep, a request whose 202 may mean a
-    result still due (HTTP+SSE)."""
-
-    front: McpFront
-    message: Message
-    endpoint: str = ""
-    key: str = ""  # the protocol version it was asked in
-    credentials: bytes = b""
-    request: bytes = b""  # an initialize, kept for a replay of its session
-    peer: str = ""
-    opener: int = 0
-    backend: Backend | None = None
-
-    @property
-    def expects_result(self) -> bool:
-        return self.message.expects_result
-
-    @property
-    def reads_body(self) -> bool:
-        return self.message.kind in (Kind.INITIALIZE, Kind.DISCOVER)
-
-    def answered(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        content_type: bytes,
-        body: bytes,
-        *,
-        final: bool = True,
-    ) -> bool:
-        """The answer arrived (its body up to MAX_MESSAGE; with ``final`` False, an
-        event stream's as far as it came): True once it was taken in (False: the
-        stream's JSON-RPC response is not there yet)."""
-        front, kind = self.front, self.message.kind
-        message = response_in(content_type, body, self.message.id) if self.reads_body else None
-        if message is None and self.reads_body and not final:
-            return False
-        if status in (401, 403):
-            front.refused(self.endpoint, self.credentials)
-            return True
-        session = b"".join(v for k, v in headers if k == b"mcp-session-id")
-        if kind is Kind.INITIALIZE and 200 <= status < 300 and session and self.backend:
-            front.opened(session, self)
-        # Learned: an initialize's result; discover's answer, a legacy server's error
-        # too. Never a server's fault.
-        if (
-            message is None
-            or status >= 500
-            or (kind is Kind.INITIALIZE and "result" not in message)
-        ):
-            return True
-        answer = Answer(
-            200 if kind is Kind.INITIALIZE else status,
-            "application/json",
-            message,
-            echo_id=orjson.dumps(message.get("id")) == self.message.id,
-            stateful=bool(session),
-        )
-        front.learn(kind, self.key, self.endpoint, self.credentials, answer)
-        return True
 
 
 class McpFront:
@@ -204,7 +108,7 @@ class McpFront:
         server: an answer of the proxy's own would overtake that response."""
         self.seen = True
         now = time.monotonic()
-        endpoint = _endpoint(head)
+        endpoint = endpoint_of(head)
         sid = head.get(b"mcp-session-id")
         found = self.sessions.get(sid, now) if sid else None
         if sid and found is None:
@@ -339,12 +243,8 @@ class McpFront:
     ) -> Expected:
         """The note for a forwarded POST whose answer matters."""
         self.seen = True
-        key = message.version
-        if message.kind is Kind.DISCOVER:
-            key = head.get(b"mcp-protocol-version").decode("latin-1")
         kept = request if message.kind is Kind.INITIALIZE and len(request) <= MAX_KEPT else b""
-        cred = credentials(head.get, head.query)
-        return Expected(self, message, _endpoint(head), key, cred, kept, peer, opener)
+        return Expected(self, message, head, kept, peer, opener)
 
     def learn(self, kind: Kind, key: str, endpoint: str, cred: bytes, answer: Answer) -> None:
         if key and self.learned.learn(kind, key, endpoint, cred, answer):

@@ -24,13 +24,18 @@ from .mcp import MAX_MESSAGE, Kind
 
 if TYPE_CHECKING:
     from ..net.forward import ClientSide
-    from .mcpfront import Expected
+    from .mcpnote import Expected
 
 # A response head longer than this is not followed (in flight until the connection
 # closes): h11, which followed responses before, refused heads over 16 KiB.
 MAX_RESPONSE_HEAD = 64 * 1024
-_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?")
-_LINE_END = re.compile(rb"\r?\n")
+# A response head as h11 read them: a status line, then header lines (a name without
+# whitespace at its ends, a colon, a value), lines ending in CRLF or a bare LF. One
+# match checks a whole head (the tracker reads every response of a followed connection).
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n"
+    rb"(?:[^\s:](?:[^:\n]*[^\s:])?:[^\n]*\n)*\r?\n"
+)
 
 # What the tracker reads next: a response head; a body by its length; a chunked body;
 # a body that ends with the connection; an event stream it no longer follows.
@@ -42,33 +47,41 @@ class Unframed(Exception):
 
 
 class ResponseHead:
-    """A response head: its status and headers (names lowercased, in order)."""
+    """A response head: its status, and its headers read when asked for (a response is
+    framed by two or three of them; nothing is copied out of the others)."""
 
-    __slots__ = ("headers", "status")
+    __slots__ = ("_low", "_raw", "status")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, status: int, raw: bytes) -> None:
         self.status = status
-        self.headers = headers
+        self._raw = raw
+        self._low = raw.lower()
 
     def get(self, name: bytes) -> bytes:
-        return b", ".join(value for key, value in self.headers if key == name)
+        """Header ``name`` (lowercase), its lines' values joined with ", "; b"" when absent."""
+        low, raw = self._low, self._raw
+        key = b"\n" + name + b":"
+        at = low.find(key)
+        if at < 0:
+            return b""
+        values = []
+        while at >= 0:
+            start = at + len(key)
+            end = low.index(b"\n", start)
+            values.append(raw[start:end].strip(b" \t\r"))
+            at = low.find(key, end)
+        return values[0] if len(values) == 1 else b", ".join(values)
 
 
 def read_response_head(raw: bytes) -> ResponseHead:
     """A response head through its blank line (CRLF or bare LF, as h11 read them)."""
-    lines = _LINE_END.split(raw)
-    status = _STATUS_LINE.fullmatch(lines[0])
-    if status is None:
-        raise Unframed(f"not a status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            break
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise Unframed(f"not a header line: {line[:80]!r}")
-        headers.append((name.lower(), value.strip(b" \t")))
-    return ResponseHead(int(status.group(1)), headers)
+    match = _RESPONSE_HEAD.fullmatch(raw)
+    if match is None:
+        line = raw.split(b"\n", 1)[0]
+        if not re.fullmatch(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?", line):
+            raise Unframed(f"not a status line: {line[:80]!r}")
+        raise Unframed(f"not a response head: {raw[:80]!r}")
+    return ResponseHead(int(match.group(1)), raw)
 
 
 class ResponseTracker:
@@ -238,10 +251,12 @@ class ResponseTracker:
             return
         length = head.get(b"content-length")
         if length:
-            values = {value.strip() for value in length.split(b",")}
-            text = values.pop()
-            if values or not text.isdigit():
-                raise Unframed(f"Content-Length {length[:40]!r}")
+            text = length
+            if not text.isdigit():  # a list of equal values is one length (RFC 9110 8.6)
+                values = {value.strip() for value in length.split(b",")}
+                text = values.pop()
+                if values or not text.isdigit():
+                    raise Unframed(f"Content-Length {length[:40]!r}")
             self._remaining = int(text)
             if self._remaining:
                 self._phase = _LENGTH
@@ -311,8 +326,8 @@ class ResponseTracker:
         if note is not None:
             del self._notes[self._sent - len(self.methods)]
             if head is not None:
-                content_type = head.get(b"content-type")
-                note.answered(head.status, head.headers, content_type, bytes(body or b""))
+                session, content_type = head.get(b"mcp-session-id"), head.get(b"content-type")
+                note.answered(head.status, session, content_type, bytes(body or b""))
         self.methods.popleft()
         if not self.methods and self.on_idle is not None:
             self.on_idle()
@@ -323,7 +338,8 @@ class ResponseTracker:
         body, head, note = self._body, self._head, self._note()
         if body is None or head is None or note is None or b"\n\n" not in body.replace(b"\r", b""):
             return
-        if note.answered(head.status, head.headers, b"text/event-stream", bytes(body), final=False):
+        session = head.get(b"mcp-session-id")
+        if note.answered(head.status, session, b"text/event-stream", bytes(body), final=False):
             del self._notes[self._sent - len(self.methods)]
             self._head = self._body = None
 
