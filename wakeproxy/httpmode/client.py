@@ -145,20 +145,24 @@ class HttpClientSide(McpConnection):
         if len(raw) > MAX_HEAD:
             self._refuse(431, "the request head is over 16 KiB", Outcome.HEADER_TOO_LARGE)
             return
-        try:
-            head = parse_head(raw)
-        except BadRequest as exc:
-            outcome = Outcome.HEADER_TOO_LARGE if exc.status == 431 else Outcome.BAD_REQUEST
-            self._refuse(exc.status, f"bad request: {exc}", outcome)
-            return
-        self._last_head = head
+        head = self._last_head
+        if head is None or raw != head.raw:
+            # A head byte for byte the connection's previous one (a poller, a health
+            # check) is that one again: parsing is a pure function of the bytes, and
+            # the comparison costs next to nothing when they differ (lengths first).
+            try:
+                head = parse_head(raw)
+            except BadRequest as exc:
+                outcome = Outcome.HEADER_TOO_LARGE if exc.status == 431 else Outcome.BAD_REQUEST
+                self._refuse(exc.status, f"bad request: {exc}", outcome)
+                return
+            self._last_head = head
         if self._header_handle is not None:
             self._cancel_header_timeout()
         self._request(head, raw)
 
     def _request(self, head: Head, raw: bytes) -> None:
         owner = self.http_owner
-        http = owner.http
         probe = None
         for rule in owner.probe_rules:
             if rule.path == head.path and rule.matches(head):
@@ -173,8 +177,8 @@ class HttpClientSide(McpConnection):
             self._probe_only = False
         first = not self._wanted_backend
         if (
-            http.waiting_page
-            and first
+            first
+            and owner.http.waiting_page
             and owner.state is State.STOPPED
             and b"text/html" in head.get(b"accept")
         ):

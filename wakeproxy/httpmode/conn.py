@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .mcpfront import McpFront
 
 _CONNECTIONS = itertools.count(1)
+# How often one connection's requests move its backend's idle clock (see _count_request).
+TOUCH_EVERY = 0.1
 
 # Phases of the client's byte stream: a head; a body counted or chunked; an MCP
 # message read whole before anything is decided; another protocol (after an upgrade).
@@ -90,6 +92,7 @@ class HttpConnection(ClientSide):
         "_last_head",
         "_message",
         "_partial",
+        "_peer",
         "_phase",
         "_probe_only",
         "_quiet_handle",
@@ -100,6 +103,7 @@ class HttpConnection(ClientSide):
         "_stash",
         "_streaming",
         "_suspended",
+        "_touched",
         "_upgrade_after_body",
         "_wanted_backend",
         "answered",
@@ -130,6 +134,8 @@ class HttpConnection(ClientSide):
         self.answered = False  # the proxy answered (probe or error): input is ignored
         self.active = False  # until a request that is activity
         self.last_request = 0.0
+        self._touched = 0.0  # when this connection last moved its backend's idle clock
+        self._peer: str | None = None  # the client's address, once asked
         # Only probes so far: such a connection keeps the backend awake only while a
         # probe's response is under way.
         self._probe_only = True
@@ -177,11 +183,18 @@ class HttpConnection(ClientSide):
         assert self.backend is not None
         return cast(Backend, self.backend)
 
+    def _peer_address(self) -> str:
+        """The peer's address, asked of the transport once (uvloop asks the kernel,
+        getpeername(2), each time)."""
+        if self._peer is None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            self._peer = str(peer[0]) if peer else ""
+        return self._peer
+
     def _client_address(self) -> str:
         """The client's address: the peer's, or for a trusted proxy in front the last
         hop it added to X-Forwarded-For (each client its own share of sessions)."""
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        address = str(peer[0]) if peer else ""
+        address = self._peer_address()
         spec = self.http_owner.http.trust_forwarded_from
         head = self._last_head
         if spec and head is not None and trusted(address, spec):
@@ -192,9 +205,15 @@ class HttpConnection(ClientSide):
 
     def _count_request(self) -> None:
         if self._request_activity:
-            self.last_request = time.monotonic()
+            self.last_request = now = time.monotonic()
             self.active = True
-            self.http_owner.request_seen(self)
+            if now - self._touched >= TOUCH_EVERY:
+                # The backend's idle clock moves at most every TOUCH_EVERY for one
+                # connection: it cannot sleep while the connection is attached, and the
+                # connection's end (or allow-sleep's letting go, idle_timeout after its
+                # own last request) comes later than any stamp skipped here.
+                self._touched = now
+                self.http_owner.request_seen(self)
 
     def _end_partial(self) -> None:
         if self._partial:
@@ -250,8 +269,7 @@ class HttpConnection(ClientSide):
         http = self.http_owner.http
         if not http.forwarded_headers:
             return raw
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return with_forwarded(raw, head, str(peer[0]) if peer else "", http.trust_forwarded_from)
+        return with_forwarded(raw, head, self._peer_address(), http.trust_forwarded_from)
 
     def _go_on(self) -> None:
         """Carry on with what waited behind a held request (its session opened, an

@@ -57,18 +57,19 @@ class Head:
 
     __slots__ = (
         "_low",
-        "_raw",
         "chunked",
         "keep_alive",
         "length",
         "method",
         "path",
         "query",
+        "raw",
+        "session",
         "upgrade",
     )
 
     def __init__(self, raw: bytes, low: bytes, method: bytes, target: bytes) -> None:
-        self._raw = raw
+        self.raw = raw  # through its blank line, as the client sent it
         self._low = low
         self.method = method
         self.path, _, self.query = target.partition(b"?")  # query: the target after "?"
@@ -79,6 +80,8 @@ class Head:
         # Asks for another protocol: CONNECT, or an Upgrade header with the "upgrade"
         # token in Connection (RFC 9110 7.8): it applies once the server answers 101.
         self.upgrade = False
+        # Mcp-Session-Id (b"": none): routing reads it at every request.
+        self.session = b""
 
     def __repr__(self) -> str:
         return f"<Head {self.method.decode()} {self.path[:60]!r} length={self.length}>"
@@ -104,7 +107,7 @@ class Head:
 
     def _value(self, start: int) -> tuple[bytes, int]:
         end = self._low.index(b"\r\n", start)
-        return self._raw[start:end].strip(b" \t"), end
+        return self.raw[start:end].strip(b" \t"), end
 
     def count(self, name: bytes) -> int:
         """How many lines of header ``name`` (lowercase) the head has."""
@@ -154,6 +157,8 @@ def parse_head(raw: bytes) -> Head:
         head.keep_alive = False
     if method == b"CONNECT":
         head.upgrade = True
+    if b"\r\nmcp-session-id:" in low:
+        head.session = head.get(b"mcp-session-id")
     return head
 
 

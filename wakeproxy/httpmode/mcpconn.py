@@ -53,7 +53,7 @@ class McpConnection(HttpConnection):
             self.tracker.expect(head.method, note)
             if head.upgrade:
                 self.tracker.upgrading()
-        session = head.get(b"mcp-session-id")
+        session = head.session
         if session and self.mcp is not None and not head.upgrade:
             opening, write_as = self.mcp.route_to(session, self._placed())
             if opening is not None:
@@ -93,7 +93,7 @@ class McpConnection(HttpConnection):
             self._body = bytearray()
             self._phase, self._remaining = READ_MESSAGE, head.length
             return True
-        if method in (b"GET", b"DELETE") and head.get(b"mcp-session-id") and not head.has_body:
+        if method in (b"GET", b"DELETE") and head.session and not head.has_body:
             self._mcp_request(head, raw, b"", None)
             return True
         return False
@@ -102,15 +102,20 @@ class McpConnection(HttpConnection):
         body = self._body
         assert body is not None and self._message is not None
         stop = min(len(data), pos + self._remaining)
-        body += data[pos:stop]
-        self._remaining -= stop - pos
-        if self._remaining:
-            return stop
+        if not body and stop - pos == self._remaining:
+            whole = data[pos:stop]  # the common case: all of it in one read, one copy
+        else:
+            body += data[pos:stop]
+            self._remaining -= stop - pos
+            if self._remaining:
+                return stop
+            whole = bytes(body)
+        self._remaining = 0
         (head, raw), self._message, self._body = self._message, None, None
         self._phase = READ_HEAD
         self._cancel_header_timeout()
-        message = classify(bytes(body), head.get(b"mcp-method"))
-        self._mcp_request(head, raw, bytes(body), message)
+        message = classify(whole, head.get(b"mcp-method"))
+        self._mcp_request(head, raw, whole, message)
         return stop
 
     def _mcp_request(self, head: Head, raw: bytes, body: bytes, message: Message | None) -> None:

@@ -109,7 +109,7 @@ class McpFront:
         self.seen = True
         now = time.monotonic()
         endpoint = endpoint_of(head)
-        sid = head.get(b"mcp-session-id")
+        sid = head.session
         found = self.sessions.get(sid, now) if sid else None
         if sid and found is None:
             if MINTED.fullmatch(sid):

@@ -38,6 +38,14 @@ class Backend(Protocol):
     async def wake(self, reason: str = ...) -> None: ...
 
 
+class AnswerHead(Protocol):
+    """An answer's head as a note reads it (``tracker.ResponseHead``)."""
+
+    status: int
+
+    def get(self, name: bytes) -> bytes: ...
+
+
 class Front(Protocol):
     """What a note's answer tells its listener's ``McpFront``."""
 
@@ -89,27 +97,36 @@ class Expected:
 
     @property
     def reads_body(self) -> bool:
-        return self.message.kind in (Kind.INITIALIZE, Kind.DISCOVER)
+        kind = self.message.kind
+        return kind is Kind.INITIALIZE or kind is Kind.DISCOVER
 
     def answered(
         self,
-        status: int,
-        session: bytes,
-        content_type: bytes,
+        head: AnswerHead,
         body: bytes,
         *,
+        content_type: bytes | None = None,
         final: bool = True,
     ) -> bool:
         """The answer arrived (its body up to MAX_MESSAGE; with ``final`` False, an
         event stream's as far as it came): True once it was taken in (False: the
-        stream's JSON-RPC response is not there yet)."""
-        front, kind = self.front, self.message.kind
-        message = response_in(content_type, body, self.message.id) if self.reads_body else None
-        if message is None and self.reads_body and not final:
-            return False
+        stream's JSON-RPC response is not there yet). Its headers are read only when
+        what it answered asks (most answers are read for their status alone)."""
+        front, kind, status = self.front, self.message.kind, head.status
+        reads = self.reads_body
+        message = None
+        if reads:
+            if content_type is None:
+                content_type = head.get(b"content-type")
+            message = response_in(content_type, body, self.message.id)
+            if message is None and not final:
+                return False
         if status in (401, 403):
             front.refused(self.endpoint, self.credentials)
             return True
+        if kind is not Kind.INITIALIZE and message is None:
+            return True
+        session = head.get(b"mcp-session-id")
         if kind is Kind.INITIALIZE and 200 <= status < 300 and session and self.backend:
             front.opened(session, self)
         # Learned: an initialize's result; discover's answer, a legacy server's error

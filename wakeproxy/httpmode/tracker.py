@@ -275,17 +275,21 @@ class ResponseTracker:
         accepted = status == 202 and method == b"POST"
         if accepted and self.on_202 is not None and (note is None or note.expects_result):
             self.on_202()
-        content_type = head.get(b"content-type")
         if self.on_session is not None:
             session = head.get(b"mcp-session-id")
             # A DELETE's answer names the session it just ended.
             if session and status < 300 and method != b"DELETE":
                 self.on_session(session, False)
+        reads = listening = False
         if note is not None:
             self._head = head
-            self._body = bytearray() if note.reads_body else None
-            self._event_stream = b"text/event-stream" in content_type
-        listening = note is not None and note.message.kind is Kind.LISTEN
+            reads = note.reads_body
+            self._body = bytearray() if reads else None
+            listening = note.message.kind is Kind.LISTEN
+        if not (reads or listening or method == b"GET"):
+            return  # nothing reads this answer's body or type, only its framing
+        content_type = head.get(b"content-type")
+        self._event_stream = reads and b"text/event-stream" in content_type
         if b"text/event-stream" in content_type and (method == b"GET" or listening):
             # Open for as long as the client keeps it (a GET's stream; 2026-07-28's
             # subscriptions/listen): nothing after it is followed but, for replicas, the
@@ -326,8 +330,7 @@ class ResponseTracker:
         if note is not None:
             del self._notes[self._sent - len(self.methods)]
             if head is not None:
-                session, content_type = head.get(b"mcp-session-id"), head.get(b"content-type")
-                note.answered(head.status, session, content_type, bytes(body or b""))
+                note.answered(head, bytes(body or b""))
         self.methods.popleft()
         if not self.methods and self.on_idle is not None:
             self.on_idle()
@@ -338,8 +341,8 @@ class ResponseTracker:
         body, head, note = self._body, self._head, self._note()
         if body is None or head is None or note is None or b"\n\n" not in body.replace(b"\r", b""):
             return
-        session = head.get(b"mcp-session-id")
-        if note.answered(head.status, session, b"text/event-stream", bytes(body), final=False):
+        stream = b"text/event-stream"
+        if note.answered(head, bytes(body), content_type=stream, final=False):
             del self._notes[self._sent - len(self.methods)]
             self._head = self._body = None
 
