@@ -23,7 +23,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -50,9 +50,9 @@ _SETUP_METHODS = frozenset(kind.value for kind in SETUP)
 _BY_METHOD = {kind.value: kind for kind in Kind if kind is not Kind.WORK}
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One POST body, as far as the proxy's decisions go."""
+class Message(NamedTuple):
+    """One POST body, as far as the proxy's decisions go (a value: a tuple builds in a
+    third of a frozen dataclass's time, and one is built for every MCP request)."""
 
     kind: Kind
     # The JSON-RPC id as the client wrote it (JSON text), b"" for a notification.
