@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bench import loadgen, peers, targets
+from bench import httpcost, loadgen, peers, targets
 from bench.coldwake import Row as ColdRow
 from bench.fairness import FloodResult
 from bench.loadgen import WrkResult
@@ -294,3 +294,12 @@ def test_harness_quick_run_writes_a_report(tmp_path, docker_engine):
     for line in lines:
         cells = [c.strip() for c in line.split("|")]
         assert cells[-3] == "1" and cells[-2] == "0", line  # unpause calls, failed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["same", "varied", "mcp"])
+async def test_the_http_cost_harness_forwards_every_request_it_times(kind):
+    # bench.httpcost checks that every request reached the backend's transport (and for
+    # the MCP mix every answer the client's, the tracker idle after them): a harness
+    # timing a path that refused them would print a small, meaningless figure.
+    assert await httpcost.cost(kind, 50) > 0
