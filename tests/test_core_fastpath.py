@@ -5,6 +5,8 @@ it right after."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import FakeGlue
 from wakeproxy.core.actions import ArmTimer, Refused, RunSleep, RunWake, WakeOp
 from wakeproxy.core.events import (
@@ -15,6 +17,7 @@ from wakeproxy.core.events import (
     WakeDone,
 )
 from wakeproxy.core.states import SleepAction, State
+from wakeproxy.serve.fastpath import kernel_hint
 
 PAUSE = SleepAction.PAUSE
 
@@ -140,3 +143,23 @@ def test_a_group_member_with_kernel_connections_holds_the_group() -> None:
     assert glue.actions("app", RunSleep) == [RunSleep(PAUSE)]
     assert glue.actions("db", RunSleep) == [RunSleep(PAUSE)]
     assert ArmTimer(Timer.IDLE, 6.0) in glue.actions("db", ArmTimer)
+
+
+@pytest.mark.parametrize(
+    ("release", "says"),
+    [
+        ("5.4.0-150-generic", "kernel 5.4.0-150-generic: sk_lookup needs Linux 5.9 or later"),
+        (
+            "5.10.0-28-amd64",
+            "kernel 5.10.0-28-amd64 has sk_lookup: the program or its map was refused",
+        ),
+        ("6.1.0-13-amd64", "kernel 6.1.0-13-amd64 has sk_lookup"),
+        ("weird", "kernel weird: sk_lookup needs Linux 5.9 or later"),
+    ],
+)
+def test_a_refused_load_names_the_kernel_and_blames_its_age_only_when_it_is_old(
+    release: str, says: str
+) -> None:
+    # The fallback's reason said "needs Linux 5.9" whatever the kernel: on 6.1 that
+    # pointed users at an upgrade they had done.
+    assert says in kernel_hint(release)

@@ -128,7 +128,7 @@ class Kernel:
             why = Why.PERMISSION if exc.errno == 1 else Why.KERNEL  # EPERM
             if why is Why.PERMISSION:
                 return Unavailable(why, f"{exc} (it needs CAP_BPF and CAP_NET_ADMIN, or root)")
-            return Unavailable(why, f"{exc} (sk_lookup needs Linux 5.9 or later)")
+            return Unavailable(why, f"{exc} ({kernel_hint(os.uname().release)})")
         except OSError as exc:
             return Unavailable(Why.KERNEL, f"the network namespace cannot be opened: {exc}")
         log.info("the kernel's fast path is loaded (link %d)", self._steering.link_id)
@@ -141,6 +141,18 @@ class Kernel:
         if self._steering is not None:
             self._steering.close()
             self._steering = None
+
+
+def kernel_hint(release: str) -> str:
+    """What a refused load most likely means on a kernel of this ``release`` ("6.1.0-13")."""
+    parts = release.split(".")
+    try:
+        version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        return f"kernel {release}: sk_lookup needs Linux 5.9 or later"
+    if version < (5, 9):
+        return f"kernel {release}: sk_lookup needs Linux 5.9 or later"
+    return f"kernel {release} has sk_lookup: the program or its map was refused"
 
 
 def static_reason(cfg: ServiceConfig) -> Unavailable | None:
