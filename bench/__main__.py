@@ -501,6 +501,7 @@ def http_mode_rows(report: Report, args: argparse.Namespace, workdir: Path) -> N
 
 
 def main() -> None:
+    peers.exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="1 round of 1 s each (proves it runs)")

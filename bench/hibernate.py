@@ -81,24 +81,49 @@ class Result:
     load: LoadResult | None = None
 
 
+SWAP_PREFIX = "/var/tmp/wakeproxy-bench-swap-"
+
+
+def remove_leftover_swap(prefix: str = SWAP_PREFIX) -> list[str]:
+    """Swap files an earlier run made and could not remove (it was killed): those whose
+    maker (the pid in the name) is gone are switched off and deleted. Returns them."""
+    removed = []
+    for path in Path(prefix).parent.glob(Path(prefix).name + "*"):
+        pid = path.name.removeprefix(Path(prefix).name).split("-")[0]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # its run is still going
+        subprocess.run(["swapoff", str(path)], check=False, capture_output=True)
+        path.unlink(missing_ok=True)
+        removed.append(str(path))
+    return removed
+
+
 @contextmanager
 def swap_file() -> Iterator[str]:
-    """Yields how swap is provided; makes (and removes) a file when there is none."""
+    """Yields how swap is provided; makes (and removes) a file when there is none. A
+    SIGTERM during the run still removes it (the bench is often stopped that way); what
+    a SIGKILL left is removed by the next run."""
+    if os.geteuid() == 0:
+        for leftover in remove_leftover_swap():
+            print(f"removed a swap file a killed run left: {leftover}", file=sys.stderr)
     if swap_total() > 0:
         yield "the machine's own swap"
         return
     if os.geteuid() != 0:
         raise RuntimeError("no swap, and making a swap file needs root")
-    path = Path(f"/var/tmp/wakeproxy-bench-swap-{uuid.uuid4().hex[:8]}")
-    subprocess.run(["fallocate", "-l", "1536M", str(path)], check=True)
-    path.chmod(0o600)
-    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
-    subprocess.run(["swapon", str(path)], check=True)
+    path = Path(f"{SWAP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    previous = signal.getsignal(signal.SIGTERM)
+    peers.exit_on_sigterm()
     try:
+        subprocess.run(["fallocate", "-l", "1536M", str(path)], check=True)
+        path.chmod(0o600)
+        subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+        subprocess.run(["swapon", str(path)], check=True)
         yield "a 1.5 GiB swap file made for the run"
     finally:
         subprocess.run(["swapoff", str(path)], check=False)
         path.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def request(port: int, path: str = "/") -> float:

@@ -4,7 +4,9 @@ Speed is never asserted in a test."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -303,3 +305,38 @@ async def test_the_http_cost_harness_forwards_every_request_it_times(kind):
     # the MCP mix every answer the client's, the tracker idle after them): a harness
     # timing a path that refused them would print a small, meaningless figure.
     assert await httpcost.cost(kind, 50) > 0
+
+
+def test_a_swap_file_a_killed_run_left_is_removed_and_a_running_ones_kept(tmp_path):
+    from bench.hibernate import remove_leftover_swap
+
+    prefix = str(tmp_path / "wakeproxy-bench-swap-")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    left = tmp_path / f"wakeproxy-bench-swap-{int(dead.stdout)}-ab12"
+    ours = tmp_path / f"wakeproxy-bench-swap-{os.getpid()}-cd34"
+    left.write_bytes(b"")
+    ours.write_bytes(b"")
+    assert remove_leftover_swap(prefix) == [str(left)]
+    assert not left.exists() and ours.exists()
+
+
+def test_a_sigterm_to_the_bench_runs_its_cleanup():
+    # Its peers run in their own sessions: killed outright, the bench left nginx, HAProxy
+    # and proxies running (and a swap file on).
+    code = (
+        "import sys, time\n"
+        "from bench import peers\n"
+        "peers.exit_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    print('cleaned up', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    assert out == "cleaned up\n" and proc.returncode == 128 + signal.SIGTERM
