@@ -187,7 +187,9 @@ class HttpConnection(ClientSide):
         """The peer's address, asked of the transport once (uvloop asks the kernel,
         getpeername(2), each time)."""
         if self._peer is None:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
+            if self.transport is None:
+                return ""
+            peer = self.transport.get_extra_info("peername")
             self._peer = str(peer[0]) if peer else ""
         return self._peer
 
