@@ -1,11 +1,14 @@
 """Mode http against a hostile client: headers a client may not choose, an upgrade the
 server never agreed to, pipelining that would hold the loop, bounds on what one client
 can hold (probe streams, MCP sessions), framing a server behind may read differently.
-Each test reproduces a fault an adversarial pass found (and failed before its fix)."""
+Each test reproduces a fault an adversarial pass found (and failed before its fix); the
+last ones hold a connection's per-request shortcuts (issue 29) to what they skip."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import types
 
 import pytest
 
@@ -23,9 +26,12 @@ from tests.helpers import (
     whoami,
 )
 from tests.test_http import BODY, GATEWAY_PROBE, http_config, http_service, status
+from tests.test_mcp_protocol import _front
 from wakeproxy.config.model import HttpSettings
 from wakeproxy.core.states import Outcome, State
+from wakeproxy.httpmode import client, conn
 from wakeproxy.httpmode.client import REQUESTS_PER_TURN, HttpClientSide
+from wakeproxy.httpmode.heads import Head, parse_head
 from wakeproxy.net import forward
 
 pytestmark = pytest.mark.asyncio
@@ -376,3 +382,180 @@ async def test_the_proxys_own_answer_never_overtakes_a_response_due_before_it():
         )
         first = reply.index(b'"id":1')
         assert reply.count(b"HTTP/1.1 ") == 3 and first < reply.index(b'"id":2'), reply
+
+
+# ---- a connection's per-request shortcuts (issue 29), without a socket
+
+
+class _Counting(_Owner):
+    """An owner that counts how often a connection moves its backend's idle clock."""
+
+    def __init__(self, **http: object) -> None:
+        self.http = HttpSettings(**http)  # type: ignore[arg-type]
+        self.seen = 0
+
+    def request_seen(self, conn):
+        self.seen += 1
+
+
+class _Peer(_Transport):
+    """A transport that counts the asks for its peer's address, and takes an answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        if name == "peername":
+            self.asked += 1
+        return super().get_extra_info(name, default)
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.closed = True
+
+
+def _connected(owner: _Owner) -> tuple[HttpClientSide, _Peer]:
+    side = HttpClientSide(owner)  # type: ignore[arg-type]
+    transport = _Peer()
+    side.connection_made(transport)  # type: ignore[arg-type]
+    return side, transport
+
+
+async def _all_handled(side: HttpClientSide, requests: int) -> None:
+    """Until ``requests`` requests went up (a read is handled a share per turn)."""
+    for _ in range(requests // REQUESTS_PER_TURN + 2):
+        if len(side._pending) >= requests:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{len(side._pending)} of {requests} requests went up")
+
+
+POLL = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The heads a connection parses from now on, in order."""
+    parsed: list[bytes] = []
+
+    def parse(raw: bytes) -> Head:
+        parsed.append(raw)
+        return parse_head(raw)
+
+    monkeypatch.setattr(client, "parse_head", parse)
+    return parsed
+
+
+async def test_a_head_repeated_byte_for_byte_reuses_its_parse(monkeypatch):
+    parsed = _parses(monkeypatch)
+    side, _ = _connected(_Owner())
+    side.data_received(POLL)
+    first = side.head
+    side.data_received(POLL)
+    assert side.head is first
+    # In pieces (a partial head, its timer armed): the same bytes, the same parse, and
+    # the timer stopped as after any head.
+    side.data_received(POLL[:9])
+    assert side._header_handle is not None
+    side.data_received(POLL[9:])
+    assert side.head is first and side._header_handle is None
+    other = POLL.replace(b"Host: x", b"Host: y")
+    side.data_received(other)
+    assert side.head is not first and side.head.raw == other
+    side.data_received(POLL)
+    assert side.head is not first and side.head.raw == POLL, "only the previous one is kept"
+    assert parsed == [POLL, other, POLL]
+    assert b"".join(side._pending) == POLL * 3 + other + POLL, "every request went up"
+    side.connection_lost(None)
+
+
+async def test_a_refused_head_is_never_kept_for_the_next_one(monkeypatch):
+    parsed = _parses(monkeypatch)
+    bad = POLL.replace(b"\r\nHost", b"\nHost")  # a bare LF
+    side, transport = _connected(_Owner())
+    side.data_received(bad)
+    assert side.head is None and side.answered and transport.written.startswith(b"HTTP/1.1 400")
+    side.connection_lost(None)
+    # After a valid head: the refused one does not take its place.
+    side, transport = _connected(_Owner())
+    side.data_received(POLL)
+    first = side.head
+    side.data_received(bad)
+    assert side.head is first and transport.written.startswith(b"HTTP/1.1 400")
+    assert parsed == [bad, POLL, bad] and b"".join(side._pending) == POLL
+    side.connection_lost(None)
+
+
+async def test_a_connections_requests_move_the_idle_clock_once_per_touch_every(monkeypatch):
+    # Only the connection module's clock is stopped (not the loop's).
+    now = [1000.0]
+    monkeypatch.setattr(conn, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    owner = _Counting()
+    side, _ = _connected(owner)
+    side.data_received(POLL * 100)
+    await _all_handled(side, 100)
+    assert owner.seen == 1 and side.last_request == 1000.0 and side.active
+    now[0] = 1000.0 + conn.TOUCH_EVERY / 2
+    side.data_received(POLL * 100)
+    await _all_handled(side, 200)
+    assert owner.seen == 1, "within TOUCH_EVERY of the last: the clock is not moved"
+    assert side.last_request == now[0], "the connection's own stamp is every request's"
+    now[0] = 1000.0 + conn.TOUCH_EVERY
+    side.data_received(POLL)
+    await _all_handled(side, 201)
+    assert owner.seen == 2 and side.last_request == now[0]
+    # A probe or a stream's opening is no activity: never counted, however late.
+    now[0] += 10 * conn.TOUCH_EVERY
+    side.data_received(b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    await _all_handled(side, 202)
+    assert owner.seen == 2 and side.last_request == 1000.0 + conn.TOUCH_EVERY
+    side.connection_lost(None)
+
+
+async def test_the_peer_address_is_asked_of_the_transport_once():
+    # uvloop asks the kernel (getpeername) at every get_extra_info("peername").
+    owner = _Counting(forwarded_headers=True)
+    side, transport = _connected(owner)
+    side.data_received(POLL * 100)
+    await _all_handled(side, 100)
+    side.data_received(POLL.replace(b"/health", b"/other"))
+    await _all_handled(side, 101)
+    assert transport.asked == 1
+    sent = b"".join(side._pending)
+    assert sent.count(b"\r\nX-Forwarded-For: 127.0.0.1\r\n") == 101, sent[:300]
+    side.connection_lost(None)
+
+
+class _Mcp(_Counting):
+    """An owner with an MCP front (http.mcp on), whose connections are placed at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mcp = _front()
+
+    def needs_backend(self, conn, *, activity, attached):
+        conn.backend = types.SimpleNamespace(name="svc", incarnation=1, state=State.RUNNING)
+
+
+@pytest.mark.parametrize("cuts", [(), (60,), (90, 91, 120), tuple(range(1, 200))])
+async def test_an_mcp_message_goes_up_whole_however_its_reads_cut_it(cuts):
+    body = b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x"}}'
+    post = (
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    # The next request right behind the message (a stream's opening: no activity).
+    stream = post + b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    owner = _Mcp()
+    side, _ = _connected(owner)
+    points = [0, *(c for c in cuts if c < len(stream)), len(stream)]
+    for start, stop in itertools.pairwise(points):
+        side.data_received(stream[start:stop])
+    await _all_handled(side, 2)
+    assert b"".join(side._pending) == stream and list(side.tracker.methods) == [b"POST", b"GET"]
+    assert owner.seen == 1 and side.active, "the message is work: the idle clock moved"
+    side.connection_lost(None)

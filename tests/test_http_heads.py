@@ -87,6 +87,7 @@ def same_reading(head: Head, reference: reference_heads.Head) -> None:
         if name not in (b"transfer-encoding", b"content-length"):
             assert head.get(name) == value, name
     assert head.get(b"x-not-sent") == b""
+    assert head.session == head.get(b"mcp-session-id"), "read once, as get reads it"
 
 
 @settings(max_examples=3000, deadline=None)
@@ -102,6 +103,7 @@ def test_every_head_the_reference_refuses_is_refused_and_the_rest_read_the_same(
     if head is not None:
         assert reference is not None
         same_reading(head, reference)  # type: ignore[arg-type]
+        assert head.raw == raw
 
 
 VALID = [
@@ -187,3 +189,11 @@ def test_a_header_given_twice_reads_as_one_list_in_order():
     head = parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: a\r\nX: 1\r\naccept:  b \r\n\r\n")
     assert head.get(b"accept") == b"a, b" and head.get(b"x") == b"1" and head.get(b"ac") == b""
     assert head.count(b"accept") == 2
+
+
+def test_a_heads_session_is_its_mcp_session_id_header_only():
+    raw = b"POST / HTTP/1.1\r\nHost: x\r\nMcp-Session-Id-X: no\r\nX: mcp-session-id: no\r\n\r\n"
+    assert parse_head(raw).session == b""
+    raw = b"GET / HTTP/1.1\r\nHost: x\r\nMCP-SESSION-ID:  s-1 \r\nmcp-session-id:s-2\r\n\r\n"
+    head = parse_head(raw)
+    assert head.session == b"s-1, s-2" and head.raw == raw

@@ -68,7 +68,10 @@ class ResponseHead:
         while at >= 0:
             start = at + len(key)
             end = low.index(b"\n", start)
-            values.append(raw[start:end].strip(b" \t\r"))
+            # The line's CR (CRLF) only: another CR is the value's, as in a line-by-line
+            # reading (a Transfer-Encoding "chunked\r" is not chunked: not followed).
+            stop = end - 1 if raw[end - 1] == 13 else end
+            values.append(raw[start:stop].strip(b" \t"))
             at = low.find(key, end)
         return values[0] if len(values) == 1 else b", ".join(values)
 
