@@ -354,3 +354,30 @@ async def test_a_host_network_container_is_steered_to_and_still_sleeps(make_cont
         await steering(web)
         assert (await http_get(port)).endswith(b"hello from busybox\n")
         assert web.stats.accepted == accepted + 1 and web.fast_path.steered == 2
+
+
+async def test_a_reload_that_gives_it_replicas_leaves_no_route_to_the_one_before(tmp_path: Path):
+    # Replicas are a key a running service takes in place: the service's one backend
+    # gives way to its replicas, which the fast path does not serve. The route the
+    # kernel had to the old backend must go with it, or new connections would still
+    # reach that process (now no replica) past the proxy.
+    port, backend = free_port(), free_port()
+    path, entry = tmp_path / "config.yaml", fast(port, backend)
+    path.write_text(config_text(entry))
+    async with running(load_config(path)) as proxy:
+        await peer(port)
+        single = proxy.services["web"]
+        await steering(single)
+        python, server = backend_command(backend)[:2]
+        entry["web"]["command"] = [python, server, "--port", "{port}", "--mode", "peer"]
+        entry["web"]["replicas"] = {"count": 2}
+        path.write_text(config_text(entry))
+        await proxy.reload()
+        assert "web" not in proxy.services, "the single backend gave way to its replicas"
+        replicas = [proxy.services["web@1"], proxy.services["web@2"]]
+        assert all(r.fast_path.state is FastPathState.UNAVAILABLE for r in replicas)
+        assert all(r.fast_path.why is Why.REPLICAS for r in replicas)
+        assert single.fast_path.state is not FastPathState.STEERING
+        line, mine = await peer(port)  # the proxy's listener takes it, and places it
+        assert line.startswith("peer 127.0.0.1:") and line != f"peer 127.0.0.1:{mine}\n"
+        assert sum(r.stats.accepted for r in replicas) == 1
