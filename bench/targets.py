@@ -15,7 +15,7 @@ from bench.coldwake import Row as ColdRow
 from bench.fairness import FloodResult
 from bench.hibernate import Result as HibernateResult
 from bench.loadgen import WrkResult
-from bench.predict import PredictResult
+from bench.predict_results import PredictResult
 from bench.replicas import ReplicaResult
 from bench.report import Report, Target
 from bench.scale import ScaleResult

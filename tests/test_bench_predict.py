@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from bench import predict, predict_trace, targets
+from bench import predict, predict_results, predict_trace, targets
 from bench.report import Report, Status
 
 START = date(2025, 6, 2)  # a Monday
@@ -58,7 +58,7 @@ def test_a_generated_trace_of_two_services_replays_with_consistent_counts():
     # Off, every wake is a request's: the request that found the backend stopped.
     assert result.off.total.wakes == result.off.total.found_asleep
     assert result.off.predicted is None and result.on.predicted is not None
-    rows = predict.table(result)
+    rows = predict_results.table(result)
     assert [row["prediction"] for row in rows] == ["off", "on"]
     assert rows[0]["requests"] == rows[1]["requests"] == str(len(measured))
 
