@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -86,14 +87,25 @@ SWAP_PREFIX = "/var/tmp/wakeproxy-bench-swap-"
 
 def remove_leftover_swap(prefix: str = SWAP_PREFIX) -> list[str]:
     """Swap files an earlier run made and could not remove (it was killed): those whose
-    maker (the pid in the name) is gone are switched off and deleted. Returns them."""
+    maker (the pid in the name) is gone are switched off and deleted. Only regular files
+    of root's (the folder is world-writable: a link or another user's file named so is
+    never touched) and only swap the kernel lists is switched off. Returns them."""
+    active = {line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]}
     removed = []
     for path in Path(prefix).parent.glob(Path(prefix).name + "*"):
         pid = path.name.removeprefix(Path(prefix).name).split("-")[0]
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            continue  # its run is still going
-        subprocess.run(["swapoff", str(path)], check=False, capture_output=True)
-        path.unlink(missing_ok=True)
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue  # not one of ours (no pid), or its run is still going
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
+            continue
+        if str(path) in active:
+            subprocess.run(["swapoff", str(path)], check=False, capture_output=True)
+        try:
+            path.unlink()
+        except OSError as exc:  # still swapped on (swapoff refused): the next run retries
+            print(f"could not remove {path}: {exc}", file=sys.stderr)
+            continue
         removed.append(str(path))
     return removed
 

@@ -340,3 +340,18 @@ def test_a_sigterm_to_the_bench_runs_its_cleanup():
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     assert out == "cleaned up\n" and proc.returncode == 128 + signal.SIGTERM
+
+
+def test_leftover_swap_cleanup_never_follows_a_link_or_takes_a_file_without_a_pid(tmp_path):
+    from bench.hibernate import remove_leftover_swap
+
+    # /var/tmp is writable by anyone: a link named like a leftover must not make root
+    # switch off (or delete) what it points at.
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    link = tmp_path / "wakeproxy-bench-swap-999999999-aa"  # a pid over pid_max: no process
+    link.symlink_to(target)
+    unnamed = tmp_path / "wakeproxy-bench-swap-deadbeef"
+    unnamed.write_bytes(b"")
+    assert remove_leftover_swap(str(tmp_path / "wakeproxy-bench-swap-")) == []
+    assert target.read_bytes() == b"keep" and link.is_symlink() and unnamed.exists()

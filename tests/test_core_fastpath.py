@@ -155,6 +155,7 @@ def test_a_group_member_with_kernel_connections_holds_the_group() -> None:
         ),
         ("6.1.0-13-amd64", "kernel 6.1.0-13-amd64 has sk_lookup"),
         ("weird", "kernel weird: sk_lookup needs Linux 5.9 or later"),
+        ("5.8-rc1", "kernel 5.8-rc1: sk_lookup needs Linux 5.9 or later"),
     ],
 )
 def test_a_refused_load_names_the_kernel_and_blames_its_age_only_when_it_is_old(

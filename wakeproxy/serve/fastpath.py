@@ -147,7 +147,8 @@ def kernel_hint(release: str) -> str:
     """What a refused load most likely means on a kernel of this ``release`` ("6.1.0-13")."""
     parts = release.split(".")
     try:
-        version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+        minor = parts[1][: len(parts[1]) - len(parts[1].lstrip("0123456789"))]  # "8-rc1": 8
+        version = (int(parts[0]), int(minor or 0))
     except (IndexError, ValueError):
         return f"kernel {release}: sk_lookup needs Linux 5.9 or later"
     if version < (5, 9):
