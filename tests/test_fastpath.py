@@ -32,6 +32,7 @@ from tests.helpers import (
     free_port,
     http_get,
     in_ci,
+    pids_with,
     proc_state,
     proxy_log,
     running,
@@ -39,6 +40,8 @@ from tests.helpers import (
     start_proxy,
     wait_until,
 )
+from tests.test_systemd import FAST_PATH as FAST_PATH_DROP_IN
+from tests.test_systemd import settings as systemd_settings
 from wakeproxy.config import load_config
 from wakeproxy.control.metrics import render
 from wakeproxy.core.states import State
@@ -335,6 +338,56 @@ async def test_without_the_capability_it_falls_back_and_says_why(tmp_path: Path)
     said = [m for m in err.splitlines() if "fast path unavailable" in m]
     assert len(said) == 1 and "Operation not permitted" in said[0], err[-2000:]
     assert "CAP_BPF" in said[0]
+
+
+def _drop_in_capabilities() -> str:
+    """What config/wakeproxy-fast-path.conf grants, as setpriv takes it (+bpf,+net_admin)."""
+    (granted,) = systemd_settings(FAST_PATH_DROP_IN)["AmbientCapabilities"]
+    return ",".join(f"+{cap.removeprefix('CAP_').lower()}" for cap in granted.split())
+
+
+def _ambient(pid: int) -> int:
+    """A process's ambient capability set, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapAmb:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no CapAmb for {pid}")
+
+
+async def test_the_systemd_drop_ins_capabilities_are_enough_and_stay_with_the_proxy(
+    tmp_path: Path,
+):
+    port, backend, admin = free_port(), free_port(), free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(fast(port, backend), admin=admin))
+    # Exactly what the drop-in grants, and nothing else: the bounding set is the unit's
+    # CapabilityBoundingSet=, the ambient set its AmbientCapabilities=.
+    caps = _drop_in_capabilities()
+    prefix = (
+        "setpriv",
+        f"--inh-caps=-all,{caps}",
+        f"--ambient-caps=-all,{caps}",
+        f"--bounding-set=-all,{caps}",
+        "--",
+    )
+    proc = start_proxy(path, port, prefix=prefix)
+    try:
+        _loaded_link(proc)
+        assert _ambient(proc.pid) != 0, "the proxy runs with the drop-in's capabilities"
+        await peer(port)  # starts the backend, through the proxy
+        steering = 'wakeproxy_fast_path_state{service="web",state="steering"} 1.0'
+        async with asyncio.timeout(10):
+            while steering not in (await http_get(admin, "/metrics")).decode():  # noqa: ASYNC110 - the proxy runs in another process
+                await asyncio.sleep(0.05)
+        line, mine = await peer(port)
+        assert line == f"peer 127.0.0.1:{mine}\n", "steered: the backend sees the client"
+        # The command did not inherit them: not being root, it would have none.
+        (command,) = pids_with(f"--port {backend} ")
+        assert _ambient(command) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "fast path unavailable" not in err, err[-2000:]
 
 
 @pytest.mark.docker

@@ -62,13 +62,24 @@ def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL): capabilities given to the proxy (the
+# fast path's CAP_BPF and CAP_NET_ADMIN, a low port's CAP_NET_BIND_SERVICE) stay with
+# it. The ambient set is what a command that is not root would keep across its exec.
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+def _drop_ambient_capabilities() -> None:
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
 def _child_setup(procs: str | None) -> Callable[[], None]:
-    """What the child does between fork and exec: die with the proxy, and enter its
-    memory cgroup first (v1 charges stay where they were made: it must be in before it
-    allocates anything)."""
+    """What the child does between fork and exec: die with the proxy, leave the
+    proxy's capabilities behind, and enter its memory cgroup first (v1 charges stay
+    where they were made: it must be in before it allocates anything)."""
 
     def setup() -> None:
         _die_with_parent()
+        _drop_ambient_capabilities()
         if procs is not None:
             # The parent checks afterwards; raising here would only hide why.
             with contextlib.suppress(OSError), open(procs, "w") as file:
