@@ -580,3 +580,25 @@ async def paused(service: Backend) -> None:
 
 async def whoami(session: ClientSession, within: float = 30) -> int:
     return int(await call_text(session, "whoami", within))
+
+
+# ---- systemd: the unit and its drop-ins in config/
+
+FAST_PATH_DROP_IN = Path(__file__).parent.parent / "config" / "wakeproxy-fast-path.conf"
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """Each key of a unit file's [Service] section with its values (a key may be given
+    twice)."""
+    found: dict[str, list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found

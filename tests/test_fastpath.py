@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from tests.helpers import (
+    FAST_PATH_DROP_IN,
     admin_call,
     backend_command,
     config_from,
@@ -38,10 +39,9 @@ from tests.helpers import (
     running,
     service,
     start_proxy,
+    unit_settings,
     wait_until,
 )
-from tests.test_systemd import FAST_PATH as FAST_PATH_DROP_IN
-from tests.test_systemd import settings as systemd_settings
 from wakeproxy.config import load_config
 from wakeproxy.control.metrics import render
 from wakeproxy.core.states import State
@@ -92,6 +92,14 @@ async def peer(port: int) -> tuple[str, int]:
         writer.close()
 
 
+def assert_steered(counted: int, made: int) -> None:
+    """The kernel's count of hand-overs against the connections made. It counts the
+    listener lookups it handed to the backend: one per connection, and a segment of a
+    connection whose socket is gone (a late one of a closed connection's, proxied or
+    not) is looked up and handed over too. So a few more, never fewer, never double."""
+    assert made <= counted <= made + 3, f"{counted} hand-overs for {made} connections"
+
+
 async def steering(backend) -> None:
     await wait_until(lambda: backend.fast_path.state is FastPathState.STEERING, within=10)
 
@@ -110,17 +118,16 @@ async def test_new_connections_reach_the_backend_without_the_proxy():
             line, mine = await peer(port)
             assert line == f"peer 127.0.0.1:{mine}\n", "the backend sees the client itself"
         assert web.stats.accepted == accepted, "the proxy accepted none of them"
-        # The kernel counts hand-overs: a segment it looks up anew (a retried SYN, a
-        # late one of the held connection's close) counts again, so at least 20.
         counted = web.fast_path.steered
-        assert counted >= 20
+        assert_steered(counted, 20)
         metrics = render(proxy).decode()
         shown = re.search(r'wakeproxy_fast_path_steered_total\{service="web"\} (\S+)', metrics)
         assert shown is not None and counted <= float(shown[1]) <= web.fast_path.steered
         assert 'wakeproxy_fast_path_state{service="web",state="steering"} 1.0' in metrics
         status, _, body = await admin_call(proxy, "GET", "/services")
         (described,) = (s["fast_path"] for s in orjson.loads(body)["services"])
-        assert status == 200 and described["state"] == "steering" and described["steered"] >= 20
+        assert status == 200 and described["state"] == "steering"
+        assert counted <= described["steered"] <= web.fast_path.steered
 
 
 async def test_it_sleeps_when_idle_and_the_next_connection_is_held_and_wakes_it():
@@ -225,7 +232,8 @@ async def test_a_restarted_backend_is_steered_to_again():
         assert runtime.pid not in (first, second)
         steered = web.fast_path.steered
         line, mine = await peer(port)
-        assert line == f"peer 127.0.0.1:{mine}\n" and web.fast_path.steered >= steered + 1
+        assert line == f"peer 127.0.0.1:{mine}\n"
+        assert_steered(web.fast_path.steered - steered, 1)
 
 
 async def test_a_reload_that_turns_it_off_hands_connections_back_to_the_proxy(tmp_path: Path):
@@ -290,7 +298,8 @@ def _loaded_link(proc: subprocess.Popen[str]) -> int:
     assert proc.stderr is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+        line = proc.stderr.readline()  # the proxy says one or the other as it starts
+        assert "fast path unavailable" not in line, line
         found = re.search(r"fast path is loaded \(link (\d+)\)", line)
         if found:
             return int(found.group(1))
@@ -342,7 +351,7 @@ async def test_without_the_capability_it_falls_back_and_says_why(tmp_path: Path)
 
 def _drop_in_capabilities() -> str:
     """What config/wakeproxy-fast-path.conf grants, as setpriv takes it (+bpf,+net_admin)."""
-    (granted,) = systemd_settings(FAST_PATH_DROP_IN)["AmbientCapabilities"]
+    (granted,) = unit_settings(FAST_PATH_DROP_IN)["AmbientCapabilities"]
     return ",".join(f"+{cap.removeprefix('CAP_').lower()}" for cap in granted.split())
 
 
@@ -354,7 +363,7 @@ def _ambient(pid: int) -> int:
     raise AssertionError(f"no CapAmb for {pid}")
 
 
-async def test_the_systemd_drop_ins_capabilities_are_enough_and_stay_with_the_proxy(
+async def test_the_systemd_drop_ins_capabilities_are_enough_and_not_passed_on(
     tmp_path: Path,
 ):
     port, backend, admin = free_port(), free_port(), free_port()
@@ -375,13 +384,15 @@ async def test_the_systemd_drop_ins_capabilities_are_enough_and_stay_with_the_pr
         _loaded_link(proc)
         assert _ambient(proc.pid) != 0, "the proxy runs with the drop-in's capabilities"
         await peer(port)  # starts the backend, through the proxy
-        steering = 'wakeproxy_fast_path_state{service="web",state="steering"} 1.0'
+        steers = 'wakeproxy_fast_path_state{service="web",state="steering"} 1.0'
         async with asyncio.timeout(10):
-            while steering not in (await http_get(admin, "/metrics")).decode():  # noqa: ASYNC110 - the proxy runs in another process
+            while steers not in (await http_get(admin, "/metrics")).decode():  # noqa: ASYNC110 - the proxy runs in another process
                 await asyncio.sleep(0.05)
         line, mine = await peer(port)
         assert line == f"peer 127.0.0.1:{mine}\n", "steered: the backend sees the client"
-        # The command did not inherit them: not being root, it would have none.
+        # The command did not inherit them. It runs as root here (the test's), which gets
+        # its capabilities from the bounding set whatever; a command that is not root
+        # keeps only its ambient set across exec, and that is empty.
         (command,) = pids_with(f"--port {backend} ")
         assert _ambient(command) == 0
     finally:
@@ -402,7 +413,8 @@ async def test_a_host_network_container_is_steered_to_and_still_sleeps(make_cont
         await steering(web)
         accepted = web.stats.accepted
         assert (await http_get(port)).endswith(b"hello from busybox\n")
-        assert web.stats.accepted == accepted and web.fast_path.steered >= 1
+        assert web.stats.accepted == accepted
+        assert_steered(web.fast_path.steered, 1)
         await wait_until(lambda: web.state is State.PAUSED, within=15)
         assert (await http_get(port)).endswith(b"hello from busybox\n")  # held, woken
         assert web.stats.accepted == accepted + 1
@@ -410,7 +422,8 @@ async def test_a_host_network_container_is_steered_to_and_still_sleeps(make_cont
         await wait_until(lambda: web.stats.wakes["ok"] == 1, within=10)
         await steering(web)
         assert (await http_get(port)).endswith(b"hello from busybox\n")
-        assert web.stats.accepted == accepted + 1 and web.fast_path.steered >= 2
+        assert web.stats.accepted == accepted + 1
+        assert_steered(web.fast_path.steered, 2)
 
 
 async def test_a_reload_that_gives_it_replicas_leaves_no_route_to_the_one_before(tmp_path: Path):

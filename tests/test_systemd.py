@@ -12,27 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import in_ci
+from tests.helpers import FAST_PATH_DROP_IN, in_ci, unit_settings
 
 UNIT = Path(__file__).parent.parent / "config" / "wakeproxy.service"
-FAST_PATH = UNIT.parent / "wakeproxy-fast-path.conf"
 INSTALLED = "/opt/wakeproxy/bin/wakeproxy"
-
-
-def settings(path: Path = UNIT) -> dict[str, list[str]]:
-    """Each key of the [Service] section with its values (a key may be given twice)."""
-    found: dict[str, list[str]] = {}
-    section = ""
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]":
-            key, _, value = line.partition("=")
-            found.setdefault(key, []).append(value)
-    return found
 
 
 def _verify(unit: Path) -> None:
@@ -70,28 +53,28 @@ def test_the_fast_path_drop_in_is_read_with_the_unit_and_has_nothing_to_say(tmp_
     unit = _unit_in(tmp_path)
     drop_ins = tmp_path / "wakeproxy.service.d"
     drop_ins.mkdir()
-    (drop_ins / "fast-path.conf").write_text(FAST_PATH.read_text())
+    (drop_ins / "fast-path.conf").write_text(FAST_PATH_DROP_IN.read_text())
     _verify(unit)
     # verify reads the drop-in: a key it does not know there would have been reported.
-    (drop_ins / "fast-path.conf").write_text(FAST_PATH.read_text() + "NoSuchKey=1\n")
+    (drop_ins / "fast-path.conf").write_text(FAST_PATH_DROP_IN.read_text() + "NoSuchKey=1\n")
     with pytest.raises(AssertionError, match="NoSuchKey"):
         _verify(unit)
 
 
 def test_the_fast_path_drop_in_grants_what_the_fast_path_needs_and_no_more():
-    granted = settings(FAST_PATH)
+    granted = unit_settings(FAST_PATH_DROP_IN)
     assert granted["CapabilityBoundingSet"] == ["CAP_BPF CAP_NET_ADMIN"]
     assert granted["AmbientCapabilities"] == ["CAP_BPF CAP_NET_ADMIN"]
     assert granted["SystemCallFilter"] == ["bpf pidfd_getfd"]
     assert set(granted) == {"CapabilityBoundingSet", "AmbientCapabilities", "SystemCallFilter"}
     # The install line in its comment is the one docs/deploy.md gives.
     deploy = (UNIT.parent.parent / "docs" / "deploy.md").read_text()
-    assert "/etc/systemd/system/wakeproxy.service.d/fast-path.conf" in FAST_PATH.read_text()
+    assert "/etc/systemd/system/wakeproxy.service.d/fast-path.conf" in FAST_PATH_DROP_IN.read_text()
     assert "/etc/systemd/system/wakeproxy.service.d/fast-path.conf" in deploy
 
 
 def test_the_unit_runs_the_proxy_as_its_own_user_hardened():
-    unit = settings()
+    unit = unit_settings(UNIT)
     assert unit["User"] == ["wakeproxy"] and unit["Group"] == ["wakeproxy"]
     assert unit["ExecStart"] == [f"{INSTALLED} run"]
     assert "WAKEPROXY_CONFIG=/etc/wakeproxy/config.yaml" in unit["Environment"]

@@ -1,19 +1,21 @@
 """The kernel's fast path: new connections handed straight to an awake backend's listener.
 
-A BPF ``sk_lookup`` program (Linux 5.9+) runs for every incoming SYN in this network
-namespace before the kernel looks for a listening socket, and may pick any socket held
-in a SOCKMAP. While a backend runs, its own listening socket sits in the map under its
-service's slot, and SYNs for the service's listen address go to it: the proxy does not
-accept, connect or copy anything, and the backend sees the client's own address. With
-the slot empty (the proxy took it out before a sleep, or the backend's socket closed
-and the kernel dropped it) SYNs fall through to the proxy's own listener, which holds
-and wakes as it always does.
+A BPF ``sk_lookup`` program (Linux 5.9+) runs in this network namespace whenever the
+kernel looks for a listening socket (a new connection's SYN; a segment that matches no
+connection), and may pick any socket held in a SOCKMAP. While a backend runs, its own
+listening socket sits in the map under its service's slot, and SYNs for the service's
+listen address go to it: the proxy does not accept, connect or copy anything, and the
+backend sees the client's own address. With the slot empty (the proxy took it out before
+a sleep, or the backend's socket closed and the kernel dropped it) SYNs fall through to
+the proxy's own listener, which holds and wakes as it always does.
 
 One program and one link serve every service of the proxy (a namespace takes at most 64
 sk_lookup programs): a hash map routes (family, port, address) to a slot, a wildcard
 listen address under the zero address; the SOCKMAP holds each slot's socket; an array
-counts the connections handed over per slot. The link is owned by this process and not
-pinned: it goes when the proxy exits or is killed, so no restart finds stale steering.
+counts the hand-overs per slot (one per connection, and one per stray segment of a
+connection whose socket is gone, which the backend's listener answers with a reset). The
+link is owned by this process and not pinned: it goes when the proxy exits or is killed,
+so no restart finds stale steering.
 
 The backend's socket is taken from its process with ``pidfd_getfd`` (root, or
 CAP_SYS_PTRACE over it), put in the map, and the proxy's copy closed at once: the map

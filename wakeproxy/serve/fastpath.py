@@ -245,8 +245,8 @@ class FastPath:
 
     @property
     def steered(self) -> int:
-        """Connections the kernel handed to the backend (the map's counter: it counts
-        hand-overs, so a SYN the kernel looks up again counts again)."""
+        """Connections the kernel handed to the backend (the map's counter of listener
+        lookups: a stray segment of a connection whose socket is gone counts too)."""
         if self._steering is None:
             return self._steered_before
         return self._steered_before + self._steering.steered(self._slot)
