@@ -155,7 +155,7 @@ def scenario_hibernate(report: Report, args: argparse.Namespace, workdir: Path) 
         result, how = hibernate.run(rounds, workdir / "hibernate")
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         for target in (targets.HIBERNATE_MEMORY, targets.HIBERNATE_WAKE, targets.HIBERNATE_LOAD):
-            report.not_run(target, str(exc))
+            report.not_run(target, str(exc) or type(exc).__name__)
         return
     note = (
         f"Process runtime, swap: {how}; medians of {rounds} round(s). In RAM: the backend's "
